@@ -1,0 +1,91 @@
+//! Configuration of senders and receivers, with defaults a demanding user would pick.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Zero-copy send policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopy {
+    /// Try `SEND_ZC`; fall back to plain sends per connection when the kernel reports it copied.
+    #[default]
+    Auto,
+    /// Always `SEND_ZC` from registered guest memory; fail if the kernel lacks it.
+    On,
+    /// Plain sends only.
+    Off,
+}
+
+impl FromStr for ZeroCopy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ZeroCopy::Auto),
+            "on" => Ok(ZeroCopy::On),
+            "off" => Ok(ZeroCopy::Off),
+            other => Err(format!("zero-copy mode must be auto, on or off, not {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for ZeroCopy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ZeroCopy::Auto => "auto",
+            ZeroCopy::On => "on",
+            ZeroCopy::Off => "off",
+        })
+    }
+}
+
+/// How shards are placed on cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pinning {
+    /// Shard i on the i-th allowed core (wrapping).
+    #[default]
+    Cores,
+    /// Shard i on the i-th allowed core counted from the last: a receiver sharing a host with
+    /// its sender (loopback) then pairs each sender shard with a receiver shard on another core.
+    CoresReversed,
+    /// Let the scheduler place threads.
+    None,
+}
+
+/// Sender settings.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Channels (connections, shards); 1 to `CHANNELS_MAX`.
+    pub channels: u16,
+    /// Core placement of shards.
+    pub pinning: Pinning,
+    /// Zero-copy policy.
+    pub zero_copy: ZeroCopy,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            channels: 2,
+            pinning: Pinning::Cores,
+            zero_copy: ZeroCopy::Auto,
+        }
+    }
+}
+
+/// Receiver settings.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverConfig {
+    /// Channels to expect; `None` takes the sender's count.
+    pub channels: Option<u16>,
+    /// Core placement of shards.
+    pub pinning: Pinning,
+    /// Milliseconds to wait for the first connection; `None` waits indefinitely.
+    pub accept_timeout_ms: Option<u64>,
+    /// Test-only: maximum random delay, in microseconds, before each frame is processed
+    /// (seeded by `fault_seed`), to shake out ordering bugs across channels.
+    #[doc(hidden)]
+    pub fault_frame_delay_max_us: u32,
+    /// Seed for `fault_frame_delay_max_us`.
+    #[doc(hidden)]
+    pub fault_seed: u64,
+}

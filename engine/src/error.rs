@@ -1,0 +1,106 @@
+//! The library's error type: one enum, sentence-style messages, sources chained.
+
+use std::io;
+
+use crate::protocol::{handshake::Refusal, ProtocolError};
+
+/// Everything that can end a transfer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// io_uring could not be set up at all (kernel too old, disabled by sysctl or seccomp).
+    #[error("io_uring is not available ({0}); pagewire needs Linux 6.0 or newer with io_uring enabled (check the kernel.io_uring_disabled sysctl and any seccomp profile)")]
+    UringUnavailable(#[source] io::Error),
+    /// The kernel lacks something pagewire cannot do without.
+    #[error("the kernel does not support {0}")]
+    Unsupported(&'static str),
+    /// A system call failed.
+    #[error("{context}")]
+    Io {
+        /// What pagewire was doing.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer sent something that breaks the wire protocol.
+    #[error("protocol error on channel {channel}")]
+    Protocol {
+        /// Channel index the bad input arrived on.
+        channel: u16,
+        /// What was wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// A connection opened with something that is not a pagewire v1 hello.
+    #[error("the connection from {peer} did not open with a pagewire v1 handshake")]
+    BadHello {
+        /// The peer's address.
+        peer: String,
+        /// What was wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The receiver refused a channel's handshake; the receiver reports the same reason.
+    #[error("the receiver refused channel {channel}: {refusal}")]
+    Refused {
+        /// Channel index that was refused.
+        channel: u16,
+        /// The receiver's reason.
+        refusal: Refusal,
+    },
+    /// The peer ended the transfer with an error of its own.
+    #[error("the peer aborted the transfer on channel {channel}: {reason}")]
+    PeerAborted {
+        /// Channel the abort arrived on.
+        channel: u16,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The peer closed a connection before the transfer was complete.
+    #[error("channel {channel}: the peer closed the connection {when}")]
+    PeerClosed {
+        /// Channel index.
+        channel: u16,
+        /// Where in the stream it happened.
+        when: &'static str,
+    },
+    /// Nothing happened for too long.
+    #[error("timed out after {ms} ms {what}")]
+    Timeout {
+        /// What was being waited for.
+        what: String,
+        /// How long pagewire waited.
+        ms: u64,
+    },
+    /// The caller's configuration or request is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// This channel stopped because another one failed first (that error is the one reported).
+    #[error("the transfer was aborted because another channel failed")]
+    Aborted,
+}
+
+impl Error {
+    /// An [`Error::Io`] with a description of what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A short, stable code for the peer when this error aborts a transfer.
+    pub(crate) fn abort_code(&self) -> u32 {
+        match self {
+            Error::Protocol { .. } => 1,
+            Error::Io { .. } => 2,
+            Error::Timeout { .. } => 3,
+            Error::PeerClosed { .. } => 4,
+            _ => 5,
+        }
+    }
+}
+
+/// Shorthand for the library's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,101 @@
+//! Every bound pagewire lives by, each with its unit in the name.
+//!
+//! Pools, queues, frames, loops and timeouts are sized here, at compile time, so memory use and
+//! latency are predictable and a violated relation fails the build instead of a transfer.
+
+/// Bytes in one guest page. Wire protocol v1 moves 4 KiB pages only; the handshake carries the
+/// value so a future version can negotiate others.
+pub const PAGE_BYTES: usize = 4096;
+
+/// Pages in one chunk, the unit of work a shard scans and sends as one frame: 128 pages =
+/// 512 KiB. Large enough that per-frame costs (a header, a few syscalls, ~2 µs) stay under 2%
+/// of the ~130 µs a loopback copy of 512 KiB takes; small enough that 2 × 16 frames in flight
+/// per shard stay in L2/L3-friendly territory and the round barrier is not delayed for long.
+pub const CHUNK_PAGES_MAX: usize = 128;
+
+/// Bytes of page payload in one frame at most.
+pub const FRAME_PAYLOAD_BYTES_MAX: usize = CHUNK_PAGES_MAX * PAGE_BYTES;
+
+/// Runs (normal plus zero) one frame may carry. Runs of one kind never touch, so the worst case,
+/// pages alternating zero and non-zero, needs one run per page.
+pub const FRAME_RUNS_MAX: usize = CHUNK_PAGES_MAX;
+
+/// Bytes of the fixed part of a frame header.
+pub const FRAME_FIXED_BYTES: usize = 32;
+
+/// Bytes of one encoded page run (first page u64 + page count u32).
+pub const RUN_BYTES: usize = 12;
+
+/// Bytes of the largest frame header: the fixed part plus the most runs.
+pub const FRAME_HEADER_BYTES_MAX: usize = FRAME_FIXED_BYTES + RUN_BYTES * FRAME_RUNS_MAX;
+
+/// Bytes of the handshake `Hello` a sender opens each connection with.
+pub const HELLO_BYTES: usize = 64;
+
+/// Bytes of the receiver's handshake reply and of each later control message.
+pub const CONTROL_BYTES: usize = 16;
+
+/// Channels (connections, shards) per transfer at most. The handshake encodes the index in a
+/// u16; 64 is far beyond the core counts one NIC can use, and bounds receiver threads.
+pub const CHANNELS_MAX: usize = 64;
+
+/// Regions in one memory layout at most (VMMs use a handful: low RAM, high RAM, hotplug slots).
+pub const REGIONS_MAX: usize = 256;
+
+/// Bytes one registered (fixed) io_uring buffer may span: the kernel refuses larger with EFAULT.
+pub const REGISTERED_BUFFER_BYTES_MAX: usize = 1 << 30;
+
+/// Registered buffers per ring: one header slab plus 1 GiB pieces of guest memory (1 TiB).
+pub const REGISTERED_BUFFERS_MAX: usize = 1 + 1024;
+
+/// Frames a sender shard may have between "header written" and "buffer free again" (which, with
+/// zero-copy sends, is the kernel's notification). Bounds the shard's header slab.
+pub const SHARD_FRAMES_IN_FLIGHT_MAX: usize = 16;
+
+/// Frames linked into one submission chain. Sends on one TCP socket must stay ordered, so a shard
+/// keeps a single linked chain in flight and batches ready frames into it.
+pub const CHAIN_FRAMES_MAX: usize = 8;
+
+/// Work items queued per shard between the coordinator and the shard (bounded back-pressure:
+/// 64 × 512 KiB = 32 MiB of work ahead of each channel).
+pub const SHARD_QUEUE_ITEMS_MAX: usize = 64;
+
+/// Submission queue entries per ring: a full chain of zero-copy sends (one per piece) plus a
+/// control receive fits with room to spare.
+pub const RING_ENTRIES: u32 = 1024;
+
+/// Zero-copy notifications a connection examines before deciding whether the kernel really
+/// sends from our pages. On loopback and veth every one says "copied"; 32 is a few MiB.
+pub const ZC_PROBE_SENDS: u32 = 32;
+
+/// Milliseconds the handshake of one connection may take (connect, hello, reply).
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Milliseconds a receiver waits for every channel of a transfer once the first has arrived.
+pub const CHANNELS_GATHER_TIMEOUT_MS: u64 = 10_000;
+
+/// Milliseconds a shard waits for any progress on its connection before declaring the peer gone.
+/// TCP keeps a vanished host's socket open for minutes; this bounds it.
+pub const IO_IDLE_TIMEOUT_MS: u64 = 30_000;
+
+/// Milliseconds one wait on the ring may block before the shard rechecks the abort flag.
+pub const RING_WAIT_SLICE_MS: u64 = 100;
+
+/// Milliseconds a receiver shard waits at a round barrier for the other channels.
+pub const ROUND_BARRIER_TIMEOUT_MS: u64 = 60_000;
+
+/// Milliseconds a sender waits, after its end-of-stream marker, for the receiver's confirmation.
+pub const FINISH_TIMEOUT_MS: u64 = 60_000;
+
+/// Milliseconds a TCP connection may hold unacknowledged data (TCP_USER_TIMEOUT).
+pub const TCP_USER_TIMEOUT_MS: u32 = 30_000;
+
+const _: () = assert!(FRAME_RUNS_MAX <= u16::MAX as usize);
+const _: () = assert!(FRAME_PAYLOAD_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(CHANNELS_MAX <= u16::MAX as usize);
+const _: () = assert!(CHAIN_FRAMES_MAX <= SHARD_FRAMES_IN_FLIGHT_MAX);
+// A frame sent zero-copy takes one entry per piece (header + runs), plus the control receive;
+// a chain takes as many whole frames as fit in the free entries, checked when it is built.
+const _: () = assert!((1 + FRAME_RUNS_MAX) + 1 <= RING_ENTRIES as usize);
+const _: () = assert!(REGISTERED_BUFFER_BYTES_MAX % PAGE_BYTES == 0);
+const _: () = assert!(FRAME_HEADER_BYTES_MAX < PAGE_BYTES);

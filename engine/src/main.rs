@@ -1,0 +1,384 @@
+//! `pagewire`: move guest memory between hosts, or run the loopback demo.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::synth::{self, Content};
+use pagewire::{
+    GuestMemory, Pinning, Progress, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig,
+    TransferStats, ZeroCopy,
+};
+
+#[derive(Parser)]
+#[command(name = "pagewire", version, about = "io_uring transfer engine for VM live migration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Receive guest memory from a sender.
+    Recv(RecvArgs),
+    /// Send guest memory (a RAM image) to a receiver.
+    Send(SendArgs),
+    /// Migrate a synthetic guest memory over loopback and verify it (the embedded default).
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct RecvArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7878.
+    #[arg(long)]
+    listen: String,
+    /// Destination RAM image (created with --size, otherwise it must exist).
+    #[arg(long, required_unless_present = "size")]
+    into: Option<PathBuf>,
+    /// Destination size (e.g. 4GiB); without --into the memory is anonymous and discarded.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Channels to expect (default: whatever the sender uses).
+    #[arg(long)]
+    channels: Option<u16>,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Seconds to wait for a sender (default: indefinitely).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Print statistics as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Receiver address, e.g. dst-host:7878.
+    #[arg(long)]
+    connect: String,
+    /// Source RAM image.
+    #[arg(long)]
+    from: PathBuf,
+    /// Channels (shards), one per core is a good start.
+    #[arg(long, default_value_t = 2)]
+    channels: u16,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Zero-copy sends: auto (try, fall back when the kernel copies), on, off.
+    #[arg(long, default_value_t = ZeroCopy::Auto)]
+    zero_copy: ZeroCopy,
+    /// Print statistics as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    size: u64,
+    /// Channels (shards) on each side.
+    #[arg(long, default_value_t = 2)]
+    channels: u16,
+    /// Memory content: zero, random, mixed (half zero, half random), text, blend (realistic mix).
+    #[arg(long, default_value = "blend")]
+    content: Content,
+    /// Seed of the synthetic content.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Zero-copy sends: auto, on, off.
+    #[arg(long, default_value_t = ZeroCopy::Auto)]
+    zero_copy: ZeroCopy,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses sizes like `4096`, `64K`, `512MiB`, `1G`, `2GiB` (binary units, as QEMU reads them).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!("{text:?} is not a size: expected a number with an optional unit (K, M, G, T, KiB, MiB, GiB, TiB), e.g. 1GiB"));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: number too large"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        "t" | "tib" | "tb" => 40,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (use K, M, G, T, KiB, MiB, GiB or TiB)")),
+    };
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?}: size too large"))?;
+    if bytes == 0 || bytes % pagewire::limits::PAGE_BYTES as u64 != 0 {
+        return Err(format!(
+            "{text:?} is {bytes} bytes; sizes must be a positive multiple of {} bytes (one page)",
+            pagewire::limits::PAGE_BYTES
+        ));
+    }
+    Ok(bytes)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Recv(a) => recv(a),
+        Command::Send(a) => send(a),
+        Command::Demo(a) => demo(a),
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn pinning(no_pin: bool, reversed: bool) -> Pinning {
+    match (no_pin, reversed) {
+        (true, _) => Pinning::None,
+        (false, false) => Pinning::Cores,
+        (false, true) => Pinning::CoresReversed,
+    }
+}
+
+/// Shows a progress bar on a terminal while `progress` advances; call `finish` on the result.
+fn progress_bar(progress: Arc<Progress>, label: &'static str) -> Option<(ProgressBar, std::thread::JoinHandle<()>)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} pages  {msg}  eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(label);
+    let b = bar.clone();
+    let join = std::thread::spawn(move || {
+        let started = Instant::now();
+        while !b.is_finished() {
+            let (done, total) = progress.pages();
+            b.set_length(total.max(done));
+            b.set_position(done);
+            let wire = progress.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            b.set_message(format!("{:.0} MiB/s on the wire", wire as f64 / secs / (1 << 20) as f64));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    Some((bar, join))
+}
+
+fn finish_bar(bar: Option<(ProgressBar, std::thread::JoinHandle<()>)>) {
+    if let Some((b, j)) = bar {
+        b.finish_and_clear();
+        let _ = j.join();
+    }
+}
+
+fn recv(a: RecvArgs) -> Result<bool> {
+    let memory = match (&a.into, a.size) {
+        (Some(path), Some(size)) => GuestMemory::create_file(path, size)?,
+        (Some(path), None) => GuestMemory::from_file(path, true)?,
+        (None, Some(size)) => GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: size }])?,
+        (None, None) => bail!("give --into FILE or --size N"),
+    };
+    let config = ReceiverConfig {
+        channels: a.channels,
+        pinning: pinning(a.no_pin, false),
+        accept_timeout_ms: a.timeout.map(|s| s * 1000),
+        ..ReceiverConfig::default()
+    };
+    let receiver = Receiver::bind(a.listen.as_str(), Arc::new(memory), config)?;
+    eprintln!("pagewire: listening on {}", receiver.local_addr()?);
+    let bar = progress_bar(receiver.progress(), "recv");
+    let stats = receiver.run();
+    finish_bar(bar);
+    let stats = stats.context("receiving failed")?;
+    report(&stats, None, a.json, "received")?;
+    Ok(true)
+}
+
+fn send(a: SendArgs) -> Result<bool> {
+    let memory = Arc::new(GuestMemory::from_file(&a.from, false)?);
+    let config = SenderConfig {
+        channels: a.channels,
+        pinning: pinning(a.no_pin, false),
+        zero_copy: a.zero_copy,
+    };
+    let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
+    let bar = progress_bar(sender.progress(), "send");
+    let result = sender.send_all().and_then(|_| sender.finish());
+    finish_bar(bar);
+    let stats = result.context("sending failed")?;
+    report(&stats, None, a.json, "sent")?;
+    Ok(true)
+}
+
+fn demo(a: DemoArgs) -> Result<bool> {
+    // Like a PC guest: RAM below 3 GiB at 0, the rest from 4 GiB.
+    let low = a.size.min(3 << 30);
+    let mut specs = vec![RegionSpec { gpa: 0, len: low }];
+    if a.size > low {
+        specs.push(RegionSpec {
+            gpa: 4 << 30,
+            len: a.size - low,
+        });
+    }
+    let say = |s: String| {
+        if !a.json {
+            eprintln!("{s}");
+        }
+    };
+    let t = Instant::now();
+    let src = Arc::new(GuestMemory::anonymous(&specs)?);
+    synth::fill(&src, a.content, a.seed);
+    say(format!(
+        "pagewire demo: {} MiB of {} memory generated in {:.2} s; migrating over loopback with {} channel(s)",
+        a.size >> 20,
+        a.content.name(),
+        t.elapsed().as_secs_f64(),
+        a.channels
+    ));
+    let dst = Arc::new(GuestMemory::anonymous(&specs)?);
+    let receiver = Receiver::bind(
+        "127.0.0.1:0",
+        dst.clone(),
+        ReceiverConfig {
+            pinning: pinning(a.no_pin, true),
+            accept_timeout_ms: Some(30_000),
+            ..ReceiverConfig::default()
+        },
+    )?;
+    let addr = receiver.local_addr()?;
+    let rx = std::thread::spawn(move || receiver.run());
+    let config = SenderConfig {
+        channels: a.channels,
+        pinning: pinning(a.no_pin, false),
+        zero_copy: a.zero_copy,
+    };
+    let sent = Sender::connect(addr, src.clone(), &config).and_then(|mut sender| {
+        let bar = if a.json { None } else { progress_bar(sender.progress(), "demo") };
+        let r = sender.send_all().and_then(|_| sender.finish());
+        finish_bar(bar);
+        r
+    });
+    let received = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
+    let (sent, received) = match (sent, received) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) => return Err(e).context("sending failed"),
+        (_, Err(e)) => return Err(e).context("receiving failed"),
+    };
+    let t = Instant::now();
+    let difference = src.first_difference(&dst);
+    say(format!("verified destination against source in {:.2} s", t.elapsed().as_secs_f64()));
+    let verified = difference.is_none();
+    report(&sent, Some((&received, verified)), a.json, "migrated")?;
+    if let Some((region, page)) = difference {
+        eprintln!("error: destination differs from source at region {region}, page {page}");
+    }
+    Ok(verified)
+}
+
+fn report(
+    stats: &TransferStats,
+    receiver: Option<(&TransferStats, bool)>,
+    json: bool,
+    verb: &str,
+) -> Result<()> {
+    if json {
+        let mut v = serde_json::to_value(stats)?;
+        if let Some((r, verified)) = receiver {
+            v["verified"] = serde_json::Value::Bool(verified);
+            v["sender_cpu_ms"] = stats.cpu_ms.into();
+            v["receiver_cpu_ms"] = r.cpu_ms.into();
+            v["receiver_cpu_s_per_gib"] = r.cpu_s_per_gib.into();
+            v["receiver"] = serde_json::to_value(r)?;
+        }
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    let gib = ((stats.normal_pages + stats.zero_pages) * 4096) as f64 / (1u64 << 30) as f64;
+    println!("pagewire: {verb} {gib:.2} GiB over {} channel(s)", stats.channels);
+    let rows: Vec<(&str, String)> = vec![
+        ("total time", format!("{:.1} ms", stats.total_time_ms)),
+        ("throughput", format!("{:.0} Mbit/s ({:.2} GiB/s of guest memory)", stats.mbps, stats.gib_per_s)),
+        ("transferred (wire)", format!("{} bytes", stats.transferred_bytes)),
+        ("normal pages", format!("{} ({} bytes)", stats.normal_pages, stats.normal_bytes)),
+        ("zero (duplicate) pages", stats.zero_pages.to_string()),
+        ("cpu, this side", format!("{:.0} ms ({:.2} CPU-s/GiB)", stats.cpu_ms, stats.cpu_s_per_gib)),
+        (
+            "zero-copy sends",
+            format!(
+                "{} completed, {} copied by the kernel, {} shard(s) fell back to plain sends",
+                stats.zero_copy.completed, stats.zero_copy.copied, stats.zero_copy.fallbacks
+            ),
+        ),
+        ("zero scan", stats.zero_scan.to_string()),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<24} {v}");
+    }
+    if let Some((r, verified)) = receiver {
+        println!("  {:<24} {:.0} ms ({:.2} CPU-s/GiB)", "cpu, receiver", r.cpu_ms, r.cpu_s_per_gib);
+        println!("  {:<24} {}", "verified", if verified { "yes: destination equals source" } else { "NO" });
+    }
+    println!("  per shard:");
+    for s in &stats.shards {
+        println!(
+            "    channel {:>2}  core {:>4}  {:>8.1} MiB  {:>6} frames  busy {:>7.1} ms  cpu {:>7.1} ms{}",
+            s.channel,
+            s.core.map_or("-".to_string(), |c| c.to_string()),
+            s.wire_bytes as f64 / (1 << 20) as f64,
+            s.frames,
+            s.busy_ms,
+            s.cpu_ms,
+            if s.zc_fallback { "  (zero-copy fell back)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_reject_nonsense() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        for bad in ["", "GiB", "12 parsecs", "100", "0", "99999999999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+}

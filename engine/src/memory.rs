@@ -1,0 +1,379 @@
+//! Guest memory: regions of guest-physical space backed by host mappings, and the only code that
+//! touches their bytes.
+//!
+//! # Contract
+//! Guest memory is shared with running vCPUs (and, on the receiver, with the kernel copying
+//! socket data into it), so pagewire never forms a `&[u8]` or `&mut [u8]` over it: the compiler
+//! would be entitled to assume nobody else writes it. All access goes through raw pointers in
+//! this module (bulk copies with `copy_nonoverlapping`, as rust-vmm's `vm-memory` does for
+//! volatile slices), through the zero scanner's raw-pointer loads, or through the kernel (send
+//! and receive straight from and into the mapping). A page a vCPU writes while it is being sent
+//! may go out torn; that is expected, because the dirty log marks it and a later round sends it
+//! again.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Error, Result};
+use crate::limits::{PAGE_BYTES, REGIONS_MAX};
+use crate::pipeline::zero::ZeroScanner;
+use crate::protocol::handshake::layout_digest;
+
+/// Where a region's bytes live.
+#[derive(Debug)]
+enum Backing {
+    /// A mapping pagewire made and unmaps on drop.
+    Mapped(#[allow(dead_code)] MmapRaw),
+    /// Memory owned by the caller (a VMM's guest RAM).
+    External,
+}
+
+/// One region: `len` bytes of guest-physical space from `gpa`, mapped at `host`.
+#[derive(Debug)]
+pub struct Region {
+    gpa: u64,
+    len: u64,
+    host: NonNull<u8>,
+    initially_zero: bool,
+    _backing: Backing,
+}
+
+// SAFETY: a Region is a pointer to memory that stays mapped for the Region's lifetime (it owns the
+// mapping, or the caller of `from_raw` promised it). pagewire only accesses it through raw
+// pointers, never through references, so sharing it across threads creates no aliasing
+// references; concurrent writes to the same page are the caller's business (torn pages are
+// resent by the dirty log), exactly as for a vCPU.
+unsafe impl Send for Region {}
+// SAFETY: see `Send` above; all methods take `&self` and access memory through raw pointers.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Guest-physical address of the first byte.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes (a whole number of pages).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a zero-length region (never constructed by pagewire).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.len / PAGE_BYTES as u64
+    }
+
+    /// True when the region was zero when pagewire got it (fresh anonymous memory), so a zero page
+    /// not yet written needs no store.
+    pub fn initially_zero(&self) -> bool {
+        self.initially_zero
+    }
+
+    /// Host address of byte `offset`. Panics when the range `offset..offset + len` is outside the
+    /// region: callers check peer input before they get here, so this is our own invariant.
+    pub(crate) fn host_ptr(&self, offset: u64, len: u64) -> *mut u8 {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "range {offset}+{len} outside region of {} bytes",
+            self.len
+        );
+        // SAFETY: offset + len <= self.len (asserted), so the result stays inside the mapping.
+        unsafe { self.host.as_ptr().add(offset as usize) }
+    }
+
+    /// Host address and length of a page range, checked.
+    pub(crate) fn pages_ptr(&self, first_page: u64, pages: u64) -> *mut u8 {
+        self.host_ptr(first_page * PAGE_BYTES as u64, pages * PAGE_BYTES as u64)
+    }
+
+    /// Copies `out.len()` bytes from `offset` into `out`.
+    pub fn read(&self, offset: u64, out: &mut [u8]) {
+        let src = self.host_ptr(offset, out.len() as u64);
+        // SAFETY: src..src+len is inside the mapping (host_ptr checked); `out` is a distinct Rust
+        // buffer, so the ranges do not overlap; raw pointers, no reference to guest memory.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
+    }
+
+    /// Copies `data` to `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let dst = self.host_ptr(offset, data.len() as u64);
+        // SAFETY: dst..dst+len is inside the mapping (host_ptr checked) and disjoint from `data`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+    }
+
+    /// Writes zeros over `pages` pages from `first_page`.
+    pub fn zero_pages(&self, first_page: u64, pages: u64) {
+        let dst = self.pages_ptr(first_page, pages);
+        // SAFETY: the range is inside the mapping (pages_ptr checked).
+        unsafe { std::ptr::write_bytes(dst, 0, (pages as usize) * PAGE_BYTES) }
+    }
+
+    /// True when page `page` is all zero.
+    pub fn page_is_zero(&self, scanner: &ZeroScanner, page: u64) -> bool {
+        let ptr = self.pages_ptr(page, 1);
+        // SAFETY: one whole page inside the mapping (pages_ptr checked).
+        unsafe { scanner.is_zero_raw(ptr, PAGE_BYTES) }
+    }
+}
+
+/// A guest memory layout: ordered, non-overlapping regions.
+#[derive(Debug)]
+pub struct GuestMemory {
+    regions: Vec<Region>,
+}
+
+/// Place and size of one region to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionSpec {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Bytes (a positive multiple of the page size).
+    pub len: u64,
+}
+
+fn check_specs(specs: &[RegionSpec]) -> Result<()> {
+    if specs.is_empty() || specs.len() > REGIONS_MAX {
+        return Err(Error::Config(format!(
+            "a layout needs 1 to {REGIONS_MAX} regions, got {}",
+            specs.len()
+        )));
+    }
+    let mut end = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        if s.len == 0 || s.len % PAGE_BYTES as u64 != 0 || s.gpa % PAGE_BYTES as u64 != 0 {
+            return Err(Error::Config(format!(
+                "region {i} (start {:#x}, {} bytes) is not a positive whole number of {PAGE_BYTES}-byte pages",
+                s.gpa, s.len
+            )));
+        }
+        if i > 0 && s.gpa < end {
+            return Err(Error::Config(format!(
+                "region {i} starts at {:#x}, before the end of region {} ({end:#x}): regions must be sorted and disjoint",
+                s.gpa,
+                i - 1
+            )));
+        }
+        end = s.gpa.checked_add(s.len).ok_or_else(|| {
+            Error::Config(format!("region {i} wraps the guest-physical address space"))
+        })?;
+    }
+    Ok(())
+}
+
+impl GuestMemory {
+    /// Fresh zero-filled anonymous memory for each region (transparent huge pages advised, so
+    /// first touches fault 2 MiB at a time).
+    pub fn anonymous(specs: &[RegionSpec]) -> Result<Self> {
+        check_specs(specs)?;
+        let mut regions = Vec::with_capacity(specs.len());
+        for s in specs {
+            let len = usize::try_from(s.len)
+                .map_err(|_| Error::Config(format!("region of {} bytes is too large", s.len)))?;
+            let map = MmapOptions::new()
+                .len(len)
+                .map_anon()
+                .map_err(|e| Error::io(format!("mapping {len} bytes of anonymous memory"), e))?;
+            // Best effort: THP may be disabled; the mapping works either way.
+            let _ = map.advise(memmap2::Advice::HugePage);
+            let raw = MmapRaw::from(map);
+            regions.push(Region {
+                gpa: s.gpa,
+                len: s.len,
+                host: NonNull::new(raw.as_mut_ptr()).ok_or_else(|| {
+                    Error::Config("the kernel returned a null mapping".into())
+                })?,
+                initially_zero: true,
+                _backing: Backing::Mapped(raw),
+            });
+        }
+        Ok(GuestMemory { regions })
+    }
+
+    /// One region at guest-physical 0 backed by the file at `path` (a RAM image), mapped shared.
+    /// `writable` maps it for writing (a receiver's destination).
+    pub fn from_file(path: &Path, writable: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Self::map_file(&file, path)
+    }
+
+    /// Creates (or truncates) the file at `path` to `len` bytes of zeros and maps it writable.
+    pub fn create_file(path: &Path, len: u64) -> Result<Self> {
+        check_specs(&[RegionSpec { gpa: 0, len }])?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        file.set_len(len)
+            .map_err(|e| Error::io(format!("sizing {} to {len} bytes", path.display()), e))?;
+        let mut mem = Self::map_file(&file, path)?;
+        mem.regions[0].initially_zero = true;
+        Ok(mem)
+    }
+
+    fn map_file(file: &File, path: &Path) -> Result<Self> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
+            .len();
+        if len == 0 || len % PAGE_BYTES as u64 != 0 {
+            return Err(Error::Config(format!(
+                "{} is {len} bytes; a RAM image must be a positive multiple of {PAGE_BYTES} bytes",
+                path.display()
+            )));
+        }
+        let raw = MmapOptions::new()
+            .map_raw(file)
+            .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+        let host = NonNull::new(raw.as_mut_ptr())
+            .ok_or_else(|| Error::Config("the kernel returned a null mapping".into()))?;
+        Ok(GuestMemory {
+            regions: vec![Region {
+                gpa: 0,
+                len,
+                host,
+                initially_zero: false,
+                _backing: Backing::Mapped(raw),
+            }],
+        })
+    }
+
+    /// Wraps memory the caller already has mapped (a VMM's guest RAM).
+    ///
+    /// # Safety
+    /// Each `(spec, host)` pair must describe `spec.len` bytes mapped readable (and writable, for
+    /// a receiver) at `host`, staying mapped until the `GuestMemory` and everything holding it
+    /// (senders, receivers) are dropped. The caller must not hold Rust references to that memory
+    /// while pagewire uses it.
+    pub unsafe fn from_raw(regions: &[(RegionSpec, NonNull<u8>)]) -> Result<Self> {
+        let specs: Vec<RegionSpec> = regions.iter().map(|(s, _)| *s).collect();
+        check_specs(&specs)?;
+        Ok(GuestMemory {
+            regions: regions
+                .iter()
+                .map(|&(s, host)| Region {
+                    gpa: s.gpa,
+                    len: s.len,
+                    host,
+                    initially_zero: false,
+                    _backing: Backing::External,
+                })
+                .collect(),
+        })
+    }
+
+    /// The regions, in guest-physical order.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Total bytes across regions.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Total pages across regions.
+    pub fn total_pages(&self) -> u64 {
+        self.regions.iter().map(Region::pages).sum()
+    }
+
+    /// Pages per region, in order (what a receiver checks frames against).
+    pub fn region_pages(&self) -> Vec<u64> {
+        self.regions.iter().map(Region::pages).collect()
+    }
+
+    /// Digest of the layout as exchanged in the handshake.
+    pub fn layout_digest(&self) -> u64 {
+        layout_digest(self.regions.iter().map(|r| (r.gpa, r.len)))
+    }
+
+    /// The first page (region index, page index) where `self` and `other` differ, or `None` when
+    /// the layouts and every byte are equal. Layout differences report page 0 of region 0.
+    pub fn first_difference(&self, other: &GuestMemory) -> Option<(usize, u64)> {
+        let same_layout = self.regions.len() == other.regions.len()
+            && self
+                .regions
+                .iter()
+                .zip(&other.regions)
+                .all(|(a, b)| a.gpa == b.gpa && a.len == b.len);
+        if !same_layout {
+            return Some((0, 0));
+        }
+        // Compare in 1 MiB steps with memcmp (fast), then find the page inside a differing step.
+        const STEP_PAGES: u64 = 256;
+        for (i, (a, b)) in self.regions.iter().zip(&other.regions).enumerate() {
+            let mut page = 0;
+            while page < a.pages() {
+                let n = STEP_PAGES.min(a.pages() - page);
+                if !ranges_equal(a, b, page, n) {
+                    let bad = (page..page + n)
+                        .find(|&p| !ranges_equal(a, b, p, 1))
+                        .unwrap_or(page);
+                    return Some((i, bad));
+                }
+                page += n;
+            }
+        }
+        None
+    }
+}
+
+fn ranges_equal(a: &Region, b: &Region, first_page: u64, pages: u64) -> bool {
+    let pa = a.pages_ptr(first_page, pages);
+    let pb = b.pages_ptr(first_page, pages);
+    // SAFETY: both ranges are inside their mappings (pages_ptr checked); memcmp reads through raw
+    // pointers and forms no Rust references.
+    unsafe { libc::memcmp(pa.cast(), pb.cast(), (pages as usize) * PAGE_BYTES) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_validated() {
+        let spec = |gpa, len| RegionSpec { gpa, len };
+        assert!(GuestMemory::anonymous(&[]).is_err());
+        assert!(GuestMemory::anonymous(&[spec(0, 100)]).is_err());
+        assert!(GuestMemory::anonymous(&[spec(0, 8192), spec(4096, 4096)]).is_err());
+        let m = GuestMemory::anonymous(&[spec(0, 8192), spec(1 << 20, 4096)]).unwrap();
+        assert_eq!(m.total_pages(), 3);
+        assert_eq!(m.region_pages(), vec![2, 1]);
+    }
+
+    #[test]
+    fn read_write_and_compare() {
+        let spec = [RegionSpec { gpa: 0, len: 4 * 4096 }];
+        let a = GuestMemory::anonymous(&spec).unwrap();
+        let b = GuestMemory::anonymous(&spec).unwrap();
+        assert_eq!(a.first_difference(&b), None);
+        a.regions()[0].write(3 * 4096 + 5, b"hello");
+        assert_eq!(a.first_difference(&b), Some((0, 3)));
+        let mut out = [0u8; 5];
+        a.regions()[0].read(3 * 4096 + 5, &mut out);
+        assert_eq!(&out, b"hello");
+        a.regions()[0].zero_pages(3, 1);
+        assert_eq!(a.first_difference(&b), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside region")]
+    fn out_of_bounds_access_panics_instead_of_writing() {
+        let a = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 4096 }]).unwrap();
+        a.regions()[0].write(4095, b"xy");
+    }
+}

@@ -1,0 +1,254 @@
+//! Per-channel sender and receiver state machines: frame numbering, rounds, and every check a
+//! receiver makes against its layout before a single byte is placed.
+
+use crate::limits::{CHUNK_PAGES_MAX, PAGE_BYTES};
+
+use super::wire::{Frame, FrameKind};
+use super::ProtocolError;
+
+/// Sender side of one channel: hands out frame numbers and tracks the round.
+#[derive(Debug, Default)]
+pub struct SenderChannel {
+    next_frame: u64,
+    round: u32,
+}
+
+impl SenderChannel {
+    /// Starts a `Pages` frame for `region` in `frame` (the caller then adds pages).
+    pub fn begin_pages(&mut self, frame: &mut Frame, region: u32) {
+        frame.reset(FrameKind::Pages, region, self.take_number(), self.round);
+    }
+
+    /// Fills `frame` with the end-of-round marker and moves to the next round.
+    pub fn end_round(&mut self, frame: &mut Frame) {
+        frame.reset(FrameKind::EndOfRound, 0, self.take_number(), self.round);
+        self.round += 1;
+    }
+
+    /// Fills `frame` with the end-of-stream marker.
+    pub fn end_stream(&mut self, frame: &mut Frame) {
+        frame.reset(FrameKind::EndOfStream, 0, self.take_number(), self.round);
+    }
+
+    /// The round frames are currently stamped with.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    fn take_number(&mut self) -> u64 {
+        let n = self.next_frame;
+        self.next_frame += 1;
+        n
+    }
+}
+
+/// What a checked frame asks the receiver to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Place the frame's pages: read `payload_bytes` into its normal runs, handle its zero runs.
+    Pages,
+    /// This channel finished `round`: wait at the barrier.
+    EndOfRound(u32),
+    /// This channel finished; the peer will close after the receiver's `Done`.
+    EndOfStream,
+}
+
+/// Receiver side of one channel: validates each decoded frame against the layout and the
+/// channel's sequence state. Only a frame that passes may touch memory.
+#[derive(Debug)]
+pub struct ReceiverChannel<'a> {
+    region_pages: &'a [u64],
+    next_frame: u64,
+    round: u32,
+    ended: bool,
+}
+
+impl<'a> ReceiverChannel<'a> {
+    /// A channel receiving into a layout whose regions have `region_pages` pages each.
+    pub fn new(region_pages: &'a [u64]) -> Self {
+        ReceiverChannel {
+            region_pages,
+            next_frame: 0,
+            round: 0,
+            ended: false,
+        }
+    }
+
+    /// The round this channel is in.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// True after the end-of-stream marker.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Checks `frame` (already decoded by [`decode_runs`](super::wire::decode_runs)) and advances
+    /// the channel state.
+    pub fn accept(&mut self, frame: &Frame) -> Result<Event, ProtocolError> {
+        if self.ended {
+            return Err(ProtocolError::AfterEnd);
+        }
+        if frame.frame_number != self.next_frame {
+            return Err(ProtocolError::FrameNumber {
+                expected: self.next_frame,
+                got: frame.frame_number,
+            });
+        }
+        if frame.round != self.round {
+            return Err(ProtocolError::Round {
+                expected: self.round,
+                got: frame.round,
+            });
+        }
+        let event = match frame.kind {
+            FrameKind::Pages => {
+                self.check_pages(frame)?;
+                Event::Pages
+            }
+            FrameKind::EndOfRound | FrameKind::EndOfStream => {
+                let name = if frame.kind == FrameKind::EndOfRound {
+                    "end-of-round"
+                } else {
+                    "end-of-stream"
+                };
+                if frame.region != 0
+                    || frame.payload_bytes != 0
+                    || !frame.normal_runs().is_empty()
+                    || !frame.zero_runs().is_empty()
+                {
+                    return Err(ProtocolError::MarkerWithPayload(name));
+                }
+                if frame.kind == FrameKind::EndOfRound {
+                    self.round = self.round.checked_add(1).ok_or(ProtocolError::TooLarge {
+                        what: "round",
+                        value: u64::from(u32::MAX),
+                        max: u64::from(u32::MAX) - 1,
+                    })?;
+                    Event::EndOfRound(frame.round)
+                } else {
+                    self.ended = true;
+                    Event::EndOfStream
+                }
+            }
+            FrameKind::Invalid => return Err(ProtocolError::BadKind(0)),
+        };
+        self.next_frame += 1;
+        Ok(event)
+    }
+
+    fn check_pages(&self, frame: &Frame) -> Result<(), ProtocolError> {
+        let Some(&region_pages) = self.region_pages.get(frame.region as usize) else {
+            return Err(ProtocolError::Region {
+                region: frame.region,
+                regions: self.region_pages.len(),
+            });
+        };
+        let normal = frame.normal_pages();
+        let total = normal + frame.zero_pages();
+        if total == 0 {
+            return Err(ProtocolError::RunOrder(0));
+        }
+        if total > CHUNK_PAGES_MAX as u64 {
+            return Err(ProtocolError::TooLarge {
+                what: "pages in a frame",
+                value: total,
+                max: CHUNK_PAGES_MAX as u64,
+            });
+        }
+        // Runs are sorted and disjoint (decode checked), so checking each end suffices.
+        for run in frame.normal_runs().iter().chain(frame.zero_runs()) {
+            if run.end() > region_pages {
+                return Err(ProtocolError::RunOutOfBounds {
+                    region: frame.region,
+                    first_page: run.first_page,
+                    pages: run.pages,
+                    region_pages,
+                });
+            }
+        }
+        let expected = normal * PAGE_BYTES as u64;
+        if u64::from(frame.payload_bytes) != expected {
+            return Err(ProtocolError::PayloadLength {
+                expected,
+                got: u64::from(frame.payload_bytes),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::FRAME_HEADER_BYTES_MAX;
+    use crate::protocol::wire::{decode_fixed, decode_runs};
+
+    fn through_wire(f: &Frame) -> Frame {
+        let mut buf = [0u8; FRAME_HEADER_BYTES_MAX];
+        let n = f.encode(&mut buf).unwrap();
+        let fixed = decode_fixed(&buf[..n]).unwrap();
+        let mut out = Frame::default();
+        decode_runs(&fixed, &buf[32..n], &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn sender_and_receiver_agree_across_rounds() {
+        let pages = [64u64, 8];
+        let mut tx = SenderChannel::default();
+        let mut rx = ReceiverChannel::new(&pages);
+        let mut f = Frame::default();
+        for round in 0..3 {
+            tx.begin_pages(&mut f, 1);
+            f.push_page(0, false).unwrap();
+            f.push_page(7, true).unwrap();
+            f.payload_bytes = 4096;
+            assert_eq!(rx.accept(&through_wire(&f)), Ok(Event::Pages));
+            tx.end_round(&mut f);
+            assert_eq!(rx.accept(&through_wire(&f)), Ok(Event::EndOfRound(round)));
+        }
+        tx.end_stream(&mut f);
+        assert_eq!(rx.accept(&through_wire(&f)), Ok(Event::EndOfStream));
+        assert_eq!(rx.accept(&through_wire(&f)), Err(ProtocolError::AfterEnd));
+    }
+
+    #[test]
+    fn receiver_refuses_what_the_layout_cannot_hold() {
+        let pages = [16u64];
+        let mut f = Frame::default();
+        let fresh = || ReceiverChannel::new(&pages);
+
+        f.reset(FrameKind::Pages, 1, 0, 0);
+        f.push_page(0, false).unwrap();
+        f.payload_bytes = 4096;
+        assert!(matches!(fresh().accept(&f), Err(ProtocolError::Region { .. })));
+
+        f.reset(FrameKind::Pages, 0, 0, 0);
+        f.push_page(15, false).unwrap();
+        f.push_page(16, false).unwrap();
+        f.payload_bytes = 8192;
+        assert!(matches!(fresh().accept(&f), Err(ProtocolError::RunOutOfBounds { .. })));
+
+        f.reset(FrameKind::Pages, 0, 0, 0);
+        f.push_page(3, false).unwrap();
+        f.payload_bytes = 4095;
+        assert!(matches!(fresh().accept(&f), Err(ProtocolError::PayloadLength { .. })));
+
+        f.reset(FrameKind::Pages, 0, 1, 0);
+        f.push_page(3, true).unwrap();
+        assert!(matches!(fresh().accept(&f), Err(ProtocolError::FrameNumber { .. })));
+
+        f.reset(FrameKind::Pages, 0, 0, 1);
+        f.push_page(3, true).unwrap();
+        assert!(matches!(fresh().accept(&f), Err(ProtocolError::Round { .. })));
+
+        f.reset(FrameKind::EndOfRound, 0, 0, 0);
+        f.push_page(3, true).unwrap();
+        assert!(matches!(fresh().accept(&f), Err(ProtocolError::MarkerWithPayload(_))));
+
+        f.reset(FrameKind::Pages, 0, 0, 0);
+        assert!(fresh().accept(&f).is_err(), "a frame without pages");
+    }
+}

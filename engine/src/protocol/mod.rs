@@ -1,0 +1,175 @@
+//! Wire protocol v1, sans-IO: bytes in, bytes and events out. Nothing here touches a socket or a
+//! clock, so the fuzzers and simulated-network tests drive exactly the code the shards run.
+//!
+//! # One transfer
+//!
+//! A transfer moves a *layout* (an ordered list of regions, each a guest-physical start and a
+//! length in whole pages) over N TCP connections, the *channels*. Every channel carries the same
+//! conversation:
+//!
+//! ```text
+//!  sender shard i                                   receiver shard i
+//!  ─────────────                                    ────────────────
+//!  Hello{magic, version, session, i, N,      ───▶  check magic, version, session, channel
+//!        page size, layout digest, features}        index unique and < N, page size, layout
+//!                                            ◀───  Reply{status} (status ≠ 0: refused, both sides
+//!                                                   report the reason, connection closed)
+//!  Pages{frame 0, round 0, region, runs}     ───▶  check every field, then place the payload
+//!        + payload (the normal pages)               straight into destination memory, zero or
+//!  Pages{frame 1, round 0, …} + payload      ───▶  skip the zero pages
+//!  EndOfRound{frame k, round 0}              ───▶  wait at the round barrier until every channel
+//!                                                   has finished round 0
+//!  Pages{frame k+1, round 1, …} + payload    ───▶  …
+//!  EndOfStream{frame n, round r}             ───▶  barrier; when all channels are done:
+//!                                            ◀───  Control::Done
+//!  close                                             close
+//! ```
+//! At any point a receiver that fails sends `Control::Abort{code, reason}` on every channel it can
+//! and closes them; the sender reports that reason. Senders never send control messages.
+//!
+//! # Encoding
+//! All integers are little-endian and at fixed offsets. A frame is a 32-byte fixed header, then
+//! `normal_runs + zero_runs` runs of 12 bytes, then `payload_bytes` of payload:
+//!
+//! ```text
+//!  0      2     3      4         8              16       20        22      24         28      32
+//!  ┌──────┬─────┬──────┬─────────┬──────────────┬────────┬─────────┬───────┬──────────┬───────┐
+//!  │"PW"  │kind │flags │region   │frame number  │round   │normal   │zero   │payload   │crc32c │
+//!  │u16   │u8   │u8 =0 │u32      │u64           │u32     │runs u16 │runs u16│bytes u32│u32    │
+//!  └──────┴─────┴──────┴─────────┴──────────────┴────────┴─────────┴───────┴──────────┴───────┘
+//!  run: first page u64 (index within the region) │ page count u32
+//! ```
+//! The CRC32C covers bytes 0..28 and the runs, so a garbled header is refused before anything is
+//! written; the payload is protected by TCP (and, with TLS, by the AEAD). Frame numbers count
+//! from 0 on each channel with no gaps. Kinds: 0 is reserved as invalid, 1 `Pages`,
+//! 2 `EndOfRound`, 3 `EndOfStream`. In v1 `payload_bytes` equals the normal pages times the page
+//! size, runs are sorted, never overlap, lie inside their region, and cover at most
+//! [`CHUNK_PAGES_MAX`](crate::limits::CHUNK_PAGES_MAX) pages.
+//!
+//! # Ordering across channels and rounds
+//! A page sent again in round r+1, possibly over another channel, must never be overwritten by
+//! its round-r copy arriving late. pagewire uses a **per-round barrier at the receiver**, like
+//! QEMU multifd's SYNC packet but without a round trip: each sender shard ends a round with an
+//! `EndOfRound` frame; a receiver shard that reads it waits until every channel has read its own
+//! before reading on. Within one round a page appears in at most one frame (the sender refuses
+//! overlapping runs), so no two copies of a page are ever in flight to the destination at once.
+//! Round stamps (keep the highest round per page, drop older) would avoid the wait but need
+//! per-page state written atomically with the page itself, which the kernel's copy into
+//! destination memory cannot give.
+//!
+//! # Version policy
+//! The handshake carries the protocol version. A receiver accepts exactly the versions it
+//! implements (v1 today) and otherwise refuses with `VersionUnsupported` naming its own, so an
+//! operator sees which side to upgrade. New optional behaviour arrives as feature bits, which a
+//! receiver refuses when it does not know them; any change to the meaning or layout of an
+//! existing field bumps the version. Reserved fields and flags must be zero and are checked.
+
+pub mod channel;
+pub mod control;
+pub mod handshake;
+pub mod wire;
+
+pub use channel::{ReceiverChannel, SenderChannel};
+pub use wire::{Frame, FrameKind, Run};
+
+/// Protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Why bytes from the peer were refused. Every variant is a fact about the input, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The input ended before the structure was complete.
+    #[error("truncated {what}: need {need} bytes, have {have}")]
+    Truncated {
+        /// What was being decoded.
+        what: &'static str,
+        /// Bytes the structure needs.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// Magic bytes did not match; the peer is not speaking pagewire (or the stream lost sync).
+    #[error("bad magic in {what}: the peer is not speaking pagewire v1 here (a TLS peer meeting a plaintext one looks like this)")]
+    BadMagic {
+        /// What was being decoded.
+        what: &'static str,
+    },
+    /// The checksum over the header did not match its contents.
+    #[error("frame header checksum mismatch (expected {expected:#010x}, computed {computed:#010x})")]
+    BadChecksum {
+        /// Value in the header.
+        expected: u32,
+        /// Value computed over the bytes received.
+        computed: u32,
+    },
+    /// An unknown frame kind.
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+    /// A reserved field or flag was not zero.
+    #[error("reserved field {0} is not zero")]
+    Reserved(&'static str),
+    /// A count exceeds its limit.
+    #[error("{what} is {value}, more than the limit {max}")]
+    TooLarge {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A frame arrived out of sequence.
+    #[error("frame number {got}, expected {expected}")]
+    FrameNumber {
+        /// Expected frame number.
+        expected: u64,
+        /// Received frame number.
+        got: u64,
+    },
+    /// A frame belongs to another round than the channel is in.
+    #[error("frame for round {got} while in round {expected}")]
+    Round {
+        /// Current round.
+        expected: u32,
+        /// Round in the frame.
+        got: u32,
+    },
+    /// A frame names a region the layout does not have.
+    #[error("region {region} does not exist (layout has {regions})")]
+    Region {
+        /// Region index in the frame.
+        region: u32,
+        /// Regions in the layout.
+        regions: usize,
+    },
+    /// A run lies (partly) outside its region.
+    #[error("run of {pages} pages at page {first_page} lies outside region {region} ({region_pages} pages)")]
+    RunOutOfBounds {
+        /// Region index.
+        region: u32,
+        /// First page of the run.
+        first_page: u64,
+        /// Pages in the run.
+        pages: u32,
+        /// Pages in the region.
+        region_pages: u64,
+    },
+    /// Runs are empty, unsorted or overlap.
+    #[error("page runs are empty, unsorted or overlapping at page {0}")]
+    RunOrder(u64),
+    /// The payload length does not match the pages the header declares.
+    #[error("payload is {got} bytes but the header declares {expected}")]
+    PayloadLength {
+        /// Bytes implied by the page list.
+        expected: u64,
+        /// Bytes in the header.
+        got: u64,
+    },
+    /// A marker frame carried pages or payload.
+    #[error("{0} frame carries pages or payload")]
+    MarkerWithPayload(&'static str),
+    /// Data arrived after the end-of-stream marker.
+    #[error("data after the end of the stream")]
+    AfterEnd,
+}

@@ -1,0 +1,472 @@
+//! Frame encoding and decoding (see the [module docs](super) for the layout).
+//!
+//! Encoding writes into a caller-owned buffer (a slot of a registered buffer) and returns the
+//! bytes written; decoding is split in two steps because the fixed part says how many run bytes
+//! follow: [`decode_fixed`] then [`decode_runs`]. Both check everything they can check without
+//! knowing the layout; [`ReceiverChannel`](super::ReceiverChannel) checks the rest.
+
+use crate::limits::{FRAME_FIXED_BYTES, FRAME_RUNS_MAX, RUN_BYTES};
+
+use super::ProtocolError;
+
+const FRAME_MAGIC: [u8; 2] = *b"PW";
+
+/// What a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Reserved; never valid on the wire.
+    Invalid = 0,
+    /// Pages of one region: normal pages as payload, zero pages listed only.
+    Pages = 1,
+    /// The sender finished a round on this channel.
+    EndOfRound = 2,
+    /// The sender finished the transfer on this channel.
+    EndOfStream = 3,
+}
+
+impl FrameKind {
+    fn from_u8(v: u8) -> Result<Self, ProtocolError> {
+        match v {
+            1 => Ok(FrameKind::Pages),
+            2 => Ok(FrameKind::EndOfRound),
+            3 => Ok(FrameKind::EndOfStream),
+            other => Err(ProtocolError::BadKind(other)),
+        }
+    }
+}
+
+/// Consecutive pages of one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Run {
+    /// Index of the first page within its region.
+    pub first_page: u64,
+    /// Number of pages (at least 1 on the wire).
+    pub pages: u32,
+}
+
+impl Run {
+    /// One past the last page.
+    pub fn end(&self) -> u64 {
+        self.first_page + u64::from(self.pages)
+    }
+}
+
+/// A decoded or to-be-encoded frame header. Holds its runs inline (no allocation), so one
+/// `Frame` per shard is reused for every frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Frame kind.
+    pub kind: FrameKind,
+    /// Region the runs belong to (0 for markers).
+    pub region: u32,
+    /// Per-channel sequence number, from 0.
+    pub frame_number: u64,
+    /// Round the frame belongs to.
+    pub round: u32,
+    /// Bytes of payload after the header.
+    pub payload_bytes: u32,
+    normal: [Run; FRAME_RUNS_MAX],
+    normal_len: usize,
+    zero: [Run; FRAME_RUNS_MAX],
+    zero_len: usize,
+}
+
+impl Default for Frame {
+    fn default() -> Self {
+        Frame {
+            kind: FrameKind::Invalid,
+            region: 0,
+            frame_number: 0,
+            round: 0,
+            payload_bytes: 0,
+            normal: [Run::default(); FRAME_RUNS_MAX],
+            normal_len: 0,
+            zero: [Run::default(); FRAME_RUNS_MAX],
+            zero_len: 0,
+        }
+    }
+}
+
+/// The encode buffer was too small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("buffer of {have} bytes is too small for a {need}-byte frame header")]
+pub struct BufferTooSmall {
+    /// Bytes needed.
+    pub need: usize,
+    /// Bytes available.
+    pub have: usize,
+}
+
+/// The run list of a frame is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a frame holds at most {FRAME_RUNS_MAX} runs")]
+pub struct RunsFull;
+
+impl Frame {
+    /// Resets to an empty frame of `kind`, keeping the storage.
+    pub fn reset(&mut self, kind: FrameKind, region: u32, frame_number: u64, round: u32) {
+        self.kind = kind;
+        self.region = region;
+        self.frame_number = frame_number;
+        self.round = round;
+        self.payload_bytes = 0;
+        self.normal_len = 0;
+        self.zero_len = 0;
+    }
+
+    /// Runs of normal pages, whose bytes form the payload in this order.
+    pub fn normal_runs(&self) -> &[Run] {
+        &self.normal[..self.normal_len]
+    }
+
+    /// Runs of zero pages (no payload).
+    pub fn zero_runs(&self) -> &[Run] {
+        &self.zero[..self.zero_len]
+    }
+
+    /// Normal pages in the frame.
+    pub fn normal_pages(&self) -> u64 {
+        self.normal_runs().iter().map(|r| u64::from(r.pages)).sum()
+    }
+
+    /// Zero pages in the frame.
+    pub fn zero_pages(&self) -> u64 {
+        self.zero_runs().iter().map(|r| u64::from(r.pages)).sum()
+    }
+
+    /// Adds one page to the normal (`zero == false`) or zero list, extending the last run when
+    /// the page follows it. Pages must be added in ascending order.
+    pub fn push_page(&mut self, page: u64, zero: bool) -> Result<(), RunsFull> {
+        let (runs, len) = if zero {
+            (&mut self.zero, &mut self.zero_len)
+        } else {
+            (&mut self.normal, &mut self.normal_len)
+        };
+        if *len > 0 {
+            let last = &mut runs[*len - 1];
+            if last.end() == page && last.pages < u32::MAX {
+                last.pages += 1;
+                return Ok(());
+            }
+        }
+        if *len == FRAME_RUNS_MAX {
+            return Err(RunsFull);
+        }
+        runs[*len] = Run {
+            first_page: page,
+            pages: 1,
+        };
+        *len += 1;
+        Ok(())
+    }
+
+    /// Bytes the encoded header takes.
+    pub fn header_bytes(&self) -> usize {
+        FRAME_FIXED_BYTES + RUN_BYTES * (self.normal_len + self.zero_len)
+    }
+
+    /// Encodes the header into `out`, returning the bytes written.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, BufferTooSmall> {
+        let need = self.header_bytes();
+        if out.len() < need {
+            return Err(BufferTooSmall {
+                need,
+                have: out.len(),
+            });
+        }
+        // Destructure so that a new field cannot be forgotten here.
+        let Frame {
+            kind,
+            region,
+            frame_number,
+            round,
+            payload_bytes,
+            normal: _,
+            normal_len,
+            zero: _,
+            zero_len,
+        } = self;
+        let out = &mut out[..need];
+        out[0..2].copy_from_slice(&FRAME_MAGIC);
+        out[2] = *kind as u8;
+        out[3] = 0;
+        out[4..8].copy_from_slice(&region.to_le_bytes());
+        out[8..16].copy_from_slice(&frame_number.to_le_bytes());
+        out[16..20].copy_from_slice(&round.to_le_bytes());
+        // Both lengths are at most FRAME_RUNS_MAX, asserted below u16::MAX in limits.
+        out[20..22].copy_from_slice(&(*normal_len as u16).to_le_bytes());
+        out[22..24].copy_from_slice(&(*zero_len as u16).to_le_bytes());
+        out[24..28].copy_from_slice(&payload_bytes.to_le_bytes());
+        let mut at = FRAME_FIXED_BYTES;
+        for run in self.normal_runs().iter().chain(self.zero_runs()) {
+            out[at..at + 8].copy_from_slice(&run.first_page.to_le_bytes());
+            out[at + 8..at + 12].copy_from_slice(&run.pages.to_le_bytes());
+            at += RUN_BYTES;
+        }
+        let crc = header_crc(out);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        Ok(need)
+    }
+}
+
+/// CRC32C over bytes 0..28 and the runs of an encoded header (the CRC field itself excluded).
+fn header_crc(header: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&header[..28]);
+    crc32c::crc32c_append(crc, &header[FRAME_FIXED_BYTES..])
+}
+
+/// The fixed 32-byte part of a frame header, checked for magic, kind, reserved bits and counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedHeader {
+    bytes: [u8; FRAME_FIXED_BYTES],
+    normal_runs: u16,
+    zero_runs: u16,
+}
+
+impl FixedHeader {
+    /// Bytes of run list that follow the fixed part.
+    pub fn runs_bytes(&self) -> usize {
+        RUN_BYTES * (usize::from(self.normal_runs) + usize::from(self.zero_runs))
+    }
+}
+
+/// Decodes and checks the fixed part of a frame header.
+pub fn decode_fixed(bytes: &[u8]) -> Result<FixedHeader, ProtocolError> {
+    let Some(fixed) = bytes.get(..FRAME_FIXED_BYTES) else {
+        return Err(ProtocolError::Truncated {
+            what: "frame header",
+            need: FRAME_FIXED_BYTES,
+            have: bytes.len(),
+        });
+    };
+    if fixed[0..2] != FRAME_MAGIC {
+        return Err(ProtocolError::BadMagic {
+            what: "frame header",
+        });
+    }
+    FrameKind::from_u8(fixed[2])?;
+    if fixed[3] != 0 {
+        return Err(ProtocolError::Reserved("frame flags"));
+    }
+    let normal_runs = u16::from_le_bytes([fixed[20], fixed[21]]);
+    let zero_runs = u16::from_le_bytes([fixed[22], fixed[23]]);
+    let runs = u64::from(normal_runs) + u64::from(zero_runs);
+    if runs > FRAME_RUNS_MAX as u64 {
+        return Err(ProtocolError::TooLarge {
+            what: "run count",
+            value: runs,
+            max: FRAME_RUNS_MAX as u64,
+        });
+    }
+    let mut copy = [0u8; FRAME_FIXED_BYTES];
+    copy.copy_from_slice(fixed);
+    Ok(FixedHeader {
+        bytes: copy,
+        normal_runs,
+        zero_runs,
+    })
+}
+
+/// Decodes the run list that follows `fixed` into `frame`, verifying the header checksum and the
+/// shape of the runs (non-empty, sorted, disjoint). Layout checks are the channel's job.
+pub fn decode_runs(
+    fixed: &FixedHeader,
+    runs: &[u8],
+    frame: &mut Frame,
+) -> Result<(), ProtocolError> {
+    let need = fixed.runs_bytes();
+    let Some(runs) = runs.get(..need) else {
+        return Err(ProtocolError::Truncated {
+            what: "frame run list",
+            need,
+            have: runs.len(),
+        });
+    };
+    let b = &fixed.bytes;
+    let expected = u32::from_le_bytes([b[28], b[29], b[30], b[31]]);
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..28]), runs);
+    if expected != computed {
+        return Err(ProtocolError::BadChecksum { expected, computed });
+    }
+    let kind = FrameKind::from_u8(b[2])?;
+    let region = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let frame_number = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+    let round = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+    frame.reset(kind, region, frame_number, round);
+    frame.payload_bytes = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+    let normal = usize::from(fixed.normal_runs);
+    for (i, raw) in runs.chunks_exact(RUN_BYTES).enumerate() {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&raw[..8]);
+        let run = Run {
+            first_page: u64::from_le_bytes(first),
+            pages: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
+        };
+        if i < normal {
+            frame.normal[frame.normal_len] = run;
+            frame.normal_len += 1;
+        } else {
+            frame.zero[frame.zero_len] = run;
+            frame.zero_len += 1;
+        }
+    }
+    check_runs_disjoint(frame)
+}
+
+/// Runs of each list must be non-empty and ascending, and no page may appear twice across both
+/// lists. Both lists are sorted, so a merge walk checks it in one pass without allocating.
+fn check_runs_disjoint(frame: &Frame) -> Result<(), ProtocolError> {
+    let (mut n, mut z) = (frame.normal_runs().iter(), frame.zero_runs().iter());
+    let (mut next_n, mut next_z) = (n.next(), z.next());
+    let mut end = 0u64;
+    let mut first = true;
+    loop {
+        let run = match (next_n, next_z) {
+            (None, None) => return Ok(()),
+            (Some(a), Some(b)) if a.first_page <= b.first_page => {
+                next_n = n.next();
+                a
+            }
+            (Some(a), None) => {
+                next_n = n.next();
+                a
+            }
+            (_, Some(b)) => {
+                next_z = z.next();
+                b
+            }
+        };
+        if run.pages == 0 || (!first && run.first_page < end) {
+            return Err(ProtocolError::RunOrder(run.first_page));
+        }
+        end = run
+            .first_page
+            .checked_add(u64::from(run.pages))
+            .ok_or(ProtocolError::RunOrder(run.first_page))?;
+        first = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::FRAME_HEADER_BYTES_MAX;
+
+    fn sample() -> Frame {
+        let mut f = Frame::default();
+        f.reset(FrameKind::Pages, 3, 77, 2);
+        for p in [10, 11, 12, 20, 22] {
+            f.push_page(p, false).unwrap();
+        }
+        for p in [13, 14, 21] {
+            f.push_page(p, true).unwrap();
+        }
+        f.payload_bytes = (f.normal_pages() * 4096) as u32;
+        f
+    }
+
+    fn roundtrip(f: &Frame) -> Result<Frame, ProtocolError> {
+        let mut buf = [0u8; FRAME_HEADER_BYTES_MAX];
+        let n = f.encode(&mut buf).unwrap();
+        let fixed = decode_fixed(&buf[..n])?;
+        let mut out = Frame::default();
+        decode_runs(&fixed, &buf[FRAME_FIXED_BYTES..n], &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let f = sample();
+        assert_eq!(f.normal_runs().len(), 3);
+        assert_eq!(f.zero_runs().len(), 2);
+        assert_eq!(roundtrip(&f).unwrap(), f);
+        let mut marker = Frame::default();
+        marker.reset(FrameKind::EndOfStream, 0, u64::MAX, u32::MAX);
+        assert_eq!(roundtrip(&marker).unwrap(), marker);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let f = sample();
+        let mut buf = [0u8; FRAME_HEADER_BYTES_MAX];
+        let n = f.encode(&mut buf).unwrap();
+        for cut in 0..n {
+            let bytes = &buf[..cut];
+            let result = decode_fixed(bytes).and_then(|fixed| {
+                let mut out = Frame::default();
+                decode_runs(&fixed, &bytes[FRAME_FIXED_BYTES.min(cut)..], &mut out)
+            });
+            assert!(result.is_err(), "a header cut at {cut} of {n} bytes decoded");
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_an_error() {
+        let f = sample();
+        let mut buf = [0u8; FRAME_HEADER_BYTES_MAX];
+        let n = f.encode(&mut buf).unwrap();
+        for byte in 0..n {
+            for bit in 0..8 {
+                let mut garbled = buf;
+                garbled[byte] ^= 1 << bit;
+                assert!(
+                    roundtrip_bytes(&garbled[..n]).is_err(),
+                    "flip of bit {bit} in byte {byte} went unnoticed"
+                );
+            }
+        }
+    }
+
+    fn roundtrip_bytes(bytes: &[u8]) -> Result<Frame, ProtocolError> {
+        let fixed = decode_fixed(bytes)?;
+        let mut out = Frame::default();
+        decode_runs(&fixed, &bytes[FRAME_FIXED_BYTES..], &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn overlapping_or_empty_runs_are_refused() {
+        let mut f = sample();
+        f.normal[1] = Run {
+            first_page: 13,
+            pages: 1,
+        }; // collides with zero run 13..15
+        assert!(matches!(roundtrip(&f), Err(ProtocolError::RunOrder(13))));
+        let mut f = sample();
+        f.zero[0].pages = 0;
+        assert!(matches!(roundtrip(&f), Err(ProtocolError::RunOrder(_))));
+        let mut f = sample();
+        f.normal[2].first_page = u64::MAX;
+        f.normal[2].pages = 2;
+        assert!(roundtrip(&f).is_err());
+    }
+
+    #[test]
+    fn push_page_merges_and_bounds_runs() {
+        let mut f = Frame::default();
+        f.reset(FrameKind::Pages, 0, 0, 0);
+        for p in 0..FRAME_RUNS_MAX as u64 {
+            f.push_page(p * 2, false).unwrap();
+        }
+        assert_eq!(f.push_page(1000, false), Err(RunsFull));
+        f.reset(FrameKind::Pages, 0, 0, 0);
+        for p in 0..1000 {
+            f.push_page(p, true).unwrap();
+        }
+        assert_eq!(f.zero_runs(), &[Run { first_page: 0, pages: 1000 }]);
+    }
+
+    #[test]
+    fn small_buffer_is_reported() {
+        let f = sample();
+        let mut buf = [0u8; 40];
+        assert_eq!(
+            f.encode(&mut buf),
+            Err(BufferTooSmall {
+                need: f.header_bytes(),
+                have: 40
+            })
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! The receiving side: listens, accepts and handshakes every channel of one transfer, starts one
+//! shard per channel, and reports the first error of any channel (after telling the sender why).
+//!
+//! Handshakes run here, on the caller's thread, before the shards start: they are a few small
+//! blocking exchanges per connection, bounded by `HANDSHAKE_TIMEOUT_MS`, and doing them before
+//! the rings exist keeps the shards' loops free of a second protocol phase. A refused hello
+//! (wrong session, version, page size, layout, duplicate or out-of-range channel) is answered
+//! with the reason, and the receive fails with the same reason.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Pinning, ReceiverConfig};
+use crate::error::{Error, Result};
+use crate::limits::{
+    CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES, PAGE_BYTES, RING_WAIT_SLICE_MS,
+};
+use crate::memory::GuestMemory;
+use crate::protocol::handshake::{Acceptor, Expectation, Hello, Refusal, Reply, FEATURES_KNOWN};
+use crate::protocol::PROTOCOL_VERSION;
+use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, WrittenMap};
+use crate::shard::{allowed_cores, pin, Abort, RoundBarrier};
+use crate::stats::{Progress, TransferStats};
+
+/// A bound receiver; [`run`](Self::run) takes one transfer.
+#[derive(Debug)]
+pub struct Receiver {
+    listener: TcpListener,
+    memory: Arc<GuestMemory>,
+    config: ReceiverConfig,
+    progress: Arc<Progress>,
+}
+
+impl Receiver {
+    /// Listens on `addr` for a transfer into `memory`.
+    pub fn bind(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        memory: Arc<GuestMemory>,
+        config: ReceiverConfig,
+    ) -> Result<Receiver> {
+        let text = format!("{addr:?}");
+        let listener =
+            TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))?;
+        let progress = Arc::new(Progress::default());
+        crate::stats::add(&progress.pages_total, memory.total_pages());
+        Ok(Receiver {
+            listener,
+            memory,
+            config,
+            progress,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the listening address", e))
+    }
+
+    /// Live counters for a progress display.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Accepts one transfer and receives it until every channel has ended its stream.
+    pub fn run(self) -> Result<TransferStats> {
+        crate::uring::probe()?;
+        let abort = Arc::new(Abort::new(true));
+        let (streams, start) = self.accept_channels(&abort)?;
+        let cpu_start = crate::sys::thread_cpu_time();
+        let n = streams.len();
+        let barrier = Arc::new(RoundBarrier::new(n));
+        let written = Arc::new(WrittenMap::new(&self.memory));
+        let cores = allowed_cores();
+        let mut joins = Vec::with_capacity(n);
+        for (i, stream) in streams.into_iter().enumerate() {
+            let core = match self.config.pinning {
+                Pinning::None => None,
+                _ if cores.is_empty() => None,
+                Pinning::Cores => Some(cores[i % cores.len()]),
+                Pinning::CoresReversed => Some(cores[cores.len() - 1 - i % cores.len()]),
+            };
+            let params = RecvShardParams {
+                channel: i as u16,
+                memory: self.memory.clone(),
+                written: written.clone(),
+                barrier: barrier.clone(),
+                abort: abort.clone(),
+                progress: self.progress.clone(),
+                delay: FrameDelay {
+                    max_us: self.config.fault_frame_delay_max_us,
+                    seed: self.config.fault_seed,
+                },
+            };
+            let shard_abort = abort.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("pw-recv-{i}"))
+                .spawn(move || {
+                    let pinned = pin(core);
+                    match RecvShard::new(params, stream).and_then(RecvShard::run) {
+                        Ok(mut s) => {
+                            s.core = pinned;
+                            Ok(s)
+                        }
+                        Err(e) => Err(shard_abort.fail(e)),
+                    }
+                });
+            match join {
+                Ok(j) => joins.push(j),
+                Err(e) => {
+                    abort.fail(Error::io("starting a receiver shard thread", e));
+                }
+            }
+        }
+        let results: Vec<_> = joins
+            .into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(Error::Config("a receiver shard thread panicked".into())))
+            })
+            .collect();
+        if let Some(e) = abort.take_error() {
+            return Err(e);
+        }
+        let mut stats = TransferStats {
+            channels: n as u16,
+            zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
+            defer_taskrun: crate::uring::probe().map(|c| c.defer_taskrun).unwrap_or(false),
+            ..TransferStats::default()
+        };
+        for r in results {
+            stats.shards.push(r?);
+        }
+        let cpu = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
+        stats.finalize(start.elapsed().as_secs_f64(), cpu);
+        Ok(stats)
+    }
+
+    fn accept_channels(&self, abort: &Abort) -> Result<(Vec<TcpStream>, Instant)> {
+        let expect = Expectation {
+            channel_count: self.config.channels,
+            page_bytes: PAGE_BYTES as u32,
+            layout_digest: self.memory.layout_digest(),
+            layout_bytes: self.memory.total_bytes(),
+            features: FEATURES_KNOWN,
+        };
+        let mut acceptor = Acceptor::new(expect);
+        let mut slots: Vec<Option<TcpStream>> = Vec::new();
+        let waiting_since = Instant::now();
+        let mut first_at: Option<Instant> = None;
+        while !acceptor.complete() {
+            let (deadline_ms, since, what) = match first_at {
+                None => (
+                    self.config.accept_timeout_ms,
+                    waiting_since,
+                    "waiting for a sender to connect".to_string(),
+                ),
+                Some(t) => (
+                    Some(CHANNELS_GATHER_TIMEOUT_MS),
+                    t,
+                    format!(
+                        "waiting for all {} channels to connect",
+                        acceptor.channel_count().unwrap_or(0)
+                    ),
+                ),
+            };
+            if let Some(ms) = deadline_ms {
+                if since.elapsed() >= Duration::from_millis(ms) {
+                    return Err(Error::Timeout { what, ms });
+                }
+            }
+            let ready = crate::sys::wait_acceptable(
+                &self.listener,
+                Duration::from_millis(RING_WAIT_SLICE_MS),
+            )
+            .map_err(|e| Error::io("waiting for connections", e))?;
+            if !ready {
+                continue;
+            }
+            let (stream, peer) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Error::io("accepting a connection", e)),
+            };
+            first_at.get_or_insert_with(Instant::now);
+            let hello = handshake(&stream, peer, &mut acceptor)?;
+            abort.watch(&stream)?;
+            let count = usize::from(hello.channel_count);
+            if slots.len() < count {
+                slots.resize_with(count, || None);
+            }
+            slots[usize::from(hello.channel_index)] = Some(stream);
+        }
+        let streams = slots.into_iter().flatten().collect();
+        Ok((streams, first_at.unwrap_or(waiting_since)))
+    }
+}
+
+/// Reads a hello, checks it, and answers; a refusal is answered and returned as the error.
+fn handshake(stream: &TcpStream, peer: SocketAddr, acceptor: &mut Acceptor) -> Result<Hello> {
+    crate::sender::configure_socket(stream)?;
+    let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| Error::io("setting handshake timeouts", e))?;
+    let reply = |refusal: Option<Refusal>| {
+        let r = Reply {
+            version: PROTOCOL_VERSION,
+            refusal,
+        };
+        (&*stream).write_all(&r.encode())
+    };
+    let mut buf = [0u8; HELLO_BYTES];
+    let mut got = 0;
+    while got < HELLO_BYTES {
+        match (&*stream).read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => {
+                got += k;
+                // Fail fast on a peer that is clearly not pagewire (a TLS ClientHello, say).
+                if got >= 8 && Hello::decode(&buf[..got]).is_err_and(|e| {
+                    matches!(e, crate::protocol::ProtocolError::BadMagic { .. })
+                }) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::io(format!("reading the handshake from {peer}"), e));
+            }
+        }
+    }
+    let hello = match Hello::decode(&buf[..got]) {
+        Ok(h) => h,
+        Err(source) => {
+            let _ = reply(Some(Refusal::Malformed));
+            return Err(Error::BadHello {
+                peer: peer.to_string(),
+                source,
+            });
+        }
+    };
+    if let Err(refusal) = acceptor.check(&hello) {
+        let _ = reply(Some(refusal));
+        return Err(Error::Refused {
+            channel: hello.channel_index,
+            refusal,
+        });
+    }
+    reply(None).map_err(|e| Error::io(format!("answering the handshake of {peer}"), e))?;
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
+    Ok(hello)
+}

@@ -1,0 +1,458 @@
+//! The sender's coordinator: connects the channels, starts one shard per channel, splits each
+//! round's page runs into chunks and routes them to the shards through bounded queues, and runs
+//! the round protocol. Control plane only: it never touches a page.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender as Tx, TrySendError};
+
+use crate::config::{Pinning, SenderConfig};
+use crate::error::{Error, Result};
+use crate::limits::{
+    CHANNELS_MAX, CHUNK_PAGES_MAX, HANDSHAKE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS,
+    SHARD_QUEUE_ITEMS_MAX, TCP_USER_TIMEOUT_MS,
+};
+use crate::memory::GuestMemory;
+use crate::protocol::handshake::{Hello, Reply, FEATURES_KNOWN};
+use crate::protocol::PROTOCOL_VERSION;
+use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
+use crate::shard::{allowed_cores, pin, Abort};
+use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
+
+/// Consecutive pages of one region to send in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// Region index in the layout.
+    pub region: u32,
+    /// First page (index within the region).
+    pub first_page: u64,
+    /// Number of pages.
+    pub pages: u64,
+}
+
+struct Shard {
+    tx: Tx<Work>,
+    join: Option<JoinHandle<Result<ShardStats>>>,
+    core: Option<usize>,
+}
+
+/// A connected sender. Send rounds with [`send_round`](Self::send_round) (or everything once
+/// with [`send_all`](Self::send_all)), then [`finish`](Self::finish).
+pub struct Sender {
+    memory: Arc<GuestMemory>,
+    shards: Vec<Shard>,
+    events: Receiver<ShardEvent>,
+    abort: Arc<Abort>,
+    progress: Arc<Progress>,
+    round: u32,
+    start: Instant,
+    cpu_ms: f64,
+    rounds: Vec<RoundStats>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("channels", &self.shards.len())
+            .field("round", &self.round)
+            .finish()
+    }
+}
+
+/// Socket options every channel gets: no Nagle delay for markers, bounded unacknowledged time.
+pub(crate) fn configure_socket(stream: &TcpStream) -> Result<()> {
+    stream
+        .set_nodelay(true)
+        .map_err(|e| Error::io("setting TCP_NODELAY", e))?;
+    crate::sys::set_tcp_user_timeout(stream, TCP_USER_TIMEOUT_MS)
+        .map_err(|e| Error::io("setting TCP_USER_TIMEOUT", e))
+}
+
+fn resolve(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<SocketAddr> {
+    let text = format!("{addr:?}");
+    addr.to_socket_addrs()
+        .map_err(|e| Error::io(format!("resolving {text}"), e))?
+        .next()
+        .ok_or_else(|| Error::Config(format!("{text} resolves to no address")))
+}
+
+impl Sender {
+    /// Connects `config.channels` channels to the receiver at `addr`, handshakes each, and starts
+    /// the shards.
+    pub fn connect(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        memory: Arc<GuestMemory>,
+        config: &SenderConfig,
+    ) -> Result<Sender> {
+        crate::uring::probe()?;
+        let n = config.channels;
+        if n == 0 || usize::from(n) > CHANNELS_MAX {
+            return Err(Error::Config(format!(
+                "channels must be between 1 and {CHANNELS_MAX}, got {n}"
+            )));
+        }
+        let addr = resolve(addr)?;
+        let start = Instant::now();
+        let cpu_start = crate::sys::thread_cpu_time();
+        let session_id: [u8; 16] = rand::random();
+        let abort = Arc::new(Abort::new(false));
+        let progress = Arc::new(Progress::default());
+        let (events_tx, events) = unbounded();
+        let cores = allowed_cores();
+        let mut streams = Vec::with_capacity(usize::from(n));
+        for i in 0..n {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                channel_index: i,
+                channel_count: n,
+                session_id,
+                page_bytes: PAGE_BYTES as u32,
+                features: FEATURES_KNOWN,
+                layout_digest: memory.layout_digest(),
+                layout_bytes: memory.total_bytes(),
+                region_count: memory.regions().len() as u32,
+            };
+            let stream = handshake(addr, &hello)?;
+            abort.watch(&stream)?;
+            streams.push(stream);
+        }
+        let mut shards = Vec::with_capacity(streams.len());
+        for (i, stream) in streams.into_iter().enumerate() {
+            let core = match config.pinning {
+                Pinning::None => None,
+                _ if cores.is_empty() => None,
+                Pinning::Cores => Some(cores[i % cores.len()]),
+                Pinning::CoresReversed => Some(cores[cores.len() - 1 - i % cores.len()]),
+            };
+            let (tx, rx) = bounded(SHARD_QUEUE_ITEMS_MAX);
+            let params = SendShardParams {
+                channel: i as u16,
+                zero_copy: config.zero_copy,
+                memory: memory.clone(),
+                work: rx,
+                events: events_tx.clone(),
+                abort: abort.clone(),
+                progress: progress.clone(),
+            };
+            let shard_abort = abort.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("pw-send-{i}"))
+                .spawn(move || {
+                    let pinned = pin(core);
+                    let result = SendShard::new(params, stream).and_then(SendShard::run);
+                    match result {
+                        Ok(mut stats) => {
+                            stats.core = pinned;
+                            Ok(stats)
+                        }
+                        Err(e) => Err(shard_abort.fail(e)),
+                    }
+                })
+                .map_err(|e| Error::io("starting a sender shard thread", e))?;
+            shards.push(Shard {
+                tx,
+                join: Some(join),
+                core: core.map(|c| c.id),
+            });
+        }
+        Ok(Sender {
+            memory,
+            shards,
+            events,
+            abort,
+            progress,
+            round: 0,
+            start,
+            cpu_ms: (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3,
+            rounds: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// Live counters for a progress display.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// The round the next [`send_round`](Self::send_round) sends.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Sends every page of every region as one round.
+    pub fn send_all(&mut self) -> Result<RoundStats> {
+        let runs: Vec<PageRun> = self
+            .memory
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| PageRun {
+                region: i as u32,
+                first_page: 0,
+                pages: r.pages(),
+            })
+            .collect();
+        self.send_round(&runs)
+    }
+
+    /// Sends one round: `runs` must be sorted by region and page and must not overlap (a page is
+    /// sent at most once per round, which is what makes the round barrier sufficient for
+    /// ordering). Returns when every shard has handed the whole round to the kernel.
+    pub fn send_round(&mut self, runs: &[PageRun]) -> Result<RoundStats> {
+        if self.finished {
+            return Err(Error::Config("send_round after finish".into()));
+        }
+        let started = Instant::now();
+        let cpu_start = crate::sys::thread_cpu_time();
+        let pages = self.check_runs(runs)?;
+        crate::stats::add(&self.progress.pages_total, pages);
+        let n = self.shards.len();
+        // Rotate the first shard per round, so a page resent in the next round usually travels
+        // over another channel (and ordering is exercised, not assumed).
+        let mut next = self.round as usize % n;
+        for run in runs {
+            let mut first = run.first_page;
+            let end = run.first_page + run.pages;
+            while first < end {
+                let pages = (end - first).min(CHUNK_PAGES_MAX as u64) as u32;
+                self.dispatch(
+                    next,
+                    Work::Chunk {
+                        region: run.region,
+                        first_page: first,
+                        pages,
+                    },
+                )?;
+                next = (next + 1) % n;
+                first += u64::from(pages);
+            }
+        }
+        for i in 0..n {
+            self.send_to(i, Work::EndRound)?;
+        }
+        let mut sent = 0;
+        while sent < n {
+            match self.events.recv_timeout(Duration::from_millis(RING_WAIT_SLICE_MS)) {
+                Ok(ShardEvent::RoundSent { round }) => {
+                    debug_assert_eq!(round, self.round);
+                    sent += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => self.check_alive()?,
+                Err(RecvTimeoutError::Disconnected) => return Err(self.failure()),
+            }
+        }
+        let stats = RoundStats {
+            round: self.round,
+            pages,
+            time_ms: started.elapsed().as_secs_f64() * 1e3,
+        };
+        self.rounds.push(stats);
+        self.round += 1;
+        self.cpu_ms += (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
+        Ok(stats)
+    }
+
+    /// Ends the stream on every channel, waits for the receiver to confirm it placed everything,
+    /// and returns the sender's statistics.
+    pub fn finish(mut self) -> Result<TransferStats> {
+        self.finished = true;
+        let cpu_start = crate::sys::thread_cpu_time();
+        for i in 0..self.shards.len() {
+            if let Err(e) = self.send_to(i, Work::Finish) {
+                self.join_all();
+                return Err(e);
+            }
+        }
+        let results = self.join_all();
+        if let Some(e) = self.abort.take_error() {
+            return Err(e);
+        }
+        let mut stats = TransferStats {
+            channels: self.shards.len() as u16,
+            rounds: self.round,
+            zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
+            defer_taskrun: crate::uring::probe().map(|c| c.defer_taskrun).unwrap_or(false),
+            ..TransferStats::default()
+        };
+        for (r, shard) in results.into_iter().zip(&self.shards) {
+            let mut s = r?;
+            s.core = s.core.or(shard.core);
+            stats.shards.push(s);
+        }
+        self.cpu_ms += (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
+        stats.finalize(self.start.elapsed().as_secs_f64(), self.cpu_ms);
+        Ok(stats)
+    }
+
+    /// Per-round figures so far.
+    pub fn rounds(&self) -> &[RoundStats] {
+        &self.rounds
+    }
+
+    fn check_runs(&self, runs: &[PageRun]) -> Result<u64> {
+        let regions = self.memory.regions();
+        let mut total = 0u64;
+        let mut last: Option<(u32, u64)> = None;
+        for run in runs {
+            let Some(region) = regions.get(run.region as usize) else {
+                return Err(Error::Config(format!(
+                    "page run names region {} but the layout has {}",
+                    run.region,
+                    regions.len()
+                )));
+            };
+            let end = run.first_page.checked_add(run.pages);
+            if run.pages == 0 || end.is_none_or(|e| e > region.pages()) {
+                return Err(Error::Config(format!(
+                    "page run {}+{} is empty or outside region {} ({} pages)",
+                    run.first_page,
+                    run.pages,
+                    run.region,
+                    region.pages()
+                )));
+            }
+            if let Some((r, e)) = last {
+                if (run.region, run.first_page) < (r, e) {
+                    return Err(Error::Config(format!(
+                        "page runs must be sorted and disjoint: region {} page {} comes after region {r} page {e}",
+                        run.region, run.first_page
+                    )));
+                }
+            }
+            last = Some((run.region, run.first_page + run.pages));
+            total += run.pages;
+        }
+        Ok(total)
+    }
+
+    /// Queues `work` on shard `first`, or on any other shard with room, or waits for `first`.
+    fn dispatch(&mut self, first: usize, work: Work) -> Result<()> {
+        let n = self.shards.len();
+        let mut work = work;
+        for k in 0..n {
+            match self.shards[(first + k) % n].tx.try_send(work) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(w)) => work = w,
+                Err(TrySendError::Disconnected(_)) => return Err(self.failure()),
+            }
+        }
+        self.send_to(first, work)
+    }
+
+    fn send_to(&mut self, shard: usize, mut work: Work) -> Result<()> {
+        loop {
+            match self.shards[shard]
+                .tx
+                .send_timeout(work, Duration::from_millis(RING_WAIT_SLICE_MS))
+            {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Timeout(w)) => {
+                    work = w;
+                    self.check_alive()?;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => return Err(self.failure()),
+            }
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if self.abort.is_raised()
+            || self
+                .shards
+                .iter()
+                .any(|s| s.join.as_ref().is_some_and(|j| j.is_finished()))
+        {
+            return Err(self.failure());
+        }
+        Ok(())
+    }
+
+    /// Tears down and returns the first error any shard reported.
+    fn failure(&mut self) -> Error {
+        self.abort.shutdown_all();
+        let results = self.join_all();
+        if let Some(e) = self.abort.take_error() {
+            return e;
+        }
+        results
+            .into_iter()
+            .find_map(|r| r.err())
+            .unwrap_or(Error::Aborted)
+    }
+
+    fn join_all(&mut self) -> Vec<Result<ShardStats>> {
+        self.shards
+            .iter_mut()
+            .map(|s| match s.join.take() {
+                Some(j) => j.join().unwrap_or_else(|_| {
+                    Err(Error::Config("a sender shard thread panicked".into()))
+                }),
+                None => Err(Error::Aborted),
+            })
+            .collect()
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if self.shards.iter().any(|s| s.join.is_some()) {
+            // Dropped without finish (or after an error): tear down and wait for the shards.
+            self.abort.fail(Error::Config("the sender was dropped before finishing".into()));
+            self.join_all();
+        }
+    }
+}
+
+/// Connects one channel and runs its handshake.
+fn handshake(addr: SocketAddr, hello: &Hello) -> Result<TcpStream> {
+    use std::io::{Read, Write};
+    let i = hello.channel_index;
+    let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+    let stream = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| Error::io(format!("connecting channel {i} to {addr}"), e))?;
+    configure_socket(&stream)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| Error::io("setting handshake timeouts", e))?;
+    (&stream)
+        .write_all(&hello.encode())
+        .map_err(|e| Error::io(format!("sending the handshake on channel {i}"), e))?;
+    let mut reply = [0u8; 16];
+    let mut got = 0;
+    while got < reply.len() {
+        match (&stream).read(&mut reply[got..]) {
+            Ok(0) => {
+                // A receiver may close right after its refusal; what we have may still say why.
+                break;
+            }
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading the receiver's handshake reply on channel {i}"),
+                    e,
+                ))
+            }
+        }
+    }
+    let reply = Reply::decode(&reply[..got]).map_err(|source| Error::Protocol {
+        channel: i,
+        source,
+    })?;
+    if let Some(refusal) = reply.refusal {
+        return Err(Error::Refused {
+            channel: i,
+            refusal,
+        });
+    }
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
+    Ok(stream)
+}

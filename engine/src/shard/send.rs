@@ -1,0 +1,617 @@
+//! The sender shard: one thread, one ring, one connection.
+//!
+//! Run loop (bounded, allocation-free in the steady state):
+//! 1. reap completions: send results advance the in-flight *chain*, zero-copy notifications free
+//!    header slots, the control receive brings the receiver's `Done` or `Abort`;
+//! 2. when the chain has fully completed, finish it (report round markers, or resubmit whatever
+//!    a short send left) and submit the next chain of ready frames;
+//! 3. while header slots are free, take work and build frames: zero-scan the chunk, encode the
+//!    header into the slot, list the normal runs as payload pieces straight from guest memory;
+//! 4. wait on the ring (or, when nothing is outstanding, on the work queue), in bounded slices.
+//!
+//! Sends on one TCP socket must reach the kernel in order, and two independent io_uring ops on a
+//! socket may complete out of order when one is punted, so a shard keeps exactly one linked
+//! chain in flight (`IOSQE_IO_LINK`, `MSG_WAITALL`), batching up to `CHAIN_FRAMES_MAX` frames.
+//!
+//! Zero-copy: in `auto` mode a shard starts with `SEND_ZC` (one op per piece, header from the
+//! registered slab) and reads the usage report of each notification. When the first
+//! `ZC_PROBE_SENDS` all say the kernel copied (loopback, veth), the shard switches to one plain
+//! `sendmsg` per frame (header plus runs as an iovec: one syscall, no staging copy), because a
+//! copied zero-copy send costs more than a plain one. When they say the NIC really sent from our
+//! pages, the shard registers guest memory as fixed buffers, so later sends skip page pinning.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use crate::config::ZeroCopy;
+use crate::error::{Error, Result};
+use crate::limits::{
+    CHAIN_FRAMES_MAX, CONTROL_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_RUNS_MAX, IO_IDLE_TIMEOUT_MS,
+    PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+};
+use crate::memory::GuestMemory;
+use crate::pipeline::zero::ZeroScanner;
+use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
+use crate::protocol::{Frame, ProtocolError, SenderChannel};
+use crate::stats::{add, Progress, ShardStats};
+use crate::uring::{errno, Buf, Ring, Wait};
+
+use super::Abort;
+
+/// A unit of work from the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Work {
+    /// Send `pages` pages of `region` from `first_page` (at most `CHUNK_PAGES_MAX`).
+    Chunk {
+        region: u32,
+        first_page: u64,
+        pages: u32,
+    },
+    /// End the current round on this channel.
+    EndRound,
+    /// End the stream and wait for the receiver's confirmation.
+    Finish,
+}
+
+/// What a shard tells its coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShardEvent {
+    /// Every frame of `round` up to its end marker has been handed to the kernel.
+    RoundSent { round: u32 },
+}
+
+const CONTROL_SLOT: u16 = SHARD_FRAMES_IN_FLIGHT_MAX as u16;
+const SLOT_BYTES: usize = 2048;
+const CONTROL_TAG: u64 = u64::MAX - 1;
+const _: () = assert!(FRAME_HEADER_BYTES_MAX <= SLOT_BYTES && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    Ready,
+    InChain,
+    /// Handed to the kernel; free once the ring says no op uses it (zero-copy notification).
+    Sent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    None,
+    EndOfRound(u32),
+    EndOfStream,
+}
+
+struct FrameSlot {
+    state: SlotState,
+    pieces: [Buf; 1 + FRAME_RUNS_MAX],
+    n_pieces: usize,
+    bytes: u64,
+    pages: u64,
+    marker: Marker,
+}
+
+/// One op of the in-flight chain.
+#[derive(Debug, Clone, Copy)]
+struct ChainOp {
+    slot: u16,
+    /// Piece index for a zero-copy send; `None` for a sendmsg of the whole frame.
+    piece: Option<u16>,
+    len: u64,
+    done: u64,
+}
+
+/// Shard parameters.
+pub(crate) struct SendShardParams {
+    pub channel: u16,
+    pub zero_copy: ZeroCopy,
+    pub memory: Arc<GuestMemory>,
+    pub work: Receiver<Work>,
+    pub events: Sender<ShardEvent>,
+    pub abort: Arc<Abort>,
+    pub progress: Arc<Progress>,
+}
+
+pub(crate) struct SendShard {
+    channel: u16,
+    ring: Ring,
+    memory: Arc<GuestMemory>,
+    scanner: ZeroScanner,
+    proto: SenderChannel,
+    frame: Box<Frame>,
+    slots: Vec<FrameSlot>,
+    ready: VecDeque<u16>,
+    chain: Vec<ChainOp>,
+    chain_outstanding: usize,
+    zero_copy_policy: ZeroCopy,
+    zero_copy_now: bool,
+    zc_decided: bool,
+    control_len: usize,
+    control_posted: bool,
+    done_received: bool,
+    eos_sent: bool,
+    finishing: bool,
+    work: Receiver<Work>,
+    events: Sender<ShardEvent>,
+    abort: Arc<Abort>,
+    progress: Arc<Progress>,
+    stats: ShardStats,
+    last_progress: Instant,
+}
+
+impl SendShard {
+    pub(crate) fn new(p: SendShardParams, socket: std::net::TcpStream) -> Result<Self> {
+        let mut ring = Ring::new(socket, p.memory.clone(), SHARD_FRAMES_IN_FLIGHT_MAX + 1, SLOT_BYTES)?;
+        let caps = ring.caps();
+        let zero_copy_now = caps.send_zc && p.zero_copy != ZeroCopy::Off;
+        if p.zero_copy == ZeroCopy::On {
+            if !caps.send_zc {
+                return Err(Error::Unsupported(
+                    "IORING_OP_SEND_ZC (zero-copy send), which --zero-copy on requires",
+                ));
+            }
+            ring.register_guest_memory()?;
+        }
+        let placeholder = Buf::Slab {
+            slot: 0,
+            offset: 0,
+            len: 0,
+        };
+        let slots = (0..SHARD_FRAMES_IN_FLIGHT_MAX)
+            .map(|_| FrameSlot {
+                state: SlotState::Free,
+                pieces: [placeholder; 1 + FRAME_RUNS_MAX],
+                n_pieces: 0,
+                bytes: 0,
+                pages: 0,
+                marker: Marker::None,
+            })
+            .collect();
+        let stats = ShardStats {
+            channel: p.channel,
+            fixed_buffers: ring.guest_registered(),
+            ..ShardStats::default()
+        };
+        Ok(SendShard {
+            channel: p.channel,
+            ring,
+            memory: p.memory,
+            scanner: ZeroScanner::detect(),
+            proto: SenderChannel::default(),
+            frame: Box::default(),
+            slots,
+            ready: VecDeque::with_capacity(SHARD_FRAMES_IN_FLIGHT_MAX),
+            chain: Vec::with_capacity(CHAIN_FRAMES_MAX * (1 + FRAME_RUNS_MAX)),
+            chain_outstanding: 0,
+            zero_copy_policy: p.zero_copy,
+            zero_copy_now,
+            zc_decided: p.zero_copy != ZeroCopy::Auto,
+            control_len: 0,
+            control_posted: false,
+            done_received: false,
+            eos_sent: false,
+            finishing: false,
+            work: p.work,
+            events: p.events,
+            abort: p.abort,
+            progress: p.progress,
+            stats,
+            last_progress: Instant::now(),
+        })
+    }
+
+    /// Runs until the receiver confirms the end of the stream, or an error.
+    pub(crate) fn run(mut self) -> Result<ShardStats> {
+        let cpu_start = crate::sys::thread_cpu_time();
+        let start = Instant::now();
+        let mut idle = Duration::ZERO;
+        self.post_control_recv(CONTROL_BYTES);
+        self.ring.submit()?;
+        let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
+        loop {
+            if self.abort.is_raised() {
+                return Err(Error::Aborted);
+            }
+            self.reap()?;
+            if self.chain_outstanding == 0 {
+                self.finish_chain()?;
+            }
+            if self.eos_sent && self.done_received && self.sends_in_flight() == 0 {
+                break;
+            }
+            self.fill(None)?;
+            if self.chain_outstanding == 0 && !self.ready.is_empty() {
+                self.submit_chain()?;
+                self.fill(None)?;
+            }
+            let outstanding = self.chain_outstanding > 0 || self.sends_in_flight() > 0;
+            if outstanding || self.finishing || self.free_slot().is_none() {
+                if self.ring.submit_and_wait(1, slice)? == Wait::TimedOut {
+                    self.check_idle()?;
+                }
+            } else {
+                let waited = Instant::now();
+                match self.work.recv_timeout(slice) {
+                    Ok(work) => self.fill(Some(work))?,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
+                }
+                idle += waited.elapsed();
+                self.last_progress = Instant::now();
+            }
+        }
+        self.stats.busy_ms = (start.elapsed().saturating_sub(idle)).as_secs_f64() * 1e3;
+        self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
+        Ok(self.stats)
+    }
+
+    fn sends_in_flight(&self) -> usize {
+        self.ring.in_flight() - usize::from(self.control_posted)
+    }
+
+    fn check_idle(&self) -> Result<()> {
+        let ms = self.last_progress.elapsed().as_millis() as u64;
+        if ms >= IO_IDLE_TIMEOUT_MS {
+            let what = if self.eos_sent {
+                format!("waiting for the receiver to confirm channel {}", self.channel)
+            } else {
+                format!("waiting for the receiver to take data on channel {}", self.channel)
+            };
+            return Err(Error::Timeout { what, ms });
+        }
+        Ok(())
+    }
+
+    fn free_slot(&mut self) -> Option<u16> {
+        for i in 0..self.slots.len() {
+            let slot = i as u16;
+            if self.slots[i].state == SlotState::Sent && self.ring.slot_idle(slot) {
+                self.slots[i].state = SlotState::Free;
+            }
+            if self.slots[i].state == SlotState::Free {
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    /// Builds frames while slots are free: from `first` if given, then whatever is queued.
+    fn fill(&mut self, mut first: Option<Work>) -> Result<()> {
+        while !self.finishing {
+            let Some(slot) = self.free_slot() else {
+                // `first` cannot be lost: we only pass it when a slot is free.
+                debug_assert!(first.is_none());
+                return Ok(());
+            };
+            let work = match first.take() {
+                Some(w) => w,
+                None => match self.work.try_recv() {
+                    Ok(w) => w,
+                    Err(TryRecvError::Empty) => return Ok(()),
+                    Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
+                },
+            };
+            self.build(slot, work);
+        }
+        Ok(())
+    }
+
+    /// Scans a chunk (or makes a marker) and encodes its frame into `slot`.
+    fn build(&mut self, slot: u16, work: Work) {
+        let frame = &mut *self.frame;
+        let s = &mut self.slots[usize::from(slot)];
+        s.marker = Marker::None;
+        s.pages = 0;
+        s.n_pieces = 1;
+        let mut payload = 0u64;
+        match work {
+            Work::Chunk {
+                region,
+                first_page,
+                pages,
+            } => {
+                let r = &self.memory.regions()[region as usize];
+                self.proto.begin_pages(frame, region);
+                for page in first_page..first_page + u64::from(pages) {
+                    let zero = r.page_is_zero(&self.scanner, page);
+                    frame
+                        .push_page(page, zero)
+                        .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
+                }
+                let normal = frame.normal_pages();
+                payload = normal * PAGE_BYTES as u64;
+                frame.payload_bytes = payload as u32;
+                for run in frame.normal_runs() {
+                    s.pieces[s.n_pieces] = Buf::Guest {
+                        region,
+                        offset: run.first_page * PAGE_BYTES as u64,
+                        len: run.pages * PAGE_BYTES as u32,
+                    };
+                    s.n_pieces += 1;
+                }
+                s.pages = u64::from(pages);
+                self.stats.normal_pages += normal;
+                self.stats.zero_pages += u64::from(pages) - normal;
+            }
+            Work::EndRound => {
+                s.marker = Marker::EndOfRound(self.proto.round());
+                self.proto.end_round(frame);
+            }
+            Work::Finish => {
+                s.marker = Marker::EndOfStream;
+                self.proto.end_stream(frame);
+                self.finishing = true;
+            }
+        }
+        let header = frame
+            .encode(self.ring.slot_mut(slot))
+            .expect("a slot holds FRAME_HEADER_BYTES_MAX");
+        s.pieces[0] = Buf::Slab {
+            slot,
+            offset: 0,
+            len: header as u32,
+        };
+        s.bytes = header as u64 + payload;
+        s.state = SlotState::Ready;
+        self.stats.frames += 1;
+        self.stats.wire_bytes += s.bytes;
+        add(&self.progress.wire_bytes, s.bytes);
+        self.ready.push_back(slot);
+    }
+
+    /// Links ready frames into one chain and submits it.
+    fn submit_chain(&mut self) -> Result<()> {
+        debug_assert!(self.chain.is_empty() && self.chain_outstanding == 0);
+        let mut frames = 0;
+        while let Some(&slot) = self.ready.front() {
+            let s = &self.slots[usize::from(slot)];
+            let ops = if self.zero_copy_now { s.n_pieces } else { 1 };
+            if frames == CHAIN_FRAMES_MAX
+                || self.ring.sq_space() < ops + 1
+                || self.ring.ops_space() < ops + 1
+                || (!self.zero_copy_now && self.ring.vectored_space() == 0)
+            {
+                break;
+            }
+            self.ready.pop_front();
+            if self.zero_copy_now {
+                for piece in 0..s.n_pieces {
+                    let len = match s.pieces[piece] {
+                        Buf::Slab { len, .. } | Buf::Guest { len, .. } => u64::from(len),
+                    };
+                    self.chain.push(ChainOp {
+                        slot,
+                        piece: Some(piece as u16),
+                        len,
+                        done: 0,
+                    });
+                }
+            } else {
+                self.chain.push(ChainOp {
+                    slot,
+                    piece: None,
+                    len: s.bytes,
+                    done: 0,
+                });
+            }
+            self.slots[usize::from(slot)].state = SlotState::InChain;
+            frames += 1;
+        }
+        self.push_chain(0)
+    }
+
+    /// Pushes every chain op from `from` that has bytes left, linked in order.
+    fn push_chain(&mut self, from: usize) -> Result<()> {
+        let last = (from..self.chain.len())
+            .rev()
+            .find(|&i| self.chain[i].done < self.chain[i].len);
+        let Some(last) = last else {
+            return Ok(());
+        };
+        for i in from..=last {
+            let op = self.chain[i];
+            if op.done == op.len {
+                continue;
+            }
+            let tag = (u64::from(op.slot) << 16) | i as u64;
+            let link = i < last;
+            let s = &self.slots[usize::from(op.slot)];
+            match op.piece {
+                Some(p) => {
+                    let buf = advance(s.pieces[usize::from(p)], op.done);
+                    self.ring.push_send(tag, buf, true, link);
+                }
+                None => {
+                    let pieces = s.pieces;
+                    let n = s.n_pieces;
+                    self.ring.push_sendmsg(tag, &pieces[..n], op.done, link);
+                }
+            }
+            self.chain_outstanding += 1;
+        }
+        self.ring.submit()
+    }
+
+    /// Called when every op of the chain has reported: resubmit leftovers of a short send, or
+    /// retire the chain.
+    fn finish_chain(&mut self) -> Result<()> {
+        if self.chain.is_empty() {
+            return Ok(());
+        }
+        if let Some(first) = self.chain.iter().position(|op| op.done < op.len) {
+            // A short send broke the chain (later links were cancelled): send the rest, in order.
+            return self.push_chain(first);
+        }
+        let mut previous = None;
+        for i in 0..self.chain.len() {
+            let slot = self.chain[i].slot;
+            if previous == Some(slot) {
+                continue;
+            }
+            previous = Some(slot);
+            let s = &mut self.slots[usize::from(slot)];
+            s.state = SlotState::Sent;
+            add(&self.progress.pages_done, s.pages);
+            match s.marker {
+                Marker::None => {}
+                Marker::EndOfRound(round) => {
+                    // The coordinator may be gone if the transfer is being torn down.
+                    let _ = self.events.send(ShardEvent::RoundSent { round });
+                }
+                Marker::EndOfStream => self.eos_sent = true,
+            }
+        }
+        self.chain.clear();
+        Ok(())
+    }
+
+    fn reap(&mut self) -> Result<()> {
+        while let Some(c) = self.ring.next_completion() {
+            self.last_progress = Instant::now();
+            if c.tag == CONTROL_TAG {
+                self.on_control(c.result)?;
+            } else if c.notif {
+                self.stats.zc_completed += 1;
+                if c.zc_copied {
+                    self.stats.zc_copied += 1;
+                }
+                self.decide_zero_copy();
+            } else {
+                let i = (c.tag & 0xffff) as usize;
+                self.chain_outstanding -= 1;
+                if c.result >= 0 {
+                    self.chain[i].done += c.result as u64;
+                } else if c.result != -libc::ECANCELED {
+                    return Err(self.send_failed(errno(c.result)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn decide_zero_copy(&mut self) {
+        if self.zc_decided || self.stats.zc_completed < u64::from(ZC_PROBE_SENDS) {
+            return;
+        }
+        self.zc_decided = true;
+        if self.stats.zc_copied == self.stats.zc_completed {
+            tracing::info!(
+                channel = self.channel,
+                "the kernel copied every zero-copy send (loopback or a NIC without support): switching to plain sends"
+            );
+            self.zero_copy_now = false;
+            self.stats.zc_fallback = true;
+        } else if self.zero_copy_policy == ZeroCopy::Auto {
+            match self.ring.register_guest_memory() {
+                Ok(()) => self.stats.fixed_buffers = true,
+                Err(e) => tracing::warn!(
+                    channel = self.channel,
+                    "zero-copy works but guest memory could not be registered, sending without fixed buffers: {e}"
+                ),
+            }
+        }
+    }
+
+    /// A send failed: prefer the receiver's own reason if it sent one before closing.
+    fn send_failed(&mut self, e: std::io::Error) -> Error {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.control_posted && Instant::now() < deadline && !self.abort.is_raised() {
+            if self.ring.submit_and_wait(1, Duration::from_millis(50)).is_err() {
+                break;
+            }
+            while let Some(c) = self.ring.next_completion() {
+                if c.tag == CONTROL_TAG {
+                    if let Err(peer) = self.on_control(c.result) {
+                        return peer;
+                    }
+                }
+            }
+        }
+        Error::io(format!("sending on channel {}", self.channel), e)
+    }
+
+    fn post_control_recv(&mut self, upto: usize) {
+        self.ring.push_recv(
+            CONTROL_TAG,
+            &[Buf::Slab {
+                slot: CONTROL_SLOT,
+                offset: self.control_len as u32,
+                len: (upto - self.control_len) as u32,
+            }],
+        );
+        self.control_posted = true;
+    }
+
+    fn on_control(&mut self, result: i32) -> Result<()> {
+        self.control_posted = false;
+        if result < 0 {
+            if result == -libc::ECANCELED {
+                return Ok(());
+            }
+            return Err(Error::io(
+                format!("receiving control messages on channel {}", self.channel),
+                errno(result),
+            ));
+        }
+        if result == 0 {
+            return Err(Error::PeerClosed {
+                channel: self.channel,
+                when: if self.eos_sent {
+                    "before confirming the end of the transfer"
+                } else {
+                    "while data was still being sent"
+                },
+            });
+        }
+        self.control_len += result as usize;
+        let channel = self.channel;
+        let bytes = &self.ring.slot_mut(CONTROL_SLOT)[..self.control_len];
+        let decoded =
+            Control::decode(bytes).map_err(|source| Error::Protocol { channel, source })?;
+        match decoded {
+            None => {
+                let need = if self.control_len < CONTROL_BYTES {
+                    CONTROL_BYTES
+                } else {
+                    let b = &self.ring.slot_mut(CONTROL_SLOT)[8..10];
+                    CONTROL_BYTES + usize::from(u16::from_le_bytes([b[0], b[1]]))
+                };
+                self.post_control_recv(need);
+                Ok(())
+            }
+            Some((Control::Done, _)) => {
+                if !self.finishing {
+                    return Err(Error::Protocol {
+                        channel,
+                        source: ProtocolError::AfterEnd,
+                    });
+                }
+                self.done_received = true;
+                Ok(())
+            }
+            Some((Control::Abort { reason, .. }, _)) => Err(Error::PeerAborted { channel, reason }),
+        }
+    }
+}
+
+/// `buf` without its first `skip` bytes.
+fn advance(buf: Buf, skip: u64) -> Buf {
+    match buf {
+        Buf::Slab { slot, offset, len } => Buf::Slab {
+            slot,
+            offset: offset + skip as u32,
+            len: len - skip as u32,
+        },
+        Buf::Guest {
+            region,
+            offset,
+            len,
+        } => Buf::Guest {
+            region,
+            offset: offset + skip,
+            len: len - skip as u32,
+        },
+    }
+}

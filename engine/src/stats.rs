@@ -1,0 +1,144 @@
+//! Transfer statistics, named after QEMU's `query-migrate` where one fits (`total-time`,
+//! `transferred`, `normal`, `duplicate`, `normal-bytes`, `mbps`), plus per-shard figures, CPU
+//! time and zero-copy outcomes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Live counters a progress bar can read while a transfer runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Pages queued for the transfer so far (grows with each round).
+    pub pages_total: AtomicU64,
+    /// Pages sent (sender) or placed (receiver).
+    pub pages_done: AtomicU64,
+    /// Bytes put on (or taken off) the wire.
+    pub wire_bytes: AtomicU64,
+}
+
+impl Progress {
+    /// (done, total) pages.
+    pub fn pages(&self) -> (u64, u64) {
+        (
+            self.pages_done.load(Ordering::Relaxed),
+            self.pages_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One shard's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardStats {
+    /// Channel index.
+    pub channel: u16,
+    /// CPU core the shard was pinned to, if any.
+    pub core: Option<usize>,
+    /// Bytes on the wire (headers and payload).
+    pub wire_bytes: u64,
+    /// Frames, markers included.
+    pub frames: u64,
+    /// Normal pages.
+    pub normal_pages: u64,
+    /// Zero pages.
+    pub zero_pages: u64,
+    /// Milliseconds the shard had work (wall time not spent idle waiting for work).
+    pub busy_ms: f64,
+    /// CPU milliseconds the shard thread used.
+    pub cpu_ms: f64,
+    /// Zero-copy sends whose notification arrived.
+    pub zc_completed: u64,
+    /// Of those, sends the kernel copied anyway (loopback, veth, no NIC support).
+    pub zc_copied: u64,
+    /// True when the shard switched to plain sends because the kernel kept copying.
+    pub zc_fallback: bool,
+    /// True when guest memory was registered as fixed buffers on this shard's ring.
+    pub fixed_buffers: bool,
+}
+
+/// Zero-copy totals over all shards.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ZeroCopyStats {
+    /// Zero-copy sends completed (notification seen).
+    pub completed: u64,
+    /// Zero-copy sends the kernel reported as copied.
+    pub copied: u64,
+    /// Shards that fell back to plain sends.
+    pub fallbacks: u64,
+}
+
+/// Statistics of one side of a finished transfer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TransferStats {
+    /// Wall time from the first connection to the end, in milliseconds (`total-time`).
+    pub total_time_ms: f64,
+    /// Bytes on the wire, headers included (`transferred`).
+    pub transferred_bytes: u64,
+    /// Pages sent with their contents (`normal`).
+    pub normal_pages: u64,
+    /// Zero pages sent as a header entry only (`duplicate`).
+    pub zero_pages: u64,
+    /// Bytes of normal pages (`normal-bytes`).
+    pub normal_bytes: u64,
+    /// Guest memory moved per second, in megabits (`mbps`, as QEMU reports it: all pages, zero
+    /// ones included, over the total time).
+    pub mbps: f64,
+    /// Guest memory moved per second, in GiB.
+    pub gib_per_s: f64,
+    /// Rounds completed.
+    pub rounds: u32,
+    /// Channels used.
+    pub channels: u16,
+    /// CPU milliseconds used by this side (shards plus coordinator).
+    pub cpu_ms: f64,
+    /// CPU seconds per GiB of guest memory moved.
+    pub cpu_s_per_gib: f64,
+    /// Zero-copy outcomes.
+    pub zero_copy: ZeroCopyStats,
+    /// Zero-scan implementation used.
+    pub zero_scan: &'static str,
+    /// Whether rings ran with DEFER_TASKRUN.
+    pub defer_taskrun: bool,
+    /// Per-shard figures.
+    pub shards: Vec<ShardStats>,
+}
+
+impl TransferStats {
+    /// Fills the totals from the shards and the elapsed time.
+    pub(crate) fn finalize(&mut self, elapsed_s: f64, coordinator_cpu_ms: f64) {
+        self.total_time_ms = elapsed_s * 1e3;
+        self.transferred_bytes = self.shards.iter().map(|s| s.wire_bytes).sum();
+        self.normal_pages = self.shards.iter().map(|s| s.normal_pages).sum();
+        self.zero_pages = self.shards.iter().map(|s| s.zero_pages).sum();
+        self.normal_bytes = self.normal_pages * crate::limits::PAGE_BYTES as u64;
+        let moved = (self.normal_pages + self.zero_pages) * crate::limits::PAGE_BYTES as u64;
+        if elapsed_s > 0.0 {
+            self.mbps = moved as f64 * 8.0 / 1e6 / elapsed_s;
+            self.gib_per_s = moved as f64 / (1u64 << 30) as f64 / elapsed_s;
+        }
+        self.cpu_ms = coordinator_cpu_ms + self.shards.iter().map(|s| s.cpu_ms).sum::<f64>();
+        if moved > 0 {
+            self.cpu_s_per_gib = self.cpu_ms / 1e3 / (moved as f64 / (1u64 << 30) as f64);
+        }
+        self.zero_copy = ZeroCopyStats {
+            completed: self.shards.iter().map(|s| s.zc_completed).sum(),
+            copied: self.shards.iter().map(|s| s.zc_copied).sum(),
+            fallbacks: self.shards.iter().filter(|s| s.zc_fallback).count() as u64,
+        };
+    }
+}
+
+/// Figures of one finished round, for a VMM's convergence decisions.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RoundStats {
+    /// Round number.
+    pub round: u32,
+    /// Pages in the round.
+    pub pages: u64,
+    /// Wall milliseconds from the round's start until every shard had handed it to the kernel.
+    pub time_ms: f64,
+}
+
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}

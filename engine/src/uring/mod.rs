@@ -1,0 +1,583 @@
+//! The io_uring boundary: ring set-up and probing, the registered header slab, buffer
+//! registration, the op table that owns `user_data`, and completion decoding.
+//!
+//! Everything outside this module sees safe types: an op is pushed with a caller *tag* and
+//! buffers named as [`Buf`] (a slab slot or a range of guest memory, both kept alive by the
+//! [`Ring`] itself), and comes back as a [`Completion`] with that tag. The ring owns the socket
+//! and the `Arc<GuestMemory>` its ops point into, and on drop cancels and drains every op before
+//! either can go away, so the kernel never writes into memory that was freed or remapped.
+//!
+//! Zero-copy sends post two completions: the result (`F_MORE` set when a notification follows)
+//! and the notification (`F_NOTIF`), after which the kernel no longer reads the buffer. A slab
+//! slot stays *busy* until every op on it has posted its final completion; `slot_mut` asserts it
+//! is idle, so a header is never rewritten under the kernel.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+use memmap2::MmapMut;
+
+use crate::error::{Error, Result};
+use crate::limits::{FRAME_RUNS_MAX, REGISTERED_BUFFERS_MAX, REGISTERED_BUFFER_BYTES_MAX};
+use crate::memory::GuestMemory;
+
+/// `IORING_SEND_ZC_REPORT_USAGE`: ask the notification to say whether the kernel copied.
+/// (Not exported by the io-uring crate.)
+const IORING_SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// Set in a notification's result when the kernel copied instead of sending from our pages.
+const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+
+/// Iovecs one vectored op may use: a header plus one per run.
+const IOVECS_PER_OP_MAX: usize = 1 + FRAME_RUNS_MAX;
+/// Vectored ops (sendmsg/recvmsg) in flight at once per ring.
+pub(crate) const VECTORED_OPS_MAX: usize = crate::limits::CHAIN_FRAMES_MAX + 2;
+/// Ops in flight at once per ring (bounded by the op table).
+const OPS_MAX: usize = crate::limits::RING_ENTRIES as usize;
+
+/// What the kernel offers, probed once per ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Caps {
+    /// `IORING_OP_SEND_ZC` is available.
+    pub send_zc: bool,
+    /// The ring runs with `SINGLE_ISSUER | DEFER_TASKRUN`.
+    pub defer_taskrun: bool,
+    /// The header slab is registered as a fixed buffer.
+    pub slab_registered: bool,
+}
+
+/// A buffer an op reads or writes. Both kinds stay valid for the ring's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Buf {
+    /// `len` bytes at `offset` in slab slot `slot`.
+    Slab { slot: u16, offset: u32, len: u32 },
+    /// `len` bytes at byte `offset` of guest region `region`.
+    Guest { region: u32, offset: u64, len: u32 },
+}
+
+impl Buf {
+    fn len(&self) -> u32 {
+        match *self {
+            Buf::Slab { len, .. } | Buf::Guest { len, .. } => len,
+        }
+    }
+}
+
+/// One completion, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Completion {
+    /// The tag given when the op was pushed.
+    pub tag: u64,
+    /// Bytes transferred, or a negative errno.
+    pub result: i32,
+    /// A zero-copy send's result with a notification still to come.
+    pub more: bool,
+    /// A zero-copy notification (the buffer is free now).
+    pub notif: bool,
+    /// The notification says the kernel copied the data after all.
+    pub zc_copied: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpEntry {
+    tag: u64,
+    slot: Option<u16>,
+    vectored: Option<u16>,
+}
+
+/// Storage a vectored op's kernel-visible `msghdr` and iovecs live in until it completes.
+struct VectoredSlot {
+    msg: libc::msghdr,
+    iov: [libc::iovec; IOVECS_PER_OP_MAX],
+}
+
+/// One io_uring with its socket, header slab and guest memory.
+pub(crate) struct Ring {
+    ring: IoUring,
+    caps: Caps,
+    socket: TcpStream,
+    memory: Arc<GuestMemory>,
+    slab: MmapMut,
+    slot_bytes: usize,
+    slot_busy: Vec<u16>,
+    vectored: Box<[VectoredSlot]>,
+    vectored_free: Vec<u16>,
+    ops: Vec<Option<OpEntry>>,
+    ops_free: Vec<u32>,
+    in_flight: usize,
+    /// Fixed-buffer index and start address of each ≤1 GiB guest piece, per region.
+    guest_fixed: Option<Vec<Vec<(u16, u64)>>>,
+}
+
+/// Result of waiting on the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Completions may be ready.
+    Ready,
+    /// The wait slice passed without a completion.
+    TimedOut,
+}
+
+fn build_ring(entries: u32) -> Result<(IoUring, bool)> {
+    let mut b = IoUring::builder();
+    b.setup_single_issuer().setup_defer_taskrun().setup_coop_taskrun();
+    match b.build(entries) {
+        Ok(r) => Ok((r, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Older kernel without DEFER_TASKRUN (6.1) or SINGLE_ISSUER (6.0): plain ring.
+            IoUring::new(entries)
+                .map(|r| (r, false))
+                .map_err(Error::UringUnavailable)
+        }
+        Err(e) => Err(Error::UringUnavailable(e)),
+    }
+}
+
+/// Probes io_uring once, without a socket: `Ok(caps)` or the reason pagewire cannot run here.
+pub fn probe() -> Result<Caps> {
+    let (ring, defer) = build_ring(8)?;
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| Error::io("probing io_uring opcodes", e))?;
+    for (code, name) in [
+        (opcode::SendMsg::CODE, "IORING_OP_SENDMSG"),
+        (opcode::RecvMsg::CODE, "IORING_OP_RECVMSG"),
+        (opcode::Send::CODE, "IORING_OP_SEND"),
+        (opcode::Recv::CODE, "IORING_OP_RECV"),
+        (opcode::AsyncCancel::CODE, "IORING_OP_ASYNC_CANCEL"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(Error::Unsupported(name));
+        }
+    }
+    Ok(Caps {
+        send_zc: probe.is_supported(opcode::SendZc::CODE),
+        defer_taskrun: defer,
+        slab_registered: false,
+    })
+}
+
+impl Ring {
+    /// A ring for `socket` with a slab of `slots` × `slot_bytes` (page-aligned, registered as
+    /// fixed buffer 0 when the kernel lets us).
+    pub(crate) fn new(
+        socket: TcpStream,
+        memory: Arc<GuestMemory>,
+        slots: usize,
+        slot_bytes: usize,
+    ) -> Result<Ring> {
+        let mut caps = probe()?;
+        let (ring, _) = build_ring(crate::limits::RING_ENTRIES)?;
+        let slab = MmapMut::map_anon(slots * slot_bytes)
+            .map_err(|e| Error::io("mapping the header slab", e))?;
+        // A sparse table lets guest memory be added later (after the zero-copy probe).
+        let registered = ring
+            .submitter()
+            .register_buffers_sparse(REGISTERED_BUFFERS_MAX as u32)
+            .and_then(|()| {
+                let iov = [libc::iovec {
+                    iov_base: slab.as_ptr() as *mut _,
+                    iov_len: slab.len(),
+                }];
+                // SAFETY: the slab mapping lives as long as the ring (both fields of `Ring`, and
+                // Drop drains the ring first), so the registered range stays valid.
+                unsafe { ring.submitter().register_buffers_update(0, &iov, None) }
+            });
+        caps.slab_registered = registered.is_ok();
+        if let Err(e) = registered {
+            tracing::debug!("header slab not registered, sends use plain buffers: {e}");
+        }
+        let vectored = (0..VECTORED_OPS_MAX)
+            .map(|_| VectoredSlot {
+                // SAFETY: msghdr and iovec are plain C structs for which all-zero is valid.
+                msg: unsafe { std::mem::zeroed() },
+                // SAFETY: as above.
+                iov: unsafe { std::mem::zeroed() },
+            })
+            .collect();
+        Ok(Ring {
+            ring,
+            caps,
+            socket,
+            memory,
+            slab,
+            slot_bytes,
+            slot_busy: vec![0; slots],
+            vectored,
+            vectored_free: (0..VECTORED_OPS_MAX as u16).rev().collect(),
+            ops: vec![None; OPS_MAX],
+            ops_free: (0..OPS_MAX as u32).rev().collect(),
+            in_flight: 0,
+            guest_fixed: None,
+        })
+    }
+
+    /// What this ring can do.
+    pub(crate) fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// Ops whose final completion has not arrived.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Free submission queue entries (a chain must fit whole before it is pushed).
+    pub(crate) fn sq_space(&mut self) -> usize {
+        let sq = self.ring.submission();
+        sq.capacity() - sq.len()
+    }
+
+    /// Free vectored-op slots.
+    pub(crate) fn vectored_space(&self) -> usize {
+        self.vectored_free.len()
+    }
+
+    /// Free op-table entries.
+    pub(crate) fn ops_space(&self) -> usize {
+        self.ops_free.len()
+    }
+
+    /// True when no op uses slab slot `slot`.
+    pub(crate) fn slot_idle(&self, slot: u16) -> bool {
+        self.slot_busy[usize::from(slot)] == 0
+    }
+
+    /// The bytes of slab slot `slot`, to write a header or read a received one.
+    pub(crate) fn slot_mut(&mut self, slot: u16) -> &mut [u8] {
+        assert!(self.slot_idle(slot), "slab slot {slot} is still in use by the kernel");
+        let at = usize::from(slot) * self.slot_bytes;
+        &mut self.slab[at..at + self.slot_bytes]
+    }
+
+    /// Registers guest memory as fixed buffers (≤1 GiB pieces), so zero-copy sends skip the
+    /// per-send page pinning. Pins and faults in the memory: ~0.1–1 s per GiB.
+    pub(crate) fn register_guest_memory(&mut self) -> Result<()> {
+        if self.guest_fixed.is_some() {
+            return Ok(());
+        }
+        let mut iovecs = Vec::new();
+        let mut table = Vec::new();
+        for region in self.memory.regions() {
+            let mut pieces = Vec::new();
+            let mut offset = 0u64;
+            while offset < region.len() {
+                let len = (region.len() - offset).min(REGISTERED_BUFFER_BYTES_MAX as u64);
+                let index = 1 + iovecs.len();
+                if index >= REGISTERED_BUFFERS_MAX {
+                    return Err(Error::Config(
+                        "guest memory needs more fixed buffers than pagewire registers".into(),
+                    ));
+                }
+                iovecs.push(libc::iovec {
+                    iov_base: region.host_ptr(offset, len).cast(),
+                    iov_len: len as usize,
+                });
+                pieces.push((index as u16, offset));
+                offset += len;
+            }
+            table.push(pieces);
+        }
+        // SAFETY: every iovec lies inside a region of `self.memory`, which the ring keeps alive
+        // (Arc field) until after Drop has drained every op.
+        unsafe { self.ring.submitter().register_buffers_update(1, &iovecs, None) }
+            .map_err(|e| Error::io("registering guest memory as io_uring fixed buffers", e))?;
+        self.guest_fixed = Some(table);
+        Ok(())
+    }
+
+    /// True once guest memory is registered.
+    pub(crate) fn guest_registered(&self) -> bool {
+        self.guest_fixed.is_some()
+    }
+
+    fn addr(&self, buf: Buf) -> *mut u8 {
+        match buf {
+            Buf::Slab { slot, offset, len } => {
+                let at = usize::from(slot) * self.slot_bytes + offset as usize;
+                assert!(
+                    offset as usize + len as usize <= self.slot_bytes,
+                    "slab range outside its slot"
+                );
+                // SAFETY: at + len stays within the slot (asserted), so within the slab.
+                unsafe { self.slab.as_ptr().add(at) as *mut u8 }
+            }
+            Buf::Guest {
+                region,
+                offset,
+                len,
+            } => self.memory.regions()[region as usize].host_ptr(offset, u64::from(len)),
+        }
+    }
+
+    fn fixed_index(&self, buf: Buf) -> Option<u16> {
+        match buf {
+            Buf::Slab { .. } => self.caps.slab_registered.then_some(0),
+            Buf::Guest {
+                region,
+                offset,
+                len,
+            } => {
+                let pieces = self.guest_fixed.as_ref()?.get(region as usize)?;
+                // The piece holding `offset`; a range crossing a 1 GiB piece boundary goes plain.
+                let &(index, start) = pieces.iter().rev().find(|(_, s)| *s <= offset)?;
+                let end = offset + u64::from(len);
+                (end <= start + REGISTERED_BUFFER_BYTES_MAX as u64).then_some(index)
+            }
+        }
+    }
+
+    fn take_op(&mut self, tag: u64, slot: Option<u16>, vectored: Option<u16>) -> u32 {
+        let id = self
+            .ops_free
+            .pop()
+            .expect("op table full: callers bound ops in flight below OPS_MAX");
+        self.ops[id as usize] = Some(OpEntry {
+            tag,
+            slot,
+            vectored,
+        });
+        if let Some(s) = slot {
+            self.slot_busy[usize::from(s)] += 1;
+        }
+        self.in_flight += 1;
+        id
+    }
+
+    fn push_entry(&mut self, entry: squeue::Entry) {
+        // SAFETY: every pointer in `entry` refers to memory the ring keeps alive until the op's
+        // final completion (slab, vectored slots, guest memory; see the module docs).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        assert!(
+            pushed.is_ok(),
+            "submission queue full: callers check sq_space before pushing a chain"
+        );
+    }
+
+    fn slot_of(buf: Buf) -> Option<u16> {
+        match buf {
+            Buf::Slab { slot, .. } => Some(slot),
+            Buf::Guest { .. } => None,
+        }
+    }
+
+    /// Pushes a send of one buffer. `zero_copy` uses `SEND_ZC` (with a fixed buffer when the
+    /// buffer is registered) and asks for usage reports. `link` chains the next op after it.
+    pub(crate) fn push_send(&mut self, tag: u64, buf: Buf, zero_copy: bool, link: bool) {
+        let ptr = self.addr(buf);
+        let fd = types::Fd(self.socket.as_raw_fd());
+        let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+        let entry = if zero_copy {
+            opcode::SendZc::new(fd, ptr, buf.len())
+                .buf_index(self.fixed_index(buf))
+                .flags(flags)
+                .zc_flags(IORING_SEND_ZC_REPORT_USAGE)
+                .build()
+        } else {
+            opcode::Send::new(fd, ptr, buf.len()).flags(flags).build()
+        };
+        let id = self.take_op(tag, Self::slot_of(buf), None);
+        let entry = entry.user_data(u64::from(id));
+        self.push_entry(if link {
+            entry.flags(squeue::Flags::IO_LINK)
+        } else {
+            entry
+        });
+    }
+
+    /// Pushes a vectored send (`sendmsg`) of `bufs`, at most one slab buffer among them. Skips the
+    /// first `skip` bytes (to resume a short send).
+    pub(crate) fn push_sendmsg(&mut self, tag: u64, bufs: &[Buf], skip: u64, link: bool) {
+        let entry = self.vectored_entry(bufs, skip, true);
+        let (entry, slot, v) = entry;
+        let id = self.take_op(tag, slot, Some(v));
+        let entry = entry.user_data(u64::from(id));
+        self.push_entry(if link {
+            entry.flags(squeue::Flags::IO_LINK)
+        } else {
+            entry
+        });
+    }
+
+    /// Pushes a receive filling all of `bufs` in order (`MSG_WAITALL`).
+    pub(crate) fn push_recv(&mut self, tag: u64, bufs: &[Buf]) {
+        let fd = types::Fd(self.socket.as_raw_fd());
+        if let [buf] = bufs {
+            let ptr = self.addr(*buf);
+            let entry = opcode::Recv::new(fd, ptr, buf.len())
+                .flags(libc::MSG_WAITALL)
+                .build();
+            let id = self.take_op(tag, Self::slot_of(*buf), None);
+            self.push_entry(entry.user_data(u64::from(id)));
+        } else {
+            let (entry, slot, v) = self.vectored_entry(bufs, 0, false);
+            let id = self.take_op(tag, slot, Some(v));
+            self.push_entry(entry.user_data(u64::from(id)));
+        }
+    }
+
+    fn vectored_entry(
+        &mut self,
+        bufs: &[Buf],
+        mut skip: u64,
+        send: bool,
+    ) -> (squeue::Entry, Option<u16>, u16) {
+        assert!(bufs.len() <= IOVECS_PER_OP_MAX, "too many buffers for one op");
+        let v = self
+            .vectored_free
+            .pop()
+            .expect("vectored slots exhausted: callers check vectored_space");
+        let mut n = 0;
+        let mut slot = None;
+        for &buf in bufs {
+            if let Some(s) = Self::slot_of(buf) {
+                assert!(slot.is_none(), "at most one slab buffer per vectored op");
+                slot = Some(s);
+            }
+            let len = u64::from(buf.len());
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let base = self.addr(buf);
+            // SAFETY: skip < len, so base + skip stays inside the buffer.
+            let base = unsafe { base.add(skip as usize) };
+            self.vectored[usize::from(v)].iov[n] = libc::iovec {
+                iov_base: base.cast(),
+                iov_len: (len - skip) as usize,
+            };
+            skip = 0;
+            n += 1;
+        }
+        let vs = &mut self.vectored[usize::from(v)];
+        // SAFETY: all-zero is a valid msghdr.
+        vs.msg = unsafe { std::mem::zeroed() };
+        vs.msg.msg_iov = vs.iov.as_mut_ptr();
+        vs.msg.msg_iovlen = n;
+        let fd = types::Fd(self.socket.as_raw_fd());
+        let flags = (libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32;
+        let entry = if send {
+            opcode::SendMsg::new(fd, &vs.msg).flags(flags).build()
+        } else {
+            opcode::RecvMsg::new(fd, &mut vs.msg)
+                .flags(libc::MSG_WAITALL as u32)
+                .build()
+        };
+        (entry, slot, v)
+    }
+
+    /// Submits queued ops and waits up to `slice` for at least `want` completions.
+    pub(crate) fn submit_and_wait(&mut self, want: usize, slice: Duration) -> Result<Wait> {
+        let ts = types::Timespec::from(slice);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(want, &args) {
+            Ok(_) => Ok(Wait::Ready),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(Wait::TimedOut),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(Wait::Ready),
+            // CQ overflow pending: the caller reaps, then calls again.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(Wait::Ready),
+            Err(e) => Err(Error::io("waiting on io_uring", e)),
+        }
+    }
+
+    /// Submits queued ops without waiting.
+    pub(crate) fn submit(&mut self) -> Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
+            Err(e) => Err(Error::io("submitting to io_uring", e)),
+        }
+    }
+
+    /// The next completion, if any.
+    pub(crate) fn next_completion(&mut self) -> Option<Completion> {
+        let cqe = self.ring.completion().next()?;
+        let id = cqe.user_data() as usize;
+        let flags = cqe.flags();
+        let more = cqueue::more(flags);
+        let notif = cqueue::notif(flags);
+        let entry = self.ops[id].expect("completion for an op the table does not hold");
+        if !more {
+            // Final completion of this op: release what it held.
+            self.ops[id] = None;
+            self.ops_free.push(id as u32);
+            self.in_flight -= 1;
+            if let Some(s) = entry.slot {
+                self.slot_busy[usize::from(s)] -= 1;
+            }
+            if let Some(v) = entry.vectored {
+                self.vectored_free.push(v);
+            }
+        }
+        Some(Completion {
+            tag: entry.tag,
+            result: cqe.result(),
+            more,
+            notif,
+            zc_copied: notif && (cqe.result() as u32 & IORING_NOTIF_USAGE_ZC_COPIED) != 0,
+        })
+    }
+
+    /// Cancels every op and waits (bounded) until the kernel has let go of all buffers.
+    pub(crate) fn cancel_all_and_drain(&mut self, timeout: Duration) {
+        if self.in_flight == 0 {
+            return;
+        }
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: a cancel request carries no buffer.
+        let _ = unsafe { self.ring.submission().push(&cancel) };
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight > 0 && std::time::Instant::now() < deadline {
+            let _ = self.submit_and_wait(1, Duration::from_millis(50));
+            while let Some(cqe) = self.ring.completion().next() {
+                if cqe.user_data() == u64::MAX {
+                    continue;
+                }
+                let id = cqe.user_data() as usize;
+                if !cqueue::more(cqe.flags()) {
+                    if let Some(entry) = self.ops[id].take() {
+                        self.ops_free.push(id as u32);
+                        self.in_flight -= 1;
+                        if let Some(s) = entry.slot {
+                            self.slot_busy[usize::from(s)] -= 1;
+                        }
+                        if let Some(v) = entry.vectored {
+                            self.vectored_free.push(v);
+                        }
+                    }
+                }
+            }
+        }
+        if self.in_flight > 0 {
+            // The kernel still holds buffers: leak the memory rather than free it under the
+            // kernel. Shutting the socket down first makes this practically unreachable.
+            tracing::error!(
+                in_flight = self.in_flight,
+                "io_uring ops did not drain; leaking their buffers"
+            );
+            std::mem::forget(self.memory.clone());
+            std::mem::forget(std::mem::replace(
+                &mut self.slab,
+                MmapMut::map_anon(1).unwrap_or_else(|_| std::process::abort()),
+            ));
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        self.cancel_all_and_drain(Duration::from_secs(5));
+    }
+}
+
+/// Maps a negative completion result to an `io::Error`.
+pub(crate) fn errno(result: i32) -> io::Error {
+    io::Error::from_raw_os_error(-result)
+}
