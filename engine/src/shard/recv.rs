@@ -70,7 +70,7 @@ impl WrittenMap {
     }
 }
 
-/// Test-only fault injection: a seeded random delay before each frame.
+/// Test-only fault injection: a seeded random delay before each frame, larger on lower channels.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct FrameDelay {
     pub max_us: u32,
@@ -121,7 +121,16 @@ impl RecvShard {
         })
     }
 
+    /// Runs the shard to the end of the stream. On failure the abort latch is raised here, while
+    /// this shard's ring and socket are still open, so a receiver can still tell the peer why.
     pub(crate) fn run(mut self) -> Result<ShardStats> {
+        match self.run_inner() {
+            Ok(()) => Ok(std::mem::take(&mut self.stats)),
+            Err(e) => Err(self.p.abort.fail(e)),
+        }
+    }
+
+    fn run_inner(&mut self) -> Result<()> {
         let cpu_start = crate::sys::thread_cpu_time();
         let start = Instant::now();
         let mut idle = Duration::ZERO;
@@ -182,7 +191,7 @@ impl RecvShard {
         }
         self.stats.busy_ms = start.elapsed().saturating_sub(idle).as_secs_f64() * 1e3;
         self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
-        Ok(self.stats)
+        Ok(())
     }
 
     fn protocol(&self, source: ProtocolError) -> Error {
@@ -326,7 +335,11 @@ impl RecvShard {
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let us = r % u64::from(self.p.delay.max_us);
+        // Channels drift apart on purpose: channel c waits up to max / 4^(c mod 4), so channel 0
+        // falls rounds behind the others while the kernel's socket buffers hold what it has not
+        // read yet.
+        let max = u64::from(self.p.delay.max_us) >> (2 * (self.channel % 4));
+        let us = r % max.max(1);
         std::thread::sleep(Duration::from_micros(us));
     }
 }

@@ -203,7 +203,16 @@ impl SendShard {
     }
 
     /// Runs until the receiver confirms the end of the stream, or an error.
+    /// Runs the shard to the end of the stream. On failure the abort latch is raised here, while
+    /// this shard's ring and socket are still open, so a receiver can still tell the peer why.
     pub(crate) fn run(mut self) -> Result<ShardStats> {
+        match self.run_inner() {
+            Ok(()) => Ok(std::mem::take(&mut self.stats)),
+            Err(e) => Err(self.abort.fail(e)),
+        }
+    }
+
+    fn run_inner(&mut self) -> Result<()> {
         let cpu_start = crate::sys::thread_cpu_time();
         let start = Instant::now();
         let mut idle = Duration::ZERO;
@@ -244,7 +253,7 @@ impl SendShard {
         }
         self.stats.busy_ms = (start.elapsed().saturating_sub(idle)).as_secs_f64() * 1e3;
         self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
-        Ok(self.stats)
+        Ok(())
     }
 
     fn sends_in_flight(&self) -> usize {
