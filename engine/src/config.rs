@@ -23,7 +23,9 @@ impl FromStr for ZeroCopy {
             "auto" => Ok(ZeroCopy::Auto),
             "on" => Ok(ZeroCopy::On),
             "off" => Ok(ZeroCopy::Off),
-            other => Err(format!("zero-copy mode must be auto, on or off, not {other:?}")),
+            other => Err(format!(
+                "zero-copy mode must be auto, on or off, not {other:?}"
+            )),
         }
     }
 }

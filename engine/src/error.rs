@@ -9,7 +9,7 @@ use crate::protocol::{handshake::Refusal, ProtocolError};
 #[non_exhaustive]
 pub enum Error {
     /// io_uring could not be set up at all (kernel too old, disabled by sysctl or seccomp).
-    #[error("io_uring is not available ({0}); pagewire needs Linux 6.0 or newer with io_uring enabled (check the kernel.io_uring_disabled sysctl and any seccomp profile)")]
+    #[error("io_uring is not available; pagewire needs Linux 6.0 or newer with io_uring enabled (check the kernel.io_uring_disabled sysctl and any seccomp profile)")]
     UringUnavailable(#[source] io::Error),
     /// The kernel lacks something pagewire cannot do without.
     #[error("the kernel does not support {0}")]

@@ -90,12 +90,22 @@ pub const FINISH_TIMEOUT_MS: u64 = 60_000;
 /// Milliseconds a TCP connection may hold unacknowledged data (TCP_USER_TIMEOUT).
 pub const TCP_USER_TIMEOUT_MS: u32 = 30_000;
 
+/// Seconds of silence before TCP keepalive starts probing a connection.
+pub const TCP_KEEPALIVE_IDLE_S: i32 = 10;
+
+/// Seconds between keepalive probes; with `TCP_KEEPALIVE_PROBES` a silent peer is declared gone
+/// after 10 + 5 × 4 = 30 s, in line with `IO_IDLE_TIMEOUT_MS`.
+pub const TCP_KEEPALIVE_INTERVAL_S: i32 = 5;
+
+/// Unanswered keepalive probes before the kernel resets the connection.
+pub const TCP_KEEPALIVE_PROBES: i32 = 4;
+
 const _: () = assert!(FRAME_RUNS_MAX <= u16::MAX as usize);
 const _: () = assert!(FRAME_PAYLOAD_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(CHANNELS_MAX <= u16::MAX as usize);
 const _: () = assert!(CHAIN_FRAMES_MAX <= SHARD_FRAMES_IN_FLIGHT_MAX);
 // A frame sent zero-copy takes one entry per piece (header + runs), plus the control receive;
 // a chain takes as many whole frames as fit in the free entries, checked when it is built.
-const _: () = assert!((1 + FRAME_RUNS_MAX) + 1 <= RING_ENTRIES as usize);
-const _: () = assert!(REGISTERED_BUFFER_BYTES_MAX % PAGE_BYTES == 0);
+const _: () = assert!(1 + FRAME_RUNS_MAX < RING_ENTRIES as usize);
+const _: () = assert!(REGISTERED_BUFFER_BYTES_MAX.is_multiple_of(PAGE_BYTES));
 const _: () = assert!(FRAME_HEADER_BYTES_MAX < PAGE_BYTES);

@@ -15,7 +15,11 @@ use pagewire::{
 };
 
 #[derive(Parser)]
-#[command(name = "pagewire", version, about = "io_uring transfer engine for VM live migration")]
+#[command(
+    name = "pagewire",
+    version,
+    about = "io_uring transfer engine for VM live migration"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +40,7 @@ struct RecvArgs {
     /// Address to listen on, e.g. 0.0.0.0:7878.
     #[arg(long)]
     listen: String,
-    /// Destination RAM image (created with --size, otherwise it must exist).
+    /// Destination RAM image: an existing file of the sender's size, or a new one of --size.
     #[arg(long, required_unless_present = "size")]
     into: Option<PathBuf>,
     /// Destination size (e.g. 4GiB); without --into the memory is anonymous and discarded.
@@ -120,7 +124,11 @@ fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mib" | "mb" => 20,
         "g" | "gib" | "gb" => 30,
         "t" | "tib" | "tb" => 40,
-        other => return Err(format!("{text:?}: unknown unit {other:?} (use K, M, G, T, KiB, MiB, GiB or TiB)")),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use K, M, G, T, KiB, MiB, GiB or TiB)"
+            ))
+        }
     };
     let bytes = n
         .checked_mul(1u64 << shift)
@@ -167,7 +175,10 @@ fn pinning(no_pin: bool, reversed: bool) -> Pinning {
 }
 
 /// Shows a progress bar on a terminal while `progress` advances; call `finish` on the result.
-fn progress_bar(progress: Arc<Progress>, label: &'static str) -> Option<(ProgressBar, std::thread::JoinHandle<()>)> {
+fn progress_bar(
+    progress: Arc<Progress>,
+    label: &'static str,
+) -> Option<(ProgressBar, std::thread::JoinHandle<()>)> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -186,9 +197,14 @@ fn progress_bar(progress: Arc<Progress>, label: &'static str) -> Option<(Progres
             let (done, total) = progress.pages();
             b.set_length(total.max(done));
             b.set_position(done);
-            let wire = progress.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let wire = progress
+                .wire_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
             let secs = started.elapsed().as_secs_f64().max(1e-3);
-            b.set_message(format!("{:.0} MiB/s on the wire", wire as f64 / secs / (1 << 20) as f64));
+            b.set_message(format!(
+                "{:.0} MiB/s on the wire",
+                wire as f64 / secs / (1 << 20) as f64
+            ));
             std::thread::sleep(Duration::from_millis(100));
         }
     });
@@ -204,8 +220,23 @@ fn finish_bar(bar: Option<(ProgressBar, std::thread::JoinHandle<()>)>) {
 
 fn recv(a: RecvArgs) -> Result<bool> {
     let memory = match (&a.into, a.size) {
+        (Some(path), size) if path.exists() => {
+            let len = std::fs::metadata(path)
+                .with_context(|| format!("reading the size of {}", path.display()))?
+                .len();
+            if let Some(size) = size.filter(|&s| s != len) {
+                bail!(
+                    "{} is {len} bytes but --size says {size}; refusing to resize an existing RAM image (remove it or drop --size)",
+                    path.display()
+                );
+            }
+            GuestMemory::from_file(path, true)?
+        }
         (Some(path), Some(size)) => GuestMemory::create_file(path, size)?,
-        (Some(path), None) => GuestMemory::from_file(path, true)?,
+        (Some(path), None) => bail!(
+            "{} does not exist; give --size to create it",
+            path.display()
+        ),
         (None, Some(size)) => GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: size }])?,
         (None, None) => bail!("give --into FILE or --size N"),
     };
@@ -242,6 +273,7 @@ fn send(a: SendArgs) -> Result<bool> {
 }
 
 fn demo(a: DemoArgs) -> Result<bool> {
+    pagewire::probe_uring()?;
     // Like a PC guest: RAM below 3 GiB at 0, the rest from 4 GiB.
     let low = a.size.min(3 << 30);
     let mut specs = vec![RegionSpec { gpa: 0, len: low }];
@@ -284,7 +316,11 @@ fn demo(a: DemoArgs) -> Result<bool> {
         zero_copy: a.zero_copy,
     };
     let sent = Sender::connect(addr, src.clone(), &config).and_then(|mut sender| {
-        let bar = if a.json { None } else { progress_bar(sender.progress(), "demo") };
+        let bar = if a.json {
+            None
+        } else {
+            progress_bar(sender.progress(), "demo")
+        };
         let r = sender.send_all().and_then(|_| sender.finish());
         finish_bar(bar);
         r
@@ -299,7 +335,10 @@ fn demo(a: DemoArgs) -> Result<bool> {
     };
     let t = Instant::now();
     let difference = src.first_difference(&dst);
-    say(format!("verified destination against source in {:.2} s", t.elapsed().as_secs_f64()));
+    say(format!(
+        "verified destination against source in {:.2} s",
+        t.elapsed().as_secs_f64()
+    ));
     let verified = difference.is_none();
     report(&sent, Some((&received, verified)), a.json, "migrated")?;
     if let Some((region, page)) = difference {
@@ -327,14 +366,35 @@ fn report(
         return Ok(());
     }
     let gib = ((stats.normal_pages + stats.zero_pages) * 4096) as f64 / (1u64 << 30) as f64;
-    println!("pagewire: {verb} {gib:.2} GiB over {} channel(s)", stats.channels);
+    println!(
+        "pagewire: {verb} {gib:.2} GiB over {} channel(s)",
+        stats.channels
+    );
     let rows: Vec<(&str, String)> = vec![
         ("total time", format!("{:.1} ms", stats.total_time_ms)),
-        ("throughput", format!("{:.0} Mbit/s ({:.2} GiB/s of guest memory)", stats.mbps, stats.gib_per_s)),
-        ("transferred (wire)", format!("{} bytes", stats.transferred_bytes)),
-        ("normal pages", format!("{} ({} bytes)", stats.normal_pages, stats.normal_bytes)),
+        (
+            "throughput",
+            format!(
+                "{:.0} Mbit/s ({:.2} GiB/s of guest memory)",
+                stats.mbps, stats.gib_per_s
+            ),
+        ),
+        (
+            "transferred (wire)",
+            format!("{} bytes", stats.transferred_bytes),
+        ),
+        (
+            "normal pages",
+            format!("{} ({} bytes)", stats.normal_pages, stats.normal_bytes),
+        ),
         ("zero (duplicate) pages", stats.zero_pages.to_string()),
-        ("cpu, this side", format!("{:.0} ms ({:.2} CPU-s/GiB)", stats.cpu_ms, stats.cpu_s_per_gib)),
+        (
+            "cpu, this side",
+            format!(
+                "{:.0} ms ({:.2} CPU-s/GiB)",
+                stats.cpu_ms, stats.cpu_s_per_gib
+            ),
+        ),
         (
             "zero-copy sends",
             format!(
@@ -348,8 +408,19 @@ fn report(
         println!("  {k:<24} {v}");
     }
     if let Some((r, verified)) = receiver {
-        println!("  {:<24} {:.0} ms ({:.2} CPU-s/GiB)", "cpu, receiver", r.cpu_ms, r.cpu_s_per_gib);
-        println!("  {:<24} {}", "verified", if verified { "yes: destination equals source" } else { "NO" });
+        println!(
+            "  {:<24} {:.0} ms ({:.2} CPU-s/GiB)",
+            "cpu, receiver", r.cpu_ms, r.cpu_s_per_gib
+        );
+        println!(
+            "  {:<24} {}",
+            "verified",
+            if verified {
+                "yes: destination equals source"
+            } else {
+                "NO"
+            }
+        );
     }
     println!("  per shard:");
     for s in &stats.shards {

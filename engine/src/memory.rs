@@ -38,6 +38,7 @@ pub struct Region {
     len: u64,
     host: NonNull<u8>,
     initially_zero: bool,
+    writable: bool,
     _backing: Backing,
 }
 
@@ -77,6 +78,12 @@ impl Region {
         self.initially_zero
     }
 
+    /// Host address of the region's first byte, for callers that hand memory to the kernel
+    /// themselves (benchmarks, VMM glue). Dereferencing it is the caller's `unsafe` business.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.host.as_ptr()
+    }
+
     /// Host address of byte `offset`. Panics when the range `offset..offset + len` is outside the
     /// region: callers check peer input before they get here, so this is our own invariant.
     pub(crate) fn host_ptr(&self, offset: u64, len: u64) -> *mut u8 {
@@ -102,15 +109,26 @@ impl Region {
         unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
     }
 
-    /// Copies `data` to `offset`.
+    /// True when the mapping may be written (destinations; sources may be read-only images).
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn assert_writable(&self) {
+        assert!(self.writable, "write to a region mapped read-only");
+    }
+
+    /// Copies `data` to `offset`. Panics on a read-only region.
     pub fn write(&self, offset: u64, data: &[u8]) {
+        self.assert_writable();
         let dst = self.host_ptr(offset, data.len() as u64);
         // SAFETY: dst..dst+len is inside the mapping (host_ptr checked) and disjoint from `data`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
     }
 
-    /// Writes zeros over `pages` pages from `first_page`.
+    /// Writes zeros over `pages` pages from `first_page`. Panics on a read-only region.
     pub fn zero_pages(&self, first_page: u64, pages: u64) {
+        self.assert_writable();
         let dst = self.pages_ptr(first_page, pages);
         // SAFETY: the range is inside the mapping (pages_ptr checked).
         unsafe { std::ptr::write_bytes(dst, 0, (pages as usize) * PAGE_BYTES) }
@@ -172,13 +190,27 @@ impl GuestMemory {
     /// Fresh zero-filled anonymous memory for each region (transparent huge pages advised, so
     /// first touches fault 2 MiB at a time).
     pub fn anonymous(specs: &[RegionSpec]) -> Result<Self> {
+        Self::anonymous_with(specs, false)
+    }
+
+    /// Like [`anonymous`](Self::anonymous), but faulted in up front (`MAP_POPULATE`), so first
+    /// touches cost nothing later: benchmarks use it to measure the transport, not page faults.
+    pub fn anonymous_populated(specs: &[RegionSpec]) -> Result<Self> {
+        Self::anonymous_with(specs, true)
+    }
+
+    fn anonymous_with(specs: &[RegionSpec], populate: bool) -> Result<Self> {
         check_specs(specs)?;
         let mut regions = Vec::with_capacity(specs.len());
         for s in specs {
             let len = usize::try_from(s.len)
                 .map_err(|_| Error::Config(format!("region of {} bytes is too large", s.len)))?;
-            let map = MmapOptions::new()
-                .len(len)
+            let mut options = MmapOptions::new();
+            options.len(len);
+            if populate {
+                options.populate();
+            }
+            let map = options
                 .map_anon()
                 .map_err(|e| Error::io(format!("mapping {len} bytes of anonymous memory"), e))?;
             // Best effort: THP may be disabled; the mapping works either way.
@@ -187,10 +219,10 @@ impl GuestMemory {
             regions.push(Region {
                 gpa: s.gpa,
                 len: s.len,
-                host: NonNull::new(raw.as_mut_ptr()).ok_or_else(|| {
-                    Error::Config("the kernel returned a null mapping".into())
-                })?,
+                host: NonNull::new(raw.as_mut_ptr())
+                    .ok_or_else(|| Error::Config("the kernel returned a null mapping".into()))?,
                 initially_zero: true,
+                writable: true,
                 _backing: Backing::Mapped(raw),
             });
         }
@@ -205,7 +237,7 @@ impl GuestMemory {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        Self::map_file(&file, path)
+        Self::map_file(&file, path, writable)
     }
 
     /// Creates (or truncates) the file at `path` to `len` bytes of zeros and maps it writable.
@@ -220,12 +252,12 @@ impl GuestMemory {
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
         file.set_len(len)
             .map_err(|e| Error::io(format!("sizing {} to {len} bytes", path.display()), e))?;
-        let mut mem = Self::map_file(&file, path)?;
+        let mut mem = Self::map_file(&file, path, true)?;
         mem.regions[0].initially_zero = true;
         Ok(mem)
     }
 
-    fn map_file(file: &File, path: &Path) -> Result<Self> {
+    fn map_file(file: &File, path: &Path, writable: bool) -> Result<Self> {
         let len = file
             .metadata()
             .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
@@ -236,9 +268,13 @@ impl GuestMemory {
                 path.display()
             )));
         }
-        let raw = MmapOptions::new()
-            .map_raw(file)
-            .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+        let options = MmapOptions::new();
+        let raw = if writable {
+            options.map_raw(file)
+        } else {
+            options.map_raw_read_only(file)
+        }
+        .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
         let host = NonNull::new(raw.as_mut_ptr())
             .ok_or_else(|| Error::Config("the kernel returned a null mapping".into()))?;
         Ok(GuestMemory {
@@ -247,6 +283,7 @@ impl GuestMemory {
                 len,
                 host,
                 initially_zero: false,
+                writable,
                 _backing: Backing::Mapped(raw),
             }],
         })
@@ -255,8 +292,8 @@ impl GuestMemory {
     /// Wraps memory the caller already has mapped (a VMM's guest RAM).
     ///
     /// # Safety
-    /// Each `(spec, host)` pair must describe `spec.len` bytes mapped readable (and writable, for
-    /// a receiver) at `host`, staying mapped until the `GuestMemory` and everything holding it
+    /// Each `(spec, host)` pair must describe `spec.len` bytes mapped readable and writable at
+    /// `host`, staying mapped until the `GuestMemory` and everything holding it
     /// (senders, receivers) are dropped. The caller must not hold Rust references to that memory
     /// while pagewire uses it.
     pub unsafe fn from_raw(regions: &[(RegionSpec, NonNull<u8>)]) -> Result<Self> {
@@ -270,6 +307,7 @@ impl GuestMemory {
                     len: s.len,
                     host,
                     initially_zero: false,
+                    writable: true,
                     _backing: Backing::External,
                 })
                 .collect(),
@@ -357,7 +395,10 @@ mod tests {
 
     #[test]
     fn read_write_and_compare() {
-        let spec = [RegionSpec { gpa: 0, len: 4 * 4096 }];
+        let spec = [RegionSpec {
+            gpa: 0,
+            len: 4 * 4096,
+        }];
         let a = GuestMemory::anonymous(&spec).unwrap();
         let b = GuestMemory::anonymous(&spec).unwrap();
         assert_eq!(a.first_difference(&b), None);

@@ -40,6 +40,11 @@ impl Receiver {
         memory: Arc<GuestMemory>,
         config: ReceiverConfig,
     ) -> Result<Receiver> {
+        if let Some(i) = memory.regions().iter().position(|r| !r.is_writable()) {
+            return Err(Error::Config(format!(
+                "region {i} of the destination is mapped read-only"
+            )));
+        }
         let text = format!("{addr:?}");
         let listener =
             TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))?;
@@ -118,8 +123,9 @@ impl Receiver {
         let results: Vec<_> = joins
             .into_iter()
             .map(|j| {
-                j.join()
-                    .unwrap_or_else(|_| Err(Error::Config("a receiver shard thread panicked".into())))
+                j.join().unwrap_or_else(|_| {
+                    Err(Error::Config("a receiver shard thread panicked".into()))
+                })
             })
             .collect();
         if let Some(e) = abort.take_error() {
@@ -127,8 +133,12 @@ impl Receiver {
         }
         let mut stats = TransferStats {
             channels: n as u16,
+            // Every round ends at the barrier once, and the end of the stream once more.
+            rounds: barrier.generations().saturating_sub(1) as u32,
             zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
-            defer_taskrun: crate::uring::probe().map(|c| c.defer_taskrun).unwrap_or(false),
+            defer_taskrun: crate::uring::probe()
+                .map(|c| c.defer_taskrun)
+                .unwrap_or(false),
             ..TransferStats::default()
         };
         for r in results {
@@ -222,9 +232,11 @@ fn handshake(stream: &TcpStream, peer: SocketAddr, acceptor: &mut Acceptor) -> R
             Ok(k) => {
                 got += k;
                 // Fail fast on a peer that is clearly not pagewire (a TLS ClientHello, say).
-                if got >= 8 && Hello::decode(&buf[..got]).is_err_and(|e| {
-                    matches!(e, crate::protocol::ProtocolError::BadMagic { .. })
-                }) {
+                if got >= 8
+                    && Hello::decode(&buf[..got]).is_err_and(|e| {
+                        matches!(e, crate::protocol::ProtocolError::BadMagic { .. })
+                    })
+                {
                     break;
                 }
             }

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender as Tx, TrySendError};
+use crossbeam_channel::{
+    bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender as Tx, TrySendError,
+};
 
 use crate::config::{Pinning, SenderConfig};
 use crate::error::{Error, Result};
 use crate::limits::{
     CHANNELS_MAX, CHUNK_PAGES_MAX, HANDSHAKE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS,
-    SHARD_QUEUE_ITEMS_MAX, TCP_USER_TIMEOUT_MS,
+    SHARD_QUEUE_ITEMS_MAX, TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTERVAL_S, TCP_KEEPALIVE_PROBES,
+    TCP_USER_TIMEOUT_MS,
 };
 use crate::memory::GuestMemory;
 use crate::protocol::handshake::{Hello, Reply, FEATURES_KNOWN};
@@ -63,11 +66,19 @@ impl std::fmt::Debug for Sender {
     }
 }
 
-/// Socket options every channel gets: no Nagle delay for markers, bounded unacknowledged time.
+/// Socket options every channel gets: no Nagle delay for markers, keepalive for silent peers,
+/// bounded time for unacknowledged data.
 pub(crate) fn configure_socket(stream: &TcpStream) -> Result<()> {
     stream
         .set_nodelay(true)
         .map_err(|e| Error::io("setting TCP_NODELAY", e))?;
+    crate::sys::set_keepalive(
+        stream,
+        TCP_KEEPALIVE_IDLE_S,
+        TCP_KEEPALIVE_INTERVAL_S,
+        TCP_KEEPALIVE_PROBES,
+    )
+    .map_err(|e| Error::io("setting TCP keepalive", e))?;
     crate::sys::set_tcp_user_timeout(stream, TCP_USER_TIMEOUT_MS)
         .map_err(|e| Error::io("setting TCP_USER_TIMEOUT", e))
 }
@@ -236,7 +247,10 @@ impl Sender {
         }
         let mut sent = 0;
         while sent < n {
-            match self.events.recv_timeout(Duration::from_millis(RING_WAIT_SLICE_MS)) {
+            match self
+                .events
+                .recv_timeout(Duration::from_millis(RING_WAIT_SLICE_MS))
+            {
                 Ok(ShardEvent::RoundSent { round }) => {
                     debug_assert_eq!(round, self.round);
                     sent += 1;
@@ -275,7 +289,9 @@ impl Sender {
             channels: self.shards.len() as u16,
             rounds: self.round,
             zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
-            defer_taskrun: crate::uring::probe().map(|c| c.defer_taskrun).unwrap_or(false),
+            defer_taskrun: crate::uring::probe()
+                .map(|c| c.defer_taskrun)
+                .unwrap_or(false),
             ..TransferStats::default()
         };
         for (r, shard) in results.into_iter().zip(&self.shards) {
@@ -401,7 +417,9 @@ impl Drop for Sender {
     fn drop(&mut self) {
         if self.shards.iter().any(|s| s.join.is_some()) {
             // Dropped without finish (or after an error): tear down and wait for the shards.
-            self.abort.fail(Error::Config("the sender was dropped before finishing".into()));
+            self.abort.fail(Error::Config(
+                "the sender was dropped before finishing".into(),
+            ));
             self.join_all();
         }
     }
@@ -440,10 +458,8 @@ fn handshake(addr: SocketAddr, hello: &Hello) -> Result<TcpStream> {
             }
         }
     }
-    let reply = Reply::decode(&reply[..got]).map_err(|source| Error::Protocol {
-        channel: i,
-        source,
-    })?;
+    let reply =
+        Reply::decode(&reply[..got]).map_err(|source| Error::Protocol { channel: i, source })?;
     if let Some(refusal) = reply.refusal {
         return Err(Error::Refused {
             channel: i,

@@ -54,7 +54,9 @@ impl FromStr for Content {
         Content::ALL
             .into_iter()
             .find(|c| c.name() == s)
-            .ok_or_else(|| format!("content must be one of zero, random, mixed, text, blend; not {s:?}"))
+            .ok_or_else(|| {
+                format!("content must be one of zero, random, mixed, text, blend; not {s:?}")
+            })
     }
 }
 
@@ -84,25 +86,127 @@ fn kind_of(content: Content, seed: u64, page: u64) -> PageKind {
                 PageKind::Random
             }
         }
-        Content::Blend => match splitmix(seed ^ (page / 8).wrapping_mul(0xe703_7ed1_a0b4_28db)) % 100 {
-            0..=44 => PageKind::Zero,
-            45..=79 => PageKind::Text,
-            _ => PageKind::Random,
-        },
+        Content::Blend => {
+            match splitmix(seed ^ (page / 8).wrapping_mul(0xe703_7ed1_a0b4_28db)) % 100 {
+                0..=44 => PageKind::Zero,
+                45..=79 => PageKind::Text,
+                _ => PageKind::Random,
+            }
+        }
     }
 }
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
-    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
-    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
-    "been", "if", "more", "when", "will", "would", "who", "so", "no", "memory", "page", "kernel",
-    "struct", "return", "value", "error", "buffer", "socket", "thread", "virtual", "machine",
-    "migration", "state", "device", "queue", "index", "count", "length", "offset", "pointer",
-    "const", "static", "inline", "unsigned", "int", "long", "char", "void", "if", "else",
-    "while", "for", "case", "break", "default", "switch", "fn", "let", "mut", "impl", "pub",
-    "use", "mod", "self", "match", "Some", "None", "Ok", "Err", "true", "false", "request",
-    "response", "client", "server", "config", "debug", "info", "warn", "trace", "timestamp",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "had",
+    "they",
+    "you",
+    "were",
+    "their",
+    "one",
+    "all",
+    "we",
+    "can",
+    "her",
+    "has",
+    "there",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "memory",
+    "page",
+    "kernel",
+    "struct",
+    "return",
+    "value",
+    "error",
+    "buffer",
+    "socket",
+    "thread",
+    "virtual",
+    "machine",
+    "migration",
+    "state",
+    "device",
+    "queue",
+    "index",
+    "count",
+    "length",
+    "offset",
+    "pointer",
+    "const",
+    "static",
+    "inline",
+    "unsigned",
+    "int",
+    "long",
+    "char",
+    "void",
+    "if",
+    "else",
+    "while",
+    "for",
+    "case",
+    "break",
+    "default",
+    "switch",
+    "fn",
+    "let",
+    "mut",
+    "impl",
+    "pub",
+    "use",
+    "mod",
+    "self",
+    "match",
+    "Some",
+    "None",
+    "Ok",
+    "Err",
+    "true",
+    "false",
+    "request",
+    "response",
+    "client",
+    "server",
+    "config",
+    "debug",
+    "info",
+    "warn",
+    "trace",
+    "timestamp",
 ];
 
 /// A pool of text the text pages are cut from (generated once per fill).
@@ -144,13 +248,7 @@ impl TextPool {
 }
 
 /// Writes page `page` (global index over the layout) of `content` into `out`.
-fn fill_page(
-    content: Content,
-    seed: u64,
-    page: u64,
-    pool: &TextPool,
-    out: &mut [u8; PAGE_BYTES],
-) {
+fn fill_page(content: Content, seed: u64, page: u64, pool: &TextPool, out: &mut [u8; PAGE_BYTES]) {
     match kind_of(content, seed, page) {
         PageKind::Zero => out.fill(0),
         PageKind::Random => {
@@ -188,7 +286,10 @@ mod tests {
 
     #[test]
     fn fill_is_deterministic_and_matches_the_mix() {
-        let spec = [RegionSpec { gpa: 0, len: 1 << 20 }];
+        let spec = [RegionSpec {
+            gpa: 0,
+            len: 1 << 20,
+        }];
         let scanner = crate::pipeline::zero::ZeroScanner::detect();
         for content in Content::ALL {
             let a = GuestMemory::anonymous(&spec).unwrap();
@@ -197,14 +298,19 @@ mod tests {
             fill(&b, content, 7);
             assert_eq!(a.first_difference(&b), None, "{content:?}");
             let r = &a.regions()[0];
-            let zeros = (0..r.pages()).filter(|&p| r.page_is_zero(&scanner, p)).count();
+            let zeros = (0..r.pages())
+                .filter(|&p| r.page_is_zero(&scanner, p))
+                .count();
             let expect = match content {
                 Content::Zero => 256..=256,
                 Content::Random | Content::Text => 0..=0,
                 Content::Mixed => 90..=166,
                 Content::Blend => 60..=170,
             };
-            assert!(expect.contains(&zeros), "{content:?}: {zeros} zero pages of 256");
+            assert!(
+                expect.contains(&zeros),
+                "{content:?}: {zeros} zero pages of 256"
+            );
         }
     }
 }

@@ -49,6 +49,39 @@ pub fn wait_acceptable(listener: &TcpListener, timeout: Duration) -> std::io::Re
     }
 }
 
+fn setsockopt_int(stream: &TcpStream, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: a valid fd, and a pointer/length pair describing one c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Turns on TCP keepalive probing after `idle_s` seconds of silence, every `interval_s`, giving
+/// up after `count` unanswered probes: a receiver waiting for its next frame notices a sender
+/// host that vanished without a FIN.
+pub fn set_keepalive(
+    stream: &TcpStream,
+    idle_s: i32,
+    interval_s: i32,
+    count: i32,
+) -> std::io::Result<()> {
+    setsockopt_int(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    setsockopt_int(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle_s)?;
+    setsockopt_int(stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, interval_s)?;
+    setsockopt_int(stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count)
+}
+
 /// Sets `TCP_USER_TIMEOUT` (how long sent data may stay unacknowledged before the kernel gives
 /// up on the connection), so a vanished host fails the transfer in bounded time.
 pub fn set_tcp_user_timeout(stream: &TcpStream, ms: u32) -> std::io::Result<()> {

@@ -24,7 +24,10 @@ pub fn skip_without_uring() -> bool {
 pub fn join_within<T>(handle: JoinHandle<T>, limit: Duration, what: &str) -> T {
     let start = Instant::now();
     while !handle.is_finished() {
-        assert!(start.elapsed() < limit, "{what} did not finish within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not finish within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     handle.join().expect("thread panicked")
@@ -34,7 +37,10 @@ pub fn join_within<T>(handle: JoinHandle<T>, limit: Duration, what: &str) -> T {
 pub fn start_receiver(
     dst: Arc<GuestMemory>,
     config: ReceiverConfig,
-) -> (std::net::SocketAddr, JoinHandle<pagewire::Result<TransferStats>>) {
+) -> (
+    std::net::SocketAddr,
+    JoinHandle<pagewire::Result<TransferStats>>,
+) {
     let config = ReceiverConfig {
         accept_timeout_ms: Some(config.accept_timeout_ms.unwrap_or(20_000)),
         ..config
@@ -50,7 +56,12 @@ pub fn migrate_once(
     specs: &[RegionSpec],
     content: Content,
     sender: &SenderConfig,
-) -> (Arc<GuestMemory>, Arc<GuestMemory>, TransferStats, TransferStats) {
+) -> (
+    Arc<GuestMemory>,
+    Arc<GuestMemory>,
+    TransferStats,
+    TransferStats,
+) {
     let src = Arc::new(GuestMemory::anonymous(specs).expect("source memory"));
     synth::fill(&src, content, 42);
     let dst = Arc::new(GuestMemory::anonymous(specs).expect("destination memory"));

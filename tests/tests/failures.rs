@@ -1,6 +1,8 @@
 //! Everything that must fail, failing clearly on both sides and in bounded time: handshake
 //! mismatches, peers that are not pagewire, peers that vanish mid-frame, garbled frames.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -56,9 +58,16 @@ fn raw_hello(addr: std::net::SocketAddr, hello: &Hello) -> (TcpStream, Reply) {
 fn assert_refused(e: &Error, want: fn(&Refusal) -> bool, text: &str) {
     match e {
         Error::Refused { refusal, .. } if want(refusal) => {}
-        other => panic!("expected a refusal about {text}, got: {}", error_chain(other)),
+        other => panic!(
+            "expected a refusal about {text}, got: {}",
+            error_chain(other)
+        ),
     }
-    assert!(e.to_string().contains(text), "message {:?} lacks {text:?}", e.to_string());
+    assert!(
+        e.to_string().contains(text),
+        "message {:?} lacks {text:?}",
+        e.to_string()
+    );
 }
 
 #[test]
@@ -68,9 +77,17 @@ fn layout_mismatch_is_refused_on_both_sides() {
     }
     let (addr, rx) = start_receiver(memory(8 << 20), ReceiverConfig::default());
     let err = Sender::connect(addr, memory(4 << 20), &sender_config(2)).unwrap_err();
-    assert_refused(&err, |r| matches!(r, Refusal::LayoutMismatch { .. }), "layout");
+    assert_refused(
+        &err,
+        |r| matches!(r, Refusal::LayoutMismatch { .. }),
+        "layout",
+    );
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert_refused(&err, |r| matches!(r, Refusal::LayoutMismatch { .. }), "layout");
+    assert_refused(
+        &err,
+        |r| matches!(r, Refusal::LayoutMismatch { .. }),
+        "layout",
+    );
 }
 
 #[test]
@@ -84,9 +101,17 @@ fn channel_count_mismatch_is_refused_on_both_sides() {
     };
     let (addr, rx) = start_receiver(memory(1 << 20), config);
     let err = Sender::connect(addr, memory(1 << 20), &sender_config(2)).unwrap_err();
-    assert_refused(&err, |r| matches!(r, Refusal::ChannelCountMismatch { expected: 4 }), "channel count");
+    assert_refused(
+        &err,
+        |r| matches!(r, Refusal::ChannelCountMismatch { expected: 4 }),
+        "channel count",
+    );
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert_refused(&err, |r| matches!(r, Refusal::ChannelCountMismatch { .. }), "channel count");
+    assert_refused(
+        &err,
+        |r| matches!(r, Refusal::ChannelCountMismatch { .. }),
+        "channel count",
+    );
 }
 
 #[test]
@@ -97,10 +122,21 @@ fn wrong_session_duplicate_channel_and_version_are_refused() {
     let len = 1 << 20;
     type Case = (Hello, fn(&Refusal) -> bool, &'static str);
     let cases: [Case; 3] = [
-        (hello_for(len, 1, 2, 9), |r| matches!(r, Refusal::SessionMismatch), "session"),
-        (hello_for(len, 0, 2, 7), |r| matches!(r, Refusal::ChannelDuplicate), "duplicate"),
         (
-            Hello { version: 2, ..hello_for(len, 1, 2, 7) },
+            hello_for(len, 1, 2, 9),
+            |r| matches!(r, Refusal::SessionMismatch),
+            "session",
+        ),
+        (
+            hello_for(len, 0, 2, 7),
+            |r| matches!(r, Refusal::ChannelDuplicate),
+            "duplicate",
+        ),
+        (
+            Hello {
+                version: 2,
+                ..hello_for(len, 1, 2, 7)
+            },
             |r| matches!(r, Refusal::VersionUnsupported { receiver: 1 }),
             "version",
         ),
@@ -130,10 +166,19 @@ fn a_peer_that_is_not_pagewire_fails_clearly_either_way() {
     // Not-pagewire client meets a receiver.
     let (addr, rx) = start_receiver(memory(1 << 20), ReceiverConfig::default());
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert!(matches!(err, Error::BadHello { .. }), "{}", error_chain(&err));
-    assert!(error_chain(&err).contains("not speaking pagewire"), "{}", error_chain(&err));
+    assert!(
+        matches!(err, Error::BadHello { .. }),
+        "{}",
+        error_chain(&err)
+    );
+    assert!(
+        error_chain(&err).contains("not speaking pagewire"),
+        "{}",
+        error_chain(&err)
+    );
 
     // Sender meets a server that is not pagewire.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -146,7 +191,8 @@ fn a_peer_that_is_not_pagewire_fails_clearly_either_way() {
     });
     let err = Sender::connect(addr, memory(1 << 20), &sender_config(1)).unwrap_err();
     assert!(
-        matches!(err, Error::Protocol { .. }) && error_chain(&err).contains("not speaking pagewire"),
+        matches!(err, Error::Protocol { .. })
+            && error_chain(&err).contains("not speaking pagewire"),
         "{}",
         error_chain(&err)
     );
@@ -158,10 +204,16 @@ fn connection_refused_is_a_clear_error() {
     if skip_without_uring() {
         return;
     }
-    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let err = Sender::connect(addr, memory(1 << 20), &sender_config(1)).unwrap_err();
     let text = error_chain(&err);
-    assert!(text.contains("connecting channel 0") && text.contains("refused"), "{text}");
+    assert!(
+        text.contains("connecting channel 0") && text.contains("refused"),
+        "{text}"
+    );
 }
 
 /// A fake sender: handshake for one channel of a 16-page layout, then raw bytes.
@@ -208,7 +260,11 @@ fn a_sender_vanishing_mid_frame_or_before_the_end_is_an_error_not_a_hang() {
     s.write_all(&pages_frame(&[0], 4096)[..20]).unwrap();
     drop(s);
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert!(matches!(err, Error::PeerClosed { .. }), "{}", error_chain(&err));
+    assert!(
+        matches!(err, Error::PeerClosed { .. }),
+        "{}",
+        error_chain(&err)
+    );
 
     // Clean close at a frame boundary, but without the end-of-stream marker.
     let (addr, rx) = start_receiver(memory(16 * 4096), ReceiverConfig::default());
@@ -240,14 +296,19 @@ fn a_garbled_frame_is_refused_before_any_page_is_written_and_the_sender_is_told(
         error_chain(&err)
     );
     let scanner = pagewire::pipeline::zero::ZeroScanner::detect();
-    assert!(dst.regions()[0].page_is_zero(&scanner, 5), "a refused frame wrote its page");
+    assert!(
+        dst.regions()[0].page_is_zero(&scanner, 5),
+        "a refused frame wrote its page"
+    );
     // The receiver told the sender why.
     s.set_read_timeout(Some(LIMIT)).unwrap();
     let mut buf = Vec::new();
     let read = s.read_to_end(&mut buf);
     eprintln!("read: {read:?}");
     match Control::decode(&buf) {
-        Ok(Some((Control::Abort { reason, .. }, _))) => assert!(reason.contains("checksum"), "{reason}"),
+        Ok(Some((Control::Abort { reason, .. }, _))) => {
+            assert!(reason.contains("checksum"), "{reason}")
+        }
         other => panic!("expected an abort message, got {other:?} from {buf:?}"),
     }
 
@@ -257,7 +318,11 @@ fn a_garbled_frame_is_refused_before_any_page_is_written_and_the_sender_is_told(
     let mut s = fake_sender(addr);
     s.write_all(&pages_frame(&[15, 16], 2 * 4096)).unwrap();
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert!(error_chain(&err).contains("outside region"), "{}", error_chain(&err));
+    assert!(
+        error_chain(&err).contains("outside region"),
+        "{}",
+        error_chain(&err)
+    );
     drop(s);
 }
 
@@ -269,7 +334,14 @@ fn fake_receiver(then: fn(TcpStream)) -> (std::net::SocketAddr, std::thread::Joi
         let (mut c, _) = listener.accept().unwrap();
         let mut hello = [0u8; 64];
         c.read_exact(&mut hello).unwrap();
-        c.write_all(&Reply { version: 1, refusal: None }.encode()).unwrap();
+        c.write_all(
+            &Reply {
+                version: 1,
+                refusal: None,
+            }
+            .encode(),
+        )
+        .unwrap();
         then(c);
     });
     (addr, join)
@@ -308,7 +380,11 @@ fn a_receiver_vanishing_or_aborting_mid_transfer_fails_the_sender() {
         let mut buf = vec![0u8; 256 << 10];
         let _ = c.read_exact(&mut buf);
         let mut msg = [0u8; pagewire::protocol::control::CONTROL_MESSAGE_BYTES_MAX];
-        let n = Control::Abort { code: 2, reason: "destination disk on fire".into() }.encode(&mut msg);
+        let n = Control::Abort {
+            code: 2,
+            reason: "destination disk on fire".into(),
+        }
+        .encode(&mut msg);
         let _ = c.write_all(&msg[..n]);
         let _ = c.shutdown(std::net::Shutdown::Write);
         std::thread::sleep(Duration::from_millis(300));

@@ -2,6 +2,8 @@
 //! overwritten by their older copies, whatever the timing. The receiver delays each frame by a
 //! seeded random amount so channels drift apart; only the round barrier keeps them in order.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +18,14 @@ fn later_rounds_win_across_channels_under_random_timing() {
         return;
     }
     let specs = [
-        RegionSpec { gpa: 0, len: 2 << 20 },
-        RegionSpec { gpa: 1 << 32, len: 1 << 20 },
+        RegionSpec {
+            gpa: 0,
+            len: 2 << 20,
+        },
+        RegionSpec {
+            gpa: 1 << 32,
+            len: 1 << 20,
+        },
     ];
     for seed in [1u64, 2, 3] {
         eprintln!("ordering test seed {seed}");
@@ -55,7 +63,11 @@ fn later_rounds_win_across_channels_under_random_timing() {
                         Some(r) if r.region == ri as u32 && r.first_page + r.pages == page => {
                             r.pages += 1
                         }
-                        _ => runs.push(PageRun { region: ri as u32, first_page: page, pages: 1 }),
+                        _ => runs.push(PageRun {
+                            region: ri as u32,
+                            first_page: page,
+                            pages: 1,
+                        }),
                     }
                 }
             }
@@ -78,19 +90,38 @@ fn overlapping_or_unsorted_runs_in_one_round_are_refused() {
     if skip_without_uring() {
         return;
     }
-    let specs = [RegionSpec { gpa: 0, len: 1 << 20 }];
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: 1 << 20,
+    }];
     let dst = Arc::new(GuestMemory::anonymous(&specs).unwrap());
     let (addr, rx) = start_receiver(dst, ReceiverConfig::default());
     let src = Arc::new(GuestMemory::anonymous(&specs).unwrap());
     let mut sender = Sender::connect(addr, src, &SenderConfig::default()).unwrap();
     let overlapping = [
-        PageRun { region: 0, first_page: 0, pages: 10 },
-        PageRun { region: 0, first_page: 5, pages: 10 },
+        PageRun {
+            region: 0,
+            first_page: 0,
+            pages: 10,
+        },
+        PageRun {
+            region: 0,
+            first_page: 5,
+            pages: 10,
+        },
     ];
     assert!(sender.send_round(&overlapping).is_err());
-    let outside = [PageRun { region: 0, first_page: 250, pages: 10 }];
+    let outside = [PageRun {
+        region: 0,
+        first_page: 250,
+        pages: 10,
+    }];
     assert!(sender.send_round(&outside).is_err());
-    let wrong_region = [PageRun { region: 1, first_page: 0, pages: 1 }];
+    let wrong_region = [PageRun {
+        region: 1,
+        first_page: 0,
+        pages: 1,
+    }];
     assert!(sender.send_round(&wrong_region).is_err());
     sender.send_all().unwrap();
     sender.finish().unwrap();

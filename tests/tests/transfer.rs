@@ -1,5 +1,7 @@
 //! End-to-end transfers over loopback io_uring: destination must equal source.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use pagewire::synth::Content;
 use pagewire::{Pinning, RegionSpec, SenderConfig, ZeroCopy};
 use pagewire_tests::{migrate_once, skip_without_uring};
@@ -17,10 +19,22 @@ fn config(channels: u16, zero_copy: ZeroCopy) -> SenderConfig {
 /// Several regions whose sizes do not divide into 128-page chunks, at PC-like addresses.
 fn odd_layout() -> Vec<RegionSpec> {
     vec![
-        RegionSpec { gpa: 0, len: 640 * 1024 },
-        RegionSpec { gpa: 1 << 20, len: 1000 * PAGE + 129 * PAGE },
-        RegionSpec { gpa: 1 << 30, len: PAGE },
-        RegionSpec { gpa: 4 << 30, len: 2049 * PAGE },
+        RegionSpec {
+            gpa: 0,
+            len: 640 * 1024,
+        },
+        RegionSpec {
+            gpa: 1 << 20,
+            len: 1000 * PAGE + 129 * PAGE,
+        },
+        RegionSpec {
+            gpa: 1 << 30,
+            len: PAGE,
+        },
+        RegionSpec {
+            gpa: 4 << 30,
+            len: 2049 * PAGE,
+        },
     ]
 }
 
@@ -30,7 +44,12 @@ fn every_channel_count_and_content_arrives_intact() {
         return;
     }
     for channels in [1, 2, 4] {
-        for content in [Content::Zero, Content::Random, Content::Mixed, Content::Blend] {
+        for content in [
+            Content::Zero,
+            Content::Random,
+            Content::Mixed,
+            Content::Blend,
+        ] {
             let (src, dst, sent, received) =
                 migrate_once(&odd_layout(), content, &config(channels, ZeroCopy::Auto));
             assert_eq!(
@@ -60,7 +79,10 @@ fn plain_and_forced_zero_copy_sends_arrive_intact() {
     if skip_without_uring() {
         return;
     }
-    let specs = [RegionSpec { gpa: 0, len: 8 << 20 }];
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: 8 << 20,
+    }];
     let (src, dst, sent, _) = migrate_once(&specs, Content::Mixed, &config(2, ZeroCopy::Off));
     assert_eq!(src.first_difference(&dst), None);
     assert_eq!(sent.zero_copy.completed, 0, "zero-copy off sent zero-copy");
@@ -72,8 +94,14 @@ fn plain_and_forced_zero_copy_sends_arrive_intact() {
     }
     let (src, dst, sent, _) = migrate_once(&specs, Content::Mixed, &config(2, ZeroCopy::On));
     assert_eq!(src.first_difference(&dst), None);
-    assert!(sent.zero_copy.completed > 0, "zero-copy on never sent zero-copy");
-    assert_eq!(sent.zero_copy.fallbacks, 0, "zero-copy on must not fall back");
+    assert!(
+        sent.zero_copy.completed > 0,
+        "zero-copy on never sent zero-copy"
+    );
+    assert_eq!(
+        sent.zero_copy.fallbacks, 0,
+        "zero-copy on must not fall back"
+    );
     assert!(sent.shards.iter().all(|s| s.fixed_buffers));
 }
 
@@ -86,7 +114,10 @@ fn loopback_zero_copy_is_detected_as_copied_and_falls_back() {
         eprintln!("SKIPPED: the kernel lacks IORING_OP_SEND_ZC");
         return;
     }
-    let specs = [RegionSpec { gpa: 0, len: 32 << 20 }];
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: 32 << 20,
+    }];
     let (src, dst, sent, _) = migrate_once(&specs, Content::Random, &config(2, ZeroCopy::Auto));
     assert_eq!(src.first_difference(&dst), None);
     // On loopback the kernel copies every zero-copy send; each shard must notice and switch.

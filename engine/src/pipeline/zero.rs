@@ -149,7 +149,11 @@ unsafe fn scan_portable(ptr: *const u8, len: usize) -> bool {
         let mut acc = 0u64;
         for w in 0..BLOCK_BYTES / 8 {
             // SAFETY: b * 256 + w * 8 + 8 <= blocks * 256 <= len; unaligned reads are allowed.
-            acc |= unsafe { ptr.add(b * BLOCK_BYTES + w * 8).cast::<u64>().read_unaligned() };
+            acc |= unsafe {
+                ptr.add(b * BLOCK_BYTES + w * 8)
+                    .cast::<u64>()
+                    .read_unaligned()
+            };
         }
         if acc != 0 {
             return false;
@@ -208,7 +212,8 @@ unsafe fn scan_avx512(ptr: *const u8, len: usize) -> bool {
     for b in 0..blocks {
         // SAFETY: b < blocks, so the block lies inside the caller's range.
         let base = unsafe { ptr.add(b * BLOCK_BYTES) };
-        // SAFETY (all four loads): base + 256 <= ptr + len; loadu allows unaligned addresses.
+        // SAFETY: all four loads lie in base..base + 256 <= ptr + len; loadu allows unaligned
+        // addresses.
         let (v0, v1, v2, v3) = unsafe {
             (
                 _mm512_loadu_si512(base.cast()),

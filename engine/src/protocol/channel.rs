@@ -223,30 +223,48 @@ mod tests {
         f.reset(FrameKind::Pages, 1, 0, 0);
         f.push_page(0, false).unwrap();
         f.payload_bytes = 4096;
-        assert!(matches!(fresh().accept(&f), Err(ProtocolError::Region { .. })));
+        assert!(matches!(
+            fresh().accept(&f),
+            Err(ProtocolError::Region { .. })
+        ));
 
         f.reset(FrameKind::Pages, 0, 0, 0);
         f.push_page(15, false).unwrap();
         f.push_page(16, false).unwrap();
         f.payload_bytes = 8192;
-        assert!(matches!(fresh().accept(&f), Err(ProtocolError::RunOutOfBounds { .. })));
+        assert!(matches!(
+            fresh().accept(&f),
+            Err(ProtocolError::RunOutOfBounds { .. })
+        ));
 
         f.reset(FrameKind::Pages, 0, 0, 0);
         f.push_page(3, false).unwrap();
         f.payload_bytes = 4095;
-        assert!(matches!(fresh().accept(&f), Err(ProtocolError::PayloadLength { .. })));
+        assert!(matches!(
+            fresh().accept(&f),
+            Err(ProtocolError::PayloadLength { .. })
+        ));
 
         f.reset(FrameKind::Pages, 0, 1, 0);
         f.push_page(3, true).unwrap();
-        assert!(matches!(fresh().accept(&f), Err(ProtocolError::FrameNumber { .. })));
+        assert!(matches!(
+            fresh().accept(&f),
+            Err(ProtocolError::FrameNumber { .. })
+        ));
 
         f.reset(FrameKind::Pages, 0, 0, 1);
         f.push_page(3, true).unwrap();
-        assert!(matches!(fresh().accept(&f), Err(ProtocolError::Round { .. })));
+        assert!(matches!(
+            fresh().accept(&f),
+            Err(ProtocolError::Round { .. })
+        ));
 
         f.reset(FrameKind::EndOfRound, 0, 0, 0);
         f.push_page(3, true).unwrap();
-        assert!(matches!(fresh().accept(&f), Err(ProtocolError::MarkerWithPayload(_))));
+        assert!(matches!(
+            fresh().accept(&f),
+            Err(ProtocolError::MarkerWithPayload(_))
+        ));
 
         f.reset(FrameKind::Pages, 0, 0, 0);
         assert!(fresh().accept(&f).is_err(), "a frame without pages");

@@ -202,7 +202,10 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::Malformed => write!(f, "malformed hello (not a pagewire v1 sender?)"),
             Refusal::VersionUnsupported { receiver } => {
-                write!(f, "protocol version not supported (receiver speaks v{receiver})")
+                write!(
+                    f,
+                    "protocol version not supported (receiver speaks v{receiver})"
+                )
             }
             Refusal::SessionMismatch => {
                 write!(f, "session id differs from the transfer in progress")
@@ -220,7 +223,10 @@ impl fmt::Display for Refusal {
                 "memory layout differs (receiver has {expected_mib} MiB in its regions)"
             ),
             Refusal::FeatureUnsupported { accepted } => {
-                write!(f, "feature flags not supported (receiver accepts {accepted:#x})")
+                write!(
+                    f,
+                    "feature flags not supported (receiver accepts {accepted:#x})"
+                )
             }
         }
     }
@@ -468,19 +474,34 @@ mod tests {
         assert_eq!(a.check(&other), Err(Refusal::SessionMismatch));
         let mut other = hello(1);
         other.channel_count = 3;
-        assert!(matches!(a.check(&other), Err(Refusal::ChannelCountMismatch { expected: 2 })));
+        assert!(matches!(
+            a.check(&other),
+            Err(Refusal::ChannelCountMismatch { expected: 2 })
+        ));
         let mut other = hello(1);
         other.version = 9;
-        assert!(matches!(a.check(&other), Err(Refusal::VersionUnsupported { .. })));
+        assert!(matches!(
+            a.check(&other),
+            Err(Refusal::VersionUnsupported { .. })
+        ));
         let mut other = hello(1);
         other.page_bytes = 2 << 20;
-        assert!(matches!(a.check(&other), Err(Refusal::PageSizeMismatch { .. })));
+        assert!(matches!(
+            a.check(&other),
+            Err(Refusal::PageSizeMismatch { .. })
+        ));
         let mut other = hello(1);
         other.layout_digest ^= 1;
-        assert!(matches!(a.check(&other), Err(Refusal::LayoutMismatch { .. })));
+        assert!(matches!(
+            a.check(&other),
+            Err(Refusal::LayoutMismatch { .. })
+        ));
         let mut other = hello(1);
         other.features = 1;
-        assert!(matches!(a.check(&other), Err(Refusal::FeatureUnsupported { .. })));
+        assert!(matches!(
+            a.check(&other),
+            Err(Refusal::FeatureUnsupported { .. })
+        ));
         assert_eq!(a.check(&hello(1)), Ok(()));
         assert!(a.complete());
 

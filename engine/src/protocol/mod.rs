@@ -96,7 +96,9 @@ pub enum ProtocolError {
         what: &'static str,
     },
     /// The checksum over the header did not match its contents.
-    #[error("frame header checksum mismatch (expected {expected:#010x}, computed {computed:#010x})")]
+    #[error(
+        "frame header checksum mismatch (expected {expected:#010x}, computed {computed:#010x})"
+    )]
     BadChecksum {
         /// Value in the header.
         expected: u32,

@@ -397,7 +397,10 @@ mod tests {
                 let mut out = Frame::default();
                 decode_runs(&fixed, &bytes[FRAME_FIXED_BYTES.min(cut)..], &mut out)
             });
-            assert!(result.is_err(), "a header cut at {cut} of {n} bytes decoded");
+            assert!(
+                result.is_err(),
+                "a header cut at {cut} of {n} bytes decoded"
+            );
         }
     }
 
@@ -454,7 +457,13 @@ mod tests {
         for p in 0..1000 {
             f.push_page(p, true).unwrap();
         }
-        assert_eq!(f.zero_runs(), &[Run { first_page: 0, pages: 1000 }]);
+        assert_eq!(
+            f.zero_runs(),
+            &[Run {
+                first_page: 0,
+                pages: 1000
+            }]
+        );
     }
 
     #[test]

@@ -137,6 +137,11 @@ impl RoundBarrier {
         }
     }
 
+    /// Times every party has passed the barrier together (rounds plus the final end of stream).
+    pub(crate) fn generations(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
     /// Waits until all parties arrive, the transfer aborts, or `timeout` passes.
     pub(crate) fn wait(&self, abort: &Abort, timeout: Duration) -> Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -30,7 +30,8 @@ use super::{Abort, RoundBarrier};
 const HEADER_SLOT: u16 = 0;
 const CONTROL_SLOT: u16 = 1;
 const SLOT_BYTES: usize = 2048;
-const _: () = assert!(FRAME_HEADER_BYTES_MAX <= SLOT_BYTES && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES);
+const _: () =
+    assert!(FRAME_HEADER_BYTES_MAX <= SLOT_BYTES && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES);
 
 /// Which destination pages this transfer has written, for regions that started zero: a zero
 /// page arriving for a page never written needs no store. One bit per page, shared by shards.
@@ -46,8 +47,11 @@ impl WrittenMap {
                 .regions()
                 .iter()
                 .map(|r| {
-                    r.initially_zero()
-                        .then(|| (0..r.pages().div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+                    r.initially_zero().then(|| {
+                        (0..r.pages().div_ceil(64))
+                            .map(|_| AtomicU64::new(0))
+                            .collect()
+                    })
                 })
                 .collect(),
         }
@@ -56,7 +60,9 @@ impl WrittenMap {
     /// True when `page` of `region` is known to hold zeros.
     fn known_zero(&self, region: usize, page: u64) -> bool {
         match &self.regions[region] {
-            Some(bits) => bits[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) == 0,
+            Some(bits) => {
+                bits[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) == 0
+            }
             None => false,
         }
     }
@@ -150,7 +156,9 @@ impl RecvShard {
                 });
             }
             // Time blocked on the first header byte is idle time (the sender had nothing).
-            idle += waited.elapsed().min(Duration::from_millis(RING_WAIT_SLICE_MS));
+            idle += waited
+                .elapsed()
+                .min(Duration::from_millis(RING_WAIT_SLICE_MS));
             self.delay();
             let fixed = decode_fixed(&self.ring.slot_mut(HEADER_SLOT)[..FRAME_FIXED_BYTES])
                 .map_err(|e| self.protocol(e))?;
@@ -175,15 +183,17 @@ impl RecvShard {
                 Event::Pages => self.place()?,
                 Event::EndOfRound(_) => {
                     let waited = Instant::now();
-                    self.p
-                        .barrier
-                        .wait(&self.p.abort, Duration::from_millis(ROUND_BARRIER_TIMEOUT_MS))?;
+                    self.p.barrier.wait(
+                        &self.p.abort,
+                        Duration::from_millis(ROUND_BARRIER_TIMEOUT_MS),
+                    )?;
                     idle += waited.elapsed();
                 }
                 Event::EndOfStream => {
-                    self.p
-                        .barrier
-                        .wait(&self.p.abort, Duration::from_millis(ROUND_BARRIER_TIMEOUT_MS))?;
+                    self.p.barrier.wait(
+                        &self.p.abort,
+                        Duration::from_millis(ROUND_BARRIER_TIMEOUT_MS),
+                    )?;
                     self.send_done()?;
                     break;
                 }
@@ -262,13 +272,15 @@ impl RecvShard {
             let ms = started.elapsed().as_millis() as u64;
             if !eof_ok && ms >= IO_IDLE_TIMEOUT_MS {
                 return Err(Error::Timeout {
-                    what: format!("waiting for the rest of a frame on channel {}", self.channel),
+                    what: format!(
+                        "waiting for the rest of a frame on channel {}",
+                        self.channel
+                    ),
                     ms,
                 });
             }
             self.ring
-                .submit_and_wait(1, Duration::from_millis(RING_WAIT_SLICE_MS))
-                ?;
+                .submit_and_wait(1, Duration::from_millis(RING_WAIT_SLICE_MS))?;
         };
         if completion.result < 0 {
             return Err(Error::io(
@@ -306,7 +318,10 @@ impl RecvShard {
             if let Some(c) = self.ring.next_completion() {
                 if c.result < 0 {
                     return Err(Error::io(
-                        format!("confirming the end of the transfer on channel {}", self.channel),
+                        format!(
+                            "confirming the end of the transfer on channel {}",
+                            self.channel
+                        ),
                         errno(c.result),
                     ));
                 }

@@ -66,7 +66,8 @@ pub(crate) enum ShardEvent {
 const CONTROL_SLOT: u16 = SHARD_FRAMES_IN_FLIGHT_MAX as u16;
 const SLOT_BYTES: usize = 2048;
 const CONTROL_TAG: u64 = u64::MAX - 1;
-const _: () = assert!(FRAME_HEADER_BYTES_MAX <= SLOT_BYTES && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES);
+const _: () =
+    assert!(FRAME_HEADER_BYTES_MAX <= SLOT_BYTES && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -143,7 +144,12 @@ pub(crate) struct SendShard {
 
 impl SendShard {
     pub(crate) fn new(p: SendShardParams, socket: std::net::TcpStream) -> Result<Self> {
-        let mut ring = Ring::new(socket, p.memory.clone(), SHARD_FRAMES_IN_FLIGHT_MAX + 1, SLOT_BYTES)?;
+        let mut ring = Ring::new(
+            socket,
+            p.memory.clone(),
+            SHARD_FRAMES_IN_FLIGHT_MAX + 1,
+            SLOT_BYTES,
+        )?;
         let caps = ring.caps();
         let zero_copy_now = caps.send_zc && p.zero_copy != ZeroCopy::Off;
         if p.zero_copy == ZeroCopy::On {
@@ -264,9 +270,15 @@ impl SendShard {
         let ms = self.last_progress.elapsed().as_millis() as u64;
         if ms >= IO_IDLE_TIMEOUT_MS {
             let what = if self.eos_sent {
-                format!("waiting for the receiver to confirm channel {}", self.channel)
+                format!(
+                    "waiting for the receiver to confirm channel {}",
+                    self.channel
+                )
             } else {
-                format!("waiting for the receiver to take data on channel {}", self.channel)
+                format!(
+                    "waiting for the receiver to take data on channel {}",
+                    self.channel
+                )
             };
             return Err(Error::Timeout { what, ms });
         }
@@ -527,7 +539,11 @@ impl SendShard {
     fn send_failed(&mut self, e: std::io::Error) -> Error {
         let deadline = Instant::now() + Duration::from_millis(500);
         while self.control_posted && Instant::now() < deadline && !self.abort.is_raised() {
-            if self.ring.submit_and_wait(1, Duration::from_millis(50)).is_err() {
+            if self
+                .ring
+                .submit_and_wait(1, Duration::from_millis(50))
+                .is_err()
+            {
                 break;
             }
             while let Some(c) = self.ring.next_completion() {

@@ -123,7 +123,9 @@ pub(crate) enum Wait {
 
 fn build_ring(entries: u32) -> Result<(IoUring, bool)> {
     let mut b = IoUring::builder();
-    b.setup_single_issuer().setup_defer_taskrun().setup_coop_taskrun();
+    b.setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun();
     match b.build(entries) {
         Ok(r) => Ok((r, true)),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -249,7 +251,10 @@ impl Ring {
 
     /// The bytes of slab slot `slot`, to write a header or read a received one.
     pub(crate) fn slot_mut(&mut self, slot: u16) -> &mut [u8] {
-        assert!(self.slot_idle(slot), "slab slot {slot} is still in use by the kernel");
+        assert!(
+            self.slot_idle(slot),
+            "slab slot {slot} is still in use by the kernel"
+        );
         let at = usize::from(slot) * self.slot_bytes;
         &mut self.slab[at..at + self.slot_bytes]
     }
@@ -284,8 +289,12 @@ impl Ring {
         }
         // SAFETY: every iovec lies inside a region of `self.memory`, which the ring keeps alive
         // (Arc field) until after Drop has drained every op.
-        unsafe { self.ring.submitter().register_buffers_update(1, &iovecs, None) }
-            .map_err(|e| Error::io("registering guest memory as io_uring fixed buffers", e))?;
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(1, &iovecs, None)
+        }
+        .map_err(|e| Error::io("registering guest memory as io_uring fixed buffers", e))?;
         self.guest_fixed = Some(table);
         Ok(())
     }
@@ -426,7 +435,10 @@ impl Ring {
         mut skip: u64,
         send: bool,
     ) -> (squeue::Entry, Option<u16>, u16) {
-        assert!(bufs.len() <= IOVECS_PER_OP_MAX, "too many buffers for one op");
+        assert!(
+            bufs.len() <= IOVECS_PER_OP_MAX,
+            "too many buffers for one op"
+        );
         let v = self
             .vectored_free
             .pop()

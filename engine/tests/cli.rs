@@ -1,0 +1,152 @@
+//! The `pagewire` binary as a user meets it: the demo verifies, bad input fails cleanly.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::process::Command;
+
+fn pagewire() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pagewire"))
+}
+
+fn uring_missing() -> bool {
+    if let Err(e) = pagewire::probe_uring() {
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn demo_json_reports_a_verified_transfer() {
+    if uring_missing() {
+        return;
+    }
+    let out = pagewire()
+        .args([
+            "demo",
+            "--size",
+            "16MiB",
+            "--channels",
+            "2",
+            "--json",
+            "--no-pin",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["channels"], 2);
+    let pages = v["normal_pages"].as_u64().unwrap() + v["zero_pages"].as_u64().unwrap();
+    assert_eq!(pages, 16 << 8);
+    for key in [
+        "total_time_ms",
+        "transferred_bytes",
+        "mbps",
+        "receiver_cpu_ms",
+        "sender_cpu_ms",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x > 0.0),
+            "{key} missing or zero in {text}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_fails_with_a_message_and_no_panic() {
+    let cases: [&[&str]; 4] = [
+        &["demo", "--size", "12parsecs"],
+        &["demo", "--size", "100"],
+        &[
+            "send",
+            "--connect",
+            "127.0.0.1:9",
+            "--from",
+            "/nonexistent/ram.img",
+        ],
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--into",
+            "/nonexistent/dir/ram.img",
+        ],
+    ];
+    for args in cases {
+        let out = pagewire().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains("error"),
+            "{args:?}: no error message in {err:?}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
+
+#[test]
+fn send_and_recv_move_a_file_between_processes() {
+    if uring_missing() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pagewire-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("src.img");
+    let dst = dir.join("dst.img");
+    let data: Vec<u8> = (0..(2u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut recv = pagewire()
+        .args([
+            "recv",
+            "--listen",
+            &addr,
+            "--into",
+            dst.to_str().unwrap(),
+            "--size",
+            "2MiB",
+        ])
+        .args(["--timeout", "20", "--json", "--no-pin"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sent = None;
+    for _ in 0..100 {
+        let out = pagewire()
+            .args([
+                "send",
+                "--connect",
+                &addr,
+                "--from",
+                src.to_str().unwrap(),
+                "--no-pin",
+            ])
+            .args(["--channels", "3", "--json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            sent = Some(out);
+            break;
+        }
+        // The receiver may not be listening yet.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(sent.is_some(), "the sender never got through");
+    let status = recv.wait().unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
