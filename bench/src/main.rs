@@ -260,6 +260,7 @@ fn pagewire_run(
         channels,
         pinning: send_pin,
         zero_copy,
+        ..SenderConfig::default()
     };
     let mut sender = Sender::connect(addr, src, &config)?;
     sender.send_all()?;

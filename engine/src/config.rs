@@ -62,6 +62,11 @@ pub struct SenderConfig {
     pub pinning: Pinning,
     /// Zero-copy policy.
     pub zero_copy: ZeroCopy,
+    /// TLS 1.3 on every channel (`None`: plaintext).
+    pub tls: Option<crate::tls::TlsClient>,
+    /// Records sealed with one TLS key before a key update. Lowered only by tests.
+    #[doc(hidden)]
+    pub tls_records_per_key: u64,
 }
 
 impl Default for SenderConfig {
@@ -70,6 +75,8 @@ impl Default for SenderConfig {
             channels: 2,
             pinning: Pinning::Cores,
             zero_copy: ZeroCopy::Auto,
+            tls: None,
+            tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
         }
     }
 }
@@ -83,6 +90,8 @@ pub struct ReceiverConfig {
     pub pinning: Pinning,
     /// Milliseconds to wait for the first connection; `None` waits indefinitely.
     pub accept_timeout_ms: Option<u64>,
+    /// TLS 1.3 on every channel, client certificates required (`None`: plaintext).
+    pub tls: Option<crate::tls::TlsServer>,
     /// Test-only: maximum random delay, in microseconds, before each frame is processed
     /// (seeded by `fault_seed`), to shake out ordering bugs across channels.
     #[doc(hidden)]

@@ -76,6 +76,30 @@ pub enum Error {
     /// The caller's configuration or request is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The TLS handshake failed (certificate refused, wrong name, expired, alert received).
+    #[error("TLS handshake on channel {channel} failed")]
+    TlsHandshake {
+        /// Channel index (the receiver's accept order before the hello names it).
+        channel: u16,
+        /// rustls's reason.
+        #[source]
+        source: rustls::Error,
+    },
+    /// A TLS record failed to open (authentication, framing).
+    #[error("TLS record on channel {channel} refused")]
+    TlsRecord {
+        /// Channel index.
+        channel: u16,
+        /// What was wrong.
+        #[source]
+        source: crate::pipeline::seal::RecordError,
+    },
+    /// TLS on one side only, or an alert from the peer.
+    #[error("{0}")]
+    TlsMismatch(String),
+    /// TLS files or settings are unusable.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
     /// This channel stopped because another one failed first (that error is the one reported).
     #[error("the transfer was aborted because another channel failed")]
     Aborted,

@@ -55,6 +55,7 @@ pub mod stats;
 pub mod synth;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tls;
 #[allow(unsafe_code)]
 pub(crate) mod uring;
 

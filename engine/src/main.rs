@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use pagewire::synth::{self, Content};
+use pagewire::tls::{certs, TlsClient, TlsFiles, TlsServer};
 use pagewire::{
     GuestMemory, Pinning, Progress, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig,
     TransferStats, ZeroCopy,
@@ -33,6 +34,43 @@ enum Command {
     Send(SendArgs),
     /// Migrate a synthetic guest memory over loopback and verify it (the embedded default).
     Demo(DemoArgs),
+    /// Write a CA plus server and client certificate pairs for trying TLS (QEMU's file names).
+    Certs(CertsArgs),
+}
+
+#[derive(Args)]
+struct TlsArgs {
+    /// This side's certificate chain (PEM). TLS is on when --tls-cert, --tls-key and --tls-ca
+    /// are given.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// CA certificate the peer's chain must lead to (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
+        })
+    }
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Directory to write ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and
+    /// client-key.pem into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Name in the server certificate (what senders pass as --tls-hostname).
+    #[arg(long, default_value = "localhost")]
+    hostname: String,
 }
 
 #[derive(Args)]
@@ -58,6 +96,8 @@ struct RecvArgs {
     /// Print statistics as one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -80,6 +120,11 @@ struct SendArgs {
     /// Print statistics as one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Name the receiver's certificate must carry (default: the host part of --connect).
+    #[arg(long, requires = "tls_cert")]
+    tls_hostname: Option<String>,
 }
 
 #[derive(Args)]
@@ -102,6 +147,9 @@ struct DemoArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Encrypt every channel with TLS 1.3, using certificates generated for the run.
+    #[arg(long)]
+    tls: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -155,6 +203,7 @@ fn main() {
         Command::Recv(a) => recv(a),
         Command::Send(a) => send(a),
         Command::Demo(a) => demo(a),
+        Command::Certs(a) => certs(a),
     };
     match result {
         Ok(true) => {}
@@ -240,10 +289,15 @@ fn recv(a: RecvArgs) -> Result<bool> {
         (None, Some(size)) => GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: size }])?,
         (None, None) => bail!("give --into FILE or --size N"),
     };
+    let tls = match a.tls.files() {
+        Some(files) => Some(TlsServer::new(files.load()?)?),
+        None => None,
+    };
     let config = ReceiverConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
         accept_timeout_ms: a.timeout.map(|s| s * 1000),
+        tls,
         ..ReceiverConfig::default()
     };
     let receiver = Receiver::bind(a.listen.as_str(), Arc::new(memory), config)?;
@@ -258,10 +312,22 @@ fn recv(a: RecvArgs) -> Result<bool> {
 
 fn send(a: SendArgs) -> Result<bool> {
     let memory = Arc::new(GuestMemory::from_file(&a.from, false)?);
+    let tls = match a.tls.files() {
+        Some(files) => {
+            let host = match &a.tls_hostname {
+                Some(h) => h.clone(),
+                None => host_of(&a.connect),
+            };
+            Some(TlsClient::new(files.load()?, &host)?)
+        }
+        None => None,
+    };
     let config = SenderConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
         zero_copy: a.zero_copy,
+        tls,
+        ..SenderConfig::default()
     };
     let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
     let bar = progress_bar(sender.progress(), "send");
@@ -292,19 +358,40 @@ fn demo(a: DemoArgs) -> Result<bool> {
     let src = Arc::new(GuestMemory::anonymous(&specs)?);
     synth::fill(&src, a.content, a.seed);
     say(format!(
-        "pagewire demo: {} MiB of {} memory generated in {:.2} s; migrating over loopback with {} channel(s)",
+        "pagewire demo: {} MiB of {} memory generated in {:.2} s; migrating over loopback with {} channel(s){}",
         a.size >> 20,
         a.content.name(),
         t.elapsed().as_secs_f64(),
-        a.channels
+        a.channels,
+        if a.tls { " over TLS 1.3" } else { "" }
     ));
     let dst = Arc::new(GuestMemory::anonymous(&specs)?);
+    // With --tls: certificates made for this run, in a directory removed when the demo ends.
+    let cert_dir = if a.tls {
+        let dir =
+            tempfile::tempdir().context("creating a directory for the demo's certificates")?;
+        certs::generate(&certs::CertOptions::default())?.write(dir.path())?;
+        Some(dir)
+    } else {
+        None
+    };
+    let (server_tls, client_tls) = match &cert_dir {
+        Some(dir) => (
+            Some(TlsServer::new(certs::server_files(dir.path()).load()?)?),
+            Some(TlsClient::new(
+                certs::client_files(dir.path()).load()?,
+                "localhost",
+            )?),
+        ),
+        None => (None, None),
+    };
     let receiver = Receiver::bind(
         "127.0.0.1:0",
         dst.clone(),
         ReceiverConfig {
             pinning: pinning(a.no_pin, true),
             accept_timeout_ms: Some(30_000),
+            tls: server_tls,
             ..ReceiverConfig::default()
         },
     )?;
@@ -314,6 +401,8 @@ fn demo(a: DemoArgs) -> Result<bool> {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
         zero_copy: a.zero_copy,
+        tls: client_tls,
+        ..SenderConfig::default()
     };
     let sent = Sender::connect(addr, src.clone(), &config).and_then(|mut sender| {
         let bar = if a.json {
@@ -330,8 +419,13 @@ fn demo(a: DemoArgs) -> Result<bool> {
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
     let (sent, received) = match (sent, received) {
         (Ok(s), Ok(r)) => (s, r),
-        (Err(e), _) => return Err(e).context("sending failed"),
-        (_, Err(e)) => return Err(e).context("receiving failed"),
+        (Err(e), Ok(_)) => return Err(e).context("sending failed"),
+        (Ok(_), Err(e)) => return Err(e).context("receiving failed"),
+        (Err(s), Err(r)) => bail!(
+            "the migration failed: the sender reports: {}; the receiver reports: {}",
+            pagewire::error_chain(&s),
+            pagewire::error_chain(&r)
+        ),
     };
     let t = Instant::now();
     let difference = src.first_difference(&dst);
@@ -345,6 +439,34 @@ fn demo(a: DemoArgs) -> Result<bool> {
         eprintln!("error: destination differs from source at region {region}, page {page}");
     }
     Ok(verified)
+}
+
+fn certs(a: CertsArgs) -> Result<bool> {
+    let set = certs::generate(&certs::CertOptions {
+        hostname: a.hostname.clone(),
+        ..certs::CertOptions::default()
+    })?;
+    set.write(&a.out)?;
+    println!(
+        "wrote a CA and server/client pairs for {:?} to {}",
+        a.hostname,
+        a.out.display()
+    );
+    let d = a.out.display();
+    println!("  receiver: --tls-cert {d}/server-cert.pem --tls-key {d}/server-key.pem --tls-ca {d}/ca-cert.pem");
+    println!("  sender:   --tls-cert {d}/client-cert.pem --tls-key {d}/client-key.pem --tls-ca {d}/ca-cert.pem --tls-hostname {}", a.hostname);
+    Ok(true)
+}
+
+/// The host part of `host:port` or `[v6]:port`.
+fn host_of(addr: &str) -> String {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest).to_string();
+    }
+    match addr.rsplit_once(':') {
+        Some((host, _)) => host.to_string(),
+        None => addr.to_string(),
+    }
 }
 
 fn report(

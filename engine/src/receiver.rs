@@ -1,28 +1,28 @@
 //! The receiving side: listens, accepts and handshakes every channel of one transfer, starts one
 //! shard per channel, and reports the first error of any channel (after telling the sender why).
 //!
-//! Handshakes run here, on the caller's thread, before the shards start: they are a few small
-//! blocking exchanges per connection, bounded by `HANDSHAKE_TIMEOUT_MS`, and doing them before
-//! the rings exist keeps the shards' loops free of a second protocol phase. A refused hello
+//! Handshakes (TLS when configured, then the hello) run before the shards start, one thread per
+//! accepted connection so TLS handshakes proceed in parallel: they are a few small blocking
+//! exchanges, bounded by `HANDSHAKE_TIMEOUT_MS`, and doing them before the rings exist keeps the
+//! shards' loops free of a second protocol phase. A refused hello
 //! (wrong session, version, page size, layout, duplicate or out-of-range channel) is answered
 //! with the reason, and the receive fails with the same reason.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Pinning, ReceiverConfig};
 use crate::error::{Error, Result};
-use crate::limits::{
-    CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES, PAGE_BYTES, RING_WAIT_SLICE_MS,
-};
+use crate::limits::{CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES, PAGE_BYTES};
 use crate::memory::GuestMemory;
 use crate::protocol::handshake::{Acceptor, Expectation, Hello, Refusal, Reply, FEATURES_KNOWN};
 use crate::protocol::PROTOCOL_VERSION;
-use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, WrittenMap};
+use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx, WrittenMap};
 use crate::shard::{allowed_cores, pin, Abort, RoundBarrier};
 use crate::stats::{Progress, TransferStats};
+use crate::tls::{server_handshake, TlsServer, TlsSession};
 
 /// A bound receiver; [`run`](Self::run) takes one transfer.
 #[derive(Debug)]
@@ -81,7 +81,8 @@ impl Receiver {
         let written = Arc::new(WrittenMap::new(&self.memory));
         let cores = allowed_cores();
         let mut joins = Vec::with_capacity(n);
-        for (i, stream) in streams.into_iter().enumerate() {
+        for (i, accepted) in streams.into_iter().enumerate() {
+            let Accepted { stream, peer, tls } = accepted;
             let core = match self.config.pinning {
                 Pinning::None => None,
                 _ if cores.is_empty() => None,
@@ -95,6 +96,8 @@ impl Receiver {
                 barrier: barrier.clone(),
                 abort: abort.clone(),
                 progress: self.progress.clone(),
+                peer,
+                tls,
                 delay: FrameDelay {
                     max_us: self.config.fault_frame_delay_max_us,
                     seed: self.config.fault_seed,
@@ -149,7 +152,9 @@ impl Receiver {
         Ok(stats)
     }
 
-    fn accept_channels(&self, abort: &Abort) -> Result<(Vec<TcpStream>, Instant)> {
+    /// Accepts connections until every channel of one transfer has completed its handshake. Each
+    /// accepted connection handshakes on a thread of its own, so TLS handshakes run in parallel.
+    fn accept_channels(&self, abort: &Abort) -> Result<(Vec<Accepted>, Instant)> {
         let expect = Expectation {
             channel_count: self.config.channels,
             page_bytes: PAGE_BYTES as u32,
@@ -157,11 +162,39 @@ impl Receiver {
             layout_bytes: self.memory.total_bytes(),
             features: FEATURES_KNOWN,
         };
-        let mut acceptor = Acceptor::new(expect);
-        let mut slots: Vec<Option<TcpStream>> = Vec::new();
+        let acceptor = Arc::new(Mutex::new(Acceptor::new(expect)));
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let mut slots: Vec<Option<Accepted>> = Vec::new();
+        let mut finished = 0usize;
+        let mut accepted = 0u16;
         let waiting_since = Instant::now();
         let mut first_at: Option<Instant> = None;
-        while !acceptor.complete() {
+        loop {
+            while let Ok(result) = done_rx.try_recv() {
+                let (hello, stream, session): (Hello, TcpStream, Option<TlsSession>) = result?;
+                let count = usize::from(hello.channel_count);
+                if slots.len() < count {
+                    slots.resize_with(count, || None);
+                }
+                let (sealer, rx) = match session {
+                    Some(s) => (
+                        Some(s.sealer),
+                        Some(TlsRx::from(s.opener, s.keys, s.leftover)),
+                    ),
+                    None => (None, None),
+                };
+                let peer = abort.watch(&stream, sealer)?;
+                slots[usize::from(hello.channel_index)] = Some(Accepted {
+                    stream,
+                    peer,
+                    tls: rx,
+                });
+                finished += 1;
+            }
+            let count = lock(&acceptor).channel_count().map(usize::from);
+            if count.is_some_and(|c| finished == c) {
+                break;
+            }
             let (deadline_ms, since, what) = match first_at {
                 None => (
                     self.config.accept_timeout_ms,
@@ -172,8 +205,8 @@ impl Receiver {
                     Some(CHANNELS_GATHER_TIMEOUT_MS),
                     t,
                     format!(
-                        "waiting for all {} channels to connect",
-                        acceptor.channel_count().unwrap_or(0)
+                        "waiting for all {} channels to connect and complete their handshakes",
+                        count.unwrap_or(0)
                     ),
                 ),
             };
@@ -182,11 +215,8 @@ impl Receiver {
                     return Err(Error::Timeout { what, ms });
                 }
             }
-            let ready = crate::sys::wait_acceptable(
-                &self.listener,
-                Duration::from_millis(RING_WAIT_SLICE_MS),
-            )
-            .map_err(|e| Error::io("waiting for connections", e))?;
+            let ready = crate::sys::wait_acceptable(&self.listener, Duration::from_millis(10))
+                .map_err(|e| Error::io("waiting for connections", e))?;
             if !ready {
                 continue;
             }
@@ -196,34 +226,133 @@ impl Receiver {
                 Err(e) => return Err(Error::io("accepting a connection", e)),
             };
             first_at.get_or_insert_with(Instant::now);
-            let hello = handshake(&stream, peer, &mut acceptor)?;
-            abort.watch(&stream)?;
-            let count = usize::from(hello.channel_count);
-            if slots.len() < count {
-                slots.resize_with(count, || None);
-            }
-            slots[usize::from(hello.channel_index)] = Some(stream);
+            let acceptor = acceptor.clone();
+            let tls = self.config.tls.clone();
+            let done = done_tx.clone();
+            let index = accepted;
+            accepted = accepted.saturating_add(1);
+            std::thread::Builder::new()
+                .name(format!("pw-handshake-{index}"))
+                .spawn(move || {
+                    let result = handshake(stream, peer, &acceptor, tls.as_ref(), index);
+                    let _ = done.send(result);
+                })
+                .map_err(|e| Error::io("starting a handshake thread", e))?;
         }
         let streams = slots.into_iter().flatten().collect();
         Ok((streams, first_at.unwrap_or(waiting_since)))
     }
 }
 
-/// Reads a hello, checks it, and answers; a refusal is answered and returned as the error.
-fn handshake(stream: &TcpStream, peer: SocketAddr, acceptor: &mut Acceptor) -> Result<Hello> {
-    crate::sender::configure_socket(stream)?;
+/// One accepted channel, ready for its shard.
+struct Accepted {
+    stream: TcpStream,
+    peer: usize,
+    tls: Option<TlsRx>,
+}
+
+fn lock(acceptor: &Mutex<Acceptor>) -> std::sync::MutexGuard<'_, Acceptor> {
+    acceptor.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs one connection's handshakes: TLS when configured (after checking the peer speaks it),
+/// then the hello. A refusal is answered and returned as the error.
+fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: &Mutex<Acceptor>,
+    tls: Option<&TlsServer>,
+    index: u16,
+) -> Result<(Hello, TcpStream, Option<TlsSession>)> {
+    crate::sender::configure_socket(&stream)?;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| Error::io("setting handshake timeouts", e))?;
-    let reply = |refusal: Option<Refusal>| {
+    let plain_reply = |refusal: Option<Refusal>| {
         let r = Reply {
             version: PROTOCOL_VERSION,
             refusal,
         };
-        (&*stream).write_all(&r.encode())
+        (&stream).write_all(&r.encode())
     };
+    // The first byte tells TLS (a handshake record, 0x16) from plaintext pagewire ('P').
+    let mut first = [0u8; 1];
+    let peeked = stream
+        .peek(&mut first)
+        .map_err(|e| Error::io(format!("reading the handshake from {peer}"), e))?;
+    if peeked == 0 {
+        return Err(Error::PeerClosed {
+            channel: index,
+            when: "before its handshake",
+        });
+    }
+    let mut session = None;
+    let hello = match tls {
+        Some(tls) => {
+            if first[0] == b'P' {
+                let _ = plain_reply(Some(Refusal::TlsRequired));
+                return Err(Error::TlsMismatch(format!(
+                    "the sender at {peer} speaks plaintext pagewire, but this receiver requires TLS"
+                )));
+            }
+            let mut s = server_handshake(&stream, tls, index)?;
+            let plain = s.read_message(&stream, index)?;
+            let hello = Hello::decode(&plain).map_err(|source| Error::BadHello {
+                peer: peer.to_string(),
+                source,
+            });
+            session = Some(s);
+            hello
+        }
+        None => {
+            if first[0] == 0x16 {
+                let _ = plain_reply(Some(Refusal::Malformed));
+                return Err(Error::TlsMismatch(format!(
+                    "the sender at {peer} started a TLS handshake, but this receiver runs without TLS (give it --tls-cert, --tls-key and --tls-ca)"
+                )));
+            }
+            read_plain_hello(&stream, peer)
+        }
+    };
+    let reply = |session: &mut Option<TlsSession>, refusal: Option<Refusal>| -> Result<()> {
+        let r = Reply {
+            version: PROTOCOL_VERSION,
+            refusal,
+        }
+        .encode();
+        match session {
+            Some(s) => s.write_message(&stream, &r),
+            None => (&stream)
+                .write_all(&r)
+                .map_err(|e| Error::io(format!("answering the handshake of {peer}"), e)),
+        }
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = reply(&mut session, Some(Refusal::Malformed));
+            return Err(e);
+        }
+    };
+    if let Err(refusal) = lock(acceptor).check(&hello) {
+        let _ = reply(&mut session, Some(refusal));
+        return Err(Error::Refused {
+            channel: hello.channel_index,
+            refusal,
+        });
+    }
+    reply(&mut session, None)?;
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
+    Ok((hello, stream, session))
+}
+
+/// Reads a plaintext hello (64 bytes), failing fast on a peer that is clearly not pagewire.
+fn read_plain_hello(stream: &TcpStream, peer: SocketAddr) -> Result<Hello> {
     let mut buf = [0u8; HELLO_BYTES];
     let mut got = 0;
     while got < HELLO_BYTES {
@@ -231,7 +360,6 @@ fn handshake(stream: &TcpStream, peer: SocketAddr, acceptor: &mut Acceptor) -> R
             Ok(0) => break,
             Ok(k) => {
                 got += k;
-                // Fail fast on a peer that is clearly not pagewire (a TLS ClientHello, say).
                 if got >= 8
                     && Hello::decode(&buf[..got]).is_err_and(|e| {
                         matches!(e, crate::protocol::ProtocolError::BadMagic { .. })
@@ -246,27 +374,8 @@ fn handshake(stream: &TcpStream, peer: SocketAddr, acceptor: &mut Acceptor) -> R
             }
         }
     }
-    let hello = match Hello::decode(&buf[..got]) {
-        Ok(h) => h,
-        Err(source) => {
-            let _ = reply(Some(Refusal::Malformed));
-            return Err(Error::BadHello {
-                peer: peer.to_string(),
-                source,
-            });
-        }
-    };
-    if let Err(refusal) = acceptor.check(&hello) {
-        let _ = reply(Some(refusal));
-        return Err(Error::Refused {
-            channel: hello.channel_index,
-            refusal,
-        });
-    }
-    reply(None).map_err(|e| Error::io(format!("answering the handshake of {peer}"), e))?;
-    stream
-        .set_read_timeout(None)
-        .and_then(|()| stream.set_write_timeout(None))
-        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
-    Ok(hello)
+    Hello::decode(&buf[..got]).map_err(|source| Error::BadHello {
+        peer: peer.to_string(),
+        source,
+    })
 }

@@ -24,6 +24,7 @@ use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
 use crate::shard::{allowed_cores, pin, Abort};
 use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
+use crate::tls::{client_handshake, TlsClient, TlsSession};
 
 /// Consecutive pages of one region to send in a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,25 +115,43 @@ impl Sender {
         let progress = Arc::new(Progress::default());
         let (events_tx, events) = unbounded();
         let cores = allowed_cores();
+        // Every channel connects and handshakes (TCP, TLS, hello) on its own thread, in parallel.
+        let hello = |i: u16| Hello {
+            version: PROTOCOL_VERSION,
+            channel_index: i,
+            channel_count: n,
+            session_id,
+            page_bytes: PAGE_BYTES as u32,
+            features: FEATURES_KNOWN,
+            layout_digest: memory.layout_digest(),
+            layout_bytes: memory.total_bytes(),
+            region_count: memory.regions().len() as u32,
+        };
+        let connected: Vec<Result<(TcpStream, Option<TlsSession>)>> = std::thread::scope(|scope| {
+            let joins: Vec<_> = (0..n)
+                .map(|i| {
+                    let h = hello(i);
+                    let tls = config.tls.as_ref();
+                    scope.spawn(move || handshake(addr, &h, tls))
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| {
+                    j.join().unwrap_or_else(|_| {
+                        Err(Error::Config("a handshake thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
         let mut streams = Vec::with_capacity(usize::from(n));
-        for i in 0..n {
-            let hello = Hello {
-                version: PROTOCOL_VERSION,
-                channel_index: i,
-                channel_count: n,
-                session_id,
-                page_bytes: PAGE_BYTES as u32,
-                features: FEATURES_KNOWN,
-                layout_digest: memory.layout_digest(),
-                layout_bytes: memory.total_bytes(),
-                region_count: memory.regions().len() as u32,
-            };
-            let stream = handshake(addr, &hello)?;
-            abort.watch(&stream)?;
-            streams.push(stream);
+        for c in connected {
+            let (stream, tls) = c?;
+            abort.watch(&stream, None)?;
+            streams.push((stream, tls));
         }
         let mut shards = Vec::with_capacity(streams.len());
-        for (i, stream) in streams.into_iter().enumerate() {
+        for (i, (stream, tls)) in streams.into_iter().enumerate() {
             let core = match config.pinning {
                 Pinning::None => None,
                 _ if cores.is_empty() => None,
@@ -148,6 +167,8 @@ impl Sender {
                 events: events_tx.clone(),
                 abort: abort.clone(),
                 progress: progress.clone(),
+                tls,
+                tls_records_per_key: config.tls_records_per_key.max(1),
             };
             let shard_abort = abort.clone();
             let join = std::thread::Builder::new()
@@ -425,9 +446,12 @@ impl Drop for Sender {
     }
 }
 
-/// Connects one channel and runs its handshake.
-fn handshake(addr: SocketAddr, hello: &Hello) -> Result<TcpStream> {
-    use std::io::{Read, Write};
+/// Connects one channel and runs its handshakes (TLS when configured, then the hello).
+fn handshake(
+    addr: SocketAddr,
+    hello: &Hello,
+    tls: Option<&TlsClient>,
+) -> Result<(TcpStream, Option<TlsSession>)> {
     let i = hello.channel_index;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let stream = TcpStream::connect_timeout(&addr, timeout)
@@ -437,13 +461,42 @@ fn handshake(addr: SocketAddr, hello: &Hello) -> Result<TcpStream> {
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| Error::io("setting handshake timeouts", e))?;
-    (&stream)
+    let mut session = match tls {
+        Some(t) => Some(client_handshake(&stream, t, i)?),
+        None => None,
+    };
+    let reply = match session.as_mut() {
+        Some(s) => {
+            s.write_message(&stream, &hello.encode())?;
+            let plain = s.read_message(&stream, i)?;
+            Reply::decode(&plain).map_err(|source| Error::Protocol { channel: i, source })?
+        }
+        None => plain_reply(&stream, hello)?,
+    };
+    if let Some(refusal) = reply.refusal {
+        return Err(Error::Refused {
+            channel: i,
+            refusal,
+        });
+    }
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
+    Ok((stream, session))
+}
+
+/// Sends the hello in plaintext and reads the reply.
+fn plain_reply(stream: &TcpStream, hello: &Hello) -> Result<Reply> {
+    use std::io::{Read, Write};
+    let i = hello.channel_index;
+    (&*stream)
         .write_all(&hello.encode())
         .map_err(|e| Error::io(format!("sending the handshake on channel {i}"), e))?;
     let mut reply = [0u8; 16];
     let mut got = 0;
     while got < reply.len() {
-        match (&stream).read(&mut reply[got..]) {
+        match (&*stream).read(&mut reply[got..]) {
             Ok(0) => {
                 // A receiver may close right after its refusal; what we have may still say why.
                 break;
@@ -458,17 +511,10 @@ fn handshake(addr: SocketAddr, hello: &Hello) -> Result<TcpStream> {
             }
         }
     }
-    let reply =
-        Reply::decode(&reply[..got]).map_err(|source| Error::Protocol { channel: i, source })?;
-    if let Some(refusal) = reply.refusal {
-        return Err(Error::Refused {
-            channel: i,
-            refusal,
-        });
+    if (got >= 1 && reply[0] == 0x15) || reply[..got.min(2)] == [0x16, 0x03] {
+        return Err(Error::TlsMismatch(format!(
+            "the receiver answered channel {i} with TLS: it requires TLS (give this sender --tls-cert, --tls-key and --tls-ca)"
+        )));
     }
-    stream
-        .set_read_timeout(None)
-        .and_then(|()| stream.set_write_timeout(None))
-        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
-    Ok(stream)
+    Reply::decode(&reply[..got]).map_err(|source| Error::Protocol { channel: i, source })
 }

@@ -13,6 +13,7 @@ fn config(channels: u16, zero_copy: ZeroCopy) -> SenderConfig {
         channels,
         pinning: Pinning::None,
         zero_copy,
+        ..SenderConfig::default()
     }
 }
 

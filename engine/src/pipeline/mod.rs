@@ -1,5 +1,6 @@
-//! Per-chunk work on the sender shards, in pipeline order: zero scan (compression and TLS sealing
-//! slot in after it in later versions).
+//! Per-chunk work on the shards, in pipeline order: zero scan, then (with TLS) sealing into
+//! records. Compression slots in between them with its own issue.
 
+pub mod seal;
 #[allow(unsafe_code)]
 pub mod zero;

@@ -157,6 +157,8 @@ pub enum Refusal {
         /// Feature bits the receiver would accept.
         accepted: u32,
     },
+    /// The receiver requires TLS and the sender spoke plaintext.
+    TlsRequired,
 }
 
 impl Refusal {
@@ -172,6 +174,7 @@ impl Refusal {
             Refusal::PageSizeMismatch { expected } => (7, expected),
             Refusal::LayoutMismatch { expected_mib } => (8, expected_mib),
             Refusal::FeatureUnsupported { accepted } => (9, accepted),
+            Refusal::TlsRequired => (10, 0),
         }
     }
 
@@ -192,6 +195,7 @@ impl Refusal {
                 expected_mib: detail,
             },
             9 => Refusal::FeatureUnsupported { accepted: detail },
+            10 => Refusal::TlsRequired,
             _ => Refusal::Malformed,
         }
     }
@@ -228,6 +232,10 @@ impl fmt::Display for Refusal {
                     "feature flags not supported (receiver accepts {accepted:#x})"
                 )
             }
+            Refusal::TlsRequired => write!(
+                f,
+                "the receiver requires TLS, but this sender speaks plaintext (give it --tls-cert, --tls-key and --tls-ca)"
+            ),
         }
     }
 }
@@ -453,6 +461,7 @@ mod tests {
             Refusal::PageSizeMismatch { expected: 4096 },
             Refusal::LayoutMismatch { expected_mib: 64 },
             Refusal::FeatureUnsupported { accepted: 0 },
+            Refusal::TlsRequired,
         ];
         for r in all.into_iter().map(Some).chain([None]) {
             let reply = Reply {

@@ -12,7 +12,23 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::limits::RING_WAIT_SLICE_MS;
+use crate::pipeline::seal::{
+    RecordSealer, CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
+    RECORD_OVERHEAD_BYTES,
+};
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
+
+/// Bytes of the largest encoded control message: sealed, followed by a close_notify record.
+pub(crate) const CONTROL_WIRE_BYTES_MAX: usize =
+    CONTROL_MESSAGE_BYTES_MAX + 2 * RECORD_OVERHEAD_BYTES + CLOSE_NOTIFY_ALERT.len();
+
+/// One watched connection: a duplicate of its socket and, with TLS, the sealer of the direction
+/// control messages travel in (receivers only send control messages, so the shard never needs it).
+#[derive(Debug)]
+struct Peer {
+    socket: TcpStream,
+    sealer: Option<RecordSealer>,
+}
 
 /// First error wins: records it, raises the flag every shard checks, and shuts every connection
 /// of this side down so blocked operations on both sides end at once.
@@ -22,7 +38,7 @@ pub(crate) struct Abort {
     first: Mutex<Option<Error>>,
     /// Duplicates of every connection's socket (same kernel socket, separate fd, so shutting one
     /// down never races with a shard closing its own).
-    sockets: Mutex<Vec<TcpStream>>,
+    peers: Mutex<Vec<Peer>>,
     /// Receivers tell the sender why before shutting down.
     notify_peer: bool,
 }
@@ -35,19 +51,46 @@ impl Abort {
         }
     }
 
-    /// Registers a connection for teardown.
-    pub(crate) fn watch(&self, socket: &TcpStream) -> Result<()> {
+    /// Registers a connection for teardown (and, on a receiver with TLS, the sealer its control
+    /// messages use). Returns the peer's id for [`encode_control`](Self::encode_control).
+    pub(crate) fn watch(&self, socket: &TcpStream, sealer: Option<RecordSealer>) -> Result<usize> {
         let dup = socket
             .try_clone()
             .map_err(|e| Error::io("duplicating a socket for teardown", e))?;
-        self.sockets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(dup);
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.push(Peer {
+            socket: dup,
+            sealer,
+        });
         if self.is_raised() {
             let _ = socket.shutdown(Shutdown::Both);
         }
-        Ok(())
+        Ok(peers.len() - 1)
+    }
+
+    /// Encodes `msg` for peer `id` into `out`: plain, or sealed as a TLS record (a `Done` is then
+    /// followed by close_notify, which ends the channel's TLS stream).
+    pub(crate) fn encode_control(&self, id: usize, msg: &Control, out: &mut [u8]) -> Result<usize> {
+        let mut plain = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+        let n = msg.encode(&mut plain);
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sealer) = peers.get_mut(id).and_then(|p| p.sealer.as_mut()) else {
+            out[..n].copy_from_slice(&plain[..n]);
+            return Ok(n);
+        };
+        let record = |source| Error::TlsRecord {
+            channel: u16::MAX,
+            source,
+        };
+        let mut at = sealer
+            .seal(&plain[..n], CONTENT_APPLICATION_DATA, out)
+            .map_err(record)?;
+        if *msg == Control::Done {
+            at += sealer
+                .seal(&CLOSE_NOTIFY_ALERT, CONTENT_ALERT, &mut out[at..])
+                .map_err(record)?;
+        }
+        Ok(at)
     }
 
     pub(crate) fn is_raised(&self) -> bool {
@@ -73,19 +116,22 @@ impl Abort {
             }
         };
         self.raised.store(true, Ordering::Release);
-        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
         if let (Some((code, reason)), true) = (first, self.notify_peer) {
-            let mut buf = [0u8; CONTROL_MESSAGE_BYTES_MAX];
-            let n = Control::Abort { code, reason }.encode(&mut buf);
-            for s in sockets.iter() {
+            let msg = Control::Abort { code, reason };
+            let count = self.peers.lock().unwrap_or_else(|p| p.into_inner()).len();
+            for id in 0..count {
+                let mut buf = [0u8; CONTROL_WIRE_BYTES_MAX];
+                let Ok(n) = self.encode_control(id, &msg, &mut buf) else {
+                    continue;
+                };
+                let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
                 use std::io::Write;
+                let s = &peers[id].socket;
                 let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
                 let _ = (&*s).write_all(&buf[..n]);
             }
         }
-        for s in sockets.iter() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.shutdown_all();
         Error::Aborted
     }
 
@@ -96,13 +142,8 @@ impl Abort {
 
     /// Shuts every watched connection down (end of a transfer, or a caller giving up).
     pub(crate) fn shutdown_all(&self) {
-        for s in self
-            .sockets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = s.shutdown(Shutdown::Both);
+        for p in self.peers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = p.socket.shutdown(Shutdown::Both);
         }
     }
 }

@@ -1,37 +1,51 @@
 //! The receiver shard: one thread, one ring, one accepted connection.
 //!
-//! Strictly sequential per channel (a TCP stream is): receive the fixed header, receive the run
-//! list, decode and check everything against the layout, then receive the payload straight into
-//! destination memory with one vectored `MSG_WAITALL` receive (one iovec per normal run, no
-//! staging copy). Zero pages are skipped when the destination page is known to be zero (fresh
-//! anonymous memory not yet written by this transfer), otherwise zeroed if they are not already.
-//! End-of-round markers wait at the shared [`RoundBarrier`].
+//! Strictly sequential per channel (a TCP stream is): read the fixed header, read the run list,
+//! decode and check everything against the layout, then place the payload. Plaintext channels
+//! receive the payload straight into destination memory with one vectored `MSG_WAITALL` receive
+//! (one iovec per normal run, no staging copy). TLS channels receive ciphertext into a registered
+//! staging slot, open each record in place, and copy its plaintext to the destination pages: a
+//! record that fails authentication is refused before any of its bytes is placed. Zero pages are
+//! skipped when the destination page is known to be zero (fresh anonymous memory not yet written
+//! by this transfer), otherwise zeroed if they are not already. End-of-round markers wait at the
+//! shared [`RoundBarrier`].
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::limits::{
-    CONTROL_BYTES, FRAME_FIXED_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_RUNS_MAX, IO_IDLE_TIMEOUT_MS,
-    PAGE_BYTES, RING_WAIT_SLICE_MS, ROUND_BARRIER_TIMEOUT_MS,
+    FRAME_FIXED_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX,
+    IO_IDLE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS, ROUND_BARRIER_TIMEOUT_MS,
 };
 use crate::memory::GuestMemory;
+use crate::pipeline::seal::{
+    record_len, RecordOpener, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
+    KEY_UPDATE_MESSAGE, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
+};
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::channel::Event;
-use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
+use crate::protocol::control::Control;
 use crate::protocol::wire::{decode_fixed, decode_runs};
 use crate::protocol::{Frame, ProtocolError, ReceiverChannel};
 use crate::stats::{add, Progress, ShardStats};
+use crate::tls::{alert_error, KeySchedule};
 use crate::uring::{errno, Buf, Ring};
 
-use super::{Abort, RoundBarrier};
+use super::{Abort, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
 
 const HEADER_SLOT: u16 = 0;
 const CONTROL_SLOT: u16 = 1;
-const SLOT_BYTES: usize = 2048;
-const _: () =
-    assert!(FRAME_HEADER_BYTES_MAX <= SLOT_BYTES && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES);
+const STAGING_SLOT: u16 = 2;
+const SLOT_BYTES_PLAIN: usize = 2048;
+/// A TLS staging slot holds a whole frame's records plus one more record being filled.
+const SLOT_BYTES_TLS: usize =
+    (FRAME_PAYLOAD_BYTES_MAX + 4 * RECORD_BYTES_MAX).next_multiple_of(4096);
+const _: () = assert!(
+    FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_WIRE_BYTES_MAX <= SLOT_BYTES_PLAIN
+);
 
 /// Which destination pages this transfer has written, for regions that started zero: a zero
 /// page arriving for a page never written needs no store. One bit per page, shared by shards.
@@ -76,6 +90,33 @@ impl WrittenMap {
     }
 }
 
+/// The receiving half of a channel's TLS: opener, key schedule, and the staging window.
+pub(crate) struct TlsRx {
+    opener: RecordOpener,
+    keys: KeySchedule,
+    leftover: Vec<u8>,
+    /// Unprocessed ciphertext is `start..end` of the staging slot.
+    start: usize,
+    end: usize,
+    /// Plaintext of the current record not yet consumed.
+    plain: Range<usize>,
+    close_notify: bool,
+}
+
+impl TlsRx {
+    pub(crate) fn from(opener: RecordOpener, keys: KeySchedule, leftover: Vec<u8>) -> Self {
+        TlsRx {
+            opener,
+            keys,
+            leftover,
+            start: 0,
+            end: 0,
+            plain: 0..0,
+            close_notify: false,
+        }
+    }
+}
+
 /// Test-only fault injection: a seeded random delay before each frame, larger on lower channels.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct FrameDelay {
@@ -90,6 +131,9 @@ pub(crate) struct RecvShardParams {
     pub barrier: Arc<RoundBarrier>,
     pub abort: Arc<Abort>,
     pub progress: Arc<Progress>,
+    /// This channel's id in the abort latch (which seals its control messages under TLS).
+    pub peer: usize,
+    pub tls: Option<TlsRx>,
     pub delay: FrameDelay,
 }
 
@@ -99,24 +143,46 @@ pub(crate) struct RecvShard {
     p: RecvShardParams,
     scanner: ZeroScanner,
     frame: Box<Frame>,
+    header: [u8; FRAME_HEADER_BYTES_MAX],
     bufs: Vec<Buf>,
     stats: ShardStats,
     rng: u64,
 }
 
+/// What a read found.
+#[derive(Debug, PartialEq, Eq)]
 enum Got {
     All,
-    Eof,
+    /// The stream ended cleanly before the first byte (TCP FIN, or TLS close_notify).
+    End,
 }
 
 impl RecvShard {
-    pub(crate) fn new(p: RecvShardParams, socket: std::net::TcpStream) -> Result<Self> {
-        let ring = Ring::new(socket, p.memory.clone(), 2, SLOT_BYTES)?;
+    pub(crate) fn new(mut p: RecvShardParams, socket: std::net::TcpStream) -> Result<Self> {
+        let slot_bytes = if p.tls.is_some() {
+            SLOT_BYTES_TLS
+        } else {
+            SLOT_BYTES_PLAIN
+        };
+        let mut ring = Ring::new(socket, p.memory.clone(), 3, slot_bytes)?;
+        if let Some(tls) = p.tls.as_mut() {
+            // Bytes that arrived with the handshake belong to the first records.
+            let n = tls.leftover.len();
+            if n > slot_bytes {
+                return Err(Error::TlsMismatch(
+                    "too much data after the TLS handshake".into(),
+                ));
+            }
+            ring.slot_mut(STAGING_SLOT)[..n].copy_from_slice(&tls.leftover);
+            tls.end = n;
+            tls.leftover = Vec::new();
+        }
         Ok(RecvShard {
             channel: p.channel,
             ring,
             scanner: ZeroScanner::detect(),
             frame: Box::default(),
+            header: [0; FRAME_HEADER_BYTES_MAX],
             bufs: Vec::with_capacity(FRAME_RUNS_MAX),
             stats: ShardStats {
                 channel: p.channel,
@@ -128,7 +194,7 @@ impl RecvShard {
     }
 
     /// Runs the shard to the end of the stream. On failure the abort latch is raised here, while
-    /// this shard's ring and socket are still open, so a receiver can still tell the peer why.
+    /// this shard's ring and socket are still open, so the receiver can still tell the peer why.
     pub(crate) fn run(mut self) -> Result<ShardStats> {
         match self.run_inner() {
             Ok(()) => Ok(std::mem::take(&mut self.stats)),
@@ -144,12 +210,7 @@ impl RecvShard {
         let mut proto = ReceiverChannel::new(&region_pages);
         loop {
             let waited = Instant::now();
-            let header = [Buf::Slab {
-                slot: HEADER_SLOT,
-                offset: 0,
-                len: FRAME_FIXED_BYTES as u32,
-            }];
-            if let Got::Eof = self.recv(&header, FRAME_FIXED_BYTES as u64, true)? {
+            if self.read_header(0, FRAME_FIXED_BYTES, true)? == Got::End {
                 return Err(Error::PeerClosed {
                     channel: self.channel,
                     when: "before the end of the stream",
@@ -160,20 +221,18 @@ impl RecvShard {
                 .elapsed()
                 .min(Duration::from_millis(RING_WAIT_SLICE_MS));
             self.delay();
-            let fixed = decode_fixed(&self.ring.slot_mut(HEADER_SLOT)[..FRAME_FIXED_BYTES])
-                .map_err(|e| self.protocol(e))?;
+            let fixed =
+                decode_fixed(&self.header[..FRAME_FIXED_BYTES]).map_err(|e| self.protocol(e))?;
             let runs_bytes = fixed.runs_bytes();
             if runs_bytes > 0 {
-                let runs = [Buf::Slab {
-                    slot: HEADER_SLOT,
-                    offset: FRAME_FIXED_BYTES as u32,
-                    len: runs_bytes as u32,
-                }];
-                self.recv(&runs, runs_bytes as u64, false)?;
+                self.read_header(FRAME_FIXED_BYTES, runs_bytes, false)?;
             }
-            let slot = self.ring.slot_mut(HEADER_SLOT);
-            decode_runs(&fixed, &slot[FRAME_FIXED_BYTES..], &mut self.frame)
-                .map_err(|e| self.protocol(e))?;
+            decode_runs(
+                &fixed,
+                &self.header[FRAME_FIXED_BYTES..FRAME_FIXED_BYTES + runs_bytes],
+                &mut self.frame,
+            )
+            .map_err(|e| self.protocol(e))?;
             let event = proto.accept(&self.frame).map_err(|e| self.protocol(e))?;
             self.stats.frames += 1;
             let header_bytes = (FRAME_FIXED_BYTES + runs_bytes) as u64;
@@ -190,6 +249,7 @@ impl RecvShard {
                     idle += waited.elapsed();
                 }
                 Event::EndOfStream => {
+                    self.expect_close_notify()?;
                     self.p.barrier.wait(
                         &self.p.abort,
                         Duration::from_millis(ROUND_BARRIER_TIMEOUT_MS),
@@ -211,8 +271,34 @@ impl RecvShard {
         }
     }
 
-    /// Places a checked `Pages` frame: zero pages first (no I/O), then the payload straight into
-    /// destination memory.
+    /// Reads `len` header bytes into `self.header[at..]`.
+    fn read_header(&mut self, at: usize, len: usize, boundary: bool) -> Result<Got> {
+        if self.p.tls.is_none() {
+            let buf = [Buf::Slab {
+                slot: HEADER_SLOT,
+                offset: 0,
+                len: len as u32,
+            }];
+            let got = self.recv(&buf, len as u64, boundary)?;
+            if got == Got::All {
+                self.header[at..at + len].copy_from_slice(&self.ring.slot_mut(HEADER_SLOT)[..len]);
+            }
+            return Ok(got);
+        }
+        let mut done = 0;
+        while done < len {
+            let Some(r) = self.tls_plain(len - done, boundary && done == 0)? else {
+                return Ok(Got::End);
+            };
+            let n = r.len();
+            self.header[at + done..at + done + n]
+                .copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
+            done += n;
+        }
+        Ok(Got::All)
+    }
+
+    /// Places a checked `Pages` frame: zero pages first (no I/O), then the payload.
     fn place(&mut self) -> Result<()> {
         let frame = &*self.frame;
         let region_index = frame.region as usize;
@@ -242,7 +328,11 @@ impl RecvShard {
         let payload = u64::from(frame.payload_bytes);
         if payload > 0 {
             let bufs = std::mem::take(&mut self.bufs);
-            let got = self.recv(&bufs, payload, false);
+            let got = if self.p.tls.is_some() {
+                self.tls_place(&bufs)
+            } else {
+                self.recv(&bufs, payload, false).map(drop)
+            };
             self.bufs = bufs;
             got?;
         }
@@ -254,91 +344,224 @@ impl RecvShard {
         Ok(())
     }
 
-    /// Receives exactly `len` bytes into `bufs`. `Eof` only when the peer closed cleanly before
-    /// the first byte and `eof_ok`; a stream cut anywhere else is an error.
-    fn recv(&mut self, bufs: &[Buf], len: u64, eof_ok: bool) -> Result<Got> {
-        const TAG: u64 = 1;
-        self.ring.push_recv(TAG, bufs);
-        let started = Instant::now();
-        let completion = loop {
-            if let Some(c) = self.ring.next_completion() {
-                break c;
+    /// Copies opened plaintext into the destination ranges `bufs`, record by record.
+    fn tls_place(&mut self, bufs: &[Buf]) -> Result<()> {
+        for buf in bufs {
+            let Buf::Guest {
+                region,
+                offset,
+                len,
+            } = *buf
+            else {
+                continue;
+            };
+            let mut done = 0u64;
+            while done < u64::from(len) {
+                let Some(r) = self.tls_plain((u64::from(len) - done) as usize, false)? else {
+                    return Err(self.cut_short());
+                };
+                let n = r.len() as u64;
+                let staging = self.ring.slot_mut(STAGING_SLOT);
+                self.p.memory.regions()[region as usize].write(offset + done, &staging[r]);
+                done += n;
             }
-            if self.p.abort.is_raised() {
-                return Err(Error::Aborted);
-            }
-            // An idle channel between rounds is normal (the VMM decides when the next starts),
-            // so only a receive cut mid-frame is bounded by the idle timeout.
-            let ms = started.elapsed().as_millis() as u64;
-            if !eof_ok && ms >= IO_IDLE_TIMEOUT_MS {
-                return Err(Error::Timeout {
-                    what: format!(
-                        "waiting for the rest of a frame on channel {}",
-                        self.channel
-                    ),
-                    ms,
-                });
-            }
-            self.ring
-                .submit_and_wait(1, Duration::from_millis(RING_WAIT_SLICE_MS))?;
-        };
-        if completion.result < 0 {
-            return Err(Error::io(
-                format!("receiving on channel {}", self.channel),
-                errno(completion.result),
-            ));
         }
-        let got = completion.result as u64;
-        if got == len {
-            Ok(Got::All)
-        } else if got == 0 && eof_ok {
-            Ok(Got::Eof)
-        } else {
-            Err(Error::PeerClosed {
-                channel: self.channel,
-                when: "in the middle of a frame",
-            })
+        Ok(())
+    }
+
+    fn cut_short(&self) -> Error {
+        Error::PeerClosed {
+            channel: self.channel,
+            when: "in the middle of a frame",
         }
     }
 
-    fn send_done(&mut self) -> Result<()> {
-        let mut msg = [0u8; CONTROL_MESSAGE_BYTES_MAX];
-        let n = Control::Done.encode(&mut msg);
-        debug_assert_eq!(n, CONTROL_BYTES);
-        self.ring.slot_mut(CONTROL_SLOT)[..n].copy_from_slice(&msg[..n]);
-        const TAG: u64 = 2;
-        let buf = Buf::Slab {
-            slot: CONTROL_SLOT,
-            offset: 0,
-            len: n as u32,
-        };
-        self.ring.push_send(TAG, buf, false, false);
+    /// Up to `max` bytes of opened plaintext, as a range of the staging slot; `None` when the
+    /// stream ended (close_notify, or a FIN that `boundary` allows to be reported as an end).
+    fn tls_plain(&mut self, max: usize, boundary: bool) -> Result<Option<Range<usize>>> {
+        loop {
+            let Some(tls) = self.p.tls.as_mut() else {
+                return Ok(None);
+            };
+            if !tls.plain.is_empty() {
+                let take = max.min(tls.plain.len());
+                let r = tls.plain.start..tls.plain.start + take;
+                tls.plain.start += take;
+                return Ok(Some(r));
+            }
+            if tls.close_notify {
+                return Ok(None);
+            }
+            if !self.tls_next_record(boundary)? {
+                let closed = self.p.tls.as_ref().is_some_and(|t| t.close_notify);
+                return if closed || boundary {
+                    Ok(None)
+                } else {
+                    Err(self.cut_short())
+                };
+            }
+        }
+    }
+
+    /// Opens the next record (receiving more ciphertext as needed). Returns false at a clean
+    /// end: a close_notify (recorded), or a FIN at a frame boundary when `boundary` allows it.
+    fn tls_next_record(&mut self, boundary: bool) -> Result<bool> {
+        loop {
+            let channel = self.channel;
+            let staging = self.ring.slot_mut(STAGING_SLOT);
+            let Some(tls) = self.p.tls.as_mut() else {
+                return Ok(false);
+            };
+            let avail = tls.end - tls.start;
+            if avail >= RECORD_HEADER_BYTES {
+                let mut header = [0u8; RECORD_HEADER_BYTES];
+                header.copy_from_slice(&staging[tls.start..tls.start + RECORD_HEADER_BYTES]);
+                let total =
+                    record_len(&header).map_err(|source| Error::TlsRecord { channel, source })?;
+                if avail >= total {
+                    let at = tls.start;
+                    tls.start += total;
+                    let (ty, r) = tls
+                        .opener
+                        .open_in_place(&mut staging[at..at + total])
+                        .map_err(|source| Error::TlsRecord { channel, source })?;
+                    let plain = at + r.start..at + r.end;
+                    match ty {
+                        CONTENT_APPLICATION_DATA => {
+                            tls.plain = plain;
+                            if !tls.plain.is_empty() {
+                                return Ok(true);
+                            }
+                        }
+                        CONTENT_ALERT => {
+                            if staging[plain.clone()] == crate::pipeline::seal::CLOSE_NOTIFY_ALERT {
+                                tls.close_notify = true;
+                                return Ok(false);
+                            }
+                            return Err(alert_error(channel, &staging[plain]));
+                        }
+                        CONTENT_HANDSHAKE
+                            if staging[plain.clone()].len() == KEY_UPDATE_MESSAGE.len()
+                                && staging[plain.clone()][..4] == KEY_UPDATE_MESSAGE[..4] =>
+                        {
+                            let secrets = tls.keys.update_rx()?;
+                            tls.opener = RecordOpener::new(&secrets, 0)
+                                .map_err(|source| Error::TlsRecord { channel, source })?;
+                        }
+                        other => {
+                            return Err(Error::TlsMismatch(format!(
+                                "unexpected TLS content type {other} on channel {channel}"
+                            )))
+                        }
+                    }
+                    continue;
+                }
+            }
+            // Need more ciphertext: make room, then receive whatever is available.
+            if tls.start > 0 && tls.end + RECORD_BYTES_MAX > staging.len() {
+                staging.copy_within(tls.start..tls.end, 0);
+                tls.end -= tls.start;
+                tls.start = 0;
+            }
+            let buf = Buf::Slab {
+                slot: STAGING_SLOT,
+                offset: tls.end as u32,
+                len: (staging.len() - tls.end) as u32,
+            };
+            let at_boundary = boundary && tls.end == tls.start;
+            let n = self.recv_some(buf, at_boundary)?;
+            if n == 0 {
+                if at_boundary {
+                    return Err(Error::PeerClosed {
+                        channel,
+                        when: "without TLS close_notify (the stream was cut short)",
+                    });
+                }
+                return Err(self.cut_short());
+            }
+            if let Some(tls) = self.p.tls.as_mut() {
+                tls.end += n;
+            }
+        }
+    }
+
+    /// After the end-of-stream frame a TLS channel must close with close_notify: a stream cut
+    /// short is an error, never a silent short transfer.
+    fn expect_close_notify(&mut self) -> Result<()> {
+        if self.p.tls.is_none() {
+            return Ok(());
+        }
+        match self.tls_plain(1, false) {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(self.protocol(ProtocolError::AfterEnd)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for one completion of the op tagged `tag`, bounded by the idle timeout when
+    /// `bounded`; an idle channel between rounds is normal (the VMM decides when the next starts).
+    fn wait_one(&mut self, bounded: bool, what: &str) -> Result<i32> {
         let started = Instant::now();
         loop {
             if let Some(c) = self.ring.next_completion() {
                 if c.result < 0 {
                     return Err(Error::io(
-                        format!(
-                            "confirming the end of the transfer on channel {}",
-                            self.channel
-                        ),
+                        format!("{what} on channel {}", self.channel),
                         errno(c.result),
                     ));
                 }
-                return Ok(());
+                return Ok(c.result);
             }
             if self.p.abort.is_raised() {
                 return Err(Error::Aborted);
             }
-            if started.elapsed().as_millis() as u64 >= IO_IDLE_TIMEOUT_MS {
+            let ms = started.elapsed().as_millis() as u64;
+            if bounded && ms >= IO_IDLE_TIMEOUT_MS {
                 return Err(Error::Timeout {
-                    what: "sending the end-of-transfer confirmation".into(),
-                    ms: IO_IDLE_TIMEOUT_MS,
+                    what: format!("{what} on channel {}", self.channel),
+                    ms,
                 });
             }
             self.ring
                 .submit_and_wait(1, Duration::from_millis(RING_WAIT_SLICE_MS))?;
         }
+    }
+
+    /// Receives exactly `len` bytes into `bufs`. `End` only when the peer closed cleanly before
+    /// the first byte and `boundary`; a stream cut anywhere else is an error.
+    fn recv(&mut self, bufs: &[Buf], len: u64, boundary: bool) -> Result<Got> {
+        self.ring.push_recv(1, bufs);
+        let got = self.wait_one(!boundary, "receiving")? as u64;
+        if got == len {
+            Ok(Got::All)
+        } else if got == 0 && boundary {
+            Ok(Got::End)
+        } else {
+            Err(self.cut_short())
+        }
+    }
+
+    /// Receives what is available into `buf`; 0 at end of stream.
+    fn recv_some(&mut self, buf: Buf, boundary: bool) -> Result<usize> {
+        self.ring.push_recv_some(1, buf);
+        Ok(self.wait_one(!boundary, "receiving")? as usize)
+    }
+
+    fn send_done(&mut self) -> Result<()> {
+        let mut msg = [0u8; CONTROL_WIRE_BYTES_MAX];
+        let n = self
+            .p
+            .abort
+            .encode_control(self.p.peer, &Control::Done, &mut msg)?;
+        self.ring.slot_mut(CONTROL_SLOT)[..n].copy_from_slice(&msg[..n]);
+        let buf = Buf::Slab {
+            slot: CONTROL_SLOT,
+            offset: 0,
+            len: n as u32,
+        };
+        self.ring.push_send(2, buf, false, false);
+        self.wait_one(true, "confirming the end of the transfer")?;
+        Ok(())
     }
 
     fn delay(&mut self) {

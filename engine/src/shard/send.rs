@@ -29,14 +29,21 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::limits::{
-    CHAIN_FRAMES_MAX, CONTROL_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_RUNS_MAX, IO_IDLE_TIMEOUT_MS,
-    PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+    CHAIN_FRAMES_MAX, CONTROL_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX,
+    FRAME_RUNS_MAX, IO_IDLE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX,
+    ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
+use crate::pipeline::seal::{
+    record_len, RecordSealer, CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
+    CONTENT_HANDSHAKE, KEY_UPDATE_MESSAGE, RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES,
+    RECORD_PLAINTEXT_BYTES_MAX,
+};
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
 use crate::protocol::{Frame, ProtocolError, SenderChannel};
 use crate::stats::{add, Progress, ShardStats};
+use crate::tls::{alert_error, TlsSession};
 use crate::uring::{errno, Buf, Ring, Wait};
 
 use super::Abort;
@@ -64,10 +71,21 @@ pub(crate) enum ShardEvent {
 }
 
 const CONTROL_SLOT: u16 = SHARD_FRAMES_IN_FLIGHT_MAX as u16;
-const SLOT_BYTES: usize = 2048;
+const SLOT_BYTES_PLAIN: usize = 2048;
+/// Records one frame's plaintext (header plus payload) fills at most.
+const FRAME_RECORDS_MAX: usize =
+    (FRAME_HEADER_BYTES_MAX + FRAME_PAYLOAD_BYTES_MAX).div_ceil(RECORD_PLAINTEXT_BYTES_MAX);
+/// A TLS slot holds a frame's records, plus a key update before and a close_notify after them.
+const SLOT_BYTES_TLS: usize = (FRAME_HEADER_BYTES_MAX
+    + FRAME_PAYLOAD_BYTES_MAX
+    + (FRAME_RECORDS_MAX + 2) * RECORD_OVERHEAD_BYTES
+    + KEY_UPDATE_MESSAGE.len()
+    + CLOSE_NOTIFY_ALERT.len())
+.next_multiple_of(4096);
 const CONTROL_TAG: u64 = u64::MAX - 1;
-const _: () =
-    assert!(FRAME_HEADER_BYTES_MAX <= SLOT_BYTES && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES);
+const _: () = assert!(
+    FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -113,6 +131,10 @@ pub(crate) struct SendShardParams {
     pub events: Sender<ShardEvent>,
     pub abort: Arc<Abort>,
     pub progress: Arc<Progress>,
+    /// The channel's TLS session: frames are sealed into their slots before submission.
+    pub tls: Option<TlsSession>,
+    /// Records per TLS key before a key update.
+    pub tls_records_per_key: u64,
 }
 
 pub(crate) struct SendShard {
@@ -140,19 +162,27 @@ pub(crate) struct SendShard {
     progress: Arc<Progress>,
     stats: ShardStats,
     last_progress: Instant,
+    tls: Option<TlsSession>,
+    tls_records_per_key: u64,
+    header: [u8; FRAME_HEADER_BYTES_MAX],
 }
 
 impl SendShard {
     pub(crate) fn new(p: SendShardParams, socket: std::net::TcpStream) -> Result<Self> {
+        let slot_bytes = if p.tls.is_some() {
+            SLOT_BYTES_TLS
+        } else {
+            SLOT_BYTES_PLAIN
+        };
         let mut ring = Ring::new(
             socket,
             p.memory.clone(),
             SHARD_FRAMES_IN_FLIGHT_MAX + 1,
-            SLOT_BYTES,
+            slot_bytes,
         )?;
         let caps = ring.caps();
         let zero_copy_now = caps.send_zc && p.zero_copy != ZeroCopy::Off;
-        if p.zero_copy == ZeroCopy::On {
+        if p.zero_copy == ZeroCopy::On && p.tls.is_none() {
             if !caps.send_zc {
                 return Err(Error::Unsupported(
                     "IORING_OP_SEND_ZC (zero-copy send), which --zero-copy on requires",
@@ -205,6 +235,9 @@ impl SendShard {
             progress: p.progress,
             stats,
             last_progress: Instant::now(),
+            tls: p.tls,
+            tls_records_per_key: p.tls_records_per_key,
+            header: [0; FRAME_HEADER_BYTES_MAX],
         })
     }
 
@@ -314,13 +347,14 @@ impl SendShard {
                     Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
                 },
             };
-            self.build(slot, work);
+            self.build(slot, work)?;
         }
         Ok(())
     }
 
-    /// Scans a chunk (or makes a marker) and encodes its frame into `slot`.
-    fn build(&mut self, slot: u16, work: Work) {
+    /// Scans a chunk (or makes a marker) and encodes its frame into `slot`: header plus payload
+    /// pieces straight from guest memory, or, with TLS, the whole frame sealed into records.
+    fn build(&mut self, slot: u16, work: Work) -> Result<()> {
         let frame = &mut *self.frame;
         let s = &mut self.slots[usize::from(slot)];
         s.marker = Marker::None;
@@ -366,20 +400,52 @@ impl SendShard {
                 self.finishing = true;
             }
         }
-        let header = frame
-            .encode(self.ring.slot_mut(slot))
-            .expect("a slot holds FRAME_HEADER_BYTES_MAX");
-        s.pieces[0] = Buf::Slab {
-            slot,
-            offset: 0,
-            len: header as u32,
-        };
-        s.bytes = header as u64 + payload;
+        if let Some(tls) = self.tls.as_mut() {
+            let header = frame
+                .encode(&mut self.header)
+                .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
+            let out = self.ring.slot_mut(slot);
+            let sealed = seal_frame(
+                tls,
+                self.tls_records_per_key,
+                &self.header[..header],
+                frame,
+                &self.memory,
+                s.marker == Marker::EndOfStream,
+                out,
+            )
+            .map_err(|source| Error::TlsRecord {
+                channel: self.channel,
+                source,
+            });
+            let sealed = match sealed {
+                Ok(n) => n,
+                Err(e) => return Err(e),
+            };
+            s.pieces[0] = Buf::Slab {
+                slot,
+                offset: 0,
+                len: sealed as u32,
+            };
+            s.n_pieces = 1;
+            s.bytes = sealed as u64;
+        } else {
+            let header = frame
+                .encode(self.ring.slot_mut(slot))
+                .expect("a slot holds FRAME_HEADER_BYTES_MAX");
+            s.pieces[0] = Buf::Slab {
+                slot,
+                offset: 0,
+                len: header as u32,
+            };
+            s.bytes = header as u64 + payload;
+        }
         s.state = SlotState::Ready;
         self.stats.frames += 1;
         self.stats.wire_bytes += s.bytes;
         add(&self.progress.wire_bytes, s.bytes);
         self.ready.push_back(slot);
+        Ok(())
     }
 
     /// Links ready frames into one chain and submits it.
@@ -591,6 +657,9 @@ impl SendShard {
             });
         }
         self.control_len += result as usize;
+        if self.tls.is_some() {
+            return self.on_control_records();
+        }
         let channel = self.channel;
         let bytes = &self.ring.slot_mut(CONTROL_SLOT)[..self.control_len];
         let decoded =
@@ -606,7 +675,14 @@ impl SendShard {
                 self.post_control_recv(need);
                 Ok(())
             }
-            Some((Control::Done, _)) => {
+            Some((msg, _)) => self.on_control_message(msg),
+        }
+    }
+
+    fn on_control_message(&mut self, msg: Control) -> Result<()> {
+        let channel = self.channel;
+        match msg {
+            Control::Done => {
                 if !self.finishing {
                     return Err(Error::Protocol {
                         channel,
@@ -616,9 +692,148 @@ impl SendShard {
                 self.done_received = true;
                 Ok(())
             }
-            Some((Control::Abort { reason, .. }, _)) => Err(Error::PeerAborted { channel, reason }),
+            Control::Abort { reason, .. } => Err(Error::PeerAborted { channel, reason }),
         }
     }
+
+    /// TLS: opens every complete record in the control slot, then asks for the rest.
+    fn on_control_records(&mut self) -> Result<()> {
+        let channel = self.channel;
+        let record = |source| Error::TlsRecord { channel, source };
+        loop {
+            let len = self.control_len;
+            let buf = self.ring.slot_mut(CONTROL_SLOT);
+            if len < RECORD_HEADER_BYTES {
+                self.post_control_recv(RECORD_HEADER_BYTES);
+                return Ok(());
+            }
+            let mut header = [0u8; RECORD_HEADER_BYTES];
+            header.copy_from_slice(&buf[..RECORD_HEADER_BYTES]);
+            let total = record_len(&header).map_err(record)?;
+            if total > CONTROL_MESSAGE_BYTES_MAX + RECORD_OVERHEAD_BYTES {
+                return Err(Error::TlsMismatch(format!(
+                    "control record of {total} bytes on channel {channel} is larger than any control message"
+                )));
+            }
+            if len < total {
+                self.post_control_recv(total);
+                return Ok(());
+            }
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(());
+            };
+            let (ty, r) = tls
+                .opener
+                .open_in_place(&mut buf[..total])
+                .map_err(record)?;
+            let plain = buf[r].to_vec();
+            buf.copy_within(total..len, 0);
+            self.control_len = len - total;
+            match ty {
+                CONTENT_APPLICATION_DATA => {
+                    let decoded = Control::decode(&plain)
+                        .map_err(|source| Error::Protocol { channel, source })?;
+                    match decoded {
+                        Some((msg, _)) => self.on_control_message(msg)?,
+                        None => {
+                            return Err(Error::Protocol {
+                                channel,
+                                source: ProtocolError::Truncated {
+                                    what: "control message",
+                                    need: CONTROL_BYTES,
+                                    have: plain.len(),
+                                },
+                            })
+                        }
+                    }
+                }
+                CONTENT_ALERT if plain == CLOSE_NOTIFY_ALERT && self.done_received => return Ok(()),
+                CONTENT_ALERT => return Err(alert_error(channel, &plain)),
+                CONTENT_HANDSHAKE => {
+                    let secrets = tls.keys.update_rx()?;
+                    tls.opener =
+                        crate::pipeline::seal::RecordOpener::new(&secrets, 0).map_err(record)?;
+                }
+                other => {
+                    return Err(Error::TlsMismatch(format!(
+                        "unexpected TLS content type {other} on channel {channel}"
+                    )))
+                }
+            }
+            if self.done_received {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Seals one frame (header, then the payload copied from guest memory) into `out` as TLS
+/// records of 16 KiB of plaintext, preceded by a key update when the key has sealed its share,
+/// followed by close_notify after the end-of-stream frame. Returns the bytes written. The copy
+/// out of guest memory lands in the record, where the AEAD encrypts it in place while it is
+/// still in cache: one pass over the data.
+fn seal_frame(
+    tls: &mut TlsSession,
+    records_per_key: u64,
+    header: &[u8],
+    frame: &Frame,
+    memory: &GuestMemory,
+    close: bool,
+    out: &mut [u8],
+) -> std::result::Result<usize, crate::pipeline::seal::RecordError> {
+    let mut at = 0;
+    if tls.sealer.sequence() >= records_per_key {
+        at += tls
+            .sealer
+            .seal(&KEY_UPDATE_MESSAGE, CONTENT_HANDSHAKE, &mut out[at..])?;
+        let secrets = tls
+            .keys
+            .update_tx()
+            .map_err(|_| crate::pipeline::seal::RecordError::UnsupportedSuite)?;
+        tls.sealer = RecordSealer::new(&secrets, 0)?;
+    }
+    let region = &memory.regions()[frame.region as usize];
+    let runs = frame.normal_runs();
+    let (mut header_at, mut run, mut run_at) = (0usize, 0usize, 0u64);
+    loop {
+        let record = &mut out[at..];
+        let mut filled = 0;
+        while filled < RECORD_PLAINTEXT_BYTES_MAX {
+            let room = RECORD_PLAINTEXT_BYTES_MAX - filled;
+            let dst = RECORD_HEADER_BYTES + filled;
+            if header_at < header.len() {
+                let n = room.min(header.len() - header_at);
+                record[dst..dst + n].copy_from_slice(&header[header_at..header_at + n]);
+                header_at += n;
+                filled += n;
+            } else if run < runs.len() {
+                let run_bytes = u64::from(runs[run].pages) * PAGE_BYTES as u64;
+                let n = (room as u64).min(run_bytes - run_at);
+                let offset = runs[run].first_page * PAGE_BYTES as u64 + run_at;
+                region.read(offset, &mut record[dst..dst + n as usize]);
+                run_at += n;
+                filled += n as usize;
+                if run_at == run_bytes {
+                    run += 1;
+                    run_at = 0;
+                }
+            } else {
+                break;
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        at += tls
+            .sealer
+            .seal_in_place(record, filled, CONTENT_APPLICATION_DATA)?;
+    }
+    if close {
+        at += tls
+            .sealer
+            .seal(&CLOSE_NOTIFY_ALERT, CONTENT_ALERT, &mut out[at..])?;
+    }
+    Ok(at)
 }
 
 /// `buf` without its first `skip` bytes.

@@ -429,6 +429,15 @@ impl Ring {
         }
     }
 
+    /// Pushes a receive of whatever is available, up to `buf`'s length (no `MSG_WAITALL`).
+    pub(crate) fn push_recv_some(&mut self, tag: u64, buf: Buf) {
+        let fd = types::Fd(self.socket.as_raw_fd());
+        let ptr = self.addr(buf);
+        let entry = opcode::Recv::new(fd, ptr, buf.len()).build();
+        let id = self.take_op(tag, Self::slot_of(buf), None);
+        self.push_entry(entry.user_data(u64::from(id)));
+    }
+
     fn vectored_entry(
         &mut self,
         bufs: &[Buf],

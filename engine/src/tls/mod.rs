@@ -1,0 +1,461 @@
+//! TLS 1.3 on every channel, mutually authenticated with X.509.
+//!
+//! # Where the handshake runs, and why
+//! Each channel's handshake runs on its own thread *before* its shard starts (the sender connects
+//! and handshakes all channels in parallel; the receiver handshakes each accepted connection on a
+//! thread of its own), over the blocking socket, driven through rustls's unbuffered API. The
+//! handshake is a few round trips of small messages with certificate checks: it gains nothing
+//! from io_uring, and keeping it out of the shard keeps the shard's loop a single protocol phase.
+//! When it completes, the connection is turned into a rustls `KernelConnection`: rustls keeps the
+//! key schedule (for key updates), and pagewire takes the traffic keys and seals and opens
+//! records itself ([`crate::pipeline::seal`]), straight into the shard's registered buffers.
+//! The pagewire hello and reply then travel inside TLS as ordinary sealed records.
+//!
+//! Only TLS 1.3, only with a client certificate; the client checks the server's name
+//! (`--tls-hostname`, QEMU's `tls-hostname`). Session tickets are off (one session per channel,
+//! never resumed), so nothing but our own records follows the handshake.
+
+pub mod certs;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection, WebPkiClientVerifier};
+use rustls::unbuffered::ConnectionState;
+use rustls::{ClientConfig, ConnectionTrafficSecrets, RootCertStore, ServerConfig};
+
+use crate::error::{Error, Result};
+use crate::pipeline::seal::{
+    alert_name, record_len, RecordOpener, RecordSealer, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
+    RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
+};
+
+/// Bytes of buffer each direction of a handshake may use (certificate chains fit easily).
+const HANDSHAKE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Records sealed with one key before the sender rotates it with a TLS KeyUpdate. AES-GCM's
+/// confidentiality limit is 2^24.5 full records (RFC 8446 §5.5); 2^24 × 16 KiB = 256 GiB per key.
+pub const RECORDS_PER_KEY_MAX: u64 = 1 << 24;
+
+/// Paths of one side's TLS material, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// This side's certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// This side's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA certificate(s) the peer's chain must lead to.
+    pub ca: PathBuf,
+}
+
+/// Loaded TLS material.
+#[derive(Debug)]
+pub struct TlsIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: RootCertStore,
+}
+
+fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::io(format!("reading the TLS {what} {}", path.display()), e))
+}
+
+impl TlsFiles {
+    /// Reads and parses the three files; every problem names the file.
+    pub fn load(&self) -> Result<TlsIdentity> {
+        let certs = |path: &Path, what: &str| -> Result<Vec<CertificateDer<'static>>> {
+            let pem = read_pem(path, what)?;
+            let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| Error::io(format!("parsing the TLS {what} {}", path.display()), e))?;
+            if certs.is_empty() {
+                return Err(Error::TlsConfig(format!(
+                    "{} holds no PEM certificate (expected the {what})",
+                    path.display()
+                )));
+            }
+            Ok(certs)
+        };
+        let chain = certs(&self.cert, "certificate")?;
+        let ca = certs(&self.ca, "CA certificate")?;
+        let pem = read_pem(&self.key, "private key")?;
+        let key = rustls_pemfile::private_key(&mut pem.as_slice())
+            .map_err(|e| {
+                Error::io(
+                    format!("parsing the TLS private key {}", self.key.display()),
+                    e,
+                )
+            })?
+            .ok_or_else(|| {
+                Error::TlsConfig(format!("{} holds no PEM private key", self.key.display()))
+            })?;
+        let mut roots = RootCertStore::empty();
+        for c in ca {
+            roots.add(c).map_err(|e| {
+                Error::TlsConfig(format!(
+                    "{} is not a usable CA certificate: {e}",
+                    self.ca.display()
+                ))
+            })?;
+        }
+        Ok(TlsIdentity { chain, key, roots })
+    }
+}
+
+/// aws-lc-rs, offering TLS 1.3 suites in the order pagewire prefers: AES-128-GCM first (fewer AES
+/// rounds than AES-256, so more bytes per core with AES-NI), then AES-256-GCM, then
+/// ChaCha20-Poly1305 for CPUs without AES instructions.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::cipher_suite;
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+fn config_error(e: rustls::Error) -> Error {
+    let hint = match e {
+        rustls::Error::InconsistentKeys(_) => " (the private key does not match the certificate)",
+        _ => "",
+    };
+    Error::TlsConfig(format!("{e}{hint}"))
+}
+
+/// A sender's TLS set-up: identity, trusted CA, and the name the receiver must have.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl TlsClient {
+    /// Builds the client side; `hostname` is checked against the receiver's certificate.
+    pub fn new(identity: TlsIdentity, hostname: &str) -> Result<Self> {
+        let server_name = ServerName::try_from(hostname.to_string())
+            .map_err(|_| Error::TlsConfig(format!("{hostname:?} is not a valid TLS host name")))?;
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_root_certificates(identity.roots)
+            .with_client_auth_cert(identity.chain, identity.key)
+            .map_err(config_error)?;
+        config.enable_secret_extraction = true;
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(TlsClient {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+}
+
+/// A receiver's TLS set-up: identity and the CA client certificates must lead to.
+#[derive(Clone)]
+pub struct TlsServer {
+    config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsServer")
+    }
+}
+
+impl TlsServer {
+    /// Builds the server side, requiring a client certificate from `identity`'s CA.
+    pub fn new(identity: TlsIdentity) -> Result<Self> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(identity.roots), provider())
+                .build()
+                .map_err(|e| Error::TlsConfig(format!("client certificate verifier: {e}")))?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(identity.chain, identity.key)
+            .map_err(config_error)?;
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
+        Ok(TlsServer {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// rustls's key schedule for one connection, kept for key updates.
+pub(crate) enum KeySchedule {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl KeySchedule {
+    pub(crate) fn update_tx(&mut self) -> Result<ConnectionTrafficSecrets> {
+        match self {
+            KeySchedule::Client(k) => k.update_tx_secret(),
+            KeySchedule::Server(k) => k.update_tx_secret(),
+        }
+        .map(|(_, s)| s)
+        .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))
+    }
+
+    pub(crate) fn update_rx(&mut self) -> Result<ConnectionTrafficSecrets> {
+        match self {
+            KeySchedule::Client(k) => k.update_rx_secret(),
+            KeySchedule::Server(k) => k.update_rx_secret(),
+        }
+        .map(|(_, s)| s)
+        .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))
+    }
+}
+
+/// One channel's TLS state after the handshake.
+pub(crate) struct TlsSession {
+    pub sealer: RecordSealer,
+    pub opener: RecordOpener,
+    pub keys: KeySchedule,
+    /// Bytes received after the handshake that belong to our records.
+    pub leftover: Vec<u8>,
+    /// Plaintext rustls opened before the handshake was handed over (the first message).
+    pub early: Vec<u8>,
+}
+
+fn handshake_failed(channel: u16, e: rustls::Error) -> Error {
+    Error::TlsHandshake { channel, source: e }
+}
+
+/// Runs a handshake to completion on a blocking socket. Returns bytes read past the handshake.
+macro_rules! drive_handshake {
+    ($conn:expr, $stream:expr, $channel:expr, $plaintext_hint:expr) => {{
+        let mut incoming = vec![0u8; HANDSHAKE_BUFFER_BYTES];
+        let mut in_len = 0usize;
+        let mut outgoing = vec![0u8; HANDSHAKE_BUFFER_BYTES];
+        let mut out_len = 0usize;
+        let mut early = Vec::new();
+        loop {
+            let status = $conn.process_tls_records(&mut incoming[..in_len]);
+            let mut discard = status.discard;
+            let mut need_read = false;
+            let mut maybe_done = false;
+            match status.state {
+                Err(e) => return Err(handshake_failed($channel, e)),
+                Ok(ConnectionState::EncodeTlsData(mut st)) => {
+                    out_len += st.encode(&mut outgoing[out_len..]).map_err(|e| {
+                        Error::TlsConfig(format!("encoding a handshake message: {e}"))
+                    })?;
+                }
+                Ok(ConnectionState::TransmitTlsData(st)) => {
+                    (&*$stream).write_all(&outgoing[..out_len]).map_err(|e| {
+                        Error::io(
+                            format!("sending the TLS handshake on channel {}", $channel),
+                            e,
+                        )
+                    })?;
+                    out_len = 0;
+                    st.done();
+                }
+                Ok(ConnectionState::BlockedHandshake) => need_read = true,
+                Ok(ConnectionState::WriteTraffic(_)) => maybe_done = true,
+                // The peer's first sealed message can arrive in the same read as its Finished;
+                // rustls then opens it during the handshake. Keep its plaintext for the caller
+                // (the extracted sequence numbers already count it).
+                Ok(ConnectionState::ReadTraffic(mut st)) => {
+                    while let Some(record) = st.next_record() {
+                        let record = record.map_err(|e| handshake_failed($channel, e))?;
+                        discard += record.discard;
+                        early.extend_from_slice(record.payload);
+                    }
+                }
+                Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                    return Err(Error::PeerClosed {
+                        channel: $channel,
+                        when: "during the TLS handshake",
+                    })
+                }
+                Ok(_) => {
+                    return Err(Error::TlsConfig(
+                        "unexpected application data during the TLS handshake".into(),
+                    ))
+                }
+            }
+            if discard > 0 {
+                incoming.copy_within(discard..in_len, 0);
+                in_len -= discard;
+            }
+            if maybe_done {
+                if !$conn.is_handshaking() {
+                    break;
+                }
+                need_read = true;
+            }
+            if need_read {
+                if in_len == incoming.len() {
+                    return Err(Error::TlsConfig("TLS handshake message too large".into()));
+                }
+                let n = (&*$stream).read(&mut incoming[in_len..]).map_err(|e| {
+                    Error::io(
+                        format!("reading the TLS handshake on channel {}", $channel),
+                        e,
+                    )
+                })?;
+                if n == 0 {
+                    return Err(Error::PeerClosed {
+                        channel: $channel,
+                        when: "during the TLS handshake",
+                    });
+                }
+                in_len += n;
+                if incoming[..in_len.min(8)] == b"PAGEWIRE"[..in_len.min(8)] && in_len >= 4 {
+                    return Err(Error::TlsMismatch($plaintext_hint.to_string()));
+                }
+            }
+        }
+        incoming.truncate(in_len);
+        (incoming, early)
+    }};
+}
+
+fn session(
+    secrets: rustls::ExtractedSecrets,
+    keys: KeySchedule,
+    (leftover, early): (Vec<u8>, Vec<u8>),
+) -> Result<TlsSession> {
+    let record = |e| Error::TlsConfig(format!("TLS record keys: {e}"));
+    Ok(TlsSession {
+        sealer: RecordSealer::new(&secrets.tx.1, secrets.tx.0).map_err(record)?,
+        opener: RecordOpener::new(&secrets.rx.1, secrets.rx.0).map_err(record)?,
+        keys,
+        leftover,
+        early,
+    })
+}
+
+/// The sender's side of a channel's handshake.
+pub(crate) fn client_handshake(
+    stream: &TcpStream,
+    tls: &TlsClient,
+    channel: u16,
+) -> Result<TlsSession> {
+    let mut conn = UnbufferedClientConnection::new(tls.config.clone(), tls.server_name.clone())
+        .map_err(|e| handshake_failed(channel, e))?;
+    let leftover = drive_handshake!(
+        conn,
+        stream,
+        channel,
+        "the receiver answered in plaintext: it runs without TLS (give it --tls-cert, --tls-key and --tls-ca)"
+    );
+    let (secrets, kernel) = conn
+        .dangerous_into_kernel_connection()
+        .map_err(|e| handshake_failed(channel, e))?;
+    session(secrets, KeySchedule::Client(kernel), leftover)
+}
+
+/// The receiver's side of a channel's handshake.
+pub(crate) fn server_handshake(
+    stream: &TcpStream,
+    tls: &TlsServer,
+    channel: u16,
+) -> Result<TlsSession> {
+    let mut conn = UnbufferedServerConnection::new(tls.config.clone())
+        .map_err(|e| handshake_failed(channel, e))?;
+    let leftover = drive_handshake!(
+        conn,
+        stream,
+        channel,
+        "the sender speaks plaintext pagewire, but this receiver requires TLS"
+    );
+    let (secrets, kernel) = conn
+        .dangerous_into_kernel_connection()
+        .map_err(|e| handshake_failed(channel, e))?;
+    session(secrets, KeySchedule::Server(kernel), leftover)
+}
+
+impl TlsSession {
+    /// Seals `plaintext` as one application-data record and writes it (blocking; handshake phase).
+    pub(crate) fn write_message(&mut self, stream: &TcpStream, plaintext: &[u8]) -> Result<()> {
+        let mut buf = vec![0u8; plaintext.len() + RECORD_BYTES_MAX];
+        let n = self
+            .sealer
+            .seal(plaintext, CONTENT_APPLICATION_DATA, &mut buf)
+            .map_err(|source| Error::TlsRecord {
+                channel: u16::MAX,
+                source,
+            })?;
+        (&*stream)
+            .write_all(&buf[..n])
+            .map_err(|e| Error::io("sending over TLS", e))
+    }
+
+    /// Reads one record (blocking; handshake phase) and returns its application-data plaintext.
+    /// Alerts become errors naming the alert.
+    pub(crate) fn read_message(&mut self, stream: &TcpStream, channel: u16) -> Result<Vec<u8>> {
+        if !self.early.is_empty() {
+            return Ok(std::mem::take(&mut self.early));
+        }
+        let mut buf = std::mem::take(&mut self.leftover);
+        loop {
+            if buf.len() >= RECORD_HEADER_BYTES {
+                let mut header = [0u8; RECORD_HEADER_BYTES];
+                header.copy_from_slice(&buf[..RECORD_HEADER_BYTES]);
+                let total =
+                    record_len(&header).map_err(|source| Error::TlsRecord { channel, source })?;
+                if buf.len() >= total {
+                    let (ty, range) = self
+                        .opener
+                        .open_in_place(&mut buf[..total])
+                        .map_err(|source| Error::TlsRecord { channel, source })?;
+                    let plain = buf[range].to_vec();
+                    self.leftover = buf[total..].to_vec();
+                    return match ty {
+                        CONTENT_APPLICATION_DATA => Ok(plain),
+                        CONTENT_ALERT => Err(alert_error(channel, &plain)),
+                        other => Err(Error::TlsMismatch(format!(
+                            "unexpected TLS content type {other} on channel {channel}"
+                        ))),
+                    };
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = (&*stream)
+                .read(&mut chunk)
+                .map_err(|e| Error::io(format!("reading over TLS on channel {channel}"), e))?;
+            if n == 0 {
+                return Err(Error::PeerClosed {
+                    channel,
+                    when: "before answering the handshake",
+                });
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The error for a received alert record's plaintext.
+pub(crate) fn alert_error(channel: u16, plain: &[u8]) -> Error {
+    let description = plain.get(1).copied().unwrap_or(255);
+    if description == 0 {
+        return Error::PeerClosed {
+            channel,
+            when: "(TLS close_notify) before the transfer was complete",
+        };
+    }
+    Error::TlsMismatch(format!(
+        "the peer sent the TLS alert {} ({description}) on channel {channel}",
+        alert_name(description)
+    ))
+}
