@@ -74,8 +74,8 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Milliseconds a receiver waits for every channel of a transfer once the first has arrived.
 pub const CHANNELS_GATHER_TIMEOUT_MS: u64 = 10_000;
 
-/// Milliseconds a shard waits for any progress on its connection before declaring the peer gone.
-/// TCP keeps a vanished host's socket open for minutes; this bounds it.
+/// Milliseconds a shard waits for any progress (on any channel of its transfer) before declaring
+/// the peer gone. TCP keeps a vanished host's socket open for minutes; this bounds it.
 pub const IO_IDLE_TIMEOUT_MS: u64 = 30_000;
 
 /// Milliseconds one wait on the ring may block before the shard rechecks the abort flag.
@@ -87,8 +87,10 @@ pub const ROUND_BARRIER_TIMEOUT_MS: u64 = 60_000;
 /// Milliseconds a sender waits, after its end-of-stream marker, for the receiver's confirmation.
 pub const FINISH_TIMEOUT_MS: u64 = 60_000;
 
-/// Milliseconds a TCP connection may hold unacknowledged data (TCP_USER_TIMEOUT).
-pub const TCP_USER_TIMEOUT_MS: u32 = 30_000;
+/// Milliseconds a TCP connection may hold unacknowledged data (TCP_USER_TIMEOUT). Longer than
+/// `ROUND_BARRIER_TIMEOUT_MS`: a receiver legitimately stops reading a channel while that channel
+/// waits at a round barrier, and the zero window must not kill the connection meanwhile.
+pub const TCP_USER_TIMEOUT_MS: u32 = 90_000;
 
 /// Seconds of silence before TCP keepalive starts probing a connection.
 pub const TCP_KEEPALIVE_IDLE_S: i32 = 10;

@@ -529,16 +529,23 @@ impl RecvShard {
 
     /// Receives exactly `len` bytes into `bufs`. `End` only when the peer closed cleanly before
     /// the first byte and `boundary`; a stream cut anywhere else is an error.
+    /// A `MSG_WAITALL` receive can still complete short (a signal, or io_uring's retry limit),
+    /// so the rest is posted again; only 0 means the peer closed.
     fn recv(&mut self, bufs: &[Buf], len: u64, boundary: bool) -> Result<Got> {
-        self.ring.push_recv(1, bufs);
-        let got = self.wait_one(!boundary, "receiving")? as u64;
-        if got == len {
-            Ok(Got::All)
-        } else if got == 0 && boundary {
-            Ok(Got::End)
-        } else {
-            Err(self.cut_short())
+        let mut done = 0u64;
+        while done < len {
+            self.ring.push_recv(1, bufs, done);
+            let got = self.wait_one(!boundary || done > 0, "receiving")? as u64;
+            if got == 0 {
+                return if done == 0 && boundary {
+                    Ok(Got::End)
+                } else {
+                    Err(self.cut_short())
+                };
+            }
+            done += got;
         }
+        Ok(Got::All)
     }
 
     /// Receives what is available into `buf`; 0 at end of stream.
@@ -559,7 +566,7 @@ impl RecvShard {
             offset: 0,
             len: n as u32,
         };
-        self.ring.push_send(2, buf, false, false);
+        self.ring.push_send(2, buf, false, false, None);
         self.wait_one(true, "confirming the end of the transfer")?;
         Ok(())
     }

@@ -29,9 +29,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::limits::{
-    CHAIN_FRAMES_MAX, CONTROL_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX,
-    FRAME_RUNS_MAX, IO_IDLE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX,
-    ZC_PROBE_SENDS,
+    CHAIN_FRAMES_MAX, CONTROL_BYTES, FINISH_TIMEOUT_MS, FRAME_HEADER_BYTES_MAX,
+    FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, IO_IDLE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS,
+    SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::seal::{
@@ -44,7 +44,7 @@ use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
 use crate::protocol::{Frame, ProtocolError, SenderChannel};
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, TlsSession};
-use crate::uring::{errno, Buf, Ring, Wait};
+use crate::uring::{advance, errno, Buf, Ring, Wait};
 
 use super::Abort;
 
@@ -162,6 +162,8 @@ pub(crate) struct SendShard {
     progress: Arc<Progress>,
     stats: ShardStats,
     last_progress: Instant,
+    last_seen_pages: u64,
+    register_pending: bool,
     tls: Option<TlsSession>,
     tls_records_per_key: u64,
     header: [u8; FRAME_HEADER_BYTES_MAX],
@@ -235,6 +237,8 @@ impl SendShard {
             progress: p.progress,
             stats,
             last_progress: Instant::now(),
+            last_seen_pages: 0,
+            register_pending: false,
             tls: p.tls,
             tls_records_per_key: p.tls_records_per_key,
             header: [0; FRAME_HEADER_BYTES_MAX],
@@ -265,6 +269,16 @@ impl SendShard {
             self.reap()?;
             if self.chain_outstanding == 0 {
                 self.finish_chain()?;
+                if self.register_pending && self.sends_in_flight() == 0 {
+                    self.register_pending = false;
+                    match self.ring.register_guest_memory() {
+                        Ok(()) => self.stats.fixed_buffers = true,
+                        Err(e) => tracing::warn!(
+                            channel = self.channel,
+                            "zero-copy works but guest memory could not be registered, sending without fixed buffers: {e}"
+                        ),
+                    }
+                }
             }
             if self.eos_sent && self.done_received && self.sends_in_flight() == 0 {
                 break;
@@ -283,7 +297,11 @@ impl SendShard {
                 let waited = Instant::now();
                 match self.work.recv_timeout(slice) {
                     Ok(work) => self.fill(Some(work))?,
-                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a
+                        // closed connection is only posted when this thread asks for events.
+                        self.ring.submit_and_wait(1, Duration::from_millis(1))?;
+                    }
                     Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
                 }
                 idle += waited.elapsed();
@@ -299,9 +317,24 @@ impl SendShard {
         self.ring.in_flight() - usize::from(self.control_posted)
     }
 
-    fn check_idle(&self) -> Result<()> {
+    /// Fails when nothing has moved for too long. Progress on *any* channel counts: a channel
+    /// whose receiver waits at a round barrier for a slower one is blocked, not dead.
+    fn check_idle(&mut self) -> Result<()> {
+        let moved = self
+            .progress
+            .pages_done
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if moved != self.last_seen_pages {
+            self.last_seen_pages = moved;
+            self.last_progress = Instant::now();
+        }
         let ms = self.last_progress.elapsed().as_millis() as u64;
-        if ms >= IO_IDLE_TIMEOUT_MS {
+        let limit = if self.eos_sent {
+            FINISH_TIMEOUT_MS
+        } else {
+            IO_IDLE_TIMEOUT_MS
+        };
+        if ms >= limit {
             let what = if self.eos_sent {
                 format!(
                     "waiting for the receiver to confirm channel {}",
@@ -418,10 +451,7 @@ impl SendShard {
                 channel: self.channel,
                 source,
             });
-            let sealed = match sealed {
-                Ok(n) => n,
-                Err(e) => return Err(e),
-            };
+            let sealed = sealed?;
             s.pieces[0] = Buf::Slab {
                 slot,
                 offset: 0,
@@ -452,16 +482,20 @@ impl SendShard {
     fn submit_chain(&mut self) -> Result<()> {
         debug_assert!(self.chain.is_empty() && self.chain_outstanding == 0);
         let mut frames = 0;
+        let mut ops_total = 0;
         while let Some(&slot) = self.ready.front() {
             let s = &self.slots[usize::from(slot)];
             let ops = if self.zero_copy_now { s.n_pieces } else { 1 };
+            // The whole chain must fit, plus one entry for a control receive.
+            let need = ops_total + ops + 1;
             if frames == CHAIN_FRAMES_MAX
-                || self.ring.sq_space() < ops + 1
-                || self.ring.ops_space() < ops + 1
-                || (!self.zero_copy_now && self.ring.vectored_space() == 0)
+                || self.ring.sq_space() < need
+                || self.ring.ops_space() < need
+                || (!self.zero_copy_now && self.ring.vectored_space() <= frames)
             {
                 break;
             }
+            ops_total += ops;
             self.ready.pop_front();
             if self.zero_copy_now {
                 for piece in 0..s.n_pieces {
@@ -508,7 +542,7 @@ impl SendShard {
             match op.piece {
                 Some(p) => {
                     let buf = advance(s.pieces[usize::from(p)], op.done);
-                    self.ring.push_send(tag, buf, true, link);
+                    self.ring.push_send(tag, buf, true, link, Some(op.slot));
                 }
                 None => {
                     let pieces = s.pieces;
@@ -528,7 +562,17 @@ impl SendShard {
             return Ok(());
         }
         if let Some(first) = self.chain.iter().position(|op| op.done < op.len) {
-            // A short send broke the chain (later links were cancelled): send the rest, in order.
+            // A short send broke the chain. The kernel cancels the links after it; if a later op
+            // sent bytes anyway, the stream's order is lost and resending would corrupt it.
+            if self.chain[first + 1..].iter().any(|op| op.done > 0) {
+                return Err(Error::io(
+                    format!(
+                        "sending on channel {}: the kernel completed linked sends after a short one, so the stream order cannot be guaranteed",
+                        self.channel
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::InvalidData),
+                ));
+            }
             return self.push_chain(first);
         }
         let mut previous = None;
@@ -590,14 +634,10 @@ impl SendShard {
             );
             self.zero_copy_now = false;
             self.stats.zc_fallback = true;
-        } else if self.zero_copy_policy == ZeroCopy::Auto {
-            match self.ring.register_guest_memory() {
-                Ok(()) => self.stats.fixed_buffers = true,
-                Err(e) => tracing::warn!(
-                    channel = self.channel,
-                    "zero-copy works but guest memory could not be registered, sending without fixed buffers: {e}"
-                ),
-            }
+        } else if self.zero_copy_policy == ZeroCopy::Auto && self.tls.is_none() {
+            // Registering pins and faults in all of guest memory (up to a second per GiB); with
+            // DEFER_TASKRUN nothing in flight progresses meanwhile, so wait until nothing is.
+            self.register_pending = true;
         }
     }
 
@@ -631,6 +671,7 @@ impl SendShard {
                 offset: self.control_len as u32,
                 len: (upto - self.control_len) as u32,
             }],
+            0,
         );
         self.control_posted = true;
     }
@@ -834,24 +875,4 @@ fn seal_frame(
             .seal(&CLOSE_NOTIFY_ALERT, CONTENT_ALERT, &mut out[at..])?;
     }
     Ok(at)
-}
-
-/// `buf` without its first `skip` bytes.
-fn advance(buf: Buf, skip: u64) -> Buf {
-    match buf {
-        Buf::Slab { slot, offset, len } => Buf::Slab {
-            slot,
-            offset: offset + skip as u32,
-            len: len - skip as u32,
-        },
-        Buf::Guest {
-            region,
-            offset,
-            len,
-        } => Buf::Guest {
-            region,
-            offset: offset + skip,
-            len: len - skip as u32,
-        },
-    }
 }

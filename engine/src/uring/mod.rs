@@ -35,8 +35,12 @@ const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 const IOVECS_PER_OP_MAX: usize = 1 + FRAME_RUNS_MAX;
 /// Vectored ops (sendmsg/recvmsg) in flight at once per ring.
 pub(crate) const VECTORED_OPS_MAX: usize = crate::limits::CHAIN_FRAMES_MAX + 2;
-/// Ops in flight at once per ring (bounded by the op table).
-const OPS_MAX: usize = crate::limits::RING_ENTRIES as usize;
+/// Ops in flight at once per ring (the op table's size). A zero-copy op holds its entry until its
+/// notification, so the worst case is every slot's frame sent as one op per piece, twice (a chain
+/// resubmitted after a short send while the first attempt's notifications are still due), plus the
+/// control receive.
+const OPS_MAX: usize =
+    2 * (crate::limits::SHARD_FRAMES_IN_FLIGHT_MAX + 1) * (1 + crate::limits::FRAME_RUNS_MAX) + 16;
 
 /// What the kernel offers, probed once per ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -309,7 +313,8 @@ impl Ring {
             Buf::Slab { slot, offset, len } => {
                 let at = usize::from(slot) * self.slot_bytes + offset as usize;
                 assert!(
-                    offset as usize + len as usize <= self.slot_bytes,
+                    usize::from(slot) < self.slot_busy.len()
+                        && offset as usize + len as usize <= self.slot_bytes,
                     "slab range outside its slot"
                 );
                 // SAFETY: at + len stays within the slot (asserted), so within the slab.
@@ -376,7 +381,16 @@ impl Ring {
 
     /// Pushes a send of one buffer. `zero_copy` uses `SEND_ZC` (with a fixed buffer when the
     /// buffer is registered) and asks for usage reports. `link` chains the next op after it.
-    pub(crate) fn push_send(&mut self, tag: u64, buf: Buf, zero_copy: bool, link: bool) {
+    /// `owner` is the slab slot the op counts against when `buf` is guest memory, so a frame's
+    /// slot stays busy until every piece's notification has arrived.
+    pub(crate) fn push_send(
+        &mut self,
+        tag: u64,
+        buf: Buf,
+        zero_copy: bool,
+        link: bool,
+        owner: Option<u16>,
+    ) {
         let ptr = self.addr(buf);
         let fd = types::Fd(self.socket.as_raw_fd());
         let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
@@ -389,7 +403,7 @@ impl Ring {
         } else {
             opcode::Send::new(fd, ptr, buf.len()).flags(flags).build()
         };
-        let id = self.take_op(tag, Self::slot_of(buf), None);
+        let id = self.take_op(tag, Self::slot_of(buf).or(owner), None);
         let entry = entry.user_data(u64::from(id));
         self.push_entry(if link {
             entry.flags(squeue::Flags::IO_LINK)
@@ -412,10 +426,12 @@ impl Ring {
         });
     }
 
-    /// Pushes a receive filling all of `bufs` in order (`MSG_WAITALL`).
-    pub(crate) fn push_recv(&mut self, tag: u64, bufs: &[Buf]) {
+    /// Pushes a receive filling all of `bufs` in order (`MSG_WAITALL`), skipping the first
+    /// `skip` bytes (already received by an earlier, short, receive).
+    pub(crate) fn push_recv(&mut self, tag: u64, bufs: &[Buf], skip: u64) {
         let fd = types::Fd(self.socket.as_raw_fd());
         if let [buf] = bufs {
+            let buf = &advance(*buf, skip);
             let ptr = self.addr(*buf);
             let entry = opcode::Recv::new(fd, ptr, buf.len())
                 .flags(libc::MSG_WAITALL)
@@ -423,7 +439,7 @@ impl Ring {
             let id = self.take_op(tag, Self::slot_of(*buf), None);
             self.push_entry(entry.user_data(u64::from(id)));
         } else {
-            let (entry, slot, v) = self.vectored_entry(bufs, 0, false);
+            let (entry, slot, v) = self.vectored_entry(bufs, skip, false);
             let id = self.take_op(tag, slot, Some(v));
             self.push_entry(entry.user_data(u64::from(id)));
         }
@@ -583,6 +599,7 @@ impl Ring {
                 "io_uring ops did not drain; leaking their buffers"
             );
             std::mem::forget(self.memory.clone());
+            std::mem::forget(std::mem::take(&mut self.vectored));
             std::mem::forget(std::mem::replace(
                 &mut self.slab,
                 MmapMut::map_anon(1).unwrap_or_else(|_| std::process::abort()),
@@ -595,6 +612,26 @@ impl Drop for Ring {
     fn drop(&mut self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
         self.cancel_all_and_drain(Duration::from_secs(5));
+    }
+}
+
+/// `buf` without its first `skip` bytes.
+pub(crate) fn advance(buf: Buf, skip: u64) -> Buf {
+    match buf {
+        Buf::Slab { slot, offset, len } => Buf::Slab {
+            slot,
+            offset: offset + skip as u32,
+            len: len - skip as u32,
+        },
+        Buf::Guest {
+            region,
+            offset,
+            len,
+        } => Buf::Guest {
+            region,
+            offset: offset + skip,
+            len: len - skip as u32,
+        },
     }
 }
 
