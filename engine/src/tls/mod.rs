@@ -253,7 +253,41 @@ macro_rules! drive_handshake {
             let mut need_read = false;
             let mut maybe_done = false;
             match status.state {
-                Err(e) => return Err(handshake_failed($channel, e)),
+                Err(e) => {
+                    // rustls queues a fatal alert saying why; send it so the peer can report the
+                    // reason rather than a closed connection. The deframer expects the failed
+                    // call's discard to be applied before it is called again.
+                    incoming.copy_within(discard..in_len, 0);
+                    in_len -= discard;
+                    for _ in 0..4 {
+                        let status = $conn.process_tls_records(&mut incoming[..in_len]);
+                        let d = status.discard;
+                        let more = match status.state {
+                            Ok(ConnectionState::EncodeTlsData(mut st)) => {
+                                if let Ok(n) = st.encode(&mut outgoing[out_len..]) {
+                                    out_len += n;
+                                }
+                                true
+                            }
+                            Ok(ConnectionState::TransmitTlsData(st)) => {
+                                let _ = (&*$stream).write_all(&outgoing[..out_len]);
+                                out_len = 0;
+                                st.done();
+                                true
+                            }
+                            _ => false,
+                        };
+                        incoming.copy_within(d..in_len, 0);
+                        in_len -= d;
+                        if !more {
+                            break;
+                        }
+                    }
+                    if out_len > 0 {
+                        let _ = (&*$stream).write_all(&outgoing[..out_len]);
+                    }
+                    return Err(handshake_failed($channel, e));
+                }
                 Ok(ConnectionState::EncodeTlsData(mut st)) => {
                     out_len += st.encode(&mut outgoing[out_len..]).map_err(|e| {
                         Error::TlsConfig(format!("encoding a handshake message: {e}"))
