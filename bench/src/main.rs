@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 use pagewire::pipeline::zero::ZeroScanner;
 use pagewire::synth::{fill, Content};
 use pagewire::sys::thread_cpu_time;
+use pagewire::tls::{certs, TlsClient, TlsServer};
 use pagewire::{
     GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, ZeroCopy,
 };
@@ -40,6 +41,24 @@ struct Cli {
 enum Cmd {
     /// pagewire vs raw TCP on the same memory, and zero pages vs a one-core scan.
     Transfer(TransferArgs),
+    /// Plain vs TLS at 1 and 2 channels, and one-core seal rates (AEAD, pagewire, rustls).
+    Tls(TlsBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct TlsBenchArgs {
+    /// Memory to move, in MiB (random pages).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Repetitions of each transfer (interleaved plain, TLS).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Do not pin threads.
+    #[arg(long)]
+    no_pin: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -238,6 +257,7 @@ fn pagewire_run(
     channels: u16,
     zero_copy: ZeroCopy,
     no_pin: bool,
+    tls: Option<&(TlsClient, TlsServer)>,
 ) -> Result<(Run, pagewire::TransferStats)> {
     let (send_pin, recv_pin) = if no_pin {
         (Pinning::None, Pinning::None)
@@ -250,6 +270,7 @@ fn pagewire_run(
         ReceiverConfig {
             pinning: recv_pin,
             accept_timeout_ms: Some(30_000),
+            tls: tls.map(|t| t.1.clone()),
             ..ReceiverConfig::default()
         },
     )?;
@@ -260,6 +281,7 @@ fn pagewire_run(
         channels,
         pinning: send_pin,
         zero_copy,
+        tls: tls.map(|t| t.0.clone()),
         ..SenderConfig::default()
     };
     let mut sender = Sender::connect(addr, src, &config)?;
@@ -358,8 +380,14 @@ fn transfer(a: TransferArgs) -> Result<()> {
         raw.push(raw_tcp(&src, &dst, usize::from(a.channels), a.no_pin)?);
         drop(dst);
         let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
-        let (run, stats) =
-            pagewire_run(src.clone(), dst.clone(), a.channels, a.zero_copy, a.no_pin)?;
+        let (run, stats) = pagewire_run(
+            src.clone(),
+            dst.clone(),
+            a.channels,
+            a.zero_copy,
+            a.no_pin,
+            None,
+        )?;
         if rep == 0 && src.first_difference(&dst).is_some() {
             bail!("pagewire's destination differs from the source");
         }
@@ -386,7 +414,7 @@ fn transfer(a: TransferArgs) -> Result<()> {
     for rep in 0..a.reps {
         zscan.push(scan_run(&zsrc));
         let dst = Arc::new(GuestMemory::anonymous(&zspec)?);
-        zpw.push(pagewire_run(zsrc.clone(), dst, a.channels, a.zero_copy, a.no_pin)?.0);
+        zpw.push(pagewire_run(zsrc.clone(), dst, a.channels, a.zero_copy, a.no_pin, None)?.0);
         say(&format!(
             "rep {}/{}: zero memory: one-core scan {:.2} GiB/s, pagewire {:.2} GiB/s",
             rep + 1,
@@ -457,10 +485,153 @@ fn transfer(a: TransferArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Serialize)]
+struct TlsRow {
+    channels: u16,
+    plain: Summary,
+    tls: Summary,
+    tls_over_plain: f64,
+}
+
+#[derive(Serialize)]
+struct TlsReport {
+    machine: String,
+    content: &'static str,
+    reps: usize,
+    rows: Vec<TlsRow>,
+    seal: pagewire::tls::bench::SealRates,
+    pagewire_seal_over_rustls_encrypt: f64,
+}
+
+fn tls_bench(a: TlsBenchArgs) -> Result<()> {
+    if a.reps == 0 {
+        bail!("--reps must be positive");
+    }
+    pagewire::probe_uring().context("pagewire needs io_uring")?;
+    let say = |s: &str| {
+        if !a.json {
+            eprintln!("{s}");
+        }
+    };
+    let dir = tempfile::tempdir()?;
+    certs::generate(&certs::CertOptions::default())?.write(dir.path())?;
+    let pki = (
+        TlsClient::new(certs::client_files(dir.path()).load()?, "localhost")?,
+        TlsServer::new(certs::server_files(dir.path()).load()?)?,
+    );
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: a.size_mib << 20,
+    }];
+    let src = Arc::new(GuestMemory::anonymous(&spec)?);
+    fill(&src, Content::Random, 17);
+    let bytes = src.total_bytes();
+    let mut rows = Vec::new();
+    for channels in [1u16, 2] {
+        let (mut plain, mut sealed) = (Vec::new(), Vec::new());
+        for rep in 0..a.reps {
+            for with_tls in [false, true] {
+                let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
+                let tls = with_tls.then_some(&pki);
+                let (run, _) = pagewire_run(
+                    src.clone(),
+                    dst.clone(),
+                    channels,
+                    ZeroCopy::Auto,
+                    a.no_pin,
+                    tls,
+                )?;
+                if rep == 0 && src.first_difference(&dst).is_some() {
+                    bail!("destination differs from the source (tls: {with_tls})");
+                }
+                if with_tls {
+                    sealed.push(run)
+                } else {
+                    plain.push(run)
+                }
+            }
+            say(&format!(
+                "{channels} channel(s), rep {}/{}: plain {:.2} GiB/s, TLS {:.2} GiB/s",
+                rep + 1,
+                a.reps,
+                bytes as f64 / (1u64 << 30) as f64 / plain[rep].seconds,
+                bytes as f64 / (1u64 << 30) as f64 / sealed[rep].seconds
+            ));
+        }
+        let plain = summarize("plain", bytes, &plain);
+        let tls = summarize("tls", bytes, &sealed);
+        rows.push(TlsRow {
+            channels,
+            tls_over_plain: tls.gib_per_s_median / plain.gib_per_s_median,
+            plain,
+            tls,
+        });
+    }
+    say("measuring one-core seal rates ...");
+    let seal = pagewire::tls::bench::seal_rates(&src)?;
+    let report = TlsReport {
+        machine: machine(),
+        content: "random",
+        reps: a.reps,
+        rows,
+        pagewire_seal_over_rustls_encrypt: seal.pagewire_seal_gib_s / seal.rustls_encrypt_gib_s,
+        seal,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("machine: {}", report.machine);
+    println!(
+        "{} MiB of random memory, {} interleaved reps (median [min..max]), suite {}",
+        a.size_mib, report.reps, report.seal.suite
+    );
+    println!(
+        "{:<12} {:>22} {:>22} {:>10}   CPU-s/GiB send/recv: plain | TLS",
+        "channels", "plain GiB/s", "TLS GiB/s", "TLS/plain"
+    );
+    for r in &report.rows {
+        println!(
+            "{:<12} {:>6.2} [{:.2}..{:.2}] {:>6.2} [{:.2}..{:.2}] {:>10.2}   {:.3}/{:.3} | {:.3}/{:.3}",
+            r.channels,
+            r.plain.gib_per_s_median,
+            r.plain.gib_per_s_min,
+            r.plain.gib_per_s_max,
+            r.tls.gib_per_s_median,
+            r.tls.gib_per_s_min,
+            r.tls.gib_per_s_max,
+            r.tls_over_plain,
+            r.plain.sender_cpu_s_per_gib,
+            r.plain.receiver_cpu_s_per_gib,
+            r.tls.sender_cpu_s_per_gib,
+            r.tls.receiver_cpu_s_per_gib
+        );
+    }
+    println!("one core, GiB/s of plaintext:");
+    println!(
+        "  AEAD alone, in cache (ceiling)      {:>6.2}",
+        report.seal.aead_in_cache_gib_s
+    );
+    println!(
+        "  pagewire copy + seal in place       {:>6.2}",
+        report.seal.pagewire_seal_gib_s
+    );
+    println!(
+        "  rustls WriteTraffic::encrypt        {:>6.2}",
+        report.seal.rustls_encrypt_gib_s
+    );
+    println!(
+        "  pagewire / rustls = {:.2}",
+        report.pagewire_seal_over_rustls_encrypt
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Transfer(a) => transfer(a),
+        Cmd::Tls(a) => tls_bench(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
