@@ -268,6 +268,10 @@ fn finish_bar(bar: Option<(ProgressBar, std::thread::JoinHandle<()>)>) {
 }
 
 fn recv(a: RecvArgs) -> Result<bool> {
+    let tls = match a.tls.files() {
+        Some(files) => Some(TlsServer::new(files.load()?)?),
+        None => None,
+    };
     let memory = match (&a.into, a.size) {
         (Some(path), size) if path.exists() => {
             let len = std::fs::metadata(path)
@@ -289,10 +293,6 @@ fn recv(a: RecvArgs) -> Result<bool> {
         (None, Some(size)) => GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: size }])?,
         (None, None) => bail!("give --into FILE or --size N"),
     };
-    let tls = match a.tls.files() {
-        Some(files) => Some(TlsServer::new(files.load()?)?),
-        None => None,
-    };
     let config = ReceiverConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
@@ -311,7 +311,7 @@ fn recv(a: RecvArgs) -> Result<bool> {
 }
 
 fn send(a: SendArgs) -> Result<bool> {
-    let memory = Arc::new(GuestMemory::from_file(&a.from, false)?);
+    // Settings first: a bad TLS file is reported before any memory is mapped.
     let tls = match a.tls.files() {
         Some(files) => {
             let host = match &a.tls_hostname {
@@ -322,6 +322,7 @@ fn send(a: SendArgs) -> Result<bool> {
         }
         None => None,
     };
+    let memory = Arc::new(GuestMemory::from_file(&a.from, false)?);
     let config = SenderConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),

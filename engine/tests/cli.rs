@@ -150,3 +150,77 @@ fn send_and_recv_move_a_file_between_processes() {
     assert_eq!(std::fs::read(&dst).unwrap(), data);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn tls_demo_certs_and_clear_errors_for_bad_tls_files() {
+    if uring_missing() {
+        return;
+    }
+    let out = pagewire()
+        .args(["demo", "--size", "8MiB", "--tls", "--json", "--no-pin"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+
+    let dir = std::env::temp_dir().join(format!("pagewire-certs-{}", std::process::id()));
+    let out = pagewire()
+        .args([
+            "certs",
+            "--out",
+            dir.to_str().unwrap(),
+            "--hostname",
+            "dst.example",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for f in [
+        "ca-cert.pem",
+        "server-cert.pem",
+        "server-key.pem",
+        "client-cert.pem",
+        "client-key.pem",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let cases: [(Vec<String>, &str); 3] = [
+        (
+            vec![p("client-cert.pem"), p("missing-key.pem"), p("ca-cert.pem")],
+            "missing-key.pem",
+        ),
+        (
+            vec![p("client-cert.pem"), p("server-key.pem"), p("ca-cert.pem")],
+            "does not match the certificate",
+        ),
+        (
+            vec![p("client-key.pem"), p("client-key.pem"), p("ca-cert.pem")],
+            "holds no PEM certificate",
+        ),
+    ];
+    for (files, want) in cases {
+        let out = pagewire()
+            .args(["send", "--connect", "127.0.0.1:9", "--from", "/dev/null"])
+            .args([
+                "--tls-cert",
+                &files[0],
+                "--tls-key",
+                &files[1],
+                "--tls-ca",
+                &files[2],
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(want), "expected {want:?} in {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

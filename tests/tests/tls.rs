@@ -275,9 +275,17 @@ fn plaintext_meeting_tls_fails_with_a_message_that_says_so_either_way() {
     );
 }
 
-/// Forwards both directions between `client` and `server`, flipping the byte at `flip_at` of the
-/// client-to-server stream.
-fn tampering_proxy(server: SocketAddr, flip_at: usize) -> SocketAddr {
+/// What the proxy does to the client-to-server stream.
+#[derive(Clone, Copy)]
+enum Tamper {
+    /// Flip the lowest bit of the byte at this offset.
+    Flip(usize),
+    /// Forward this many bytes, then cut both directions.
+    Cut(usize),
+}
+
+/// Forwards both directions between a client and `server`, tampering with the client's stream.
+fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -301,11 +309,17 @@ fn tampering_proxy(server: SocketAddr, flip_at: usize) -> SocketAddr {
             if n == 0 {
                 break;
             }
-            if (seen..seen + n).contains(&flip_at) {
-                buf[flip_at - seen] ^= 0x01;
+            let mut n = n;
+            match tamper {
+                Tamper::Flip(at) if (seen..seen + n).contains(&at) => buf[at - seen] ^= 0x01,
+                Tamper::Cut(at) if seen + n >= at => n = at - seen,
+                _ => {}
             }
             seen += n;
             if u_write.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            if matches!(tamper, Tamper::Cut(at) if seen >= at) {
                 break;
             }
         }
@@ -326,7 +340,7 @@ fn a_flipped_ciphertext_byte_is_an_authentication_error_and_writes_nothing_from_
     let dst = memory(&specs);
     let (addr, rx) = start_receiver(dst.clone(), receiver_config(Some(p.server)));
     // Well past the handshake (a few KiB), inside the sealed page data.
-    let proxy = tampering_proxy(addr, 300_000);
+    let proxy = tampering_proxy(addr, Tamper::Flip(300_000));
     let tx = std::thread::spawn({
         let src = src.clone();
         let config = sender_config(1, Some(p.client));
@@ -361,4 +375,43 @@ fn a_flipped_ciphertext_byte_is_an_authentication_error_and_writes_nothing_from_
         written < 300_000,
         "data past the forged record was placed (up to byte {written})"
     );
+}
+
+#[test]
+fn a_tls_stream_cut_short_is_an_error_not_a_short_transfer() {
+    if skip_without_uring() {
+        return;
+    }
+    let p = pki();
+    let specs = one_region(4 << 20);
+    let src = memory(&specs);
+    fill(&src, Content::Random, 4);
+    // Cut inside the data, and cut just before the end (after the last page, before close_notify
+    // and the end of the stream could arrive).
+    for cut in [200_000usize, (4 << 20) + 2_000] {
+        let dst = memory(&specs);
+        let (addr, rx) = start_receiver(dst, receiver_config(Some(p.server.clone())));
+        let proxy = tampering_proxy(addr, Tamper::Cut(cut));
+        let tx = std::thread::spawn({
+            let src = src.clone();
+            let config = sender_config(1, Some(p.client.clone()));
+            move || {
+                let mut s = Sender::connect(proxy, src, &config)?;
+                s.send_all()?;
+                s.finish()
+            }
+        });
+        let sent = join_within(tx, LIMIT, "sender");
+        let received = join_within(rx, LIMIT, "receiver");
+        let r = received.unwrap_err();
+        assert!(
+            matches!(r, Error::PeerClosed { .. }),
+            "cut at {cut}: receiver: {}",
+            error_chain(&r)
+        );
+        assert!(
+            sent.is_err(),
+            "cut at {cut}: the sender must not report success"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! End-to-end transfers over loopback io_uring: destination must equal source.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use pagewire::synth::Content;
 use pagewire::{Pinning, RegionSpec, SenderConfig, ZeroCopy};
@@ -125,4 +126,37 @@ fn loopback_zero_copy_is_detected_as_copied_and_falls_back() {
     assert!(sent.zero_copy.completed >= 32);
     assert_eq!(sent.zero_copy.copied, sent.zero_copy.completed);
     assert_eq!(sent.zero_copy.fallbacks, 2);
+}
+
+#[test]
+fn forced_zero_copy_survives_the_most_fragmented_memory() {
+    if skip_without_uring() {
+        return;
+    }
+    if !pagewire::probe_uring().expect("probed").send_zc {
+        eprintln!("SKIPPED: the kernel lacks IORING_OP_SEND_ZC");
+        return;
+    }
+    // Every other page zero: 64 normal runs per 128-page frame, one zero-copy op per run. Every
+    // op holds its slot until its notification, so the op table and slots stay bounded.
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: 32 << 20,
+    }];
+    let src = std::sync::Arc::new(pagewire::GuestMemory::anonymous(&specs).unwrap());
+    let region = &src.regions()[0];
+    for page in (1..region.pages()).step_by(2) {
+        region.write(page * PAGE, &[0xa5; 4096]);
+    }
+    let dst = std::sync::Arc::new(pagewire::GuestMemory::anonymous(&specs).unwrap());
+    let (addr, rx) =
+        pagewire_tests::start_receiver(dst.clone(), pagewire::ReceiverConfig::default());
+    let mut sender =
+        pagewire::Sender::connect(addr, src.clone(), &config(2, ZeroCopy::On)).unwrap();
+    sender.send_all().unwrap();
+    let sent = sender.finish().unwrap();
+    pagewire_tests::join_within(rx, std::time::Duration::from_secs(60), "receiver").unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+    assert_eq!(sent.zero_pages, region.pages() / 2);
+    assert!(sent.zero_copy.completed >= region.pages() / 2);
 }
