@@ -1,7 +1,6 @@
 //! End-to-end transfers over loopback io_uring: destination must equal source.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
-#![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use pagewire::synth::Content;
 use pagewire::{Pinning, RegionSpec, SenderConfig, ZeroCopy};
