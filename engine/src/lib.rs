@@ -41,6 +41,17 @@
 
 #![deny(unsafe_code)]
 
+// The AEAD behind TLS record sealing: aws-lc-rs by default, ring with `--no-default-features
+// --features ring` (same API).
+#[cfg(feature = "aws-lc-rs")]
+pub(crate) use aws_lc_rs as crypto;
+#[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+pub(crate) use ring as crypto;
+#[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+compile_error!(
+    "pagewire needs a crypto provider: enable the `aws-lc-rs` (default) or `ring` feature"
+);
+
 pub mod config;
 pub mod error;
 pub mod limits;

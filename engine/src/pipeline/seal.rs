@@ -3,13 +3,13 @@
 //!
 //! A record is `type 0x17 | version 0x0303 | length u16` then the AEAD ciphertext of
 //! `plaintext || inner content type`, then the 16-byte tag (RFC 8446 §5.2). The nonce is the
-//! traffic IV XOR the 64-bit record sequence number; the additional data is the 5-byte header.
+//! traffic IV XOR the 64-bit record sequence number (aws-lc-rs, or ring with that feature); the additional data is the 5-byte header.
 //! pagewire fills records with 16 KiB of plaintext, the most TLS allows, so the per-record cost
 //! (a header, a tag, one AEAD call) is spread over as many bytes as possible.
 //!
 //! Sans-IO like the protocol core: bytes in, bytes out, no socket, no clock.
 
-use aws_lc_rs::aead::{
+use crate::crypto::aead::{
     Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
 };
 use rustls::ConnectionTrafficSecrets;

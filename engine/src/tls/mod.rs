@@ -108,12 +108,15 @@ impl TlsFiles {
     }
 }
 
-/// aws-lc-rs, offering TLS 1.3 suites in the order pagewire prefers: AES-128-GCM first (fewer AES
+/// aws-lc-rs (or ring), offering TLS 1.3 suites in the order pagewire prefers: AES-128-GCM first (fewer AES
 /// rounds than AES-256, so more bytes per core with AES-NI), then AES-256-GCM, then
 /// ChaCha20-Poly1305 for CPUs without AES instructions.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::cipher_suite;
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(feature = "aws-lc-rs")]
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    use rustls::crypto::ring::{cipher_suite, default_provider};
+    let mut p = default_provider();
     p.cipher_suites = vec![
         cipher_suite::TLS13_AES_128_GCM_SHA256,
         cipher_suite::TLS13_AES_256_GCM_SHA384,
