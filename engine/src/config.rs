@@ -64,6 +64,13 @@ pub struct SenderConfig {
     pub zero_copy: ZeroCopy,
     /// TLS 1.3 on every channel (`None`: plaintext).
     pub tls: Option<crate::tls::TlsClient>,
+    /// Compression of normal pages.
+    pub compression: crate::pipeline::compress::Compression,
+    /// zstd level (validated against the library's range; negative levels are fast modes).
+    pub zstd_level: i32,
+    /// Upper bound on guest memory sent per second over all channels, in bytes of wire traffic
+    /// (QEMU's `max-bandwidth`); `None`: unlimited.
+    pub max_bandwidth_bytes_per_s: Option<u64>,
     /// Records sealed with one TLS key before a key update. Lowered only by tests.
     #[doc(hidden)]
     pub tls_records_per_key: u64,
@@ -76,6 +83,9 @@ impl Default for SenderConfig {
             pinning: Pinning::Cores,
             zero_copy: ZeroCopy::Auto,
             tls: None,
+            compression: crate::pipeline::compress::Compression::None,
+            zstd_level: crate::pipeline::compress::ZSTD_LEVEL_DEFAULT,
+            max_bandwidth_bytes_per_s: None,
             tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
         }
     }

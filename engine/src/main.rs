@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::pipeline::compress::Compression;
 use pagewire::synth::{self, Content};
 use pagewire::tls::{certs, TlsClient, TlsFiles, TlsServer};
 use pagewire::{
@@ -125,6 +126,75 @@ struct SendArgs {
     /// Name the receiver's certificate must carry (default: the host part of --connect).
     #[arg(long, requires = "tls_cert")]
     tls_hostname: Option<String>,
+    #[command(flatten)]
+    compress: CompressArgs,
+}
+
+#[derive(Args)]
+struct CompressArgs {
+    /// Compression of normal pages: none, zstd, zlib, or auto (zstd while the link is the
+    /// bottleneck).
+    #[arg(long, default_value_t = Compression::None)]
+    compress: Compression,
+    /// zstd level; negative levels are zstd's fast modes.
+    #[arg(long, default_value_t = pagewire::pipeline::compress::ZSTD_LEVEL_DEFAULT, allow_negative_numbers = true)]
+    zstd_level: i32,
+    /// Limit on the wire rate over all channels, e.g. 100Mbit, 1Gbit, 125MiB (per second; plain
+    /// numbers are bytes). Unlimited by default.
+    #[arg(long, value_parser = parse_rate)]
+    max_bandwidth: Option<u64>,
+}
+
+/// Parses a rate per second: `125000000`, `125M`, `119MiB`, `1Gbit`, `100Mbit`, `10gbit`.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim().trim_end_matches("/s");
+    let lower = t.to_ascii_lowercase();
+    if let Some(bits) = lower
+        .strip_suffix("bit")
+        .or_else(|| lower.strip_suffix("bps"))
+    {
+        let split = bits
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(bits.len());
+        let (n, unit) = bits.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("{text:?} is not a rate such as 100Mbit or 125MiB"))?;
+        let mult: u64 = match unit {
+            "" => 1,
+            "k" => 1_000,
+            "m" => 1_000_000,
+            "g" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown unit {other:?}bit (use kbit, Mbit or Gbit)"
+                ))
+            }
+        };
+        let bytes = n.checked_mul(mult).ok_or("rate too large")? / 8;
+        return if bytes == 0 {
+            Err(format!("{text:?} is less than a byte per second"))
+        } else {
+            Ok(bytes)
+        };
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate such as 100Mbit or 125MiB"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        other => return Err(format!("{text:?}: unknown unit {other:?}")),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or("rate too large")?;
+    if bytes == 0 {
+        return Err("the rate must be positive".into());
+    }
+    Ok(bytes)
 }
 
 #[derive(Args)]
@@ -150,6 +220,8 @@ struct DemoArgs {
     /// Encrypt every channel with TLS 1.3, using certificates generated for the run.
     #[arg(long)]
     tls: bool,
+    #[command(flatten)]
+    compress: CompressArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -328,6 +400,9 @@ fn send(a: SendArgs) -> Result<bool> {
         pinning: pinning(a.no_pin, false),
         zero_copy: a.zero_copy,
         tls,
+        compression: a.compress.compress,
+        zstd_level: a.compress.zstd_level,
+        max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         ..SenderConfig::default()
     };
     let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
@@ -403,6 +478,9 @@ fn demo(a: DemoArgs) -> Result<bool> {
         pinning: pinning(a.no_pin, false),
         zero_copy: a.zero_copy,
         tls: client_tls,
+        compression: a.compress.compress,
+        zstd_level: a.compress.zstd_level,
+        max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         ..SenderConfig::default()
     };
     let sent = Sender::connect(addr, src.clone(), &config).and_then(|mut sender| {
@@ -526,6 +604,13 @@ fn report(
             ),
         ),
         ("zero scan", stats.zero_scan.to_string()),
+        (
+            "compressed frames",
+            format!(
+                "{} (ratio {:.2})",
+                stats.compressed_frames, stats.compression_ratio
+            ),
+        ),
     ];
     for (k, v) in rows {
         println!("  {k:<24} {v}");
@@ -564,6 +649,19 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+
+    #[test]
+    fn rates_parse_in_bits_or_bytes() {
+        use super::parse_rate;
+        assert_eq!(parse_rate("100Mbit"), Ok(12_500_000));
+        assert_eq!(parse_rate("1Gbit"), Ok(125_000_000));
+        assert_eq!(parse_rate("10gbit/s"), Ok(1_250_000_000));
+        assert_eq!(parse_rate("125MiB"), Ok(125 << 20));
+        assert_eq!(parse_rate("4096"), Ok(4096));
+        for bad in ["", "fast", "0", "3parsec", "1xbit"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn sizes_parse_with_binary_units_and_reject_nonsense() {

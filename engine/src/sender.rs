@@ -19,7 +19,8 @@ use crate::limits::{
     TCP_USER_TIMEOUT_MS,
 };
 use crate::memory::GuestMemory;
-use crate::protocol::handshake::{Hello, Reply, FEATURES_KNOWN};
+use crate::pipeline::compress::Compression;
+use crate::protocol::handshake::{Hello, Reply, FEATURE_ZLIB, FEATURE_ZSTD};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
 use crate::shard::{allowed_cores, pin, Abort};
@@ -107,6 +108,10 @@ impl Sender {
                 "channels must be between 1 and {CHANNELS_MAX}, got {n}"
             )));
         }
+        crate::pipeline::compress::check_zstd_level(config.zstd_level).map_err(Error::Config)?;
+        if config.max_bandwidth_bytes_per_s == Some(0) {
+            return Err(Error::Config("max bandwidth must be positive".into()));
+        }
         let addr = resolve(addr)?;
         let start = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
@@ -122,7 +127,11 @@ impl Sender {
             channel_count: n,
             session_id,
             page_bytes: PAGE_BYTES as u32,
-            features: FEATURES_KNOWN,
+            features: match config.compression {
+                Compression::None => 0,
+                Compression::Zstd | Compression::Auto => FEATURE_ZSTD,
+                Compression::Zlib => FEATURE_ZLIB,
+            },
             layout_digest: memory.layout_digest(),
             layout_bytes: memory.total_bytes(),
             region_count: memory.regions().len() as u32,
@@ -169,6 +178,12 @@ impl Sender {
                 progress: progress.clone(),
                 tls,
                 tls_records_per_key: config.tls_records_per_key.max(1),
+                compression: config.compression,
+                zstd_level: config.zstd_level,
+                // Each shard paces its share of the total.
+                pace_bytes_per_s: config
+                    .max_bandwidth_bytes_per_s
+                    .map(|b| b as f64 / f64::from(n)),
             };
             let shard_abort = abort.clone();
             let join = std::thread::Builder::new()

@@ -54,6 +54,12 @@ pub struct ShardStats {
     pub zc_fallback: bool,
     /// True when guest memory was registered as fixed buffers on this shard's ring.
     pub fixed_buffers: bool,
+    /// Frames whose payload travelled compressed.
+    pub compressed_frames: u64,
+    /// Bytes of normal pages in those frames, before compression.
+    pub compressed_raw_bytes: u64,
+    /// Bytes of those frames' payloads after compression.
+    pub compressed_bytes: u64,
 }
 
 /// Zero-copy totals over all shards.
@@ -97,6 +103,10 @@ pub struct TransferStats {
     pub zero_copy: ZeroCopyStats,
     /// Zero-scan implementation used.
     pub zero_scan: &'static str,
+    /// Frames sent compressed, over all shards.
+    pub compressed_frames: u64,
+    /// Normal bytes / compressed bytes over the compressed frames (1.0 when none were).
+    pub compression_ratio: f64,
     /// Whether rings ran with DEFER_TASKRUN.
     pub defer_taskrun: bool,
     /// Per-shard figures.
@@ -120,6 +130,14 @@ impl TransferStats {
         if moved > 0 {
             self.cpu_s_per_gib = self.cpu_ms / 1e3 / (moved as f64 / (1u64 << 30) as f64);
         }
+        self.compressed_frames = self.shards.iter().map(|s| s.compressed_frames).sum();
+        let raw: u64 = self.shards.iter().map(|s| s.compressed_raw_bytes).sum();
+        let packed: u64 = self.shards.iter().map(|s| s.compressed_bytes).sum();
+        self.compression_ratio = if packed > 0 {
+            raw as f64 / packed as f64
+        } else {
+            1.0
+        };
         self.zero_copy = ZeroCopyStats {
             completed: self.shards.iter().map(|s| s.zc_completed).sum(),
             copied: self.shards.iter().map(|s| s.zc_copied).sum(),

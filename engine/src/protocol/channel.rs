@@ -2,6 +2,7 @@
 //! receiver makes against its layout before a single byte is placed.
 
 use crate::limits::{CHUNK_PAGES_MAX, PAGE_BYTES};
+use crate::pipeline::compress::Codec;
 
 use super::wire::{Frame, FrameKind};
 use super::ProtocolError;
@@ -115,6 +116,7 @@ impl<'a> ReceiverChannel<'a> {
                 };
                 if frame.region != 0
                     || frame.payload_bytes != 0
+                    || frame.codec != Codec::Raw
                     || !frame.normal_runs().is_empty()
                     || !frame.zero_runs().is_empty()
                 {
@@ -169,11 +171,15 @@ impl<'a> ReceiverChannel<'a> {
             }
         }
         let expected = normal * PAGE_BYTES as u64;
-        if u64::from(frame.payload_bytes) != expected {
-            return Err(ProtocolError::PayloadLength {
-                expected,
-                got: u64::from(frame.payload_bytes),
-            });
+        let got = u64::from(frame.payload_bytes);
+        // Raw: exactly the pages. Compressed: something, and less than the pages (a sender never
+        // compresses a frame that did not shrink); its decoded size is checked when decoding.
+        let fits = match frame.codec {
+            Codec::Raw => got == expected,
+            _ => got > 0 && got < expected,
+        };
+        if !fits {
+            return Err(ProtocolError::PayloadLength { expected, got });
         }
         Ok(())
     }
@@ -268,5 +274,18 @@ mod tests {
 
         f.reset(FrameKind::Pages, 0, 0, 0);
         assert!(fresh().accept(&f).is_err(), "a frame without pages");
+
+        // Compressed payloads must be non-empty and smaller than the pages they carry.
+        for (payload, ok) in [(0u32, false), (4096, false), (100, true)] {
+            f.reset(FrameKind::Pages, 0, 0, 0);
+            f.push_page(1, false).unwrap();
+            f.codec = Codec::Zstd;
+            f.payload_bytes = payload;
+            assert_eq!(
+                fresh().accept(&f).is_ok(),
+                ok,
+                "compressed payload of {payload}"
+            );
+        }
     }
 }

@@ -20,8 +20,12 @@ use super::{ProtocolError, PROTOCOL_VERSION};
 
 const MAGIC: [u8; 8] = *b"PAGEWIRE";
 
-/// Feature bits a v1 receiver understands (none yet: TLS and compression will add theirs).
-pub const FEATURES_KNOWN: u32 = 0;
+/// Feature bit: the sender may send zstd-compressed frames.
+pub const FEATURE_ZSTD: u32 = 1 << 0;
+/// Feature bit: the sender may send zlib-compressed frames.
+pub const FEATURE_ZLIB: u32 = 1 << 1;
+/// Feature bits this receiver understands. (TLS needs none: it is visible before the hello.)
+pub const FEATURES_KNOWN: u32 = FEATURE_ZSTD | FEATURE_ZLIB;
 
 /// The sender's opening message on each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,15 +35,17 @@
 //!  0      2     3      4         8              16       20        22      24         28      32
 //!  ┌──────┬─────┬──────┬─────────┬──────────────┬────────┬─────────┬───────┬──────────┬───────┐
 //!  │"PW"  │kind │flags │region   │frame number  │round   │normal   │zero   │payload   │crc32c │
-//!  │u16   │u8   │u8 =0 │u32      │u64           │u32     │runs u16 │runs u16│bytes u32│u32    │
+//!  │u16   │u8   │codec │u32      │u64           │u32     │runs u16 │runs u16│bytes u32│u32    │
 //!  └──────┴─────┴──────┴─────────┴──────────────┴────────┴─────────┴───────┴──────────┴───────┘
 //!  run: first page u64 (index within the region) │ page count u32
 //! ```
 //! The CRC32C covers bytes 0..28 and the runs, so a garbled header is refused before anything is
 //! written; the payload is protected by TCP (and, with TLS, by the AEAD). Frame numbers count
 //! from 0 on each channel with no gaps. Kinds: 0 is reserved as invalid, 1 `Pages`,
-//! 2 `EndOfRound`, 3 `EndOfStream`. In v1 `payload_bytes` equals the normal pages times the page
-//! size, runs are sorted, never overlap, lie inside their region, and cover at most
+//! 2 `EndOfRound`, 3 `EndOfStream`. The flags byte holds the payload's codec (0 raw, 1 zstd,
+//! 2 zlib; other bits reserved, announced by the hello's feature bits). A raw payload is exactly
+//! the normal pages; a compressed one is non-empty, smaller than them, and must decode to exactly
+//! them. Runs are sorted, never overlap, lie inside their region, and cover at most
 //! [`CHUNK_PAGES_MAX`](crate::limits::CHUNK_PAGES_MAX) pages.
 //!
 //! # Ordering across channels and rounds
@@ -174,4 +176,7 @@ pub enum ProtocolError {
     /// Data arrived after the end-of-stream marker.
     #[error("data after the end of the stream")]
     AfterEnd,
+    /// A compressed payload did not decode to exactly the frame's pages.
+    #[error("compressed frame refused")]
+    Compressed(#[source] crate::pipeline::compress::DecompressError),
 }

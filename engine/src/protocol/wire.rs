@@ -6,6 +6,7 @@
 //! knowing the layout; [`ReceiverChannel`](super::ReceiverChannel) checks the rest.
 
 use crate::limits::{FRAME_FIXED_BYTES, FRAME_RUNS_MAX, RUN_BYTES};
+use crate::pipeline::compress::Codec;
 
 use super::ProtocolError;
 
@@ -66,6 +67,8 @@ pub struct Frame {
     pub round: u32,
     /// Bytes of payload after the header.
     pub payload_bytes: u32,
+    /// How the payload encodes the normal pages (frame flags bits 0–1).
+    pub codec: Codec,
     normal: [Run; FRAME_RUNS_MAX],
     normal_len: usize,
     zero: [Run; FRAME_RUNS_MAX],
@@ -80,6 +83,7 @@ impl Default for Frame {
             frame_number: 0,
             round: 0,
             payload_bytes: 0,
+            codec: Codec::Raw,
             normal: [Run::default(); FRAME_RUNS_MAX],
             normal_len: 0,
             zero: [Run::default(); FRAME_RUNS_MAX],
@@ -111,6 +115,7 @@ impl Frame {
         self.frame_number = frame_number;
         self.round = round;
         self.payload_bytes = 0;
+        self.codec = Codec::Raw;
         self.normal_len = 0;
         self.zero_len = 0;
     }
@@ -182,6 +187,7 @@ impl Frame {
             frame_number,
             round,
             payload_bytes,
+            codec,
             normal: _,
             normal_len,
             zero: _,
@@ -190,7 +196,7 @@ impl Frame {
         let out = &mut out[..need];
         out[0..2].copy_from_slice(&FRAME_MAGIC);
         out[2] = *kind as u8;
-        out[3] = 0;
+        out[3] = *codec as u8;
         out[4..8].copy_from_slice(&region.to_le_bytes());
         out[8..16].copy_from_slice(&frame_number.to_le_bytes());
         out[16..20].copy_from_slice(&round.to_le_bytes());
@@ -246,7 +252,7 @@ pub fn decode_fixed(bytes: &[u8]) -> Result<FixedHeader, ProtocolError> {
         });
     }
     FrameKind::from_u8(fixed[2])?;
-    if fixed[3] != 0 {
+    if Codec::from_bits(fixed[3]).is_none() {
         return Err(ProtocolError::Reserved("frame flags"));
     }
     let normal_runs = u16::from_le_bytes([fixed[20], fixed[21]]);
@@ -295,6 +301,7 @@ pub fn decode_runs(
     let round = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
     frame.reset(kind, region, frame_number, round);
     frame.payload_bytes = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+    frame.codec = Codec::from_bits(b[3]).ok_or(ProtocolError::Reserved("frame flags"))?;
     let normal = usize::from(fixed.normal_runs);
     for (i, raw) in runs.chunks_exact(RUN_BYTES).enumerate() {
         let mut first = [0u8; 8];

@@ -21,6 +21,7 @@ use crate::limits::{
     IO_IDLE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS, ROUND_BARRIER_TIMEOUT_MS,
 };
 use crate::memory::GuestMemory;
+use crate::pipeline::compress::{Codec, Decompressor};
 use crate::pipeline::seal::{
     record_len, RecordOpener, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
     KEY_UPDATE_MESSAGE, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
@@ -145,6 +146,9 @@ pub(crate) struct RecvShard {
     frame: Box<Frame>,
     header: [u8; FRAME_HEADER_BYTES_MAX],
     bufs: Vec<Buf>,
+    decompressor: Decompressor,
+    /// A compressed payload opened from TLS records, before decoding.
+    packed: Vec<u8>,
     stats: ShardStats,
     rng: u64,
 }
@@ -159,11 +163,8 @@ enum Got {
 
 impl RecvShard {
     pub(crate) fn new(mut p: RecvShardParams, socket: std::net::TcpStream) -> Result<Self> {
-        let slot_bytes = if p.tls.is_some() {
-            SLOT_BYTES_TLS
-        } else {
-            SLOT_BYTES_PLAIN
-        };
+        // The staging slot holds TLS records, or a compressed payload, so every receiver has one.
+        let slot_bytes = SLOT_BYTES_TLS;
         let mut ring = Ring::new(socket, p.memory.clone(), 3, slot_bytes)?;
         if let Some(tls) = p.tls.as_mut() {
             // Bytes that arrived with the handshake belong to the first records.
@@ -184,6 +185,13 @@ impl RecvShard {
             frame: Box::default(),
             header: [0; FRAME_HEADER_BYTES_MAX],
             bufs: Vec::with_capacity(FRAME_RUNS_MAX),
+            decompressor: Decompressor::new()
+                .map_err(|e| Error::io("creating a zstd decompression context", e))?,
+            packed: if p.tls.is_some() {
+                vec![0; FRAME_PAYLOAD_BYTES_MAX]
+            } else {
+                Vec::new()
+            },
             stats: ShardStats {
                 channel: p.channel,
                 ..ShardStats::default()
@@ -326,7 +334,9 @@ impl RecvShard {
         let normal = frame.normal_pages();
         let zero = frame.zero_pages();
         let payload = u64::from(frame.payload_bytes);
-        if payload > 0 {
+        if frame.codec != Codec::Raw {
+            self.place_compressed(payload as usize)?;
+        } else if payload > 0 {
             let bufs = std::mem::take(&mut self.bufs);
             let got = if self.p.tls.is_some() {
                 self.tls_place(&bufs)
@@ -341,6 +351,49 @@ impl RecvShard {
         self.stats.wire_bytes += payload;
         add(&self.p.progress.wire_bytes, payload);
         add(&self.p.progress.pages_done, normal + zero);
+        Ok(())
+    }
+
+    /// Receives a compressed payload whole (into the staging slot, or out of TLS records into
+    /// `packed`), then decodes it straight into the frame's pages.
+    fn place_compressed(&mut self, len: usize) -> Result<()> {
+        if self.p.tls.is_some() {
+            let mut done = 0;
+            while done < len {
+                let Some(r) = self.tls_plain(len - done, false)? else {
+                    return Err(self.cut_short());
+                };
+                let n = r.len();
+                self.packed[done..done + n].copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
+                done += n;
+            }
+        } else {
+            let buf = [Buf::Slab {
+                slot: STAGING_SLOT,
+                offset: 0,
+                len: len as u32,
+            }];
+            self.recv(&buf, len as u64, false)?;
+        }
+        let frame = &*self.frame;
+        let region = &self.p.memory.regions()[frame.region as usize];
+        let src = if self.p.tls.is_some() {
+            &self.packed[..len]
+        } else {
+            &self.ring.slot_mut(STAGING_SLOT)[..len]
+        };
+        region
+            .decompress_into(
+                &mut self.decompressor,
+                frame.codec,
+                src,
+                frame.normal_runs(),
+            )
+            .map_err(|e| Error::Protocol {
+                channel: self.channel,
+                source: ProtocolError::Compressed(e),
+            })?;
+        self.stats.compressed_frames += 1;
         Ok(())
     }
 

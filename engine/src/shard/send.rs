@@ -34,6 +34,7 @@ use crate::limits::{
     SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
+use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
 use crate::pipeline::seal::{
     record_len, RecordSealer, CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
     CONTENT_HANDSHAKE, KEY_UPDATE_MESSAGE, RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES,
@@ -82,6 +83,11 @@ const SLOT_BYTES_TLS: usize = (FRAME_HEADER_BYTES_MAX
     + KEY_UPDATE_MESSAGE.len()
     + CLOSE_NOTIFY_ALERT.len())
 .next_multiple_of(4096);
+/// Where a compressed payload starts in a plaintext slot; the header is written just before it,
+/// so header and payload leave in one contiguous send.
+const PAYLOAD_OFFSET: usize = FRAME_HEADER_BYTES_MAX.next_multiple_of(64);
+const SLOT_BYTES_COMPRESSED: usize =
+    (PAYLOAD_OFFSET + FRAME_PAYLOAD_BYTES_MAX).next_multiple_of(4096);
 const CONTROL_TAG: u64 = u64::MAX - 1;
 const _: () = assert!(
     FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN
@@ -135,6 +141,12 @@ pub(crate) struct SendShardParams {
     pub tls: Option<TlsSession>,
     /// Records per TLS key before a key update.
     pub tls_records_per_key: u64,
+    /// What to do with normal pages.
+    pub compression: Compression,
+    /// zstd level (checked by the coordinator).
+    pub zstd_level: i32,
+    /// This shard's share of `--max-bandwidth`, in wire bytes per second.
+    pub pace_bytes_per_s: Option<f64>,
 }
 
 pub(crate) struct SendShard {
@@ -167,14 +179,34 @@ pub(crate) struct SendShard {
     tls: Option<TlsSession>,
     tls_records_per_key: u64,
     header: [u8; FRAME_HEADER_BYTES_MAX],
+    compression: Compression,
+    compressor: Option<Compressor>,
+    auto: Auto,
+    /// Normal pages copied out of guest memory for the compressor (never borrowed in place).
+    scratch: Vec<u8>,
+    /// Compressed payload waiting to be sealed (TLS only; plaintext compresses into its slot).
+    packed: Vec<u8>,
+    chain_started: Instant,
+    chain_bytes: u64,
+    pace_bytes_per_s: Option<f64>,
+    pace_until: Instant,
 }
 
 impl SendShard {
     pub(crate) fn new(p: SendShardParams, socket: std::net::TcpStream) -> Result<Self> {
-        let slot_bytes = if p.tls.is_some() {
-            SLOT_BYTES_TLS
+        let compressing = p.compression != Compression::None;
+        let slot_bytes = match (p.tls.is_some(), compressing) {
+            (true, _) => SLOT_BYTES_TLS,
+            (false, true) => SLOT_BYTES_COMPRESSED,
+            (false, false) => SLOT_BYTES_PLAIN,
+        };
+        let compressor = if compressing {
+            Some(
+                Compressor::new(p.zstd_level)
+                    .map_err(|e| Error::io("creating a zstd context", e))?,
+            )
         } else {
-            SLOT_BYTES_PLAIN
+            None
         };
         let mut ring = Ring::new(
             socket,
@@ -239,9 +271,26 @@ impl SendShard {
             last_progress: Instant::now(),
             last_seen_pages: 0,
             register_pending: false,
+            scratch: if compressing {
+                vec![0; FRAME_PAYLOAD_BYTES_MAX]
+            } else {
+                Vec::new()
+            },
+            packed: if compressing && p.tls.is_some() {
+                vec![0; FRAME_PAYLOAD_BYTES_MAX]
+            } else {
+                Vec::new()
+            },
             tls: p.tls,
             tls_records_per_key: p.tls_records_per_key,
             header: [0; FRAME_HEADER_BYTES_MAX],
+            compression: p.compression,
+            compressor,
+            auto: Auto::new(),
+            chain_started: Instant::now(),
+            chain_bytes: 0,
+            pace_bytes_per_s: p.pace_bytes_per_s,
+            pace_until: Instant::now(),
         })
     }
 
@@ -284,12 +333,20 @@ impl SendShard {
                 break;
             }
             self.fill(None)?;
-            if self.chain_outstanding == 0 && !self.ready.is_empty() {
+            // --max-bandwidth: a chain leaves only when the previous ones' time has passed.
+            let pace = self.pace_until.saturating_duration_since(Instant::now());
+            if self.chain_outstanding == 0 && !self.ready.is_empty() && pace.is_zero() {
                 self.submit_chain()?;
                 self.fill(None)?;
             }
+            let slice = if self.ready.is_empty() || pace.is_zero() {
+                slice
+            } else {
+                pace.min(slice)
+            };
             let outstanding = self.chain_outstanding > 0 || self.sends_in_flight() > 0;
-            if outstanding || self.finishing || self.free_slot().is_none() {
+            if outstanding || self.finishing || self.free_slot().is_none() || !self.ready.is_empty()
+            {
                 if self.ring.submit_and_wait(1, slice)? == Wait::TimedOut {
                     self.check_idle()?;
                 }
@@ -410,7 +467,6 @@ impl SendShard {
                 }
                 let normal = frame.normal_pages();
                 payload = normal * PAGE_BYTES as u64;
-                frame.payload_bytes = payload as u32;
                 for run in frame.normal_runs() {
                     s.pieces[s.n_pieces] = Buf::Guest {
                         region,
@@ -422,6 +478,52 @@ impl SendShard {
                 s.pages = u64::from(pages);
                 self.stats.normal_pages += normal;
                 self.stats.zero_pages += u64::from(pages) - normal;
+                let codec = match self.compression {
+                    _ if normal == 0 => Codec::Raw,
+                    Compression::None => Codec::Raw,
+                    Compression::Zstd => Codec::Zstd,
+                    Compression::Zlib => Codec::Zlib,
+                    Compression::Auto if self.auto.compress_next() => Codec::Zstd,
+                    Compression::Auto => Codec::Raw,
+                };
+                if let (Codec::Zstd | Codec::Zlib, Some(compressor)) =
+                    (codec, self.compressor.as_mut())
+                {
+                    // Copy the pages out of guest memory, then compress the copy: into the slot
+                    // right after the header's place (plaintext), or aside for sealing (TLS).
+                    let mut raw = 0;
+                    for run in frame.normal_runs() {
+                        let n = run.pages as usize * PAGE_BYTES;
+                        r.read(
+                            run.first_page * PAGE_BYTES as u64,
+                            &mut self.scratch[raw..raw + n],
+                        );
+                        raw += n;
+                    }
+                    let started = Instant::now();
+                    let out = if self.tls.is_some() {
+                        &mut self.packed[..]
+                    } else {
+                        &mut self.ring.slot_mut(slot)[PAYLOAD_OFFSET..]
+                    };
+                    let packed = compressor.compress(codec, &self.scratch[..raw], out);
+                    if self.compression == Compression::Auto {
+                        self.auto.observe_compression(
+                            raw,
+                            packed.unwrap_or(raw),
+                            started.elapsed(),
+                        );
+                    }
+                    if let Some(n) = packed {
+                        frame.codec = codec;
+                        payload = n as u64;
+                        s.n_pieces = 1;
+                        self.stats.compressed_frames += 1;
+                        self.stats.compressed_raw_bytes += raw as u64;
+                        self.stats.compressed_bytes += n as u64;
+                    }
+                }
+                frame.payload_bytes = payload as u32;
             }
             Work::EndRound => {
                 s.marker = Marker::EndOfRound(self.proto.round());
@@ -438,12 +540,19 @@ impl SendShard {
                 .encode(&mut self.header)
                 .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
             let out = self.ring.slot_mut(slot);
+            let payload = if frame.codec == Codec::Raw {
+                Payload::Guest(
+                    &self.memory.regions()[frame.region as usize],
+                    frame.normal_runs(),
+                )
+            } else {
+                Payload::Bytes(&self.packed[..payload as usize])
+            };
             let sealed = seal_frame(
                 tls,
                 self.tls_records_per_key,
                 &self.header[..header],
-                frame,
-                &self.memory,
+                payload,
                 s.marker == Marker::EndOfStream,
                 out,
             )
@@ -459,6 +568,18 @@ impl SendShard {
             };
             s.n_pieces = 1;
             s.bytes = sealed as u64;
+        } else if frame.codec != Codec::Raw {
+            let header = frame
+                .encode(&mut self.header)
+                .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
+            let at = PAYLOAD_OFFSET - header;
+            self.ring.slot_mut(slot)[at..PAYLOAD_OFFSET].copy_from_slice(&self.header[..header]);
+            s.pieces[0] = Buf::Slab {
+                slot,
+                offset: at as u32,
+                len: (header as u64 + payload) as u32,
+            };
+            s.bytes = header as u64 + payload;
         } else {
             let header = frame
                 .encode(self.ring.slot_mut(slot))
@@ -520,6 +641,12 @@ impl SendShard {
             self.slots[usize::from(slot)].state = SlotState::InChain;
             frames += 1;
         }
+        self.chain_started = Instant::now();
+        self.chain_bytes = self.chain.iter().map(|op| op.len).sum();
+        if let Some(rate) = self.pace_bytes_per_s {
+            let due = Duration::from_secs_f64(self.chain_bytes as f64 / rate);
+            self.pace_until = self.pace_until.max(self.chain_started) + due;
+        }
         self.push_chain(0)
     }
 
@@ -574,6 +701,10 @@ impl SendShard {
                 ));
             }
             return self.push_chain(first);
+        }
+        if self.compression == Compression::Auto {
+            self.auto
+                .observe_link(self.chain_bytes as usize, self.chain_started.elapsed());
         }
         let mut previous = None;
         for i in 0..self.chain.len() {
@@ -808,6 +939,14 @@ impl SendShard {
     }
 }
 
+/// Where a sealed frame's payload comes from.
+enum Payload<'a> {
+    /// Normal pages, straight from guest memory.
+    Guest(&'a crate::memory::Region, &'a [crate::protocol::Run]),
+    /// A compressed payload.
+    Bytes(&'a [u8]),
+}
+
 /// Seals one frame (header, then the payload copied from guest memory) into `out` as TLS
 /// records of 16 KiB of plaintext, preceded by a key update when the key has sealed its share,
 /// followed by close_notify after the end-of-stream frame. Returns the bytes written. The copy
@@ -817,8 +956,7 @@ fn seal_frame(
     tls: &mut TlsSession,
     records_per_key: u64,
     header: &[u8],
-    frame: &Frame,
-    memory: &GuestMemory,
+    payload: Payload<'_>,
     close: bool,
     out: &mut [u8],
 ) -> std::result::Result<usize, crate::pipeline::seal::RecordError> {
@@ -833,9 +971,11 @@ fn seal_frame(
             .map_err(|_| crate::pipeline::seal::RecordError::UnsupportedSuite)?;
         tls.sealer = RecordSealer::new(&secrets, 0)?;
     }
-    let region = &memory.regions()[frame.region as usize];
-    let runs = frame.normal_runs();
-    let (mut header_at, mut run, mut run_at) = (0usize, 0usize, 0u64);
+    let (region, runs, bytes) = match payload {
+        Payload::Guest(region, runs) => (Some(region), runs, &[][..]),
+        Payload::Bytes(bytes) => (None, &[][..], bytes),
+    };
+    let (mut header_at, mut run, mut run_at, mut bytes_at) = (0usize, 0usize, 0u64, 0usize);
     loop {
         let record = &mut out[at..];
         let mut filled = 0;
@@ -847,7 +987,12 @@ fn seal_frame(
                 record[dst..dst + n].copy_from_slice(&header[header_at..header_at + n]);
                 header_at += n;
                 filled += n;
-            } else if run < runs.len() {
+            } else if bytes_at < bytes.len() {
+                let n = room.min(bytes.len() - bytes_at);
+                record[dst..dst + n].copy_from_slice(&bytes[bytes_at..bytes_at + n]);
+                bytes_at += n;
+                filled += n;
+            } else if let (Some(region), true) = (region, run < runs.len()) {
                 let run_bytes = u64::from(runs[run].pages) * PAGE_BYTES as u64;
                 let n = (room as u64).min(run_bytes - run_at);
                 let offset = runs[run].first_page * PAGE_BYTES as u64 + run_at;

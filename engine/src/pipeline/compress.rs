@@ -1,0 +1,541 @@
+//! Compression per shard: zstd (default) or zlib, with contexts reused for every frame, applied
+//! to a chunk's normal pages as one block (128 pages compress about twice as fast, and smaller,
+//! than page-sized blocks). A block that does not shrink travels raw, flagged as such.
+//!
+//! # When compression pays: the `auto` rule
+//! Compressing trades CPU for wire bytes, so it pays only while the link, not the core, is the
+//! bottleneck. Per shard, with `L` the link rate the shard achieves (wire bytes per second of
+//! sending), `C` the compression rate (raw bytes per second of compressing) and `R` the ratio
+//! (raw / compressed), guest memory moves at `L` raw and at `min(C, L × R)` compressed. [`Auto`]
+//! compresses while `min(C, L × R) > 1.1 × L`, i.e. while `C > 1.1 L` and `R > 1.1`. Estimates are
+//! exponentially weighted; while compression is off, one frame in every `AUTO_PROBE_FRAMES` is
+//! compressed anyway to keep `C` and `R` current (it still travels compressed if it shrank).
+//! While it is on, `L` is only a lower bound when sends complete at once (the shard is CPU-bound),
+//! which is exactly when turning it off is right: the rule then sees `L` ≥ `C`.
+//!
+//! Sans-IO like the protocol core: [`Auto`] is fed durations by its caller, never reads a clock,
+//! so tests drive it with a simulated link.
+
+use std::time::Duration;
+
+use crate::limits::FRAME_PAYLOAD_BYTES_MAX;
+
+/// Wire value of a frame's codec (low bits of the frame flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Codec {
+    /// Payload is the normal pages as they are.
+    Raw = 0,
+    /// Payload is one zstd frame holding the normal pages.
+    Zstd = 1,
+    /// Payload is one zlib stream holding the normal pages.
+    Zlib = 2,
+}
+
+impl Codec {
+    /// Decodes the codec bits of a frame's flags.
+    pub fn from_bits(bits: u8) -> Option<Codec> {
+        match bits {
+            0 => Some(Codec::Raw),
+            1 => Some(Codec::Zstd),
+            2 => Some(Codec::Zlib),
+            _ => None,
+        }
+    }
+}
+
+/// What a sender does with normal pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Never compress.
+    #[default]
+    None,
+    /// zstd every frame (raw when a frame does not shrink).
+    Zstd,
+    /// zlib every frame (raw when a frame does not shrink).
+    Zlib,
+    /// zstd while the link is the bottleneck (see the module docs).
+    Auto,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            "zlib" => Ok(Compression::Zlib),
+            "auto" => Ok(Compression::Auto),
+            other => Err(format!(
+                "compression must be none, zstd, zlib or auto, not {other:?}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Zlib => "zlib",
+            Compression::Auto => "auto",
+        })
+    }
+}
+
+/// zstd level 1: ~0.35 GB/s per core with a ratio near 3 on text-like memory.
+pub const ZSTD_LEVEL_DEFAULT: i32 = 1;
+/// zlib level 1 (fastest), as QEMU's multifd zlib default.
+pub const ZLIB_LEVEL: u32 = 1;
+
+/// Checks a zstd level against the library's range (negative "fast" levels included).
+pub fn check_zstd_level(level: i32) -> Result<(), String> {
+    let range = zstd::compression_level_range();
+    if range.contains(&level) {
+        Ok(())
+    } else {
+        Err(format!(
+            "zstd level {level} is outside the library's range {}..={}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+/// Why a compressed payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecompressError {
+    /// The codec's decoder rejected the data.
+    #[error("corrupt {0:?} payload: {1}")]
+    Corrupt(Codec, String),
+    /// The payload decodes to fewer bytes than the frame's pages.
+    #[error("compressed payload ends after {got} of {expected} bytes")]
+    Short {
+        /// Bytes the page list declares.
+        expected: usize,
+        /// Bytes decoded.
+        got: usize,
+    },
+    /// The payload decodes to more bytes than the frame's pages (nothing beyond them is written).
+    #[error("compressed payload holds more than the {expected} bytes its pages declare")]
+    Long {
+        /// Bytes the page list declares.
+        expected: usize,
+    },
+}
+
+/// A shard's compression contexts, created once and reused for every frame.
+pub struct Compressor {
+    zstd: zstd::bulk::Compressor<'static>,
+    zlib: flate2::Compress,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Compressor")
+    }
+}
+
+impl Compressor {
+    /// Contexts for zstd at `zstd_level` and zlib at level 1.
+    pub fn new(zstd_level: i32) -> std::io::Result<Self> {
+        Ok(Compressor {
+            zstd: zstd::bulk::Compressor::new(zstd_level)?,
+            zlib: flate2::Compress::new(flate2::Compression::new(ZLIB_LEVEL), true),
+        })
+    }
+
+    /// Compresses `src` into `dst` with `codec`; `None` when the result would not be smaller
+    /// than `src` (the frame then travels raw).
+    pub fn compress(&mut self, codec: Codec, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+        let room = dst.len().min(src.len().saturating_sub(1));
+        let dst = &mut dst[..room];
+        match codec {
+            Codec::Raw => None,
+            Codec::Zstd => self.zstd.compress_to_buffer(src, dst).ok(),
+            Codec::Zlib => {
+                self.zlib.reset();
+                match self
+                    .zlib
+                    .compress(src, dst, flate2::FlushCompress::Finish)
+                    .ok()?
+                {
+                    flate2::Status::StreamEnd => Some(self.zlib.total_out() as usize),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+/// A shard's decompression contexts.
+pub struct Decompressor {
+    zstd: zstd::stream::raw::Decoder<'static>,
+    zlib: flate2::Decompress,
+}
+
+impl std::fmt::Debug for Decompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decompressor")
+    }
+}
+
+impl Decompressor {
+    /// Fresh contexts.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Decompressor {
+            zstd: zstd::stream::raw::Decoder::new()?,
+            zlib: flate2::Decompress::new(true),
+        })
+    }
+
+    /// Decompresses `src` into `outputs`, in order, filling each exactly. Fails unless the
+    /// payload decodes to exactly the outputs' total length; nothing is ever written beyond the
+    /// outputs (a decompression bomb stops at their end).
+    pub fn decompress<'o>(
+        &mut self,
+        codec: Codec,
+        src: &[u8],
+        expected: usize,
+        outputs: impl Iterator<Item = &'o mut [u8]>,
+    ) -> Result<(), DecompressError> {
+        let corrupt = |e: &dyn std::fmt::Display| DecompressError::Corrupt(codec, e.to_string());
+        let mut read = 0usize;
+        let mut written = 0usize;
+        match codec {
+            Codec::Raw => return Err(corrupt(&"raw payload given to the decompressor")),
+            Codec::Zstd => {
+                use zstd::stream::raw::Operation;
+                self.zstd.reinit().map_err(|e| corrupt(&e))?;
+                let mut remaining = 1;
+                for out in outputs {
+                    let mut at = 0;
+                    while at < out.len() {
+                        let st = self
+                            .zstd
+                            .run_on_buffers(&src[read..], &mut out[at..])
+                            .map_err(|e| corrupt(&e))?;
+                        read += st.bytes_read;
+                        at += st.bytes_written;
+                        remaining = st.remaining;
+                        if st.bytes_read == 0 && st.bytes_written == 0 {
+                            return Err(DecompressError::Short {
+                                expected,
+                                got: written + at,
+                            });
+                        }
+                    }
+                    written += at;
+                }
+                // Every output is full: the frame must end here, with all input consumed.
+                if remaining != 0 {
+                    let mut probe = [0u8; 1];
+                    let st = self
+                        .zstd
+                        .run_on_buffers(&src[read..], &mut probe)
+                        .map_err(|e| corrupt(&e))?;
+                    if st.bytes_written > 0 || st.remaining != 0 {
+                        return Err(DecompressError::Long { expected });
+                    }
+                    read += st.bytes_read;
+                }
+                if read != src.len() {
+                    return Err(DecompressError::Long { expected });
+                }
+            }
+            Codec::Zlib => {
+                self.zlib.reset(true);
+                let mut ended = false;
+                for out in outputs {
+                    let mut at = 0;
+                    while at < out.len() {
+                        let (in0, out0) = (self.zlib.total_in(), self.zlib.total_out());
+                        let status = self
+                            .zlib
+                            .decompress(&src[read..], &mut out[at..], flate2::FlushDecompress::None)
+                            .map_err(|e| corrupt(&e))?;
+                        read += (self.zlib.total_in() - in0) as usize;
+                        at += (self.zlib.total_out() - out0) as usize;
+                        if status == flate2::Status::StreamEnd {
+                            ended = true;
+                            break;
+                        }
+                        if self.zlib.total_in() == in0 && self.zlib.total_out() == out0 {
+                            return Err(DecompressError::Short {
+                                expected,
+                                got: written + at,
+                            });
+                        }
+                    }
+                    written += at;
+                    if ended {
+                        break;
+                    }
+                }
+                if written < expected {
+                    return Err(DecompressError::Short {
+                        expected,
+                        got: written,
+                    });
+                }
+                if !ended {
+                    let mut probe = [0u8; 1];
+                    let status = self
+                        .zlib
+                        .decompress(&src[read..], &mut probe, flate2::FlushDecompress::Finish)
+                        .map_err(|e| corrupt(&e))?;
+                    if status != flate2::Status::StreamEnd
+                        || self.zlib.total_out() as usize > expected
+                    {
+                        return Err(DecompressError::Long { expected });
+                    }
+                    read = self.zlib.total_in() as usize;
+                }
+                if read != src.len() {
+                    return Err(DecompressError::Long { expected });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Frames between two forced compressions while `auto` has compression off.
+pub const AUTO_PROBE_FRAMES: u32 = 32;
+/// Weight of a new sample in the moving averages.
+const AUTO_EWMA_WEIGHT: f64 = 0.25;
+/// Margin a rate must beat another by before the decision flips.
+const AUTO_MARGIN: f64 = 1.1;
+
+/// The `auto` policy for one shard (see the module docs for the rule).
+#[derive(Debug, Clone, Default)]
+pub struct Auto {
+    compress_bytes_per_s: Option<f64>,
+    ratio: Option<f64>,
+    link_bytes_per_s: Option<f64>,
+    on: bool,
+    frames_since_probe: u32,
+}
+
+fn ewma(old: Option<f64>, sample: f64) -> Option<f64> {
+    Some(match old {
+        None => sample,
+        Some(o) => o + AUTO_EWMA_WEIGHT * (sample - o),
+    })
+}
+
+impl Auto {
+    /// A fresh policy: compresses the first frame to learn `C` and `R`.
+    pub fn new() -> Self {
+        Auto::default()
+    }
+
+    /// Whether the next frame should be compressed.
+    pub fn compress_next(&mut self) -> bool {
+        if self.on || self.compress_bytes_per_s.is_none() {
+            return true;
+        }
+        self.frames_since_probe += 1;
+        if self.frames_since_probe >= AUTO_PROBE_FRAMES {
+            self.frames_since_probe = 0;
+            return true;
+        }
+        false
+    }
+
+    /// Records a compression of `raw` bytes into `compressed` bytes (`raw` when it did not
+    /// shrink) that took `cpu` time.
+    pub fn observe_compression(&mut self, raw: usize, compressed: usize, cpu: Duration) {
+        let secs = cpu.as_secs_f64().max(1e-9);
+        self.compress_bytes_per_s = ewma(self.compress_bytes_per_s, raw as f64 / secs);
+        self.ratio = ewma(self.ratio, raw as f64 / compressed.max(1) as f64);
+        self.decide();
+    }
+
+    /// Records that `wire` bytes took `elapsed` to be accepted by the link.
+    pub fn observe_link(&mut self, wire: usize, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        self.link_bytes_per_s = ewma(self.link_bytes_per_s, wire as f64 / secs);
+        self.decide();
+    }
+
+    /// True while compression is on.
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    fn decide(&mut self) {
+        let (Some(c), Some(r), Some(l)) =
+            (self.compress_bytes_per_s, self.ratio, self.link_bytes_per_s)
+        else {
+            return;
+        };
+        self.on = c > AUTO_MARGIN * l && r > AUTO_MARGIN;
+    }
+}
+
+/// Bytes of the largest compressed payload pagewire sends (it never sends one that did not
+/// shrink, so this is the raw maximum).
+pub const COMPRESSED_PAYLOAD_BYTES_MAX: usize = FRAME_PAYLOAD_BYTES_MAX;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(len: usize) -> Vec<u8> {
+        let words = [
+            "page ",
+            "kernel ",
+            "migration ",
+            "the ",
+            "of ",
+            "buffer ",
+            "42 ",
+            "\n",
+        ];
+        let mut out = Vec::with_capacity(len);
+        let mut x = 12345u64;
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn random(len: usize) -> Vec<u8> {
+        let mut x = 99u64;
+        (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 33) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn both_codecs_round_trip_into_split_outputs() {
+        let src = text(128 * 4096);
+        let mut c = Compressor::new(1).unwrap();
+        let mut d = Decompressor::new().unwrap();
+        let mut comp = vec![0u8; src.len()];
+        for codec in [Codec::Zstd, Codec::Zlib] {
+            let n = c.compress(codec, &src, &mut comp).expect("text shrinks");
+            assert!(n < src.len() / 2, "{codec:?}: {n}");
+            let mut out = vec![0u8; src.len()];
+            let (a, b) = out.split_at_mut(3 * 4096);
+            let (b, rest) = b.split_at_mut(4096);
+            d.decompress(codec, &comp[..n], src.len(), [a, b, rest].into_iter())
+                .unwrap();
+            assert_eq!(out, src, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn incompressible_data_is_left_raw() {
+        let src = random(64 * 4096);
+        let mut c = Compressor::new(1).unwrap();
+        let mut comp = vec![0u8; src.len()];
+        assert_eq!(c.compress(Codec::Zstd, &src, &mut comp), None);
+        assert_eq!(c.compress(Codec::Zlib, &src, &mut comp), None);
+    }
+
+    #[test]
+    fn wrong_sizes_and_garbage_are_refused_without_writing_past_the_outputs() {
+        let src = text(16 * 4096);
+        let mut c = Compressor::new(1).unwrap();
+        let mut d = Decompressor::new().unwrap();
+        let mut comp = vec![0u8; src.len()];
+        for codec in [Codec::Zstd, Codec::Zlib] {
+            let n = c.compress(codec, &src, &mut comp).unwrap();
+            // Declares more pages than the payload holds.
+            let mut big = vec![0u8; 17 * 4096];
+            assert!(matches!(
+                d.decompress(codec, &comp[..n], big.len(), std::iter::once(&mut big[..])),
+                Err(DecompressError::Short { .. })
+            ));
+            // Declares fewer: the decoder stops at the outputs' end, and says so.
+            let mut guard = vec![0xeeu8; 16 * 4096];
+            let (small, after) = guard.split_at_mut(15 * 4096);
+            assert!(matches!(
+                d.decompress(codec, &comp[..n], small.len(), std::iter::once(small)),
+                Err(DecompressError::Long { .. })
+            ));
+            assert!(
+                after.iter().all(|&b| b == 0xee),
+                "{codec:?} wrote past its outputs"
+            );
+            // Garbage and truncation.
+            let mut out = vec![0u8; 16 * 4096];
+            let mut bad = comp[..n].to_vec();
+            bad[n / 2] ^= 0xff;
+            bad[0] ^= 0xff;
+            let len = out.len();
+            assert!(d
+                .decompress(codec, &bad, len, std::iter::once(&mut out[..]))
+                .is_err());
+            assert!(d
+                .decompress(codec, &comp[..n / 2], len, std::iter::once(&mut out[..]))
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn levels_are_checked_against_the_library() {
+        assert!(check_zstd_level(1).is_ok());
+        assert!(check_zstd_level(-5).is_ok());
+        assert!(check_zstd_level(19).is_ok());
+        assert!(check_zstd_level(1000).is_err());
+        assert!(check_zstd_level(-1_000_000).is_err());
+    }
+
+    #[test]
+    fn auto_turns_on_for_a_slow_link_and_off_for_a_fast_one() {
+        // Simulated: 512 KiB frames compressing at 350 MB/s with ratio 3.
+        let frame = 512 * 1024;
+        let compress_time = Duration::from_secs_f64(frame as f64 / 350e6);
+        for (link_bytes_per_s, want_on) in [(12.5e6, true), (125e6, true), (4e9, false)] {
+            let mut a = Auto::new();
+            let mut compressed_frames = 0;
+            for _ in 0..200 {
+                let compress = a.compress_next();
+                let wire = if compress {
+                    compressed_frames += 1;
+                    a.observe_compression(frame, frame / 3, compress_time);
+                    frame / 3
+                } else {
+                    frame
+                };
+                a.observe_link(
+                    wire,
+                    Duration::from_secs_f64(wire as f64 / link_bytes_per_s),
+                );
+            }
+            assert_eq!(a.is_on(), want_on, "link {link_bytes_per_s} B/s");
+            if !want_on {
+                // Off, but still probing now and then.
+                assert!(
+                    (5..20).contains(&compressed_frames),
+                    "{compressed_frames} probes"
+                );
+            }
+        }
+        // Incompressible memory: off even on a slow link.
+        let mut a = Auto::new();
+        for _ in 0..100 {
+            if a.compress_next() {
+                a.observe_compression(frame, frame, compress_time);
+            }
+            a.observe_link(frame, Duration::from_secs_f64(frame as f64 / 12.5e6));
+        }
+        assert!(!a.is_on());
+    }
+}
