@@ -609,7 +609,13 @@ impl SendShard {
             let ops = if self.zero_copy_now { s.n_pieces } else { 1 };
             // The whole chain must fit, plus one entry for a control receive.
             let need = ops_total + ops + 1;
-            if frames == CHAIN_FRAMES_MAX
+            // Paced: one frame per chain, so the rate applies frame by frame.
+            let frames_max = if self.pace_bytes_per_s.is_some() {
+                1
+            } else {
+                CHAIN_FRAMES_MAX
+            };
+            if frames == frames_max
                 || self.ring.sq_space() < need
                 || self.ring.ops_space() < need
                 || (!self.zero_copy_now && self.ring.vectored_space() <= frames)
