@@ -11,6 +11,8 @@
 //! measured. Reported: median and spread of throughput, the ratios, and CPU-seconds per GiB on
 //! each side.
 
+mod shaped;
+
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -43,6 +45,27 @@ enum Cmd {
     Transfer(TransferArgs),
     /// Plain vs TLS at 1 and 2 channels, and one-core seal rates (AEAD, pagewire, rustls).
     Tls(TlsBenchArgs),
+    /// none / zstd / zlib / auto over shaped links between two network namespaces (needs root).
+    Compress(CompressBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct CompressBenchArgs {
+    /// Link rates in Mbit/s.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    links: Vec<u64>,
+    /// Memory contents.
+    #[arg(long, value_delimiter = ',', default_value = "text,mixed")]
+    content: Vec<Content>,
+    /// Repetitions (interleaved across modes); the median is reported.
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Small images (about half a second per cell).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -632,6 +655,13 @@ fn main() {
     let result = match cli.command {
         Cmd::Transfer(a) => transfer(a),
         Cmd::Tls(a) => tls_bench(a),
+        Cmd::Compress(a) => {
+            if a.reps == 0 {
+                Err(anyhow::anyhow!("--reps must be positive"))
+            } else {
+                shaped::run_bench(&a.links, &a.content, a.reps, a.quick, a.json)
+            }
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

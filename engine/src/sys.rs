@@ -102,3 +102,41 @@ pub fn set_tcp_user_timeout(stream: &TcpStream, ms: u32) -> std::io::Result<()> 
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// What the kernel measured of a TCP connection's recent delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Bytes per second the peer acknowledged, recently (`tcpi_delivery_rate`).
+    pub bytes_per_s: u64,
+    /// True when the sample was limited by the application not sending enough, not by the link.
+    pub app_limited: bool,
+}
+
+/// Reads the kernel's delivery-rate estimate of `stream` (Linux 4.9+); `None` when unavailable.
+pub fn tcp_delivery(stream: &TcpStream) -> Option<Delivery> {
+    const SIZE: usize = std::mem::size_of::<libc::tcp_info>();
+    let mut buf = [0u8; SIZE];
+    let mut len = SIZE as libc::socklen_t;
+    // SAFETY: a valid fd, and a buffer/length pair the kernel fills with at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let at = std::mem::offset_of!(libc::tcp_info, tcpi_delivery_rate);
+    if rc != 0 || (len as usize) < at + 8 {
+        return None;
+    }
+    let mut rate = [0u8; 8];
+    rate.copy_from_slice(&buf[at..at + 8]);
+    Some(Delivery {
+        bytes_per_s: u64::from_ne_bytes(rate),
+        // Byte 7 of struct tcp_info holds the bitfield `tcpi_delivery_rate_app_limited:1` (libc's
+        // struct shows it as padding, hence the byte buffer).
+        app_limited: buf[7] & 1 != 0,
+    })
+}

@@ -31,9 +31,13 @@ fn both_codecs_round_trip_with_and_without_tls() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    certs::generate(&CertOptions::default()).unwrap().write(dir.path()).unwrap();
+    certs::generate(&CertOptions::default())
+        .unwrap()
+        .write(dir.path())
+        .unwrap();
     let server = TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap();
-    let client = TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost").unwrap();
+    let client =
+        TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost").unwrap();
     for compression in [Compression::Zstd, Compression::Zlib, Compression::Auto] {
         for tls in [false, true] {
             for content in [Content::Text, Content::Random, Content::Mixed] {
@@ -59,13 +63,25 @@ fn both_codecs_round_trip_with_and_without_tls() {
                 let sent = s.finish().unwrap();
                 let received = join_within(rx, LIMIT, "receiver").unwrap();
                 assert_eq!(src.first_difference(&dst), None, "{what}");
-                assert_eq!(sent.compressed_frames, received.shards.iter().map(|s| s.compressed_frames).sum::<u64>(), "{what}");
+                assert_eq!(
+                    sent.compressed_frames,
+                    received
+                        .shards
+                        .iter()
+                        .map(|s| s.compressed_frames)
+                        .sum::<u64>(),
+                    "{what}"
+                );
                 match content {
                     // Incompressible chunks travel raw.
                     Content::Random => assert_eq!(sent.compressed_frames, 0, "{what}"),
                     Content::Text if compression != Compression::Auto => {
                         assert!(sent.compressed_frames > 0, "{what}");
-                        assert!(sent.compression_ratio > 2.0, "{what}: ratio {}", sent.compression_ratio);
+                        assert!(
+                            sent.compression_ratio > 2.0,
+                            "{what}: ratio {}",
+                            sent.compression_ratio
+                        );
                         assert!(sent.transferred_bytes < sent.normal_bytes / 2, "{what}");
                     }
                     _ => {}
@@ -84,7 +100,10 @@ fn invalid_levels_are_refused_before_connecting() {
     };
     let err = Sender::connect("127.0.0.1:9", memory(1 << 20), &config).unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{}", error_chain(&err));
-    assert!(err.to_string().contains("outside the library's range"), "{err}");
+    assert!(
+        err.to_string().contains("outside the library's range"),
+        "{err}"
+    );
 }
 
 /// A fake sender: plaintext handshake announcing zstd for a 16-page layout, then one frame.
@@ -133,11 +152,15 @@ fn corrupt_or_oversized_compressed_frames_are_refused_and_write_nothing_outside_
     if skip_without_uring() {
         return;
     }
-    let data: Vec<u8> = (0..8 * 4096u32).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect();
+    let data: Vec<u8> = (0..8 * 4096u32)
+        .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+        .collect();
     let mut c = Compressor::new(3).unwrap();
     let mut packed = vec![0u8; data.len()];
     // Four pages' worth, declared as four pages, but corrupted.
-    let n4 = c.compress(Codec::Zstd, &data[..4 * 4096], &mut packed).unwrap();
+    let n4 = c
+        .compress(Codec::Zstd, &data[..4 * 4096], &mut packed)
+        .unwrap();
     let mut corrupt = packed[..n4].to_vec();
     corrupt[n4 / 2] ^= 0x55;
     corrupt[n4 - 1] ^= 0x55;
@@ -157,7 +180,10 @@ fn corrupt_or_oversized_compressed_frames_are_refused_and_write_nothing_outside_
         let mut page = [0u8; 4096];
         for p in (0..4).chain(8..16) {
             dst.regions()[0].read(p * 4096, &mut page);
-            assert!(page.iter().all(|&b| b == 0x5a), "{what}: page {p} outside the frame was written");
+            assert!(
+                page.iter().all(|&b| b == 0x5a),
+                "{what}: page {p} outside the frame was written"
+            );
         }
     }
 }
@@ -187,5 +213,8 @@ fn max_bandwidth_paces_the_sender() {
     // 8 MiB at 32 MiB/s is 250 ms. Paced shards send one 512 KiB frame at a time, the first at
     // once: 7 of each shard's 8 frames wait their turn, 219 ms. A lower bound only (no timing
     // assertions on speed): without pacing this takes a few milliseconds.
-    assert!(elapsed >= Duration::from_millis(190), "8 MiB at 32 MiB/s took only {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(190),
+        "8 MiB at 32 MiB/s took only {elapsed:?}"
+    );
 }

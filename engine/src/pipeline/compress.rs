@@ -4,14 +4,27 @@
 //!
 //! # When compression pays: the `auto` rule
 //! Compressing trades CPU for wire bytes, so it pays only while the link, not the core, is the
-//! bottleneck. Per shard, with `L` the link rate the shard achieves (wire bytes per second of
-//! sending), `C` the compression rate (raw bytes per second of compressing) and `R` the ratio
-//! (raw / compressed), guest memory moves at `L` raw and at `min(C, L × R)` compressed. [`Auto`]
-//! compresses while `min(C, L × R) > 1.1 × L`, i.e. while `C > 1.1 L` and `R > 1.1`. Estimates are
-//! exponentially weighted; while compression is off, one frame in every `AUTO_PROBE_FRAMES` is
-//! compressed anyway to keep `C` and `R` current (it still travels compressed if it shrank).
-//! While it is on, `L` is only a lower bound when sends complete at once (the shard is CPU-bound),
-//! which is exactly when turning it off is right: the rule then sees `L` ≥ `C`.
+//! bottleneck. Per shard, with `L` the link rate (wire bytes per second the connection delivers),
+//! `C` the compression rate (raw bytes per second of compressing) and `R` the ratio (raw /
+//! compressed), guest memory moves at about `L` raw and at `min(C, L × R)` compressed. [`Auto`]
+//! compresses while `min(C, L × R) > 1.1 × L`, i.e. while `C > 1.1 L` and `R > 1.1`.
+//!
+//! `L` comes from the kernel's own delivery-rate estimate (`TCP_INFO`), which also says whether a
+//! sample was *app-limited* (we, not the link, were the bottleneck). Socket buffers and the
+//! frames a shard builds ahead make timing our own sends useless: megabytes are queued before a
+//! slow link shows. So the policy starts *on* (when the first frame shows the memory compresses)
+//! and reads samples by what the frames before them were:
+//! - compressed, link-limited: compression keeps the link busy, and raw would only send more
+//!   bytes through it: stay on;
+//! - compressed, app-limited: the compressor cannot fill the link; whether raw would be faster
+//!   depends on `L`, so the next `AUTO_RAW_WINDOW` frames go raw to measure it (at most once per
+//!   `AUTO_REMEASURE_FRAMES`);
+//! - raw, link-limited: that is `L`; raw, app-limited: `L` is at least that (even raw sending
+//!   cannot fill the link). Either way the rule decides.
+//!
+//! Estimates are exponentially weighted; while compression is off, one frame in every
+//! `AUTO_PROBE_FRAMES` is compressed anyway to keep `C` and `R` current (it still travels
+//! compressed if it shrank).
 //!
 //! Sans-IO like the protocol core: [`Auto`] is fed durations by its caller, never reads a clock,
 //! so tests drive it with a simulated link.
@@ -306,19 +319,39 @@ impl Decompressor {
 
 /// Frames between two forced compressions while `auto` has compression off.
 pub const AUTO_PROBE_FRAMES: u32 = 32;
+/// At most one raw measuring window per this many frames while compression is on.
+pub const AUTO_REMEASURE_FRAMES: u32 = 64;
+/// Frames sent raw to measure the link (a whole chain, so its sample is a raw one).
+pub const AUTO_RAW_WINDOW: u32 = crate::limits::CHAIN_FRAMES_MAX as u32;
 /// Weight of a new sample in the moving averages.
 const AUTO_EWMA_WEIGHT: f64 = 0.25;
-/// Margin a rate must beat another by before the decision flips.
+/// Margin a rate must beat another by before compression is chosen.
 const AUTO_MARGIN: f64 = 1.1;
 
 /// The `auto` policy for one shard (see the module docs for the rule).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Auto {
     compress_bytes_per_s: Option<f64>,
     ratio: Option<f64>,
     link_bytes_per_s: Option<f64>,
     on: bool,
-    frames_since_probe: u32,
+    frames: u32,
+    raw_window_left: u32,
+    last_window_at: Option<u32>,
+}
+
+impl Default for Auto {
+    fn default() -> Self {
+        Auto {
+            compress_bytes_per_s: None,
+            ratio: None,
+            link_bytes_per_s: None,
+            on: true,
+            frames: 0,
+            raw_window_left: 0,
+            last_window_at: None,
+        }
+    }
 }
 
 fn ewma(old: Option<f64>, sample: f64) -> Option<f64> {
@@ -329,22 +362,19 @@ fn ewma(old: Option<f64>, sample: f64) -> Option<f64> {
 }
 
 impl Auto {
-    /// A fresh policy: compresses the first frame to learn `C` and `R`.
+    /// A fresh policy: on, until samples say otherwise.
     pub fn new() -> Self {
         Auto::default()
     }
 
     /// Whether the next frame should be compressed.
     pub fn compress_next(&mut self) -> bool {
-        if self.on || self.compress_bytes_per_s.is_none() {
-            return true;
+        self.frames = self.frames.wrapping_add(1);
+        if self.raw_window_left > 0 {
+            self.raw_window_left -= 1;
+            return false;
         }
-        self.frames_since_probe += 1;
-        if self.frames_since_probe >= AUTO_PROBE_FRAMES {
-            self.frames_since_probe = 0;
-            return true;
-        }
-        false
+        self.on || self.frames % AUTO_PROBE_FRAMES == 0
     }
 
     /// Records a compression of `raw` bytes into `compressed` bytes (`raw` when it did not
@@ -356,10 +386,28 @@ impl Auto {
         self.decide();
     }
 
-    /// Records that `wire` bytes took `elapsed` to be accepted by the link.
-    pub fn observe_link(&mut self, wire: usize, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64().max(1e-9);
-        self.link_bytes_per_s = ewma(self.link_bytes_per_s, wire as f64 / secs);
+    /// Records the kernel's delivery-rate sample, taken after frames that were all `raw` (or
+    /// not); see the module docs for what each kind of sample means.
+    pub fn observe_delivery(&mut self, bytes_per_s: u64, app_limited: bool, raw: bool) {
+        if bytes_per_s == 0 {
+            return;
+        }
+        if !raw {
+            let due = self
+                .last_window_at
+                .is_none_or(|at| self.frames.wrapping_sub(at) >= AUTO_REMEASURE_FRAMES);
+            if app_limited && self.on && self.raw_window_left == 0 && due {
+                self.raw_window_left = AUTO_RAW_WINDOW;
+                self.last_window_at = Some(self.frames);
+            }
+            return;
+        }
+        let sample = bytes_per_s as f64;
+        self.link_bytes_per_s = if app_limited {
+            Some(self.link_bytes_per_s.map_or(sample, |l| l.max(sample)))
+        } else {
+            ewma(self.link_bytes_per_s, sample)
+        };
         self.decide();
     }
 
@@ -369,12 +417,14 @@ impl Auto {
     }
 
     fn decide(&mut self) {
-        let (Some(c), Some(r), Some(l)) =
-            (self.compress_bytes_per_s, self.ratio, self.link_bytes_per_s)
-        else {
+        if self.ratio.is_some_and(|r| r <= AUTO_MARGIN) {
+            self.on = false;
+            return;
+        }
+        let (Some(c), Some(l)) = (self.compress_bytes_per_s, self.link_bytes_per_s) else {
             return;
         };
-        self.on = c > AUTO_MARGIN * l && r > AUTO_MARGIN;
+        self.on = c > AUTO_MARGIN * l;
     }
 }
 
@@ -497,45 +547,55 @@ mod tests {
         assert!(check_zstd_level(-1_000_000).is_err());
     }
 
-    #[test]
-    fn auto_turns_on_for_a_slow_link_and_off_for_a_fast_one() {
-        // Simulated: 512 KiB frames compressing at 350 MB/s with ratio 3.
+    /// A simulated shard on a link of `link` bytes/s, with raw sending limited by the CPU at
+    /// `raw_cpu` bytes/s: what the kernel would report after each frame.
+    fn simulate(a: &mut Auto, link: f64, raw_cpu: f64, ratio: f64, frames: usize) -> usize {
         let frame = 512 * 1024;
-        let compress_time = Duration::from_secs_f64(frame as f64 / 350e6);
-        for (link_bytes_per_s, want_on) in [(12.5e6, true), (125e6, true), (4e9, false)] {
-            let mut a = Auto::new();
-            let mut compressed_frames = 0;
-            for _ in 0..200 {
-                let compress = a.compress_next();
-                let wire = if compress {
-                    compressed_frames += 1;
-                    a.observe_compression(frame, frame / 3, compress_time);
-                    frame / 3
-                } else {
-                    frame
-                };
-                a.observe_link(
-                    wire,
-                    Duration::from_secs_f64(wire as f64 / link_bytes_per_s),
-                );
-            }
-            assert_eq!(a.is_on(), want_on, "link {link_bytes_per_s} B/s");
-            if !want_on {
-                // Off, but still probing now and then.
-                assert!(
-                    (5..20).contains(&compressed_frames),
-                    "{compressed_frames} probes"
-                );
-            }
+        let compress_rate = 350e6;
+        let mut compressed = 0;
+        for _ in 0..frames {
+            let compress = a.compress_next();
+            let offered = if compress {
+                compressed += 1;
+                let out = (frame as f64 / ratio) as usize;
+                let took = Duration::from_secs_f64(frame as f64 / compress_rate);
+                a.observe_compression(frame, out.min(frame), took);
+                // Wire bytes offered per second while compressing.
+                compress_rate / ratio
+            } else {
+                raw_cpu
+            };
+            // The link delivers what is offered, up to its capacity; below capacity the sample
+            // is app-limited.
+            a.observe_delivery(offered.min(link) as u64, offered < link, !compress);
         }
+        compressed
+    }
+
+    #[test]
+    fn auto_turns_on_for_slow_links_and_off_for_fast_ones() {
+        // Slow links (100 Mbit/s, 1 Gbit/s): compressing text (ratio 3) pays, even where the
+        // compressor's output (117 MB/s) cannot quite fill the link (125 MB/s).
+        for link in [12.5e6, 125e6] {
+            let mut a = Auto::new();
+            simulate(&mut a, link, 3e9, 3.0, 200);
+            assert!(a.is_on(), "link {link} B/s");
+        }
+        // A fast link (10 Gbit/s): the compressor cannot keep up, raw wins; probes continue.
+        let mut a = Auto::new();
+        let compressed = simulate(&mut a, 1.25e9, 3e9, 3.0, 200);
+        assert!(!a.is_on());
+        assert!(
+            (5..20).contains(&compressed),
+            "{compressed} frames compressed"
+        );
+        // Loopback, where even raw sending is CPU-bound: off.
+        let mut a = Auto::new();
+        simulate(&mut a, 1e12, 3e9, 3.0, 200);
+        assert!(!a.is_on());
         // Incompressible memory: off even on a slow link.
         let mut a = Auto::new();
-        for _ in 0..100 {
-            if a.compress_next() {
-                a.observe_compression(frame, frame, compress_time);
-            }
-            a.observe_link(frame, Duration::from_secs_f64(frame as f64 / 12.5e6));
-        }
+        simulate(&mut a, 12.5e6, 3e9, 1.0, 200);
         assert!(!a.is_on());
     }
 }

@@ -111,6 +111,8 @@ enum Marker {
 
 struct FrameSlot {
     state: SlotState,
+    /// The frame's payload codec (what `auto` needs to read delivery samples).
+    codec: Codec,
     pieces: [Buf; 1 + FRAME_RUNS_MAX],
     n_pieces: usize,
     bytes: u64,
@@ -232,6 +234,7 @@ impl SendShard {
         let slots = (0..SHARD_FRAMES_IN_FLIGHT_MAX)
             .map(|_| FrameSlot {
                 state: SlotState::Free,
+                codec: Codec::Raw,
                 pieces: [placeholder; 1 + FRAME_RUNS_MAX],
                 n_pieces: 0,
                 bytes: 0,
@@ -592,6 +595,7 @@ impl SendShard {
             s.bytes = header as u64 + payload;
         }
         s.state = SlotState::Ready;
+        s.codec = frame.codec;
         self.stats.frames += 1;
         self.stats.wire_bytes += s.bytes;
         add(&self.progress.wire_bytes, s.bytes);
@@ -709,8 +713,14 @@ impl SendShard {
             return self.push_chain(first);
         }
         if self.compression == Compression::Auto {
-            self.auto
-                .observe_link(self.chain_bytes as usize, self.chain_started.elapsed());
+            if let Some(d) = crate::sys::tcp_delivery(self.ring.socket()) {
+                let raw = self
+                    .chain
+                    .iter()
+                    .all(|op| self.slots[usize::from(op.slot)].codec == Codec::Raw);
+                self.auto
+                    .observe_delivery(d.bytes_per_s, d.app_limited, raw);
+            }
         }
         let mut previous = None;
         for i in 0..self.chain.len() {

@@ -227,6 +227,11 @@ impl Ring {
         self.caps
     }
 
+    /// The connection (for socket options and statistics).
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
     /// Ops whose final completion has not arrived.
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
