@@ -70,3 +70,47 @@ fn tls_benchmark_runs_and_reports_seal_rates() {
         );
     }
 }
+
+#[test]
+fn compression_benchmark_runs_over_a_shaped_link_or_says_why_not() {
+    if let Err(e) = pagewire::probe_uring() {
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
+        return;
+    }
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pagewire-bench"));
+    if !exe.with_file_name("pagewire").exists() {
+        eprintln!("SKIPPED: the pagewire CLI is not built next to pagewire-bench (cargo test --workspace builds it)");
+        return;
+    }
+    let out = std::process::Command::new(&exe)
+        .args([
+            "compress",
+            "--links",
+            "1000",
+            "--content",
+            "text",
+            "--quick",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(reason) = text.strip_prefix("SKIPPED") {
+        eprintln!("SKIPPED{reason}");
+        return;
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 4, "one cell per mode");
+    for c in cells {
+        assert!(c["seconds"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    let zstd = cells.iter().find(|c| c["mode"] == "zstd").unwrap();
+    let none = cells.iter().find(|c| c["mode"] == "none").unwrap();
+    assert!(zstd["wire_bytes"].as_u64().unwrap() < none["wire_bytes"].as_u64().unwrap() / 2);
+}

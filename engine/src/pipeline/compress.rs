@@ -374,7 +374,7 @@ impl Auto {
             self.raw_window_left -= 1;
             return false;
         }
-        self.on || self.frames % AUTO_PROBE_FRAMES == 0
+        self.on || self.frames.is_multiple_of(AUTO_PROBE_FRAMES)
     }
 
     /// Records a compression of `raw` bytes into `compressed` bytes (`raw` when it did not
