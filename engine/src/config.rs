@@ -53,6 +53,24 @@ pub enum Pinning {
     None,
 }
 
+impl Pinning {
+    /// The core shard `i` runs on, among `cores` (the allowed ones, in order).
+    pub(crate) fn core_for(
+        self,
+        i: usize,
+        cores: &[core_affinity::CoreId],
+    ) -> Option<core_affinity::CoreId> {
+        if cores.is_empty() {
+            return None;
+        }
+        match self {
+            Pinning::None => None,
+            Pinning::Cores => Some(cores[i % cores.len()]),
+            Pinning::CoresReversed => Some(cores[cores.len() - 1 - i % cores.len()]),
+        }
+    }
+}
+
 /// Sender settings.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {

@@ -134,28 +134,6 @@ impl Region {
         unsafe { std::ptr::write_bytes(dst, 0, (pages as usize) * PAGE_BYTES) }
     }
 
-    /// Decompresses `src` straight into the pages of `runs` (in order), failing unless it decodes
-    /// to exactly those pages. For the receiver only, placing a checked frame: the destination is
-    /// not running, and within a round each page arrives in exactly one frame, so for the duration
-    /// of the call nothing else reads or writes these pages.
-    pub(crate) fn decompress_into(
-        &self,
-        decompressor: &mut crate::pipeline::compress::Decompressor,
-        codec: crate::pipeline::compress::Codec,
-        src: &[u8],
-        runs: &[crate::protocol::Run],
-    ) -> std::result::Result<(), crate::pipeline::compress::DecompressError> {
-        let expected = runs.iter().map(|r| r.pages as usize * PAGE_BYTES).sum();
-        let outputs = runs.iter().map(|r| {
-            let ptr = self.pages_ptr(r.first_page, u64::from(r.pages));
-            // SAFETY: pages_ptr checked the range lies inside the mapping; runs of a checked
-            // frame are disjoint, so the slices do not overlap one another; and by the contract
-            // above no one else touches these pages while the decoder writes them.
-            unsafe { std::slice::from_raw_parts_mut(ptr, r.pages as usize * PAGE_BYTES) }
-        });
-        decompressor.decompress(codec, src, expected, outputs)
-    }
-
     /// True when page `page` is all zero.
     pub fn page_is_zero(&self, scanner: &ZeroScanner, page: u64) -> bool {
         let ptr = self.pages_ptr(page, 1);

@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{Pinning, ReceiverConfig};
+use crate::config::ReceiverConfig;
 use crate::error::{Error, Result};
 use crate::limits::{CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES, PAGE_BYTES};
 use crate::memory::GuestMemory;
@@ -83,12 +83,7 @@ impl Receiver {
         let mut joins = Vec::with_capacity(n);
         for (i, accepted) in streams.into_iter().enumerate() {
             let Accepted { stream, peer, tls } = accepted;
-            let core = match self.config.pinning {
-                Pinning::None => None,
-                _ if cores.is_empty() => None,
-                Pinning::Cores => Some(cores[i % cores.len()]),
-                Pinning::CoresReversed => Some(cores[cores.len() - 1 - i % cores.len()]),
-            };
+            let core = self.config.pinning.core_for(i, &cores);
             let params = RecvShardParams {
                 channel: i as u16,
                 memory: self.memory.clone(),

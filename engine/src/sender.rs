@@ -11,7 +11,7 @@ use crossbeam_channel::{
     bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender as Tx, TrySendError,
 };
 
-use crate::config::{Pinning, SenderConfig};
+use crate::config::SenderConfig;
 use crate::error::{Error, Result};
 use crate::limits::{
     CHANNELS_MAX, CHUNK_PAGES_MAX, HANDSHAKE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS,
@@ -161,12 +161,7 @@ impl Sender {
         }
         let mut shards = Vec::with_capacity(streams.len());
         for (i, (stream, tls)) in streams.into_iter().enumerate() {
-            let core = match config.pinning {
-                Pinning::None => None,
-                _ if cores.is_empty() => None,
-                Pinning::Cores => Some(cores[i % cores.len()]),
-                Pinning::CoresReversed => Some(cores[cores.len() - 1 - i % cores.len()]),
-            };
+            let core = config.pinning.core_for(i, &cores);
             let (tx, rx) = bounded(SHARD_QUEUE_ITEMS_MAX);
             let params = SendShardParams {
                 channel: i as u16,
@@ -177,7 +172,9 @@ impl Sender {
                 abort: abort.clone(),
                 progress: progress.clone(),
                 tls,
-                tls_records_per_key: config.tls_records_per_key.max(1),
+                tls_records_per_key: config
+                    .tls_records_per_key
+                    .clamp(1, crate::tls::RECORDS_PER_KEY_MAX),
                 compression: config.compression,
                 zstd_level: config.zstd_level,
                 // Each shard paces its share of the total.

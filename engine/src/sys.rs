@@ -85,22 +85,8 @@ pub fn set_keepalive(
 /// Sets `TCP_USER_TIMEOUT` (how long sent data may stay unacknowledged before the kernel gives
 /// up on the connection), so a vanished host fails the transfer in bounded time.
 pub fn set_tcp_user_timeout(stream: &TcpStream, ms: u32) -> std::io::Result<()> {
-    let value: libc::c_uint = ms;
-    // SAFETY: a valid fd, and a pointer/length pair describing one c_uint.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&value as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let ms = i32::try_from(ms).unwrap_or(i32::MAX);
+    setsockopt_int(stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
 
 /// What the kernel measured of a TCP connection's recent delivery.

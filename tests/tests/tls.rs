@@ -328,6 +328,29 @@ fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
     addr
 }
 
+/// Runs a one-channel TLS transfer of `src` into `dst` through a proxy doing `tamper`.
+fn transfer_through(
+    p: &Pki,
+    src: Arc<GuestMemory>,
+    dst: Arc<GuestMemory>,
+    tamper: Tamper,
+) -> (
+    pagewire::Result<pagewire::TransferStats>,
+    pagewire::Result<pagewire::TransferStats>,
+) {
+    let (addr, rx) = start_receiver(dst, receiver_config(Some(p.server.clone())));
+    let proxy = tampering_proxy(addr, tamper);
+    let config = sender_config(1, Some(p.client.clone()));
+    let tx = std::thread::spawn(move || {
+        let mut s = Sender::connect(proxy, src, &config)?;
+        s.send_all()?;
+        s.finish()
+    });
+    let sent = join_within(tx, LIMIT, "sender");
+    let received = join_within(rx, LIMIT, "receiver");
+    (sent, received)
+}
+
 #[test]
 fn a_flipped_ciphertext_byte_is_an_authentication_error_and_writes_nothing_from_its_record() {
     if skip_without_uring() {
@@ -338,20 +361,8 @@ fn a_flipped_ciphertext_byte_is_an_authentication_error_and_writes_nothing_from_
     let src = memory(&specs);
     fill(&src, Content::Random, 3);
     let dst = memory(&specs);
-    let (addr, rx) = start_receiver(dst.clone(), receiver_config(Some(p.server)));
     // Well past the handshake (a few KiB), inside the sealed page data.
-    let proxy = tampering_proxy(addr, Tamper::Flip(300_000));
-    let tx = std::thread::spawn({
-        let src = src.clone();
-        let config = sender_config(1, Some(p.client));
-        move || {
-            let mut s = Sender::connect(proxy, src, &config)?;
-            s.send_all()?;
-            s.finish()
-        }
-    });
-    let sent = join_within(tx, LIMIT, "sender");
-    let received = join_within(rx, LIMIT, "receiver");
+    let (sent, received) = transfer_through(&p, src.clone(), dst.clone(), Tamper::Flip(300_000));
     let r = received.unwrap_err();
     assert!(
         matches!(r, Error::TlsRecord { .. }) && error_chain(&r).contains("authentication"),
@@ -389,20 +400,7 @@ fn a_tls_stream_cut_short_is_an_error_not_a_short_transfer() {
     // Cut inside the data, and cut just before the end (after the last page, before close_notify
     // and the end of the stream could arrive).
     for cut in [200_000usize, (4 << 20) + 2_000] {
-        let dst = memory(&specs);
-        let (addr, rx) = start_receiver(dst, receiver_config(Some(p.server.clone())));
-        let proxy = tampering_proxy(addr, Tamper::Cut(cut));
-        let tx = std::thread::spawn({
-            let src = src.clone();
-            let config = sender_config(1, Some(p.client.clone()));
-            move || {
-                let mut s = Sender::connect(proxy, src, &config)?;
-                s.send_all()?;
-                s.finish()
-            }
-        });
-        let sent = join_within(tx, LIMIT, "sender");
-        let received = join_within(rx, LIMIT, "receiver");
+        let (sent, received) = transfer_through(&p, src.clone(), memory(&specs), Tamper::Cut(cut));
         let r = received.unwrap_err();
         assert!(
             matches!(r, Error::PeerClosed { .. }),

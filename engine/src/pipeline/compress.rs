@@ -101,6 +101,10 @@ impl std::fmt::Display for Compression {
 
 /// zstd level 1: ~0.35 GB/s per core with a ratio near 3 on text-like memory.
 pub const ZSTD_LEVEL_DEFAULT: i32 = 1;
+/// Largest zstd window a receiver accepts (log2): 512 KiB, a frame's largest payload.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 19;
+const _: () = assert!(1usize << ZSTD_WINDOW_LOG_MAX >= FRAME_PAYLOAD_BYTES_MAX);
+
 /// zlib level 1 (fastest), as QEMU's multifd zlib default.
 pub const ZLIB_LEVEL: u32 = 1;
 
@@ -198,10 +202,16 @@ impl std::fmt::Debug for Decompressor {
 }
 
 impl Decompressor {
-    /// Fresh contexts.
+    /// Fresh contexts. The zstd window is capped at 2^19 bytes (a frame's payload is at most
+    /// 512 KiB, and the compressor picks no larger window for inputs that size), so a crafted
+    /// frame cannot make the decoder allocate more.
     pub fn new() -> std::io::Result<Self> {
+        let mut zstd = zstd::stream::raw::Decoder::new()?;
+        zstd.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            ZSTD_WINDOW_LOG_MAX,
+        ))?;
         Ok(Decompressor {
-            zstd: zstd::stream::raw::Decoder::new()?,
+            zstd,
             zlib: flate2::Decompress::new(true),
         })
     }
@@ -536,6 +546,28 @@ mod tests {
                 .decompress(codec, &comp[..n / 2], len, std::iter::once(&mut out[..]))
                 .is_err());
         }
+    }
+
+    #[test]
+    fn a_zstd_window_beyond_the_cap_is_refused() {
+        use std::io::Write;
+        use zstd::zstd_safe::CParameter;
+        // 256 KiB streamed with no declared size and a 128 MiB window: decodable in general
+        // (an uncapped decoder accepts it), refused by ours before it allocates the window.
+        let src = text(256 << 10);
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        enc.set_parameter(CParameter::WindowLog(27)).unwrap();
+        enc.include_contentsize(false).unwrap();
+        enc.write_all(&src).unwrap();
+        let packed = enc.finish().unwrap();
+        assert_eq!(zstd::stream::decode_all(&packed[..]).unwrap(), src);
+        let mut out = vec![0u8; src.len()];
+        let mut d = Decompressor::new().unwrap();
+        let n = out.len();
+        let err = d
+            .decompress(Codec::Zstd, &packed, n, std::iter::once(&mut out[..]))
+            .unwrap_err();
+        assert!(matches!(err, DecompressError::Corrupt(..)), "{err:?}");
     }
 
     #[test]

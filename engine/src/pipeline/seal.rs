@@ -59,6 +59,9 @@ pub enum RecordError {
     /// The sequence number would wrap; the key must have been updated long before.
     #[error("TLS sequence number exhausted")]
     SequenceExhausted,
+    /// A handshake message after the handshake that is not a KeyUpdate.
+    #[error("unexpected TLS handshake message after the handshake")]
+    UnexpectedHandshake,
     /// The negotiated cipher suite is not one pagewire seals with.
     #[error("unsupported TLS cipher suite for record sealing")]
     UnsupportedSuite,
@@ -248,6 +251,9 @@ impl RecordOpener {
             .iter()
             .rposition(|&b| b != 0)
             .ok_or(RecordError::NoContentType)?;
+        if end > RECORD_PLAINTEXT_BYTES_MAX {
+            return Err(RecordError::TooLong(end));
+        }
         let content_type = plain[end];
         Ok((content_type, RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + end))
     }
@@ -255,6 +261,16 @@ impl RecordOpener {
 
 /// Plaintext of a TLS 1.3 KeyUpdate handshake message (update_not_requested).
 pub const KEY_UPDATE_MESSAGE: [u8; 5] = [24, 0, 0, 1, 0];
+
+/// Whether `plain`, the plaintext of a handshake-type record, is a well-formed KeyUpdate. A peer
+/// asking us to update in turn (`update_requested`) is accepted: pagewire's senders rotate their
+/// own keys on schedule. Anything else is an error (RFC 8446 §4.6.3).
+pub fn check_key_update(plain: &[u8]) -> Result<(), RecordError> {
+    match plain {
+        [24, 0, 0, 1, 0 | 1] => Ok(()),
+        _ => Err(RecordError::UnexpectedHandshake),
+    }
+}
 
 /// Plaintext of a close_notify alert.
 pub const CLOSE_NOTIFY_ALERT: [u8; 2] = [1, 0];
@@ -331,6 +347,46 @@ mod tests {
             other.open_in_place(&mut buf[..n].to_vec()),
             Err(RecordError::Authentication)
         );
+    }
+
+    #[test]
+    fn oversized_plaintext_and_bad_key_updates_are_refused() {
+        // A record whose plaintext exceeds 2^14 bytes (possible within the ciphertext limit).
+        let mut tx = RecordSealer::new(&secrets(3), 0).unwrap();
+        let mut rx = RecordOpener::new(&secrets(3), 0).unwrap();
+        let mut buf = vec![0u8; RECORD_BYTES_MAX + 64];
+        let len = RECORD_PLAINTEXT_BYTES_MAX + 10;
+        // Seal by hand past the sealer's own limit, as a hostile peer would.
+        let ciphertext = len + 1 + TAG_BYTES;
+        let header = [0x17, 3, 3, (ciphertext >> 8) as u8, ciphertext as u8];
+        buf[..5].copy_from_slice(&header);
+        buf[5 + len] = CONTENT_APPLICATION_DATA;
+        let nonce = tx.keys.next_nonce().unwrap();
+        let (body, rest) = buf[5..].split_at_mut(len + 1);
+        let tag = tx
+            .keys
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
+            .unwrap();
+        rest[..TAG_BYTES].copy_from_slice(tag.as_ref());
+        assert!(matches!(
+            rx.open_in_place(&mut buf[..5 + ciphertext]),
+            Err(RecordError::TooLong(_))
+        ));
+        assert_eq!(check_key_update(&KEY_UPDATE_MESSAGE), Ok(()));
+        assert_eq!(check_key_update(&[24, 0, 0, 1, 1]), Ok(()));
+        for bad in [
+            &[24u8, 0, 0, 1, 2][..],
+            &[4, 0, 0, 1, 0],
+            &[24, 0, 0, 1],
+            &[],
+        ] {
+            assert_eq!(
+                check_key_update(bad),
+                Err(RecordError::UnexpectedHandshake),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -28,6 +28,35 @@ pub(crate) const CONTROL_WIRE_BYTES_MAX: usize =
 struct Peer {
     socket: TcpStream,
     sealer: Option<RecordSealer>,
+    /// The channel's last control message (Done with close_notify, or an Abort) is sealed:
+    /// nothing may follow it.
+    closed: bool,
+}
+
+impl Peer {
+    /// Encodes `msg` for this peer into `out`: plain, or sealed as a TLS record (a `Done` is then
+    /// followed by close_notify, which ends the channel's TLS stream).
+    fn encode(&mut self, msg: &Control, out: &mut [u8]) -> Result<usize> {
+        let mut plain = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+        let n = msg.encode(&mut plain);
+        let Some(sealer) = self.sealer.as_mut() else {
+            out[..n].copy_from_slice(&plain[..n]);
+            return Ok(n);
+        };
+        let record = |source| Error::TlsRecord {
+            channel: u16::MAX,
+            source,
+        };
+        let mut at = sealer
+            .seal(&plain[..n], CONTENT_APPLICATION_DATA, out)
+            .map_err(record)?;
+        if *msg == Control::Done {
+            at += sealer
+                .seal(&CLOSE_NOTIFY_ALERT, CONTENT_ALERT, &mut out[at..])
+                .map_err(record)?;
+        }
+        Ok(at)
+    }
 }
 
 /// First error wins: records it, raises the flag every shard checks, and shuts every connection
@@ -61,6 +90,7 @@ impl Abort {
         peers.push(Peer {
             socket: dup,
             sealer,
+            closed: false,
         });
         if self.is_raised() {
             let _ = socket.shutdown(Shutdown::Both);
@@ -68,29 +98,18 @@ impl Abort {
         Ok(peers.len() - 1)
     }
 
-    /// Encodes `msg` for peer `id` into `out`: plain, or sealed as a TLS record (a `Done` is then
-    /// followed by close_notify, which ends the channel's TLS stream).
+    /// Encodes `msg` for peer `id` into `out` (see [`Peer::encode`]). Encoding `Done` closes the
+    /// peer: an abort after it would follow close_notify, which TLS forbids.
     pub(crate) fn encode_control(&self, id: usize, msg: &Control, out: &mut [u8]) -> Result<usize> {
-        let mut plain = [0u8; CONTROL_MESSAGE_BYTES_MAX];
-        let n = msg.encode(&mut plain);
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sealer) = peers.get_mut(id).and_then(|p| p.sealer.as_mut()) else {
-            out[..n].copy_from_slice(&plain[..n]);
-            return Ok(n);
+        let Some(peer) = peers.get_mut(id) else {
+            return Err(Error::Config(format!("no watched connection {id}")));
         };
-        let record = |source| Error::TlsRecord {
-            channel: u16::MAX,
-            source,
-        };
-        let mut at = sealer
-            .seal(&plain[..n], CONTENT_APPLICATION_DATA, out)
-            .map_err(record)?;
+        let n = peer.encode(msg, out)?;
         if *msg == Control::Done {
-            at += sealer
-                .seal(&CLOSE_NOTIFY_ALERT, CONTENT_ALERT, &mut out[at..])
-                .map_err(record)?;
+            peer.closed = true;
         }
-        Ok(at)
+        Ok(n)
     }
 
     pub(crate) fn is_raised(&self) -> bool {
@@ -118,17 +137,19 @@ impl Abort {
         self.raised.store(true, Ordering::Release);
         if let (Some((code, reason)), true) = (first, self.notify_peer) {
             let msg = Control::Abort { code, reason };
-            let count = self.peers.lock().unwrap_or_else(|p| p.into_inner()).len();
-            for id in 0..count {
+            // Sealing and writing under one lock keeps each channel's records in order.
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            for peer in peers.iter_mut().filter(|p| !p.closed) {
                 let mut buf = [0u8; CONTROL_WIRE_BYTES_MAX];
-                let Ok(n) = self.encode_control(id, &msg, &mut buf) else {
+                let Ok(n) = peer.encode(&msg, &mut buf) else {
                     continue;
                 };
-                let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+                peer.closed = true;
                 use std::io::Write;
-                let s = &peers[id].socket;
-                let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
-                let _ = (&*s).write_all(&buf[..n]);
+                let _ = peer
+                    .socket
+                    .set_write_timeout(Some(Duration::from_millis(200)));
+                let _ = (&peer.socket).write_all(&buf[..n]);
             }
         }
         self.shutdown_all();

@@ -23,8 +23,8 @@ use crate::limits::{
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Codec, Decompressor};
 use crate::pipeline::seal::{
-    record_len, RecordOpener, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
-    KEY_UPDATE_MESSAGE, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
+    check_key_update, record_len, RecordOpener, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
+    CONTENT_HANDSHAKE, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
 };
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::channel::Event;
@@ -149,6 +149,8 @@ pub(crate) struct RecvShard {
     decompressor: Decompressor,
     /// A compressed payload opened from TLS records, before decoding.
     packed: Vec<u8>,
+    /// A decoded payload, before it is placed.
+    unpacked: Vec<u8>,
     stats: ShardStats,
     rng: u64,
 }
@@ -192,6 +194,7 @@ impl RecvShard {
             } else {
                 Vec::new()
             },
+            unpacked: vec![0; FRAME_PAYLOAD_BYTES_MAX],
             stats: ShardStats {
                 channel: p.channel,
                 ..ShardStats::default()
@@ -355,7 +358,7 @@ impl RecvShard {
     }
 
     /// Receives a compressed payload whole (into the staging slot, or out of TLS records into
-    /// `packed`), then decodes it straight into the frame's pages.
+    /// `packed`), decodes it into `unpacked`, and places the frame's pages from there.
     fn place_compressed(&mut self, len: usize) -> Result<()> {
         if self.p.tls.is_some() {
             let mut done = 0;
@@ -375,24 +378,33 @@ impl RecvShard {
             }];
             self.recv(&buf, len as u64, false)?;
         }
+        // Decode into this shard's buffer, then place: decoding straight into guest memory
+        // would need `&mut` slices of it, and a hostile peer could name the same page in frames
+        // on two channels at once. The copy costs a few percent of the decode.
         let frame = &*self.frame;
-        let region = &self.p.memory.regions()[frame.region as usize];
+        let expected = frame.normal_pages() as usize * PAGE_BYTES;
         let src = if self.p.tls.is_some() {
             &self.packed[..len]
         } else {
             &self.ring.slot_mut(STAGING_SLOT)[..len]
         };
-        region
-            .decompress_into(
-                &mut self.decompressor,
-                frame.codec,
-                src,
-                frame.normal_runs(),
-            )
+        let out = &mut self.unpacked[..expected];
+        self.decompressor
+            .decompress(frame.codec, src, expected, std::iter::once(out))
             .map_err(|e| Error::Protocol {
                 channel: self.channel,
                 source: ProtocolError::Compressed(e),
             })?;
+        let region = &self.p.memory.regions()[frame.region as usize];
+        let mut at = 0;
+        for run in frame.normal_runs() {
+            let n = run.pages as usize * PAGE_BYTES;
+            region.write(
+                run.first_page * PAGE_BYTES as u64,
+                &self.unpacked[at..at + n],
+            );
+            at += n;
+        }
         self.stats.compressed_frames += 1;
         Ok(())
     }
@@ -493,12 +505,12 @@ impl RecvShard {
                             }
                             return Err(alert_error(channel, &staging[plain]));
                         }
-                        CONTENT_HANDSHAKE
-                            if staging[plain.clone()].len() == KEY_UPDATE_MESSAGE.len()
-                                && staging[plain.clone()][..4] == KEY_UPDATE_MESSAGE[..4] =>
-                        {
-                            let secrets = tls.keys.update_rx()?;
-                            tls.opener = RecordOpener::new(&secrets, 0)
+                        CONTENT_HANDSHAKE => {
+                            // A KeyUpdate: later records use the next key.
+                            check_key_update(&staging[plain.clone()])
+                                .map_err(|source| Error::TlsRecord { channel, source })?;
+                            let (seq, secrets) = tls.keys.update_rx()?;
+                            tls.opener = RecordOpener::new(&secrets, seq)
                                 .map_err(|source| Error::TlsRecord { channel, source })?;
                         }
                         other => {

@@ -311,7 +311,23 @@ impl SendShard {
         let cpu_start = crate::sys::thread_cpu_time();
         let start = Instant::now();
         let mut idle = Duration::ZERO;
-        self.post_control_recv(CONTROL_BYTES);
+        // Records that arrived with the handshake (an early abort, say) come first.
+        let early = self.tls.as_mut().map(|t| std::mem::take(&mut t.leftover));
+        match early {
+            Some(bytes) if !bytes.is_empty() => {
+                let slot = self.ring.slot_mut(CONTROL_SLOT);
+                if bytes.len() > slot.len() {
+                    return Err(Error::TlsMismatch(format!(
+                        "channel {}: unexpected data after the handshake",
+                        self.channel
+                    )));
+                }
+                slot[..bytes.len()].copy_from_slice(&bytes);
+                self.control_len = bytes.len();
+                self.on_control_records()?;
+            }
+            _ => self.post_control_recv(CONTROL_BYTES),
+        }
         self.ring.submit()?;
         let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
         loop {
@@ -345,6 +361,8 @@ impl SendShard {
             let slice = if self.ready.is_empty() || pace.is_zero() {
                 slice
             } else {
+                // Waiting on our own pacing is not a stalled peer.
+                self.last_progress = Instant::now();
                 pace.min(slice)
             };
             let outstanding = self.chain_outstanding > 0 || self.sends_in_flight() > 0;
@@ -938,9 +956,10 @@ impl SendShard {
                 CONTENT_ALERT if plain == CLOSE_NOTIFY_ALERT && self.done_received => return Ok(()),
                 CONTENT_ALERT => return Err(alert_error(channel, &plain)),
                 CONTENT_HANDSHAKE => {
-                    let secrets = tls.keys.update_rx()?;
+                    crate::pipeline::seal::check_key_update(&plain).map_err(record)?;
+                    let (seq, secrets) = tls.keys.update_rx()?;
                     tls.opener =
-                        crate::pipeline::seal::RecordOpener::new(&secrets, 0).map_err(record)?;
+                        crate::pipeline::seal::RecordOpener::new(&secrets, seq).map_err(record)?;
                 }
                 other => {
                     return Err(Error::TlsMismatch(format!(
@@ -981,11 +1000,11 @@ fn seal_frame(
         at += tls
             .sealer
             .seal(&KEY_UPDATE_MESSAGE, CONTENT_HANDSHAKE, &mut out[at..])?;
-        let secrets = tls
+        let (seq, secrets) = tls
             .keys
             .update_tx()
             .map_err(|_| crate::pipeline::seal::RecordError::UnsupportedSuite)?;
-        tls.sealer = RecordSealer::new(&secrets, 0)?;
+        tls.sealer = RecordSealer::new(&secrets, seq)?;
     }
     let (region, runs, bytes) = match payload {
         Payload::Guest(region, runs) => (Some(region), runs, &[][..]),

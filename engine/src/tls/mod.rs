@@ -208,21 +208,21 @@ pub(crate) enum KeySchedule {
 }
 
 impl KeySchedule {
-    pub(crate) fn update_tx(&mut self) -> Result<ConnectionTrafficSecrets> {
+    /// New transmit secrets and the sequence number they start at.
+    pub(crate) fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets)> {
         match self {
             KeySchedule::Client(k) => k.update_tx_secret(),
             KeySchedule::Server(k) => k.update_tx_secret(),
         }
-        .map(|(_, s)| s)
         .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))
     }
 
-    pub(crate) fn update_rx(&mut self) -> Result<ConnectionTrafficSecrets> {
+    /// New receive secrets and the sequence number they start at.
+    pub(crate) fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets)> {
         match self {
             KeySchedule::Client(k) => k.update_rx_secret(),
             KeySchedule::Server(k) => k.update_rx_secret(),
         }
-        .map(|(_, s)| s)
         .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))
     }
 }

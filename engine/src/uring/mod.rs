@@ -544,16 +544,7 @@ impl Ring {
         let notif = cqueue::notif(flags);
         let entry = self.ops[id].expect("completion for an op the table does not hold");
         if !more {
-            // Final completion of this op: release what it held.
-            self.ops[id] = None;
-            self.ops_free.push(id as u32);
-            self.in_flight -= 1;
-            if let Some(s) = entry.slot {
-                self.slot_busy[usize::from(s)] -= 1;
-            }
-            if let Some(v) = entry.vectored {
-                self.vectored_free.push(v);
-            }
+            self.release(id);
         }
         Some(Completion {
             tag: entry.tag,
@@ -562,6 +553,21 @@ impl Ring {
             notif,
             zc_copied: notif && (cqe.result() as u32 & IORING_NOTIF_USAGE_ZC_COPIED) != 0,
         })
+    }
+
+    /// Releases op `id` after its final completion: its table entry, its slot, its iovecs.
+    fn release(&mut self, id: usize) {
+        let Some(entry) = self.ops.get_mut(id).and_then(Option::take) else {
+            return;
+        };
+        self.ops_free.push(id as u32);
+        self.in_flight -= 1;
+        if let Some(s) = entry.slot {
+            self.slot_busy[usize::from(s)] -= 1;
+        }
+        if let Some(v) = entry.vectored {
+            self.vectored_free.push(v);
+        }
     }
 
     /// Cancels every op and waits (bounded) until the kernel has let go of all buffers.
@@ -577,22 +583,12 @@ impl Ring {
         let deadline = std::time::Instant::now() + timeout;
         while self.in_flight > 0 && std::time::Instant::now() < deadline {
             let _ = self.submit_and_wait(1, Duration::from_millis(50));
-            while let Some(cqe) = self.ring.completion().next() {
-                if cqe.user_data() == u64::MAX {
-                    continue;
-                }
-                let id = cqe.user_data() as usize;
-                if !cqueue::more(cqe.flags()) {
-                    if let Some(entry) = self.ops[id].take() {
-                        self.ops_free.push(id as u32);
-                        self.in_flight -= 1;
-                        if let Some(s) = entry.slot {
-                            self.slot_busy[usize::from(s)] -= 1;
-                        }
-                        if let Some(v) = entry.vectored {
-                            self.vectored_free.push(v);
-                        }
-                    }
+            loop {
+                let Some(cqe) = self.ring.completion().next() else {
+                    break;
+                };
+                if cqe.user_data() != u64::MAX && !cqueue::more(cqe.flags()) {
+                    self.release(cqe.user_data() as usize);
                 }
             }
         }
