@@ -11,6 +11,7 @@
 //! measured. Reported: median and spread of throughput, the ratios, and CPU-seconds per GiB on
 //! each side.
 
+mod matrix;
 mod shaped;
 
 use std::net::{TcpListener, TcpStream};
@@ -20,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use pagewire::pipeline::compress::Compression;
 use pagewire::pipeline::zero::ZeroScanner;
 use pagewire::synth::{fill, Content};
 use pagewire::sys::thread_cpu_time;
@@ -47,6 +49,9 @@ enum Cmd {
     Tls(TlsBenchArgs),
     /// none / zstd / zlib / auto over shaped links between two network namespaces (needs root).
     Compress(CompressBenchArgs),
+    /// Every combination of channels, content, TLS, compression and zero-copy, against the
+    /// machine's ceilings measured in the same run.
+    Matrix(matrix::MatrixArgs),
 }
 
 #[derive(clap::Args)]
@@ -281,6 +286,7 @@ fn pagewire_run(
     zero_copy: ZeroCopy,
     no_pin: bool,
     tls: Option<&(TlsClient, TlsServer)>,
+    compression: Compression,
 ) -> Result<(Run, pagewire::TransferStats)> {
     let (send_pin, recv_pin) = if no_pin {
         (Pinning::None, Pinning::None)
@@ -305,6 +311,7 @@ fn pagewire_run(
         pinning: send_pin,
         zero_copy,
         tls: tls.map(|t| t.0.clone()),
+        compression,
         ..SenderConfig::default()
     };
     let mut sender = Sender::connect(addr, src, &config)?;
@@ -410,6 +417,7 @@ fn transfer(a: TransferArgs) -> Result<()> {
             a.zero_copy,
             a.no_pin,
             None,
+            Compression::None,
         )?;
         if rep == 0 && src.first_difference(&dst).is_some() {
             bail!("pagewire's destination differs from the source");
@@ -437,7 +445,18 @@ fn transfer(a: TransferArgs) -> Result<()> {
     for rep in 0..a.reps {
         zscan.push(scan_run(&zsrc));
         let dst = Arc::new(GuestMemory::anonymous(&zspec)?);
-        zpw.push(pagewire_run(zsrc.clone(), dst, a.channels, a.zero_copy, a.no_pin, None)?.0);
+        zpw.push(
+            pagewire_run(
+                zsrc.clone(),
+                dst,
+                a.channels,
+                a.zero_copy,
+                a.no_pin,
+                None,
+                Compression::None,
+            )?
+            .0,
+        );
         say(&format!(
             "rep {}/{}: zero memory: one-core scan {:.2} GiB/s, pagewire {:.2} GiB/s",
             rep + 1,
@@ -563,6 +582,7 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
                     ZeroCopy::Auto,
                     a.no_pin,
                     tls,
+                    Compression::None,
                 )?;
                 if rep == 0 && src.first_difference(&dst).is_some() {
                     bail!("destination differs from the source (tls: {with_tls})");
@@ -655,6 +675,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Transfer(a) => transfer(a),
         Cmd::Tls(a) => tls_bench(a),
+        Cmd::Matrix(a) => matrix::run(a),
         Cmd::Compress(a) => {
             if a.reps == 0 {
                 Err(anyhow::anyhow!("--reps must be positive"))

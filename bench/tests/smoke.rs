@@ -114,3 +114,70 @@ fn compression_benchmark_runs_over_a_shaped_link_or_says_why_not() {
     let none = cells.iter().find(|c| c["mode"] == "none").unwrap();
     assert!(zstd["wire_bytes"].as_u64().unwrap() < none["wire_bytes"].as_u64().unwrap() / 2);
 }
+
+#[test]
+fn matrix_runs_every_cell_writes_its_reports_and_refuses_missing_axes() {
+    if let Err(e) = pagewire::probe_uring() {
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .args([
+            "matrix",
+            "--size",
+            "8MiB",
+            "--channels",
+            "1,2",
+            "--content",
+            "zero,random",
+        ])
+        .args([
+            "--tls",
+            "off,on",
+            "--compress",
+            "none,zstd",
+            "--reps",
+            "1",
+            "--no-pin",
+            "--json",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cells"].as_array().unwrap().len(), 2 * 2 * 2 * 2);
+    for c in v["cells"].as_array().unwrap() {
+        assert!(
+            c["pagewire"]["gib_per_s_median"].as_f64().unwrap() > 0.0,
+            "{c}"
+        );
+        assert!(c["pagewire_over_raw_tcp"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    assert!(v["ceilings"]["dram_read_scan_gib_s"].as_f64().unwrap() > 0.0);
+    for f in ["results.json", "results.csv", "report.md"] {
+        assert!(dir.path().join(f).exists(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 16);
+
+    // Axes whose feature is not built are refused with a message, not skipped.
+    for flag in [&["--with-qemu"][..], &["--peer", "192.0.2.9:7000"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+            .args(["matrix", "--size", "8MiB"])
+            .args(flag)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not built yet"),
+            "{flag:?}"
+        );
+    }
+}

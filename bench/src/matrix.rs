@@ -1,0 +1,428 @@
+//! `pagewire-bench matrix`: every combination of the chosen axes, repeated and interleaved
+//! (A B A B, because these machines drift), with the machine's ceilings measured in the same run:
+//! raw TCP with the same streams and bytes, a one-core DRAM read scan and memcpy, one-core AEAD,
+//! pagewire-seal and rustls-encrypt rates, and a one-core zstd rate. Writes `results.json`,
+//! `results.csv` and `report.md` to `--out`.
+//!
+//! Each cell's throughput is end to end: from the sender's connect until the receiver has
+//! confirmed every page, into a pre-faulted destination (faults are not measured).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::pipeline::compress::{Codec, Compression, Compressor};
+use pagewire::pipeline::zero::ZeroScanner;
+use pagewire::synth::{fill, Content};
+use pagewire::tls::{certs, TlsClient, TlsServer};
+use pagewire::{GuestMemory, RegionSpec, ZeroCopy};
+use serde::Serialize;
+
+use crate::{pagewire_run, raw_tcp, summarize, Run, Summary};
+
+/// Options of one matrix run.
+#[derive(clap::Args)]
+pub struct MatrixArgs {
+    /// A short preset (well under a minute on a 2-core machine): 512 MiB, channels 1,2, 3 reps,
+    /// the other axes as given.
+    #[arg(long)]
+    quick: bool,
+    /// Guest memory per cell.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    size: u64,
+    /// Channel counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    channels: Vec<u16>,
+    /// Memory contents (zero, random, mixed, text, blend).
+    #[arg(long, value_delimiter = ',', default_value = "zero,random,mixed,text")]
+    content: Vec<Content>,
+    /// TLS: off, on.
+    #[arg(long, value_delimiter = ',', default_value = "off")]
+    tls: Vec<OnOff>,
+    /// Compression: none, zstd, zlib, auto.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    compress: Vec<Compression>,
+    /// Zero-copy policy: auto, on, off.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    zero_copy: Vec<ZeroCopy>,
+    /// Repetitions of every cell (interleaved).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Directory for results.json, results.csv and report.md.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Print the results as one JSON object on stdout too.
+    #[arg(long)]
+    json: bool,
+    /// Do not pin threads.
+    #[arg(long)]
+    no_pin: bool,
+    /// Run QEMU's multifd migration of the same content side by side.
+    #[arg(long)]
+    with_qemu: bool,
+    /// Run against `pagewire-bench serve` on another host.
+    #[arg(long)]
+    peer: Option<String>,
+}
+
+/// An on/off axis value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    /// Off.
+    Off,
+    /// On.
+    On,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 512MiB or 2GiB"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        other => return Err(format!("{text:?}: unknown unit {other:?}")),
+    };
+    let bytes = n << shift;
+    if bytes == 0 || !bytes.is_multiple_of(4096) {
+        return Err(format!(
+            "{text:?} must be a positive multiple of 4096 bytes"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// One cell of the matrix, with its repetitions summarized.
+#[derive(Debug, Clone, Serialize)]
+struct Cell {
+    content: &'static str,
+    channels: u16,
+    tls: OnOff,
+    compress: Compression,
+    zero_copy: ZeroCopy,
+    pagewire: Summary,
+    raw_tcp_gib_per_s: f64,
+    pagewire_over_raw_tcp: f64,
+    wire_bytes: u64,
+    zero_copy_copied_by_kernel: bool,
+}
+
+/// One-core ceilings, GiB/s.
+#[derive(Debug, Clone, Serialize)]
+struct Ceilings {
+    dram_read_scan_gib_s: f64,
+    memcpy_gib_s: f64,
+    aead_seal_in_cache_gib_s: f64,
+    pagewire_seal_gib_s: f64,
+    rustls_encrypt_gib_s: f64,
+    zstd1_text_gib_s: f64,
+    raw_tcp_gib_s_by_channels: Vec<(u16, f64)>,
+}
+
+#[derive(Serialize)]
+struct Results {
+    machine: String,
+    size_bytes: u64,
+    reps: usize,
+    ceilings: Ceilings,
+    cells: Vec<Cell>,
+}
+
+/// Runs the matrix.
+pub fn run(mut a: MatrixArgs) -> Result<()> {
+    if a.with_qemu {
+        bail!("--with-qemu: the QEMU multifd comparison is not built yet; it is the remaining part of the benchmark-matrix work");
+    }
+    if a.peer.is_some() {
+        bail!("--peer: running against `pagewire-bench serve` on another host is not built yet; it is the remaining part of the benchmark-matrix work");
+    }
+    if a.quick {
+        a.size = 512 << 20;
+        a.channels = vec![1, 2];
+        a.reps = 3;
+    }
+    if a.reps == 0 || a.channels.is_empty() || a.content.is_empty() {
+        bail!("--reps, --channels and --content need at least one value");
+    }
+    pagewire::probe_uring().context("pagewire needs io_uring")?;
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: a.size,
+    }];
+
+    // Certificates when a TLS axis is on.
+    let cert_dir = tempfile::tempdir()?;
+    let pki = if a.tls.contains(&OnOff::On) {
+        certs::generate(&certs::CertOptions::default())?.write(cert_dir.path())?;
+        Some((
+            TlsClient::new(certs::client_files(cert_dir.path()).load()?, "localhost")?,
+            TlsServer::new(certs::server_files(cert_dir.path()).load()?)?,
+        ))
+    } else {
+        None
+    };
+
+    // Memory, generated once per content and shared by every engine.
+    let mut memories = Vec::new();
+    for &c in &a.content {
+        let m = Arc::new(GuestMemory::anonymous(&spec)?);
+        fill(&m, c, 11);
+        memories.push((c, m));
+    }
+
+    // Every cell, in a fixed order that each repetition walks through (interleaving).
+    let mut cells = Vec::new();
+    for (ci, _) in memories.iter().enumerate() {
+        for &ch in &a.channels {
+            for &t in &a.tls {
+                for &comp in &a.compress {
+                    for &zc in &a.zero_copy {
+                        cells.push((ci, ch, t, comp, zc));
+                    }
+                }
+            }
+        }
+    }
+    let runs_total = (cells.len() + a.channels.len()) * a.reps;
+    let bar = ProgressBar::new(runs_total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} eta {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix("matrix");
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cells.len()];
+    let mut wire = vec![0u64; cells.len()];
+    let mut copied = vec![true; cells.len()];
+    let mut raw: Vec<Vec<Run>> = vec![Vec::new(); a.channels.len()];
+    for _rep in 0..a.reps {
+        for (k, &ch) in a.channels.iter().enumerate() {
+            bar.set_message(format!("raw TCP, {ch} stream(s)"));
+            let dst = GuestMemory::anonymous_populated(&spec)?;
+            raw[k].push(raw_tcp(&memories[0].1, &dst, usize::from(ch), a.no_pin)?);
+            bar.inc(1);
+        }
+        for (i, &(ci, ch, t, comp, zc)) in cells.iter().enumerate() {
+            let (content, src) = &memories[ci];
+            bar.set_message(format!(
+                "{} ch={ch} tls={t:?} compress={comp} zero-copy={zc}",
+                content.name()
+            ));
+            let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
+            let tls = if t == OnOff::On { pki.as_ref() } else { None };
+            let (run, stats) = pagewire_run(src.clone(), dst.clone(), ch, zc, a.no_pin, tls, comp)?;
+            if runs[i].is_empty() && src.first_difference(&dst).is_some() {
+                bail!("destination differs from the source in cell {i}");
+            }
+            runs[i].push(run);
+            wire[i] = stats.transferred_bytes;
+            copied[i] &= stats.zero_copy.completed == stats.zero_copy.copied;
+            bar.inc(1);
+        }
+    }
+    bar.set_message("one-core ceilings");
+    let ceilings = measure_ceilings(&a, &memories, &raw)?;
+    bar.finish_and_clear();
+
+    let mut out_cells = Vec::new();
+    for (i, &(ci, ch, t, comp, zc)) in cells.iter().enumerate() {
+        let s = summarize("pagewire", a.size, &runs[i]);
+        let k = a.channels.iter().position(|&c| c == ch).unwrap_or(0);
+        let raw_med = ceilings.raw_tcp_gib_s_by_channels[k].1;
+        out_cells.push(Cell {
+            content: memories[ci].0.name(),
+            channels: ch,
+            tls: t,
+            compress: comp,
+            zero_copy: zc,
+            pagewire_over_raw_tcp: s.gib_per_s_median / raw_med,
+            raw_tcp_gib_per_s: raw_med,
+            pagewire: s,
+            wire_bytes: wire[i],
+            zero_copy_copied_by_kernel: copied[i],
+        });
+    }
+    let results = Results {
+        machine: crate::machine(),
+        size_bytes: a.size,
+        reps: a.reps,
+        ceilings,
+        cells: out_cells,
+    };
+    write_results(&a.out, &results)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", markdown(&results));
+        println!(
+            "\nwrote {}/results.json, results.csv and report.md",
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn measure_ceilings(
+    a: &MatrixArgs,
+    memories: &[(Content, Arc<GuestMemory>)],
+    raw: &[Vec<Run>],
+) -> Result<Ceilings> {
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: a.size,
+    }];
+    let gib = a.size as f64 / (1u64 << 30) as f64;
+    // DRAM read scan: written zero pages, read whole by the zero scanner.
+    let zero = match memories.iter().find(|(c, _)| *c == Content::Zero) {
+        Some((_, m)) => m.clone(),
+        None => {
+            let m = Arc::new(GuestMemory::anonymous(&spec)?);
+            fill(&m, Content::Zero, 0);
+            m
+        }
+    };
+    let scanner = ZeroScanner::detect();
+    let r = &zero.regions()[0];
+    let t = Instant::now();
+    let zeros = (0..r.pages())
+        .filter(|&p| r.page_is_zero(&scanner, p))
+        .count() as u64;
+    let scan = gib / t.elapsed().as_secs_f64();
+    if zeros != r.pages() {
+        bail!("the zero memory did not scan as zero");
+    }
+    // memcpy: the source copied out in 64 MiB pieces into one buffer.
+    let src = &memories[0].1.regions()[0];
+    // Buffers are written before timing, so first-touch page faults are not measured.
+    let mut buf = vec![1u8; (64 << 20).min(a.size as usize)];
+    let t = Instant::now();
+    let mut at = 0u64;
+    while at < src.len() {
+        let n = (buf.len() as u64).min(src.len() - at) as usize;
+        src.read(at, &mut buf[..n]);
+        at += n as u64;
+    }
+    let memcpy = gib / t.elapsed().as_secs_f64();
+    // Seal rates on the first content's memory.
+    let seal = pagewire::tls::bench::seal_rates(&memories[0].1)?;
+    // zstd level 1 on text-like memory, 512 KiB blocks.
+    let text = match memories.iter().find(|(c, _)| *c == Content::Text) {
+        Some((_, m)) => m.clone(),
+        None => {
+            let m = Arc::new(GuestMemory::anonymous(&spec)?);
+            fill(&m, Content::Text, 11);
+            m
+        }
+    };
+    let mut comp = Compressor::new(1)?;
+    let mut block = vec![1u8; 512 << 10];
+    let mut packed = vec![1u8; 512 << 10];
+    let tr = &text.regions()[0];
+    let t = Instant::now();
+    let mut at = 0u64;
+    while at < tr.len() {
+        let n = (block.len() as u64).min(tr.len() - at) as usize;
+        tr.read(at, &mut block[..n]);
+        let _ = comp.compress(Codec::Zstd, &block[..n], &mut packed);
+        at += n as u64;
+    }
+    let zstd = gib / t.elapsed().as_secs_f64();
+    Ok(Ceilings {
+        dram_read_scan_gib_s: scan,
+        memcpy_gib_s: memcpy,
+        aead_seal_in_cache_gib_s: seal.aead_in_cache_gib_s,
+        pagewire_seal_gib_s: seal.pagewire_seal_gib_s,
+        rustls_encrypt_gib_s: seal.rustls_encrypt_gib_s,
+        zstd1_text_gib_s: zstd,
+        raw_tcp_gib_s_by_channels: a
+            .channels
+            .iter()
+            .zip(raw)
+            .map(|(&ch, runs)| (ch, summarize("raw-tcp", a.size, runs).gib_per_s_median))
+            .collect(),
+    })
+}
+
+fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "# pagewire matrix\n\nmachine: {}\n\n{} MiB per cell, {} interleaved repetitions; throughput is guest memory end to end, median [min..max].\n\n",
+        r.machine,
+        r.size_bytes >> 20,
+        r.reps
+    ));
+    let c = &r.ceilings;
+    s.push_str("| one-core ceiling | GiB/s |\n|---|---|\n");
+    for (k, v) in [
+        ("DRAM read scan", c.dram_read_scan_gib_s),
+        ("memcpy", c.memcpy_gib_s),
+        ("AEAD seal, in cache", c.aead_seal_in_cache_gib_s),
+        ("pagewire copy + seal", c.pagewire_seal_gib_s),
+        ("rustls encrypt", c.rustls_encrypt_gib_s),
+        ("zstd level 1, text", c.zstd1_text_gib_s),
+    ] {
+        s.push_str(&format!("| {k} | {v:.2} |\n"));
+    }
+    s.push_str("\n| content | channels | tls | compress | zero-copy | pagewire GiB/s | raw TCP GiB/s | pagewire/raw | send/recv CPU-s per GiB | wire MiB | kernel copied ZC |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for cell in &r.cells {
+        s.push_str(&format!(
+            "| {} | {} | {:?} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.3}/{:.3} | {:.1} | {} |\n",
+            cell.content,
+            cell.channels,
+            cell.tls,
+            cell.compress,
+            cell.zero_copy,
+            cell.pagewire.gib_per_s_median,
+            cell.pagewire.gib_per_s_min,
+            cell.pagewire.gib_per_s_max,
+            cell.raw_tcp_gib_per_s,
+            cell.pagewire_over_raw_tcp,
+            cell.pagewire.sender_cpu_s_per_gib,
+            cell.pagewire.receiver_cpu_s_per_gib,
+            cell.wire_bytes as f64 / (1 << 20) as f64,
+            if cell.zero_copy_copied_by_kernel { "yes" } else { "no" },
+        ));
+    }
+    s
+}
+
+fn write_results(dir: &Path, r: &Results) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
+    std::fs::write(dir.join("report.md"), markdown(r))?;
+    let mut csv = std::fs::File::create(dir.join("results.csv"))?;
+    writeln!(
+        csv,
+        "content,channels,tls,compress,zero_copy,gib_per_s_median,gib_per_s_min,gib_per_s_max,raw_tcp_gib_per_s,pagewire_over_raw_tcp,sender_cpu_s_per_gib,receiver_cpu_s_per_gib,wire_bytes"
+    )?;
+    for c in &r.cells {
+        writeln!(
+            csv,
+            "{},{},{:?},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{}",
+            c.content,
+            c.channels,
+            c.tls,
+            c.compress,
+            c.zero_copy,
+            c.pagewire.gib_per_s_median,
+            c.pagewire.gib_per_s_min,
+            c.pagewire.gib_per_s_max,
+            c.raw_tcp_gib_per_s,
+            c.pagewire_over_raw_tcp,
+            c.pagewire.sender_cpu_s_per_gib,
+            c.pagewire.receiver_cpu_s_per_gib,
+            c.wire_bytes
+        )?;
+    }
+    Ok(())
+}
