@@ -13,6 +13,7 @@
 
 mod matrix;
 mod shaped;
+mod svg;
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;

@@ -2,7 +2,8 @@
 //! (A B A B, because these machines drift), with the machine's ceilings measured in the same run:
 //! raw TCP with the same streams and bytes, a one-core DRAM read scan and memcpy, one-core AEAD,
 //! pagewire-seal and rustls-encrypt rates, and a one-core zstd rate. Writes `results.json`,
-//! `results.csv` and `report.md` to `--out`.
+//! `results.csv`, `report.md` and three SVG plots (throughput, CPU-s/GiB and the ratio to raw TCP,
+//! by channel count) to `--out`.
 //!
 //! Each cell's throughput is end to end: from the sender's connect until the receiver has
 //! confirmed every page, into a pre-faulted destination (faults are not measured).
@@ -396,8 +397,85 @@ fn markdown(r: &Results) -> String {
     s
 }
 
+/// The three plots: throughput, CPU per GiB, and the ratio to raw TCP, by channel count, one
+/// line per combination of the other axes.
+fn plots(r: &Results) -> Vec<(&'static str, String)> {
+    use crate::svg::{line_chart, Series};
+    let mut keys: Vec<String> = Vec::new();
+    for c in &r.cells {
+        let k = key(c);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let series = |f: &dyn Fn(&Cell) -> f64| -> Vec<Series> {
+        keys.iter()
+            .map(|k| Series {
+                label: k.clone(),
+                points: r
+                    .cells
+                    .iter()
+                    .filter(|c| &key(c) == k)
+                    .map(|c| (f64::from(c.channels), f(c)))
+                    .collect(),
+                dashed: false,
+            })
+            .collect()
+    };
+    let mut throughput = series(&|c| c.pagewire.gib_per_s_median);
+    throughput.push(Series {
+        label: "raw TCP (ceiling)".into(),
+        points: r
+            .ceilings
+            .raw_tcp_gib_s_by_channels
+            .iter()
+            .map(|&(ch, v)| (f64::from(ch), v))
+            .collect(),
+        dashed: true,
+    });
+    vec![
+        (
+            "throughput.svg",
+            line_chart(
+                "pagewire throughput (median)",
+                "channels",
+                "GiB/s of guest memory",
+                &throughput,
+            ),
+        ),
+        (
+            "cpu.svg",
+            line_chart(
+                "CPU per GiB, sender + receiver",
+                "channels",
+                "CPU-s/GiB",
+                &series(&|c| c.pagewire.sender_cpu_s_per_gib + c.pagewire.receiver_cpu_s_per_gib),
+            ),
+        ),
+        (
+            "ratio.svg",
+            line_chart(
+                "pagewire / raw TCP, same streams",
+                "channels",
+                "ratio",
+                &series(&|c| c.pagewire_over_raw_tcp),
+            ),
+        ),
+    ]
+}
+
+fn key(c: &Cell) -> String {
+    format!(
+        "{} tls={:?} {} zc={}",
+        c.content, c.tls, c.compress, c.zero_copy
+    )
+}
+
 fn write_results(dir: &Path, r: &Results) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, svg) in plots(r) {
+        std::fs::write(dir.join(name), svg)?;
+    }
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
     std::fs::write(dir.join("report.md"), markdown(r))?;
     let mut csv = std::fs::File::create(dir.join("results.csv"))?;

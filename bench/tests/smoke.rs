@@ -161,7 +161,14 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_missing_axes() {
         assert!(c["pagewire_over_raw_tcp"].as_f64().unwrap() > 0.0, "{c}");
     }
     assert!(v["ceilings"]["dram_read_scan_gib_s"].as_f64().unwrap() > 0.0);
-    for f in ["results.json", "results.csv", "report.md"] {
+    for f in [
+        "results.json",
+        "results.csv",
+        "report.md",
+        "throughput.svg",
+        "cpu.svg",
+        "ratio.svg",
+    ] {
         assert!(dir.path().join(f).exists(), "{f} missing");
     }
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
