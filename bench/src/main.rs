@@ -12,6 +12,7 @@
 //! each side.
 
 mod matrix;
+mod remote;
 mod shaped;
 mod svg;
 
@@ -53,6 +54,15 @@ enum Cmd {
     /// Every combination of channels, content, TLS, compression and zero-copy, against the
     /// machine's ceilings measured in the same run.
     Matrix(matrix::MatrixArgs),
+    /// The destination side of a two-host matrix (`matrix --peer` on the source).
+    Serve {
+        /// Address to listen on for the source's control connection, e.g. 0.0.0.0:7700.
+        #[arg(long)]
+        listen: String,
+        /// Stop after this many sessions (default: serve until stopped).
+        #[arg(long)]
+        sessions: Option<u32>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -180,20 +190,70 @@ fn pin(cores: &[core_affinity::CoreId], i: usize, reversed: bool) {
     core_affinity::set_for_current(core);
 }
 
+/// Byte range of stream `i` of `streams` over `total` bytes (the last takes the remainder).
+fn share(total: usize, streams: usize, i: usize) -> (usize, usize) {
+    let each = total / streams;
+    let len = if i == streams - 1 {
+        total - i * each
+    } else {
+        each
+    };
+    (i * each, len)
+}
+
+/// Sends `len` bytes from `src_addr + offset` over `stream` in 1 MiB blocking writes; returns the
+/// thread's CPU seconds. `src_addr` is the host address of a mapping that outlives the call.
+fn raw_send_share(stream: &TcpStream, src_addr: usize, offset: usize, len: usize) -> Result<f64> {
+    const WRITE_BYTES: usize = 1 << 20;
+    let cpu = thread_cpu_time();
+    let mut done = 0;
+    while done < len {
+        let n = WRITE_BYTES.min(len - done);
+        // SAFETY: the caller's mapping covers src_addr + offset .. + len and outlives the call;
+        // the kernel only reads it.
+        let rc = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                (src_addr + offset + done) as *const libc::c_void,
+                n,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if rc <= 0 {
+            bail!("raw send failed: {}", std::io::Error::last_os_error());
+        }
+        done += rc as usize;
+    }
+    Ok((thread_cpu_time() - cpu).as_secs_f64())
+}
+
+/// Receives `len` bytes into `dst_addr + offset` with `MSG_WAITALL`; returns CPU seconds.
+fn raw_recv_share(stream: &TcpStream, dst_addr: usize, offset: usize, len: usize) -> Result<f64> {
+    let cpu = thread_cpu_time();
+    let mut done = 0;
+    while done < len {
+        // SAFETY: the caller's mapping covers dst_addr + offset .. + len and outlives the call;
+        // each stream writes a disjoint range.
+        let rc = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (dst_addr + offset + done) as *mut libc::c_void,
+                len - done,
+                libc::MSG_WAITALL,
+            )
+        };
+        if rc <= 0 {
+            bail!("raw recv ended early: {}", std::io::Error::last_os_error());
+        }
+        done += rc as usize;
+    }
+    Ok((thread_cpu_time() - cpu).as_secs_f64())
+}
+
 /// (a) raw TCP: stream i moves bytes [i*share, (i+1)*share) of the single region, from the
 /// source mapping straight into the same range of the destination mapping.
 fn raw_tcp(src: &GuestMemory, dst: &GuestMemory, channels: usize, no_pin: bool) -> Result<Run> {
-    const WRITE_BYTES: usize = 1 << 20;
     let total = src.regions()[0].len() as usize;
-    let share = total / channels;
-    let range = move |i: usize| {
-        let len = if i == channels - 1 {
-            total - i * share
-        } else {
-            share
-        };
-        (i * share, len)
-    };
     let src_addr = src.regions()[0].host_addr() as usize;
     let dst_addr = dst.regions()[0].host_addr() as usize;
     let cores = cores(no_pin);
@@ -208,53 +268,16 @@ fn raw_tcp(src: &GuestMemory, dst: &GuestMemory, channels: usize, no_pin: bool) 
     }
     let mut threads = Vec::with_capacity(2 * channels);
     for (i, (client, server)) in pairs.into_iter().enumerate() {
-        let (offset, len) = range(i);
+        let (offset, len) = share(total, channels, i);
         let c = cores.clone();
         threads.push(std::thread::spawn(move || -> Result<(bool, f64)> {
             pin(&c, i, false);
-            let cpu = thread_cpu_time();
-            let mut done = 0;
-            while done < len {
-                let n = WRITE_BYTES.min(len - done);
-                // SAFETY: the range lies inside the source region, which outlives this thread
-                // (joined below); the kernel only reads it.
-                let rc = unsafe {
-                    libc::send(
-                        client.as_raw_fd(),
-                        (src_addr + offset + done) as *const libc::c_void,
-                        n,
-                        libc::MSG_NOSIGNAL,
-                    )
-                };
-                if rc <= 0 {
-                    bail!("raw send failed: {}", std::io::Error::last_os_error());
-                }
-                done += rc as usize;
-            }
-            Ok((true, (thread_cpu_time() - cpu).as_secs_f64()))
+            Ok((true, raw_send_share(&client, src_addr, offset, len)?))
         }));
         let c = cores.clone();
         threads.push(std::thread::spawn(move || -> Result<(bool, f64)> {
             pin(&c, i, true);
-            let cpu = thread_cpu_time();
-            let mut done = 0;
-            while done < len {
-                // SAFETY: the range lies inside the destination region, which outlives the
-                // thread; each stream writes a disjoint range.
-                let rc = unsafe {
-                    libc::recv(
-                        server.as_raw_fd(),
-                        (dst_addr + offset + done) as *mut libc::c_void,
-                        len - done,
-                        libc::MSG_WAITALL,
-                    )
-                };
-                if rc <= 0 {
-                    bail!("raw recv ended early: {}", std::io::Error::last_os_error());
-                }
-                done += rc as usize;
-            }
-            Ok((false, (thread_cpu_time() - cpu).as_secs_f64()))
+            Ok((false, raw_recv_share(&server, dst_addr, offset, len)?))
         }));
     }
     let (mut sender_cpu, mut receiver_cpu) = (0.0, 0.0);
@@ -677,6 +700,7 @@ fn main() {
         Cmd::Transfer(a) => transfer(a),
         Cmd::Tls(a) => tls_bench(a),
         Cmd::Matrix(a) => matrix::run(a),
+        Cmd::Serve { listen, sessions } => remote::serve(&listen, sessions),
         Cmd::Compress(a) => {
             if a.reps == 0 {
                 Err(anyhow::anyhow!("--reps must be positive"))

@@ -64,7 +64,8 @@ pub struct MatrixArgs {
     /// Run QEMU's multifd migration of the same content side by side.
     #[arg(long)]
     with_qemu: bool,
-    /// Run against `pagewire-bench serve` on another host.
+    /// Run against `pagewire-bench serve` on another host (HOST:PORT of its control listener):
+    /// receivers, raw TCP included, run there, across the real network.
     #[arg(long)]
     peer: Option<String>,
 }
@@ -132,6 +133,8 @@ struct Ceilings {
 #[derive(Serialize)]
 struct Results {
     machine: String,
+    /// The destination, when it was another host.
+    peer: Option<String>,
     size_bytes: u64,
     reps: usize,
     ceilings: Ceilings,
@@ -142,9 +145,6 @@ struct Results {
 pub fn run(mut a: MatrixArgs) -> Result<()> {
     if a.with_qemu {
         bail!("--with-qemu: the QEMU multifd comparison is not built yet; it is the remaining part of the benchmark-matrix work");
-    }
-    if a.peer.is_some() {
-        bail!("--peer: running against `pagewire-bench serve` on another host is not built yet; it is the remaining part of the benchmark-matrix work");
     }
     if a.quick {
         a.size = 512 << 20;
@@ -163,13 +163,21 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     // Certificates when a TLS axis is on.
     let cert_dir = tempfile::tempdir()?;
     let pki = if a.tls.contains(&OnOff::On) {
-        certs::generate(&certs::CertOptions::default())?.write(cert_dir.path())?;
+        let set = certs::generate(&certs::CertOptions::default())?;
+        set.write(cert_dir.path())?;
         Some((
             TlsClient::new(certs::client_files(cert_dir.path()).load()?, "localhost")?,
             TlsServer::new(certs::server_files(cert_dir.path()).load()?)?,
+            set,
         ))
     } else {
         None
+    };
+    let local_pki = pki.as_ref().map(|p| (p.0.clone(), p.1.clone()));
+    // Two hosts: the destination runs `pagewire-bench serve`; every receiver is started there.
+    let mut peer = match &a.peer {
+        Some(addr) => Some(crate::remote::Peer::connect(addr)?),
+        None => None,
     };
 
     // Memory, generated once per content and shared by every engine.
@@ -209,8 +217,14 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     for _rep in 0..a.reps {
         for (k, &ch) in a.channels.iter().enumerate() {
             bar.set_message(format!("raw TCP, {ch} stream(s)"));
-            let dst = GuestMemory::anonymous_populated(&spec)?;
-            raw[k].push(raw_tcp(&memories[0].1, &dst, usize::from(ch), a.no_pin)?);
+            let run = match peer.as_mut() {
+                Some(p) => p.raw(&memories[0].1, ch)?,
+                None => {
+                    let dst = GuestMemory::anonymous_populated(&spec)?;
+                    raw_tcp(&memories[0].1, &dst, usize::from(ch), a.no_pin)?
+                }
+            };
+            raw[k].push(run);
             bar.inc(1);
         }
         for (i, &(ci, ch, t, comp, zc)) in cells.iter().enumerate() {
@@ -219,8 +233,23 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                 "{} ch={ch} tls={t:?} compress={comp} zero-copy={zc}",
                 content.name()
             ));
+            if let Some(p) = peer.as_mut() {
+                // Remote cells: the receiver's confirmation says every page was placed; the
+                // bytes themselves stay on the other host.
+                let tls = if t == OnOff::On { pki.as_ref() } else { None };
+                let (run, stats) = p.pagewire(src.clone(), ch, zc, tls, comp)?;
+                runs[i].push(run);
+                wire[i] = stats.transferred_bytes;
+                copied[i] &= stats.zero_copy.completed == stats.zero_copy.copied;
+                bar.inc(1);
+                continue;
+            }
             let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
-            let tls = if t == OnOff::On { pki.as_ref() } else { None };
+            let tls = if t == OnOff::On {
+                local_pki.as_ref()
+            } else {
+                None
+            };
             let (run, stats) = pagewire_run(src.clone(), dst.clone(), ch, zc, a.no_pin, tls, comp)?;
             if runs[i].is_empty() && src.first_difference(&dst).is_some() {
                 bail!("destination differs from the source in cell {i}");
@@ -255,6 +284,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     }
     let results = Results {
         machine: crate::machine(),
+        peer: a.peer.clone(),
         size_bytes: a.size,
         reps: a.reps,
         ceilings,
@@ -266,7 +296,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     } else {
         print!("{}", markdown(&results));
         println!(
-            "\nwrote {}/results.json, results.csv and report.md",
+            "\nwrote results.json, results.csv, report.md, throughput.svg, cpu.svg and ratio.svg to {}",
             a.out.display()
         );
     }

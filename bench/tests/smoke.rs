@@ -175,16 +175,117 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_missing_axes() {
     assert_eq!(csv.lines().count(), 1 + 16);
 
     // Axes whose feature is not built are refused with a message, not skipped.
-    for flag in [&["--with-qemu"][..], &["--peer", "192.0.2.9:7000"]] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
-            .args(["matrix", "--size", "8MiB"])
-            .args(flag)
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .args(["matrix", "--size", "8MiB", "--with-qemu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct Namespaces(String, String);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in [&self.0, &self.1] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn matrix_runs_across_two_hosts_in_network_namespaces() {
+    if let Err(e) = pagewire::probe_uring() {
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let (a, b) = (format!("pwt-a-{id}"), format!("pwt-b-{id}"));
+    let (dev, peer) = (format!("pwt{id}"), format!("pwt{id}p"));
+    if !ip(&["netns", "add", &a]) {
+        eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+        return;
+    }
+    let _guard = Namespaces(a.clone(), b.clone());
+    assert!(ip(&["netns", "add", &b]));
+    assert!(ip(&[
+        "link", "add", &dev, "netns", &a, "type", "veth", "peer", "name", &peer, "netns", &b
+    ]));
+    assert!(ip(&["-n", &a, "addr", "add", "192.0.2.1/24", "dev", &dev]));
+    assert!(ip(&["-n", &b, "addr", "add", "192.0.2.2/24", "dev", &peer]));
+    for (ns, d) in [(&a, &dev), (&b, &peer)] {
+        assert!(ip(&["-n", ns, "link", "set", d, "up"]));
+        assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
+    }
+    let bench = env!("CARGO_BIN_EXE_pagewire-bench");
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b,
+            bench,
+            "serve",
+            "--listen",
+            "192.0.2.2:7700",
+            "--sessions",
+            "1",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut result = None;
+    for _ in 0..50 {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &a,
+                bench,
+                "matrix",
+                "--peer",
+                "192.0.2.2:7700",
+            ])
+            .args(["--size", "8MiB", "--channels", "1,2", "--content", "random"])
+            .args(["--tls", "off,on", "--reps", "1", "--json", "--out"])
+            .arg(dir.path())
             .output()
             .unwrap();
-        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() || !err.contains("refused") {
+            result = Some(out);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = result.expect("the bench server never listened");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["peer"], "192.0.2.2:7700");
+    assert_eq!(v["cells"].as_array().unwrap().len(), 4);
+    for c in v["cells"].as_array().unwrap() {
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("not built yet"),
-            "{flag:?}"
+            c["pagewire"]["gib_per_s_median"].as_f64().unwrap() > 0.0,
+            "{c}"
         );
+        assert!(c["raw_tcp_gib_per_s"].as_f64().unwrap() > 0.0, "{c}");
     }
 }

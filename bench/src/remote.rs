@@ -1,0 +1,299 @@
+//! Two hosts: `pagewire-bench serve` on the destination, `matrix --peer HOST:PORT` on the source.
+//!
+//! A plain TCP control connection carries one JSON object per line. For each measurement the
+//! source asks for a receiver (`recv`: a pagewire receiver; `raw`: raw TCP streams), the server
+//! binds an ephemeral port on the address the control connection arrived at and answers with
+//! it, the source sends, and the server reports its own CPU time when the data is all in. The
+//! control channel is for a benchmark on a trusted network: TLS cells send the receiver's
+//! (throw-away, generated per run) key over it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pagewire::pipeline::compress::Compression;
+use pagewire::tls::{certs, TlsClient, TlsServer};
+use pagewire::{
+    GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, ZeroCopy,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{raw_recv_share, raw_send_share, share, Run};
+
+/// Seconds the server waits for the data of one measurement.
+const MEASUREMENT_TIMEOUT_S: u64 = 300;
+
+/// PEM texts of a receiver's TLS identity.
+#[derive(Serialize, Deserialize)]
+struct Pems {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+enum Request {
+    /// Start a pagewire receiver of `size` bytes.
+    Recv { size: u64, tls: Option<Pems> },
+    /// Accept `streams` raw TCP streams carrying `size` bytes in all.
+    Raw { size: u64, streams: u16 },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "lowercase")]
+enum Reply {
+    Listening { port: u16 },
+    Done { cpu_s: f64 },
+    Failed { error: String },
+}
+
+fn send_line(stream: &mut TcpStream, value: &impl Serialize) -> Result<()> {
+    let mut line = serde_json::to_string(value)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    Ok(())
+}
+
+fn read_line<T: for<'de> Deserialize<'de>>(reader: &mut BufReader<TcpStream>) -> Result<Option<T>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::from_str(line.trim()).context("parsing a control message")?,
+    ))
+}
+
+/// Serves measurements until `sessions` control connections have ended (`None`: forever).
+pub fn serve(listen: &str, sessions: Option<u32>) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    eprintln!("pagewire-bench: serving on {}", listener.local_addr()?);
+    let mut served = 0;
+    while sessions.is_none_or(|n| served < n) {
+        let (control, peer) = listener.accept()?;
+        let local_ip = control.local_addr()?.ip();
+        eprintln!("pagewire-bench: session from {peer}");
+        if let Err(e) = session(control, local_ip) {
+            eprintln!("pagewire-bench: session from {peer} ended: {e:#}");
+        }
+        served += 1;
+    }
+    Ok(())
+}
+
+fn session(control: TcpStream, ip: IpAddr) -> Result<()> {
+    let mut writer = control.try_clone()?;
+    let mut reader = BufReader::new(control);
+    while let Some(request) = read_line::<Request>(&mut reader)? {
+        let result = match request {
+            Request::Recv { size, tls } => serve_pagewire(&mut writer, ip, size, tls),
+            Request::Raw { size, streams } => serve_raw(&mut writer, ip, size, streams),
+        };
+        let reply = match result {
+            Ok(cpu_s) => Reply::Done { cpu_s },
+            Err(e) => Reply::Failed {
+                error: format!("{e:#}"),
+            },
+        };
+        send_line(&mut writer, &reply)?;
+    }
+    Ok(())
+}
+
+fn serve_pagewire(
+    control: &mut TcpStream,
+    ip: IpAddr,
+    size: u64,
+    tls: Option<Pems>,
+) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let tls = match tls {
+        Some(p) => {
+            std::fs::write(dir.path().join("server-cert.pem"), p.cert)?;
+            std::fs::write(dir.path().join("server-key.pem"), p.key)?;
+            std::fs::write(dir.path().join("ca-cert.pem"), p.ca)?;
+            Some(TlsServer::new(certs::server_files(dir.path()).load()?)?)
+        }
+        None => None,
+    };
+    let dst = Arc::new(GuestMemory::anonymous_populated(&[RegionSpec {
+        gpa: 0,
+        len: size,
+    }])?);
+    let receiver = Receiver::bind(
+        SocketAddr::new(ip, 0),
+        dst,
+        ReceiverConfig {
+            pinning: Pinning::Cores,
+            accept_timeout_ms: Some(MEASUREMENT_TIMEOUT_S * 1000),
+            tls,
+            ..ReceiverConfig::default()
+        },
+    )?;
+    send_line(
+        control,
+        &Reply::Listening {
+            port: receiver.local_addr()?.port(),
+        },
+    )?;
+    let stats = receiver.run()?;
+    Ok(stats.cpu_ms / 1e3)
+}
+
+fn serve_raw(control: &mut TcpStream, ip: IpAddr, size: u64, streams: u16) -> Result<f64> {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
+    send_line(
+        control,
+        &Reply::Listening {
+            port: listener.local_addr()?.port(),
+        },
+    )?;
+    let dst = GuestMemory::anonymous_populated(&[RegionSpec { gpa: 0, len: size }])?;
+    let dst_addr = dst.regions()[0].host_addr() as usize;
+    let total = size as usize;
+    let streams = usize::from(streams.max(1));
+    // The source connects its streams in order, so the i-th accepted is stream i.
+    let mut conns = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        conns.push(listener.accept()?.0);
+    }
+    let threads: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (offset, len) = share(total, streams, i);
+            std::thread::spawn(move || raw_recv_share(&c, dst_addr, offset, len))
+        })
+        .collect();
+    let mut cpu = 0.0;
+    for t in threads {
+        cpu += t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a receive thread panicked"))??;
+    }
+    drop(dst);
+    Ok(cpu)
+}
+
+/// The source's side of a `serve` session.
+pub struct Peer {
+    host: IpAddr,
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Peer {
+    /// Opens a control connection to `addr`.
+    pub fn connect(addr: &str) -> Result<Peer> {
+        let control = TcpStream::connect(addr)
+            .with_context(|| format!("connecting to the bench server at {addr}"))?;
+        control.set_read_timeout(Some(Duration::from_secs(MEASUREMENT_TIMEOUT_S)))?;
+        Ok(Peer {
+            host: control.peer_addr()?.ip(),
+            writer: control.try_clone()?,
+            reader: BufReader::new(control),
+        })
+    }
+
+    fn expect_port(&mut self) -> Result<SocketAddr> {
+        match read_line::<Reply>(&mut self.reader)? {
+            Some(Reply::Listening { port }) => Ok(SocketAddr::new(self.host, port)),
+            Some(Reply::Failed { error }) => bail!("the bench server failed: {error}"),
+            _ => bail!("the bench server closed the session"),
+        }
+    }
+
+    fn expect_done(&mut self) -> Result<f64> {
+        match read_line::<Reply>(&mut self.reader)? {
+            Some(Reply::Done { cpu_s }) => Ok(cpu_s),
+            Some(Reply::Failed { error }) => bail!("the bench server failed: {error}"),
+            _ => bail!("the bench server closed the session"),
+        }
+    }
+
+    /// One pagewire transfer of `src` to the server.
+    pub fn pagewire(
+        &mut self,
+        src: Arc<GuestMemory>,
+        channels: u16,
+        zero_copy: ZeroCopy,
+        tls: Option<&(TlsClient, TlsServer, certs::CertSet)>,
+        compression: Compression,
+    ) -> Result<(Run, pagewire::TransferStats)> {
+        let pems = tls.map(|t| Pems {
+            cert: t.2.server_cert.clone(),
+            key: t.2.server_key.clone(),
+            ca: t.2.ca_cert.clone(),
+        });
+        send_line(
+            &mut self.writer,
+            &Request::Recv {
+                size: src.total_bytes(),
+                tls: pems,
+            },
+        )?;
+        let addr = self.expect_port()?;
+        let config = SenderConfig {
+            channels,
+            zero_copy,
+            tls: tls.map(|t| t.0.clone()),
+            compression,
+            ..SenderConfig::default()
+        };
+        let start = Instant::now();
+        let mut sender = Sender::connect(addr, src, &config)?;
+        sender.send_all()?;
+        let stats = sender.finish()?;
+        let seconds = start.elapsed().as_secs_f64();
+        let receiver_cpu_s = self.expect_done()?;
+        let run = Run {
+            seconds,
+            sender_cpu_s: stats.cpu_ms / 1e3,
+            receiver_cpu_s,
+        };
+        Ok((run, stats))
+    }
+
+    /// Raw TCP: the same bytes over `streams` plain streams to the server.
+    pub fn raw(&mut self, src: &GuestMemory, streams: u16) -> Result<Run> {
+        let total = src.total_bytes() as usize;
+        send_line(
+            &mut self.writer,
+            &Request::Raw {
+                size: total as u64,
+                streams,
+            },
+        )?;
+        let addr = self.expect_port()?;
+        let n = usize::from(streams.max(1));
+        let start = Instant::now();
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            conns.push(TcpStream::connect(addr)?);
+        }
+        let src_addr = src.regions()[0].host_addr() as usize;
+        let threads: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (offset, len) = share(total, n, i);
+                std::thread::spawn(move || raw_send_share(&c, src_addr, offset, len))
+            })
+            .collect();
+        let mut sender_cpu_s = 0.0;
+        for t in threads {
+            sender_cpu_s += t
+                .join()
+                .map_err(|_| anyhow::anyhow!("a send thread panicked"))??;
+        }
+        let receiver_cpu_s = self.expect_done()?;
+        Ok(Run {
+            seconds: start.elapsed().as_secs_f64(),
+            sender_cpu_s,
+            receiver_cpu_s,
+        })
+    }
+}
