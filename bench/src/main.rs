@@ -12,6 +12,7 @@
 //! each side.
 
 mod matrix;
+mod qemu;
 mod remote;
 mod shaped;
 mod svg;

@@ -61,7 +61,8 @@ pub struct MatrixArgs {
     /// Do not pin threads.
     #[arg(long)]
     no_pin: bool,
-    /// Run QEMU's multifd migration of the same content side by side.
+    /// Run QEMU's multifd migration of the same content side by side (same channels, TLS and
+    /// compression; needs qemu-system-x86, /dev/kvm and root, skipped with a reason otherwise).
     #[arg(long)]
     with_qemu: bool,
     /// Run against `pagewire-bench serve` on another host (HOST:PORT of its control listener):
@@ -116,6 +117,19 @@ struct Cell {
     pagewire_over_raw_tcp: f64,
     wire_bytes: u64,
     zero_copy_copied_by_kernel: bool,
+    /// QEMU multifd on the same memory and settings (`--with-qemu`), its own counters.
+    qemu: Option<QemuCell>,
+    /// pagewire's median throughput over QEMU's.
+    pagewire_over_qemu: Option<f64>,
+}
+
+/// QEMU's side of a cell.
+#[derive(Debug, Clone, Serialize)]
+struct QemuCell {
+    summary: Summary,
+    transferred: u64,
+    duplicate: u64,
+    normal: u64,
 }
 
 /// One-core ceilings, GiB/s.
@@ -143,9 +157,17 @@ struct Results {
 
 /// Runs the matrix.
 pub fn run(mut a: MatrixArgs) -> Result<()> {
-    if a.with_qemu {
-        bail!("--with-qemu: the QEMU multifd comparison is not built yet; it is the remaining part of the benchmark-matrix work");
+    if a.with_qemu && a.peer.is_some() {
+        bail!("--with-qemu runs both QEMUs on this host: it cannot be combined with --peer");
     }
+    let with_qemu = a.with_qemu
+        && match crate::qemu::unavailable() {
+            Some(why) => {
+                eprintln!("SKIPPED: the QEMU rows: {why}");
+                false
+            }
+            None => true,
+        };
     if a.quick {
         a.size = 512 << 20;
         a.channels = vec![1, 2];
@@ -201,7 +223,18 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             }
         }
     }
-    let runs_total = (cells.len() + a.channels.len()) * a.reps;
+    let qemu_cells = if with_qemu {
+        cells.iter().filter(|c| c.3 != Compression::Auto).count()
+    } else {
+        0
+    };
+    let runs_total = (cells.len() + qemu_cells + a.channels.len()) * a.reps;
+    let ram = if with_qemu {
+        Some(crate::qemu::RamDir::new(a.size)?)
+    } else {
+        None
+    };
+    let mut qemu_runs: Vec<Vec<crate::qemu::QemuRun>> = vec![Vec::new(); cells.len()];
     let bar = ProgressBar::new(runs_total as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -258,6 +291,20 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             wire[i] = stats.transferred_bytes;
             copied[i] &= stats.zero_copy.completed == stats.zero_copy.copied;
             bar.inc(1);
+            // QEMU multifd on the same memory with the same settings, right after (A B A B).
+            if let (Some(ram), true) = (ram.as_ref(), comp != Compression::Auto) {
+                bar.set_message(format!(
+                    "QEMU multifd: {} ch={ch} tls={t:?} compress={comp}",
+                    content.name()
+                ));
+                let set = if t == OnOff::On {
+                    pki.as_ref().map(|p| &p.2)
+                } else {
+                    None
+                };
+                qemu_runs[i].push(crate::qemu::migrate(ram, src, ch, comp, set)?);
+                bar.inc(1);
+            }
         }
     }
     bar.set_message("one-core ceilings");
@@ -269,7 +316,28 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
         let s = summarize("pagewire", a.size, &runs[i]);
         let k = a.channels.iter().position(|&c| c == ch).unwrap_or(0);
         let raw_med = ceilings.raw_tcp_gib_s_by_channels[k].1;
+        let qemu = qemu_runs[i].last().map(|last| {
+            let as_runs: Vec<Run> = qemu_runs[i]
+                .iter()
+                .map(|q| Run {
+                    seconds: q.seconds,
+                    sender_cpu_s: q.source_cpu_s,
+                    receiver_cpu_s: q.destination_cpu_s,
+                })
+                .collect();
+            QemuCell {
+                summary: summarize("qemu-multifd", a.size, &as_runs),
+                transferred: last.transferred,
+                duplicate: last.duplicate,
+                normal: last.normal,
+            }
+        });
+        let pagewire_over_qemu = qemu
+            .as_ref()
+            .map(|q| s.gib_per_s_median / q.summary.gib_per_s_median);
         out_cells.push(Cell {
+            qemu,
+            pagewire_over_qemu,
             content: memories[ci].0.name(),
             channels: ch,
             tls: t,
@@ -404,10 +472,10 @@ fn markdown(r: &Results) -> String {
     ] {
         s.push_str(&format!("| {k} | {v:.2} |\n"));
     }
-    s.push_str("\n| content | channels | tls | compress | zero-copy | pagewire GiB/s | raw TCP GiB/s | pagewire/raw | send/recv CPU-s per GiB | wire MiB | kernel copied ZC |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("\n| content | channels | tls | compress | zero-copy | pagewire GiB/s | raw TCP GiB/s | pagewire/raw | send/recv CPU-s per GiB | wire MiB | kernel copied ZC | QEMU GiB/s | QEMU src/dst CPU-s per GiB | pagewire/QEMU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for cell in &r.cells {
         s.push_str(&format!(
-            "| {} | {} | {:?} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.3}/{:.3} | {:.1} | {} |\n",
+            "| {} | {} | {:?} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.3}/{:.3} | {:.1} | {} | {} | {} | {} |\n",
             cell.content,
             cell.channels,
             cell.tls,
@@ -422,6 +490,15 @@ fn markdown(r: &Results) -> String {
             cell.pagewire.receiver_cpu_s_per_gib,
             cell.wire_bytes as f64 / (1 << 20) as f64,
             if cell.zero_copy_copied_by_kernel { "yes" } else { "no" },
+            cell.qemu.as_ref().map_or("-".into(), |q| format!(
+                "{:.2} [{:.2}..{:.2}]",
+                q.summary.gib_per_s_median, q.summary.gib_per_s_min, q.summary.gib_per_s_max
+            )),
+            cell.qemu.as_ref().map_or("-".into(), |q| format!(
+                "{:.3}/{:.3}",
+                q.summary.sender_cpu_s_per_gib, q.summary.receiver_cpu_s_per_gib
+            )),
+            cell.pagewire_over_qemu.map_or("-".into(), |r| format!("**{r:.2}**")),
         ));
     }
     s

@@ -116,7 +116,7 @@ fn compression_benchmark_runs_over_a_shaped_link_or_says_why_not() {
 }
 
 #[test]
-fn matrix_runs_every_cell_writes_its_reports_and_refuses_missing_axes() {
+fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations() {
     if let Err(e) = pagewire::probe_uring() {
         eprintln!("SKIPPED: io_uring is not usable here: {e}");
         return;
@@ -174,13 +174,13 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_missing_axes() {
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 16);
 
-    // Axes whose feature is not built are refused with a message, not skipped.
+    // A combination that cannot be measured is refused with a message, not skipped.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
-        .args(["matrix", "--size", "8MiB", "--with-qemu"])
+        .args(["matrix", "--size", "8MiB", "--with-qemu", "--peer", "192.0.2.9:7700"])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be combined with --peer"));
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.
@@ -287,5 +287,56 @@ fn matrix_runs_across_two_hosts_in_network_namespaces() {
             "{c}"
         );
         assert!(c["raw_tcp_gib_per_s"].as_f64().unwrap() > 0.0, "{c}");
+    }
+}
+
+#[test]
+fn matrix_runs_qemu_multifd_side_by_side_or_says_why_not() {
+    if let Err(e) = pagewire::probe_uring() {
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .args([
+            "matrix",
+            "--size",
+            "32MiB",
+            "--channels",
+            "2",
+            "--content",
+            "random",
+        ])
+        .args([
+            "--tls",
+            "off,on",
+            "--reps",
+            "1",
+            "--no-pin",
+            "--with-qemu",
+            "--json",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if let Some(line) = err.lines().find(|l| l.starts_with("SKIPPED")) {
+        eprintln!("{line}");
+        assert!(v["cells"][0]["qemu"].is_null());
+        return;
+    }
+    for c in v["cells"].as_array().unwrap() {
+        let q = &c["qemu"];
+        assert!(
+            q["summary"]["gib_per_s_median"].as_f64().unwrap() > 0.0,
+            "{c}"
+        );
+        // QEMU's own counters: every page of 32 MiB was sent, as normal or duplicate.
+        let pages = q["normal"].as_u64().unwrap() + q["duplicate"].as_u64().unwrap();
+        assert!(pages >= 8192, "{c}");
+        assert!(c["pagewire_over_qemu"].as_f64().unwrap() > 0.0);
     }
 }

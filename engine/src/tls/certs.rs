@@ -62,7 +62,12 @@ fn leaf(
     dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
     p.extended_key_usages = vec![usage];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // keyEncipherment too: GnuTLS (QEMU's tls-creds-x509) refuses leaves without it, so one
+    // directory serves pagewire and QEMU alike.
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     if expired {
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2021, 1, 1);

@@ -1,0 +1,369 @@
+//! QEMU's own multifd migration of the same memory, for the matrix's side-by-side rows.
+//!
+//! Two `qemu-system-x86_64` processes on this host: the source's guest RAM is a shared
+//! `memory-backend-file` on a `tmpfs -o huge=always` mount, prefilled with the cell's content, and
+//! its vCPU runs a firmware of `HLT` bytes, so memory stays as written; the destination starts
+//! with `-incoming defer` and `prealloc=on` (first-touch faults would swamp the result). Both get
+//! the same multifd channel count, compression (level 1) and TLS as pagewire's cell, and
+//! `max-bandwidth` far above the link (QEMU's default is 128 MiB/s). The figures are QEMU's own
+//! (`query-migrate`: total time, transferred, duplicate, normal) and the CPU time of both
+//! processes; the destination file must equal the source's afterwards.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pagewire::pipeline::compress::Compression;
+use pagewire::tls::certs::CertSet;
+use pagewire::GuestMemory;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Seconds a migration may take before the cell fails.
+const MIGRATION_TIMEOUT_S: u64 = 300;
+
+/// Why QEMU cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return Some("qemu-system-x86_64 is not installed (Debian 12: `apt-get install -t bookworm-backports qemu-system-x86`)".into());
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Some("/dev/kvm is not usable".into());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("mounting the huge-page tmpfs for guest RAM needs root".into());
+    }
+    None
+}
+
+/// A `tmpfs -o huge=always` mount for guest RAM files, unmounted on drop.
+pub struct RamDir {
+    dir: tempfile::TempDir,
+}
+
+impl RamDir {
+    /// Mounts a tmpfs big enough for two RAM files of `bytes`.
+    pub fn new(bytes: u64) -> Result<RamDir> {
+        let dir = tempfile::tempdir()?;
+        let size = format!("huge=always,size={}", 2 * bytes + (64 << 20));
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+            .arg(dir.path())
+            .status()?;
+        if !st.success() {
+            bail!("mounting a tmpfs at {} failed", dir.path().display());
+        }
+        std::fs::write(dir.path().join("hlt.bin"), vec![0xf4u8; 64 << 10])?;
+        Ok(RamDir { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for RamDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// One QEMU migration's figures.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct QemuRun {
+    /// `total-time`, in seconds.
+    pub seconds: f64,
+    /// `ram.transferred`.
+    pub transferred: u64,
+    /// `ram.duplicate` (zero pages).
+    pub duplicate: u64,
+    /// `ram.normal`.
+    pub normal: u64,
+    /// CPU seconds of the source QEMU during the migration.
+    pub source_cpu_s: f64,
+    /// CPU seconds of the destination QEMU during the migration.
+    pub destination_cpu_s: f64,
+}
+
+struct Qmp {
+    child: Child,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn start(
+        ram: &RamDir,
+        name: &str,
+        bytes: u64,
+        incoming: bool,
+        tls: Option<(&Path, &str)>,
+    ) -> Result<Qmp> {
+        let sock = ram.path(&format!("{name}.qmp"));
+        let _ = std::fs::remove_file(&sock);
+        let mem = format!(
+            "memory-backend-file,id=mem,size={bytes},mem-path={},share=on,prealloc=on,align=2M",
+            ram.path(&format!("{name}.ram")).display()
+        );
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "kvm", "-machine", "pc,memory-backend=mem", "-m"])
+            .arg(format!("{}M", bytes >> 20))
+            .args(["-object", &mem, "-nodefaults", "-display", "none", "-bios"])
+            .arg(ram.path("hlt.bin"))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+        if let Some((dir, endpoint)) = tls {
+            cmd.arg("-object").arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint={endpoint},verify-peer=on",
+                dir.display()
+            ));
+        }
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let started = Instant::now();
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                break s;
+            }
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("QEMU ({name}) exited ({status}): {}", err.trim());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                bail!("QEMU ({name}) did not open its QMP socket within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(MIGRATION_TIMEOUT_S)))?;
+        let mut q = Qmp {
+            child,
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting)?;
+        q.cmd("qmp_capabilities", None)?;
+        Ok(q)
+    }
+
+    fn cmd(&mut self, execute: &str, arguments: Option<Value>) -> Result<Value> {
+        let mut msg = json!({ "execute": execute });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        writeln!(self.writer, "{msg}")?;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("QEMU closed QMP during {execute}");
+            }
+            let v: Value = serde_json::from_str(&line)?;
+            if let Some(e) = v.get("error") {
+                bail!("QMP {execute} failed: {e}");
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            // An asynchronous event: skip it.
+        }
+    }
+
+    fn cpu_s(&self) -> f64 {
+        process_cpu_s(self.child.id())
+    }
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn process_cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (indices 11 and 12 here).
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Migrates `src` (region 0) with QEMU multifd and returns QEMU's figures; checks the destination
+/// equals the source.
+pub fn migrate(
+    ram: &RamDir,
+    src: &GuestMemory,
+    channels: u16,
+    compression: Compression,
+    tls: Option<&CertSet>,
+) -> Result<QemuRun> {
+    let region = &src.regions()[0];
+    let bytes = region.len();
+    // Guest RAM files: the source prefilled with the cell's content, the destination empty.
+    {
+        let mut f = std::fs::File::create(ram.path("src.ram"))?;
+        let mut buf = vec![0u8; 8 << 20];
+        let mut at = 0;
+        while at < bytes {
+            let n = (buf.len() as u64).min(bytes - at) as usize;
+            region.read(at, &mut buf[..n]);
+            f.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        std::fs::File::create(ram.path("dst.ram"))?.set_len(bytes)?;
+    }
+    let tls_dir = match tls {
+        Some(set) => {
+            let dir = ram.path("tls");
+            set.write(&dir)?;
+            Some(dir)
+        }
+        None => None,
+    };
+    let mut dst = Qmp::start(
+        ram,
+        "dst",
+        bytes,
+        true,
+        tls_dir.as_deref().map(|d| (d, "server")),
+    )?;
+    let mut srcq = Qmp::start(
+        ram,
+        "src",
+        bytes,
+        false,
+        tls_dir.as_deref().map(|d| (d, "client")),
+    )?;
+    let method = match compression {
+        Compression::None => "none",
+        Compression::Zstd => "zstd",
+        Compression::Zlib => "zlib",
+        Compression::Auto => bail!("QEMU has no adaptive compression"),
+    };
+    for q in [&mut dst, &mut srcq] {
+        q.cmd(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
+        )?;
+        let mut params = json!({
+            "multifd-channels": channels,
+            "multifd-compression": method,
+            "multifd-zstd-level": 1,
+            "multifd-zlib-level": 1,
+            "max-bandwidth": 1u64 << 40,
+        });
+        if tls.is_some() {
+            params["tls-creds"] = json!("tls0");
+            params["tls-hostname"] = json!("localhost");
+        }
+        q.cmd("migrate-set-parameters", Some(params))?;
+    }
+    dst.cmd(
+        "migrate-incoming",
+        Some(json!({ "uri": "tcp:127.0.0.1:0" })),
+    )?;
+    let info = dst.cmd("query-migrate", None)?;
+    let port = info["socket-address"][0]["port"]
+        .as_str()
+        .and_then(|p| p.parse::<u16>().ok())
+        .context("the destination QEMU did not report its listening port")?;
+    let (src_cpu0, dst_cpu0) = (srcq.cpu_s(), dst.cpu_s());
+    srcq.cmd(
+        "migrate",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    )?;
+    let started = Instant::now();
+    let done = loop {
+        let r = srcq.cmd("query-migrate", None)?;
+        match r["status"].as_str() {
+            Some("completed") => break r,
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {r}"),
+            _ => {}
+        }
+        if started.elapsed() > Duration::from_secs(MIGRATION_TIMEOUT_S) {
+            bail!("QEMU migration did not complete within {MIGRATION_TIMEOUT_S} s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The destination finishes loading after the source reports completion.
+    let started = Instant::now();
+    loop {
+        let r = dst.cmd("query-status", None)?;
+        if r["status"] != "inmigrate" || started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let run = QemuRun {
+        seconds: done["total-time"].as_f64().unwrap_or(0.0) / 1e3,
+        transferred: done["ram"]["transferred"].as_u64().unwrap_or(0),
+        duplicate: done["ram"]["duplicate"].as_u64().unwrap_or(0),
+        normal: done["ram"]["normal"].as_u64().unwrap_or(0),
+        source_cpu_s: srcq.cpu_s() - src_cpu0,
+        destination_cpu_s: dst.cpu_s() - dst_cpu0,
+    };
+    drop(srcq);
+    drop(dst);
+    if !files_equal(&ram.path("src.ram"), &ram.path("dst.ram"))? {
+        bail!("QEMU's destination memory differs from the source");
+    }
+    Ok(run)
+}
+
+fn files_equal(a: &Path, b: &Path) -> Result<bool> {
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = f.read(&mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
