@@ -406,7 +406,16 @@ fn machine() -> String {
         .trim()
         .to_string();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores, Linux {kernel}")
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / (1u64 << 20) as f64);
+    format!("{cpu}, {cores} cores, {memory_gib:.0} GiB memory, Linux {kernel}")
 }
 
 fn transfer(a: TransferArgs) -> Result<()> {

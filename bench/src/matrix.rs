@@ -37,9 +37,10 @@ pub struct MatrixArgs {
     /// Channel counts.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     channels: Vec<u16>,
-    /// Memory contents (zero, random, mixed, text, blend).
-    #[arg(long, value_delimiter = ',', default_value = "zero,random,mixed,text")]
-    content: Vec<Content>,
+    /// Memory contents: zero, random, mixed, text, blend, or file:PATH (a RAM image; the run then
+    /// takes its size from the file).
+    #[arg(long, value_delimiter = ',', default_value = "zero,random,mixed,text", value_parser = parse_content)]
+    content: Vec<ContentSpec>,
     /// TLS: off, on.
     #[arg(long, value_delimiter = ',', default_value = "off")]
     tls: Vec<OnOff>,
@@ -81,6 +82,31 @@ pub enum OnOff {
     On,
 }
 
+/// A content axis value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentSpec {
+    /// Generated, seeded.
+    Synthetic(Content),
+    /// A RAM image read from a file.
+    File(PathBuf),
+}
+
+impl ContentSpec {
+    fn name(&self) -> String {
+        match self {
+            ContentSpec::Synthetic(c) => c.name().to_string(),
+            ContentSpec::File(p) => format!("file:{}", p.display()),
+        }
+    }
+}
+
+fn parse_content(text: &str) -> Result<ContentSpec, String> {
+    match text.strip_prefix("file:") {
+        Some(path) => Ok(ContentSpec::File(PathBuf::from(path))),
+        None => text.parse().map(ContentSpec::Synthetic),
+    }
+}
+
 fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -107,7 +133,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 /// One cell of the matrix, with its repetitions summarized.
 #[derive(Debug, Clone, Serialize)]
 struct Cell {
-    content: &'static str,
+    content: String,
     channels: u16,
     tls: OnOff,
     compress: Compression,
@@ -176,6 +202,32 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     if a.reps == 0 || a.channels.is_empty() || a.content.is_empty() {
         bail!("--reps, --channels and --content need at least one value");
     }
+    // A RAM image sets the size of every cell, so all engines and contents move the same bytes.
+    let files: Vec<&PathBuf> = a
+        .content
+        .iter()
+        .filter_map(|c| match c {
+            ContentSpec::File(p) => Some(p),
+            ContentSpec::Synthetic(_) => None,
+        })
+        .collect();
+    if let Some(first) = files.first() {
+        let len = std::fs::metadata(first)
+            .with_context(|| format!("reading the size of {}", first.display()))?
+            .len();
+        for f in &files[1..] {
+            if std::fs::metadata(f).map(|m| m.len()).ok() != Some(len) {
+                bail!("RAM images given with --content file: must all have the same size");
+            }
+        }
+        if len == 0 || len % 4096 != 0 {
+            bail!(
+                "{} is {len} bytes; a RAM image must be a positive multiple of 4096 bytes",
+                first.display()
+            );
+        }
+        a.size = len;
+    }
     pagewire::probe_uring().context("pagewire needs io_uring")?;
     let spec = [RegionSpec {
         gpa: 0,
@@ -204,10 +256,13 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
 
     // Memory, generated once per content and shared by every engine.
     let mut memories = Vec::new();
-    for &c in &a.content {
+    for c in &a.content {
         let m = Arc::new(GuestMemory::anonymous(&spec)?);
-        fill(&m, c, 11);
-        memories.push((c, m));
+        match c {
+            ContentSpec::Synthetic(content) => fill(&m, *content, 11),
+            ContentSpec::File(path) => load_image(&m, path)?,
+        }
+        memories.push((c.clone(), m));
     }
 
     // Every cell, in a fixed order that each repetition walks through (interleaving).
@@ -262,9 +317,9 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
         }
         for (i, &(ci, ch, t, comp, zc)) in cells.iter().enumerate() {
             let (content, src) = &memories[ci];
+            let content = content.name();
             bar.set_message(format!(
-                "{} ch={ch} tls={t:?} compress={comp} zero-copy={zc}",
-                content.name()
+                "{content} ch={ch} tls={t:?} compress={comp} zero-copy={zc}"
             ));
             if let Some(p) = peer.as_mut() {
                 // Remote cells: the receiver's confirmation says every page was placed; the
@@ -294,8 +349,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             // QEMU multifd on the same memory with the same settings, right after (A B A B).
             if let (Some(ram), true) = (ram.as_ref(), comp != Compression::Auto) {
                 bar.set_message(format!(
-                    "QEMU multifd: {} ch={ch} tls={t:?} compress={comp}",
-                    content.name()
+                    "QEMU multifd: {content} ch={ch} tls={t:?} compress={comp}"
                 ));
                 let set = if t == OnOff::On {
                     pki.as_ref().map(|p| &p.2)
@@ -373,7 +427,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
 
 fn measure_ceilings(
     a: &MatrixArgs,
-    memories: &[(Content, Arc<GuestMemory>)],
+    memories: &[(ContentSpec, Arc<GuestMemory>)],
     raw: &[Vec<Run>],
 ) -> Result<Ceilings> {
     let spec = [RegionSpec {
@@ -382,7 +436,10 @@ fn measure_ceilings(
     }];
     let gib = a.size as f64 / (1u64 << 30) as f64;
     // DRAM read scan: written zero pages, read whole by the zero scanner.
-    let zero = match memories.iter().find(|(c, _)| *c == Content::Zero) {
+    let zero = match memories
+        .iter()
+        .find(|(c, _)| *c == ContentSpec::Synthetic(Content::Zero))
+    {
         Some((_, m)) => m.clone(),
         None => {
             let m = Arc::new(GuestMemory::anonymous(&spec)?);
@@ -415,7 +472,10 @@ fn measure_ceilings(
     // Seal rates on the first content's memory.
     let seal = pagewire::tls::bench::seal_rates(&memories[0].1)?;
     // zstd level 1 on text-like memory, 512 KiB blocks.
-    let text = match memories.iter().find(|(c, _)| *c == Content::Text) {
+    let text = match memories
+        .iter()
+        .find(|(c, _)| *c == ContentSpec::Synthetic(Content::Text))
+    {
         Some((_, m)) => m.clone(),
         None => {
             let m = Arc::new(GuestMemory::anonymous(&spec)?);
@@ -450,6 +510,23 @@ fn measure_ceilings(
             .map(|(&ch, runs)| (ch, summarize("raw-tcp", a.size, runs).gib_per_s_median))
             .collect(),
     })
+}
+
+/// Copies the RAM image at `path` into `m` (region 0, same size).
+fn load_image(m: &GuestMemory, path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let region = &m.regions()[0];
+    let mut buf = vec![0u8; 8 << 20];
+    let mut at = 0u64;
+    while at < region.len() {
+        let n = (buf.len() as u64).min(region.len() - at) as usize;
+        f.read_exact(&mut buf[..n])
+            .with_context(|| format!("reading {}", path.display()))?;
+        region.write(at, &buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn markdown(r: &Results) -> String {

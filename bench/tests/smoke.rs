@@ -174,9 +174,50 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 16);
 
+    // A real RAM image as content: the run takes its size from the file.
+    let image = dir.path().join("ram.img");
+    let bytes: Vec<u8> = (0..(4u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&image, &bytes).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .args([
+            "matrix",
+            "--channels",
+            "1",
+            "--reps",
+            "1",
+            "--no-pin",
+            "--json",
+            "--content",
+        ])
+        .arg(format!("file:{}", image.display()))
+        .arg("--out")
+        .arg(dir.path().join("file-run"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["size_bytes"], 4 << 20);
+    assert!(v["cells"][0]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("file:"));
+
     // A combination that cannot be measured is refused with a message, not skipped.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
-        .args(["matrix", "--size", "8MiB", "--with-qemu", "--peer", "192.0.2.9:7700"])
+        .args([
+            "matrix",
+            "--size",
+            "8MiB",
+            "--with-qemu",
+            "--peer",
+            "192.0.2.9:7700",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
