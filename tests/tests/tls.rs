@@ -149,6 +149,23 @@ fn key_updates_keep_the_stream_readable() {
     assert_eq!(src.first_difference(&dst), None);
 }
 
+/// One channel, 1 MiB, with the given TLS ends (`None`: plaintext on that side).
+fn one_mib_transfer(
+    client: Option<TlsClient>,
+    server: Option<TlsServer>,
+) -> (
+    pagewire::Result<pagewire::TransferStats>,
+    pagewire::Result<pagewire::TransferStats>,
+) {
+    let specs = one_region(1 << 20);
+    transfer(
+        memory(&specs),
+        memory(&specs),
+        sender_config(1, client),
+        receiver_config(server),
+    )
+}
+
 fn assert_refused_both(
     sent: pagewire::Result<pagewire::TransferStats>,
     received: pagewire::Result<pagewire::TransferStats>,
@@ -182,13 +199,7 @@ fn a_client_certificate_from_another_ca_is_refused() {
     };
     let server = pki_from(&good, "localhost").server;
     let client = pki_from(&mixed, "localhost").client;
-    let specs = one_region(1 << 20);
-    let (sent, received) = transfer(
-        memory(&specs),
-        memory(&specs),
-        sender_config(1, Some(client)),
-        receiver_config(Some(server)),
-    );
+    let (sent, received) = one_mib_transfer(Some(client), Some(server));
     assert_refused_both(
         sent,
         received,
@@ -204,13 +215,7 @@ fn a_wrong_hostname_is_refused() {
     }
     let set = certs::generate(&CertOptions::default()).unwrap();
     let p = pki_from(&set, "not-the-receiver.example");
-    let specs = one_region(1 << 20);
-    let (sent, received) = transfer(
-        memory(&specs),
-        memory(&specs),
-        sender_config(1, Some(p.client)),
-        receiver_config(Some(p.server)),
-    );
+    let (sent, received) = one_mib_transfer(Some(p.client), Some(p.server));
     assert_refused_both(
         sent,
         received,
@@ -230,13 +235,7 @@ fn an_expired_client_certificate_is_refused() {
     })
     .unwrap();
     let p = pki_from(&set, "localhost");
-    let specs = one_region(1 << 20);
-    let (sent, received) = transfer(
-        memory(&specs),
-        memory(&specs),
-        sender_config(1, Some(p.client)),
-        receiver_config(Some(p.server)),
-    );
+    let (sent, received) = one_mib_transfer(Some(p.client), Some(p.server));
     assert_refused_both(
         sent,
         received,
@@ -251,22 +250,11 @@ fn plaintext_meeting_tls_fails_with_a_message_that_says_so_either_way() {
         return;
     }
     let p = pki();
-    let specs = one_region(1 << 20);
     // Plaintext sender, TLS receiver.
-    let (sent, received) = transfer(
-        memory(&specs),
-        memory(&specs),
-        sender_config(1, None),
-        receiver_config(Some(p.server.clone())),
-    );
+    let (sent, received) = one_mib_transfer(None, Some(p.server.clone()));
     assert_refused_both(sent, received, &["requires TLS"], &["plaintext"]);
     // TLS sender, plaintext receiver.
-    let (sent, received) = transfer(
-        memory(&specs),
-        memory(&specs),
-        sender_config(1, Some(p.client.clone())),
-        receiver_config(None),
-    );
+    let (sent, received) = one_mib_transfer(Some(p.client.clone()), None);
     assert_refused_both(
         sent,
         received,
