@@ -72,7 +72,7 @@ impl Receiver {
 
     /// Accepts one transfer and receives it until every channel has ended its stream.
     pub fn run(self) -> Result<TransferStats> {
-        crate::uring::probe()?;
+        let caps = crate::uring::probe()?;
         let abort = Arc::new(Abort::new(true));
         let (streams, start) = self.accept_channels(&abort)?;
         let cpu_start = crate::sys::thread_cpu_time();
@@ -134,9 +134,7 @@ impl Receiver {
             // Every round ends at the barrier once, and the end of the stream once more.
             rounds: barrier.generations().saturating_sub(1) as u32,
             zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
-            defer_taskrun: crate::uring::probe()
-                .map(|c| c.defer_taskrun)
-                .unwrap_or(false),
+            defer_taskrun: caps.defer_taskrun,
             ..TransferStats::default()
         };
         for r in results {

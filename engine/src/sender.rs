@@ -57,6 +57,7 @@ pub struct Sender {
     cpu_ms: f64,
     rounds: Vec<RoundStats>,
     finished: bool,
+    defer_taskrun: bool,
 }
 
 impl std::fmt::Debug for Sender {
@@ -101,7 +102,7 @@ impl Sender {
         memory: Arc<GuestMemory>,
         config: &SenderConfig,
     ) -> Result<Sender> {
-        crate::uring::probe()?;
+        let caps = crate::uring::probe()?;
         let n = config.channels;
         if n == 0 || usize::from(n) > CHANNELS_MAX {
             return Err(Error::Config(format!(
@@ -214,6 +215,7 @@ impl Sender {
             cpu_ms: (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3,
             rounds: Vec::new(),
             finished: false,
+            defer_taskrun: caps.defer_taskrun,
         })
     }
 
@@ -322,9 +324,7 @@ impl Sender {
             channels: self.shards.len() as u16,
             rounds: self.round,
             zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
-            defer_taskrun: crate::uring::probe()
-                .map(|c| c.defer_taskrun)
-                .unwrap_or(false),
+            defer_taskrun: self.defer_taskrun,
             ..TransferStats::default()
         };
         for (r, shard) in results.into_iter().zip(&self.shards) {
