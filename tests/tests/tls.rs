@@ -68,17 +68,31 @@ fn receiver_config(tls: Option<TlsServer>) -> ReceiverConfig {
     }
 }
 
+type Outcome = (
+    pagewire::Result<pagewire::TransferStats>,
+    pagewire::Result<pagewire::TransferStats>,
+);
+
 /// Runs one transfer; returns the sender's and receiver's results.
 fn transfer(
     src: Arc<GuestMemory>,
     dst: Arc<GuestMemory>,
     sender: SenderConfig,
     receiver: ReceiverConfig,
-) -> (
-    pagewire::Result<pagewire::TransferStats>,
-    pagewire::Result<pagewire::TransferStats>,
-) {
+) -> Outcome {
+    transfer_via(src, dst, sender, receiver, |addr| addr)
+}
+
+/// Like [`transfer`], with the sender dialling `route(receiver's address)`.
+fn transfer_via(
+    src: Arc<GuestMemory>,
+    dst: Arc<GuestMemory>,
+    sender: SenderConfig,
+    receiver: ReceiverConfig,
+    route: impl FnOnce(SocketAddr) -> SocketAddr,
+) -> Outcome {
     let (addr, rx) = start_receiver(dst, receiver);
+    let addr = route(addr);
     let tx = std::thread::spawn(move || {
         let mut s = Sender::connect(addr, src, &sender)?;
         s.send_all()?;
@@ -326,17 +340,13 @@ fn transfer_through(
     pagewire::Result<pagewire::TransferStats>,
     pagewire::Result<pagewire::TransferStats>,
 ) {
-    let (addr, rx) = start_receiver(dst, receiver_config(Some(p.server.clone())));
-    let proxy = tampering_proxy(addr, tamper);
-    let config = sender_config(1, Some(p.client.clone()));
-    let tx = std::thread::spawn(move || {
-        let mut s = Sender::connect(proxy, src, &config)?;
-        s.send_all()?;
-        s.finish()
-    });
-    let sent = join_within(tx, LIMIT, "sender");
-    let received = join_within(rx, LIMIT, "receiver");
-    (sent, received)
+    transfer_via(
+        src,
+        dst,
+        sender_config(1, Some(p.client.clone())),
+        receiver_config(Some(p.server.clone())),
+        |addr| tampering_proxy(addr, tamper),
+    )
 }
 
 #[test]
