@@ -164,13 +164,7 @@ fn key_updates_keep_the_stream_readable() {
 }
 
 /// One channel, 1 MiB, with the given TLS ends (`None`: plaintext on that side).
-fn one_mib_transfer(
-    client: Option<TlsClient>,
-    server: Option<TlsServer>,
-) -> (
-    pagewire::Result<pagewire::TransferStats>,
-    pagewire::Result<pagewire::TransferStats>,
-) {
+fn one_mib_transfer(client: Option<TlsClient>, server: Option<TlsServer>) -> Outcome {
     let specs = one_region(1 << 20);
     transfer(
         memory(&specs),
@@ -336,10 +330,7 @@ fn transfer_through(
     src: Arc<GuestMemory>,
     dst: Arc<GuestMemory>,
     tamper: Tamper,
-) -> (
-    pagewire::Result<pagewire::TransferStats>,
-    pagewire::Result<pagewire::TransferStats>,
-) {
+) -> Outcome {
     transfer_via(
         src,
         dst,
