@@ -89,9 +89,44 @@ pub struct SenderConfig {
     /// Upper bound on guest memory sent per second over all channels, in bytes of wire traffic
     /// (QEMU's `max-bandwidth`); `None`: unlimited.
     pub max_bandwidth_bytes_per_s: Option<u64>,
+    /// Milliseconds without progress (sends not taken, no confirmation) before the sender gives
+    /// up on the receiver.
+    pub idle_timeout_ms: u64,
     /// Records sealed with one TLS key before a key update. Lowered only by tests.
     #[doc(hidden)]
     pub tls_records_per_key: u64,
+}
+
+impl SenderConfig {
+    /// Checks every setting, so a bad one is reported before anything connects.
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::limits::CHANNELS_MAX;
+        let bad = |m: String| Err(crate::Error::Config(m));
+        if self.channels == 0 || usize::from(self.channels) > CHANNELS_MAX {
+            return bad(format!(
+                "channels must be between 1 and {CHANNELS_MAX}, got {}",
+                self.channels
+            ));
+        }
+        crate::pipeline::compress::check_zstd_level(self.zstd_level)
+            .map_err(crate::Error::Config)?;
+        if self.max_bandwidth_bytes_per_s == Some(0) {
+            return bad("max bandwidth must be positive".into());
+        }
+        check_idle_timeout(self.idle_timeout_ms)
+    }
+}
+
+/// Checks an idle bound against `IDLE_TIMEOUT_MS_MIN..=IDLE_TIMEOUT_MS_MAX`.
+pub fn check_idle_timeout(ms: u64) -> crate::Result<()> {
+    use crate::limits::{IDLE_TIMEOUT_MS_MAX, IDLE_TIMEOUT_MS_MIN};
+    if (IDLE_TIMEOUT_MS_MIN..=IDLE_TIMEOUT_MS_MAX).contains(&ms) {
+        Ok(())
+    } else {
+        Err(crate::Error::Config(format!(
+            "the idle timeout must be between {IDLE_TIMEOUT_MS_MIN} ms and {IDLE_TIMEOUT_MS_MAX} ms, got {ms} ms"
+        )))
+    }
 }
 
 impl Default for SenderConfig {
@@ -104,20 +139,27 @@ impl Default for SenderConfig {
             compression: crate::pipeline::compress::Compression::None,
             zstd_level: crate::pipeline::compress::ZSTD_LEVEL_DEFAULT,
             max_bandwidth_bytes_per_s: None,
+            idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
             tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
         }
     }
 }
 
 /// Receiver settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReceiverConfig {
     /// Channels to expect; `None` takes the sender's count.
     pub channels: Option<u16>,
     /// Core placement of shards.
     pub pinning: Pinning,
-    /// Milliseconds to wait for the first connection; `None` waits indefinitely.
+    /// Milliseconds to wait for a sender to complete its handshakes; `None` waits indefinitely.
+    /// Connections that fail their handshake (strangers, wrong version or layout, bad
+    /// certificates) are logged and dropped, and the receiver keeps waiting until this deadline.
     pub accept_timeout_ms: Option<u64>,
+    /// Milliseconds without a byte on a channel (or, at a round barrier, on any channel) before
+    /// the receiver gives up on the sender. Senders keep idle channels alive with keepalive
+    /// frames, at a quarter of this bound, which the handshake tells them.
+    pub idle_timeout_ms: u64,
     /// TLS 1.3 on every channel, client certificates required (`None`: plaintext).
     pub tls: Option<crate::tls::TlsServer>,
     /// Test-only: maximum random delay, in microseconds, before each frame is processed
@@ -127,4 +169,33 @@ pub struct ReceiverConfig {
     /// Seed for `fault_frame_delay_max_us`.
     #[doc(hidden)]
     pub fault_seed: u64,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            channels: None,
+            pinning: Pinning::default(),
+            accept_timeout_ms: None,
+            idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
+            tls: None,
+            fault_frame_delay_max_us: 0,
+            fault_seed: 0,
+        }
+    }
+}
+
+impl ReceiverConfig {
+    /// Checks every setting, so a bad one is reported before anything listens.
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::limits::CHANNELS_MAX;
+        if let Some(c) = self.channels {
+            if c == 0 || usize::from(c) > CHANNELS_MAX {
+                return Err(crate::Error::Config(format!(
+                    "channels must be between 1 and {CHANNELS_MAX}, got {c}"
+                )));
+            }
+        }
+        check_idle_timeout(self.idle_timeout_ms)
+    }
 }

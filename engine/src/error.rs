@@ -2,6 +2,7 @@
 
 use std::io;
 
+pub use crate::protocol::control::AbortCode;
 use crate::protocol::{handshake::Refusal, ProtocolError};
 
 /// Everything that can end a transfer.
@@ -32,8 +33,8 @@ pub enum Error {
         #[source]
         source: ProtocolError,
     },
-    /// A connection opened with something that is not a pagewire v1 hello.
-    #[error("the connection from {peer} did not open with a pagewire v1 handshake")]
+    /// A connection opened with something that is not a pagewire v2 hello.
+    #[error("the connection from {peer} did not open with a pagewire v2 handshake")]
     BadHello {
         /// The peer's address.
         peer: String,
@@ -54,6 +55,8 @@ pub enum Error {
     PeerAborted {
         /// Channel the abort arrived on.
         channel: u16,
+        /// The class of the peer's error.
+        code: AbortCode,
         /// The peer's reason.
         reason: String,
     },
@@ -103,6 +106,46 @@ pub enum Error {
     /// This channel stopped because another one failed first (that error is the one reported).
     #[error("the transfer was aborted because another channel failed")]
     Aborted,
+    /// No sender completed its handshake before the receiver's deadline. Connections that
+    /// failed theirs were dropped; the last reason is kept so a misconfigured sender is visible.
+    #[error("no sender completed a handshake within {ms} ms{}", describe_refused(*.refused, .last_refusal.as_deref()))]
+    NoSender {
+        /// How long the receiver waited.
+        ms: u64,
+        /// Connections that failed their handshake meanwhile.
+        refused: u32,
+        /// Why the last of them failed.
+        last_refusal: Option<String>,
+    },
+    /// Every channel ended its stream, but some page of the layout was never placed (nor
+    /// declared zero): the destination is not a complete image.
+    #[error("the stream ended but page {page} of region {region} was never received ({missing} page(s) of the layout missing)")]
+    Incomplete {
+        /// Region index of the first missing page.
+        region: u32,
+        /// Page index within that region.
+        page: u64,
+        /// Pages missing in all.
+        missing: u64,
+    },
+    /// A shard thread panicked (a bug in pagewire); the transfer was torn down.
+    #[error("internal error: the {side} shard of channel {channel} panicked: {message}")]
+    ShardPanicked {
+        /// "sender" or "receiver".
+        side: &'static str,
+        /// Channel index.
+        channel: u16,
+        /// The panic's message.
+        message: String,
+    },
+}
+
+fn describe_refused(refused: u32, last: Option<&str>) -> String {
+    match (refused, last) {
+        (0, _) => String::new(),
+        (n, Some(last)) => format!(" ({n} connection(s) failed their handshake; the last: {last})"),
+        (n, None) => format!(" ({n} connection(s) failed their handshake)"),
+    }
 }
 
 impl Error {
@@ -114,14 +157,19 @@ impl Error {
         }
     }
 
-    /// A short, stable code for the peer when this error aborts a transfer.
-    pub(crate) fn abort_code(&self) -> u32 {
+    /// The code an `Abort` carries to the peer when this error ends a transfer.
+    pub fn abort_code(&self) -> AbortCode {
         match self {
-            Error::Protocol { .. } => 1,
-            Error::Io { .. } => 2,
-            Error::Timeout { .. } => 3,
-            Error::PeerClosed { .. } => 4,
-            _ => 5,
+            Error::Protocol { .. } | Error::BadHello { .. } => AbortCode::Protocol,
+            Error::Io { .. } => AbortCode::Io,
+            Error::Timeout { .. } => AbortCode::Timeout,
+            Error::PeerClosed { .. } => AbortCode::PeerClosed,
+            Error::Incomplete { .. } => AbortCode::Incomplete,
+            Error::TlsRecord { .. } | Error::TlsHandshake { .. } | Error::TlsMismatch(_) => {
+                AbortCode::Tls
+            }
+            Error::ShardPanicked { .. } => AbortCode::Internal,
+            _ => AbortCode::Other,
         }
     }
 }

@@ -71,7 +71,7 @@ pub mod tls;
 pub(crate) mod uring;
 
 pub use config::{Pinning, ReceiverConfig, SenderConfig, ZeroCopy};
-pub use error::{Error, Result};
+pub use error::{AbortCode, Error, Result};
 pub use memory::{GuestMemory, Region, RegionSpec};
 pub use receiver::Receiver;
 pub use sender::{PageRun, Sender};

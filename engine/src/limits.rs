@@ -3,7 +3,7 @@
 //! Pools, queues, frames, loops and timeouts are sized here, at compile time, so memory use and
 //! latency are predictable and a violated relation fails the build instead of a transfer.
 
-/// Bytes in one guest page. Wire protocol v1 moves 4 KiB pages only; the handshake carries the
+/// Bytes in one guest page. Wire protocol v2 moves 4 KiB pages only; the handshake carries the
 /// value so a future version can negotiate others.
 pub const PAGE_BYTES: usize = 4096;
 
@@ -74,29 +74,42 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Milliseconds a receiver waits for every channel of a transfer once the first has arrived.
 pub const CHANNELS_GATHER_TIMEOUT_MS: u64 = 10_000;
 
-/// Milliseconds a shard waits for any progress (on any channel of its transfer) before declaring
-/// the peer gone. TCP keeps a vanished host's socket open for minutes; this bounds it.
-pub const IO_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Milliseconds a side waits, by default, for any byte to move on a channel (or, at a round
+/// barrier, on any channel of its transfer) before it declares the peer gone: a sender that
+/// stopped, a half-sent header, a receiver that stopped reading. TCP keeps a vanished host's
+/// socket open for minutes; this bounds it. `--idle-timeout` changes it.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+
+/// The shortest idle bound accepted: below a few wait slices the bound would fire on
+/// scheduling noise.
+pub const IDLE_TIMEOUT_MS_MIN: u64 = 4 * RING_WAIT_SLICE_MS;
+
+/// The longest idle bound accepted (one day); it travels as a u32 in the handshake reply.
+pub const IDLE_TIMEOUT_MS_MAX: u64 = 86_400_000;
+
+/// A sender with nothing to send sends a keepalive frame every `1 / KEEPALIVE_PER_IDLE` of the
+/// receiver's idle bound (7.5 s for the default 30 s), so the bound can stay short between the
+/// rounds of a live migration.
+pub const KEEPALIVE_PER_IDLE: u64 = 4;
 
 /// Milliseconds one wait on the ring may block before the shard rechecks the abort flag.
 pub const RING_WAIT_SLICE_MS: u64 = 100;
 
-/// Milliseconds a receiver shard waits at a round barrier for the other channels.
-pub const ROUND_BARRIER_TIMEOUT_MS: u64 = 60_000;
+/// Handshakes a receiver runs at once (one thread each). Further connections wait in the
+/// listen backlog until a slot frees, so strangers cannot make a receiver start unbounded
+/// threads; a silent one holds its slot for at most `HANDSHAKE_TIMEOUT_MS`.
+pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 16;
 
-/// Milliseconds a sender waits, after its end-of-stream marker, for the receiver's confirmation.
-pub const FINISH_TIMEOUT_MS: u64 = 60_000;
-
-/// Milliseconds a TCP connection may hold unacknowledged data (TCP_USER_TIMEOUT). Longer than
-/// `ROUND_BARRIER_TIMEOUT_MS`: a receiver legitimately stops reading a channel while that channel
-/// waits at a round barrier, and the zero window must not kill the connection meanwhile.
+/// Milliseconds a TCP connection may hold unacknowledged data (TCP_USER_TIMEOUT). Longer than the
+/// default idle bound: a receiver legitimately stops reading a channel while that channel waits
+/// at a round barrier, and the zero window must not kill the connection meanwhile.
 pub const TCP_USER_TIMEOUT_MS: u32 = 90_000;
 
 /// Seconds of silence before TCP keepalive starts probing a connection.
 pub const TCP_KEEPALIVE_IDLE_S: i32 = 10;
 
 /// Seconds between keepalive probes; with `TCP_KEEPALIVE_PROBES` a silent peer is declared gone
-/// after 10 + 5 × 4 = 30 s, in line with `IO_IDLE_TIMEOUT_MS`.
+/// after 10 + 5 × 4 = 30 s, in line with `IDLE_TIMEOUT_MS_DEFAULT`.
 pub const TCP_KEEPALIVE_INTERVAL_S: i32 = 5;
 
 /// Unanswered keepalive probes before the kernel resets the connection.
@@ -111,3 +124,7 @@ const _: () = assert!(CHAIN_FRAMES_MAX <= SHARD_FRAMES_IN_FLIGHT_MAX);
 const _: () = assert!(1 + FRAME_RUNS_MAX < RING_ENTRIES as usize);
 const _: () = assert!(REGISTERED_BUFFER_BYTES_MAX.is_multiple_of(PAGE_BYTES));
 const _: () = assert!(FRAME_HEADER_BYTES_MAX < PAGE_BYTES);
+const _: () = assert!(IDLE_TIMEOUT_MS_MIN <= IDLE_TIMEOUT_MS_DEFAULT);
+const _: () = assert!(IDLE_TIMEOUT_MS_MAX <= u32::MAX as u64);
+const _: () = assert!(IDLE_TIMEOUT_MS_MIN / KEEPALIVE_PER_IDLE >= RING_WAIT_SLICE_MS / 4);
+const _: () = assert!(HANDSHAKES_IN_FLIGHT_MAX >= 2);

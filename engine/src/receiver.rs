@@ -4,9 +4,11 @@
 //! Handshakes (TLS when configured, then the hello) run before the shards start, one thread per
 //! accepted connection so TLS handshakes proceed in parallel: they are a few small blocking
 //! exchanges, bounded by `HANDSHAKE_TIMEOUT_MS`, and doing them before the rings exist keeps the
-//! shards' loops free of a second protocol phase. A refused hello
-//! (wrong session, version, page size, layout, duplicate or out-of-range channel) is answered
-//! with the reason, and the receive fails with the same reason.
+//! shards' loops free of a second protocol phase. A refused hello (wrong session, version, page
+//! size, layout, duplicate or out-of-range channel) is answered with the reason, so the sender
+//! reports it; the receiver logs it, drops the connection and keeps listening, because one
+//! stray or hostile connection must not cancel a migration. Its deadline error names the last
+//! refusal, so a misconfigured sender is still visible on this side.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -15,12 +17,16 @@ use std::time::{Duration, Instant};
 
 use crate::config::ReceiverConfig;
 use crate::error::{Error, Result};
-use crate::limits::{CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES, PAGE_BYTES};
+use crate::limits::{
+    CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES,
+    PAGE_BYTES,
+};
 use crate::memory::GuestMemory;
 use crate::protocol::handshake::{Acceptor, Expectation, Hello, Refusal, Reply, FEATURES_KNOWN};
+use crate::protocol::ledger::PageLedger;
 use crate::protocol::PROTOCOL_VERSION;
-use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx, WrittenMap};
-use crate::shard::{allowed_cores, pin, Abort, RoundBarrier};
+use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
+use crate::shard::{allowed_cores, catch_panic, error_chain, pin, Abort, RoundBarrier};
 use crate::stats::{Progress, TransferStats};
 use crate::tls::{server_handshake, TlsServer, TlsSession};
 
@@ -40,6 +46,7 @@ impl Receiver {
         memory: Arc<GuestMemory>,
         config: ReceiverConfig,
     ) -> Result<Receiver> {
+        config.validate()?;
         if let Some(i) = memory.regions().iter().position(|r| !r.is_writable()) {
             return Err(Error::Config(format!(
                 "region {i} of the destination is mapped read-only"
@@ -78,7 +85,12 @@ impl Receiver {
         let cpu_start = crate::sys::thread_cpu_time();
         let n = streams.len();
         let barrier = Arc::new(RoundBarrier::new(n));
-        let written = Arc::new(WrittenMap::new(&self.memory));
+        let ledger = Arc::new(PageLedger::new(
+            self.memory
+                .regions()
+                .iter()
+                .map(|r| (r.pages(), r.initially_zero())),
+        ));
         let cores = allowed_cores();
         let mut joins = Vec::with_capacity(n);
         for (i, accepted) in streams.into_iter().enumerate() {
@@ -87,8 +99,9 @@ impl Receiver {
             let params = RecvShardParams {
                 channel: i as u16,
                 memory: self.memory.clone(),
-                written: written.clone(),
+                ledger: ledger.clone(),
                 barrier: barrier.clone(),
+                idle: Duration::from_millis(self.config.idle_timeout_ms),
                 abort: abort.clone(),
                 progress: self.progress.clone(),
                 peer,
@@ -102,8 +115,13 @@ impl Receiver {
             let join = std::thread::Builder::new()
                 .name(format!("pw-recv-{i}"))
                 .spawn(move || {
+                    let span = tracing::debug_span!("recv_shard", channel = i);
+                    let _enter = span.enter();
                     let pinned = pin(core);
-                    match RecvShard::new(params, stream).and_then(RecvShard::run) {
+                    let result = catch_panic("receiver", i as u16, || {
+                        RecvShard::new(params, stream).and_then(RecvShard::run)
+                    });
+                    match result {
                         Ok(mut s) => {
                             s.core = pinned;
                             Ok(s)
@@ -120,11 +138,7 @@ impl Receiver {
         }
         let results: Vec<_> = joins
             .into_iter()
-            .map(|j| {
-                j.join().unwrap_or_else(|_| {
-                    Err(Error::Config("a receiver shard thread panicked".into()))
-                })
-            })
+            .map(|j| j.join().unwrap_or(Err(Error::Aborted)))
             .collect();
         if let Some(e) = abort.take_error() {
             return Err(e);
@@ -146,7 +160,12 @@ impl Receiver {
     }
 
     /// Accepts connections until every channel of one transfer has completed its handshake. Each
-    /// accepted connection handshakes on a thread of its own, so TLS handshakes run in parallel.
+    /// accepted connection handshakes on a thread of its own (at most
+    /// `HANDSHAKES_IN_FLIGHT_MAX` at once), so TLS handshakes run in parallel. A connection that
+    /// fails its handshake (garbage, silence, wrong version or layout, plaintext to TLS, a
+    /// foreign certificate, another session's channel) is logged and dropped: the receiver keeps
+    /// listening for the real sender until its own deadline. A session whose remaining channels
+    /// do not arrive within `CHANNELS_GATHER_TIMEOUT_MS` is dropped the same way.
     fn accept_channels(&self, abort: &Abort) -> Result<(Vec<Accepted>, Instant)> {
         let expect = Expectation {
             channel_count: self.config.channels,
@@ -155,16 +174,37 @@ impl Receiver {
             layout_bytes: self.memory.total_bytes(),
             features: FEATURES_KNOWN,
         };
-        let acceptor = Arc::new(Mutex::new(Acceptor::new(expect)));
+        // The acceptor and the generation of the session it is gathering, under one lock: a
+        // handshake accepted for an abandoned session is recognised and dropped.
+        let acceptor = Arc::new(Mutex::new((Acceptor::new(expect), 0u64)));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let mut slots: Vec<Option<Accepted>> = Vec::new();
         let mut finished = 0usize;
         let mut accepted = 0u16;
+        let mut in_flight = 0usize;
+        let mut refused = 0u32;
+        let mut last_refusal = None;
         let waiting_since = Instant::now();
         let mut first_at: Option<Instant> = None;
+        let idle_timeout_ms = u32::try_from(self.config.idle_timeout_ms).unwrap_or(u32::MAX);
         loop {
-            while let Ok(result) = done_rx.try_recv() {
-                let (hello, stream, session): (Hello, TcpStream, Option<TlsSession>) = result?;
+            while let Ok((generation, peer, result)) = done_rx.try_recv() {
+                in_flight -= 1;
+                let (hello, stream, session): (Hello, TcpStream, Option<TlsSession>) = match result
+                {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let text = format!("{peer}: {}", error_chain(&e));
+                        tracing::warn!("dropped a connection that failed its handshake: {text}");
+                        refused = refused.saturating_add(1);
+                        last_refusal = Some(text);
+                        continue;
+                    }
+                };
+                if generation != lock(&acceptor).1 {
+                    tracing::warn!("dropped a late channel of an abandoned session from {peer}");
+                    continue;
+                }
                 let count = usize::from(hello.channel_count);
                 if slots.len() < count {
                     slots.resize_with(count, || None);
@@ -182,31 +222,45 @@ impl Receiver {
                     peer,
                     tls: rx,
                 });
+                first_at.get_or_insert_with(Instant::now);
                 finished += 1;
             }
-            let count = lock(&acceptor).channel_count().map(usize::from);
+            let count = lock(&acceptor).0.channel_count().map(usize::from);
             if count.is_some_and(|c| finished == c) {
                 break;
             }
-            let (deadline_ms, since, what) = match first_at {
-                None => (
-                    self.config.accept_timeout_ms,
-                    waiting_since,
-                    "waiting for a sender to connect".to_string(),
-                ),
-                Some(t) => (
-                    Some(CHANNELS_GATHER_TIMEOUT_MS),
-                    t,
-                    format!(
-                        "waiting for all {} channels to connect and complete their handshakes",
+            if let Some(t) = first_at {
+                if t.elapsed() >= Duration::from_millis(CHANNELS_GATHER_TIMEOUT_MS) {
+                    let text = format!(
+                        "only {finished} of {} channels of a session arrived within {CHANNELS_GATHER_TIMEOUT_MS} ms",
                         count.unwrap_or(0)
-                    ),
-                ),
-            };
-            if let Some(ms) = deadline_ms {
-                if since.elapsed() >= Duration::from_millis(ms) {
-                    return Err(Error::Timeout { what, ms });
+                    );
+                    tracing::warn!("dropped a session: {text}");
+                    let mut a = lock(&acceptor);
+                    a.0.reset();
+                    a.1 += 1;
+                    drop(a);
+                    abort.unwatch_all();
+                    slots.clear();
+                    finished = 0;
+                    first_at = None;
+                    refused = refused.saturating_add(1);
+                    last_refusal = Some(text);
                 }
+            }
+            if let Some(ms) = self.config.accept_timeout_ms {
+                if first_at.is_none() && waiting_since.elapsed() >= Duration::from_millis(ms) {
+                    return Err(Error::NoSender {
+                        ms,
+                        refused,
+                        last_refusal,
+                    });
+                }
+            }
+            if in_flight >= HANDSHAKES_IN_FLIGHT_MAX {
+                // Leave further connections in the backlog until a handshake ends.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
             }
             let ready = crate::sys::wait_acceptable(&self.listener, Duration::from_millis(10))
                 .map_err(|e| Error::io("waiting for connections", e))?;
@@ -216,25 +270,59 @@ impl Receiver {
             let (stream, peer) = match self.listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if is_transient_accept_error(&e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    continue;
+                }
                 Err(e) => return Err(Error::io("accepting a connection", e)),
             };
-            first_at.get_or_insert_with(Instant::now);
             let acceptor = acceptor.clone();
             let tls = self.config.tls.clone();
             let done = done_tx.clone();
             let index = accepted;
             accepted = accepted.saturating_add(1);
-            std::thread::Builder::new()
+            in_flight += 1;
+            let spawned = std::thread::Builder::new()
                 .name(format!("pw-handshake-{index}"))
                 .spawn(move || {
-                    let result = handshake(stream, peer, &acceptor, tls.as_ref(), index);
-                    let _ = done.send(result);
-                })
-                .map_err(|e| Error::io("starting a handshake thread", e))?;
+                    let span = tracing::debug_span!("handshake", %peer, connection = index);
+                    let _enter = span.enter();
+                    let generation = lock(&acceptor).1;
+                    let result = handshake(
+                        stream,
+                        peer,
+                        &acceptor,
+                        tls.as_ref(),
+                        index,
+                        idle_timeout_ms,
+                    );
+                    let _ = done.send((generation, peer, result));
+                });
+            if let Err(e) = spawned {
+                in_flight -= 1;
+                tracing::warn!("could not start a handshake thread for {peer}: {e}");
+            }
         }
         let streams = slots.into_iter().flatten().collect();
         Ok((streams, first_at.unwrap_or(waiting_since)))
     }
+}
+
+/// Errors of `accept` that concern one connection (or a momentary shortage), not the listener.
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EINTR
+        )
+    )
 }
 
 /// One accepted channel, ready for its shard.
@@ -244,7 +332,9 @@ struct Accepted {
     tls: Option<TlsRx>,
 }
 
-fn lock(acceptor: &Mutex<Acceptor>) -> std::sync::MutexGuard<'_, Acceptor> {
+type SharedAcceptor = Mutex<(Acceptor, u64)>;
+
+fn lock(acceptor: &SharedAcceptor) -> std::sync::MutexGuard<'_, (Acceptor, u64)> {
     acceptor.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -253,9 +343,10 @@ fn lock(acceptor: &Mutex<Acceptor>) -> std::sync::MutexGuard<'_, Acceptor> {
 fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
-    acceptor: &Mutex<Acceptor>,
+    acceptor: &SharedAcceptor,
     tls: Option<&TlsServer>,
     index: u16,
+    idle_timeout_ms: u32,
 ) -> Result<(Hello, TcpStream, Option<TlsSession>)> {
     crate::sender::configure_socket(&stream)?;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
@@ -267,6 +358,7 @@ fn handshake(
         let r = Reply {
             version: PROTOCOL_VERSION,
             refusal,
+            idle_timeout_ms: 0,
         };
         (&stream).write_all(&r.encode())
     };
@@ -313,6 +405,11 @@ fn handshake(
         let r = Reply {
             version: PROTOCOL_VERSION,
             refusal,
+            idle_timeout_ms: if refusal.is_none() {
+                idle_timeout_ms
+            } else {
+                0
+            },
         }
         .encode();
         match session {
@@ -329,7 +426,7 @@ fn handshake(
             return Err(e);
         }
     };
-    if let Err(refusal) = lock(acceptor).check(&hello) {
+    if let Err(refusal) = lock(acceptor).0.check(&hello) {
         let _ = reply(&mut session, Some(refusal));
         return Err(Error::Refused {
             channel: hello.channel_index,

@@ -14,7 +14,7 @@ use crossbeam_channel::{
 use crate::config::SenderConfig;
 use crate::error::{Error, Result};
 use crate::limits::{
-    CHANNELS_MAX, CHUNK_PAGES_MAX, HANDSHAKE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS,
+    CHUNK_PAGES_MAX, HANDSHAKE_TIMEOUT_MS, KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS,
     SHARD_QUEUE_ITEMS_MAX, TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTERVAL_S, TCP_KEEPALIVE_PROBES,
     TCP_USER_TIMEOUT_MS,
 };
@@ -23,7 +23,7 @@ use crate::pipeline::compress::Compression;
 use crate::protocol::handshake::{Hello, Reply, FEATURE_ZLIB, FEATURE_ZSTD};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
-use crate::shard::{allowed_cores, pin, Abort};
+use crate::shard::{allowed_cores, catch_panic, pin, Abort};
 use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
 use crate::tls::{client_handshake, TlsClient, TlsSession};
 
@@ -102,17 +102,9 @@ impl Sender {
         memory: Arc<GuestMemory>,
         config: &SenderConfig,
     ) -> Result<Sender> {
+        config.validate()?;
         let caps = crate::uring::probe()?;
         let n = config.channels;
-        if n == 0 || usize::from(n) > CHANNELS_MAX {
-            return Err(Error::Config(format!(
-                "channels must be between 1 and {CHANNELS_MAX}, got {n}"
-            )));
-        }
-        crate::pipeline::compress::check_zstd_level(config.zstd_level).map_err(Error::Config)?;
-        if config.max_bandwidth_bytes_per_s == Some(0) {
-            return Err(Error::Config("max bandwidth must be positive".into()));
-        }
         let addr = resolve(addr)?;
         let start = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
@@ -137,7 +129,7 @@ impl Sender {
             layout_bytes: memory.total_bytes(),
             region_count: memory.regions().len() as u32,
         };
-        let connected: Vec<Result<(TcpStream, Option<TlsSession>)>> = std::thread::scope(|scope| {
+        let connected: Vec<Result<Connected>> = std::thread::scope(|scope| {
             let joins: Vec<_> = (0..n)
                 .map(|i| {
                     let h = hello(i);
@@ -149,19 +141,32 @@ impl Sender {
                 .into_iter()
                 .map(|j| {
                     j.join().unwrap_or_else(|_| {
-                        Err(Error::Config("a handshake thread panicked".into()))
+                        Err(Error::ShardPanicked {
+                            side: "sender",
+                            channel: u16::MAX,
+                            message: "a handshake thread panicked".into(),
+                        })
                     })
                 })
                 .collect()
         });
         let mut streams = Vec::with_capacity(usize::from(n));
         for c in connected {
-            let (stream, tls) = c?;
-            abort.watch(&stream, None)?;
-            streams.push((stream, tls));
+            let c = c?;
+            abort.watch(&c.stream, None)?;
+            streams.push(c);
         }
         let mut shards = Vec::with_capacity(streams.len());
-        for (i, (stream, tls)) in streams.into_iter().enumerate() {
+        for (i, c) in streams.into_iter().enumerate() {
+            let Connected {
+                stream,
+                tls,
+                receiver_idle_ms,
+            } = c;
+            // Keepalives at a quarter of the receiver's idle bound (a v2 receiver always tells).
+            let receiver_idle = Duration::from_millis(u64::from(receiver_idle_ms).max(1));
+            let keepalive_every = (receiver_idle / KEEPALIVE_PER_IDLE as u32)
+                .max(Duration::from_millis(RING_WAIT_SLICE_MS / 4));
             let core = config.pinning.core_for(i, &cores);
             let (tx, rx) = bounded(SHARD_QUEUE_ITEMS_MAX);
             let params = SendShardParams {
@@ -182,13 +187,19 @@ impl Sender {
                 pace_bytes_per_s: config
                     .max_bandwidth_bytes_per_s
                     .map(|b| b as f64 / f64::from(n)),
+                idle: Duration::from_millis(config.idle_timeout_ms),
+                keepalive_every,
             };
             let shard_abort = abort.clone();
             let join = std::thread::Builder::new()
                 .name(format!("pw-send-{i}"))
                 .spawn(move || {
+                    let span = tracing::debug_span!("send_shard", channel = i);
+                    let _enter = span.enter();
                     let pinned = pin(core);
-                    let result = SendShard::new(params, stream).and_then(SendShard::run);
+                    let result = catch_panic("sender", i as u16, || {
+                        SendShard::new(params, stream).and_then(SendShard::run)
+                    });
                     match result {
                         Ok(mut stats) => {
                             stats.core = pinned;
@@ -437,9 +448,8 @@ impl Sender {
         self.shards
             .iter_mut()
             .map(|s| match s.join.take() {
-                Some(j) => j.join().unwrap_or_else(|_| {
-                    Err(Error::Config("a sender shard thread panicked".into()))
-                }),
+                // Shard bodies catch their own panics; a panic here is in the glue around them.
+                Some(j) => j.join().unwrap_or(Err(Error::Aborted)),
                 None => Err(Error::Aborted),
             })
             .collect()
@@ -458,12 +468,16 @@ impl Drop for Sender {
     }
 }
 
+/// One connected, accepted channel.
+struct Connected {
+    stream: TcpStream,
+    tls: Option<TlsSession>,
+    /// The receiver's idle bound, from its reply.
+    receiver_idle_ms: u32,
+}
+
 /// Connects one channel and runs its handshakes (TLS when configured, then the hello).
-fn handshake(
-    addr: SocketAddr,
-    hello: &Hello,
-    tls: Option<&TlsClient>,
-) -> Result<(TcpStream, Option<TlsSession>)> {
+fn handshake(addr: SocketAddr, hello: &Hello, tls: Option<&TlsClient>) -> Result<Connected> {
     let i = hello.channel_index;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let stream = TcpStream::connect_timeout(&addr, timeout)
@@ -495,7 +509,11 @@ fn handshake(
         .set_read_timeout(None)
         .and_then(|()| stream.set_write_timeout(None))
         .map_err(|e| Error::io("clearing handshake timeouts", e))?;
-    Ok((stream, session))
+    Ok(Connected {
+        stream,
+        tls: session,
+        receiver_idle_ms: reply.idle_timeout_ms,
+    })
 }
 
 /// Sends the hello in plaintext and reads the reply.

@@ -126,3 +126,28 @@ pub fn tcp_delivery(stream: &TcpStream) -> Option<Delivery> {
         app_limited: buf[7] & 1 != 0,
     })
 }
+
+/// Bytes the kernel has received on `stream` so far (`tcpi_bytes_received`, Linux 4.1+): the
+/// idle bound's measure of progress, which a pending `MSG_WAITALL` receive does not show. 0 when
+/// unavailable (the bound then runs from the last completed receive).
+pub fn tcp_bytes_received(stream: &TcpStream) -> u64 {
+    // SAFETY: all-zero is a valid tcp_info (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, and a pointer/length pair describing `info`, which the kernel fills
+    // with at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    if rc != 0 || (len as usize) < end {
+        return 0;
+    }
+    info.tcpi_bytes_received
+}

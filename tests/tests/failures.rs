@@ -75,18 +75,34 @@ fn layout_mismatch_is_refused_on_both_sides() {
     if skip_without_uring() {
         return;
     }
-    let (addr, rx) = start_receiver(memory(8 << 20), ReceiverConfig::default());
+    let (addr, rx) = start_receiver(memory(8 << 20), short_wait());
     let err = Sender::connect(addr, memory(4 << 20), &sender_config(2)).unwrap_err();
     assert_refused(
         &err,
         |r| matches!(r, Refusal::LayoutMismatch { .. }),
         "layout",
     );
+    // The receiver drops the refused connections and keeps listening; at its deadline it names
+    // the last refusal.
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert_refused(
-        &err,
-        |r| matches!(r, Refusal::LayoutMismatch { .. }),
-        "layout",
+    assert_no_sender(&err, "layout");
+}
+
+/// A receiver that gives up on senders after 1.5 s.
+fn short_wait() -> ReceiverConfig {
+    ReceiverConfig {
+        accept_timeout_ms: Some(1500),
+        ..ReceiverConfig::default()
+    }
+}
+
+/// The receiver's deadline error, naming the last refusal.
+fn assert_no_sender(e: &Error, text: &str) {
+    assert!(
+        matches!(e, Error::NoSender { refused, .. } if *refused > 0)
+            && error_chain(e).contains(text),
+        "expected the receiver to time out naming {text:?}, got: {}",
+        error_chain(e)
     );
 }
 
@@ -97,7 +113,7 @@ fn channel_count_mismatch_is_refused_on_both_sides() {
     }
     let config = ReceiverConfig {
         channels: Some(4),
-        ..ReceiverConfig::default()
+        ..short_wait()
     };
     let (addr, rx) = start_receiver(memory(1 << 20), config);
     let err = Sender::connect(addr, memory(1 << 20), &sender_config(2)).unwrap_err();
@@ -107,55 +123,94 @@ fn channel_count_mismatch_is_refused_on_both_sides() {
         "channel count",
     );
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert_refused(
-        &err,
-        |r| matches!(r, Refusal::ChannelCountMismatch { .. }),
-        "channel count",
-    );
+    assert_no_sender(&err, "channel count");
+}
+
+/// Encodes `frames` (each made by `make` on one channel's sequence) back to back.
+fn frames(make: impl FnOnce(&mut SenderChannel, &mut Frame, &mut Vec<u8>)) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chan = SenderChannel::default();
+    let mut frame = Frame::default();
+    make(&mut chan, &mut frame, &mut out);
+    out
+}
+
+fn push_encoded(frame: &Frame, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.resize(at + frame.header_bytes(), 0);
+    frame.encode(&mut out[at..]).unwrap();
 }
 
 #[test]
-fn wrong_session_duplicate_channel_and_version_are_refused() {
+fn a_second_sender_is_refused_without_harming_the_first() {
     if skip_without_uring() {
         return;
     }
-    let len = 1 << 20;
-    type Case = (Hello, fn(&Refusal) -> bool, &'static str);
-    let cases: [Case; 3] = [
-        (
-            hello_for(len, 1, 2, 9),
-            |r| matches!(r, Refusal::SessionMismatch),
-            "session",
-        ),
-        (
-            hello_for(len, 0, 2, 7),
-            |r| matches!(r, Refusal::ChannelDuplicate),
-            "duplicate",
-        ),
+    let len = 16 * 4096;
+    let dst = memory(len);
+    let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
+    // Session 7, channel 0 of 2: accepted.
+    let (mut first, reply) = raw_hello(addr, &hello_for(len, 0, 2, 7));
+    assert_eq!(reply.refusal, None);
+    assert!(
+        reply.idle_timeout_ms > 0,
+        "the reply carries the idle bound"
+    );
+    // Meanwhile other senders and broken hellos: each refused with its reason.
+    type Case = (Hello, fn(&Refusal) -> bool);
+    let cases: [Case; 4] = [
+        (hello_for(len, 1, 2, 9), |r| {
+            matches!(r, Refusal::SessionMismatch)
+        }),
+        (hello_for(len, 0, 2, 7), |r| {
+            matches!(r, Refusal::ChannelDuplicate)
+        }),
+        (hello_for(len, 2, 2, 7), |r| {
+            matches!(r, Refusal::ChannelOutOfRange)
+        }),
         (
             Hello {
-                version: 2,
+                version: PROTOCOL_VERSION + 1,
                 ..hello_for(len, 1, 2, 7)
             },
-            |r| matches!(r, Refusal::VersionUnsupported { receiver: 1 }),
-            "version",
+            |r| matches!(r, Refusal::VersionUnsupported { receiver } if *receiver == PROTOCOL_VERSION),
         ),
     ];
-    for (second, want, text) in cases {
-        let (addr, rx) = start_receiver(memory(len), ReceiverConfig::default());
-        let (_first, reply) = raw_hello(addr, &hello_for(len, 0, 2, 7));
-        assert_eq!(reply.refusal, None);
-        let (_second, reply) = raw_hello(addr, &second);
-        let refusal = reply.refusal.expect("second hello must be refused");
-        assert!(want(&refusal), "{text}: got {refusal:?}");
-        let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-        assert_refused(&err, want, text);
+    for (hello, want) in cases {
+        let (_s, reply) = raw_hello(addr, &hello);
+        let refusal = reply.refusal.expect("refused");
+        assert!(want(&refusal), "got {refusal:?}");
     }
-    // Channel index out of range, on its own.
-    let (addr, rx) = start_receiver(memory(len), ReceiverConfig::default());
-    let (_s, reply) = raw_hello(addr, &hello_for(len, 2, 2, 7));
-    assert_eq!(reply.refusal, Some(Refusal::ChannelOutOfRange));
-    assert!(join_within(rx, LIMIT, "receiver").is_err());
+    // The first session goes on: channel 1 joins, every page arrives, both channels end.
+    let (mut second, reply) = raw_hello(addr, &hello_for(len, 1, 2, 7));
+    assert_eq!(reply.refusal, None);
+    let stream0 = frames(|chan, f, out| {
+        chan.begin_pages(f, 0);
+        for p in 0..16 {
+            f.push_page(p, p % 2 == 1).unwrap();
+        }
+        f.payload_bytes = 8 * 4096;
+        push_encoded(f, out);
+        out.extend(std::iter::repeat_n(0x5a, 8 * 4096));
+        chan.end_stream(f);
+        push_encoded(f, out);
+    });
+    let stream1 = frames(|chan, f, out| {
+        chan.end_stream(f);
+        push_encoded(f, out);
+    });
+    first.write_all(&stream0).unwrap();
+    second.write_all(&stream1).unwrap();
+    for s in [&mut first, &mut second] {
+        let mut done = [0u8; 16];
+        s.read_exact(&mut done).unwrap();
+        assert_eq!(Control::decode(&done), Ok(Some((Control::Done, 16))));
+    }
+    let stats = join_within(rx, LIMIT, "receiver").unwrap();
+    assert_eq!(stats.normal_pages, 8);
+    let mut page = [0u8; 4096];
+    dst.regions()[0].read(2 * 4096, &mut page);
+    assert!(page.iter().all(|&b| b == 0x5a));
 }
 
 #[test]
@@ -163,22 +218,13 @@ fn a_peer_that_is_not_pagewire_fails_clearly_either_way() {
     if skip_without_uring() {
         return;
     }
-    // Not-pagewire client meets a receiver.
-    let (addr, rx) = start_receiver(memory(1 << 20), ReceiverConfig::default());
+    // Not-pagewire client meets a receiver: dropped, and named at the receiver's deadline.
+    let (addr, rx) = start_receiver(memory(1 << 20), short_wait());
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let err = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert!(
-        matches!(err, Error::BadHello { .. }),
-        "{}",
-        error_chain(&err)
-    );
-    assert!(
-        error_chain(&err).contains("not speaking pagewire"),
-        "{}",
-        error_chain(&err)
-    );
+    assert_no_sender(&err, "not speaking pagewire");
 
     // Sender meets a server that is not pagewire.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -336,8 +382,9 @@ fn fake_receiver(then: fn(TcpStream)) -> (std::net::SocketAddr, std::thread::Joi
         c.read_exact(&mut hello).unwrap();
         c.write_all(
             &Reply {
-                version: 1,
+                version: PROTOCOL_VERSION,
                 refusal: None,
+                idle_timeout_ms: 30_000,
             }
             .encode(),
         )
@@ -381,7 +428,7 @@ fn a_receiver_vanishing_or_aborting_mid_transfer_fails_the_sender() {
         let _ = c.read_exact(&mut buf);
         let mut msg = [0u8; pagewire::protocol::control::CONTROL_MESSAGE_BYTES_MAX];
         let n = Control::Abort {
-            code: 2,
+            code: pagewire::AbortCode::Io,
             reason: "destination disk on fire".into(),
         }
         .encode(&mut msg);
@@ -403,24 +450,152 @@ fn a_receiver_vanishing_or_aborting_mid_transfer_fails_the_sender() {
     join_within(server, LIMIT, "fake receiver");
 }
 
+/// Reads what the receiver sent until it closes and decodes it as one control message.
+fn read_control(s: &mut TcpStream) -> Control {
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    match Control::decode(&buf) {
+        Ok(Some((msg, _))) => msg,
+        other => panic!("expected a control message, got {other:?} from {buf:?}"),
+    }
+}
+
 #[test]
-fn a_frame_kind_of_zero_or_after_the_end_is_refused() {
+fn a_forged_end_of_stream_over_an_empty_image_is_refused() {
     if skip_without_uring() {
         return;
     }
     let (addr, rx) = start_receiver(memory(16 * 4096), ReceiverConfig::default());
     let mut s = fake_sender(addr);
-    let mut f = Frame::default();
-    let mut chan = SenderChannel::default();
-    chan.end_stream(&mut f);
-    let mut buf = vec![0u8; f.header_bytes()];
-    f.encode(&mut buf).unwrap();
-    s.write_all(&buf).unwrap();
-    // Receiver finishes cleanly after the end-of-stream and sends Done.
-    let mut done = [0u8; 16];
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.read_exact(&mut done).unwrap();
-    assert_eq!(Control::decode(&done), Ok(Some((Control::Done, 16))));
-    join_within(rx, LIMIT, "receiver").unwrap();
+    s.write_all(&frames(|chan, f, out| {
+        chan.end_stream(f);
+        push_encoded(f, out);
+    }))
+    .unwrap();
+    let err = join_within(rx, LIMIT, "receiver").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Incomplete {
+                region: 0,
+                page: 0,
+                missing: 16
+            }
+        ),
+        "{}",
+        error_chain(&err)
+    );
+    match read_control(&mut s) {
+        Control::Abort { code, reason } => {
+            assert_eq!(code, pagewire::AbortCode::Incomplete);
+            assert!(reason.contains("page 0 of region 0"), "{reason}");
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+
+    // Every page but one: still refused, naming the missing page.
+    let (addr, rx) = start_receiver(memory(16 * 4096), ReceiverConfig::default());
+    let mut s = fake_sender(addr);
+    s.write_all(&frames(|chan, f, out| {
+        chan.begin_pages(f, 0);
+        for p in (0..16).filter(|&p| p != 11) {
+            f.push_page(p, true).unwrap();
+        }
+        push_encoded(f, out);
+        chan.end_stream(f);
+        push_encoded(f, out);
+    }))
+    .unwrap();
+    let err = join_within(rx, LIMIT, "receiver").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Incomplete {
+                region: 0,
+                page: 11,
+                missing: 1
+            }
+        ),
+        "{}",
+        error_chain(&err)
+    );
     let _ = FrameKind::Invalid;
+}
+
+#[test]
+fn a_half_header_then_silence_fails_within_the_idle_bound() {
+    if skip_without_uring() {
+        return;
+    }
+    let config = ReceiverConfig {
+        idle_timeout_ms: 800,
+        ..ReceiverConfig::default()
+    };
+    let (addr, rx) = start_receiver(memory(16 * 4096), config);
+    let mut s = fake_sender(addr);
+    let started = std::time::Instant::now();
+    s.write_all(&pages_frame(&[0], 4096)[..15]).unwrap();
+    let err = join_within(rx, LIMIT, "receiver").unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(err, Error::Timeout { .. }) && error_chain(&err).contains("sent nothing"),
+        "{}",
+        error_chain(&err)
+    );
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "failed after {waited:?}"
+    );
+    // A sender that stops after a whole frame (silence at a frame boundary) fails the same way.
+    let config = ReceiverConfig {
+        idle_timeout_ms: 800,
+        ..ReceiverConfig::default()
+    };
+    let (addr, rx) = start_receiver(memory(16 * 4096), config);
+    let mut s = fake_sender(addr);
+    s.write_all(&frames(|chan, f, out| {
+        chan.begin_pages(f, 0);
+        f.push_page(3, true).unwrap();
+        push_encoded(f, out);
+    }))
+    .unwrap();
+    let err = join_within(rx, LIMIT, "receiver").unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { .. }),
+        "{}",
+        error_chain(&err)
+    );
+    drop(s);
+}
+
+#[test]
+fn mixed_end_of_round_and_end_of_stream_is_a_protocol_error_not_a_wait() {
+    if skip_without_uring() {
+        return;
+    }
+    let len = 16 * 4096;
+    let (addr, rx) = start_receiver(memory(len), ReceiverConfig::default());
+    let (mut a, reply) = raw_hello(addr, &hello_for(len, 0, 2, 4));
+    assert_eq!(reply.refusal, None);
+    let (mut b, reply) = raw_hello(addr, &hello_for(len, 1, 2, 4));
+    assert_eq!(reply.refusal, None);
+    let started = std::time::Instant::now();
+    a.write_all(&frames(|chan, f, out| {
+        chan.end_round(f);
+        push_encoded(f, out);
+    }))
+    .unwrap();
+    b.write_all(&frames(|chan, f, out| {
+        chan.end_stream(f);
+        push_encoded(f, out);
+    }))
+    .unwrap();
+    let err = join_within(rx, LIMIT, "receiver").unwrap_err();
+    assert!(
+        error_chain(&err).contains("disagree at the round barrier"),
+        "{}",
+        error_chain(&err)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

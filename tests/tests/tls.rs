@@ -166,11 +166,17 @@ fn key_updates_keep_the_stream_readable() {
 /// One channel, 1 MiB, with the given TLS ends (`None`: plaintext on that side).
 fn one_mib_transfer(client: Option<TlsClient>, server: Option<TlsServer>) -> Outcome {
     let specs = one_region(1 << 20);
+    // A refused sender does not end the receive: the receiver drops it and, at its deadline,
+    // names the last refusal.
+    let receiver = ReceiverConfig {
+        accept_timeout_ms: Some(2000),
+        ..receiver_config(server)
+    };
     transfer(
         memory(&specs),
         memory(&specs),
         sender_config(1, client),
-        receiver_config(server),
+        receiver,
     )
 }
 

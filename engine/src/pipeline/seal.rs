@@ -262,12 +262,17 @@ impl RecordOpener {
 /// Plaintext of a TLS 1.3 KeyUpdate handshake message (update_not_requested).
 pub const KEY_UPDATE_MESSAGE: [u8; 5] = [24, 0, 0, 1, 0];
 
-/// Whether `plain`, the plaintext of a handshake-type record, is a well-formed KeyUpdate. A peer
-/// asking us to update in turn (`update_requested`) is accepted: pagewire's senders rotate their
-/// own keys on schedule. Anything else is an error (RFC 8446 §4.6.3).
-pub fn check_key_update(plain: &[u8]) -> Result<(), RecordError> {
+/// Plaintext of a TLS 1.3 KeyUpdate asking the peer to update its own key in turn
+/// (update_requested): senders send it when they rotate, receivers answer it.
+pub const KEY_UPDATE_REQUEST: [u8; 5] = [24, 0, 0, 1, 1];
+
+/// Whether `plain`, the plaintext of a handshake-type record, is a well-formed KeyUpdate, and
+/// whether it asks for an update in turn (`update_requested`, which the receiver of it must
+/// answer with a KeyUpdate of its own). Anything else is an error (RFC 8446 §4.6.3).
+pub fn check_key_update(plain: &[u8]) -> Result<bool, RecordError> {
     match plain {
-        [24, 0, 0, 1, 0 | 1] => Ok(()),
+        [24, 0, 0, 1, 0] => Ok(false),
+        [24, 0, 0, 1, 1] => Ok(true),
         _ => Err(RecordError::UnexpectedHandshake),
     }
 }
@@ -373,8 +378,8 @@ mod tests {
             rx.open_in_place(&mut buf[..5 + ciphertext]),
             Err(RecordError::TooLong(_))
         ));
-        assert_eq!(check_key_update(&KEY_UPDATE_MESSAGE), Ok(()));
-        assert_eq!(check_key_update(&[24, 0, 0, 1, 1]), Ok(()));
+        assert_eq!(check_key_update(&KEY_UPDATE_MESSAGE), Ok(false));
+        assert_eq!(check_key_update(&KEY_UPDATE_REQUEST), Ok(true));
         for bad in [
             &[24u8, 0, 0, 1, 2][..],
             &[4, 0, 0, 1, 0],

@@ -26,6 +26,11 @@ impl SenderChannel {
         self.round += 1;
     }
 
+    /// Fills `frame` with a keepalive marker (same round, next frame number).
+    pub fn keepalive(&mut self, frame: &mut Frame) {
+        frame.reset(FrameKind::Keepalive, 0, self.take_number(), self.round);
+    }
+
     /// Fills `frame` with the end-of-stream marker.
     pub fn end_stream(&mut self, frame: &mut Frame) {
         frame.reset(FrameKind::EndOfStream, 0, self.take_number(), self.round);
@@ -52,6 +57,8 @@ pub enum Event {
     EndOfRound(u32),
     /// This channel finished; the peer will close after the receiver's `Done`.
     EndOfStream,
+    /// The sender is alive but has nothing to send.
+    Keepalive,
 }
 
 /// Receiver side of one channel: validates each decoded frame against the layout and the
@@ -108,11 +115,11 @@ impl<'a> ReceiverChannel<'a> {
                 self.check_pages(frame)?;
                 Event::Pages
             }
-            FrameKind::EndOfRound | FrameKind::EndOfStream => {
-                let name = if frame.kind == FrameKind::EndOfRound {
-                    "end-of-round"
-                } else {
-                    "end-of-stream"
+            FrameKind::EndOfRound | FrameKind::EndOfStream | FrameKind::Keepalive => {
+                let name = match frame.kind {
+                    FrameKind::EndOfRound => "end-of-round",
+                    FrameKind::EndOfStream => "end-of-stream",
+                    _ => "keepalive",
                 };
                 if frame.region != 0
                     || frame.payload_bytes != 0
@@ -129,6 +136,8 @@ impl<'a> ReceiverChannel<'a> {
                         max: u64::from(u32::MAX) - 1,
                     })?;
                     Event::EndOfRound(frame.round)
+                } else if frame.kind == FrameKind::Keepalive {
+                    Event::Keepalive
                 } else {
                     self.ended = true;
                     Event::EndOfStream

@@ -5,6 +5,11 @@
 //!  0 "PC" u16 │ 2 kind u8 (1 Done, 2 Abort) │ 3 reserved u8 │ 4 code u32 │ 8 reason bytes u16 │ 10 reserved (6)
 //!  then `reason bytes` of UTF-8 (lossy) text, at most CONTROL_REASON_BYTES_MAX.
 //! ```
+//! Abort codes ([`AbortCode`]): 1 protocol violation, 2 system call failed, 3 idle bound or
+//! deadline passed, 4 peer closed a connection early, 5 anything else, 6 the stream ended with
+//! pages of the layout never received, 7 TLS record or handshake failure, 8 internal error (a
+//! panic). Unknown codes decode as 5. The reason is the peer's error text: it is untrusted, so
+//! control characters are replaced before anyone prints it.
 
 use crate::limits::CONTROL_BYTES;
 
@@ -18,6 +23,53 @@ pub const CONTROL_REASON_BYTES_MAX: usize = 240;
 /// Bytes of the largest control message.
 pub const CONTROL_MESSAGE_BYTES_MAX: usize = CONTROL_BYTES + CONTROL_REASON_BYTES_MAX;
 
+/// Why a side aborted a transfer, as carried on the wire (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AbortCode {
+    /// The peer broke the wire protocol.
+    Protocol = 1,
+    /// A system call failed (socket, memory).
+    Io = 2,
+    /// An idle bound or deadline passed.
+    Timeout = 3,
+    /// A connection closed before the transfer was complete.
+    PeerClosed = 4,
+    /// Any other error.
+    Other = 5,
+    /// The stream ended with pages of the layout never received.
+    Incomplete = 6,
+    /// A TLS record or handshake failed.
+    Tls = 7,
+    /// A bug: a shard panicked.
+    Internal = 8,
+}
+
+impl AbortCode {
+    /// Decodes a wire code; unknown codes are [`AbortCode::Other`].
+    pub fn from_wire(code: u32) -> AbortCode {
+        match code {
+            1 => AbortCode::Protocol,
+            2 => AbortCode::Io,
+            3 => AbortCode::Timeout,
+            4 => AbortCode::PeerClosed,
+            6 => AbortCode::Incomplete,
+            7 => AbortCode::Tls,
+            8 => AbortCode::Internal,
+            _ => AbortCode::Other,
+        }
+    }
+}
+
+/// `text` with every control character (terminal escapes, newlines, NULs) replaced by U+FFFD,
+/// so a peer's words cannot drive the operator's terminal.
+pub fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -25,9 +77,9 @@ pub enum Control {
     Done,
     /// The receiver failed; `reason` is its error message.
     Abort {
-        /// Error class code.
-        code: u32,
-        /// The receiver's error message (truncated to the limit).
+        /// Error class.
+        code: AbortCode,
+        /// The receiver's error message (truncated to the limit; sanitized when decoded).
         reason: String,
     },
 }
@@ -44,11 +96,12 @@ impl Control {
             }
             Control::Abort { code, reason } => {
                 out[2] = 2;
-                out[4..8].copy_from_slice(&code.to_le_bytes());
-                let mut text = reason.as_bytes();
-                if text.len() > CONTROL_REASON_BYTES_MAX {
-                    text = &text[..CONTROL_REASON_BYTES_MAX];
+                out[4..8].copy_from_slice(&(*code as u32).to_le_bytes());
+                let mut cut = reason.len().min(CONTROL_REASON_BYTES_MAX);
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
                 }
+                let text = &reason.as_bytes()[..cut];
                 out[8..10].copy_from_slice(&(text.len() as u16).to_le_bytes());
                 out[CONTROL_BYTES..CONTROL_BYTES + text.len()].copy_from_slice(text);
                 CONTROL_BYTES + text.len()
@@ -84,8 +137,9 @@ impl Control {
                 let Some(text) = buf.get(CONTROL_BYTES..CONTROL_BYTES + len) else {
                     return Ok(None);
                 };
-                let code = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-                let reason = String::from_utf8_lossy(text).into_owned();
+                let code =
+                    AbortCode::from_wire(u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]));
+                let reason = sanitize(&String::from_utf8_lossy(text));
                 Ok(Some((Control::Abort { code, reason }, CONTROL_BYTES + len)))
             }
             1 => Err(ProtocolError::MarkerWithPayload("done")),
@@ -104,7 +158,7 @@ mod tests {
         for msg in [
             Control::Done,
             Control::Abort {
-                code: 3,
+                code: AbortCode::Timeout,
                 reason: "disk full".into(),
             },
         ] {
@@ -121,10 +175,38 @@ mod tests {
     fn long_reasons_are_truncated_not_overflowed() {
         let mut buf = [0u8; CONTROL_MESSAGE_BYTES_MAX];
         let n = Control::Abort {
-            code: 1,
+            code: AbortCode::Protocol,
             reason: "x".repeat(1000),
         }
         .encode(&mut buf);
         assert_eq!(n, CONTROL_MESSAGE_BYTES_MAX);
+        // A multi-byte character straddling the limit is cut before it, never split.
+        let n = Control::Abort {
+            code: AbortCode::Protocol,
+            reason: format!("{}é", "x".repeat(CONTROL_REASON_BYTES_MAX - 1)),
+        }
+        .encode(&mut buf);
+        assert_eq!(n, CONTROL_MESSAGE_BYTES_MAX - 1);
+    }
+
+    #[test]
+    fn abort_reasons_are_sanitized_and_codes_named() {
+        let mut buf = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+        let n = Control::Abort {
+            code: AbortCode::Incomplete,
+            reason: "bad\x1b[2J\nnews\u{7}".into(),
+        }
+        .encode(&mut buf);
+        let Some((Control::Abort { code, reason }, _)) = Control::decode(&buf[..n]).unwrap() else {
+            panic!("not an abort");
+        };
+        assert_eq!(code, AbortCode::Incomplete);
+        assert!(!reason.chars().any(char::is_control), "{reason:?}");
+        assert!(reason.starts_with("bad") && reason.contains("news"));
+        buf[4] = 200;
+        let Some((Control::Abort { code, .. }, _)) = Control::decode(&buf[..n]).unwrap() else {
+            panic!("not an abort");
+        };
+        assert_eq!(code, AbortCode::Other);
     }
 }

@@ -6,7 +6,8 @@
 //!  0  magic "PAGEWIRE"       36 feature flags u32    0  magic "PAGEWIRE"
 //!  8  version u16            40 layout digest u64    8  receiver's version u16
 //!  10 hello bytes u16 (=64)  48 layout bytes u64     10 status u16 (0 = accepted)
-//!  12 channel index u16      56 region count u32     12 detail u32 (the receiver's value)
+//!  12 channel index u16      56 region count u32     12 detail u32 (refused: the receiver's value;
+//!                                                       accepted: its idle bound in ms)
 //!  14 channel count u16      60 crc32c of 0..60
 //!  16 session id [u8; 16]
 //!  32 page bytes u32
@@ -208,7 +209,7 @@ impl Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::Malformed => write!(f, "malformed hello (not a pagewire v1 sender?)"),
+            Refusal::Malformed => write!(f, "malformed hello (not a pagewire v2 sender?)"),
             Refusal::VersionUnsupported { receiver } => {
                 write!(
                     f,
@@ -251,12 +252,17 @@ pub struct Reply {
     pub version: u16,
     /// `None` when accepted.
     pub refusal: Option<Refusal>,
+    /// When accepted: milliseconds the receiver waits for any byte before it gives up on a
+    /// channel; the sender sends keepalive frames well within it. 0 when refused.
+    pub idle_timeout_ms: u32,
 }
 
 impl Reply {
     /// Encodes into 16 bytes.
     pub fn encode(&self) -> [u8; 16] {
-        let (status, detail) = self.refusal.map_or((0, 0), Refusal::to_wire);
+        let (status, detail) = self
+            .refusal
+            .map_or((0, self.idle_timeout_ms), Refusal::to_wire);
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..10].copy_from_slice(&self.version.to_le_bytes());
@@ -282,6 +288,7 @@ impl Reply {
         Ok(Reply {
             version: u16::from_le_bytes([b[8], b[9]]),
             refusal: (status != 0).then(|| Refusal::from_wire(status, detail)),
+            idle_timeout_ms: if status == 0 { detail } else { 0 },
         })
     }
 }
@@ -371,6 +378,14 @@ impl Acceptor {
         self.session = Some((hello.session_id, hello.channel_count));
         self.accepted += 1;
         Ok(())
+    }
+
+    /// Forgets a session whose channels did not all arrive in time, so the next sender can start
+    /// afresh (the caller drops the connections it had accepted for it).
+    pub fn reset(&mut self) {
+        self.session = None;
+        self.seen = [false; CHANNELS_MAX];
+        self.accepted = 0;
     }
 
     /// Channels the transfer has, once the first hello was accepted.
@@ -469,8 +484,9 @@ mod tests {
         ];
         for r in all.into_iter().map(Some).chain([None]) {
             let reply = Reply {
-                version: 1,
+                version: 2,
                 refusal: r,
+                idle_timeout_ms: if r.is_none() { 1234 } else { 0 },
             };
             assert_eq!(Reply::decode(&reply.encode()), Ok(reply));
         }

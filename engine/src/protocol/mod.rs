@@ -1,4 +1,4 @@
-//! Wire protocol v1, sans-IO: bytes in, bytes and events out. Nothing here touches a socket or a
+//! Wire protocol v2, sans-IO: bytes in, bytes and events out. Nothing here touches a socket or a
 //! clock, so the fuzzers and simulated-network tests drive exactly the code the shards run.
 //!
 //! # One transfer
@@ -12,16 +12,22 @@
 //!  ─────────────                                    ────────────────
 //!  Hello{magic, version, session, i, N,      ───▶  check magic, version, session, channel
 //!        page size, layout digest, features}        index unique and < N, page size, layout
-//!                                            ◀───  Reply{status} (status ≠ 0: refused, both sides
-//!                                                   report the reason, connection closed)
+//!                                            ◀───  Reply{status, detail} (status ≠ 0: refused, the
+//!                                                   sender reports the reason, the receiver logs it,
+//!                                                   drops the connection and keeps listening; when
+//!                                                   accepted, detail is the receiver's idle bound in ms)
 //!  Pages{frame 0, round 0, region, runs}     ───▶  check every field, then place the payload
 //!        + payload (the normal pages)               straight into destination memory, zero or
 //!  Pages{frame 1, round 0, …} + payload      ───▶  skip the zero pages
 //!  EndOfRound{frame k, round 0}              ───▶  wait at the round barrier until every channel
 //!                                                   has finished round 0
 //!  Pages{frame k+1, round 1, …} + payload    ───▶  …
-//!  EndOfStream{frame n, round r}             ───▶  barrier; when all channels are done:
-//!                                            ◀───  Control::Done
+//!  Keepalive{frame k+2, round 1}             ───▶  (sender idle, e.g. between live rounds: sent
+//!                                                   every quarter of the receiver's idle bound)
+//!  EndOfStream{frame n, round r}             ───▶  barrier; when all channels are done and every
+//!                                                   page of the layout was placed or declared zero:
+//!                                            ◀───  Control::Done   (otherwise Abort naming the first
+//!                                                   page never received)
 //!  close                                             close
 //! ```
 //! At any point a receiver that fails sends `Control::Abort{code, reason}` on every channel it can
@@ -42,7 +48,7 @@
 //! The CRC32C covers bytes 0..28 and the runs, so a garbled header is refused before anything is
 //! written; the payload is protected by TCP (and, with TLS, by the AEAD). Frame numbers count
 //! from 0 on each channel with no gaps. Kinds: 0 is reserved as invalid, 1 `Pages`,
-//! 2 `EndOfRound`, 3 `EndOfStream`. The flags byte holds the payload's codec (0 raw, 1 zstd,
+//! 2 `EndOfRound`, 3 `EndOfStream`, 4 `Keepalive` (v2). The flags byte holds the payload's codec (0 raw, 1 zstd,
 //! 2 zlib; other bits reserved, announced by the hello's feature bits). A raw payload is exactly
 //! the normal pages; a compressed one is non-empty, smaller than them, and must decode to exactly
 //! them. Runs are sorted, never overlap, lie inside their region, and cover at most
@@ -53,7 +59,9 @@
 //! its round-r copy arriving late. pagewire uses a **per-round barrier at the receiver**, like
 //! QEMU multifd's SYNC packet but without a round trip: each sender shard ends a round with an
 //! `EndOfRound` frame; a receiver shard that reads it waits until every channel has read its own
-//! before reading on. Within one round a page appears in at most one frame (the sender refuses
+//! before reading on. A round ends the same way on every channel: one channel's `EndOfStream`
+//! meeting another's `EndOfRound` at the barrier is a protocol error at once, not a wait. Within
+//! one round a page appears in at most one frame (the sender refuses
 //! overlapping runs), so no two copies of a page are ever in flight to the destination at once.
 //! Round stamps (keep the highest round per page, drop older) would avoid the wait but need
 //! per-page state written atomically with the page itself, which the kernel's copy into
@@ -61,7 +69,7 @@
 //!
 //! # Version policy
 //! The handshake carries the protocol version. A receiver accepts exactly the versions it
-//! implements (v1 today) and otherwise refuses with `VersionUnsupported` naming its own, so an
+//! implements (v2 today: v2 added `Keepalive` frames and the idle bound in the reply) and otherwise refuses with `VersionUnsupported` naming its own, so an
 //! operator sees which side to upgrade. New optional behaviour arrives as feature bits, which a
 //! receiver refuses when it does not know them; any change to the meaning or layout of an
 //! existing field bumps the version. Reserved fields and flags must be zero and are checked.
@@ -69,13 +77,14 @@
 pub mod channel;
 pub mod control;
 pub mod handshake;
+pub mod ledger;
 pub mod wire;
 
 pub use channel::{ReceiverChannel, SenderChannel};
 pub use wire::{Frame, FrameKind, Run};
 
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Why bytes from the peer were refused. Every variant is a fact about the input, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,7 +101,7 @@ pub enum ProtocolError {
         have: usize,
     },
     /// Magic bytes did not match; the peer is not speaking pagewire (or the stream lost sync).
-    #[error("bad magic in {what}: the peer is not speaking pagewire v1 here (a TLS peer meeting a plaintext one looks like this)")]
+    #[error("bad magic in {what}: the peer is not speaking pagewire v2 here (a TLS peer meeting a plaintext one looks like this)")]
     BadMagic {
         /// What was being decoded.
         what: &'static str,
@@ -176,6 +185,10 @@ pub enum ProtocolError {
     /// Data arrived after the end-of-stream marker.
     #[error("data after the end of the stream")]
     AfterEnd,
+    /// Channels ended a round differently (one ended the stream while another ended a round, or
+    /// they ended different rounds).
+    #[error("channels disagree at the round barrier: {0}")]
+    MixedMarkers(String),
     /// A compressed payload did not decode to exactly the frame's pages.
     #[error("compressed frame refused")]
     Compressed(#[source] crate::pipeline::compress::DecompressError),

@@ -24,6 +24,9 @@ pub enum FrameKind {
     EndOfRound = 2,
     /// The sender finished the transfer on this channel.
     EndOfStream = 3,
+    /// Nothing to send right now: the sender is alive (between rounds of a live migration), so
+    /// the receiver's idle bound can stay short.
+    Keepalive = 4,
 }
 
 impl FrameKind {
@@ -32,6 +35,7 @@ impl FrameKind {
             1 => Ok(FrameKind::Pages),
             2 => Ok(FrameKind::EndOfRound),
             3 => Ok(FrameKind::EndOfStream),
+            4 => Ok(FrameKind::Keepalive),
             other => Err(ProtocolError::BadKind(other)),
         }
     }

@@ -98,6 +98,40 @@ impl Abort {
         Ok(peers.len() - 1)
     }
 
+    /// Forgets every watched connection (the receiver dropped a session it was gathering).
+    pub(crate) fn unwatch_all(&self) {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Seals a TLS KeyUpdate (`update_not_requested`) for peer `id` into `out` with its current
+    /// key, then moves the peer's sealer to `next` (the new sending key). The receiver answers a
+    /// sender's `update_requested` this way (RFC 8446 §4.6.3).
+    pub(crate) fn encode_key_update(
+        &self,
+        id: usize,
+        next: RecordSealer,
+        out: &mut [u8],
+    ) -> Result<usize> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sealer) = peers.get_mut(id).and_then(|p| p.sealer.as_mut()) else {
+            return Err(Error::TlsMismatch(format!(
+                "no TLS connection {id} to answer a key update on"
+            )));
+        };
+        let n = sealer
+            .seal(
+                &crate::pipeline::seal::KEY_UPDATE_MESSAGE,
+                crate::pipeline::seal::CONTENT_HANDSHAKE,
+                out,
+            )
+            .map_err(|source| Error::TlsRecord {
+                channel: u16::MAX,
+                source,
+            })?;
+        *sealer = next;
+        Ok(n)
+    }
+
     /// Encodes `msg` for peer `id` into `out` (see [`Peer::encode`]). Encoding `Done` closes the
     /// peer: an abort after it would follow close_notify, which TLS forbids.
     pub(crate) fn encode_control(&self, id: usize, msg: &Control, out: &mut [u8]) -> Result<usize> {
@@ -181,49 +215,110 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// What a channel reports at the round barrier: the marker it read and the round it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Marker {
+    /// `EndOfRound` for this round.
+    EndOfRound(u32),
+    /// `EndOfStream` (the transfer's end) in this round.
+    EndOfStream(u32),
+}
+
 /// The receiver's per-round barrier: a channel that has read round r's end-of-round marker waits
 /// here until every channel has, so no round r+1 page can be placed before every round r page.
+/// Every channel of one generation must bring the same marker: an end of stream meeting an end
+/// of round (or another round) is a protocol error at once, not a wait.
 #[derive(Debug)]
 pub(crate) struct RoundBarrier {
     parties: usize,
-    state: Mutex<(u64, usize)>,
+    state: Mutex<BarrierState>,
     cv: Condvar,
+}
+
+#[derive(Debug)]
+struct BarrierState {
+    generation: u64,
+    arrived: usize,
+    /// The first arrival of this generation: its channel and marker.
+    first: Option<(u16, Marker)>,
 }
 
 impl RoundBarrier {
     pub(crate) fn new(parties: usize) -> Self {
         RoundBarrier {
             parties,
-            state: Mutex::new((0, 0)),
+            state: Mutex::new(BarrierState {
+                generation: 0,
+                arrived: 0,
+                first: None,
+            }),
             cv: Condvar::new(),
         }
     }
 
     /// Times every party has passed the barrier together (rounds plus the final end of stream).
     pub(crate) fn generations(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
     }
 
-    /// Waits until all parties arrive, the transfer aborts, or `timeout` passes.
-    pub(crate) fn wait(&self, abort: &Abort, timeout: Duration) -> Result<()> {
+    /// Waits until all parties arrive with `marker`, the transfer aborts, or nothing has moved
+    /// on any channel (`moved` counts bytes received by all of them) for `idle`.
+    pub(crate) fn wait(
+        &self,
+        channel: u16,
+        marker: Marker,
+        abort: &Abort,
+        moved: &std::sync::atomic::AtomicU64,
+        idle: Duration,
+    ) -> Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.1 += 1;
-        if state.1 == self.parties {
-            state.0 += 1;
-            state.1 = 0;
+        match state.first {
+            Some((other, theirs)) if theirs != marker => {
+                let describe = |m: Marker| match m {
+                    Marker::EndOfRound(r) => format!("ended round {r}"),
+                    Marker::EndOfStream(r) => format!("ended the stream in round {r}"),
+                };
+                return Err(Error::Protocol {
+                    channel,
+                    source: crate::protocol::ProtocolError::MixedMarkers(format!(
+                        "channel {channel} {} while channel {other} {}",
+                        describe(marker),
+                        describe(theirs)
+                    )),
+                });
+            }
+            Some(_) => {}
+            None => state.first = Some((channel, marker)),
+        }
+        state.arrived += 1;
+        if state.arrived == self.parties {
+            state.generation += 1;
+            state.arrived = 0;
+            state.first = None;
             self.cv.notify_all();
             return Ok(());
         }
-        let generation = state.0;
-        let start = Instant::now();
-        while state.0 == generation {
+        let generation = state.generation;
+        let mut last_moved = moved.load(Ordering::Relaxed);
+        let mut since = Instant::now();
+        while state.generation == generation {
             if abort.is_raised() {
                 return Err(Error::Aborted);
             }
-            if start.elapsed() >= timeout {
+            let now_moved = moved.load(Ordering::Relaxed);
+            if now_moved != last_moved {
+                last_moved = now_moved;
+                since = Instant::now();
+            }
+            if since.elapsed() >= idle {
                 return Err(Error::Timeout {
-                    what: "waiting at the round barrier for the other channels".into(),
-                    ms: timeout.as_millis() as u64,
+                    what: format!(
+                        "waiting at the round barrier on channel {channel}: no other channel received anything meanwhile"
+                    ),
+                    ms: idle.as_millis() as u64,
                 });
             }
             state = self
@@ -233,6 +328,30 @@ impl RoundBarrier {
                 .0;
         }
         Ok(())
+    }
+}
+
+/// Runs a shard body, turning a panic into [`Error::ShardPanicked`] so the other shards are torn
+/// down at once instead of waiting out a bound.
+pub(crate) fn catch_panic<T>(
+    side: &'static str,
+    channel: u16,
+    body: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::ShardPanicked {
+                side,
+                channel,
+                message,
+            })
+        }
     }
 }
 

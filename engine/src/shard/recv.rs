@@ -11,14 +11,13 @@
 //! shared [`RoundBarrier`].
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::limits::{
-    FRAME_FIXED_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX,
-    IO_IDLE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS, ROUND_BARRIER_TIMEOUT_MS,
+    FRAME_FIXED_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES,
+    RING_WAIT_SLICE_MS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Codec, Decompressor};
@@ -29,13 +28,14 @@ use crate::pipeline::seal::{
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::channel::Event;
 use crate::protocol::control::Control;
+use crate::protocol::ledger::PageLedger;
 use crate::protocol::wire::{decode_fixed, decode_runs};
 use crate::protocol::{Frame, ProtocolError, ReceiverChannel};
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, KeySchedule};
 use crate::uring::{errno, Buf, Ring};
 
-use super::{Abort, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
+use super::{Abort, Marker, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
 
 const HEADER_SLOT: u16 = 0;
 const CONTROL_SLOT: u16 = 1;
@@ -47,49 +47,6 @@ const SLOT_BYTES_TLS: usize =
 const _: () = assert!(
     FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_WIRE_BYTES_MAX <= SLOT_BYTES_PLAIN
 );
-
-/// Which destination pages this transfer has written, for regions that started zero: a zero
-/// page arriving for a page never written needs no store. One bit per page, shared by shards.
-#[derive(Debug)]
-pub(crate) struct WrittenMap {
-    regions: Vec<Option<Vec<AtomicU64>>>,
-}
-
-impl WrittenMap {
-    pub(crate) fn new(memory: &GuestMemory) -> Self {
-        WrittenMap {
-            regions: memory
-                .regions()
-                .iter()
-                .map(|r| {
-                    r.initially_zero().then(|| {
-                        (0..r.pages().div_ceil(64))
-                            .map(|_| AtomicU64::new(0))
-                            .collect()
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    /// True when `page` of `region` is known to hold zeros.
-    fn known_zero(&self, region: usize, page: u64) -> bool {
-        match &self.regions[region] {
-            Some(bits) => {
-                bits[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) == 0
-            }
-            None => false,
-        }
-    }
-
-    fn mark(&self, region: usize, first_page: u64, pages: u64) {
-        if let Some(bits) = &self.regions[region] {
-            for page in first_page..first_page + pages {
-                bits[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
-            }
-        }
-    }
-}
 
 /// The receiving half of a channel's TLS: opener, key schedule, and the staging window.
 pub(crate) struct TlsRx {
@@ -128,8 +85,10 @@ pub(crate) struct FrameDelay {
 pub(crate) struct RecvShardParams {
     pub channel: u16,
     pub memory: Arc<GuestMemory>,
-    pub written: Arc<WrittenMap>,
+    pub ledger: Arc<PageLedger>,
     pub barrier: Arc<RoundBarrier>,
+    /// The idle bound: no byte on this channel (or, at a barrier, on any) for this long fails.
+    pub idle: Duration,
     pub abort: Arc<Abort>,
     pub progress: Arc<Progress>,
     /// This channel's id in the abort latch (which seals its control messages under TLS).
@@ -251,20 +210,24 @@ impl RecvShard {
             add(&self.p.progress.wire_bytes, header_bytes);
             match event {
                 Event::Pages => self.place()?,
-                Event::EndOfRound(_) => {
+                Event::Keepalive => {}
+                Event::EndOfRound(round) => {
                     let waited = Instant::now();
-                    self.p.barrier.wait(
-                        &self.p.abort,
-                        Duration::from_millis(ROUND_BARRIER_TIMEOUT_MS),
-                    )?;
+                    self.barrier(Marker::EndOfRound(round))?;
                     idle += waited.elapsed();
                 }
                 Event::EndOfStream => {
                     self.expect_close_notify()?;
-                    self.p.barrier.wait(
-                        &self.p.abort,
-                        Duration::from_millis(ROUND_BARRIER_TIMEOUT_MS),
-                    )?;
+                    self.barrier(Marker::EndOfStream(proto.round()))?;
+                    // Every channel has ended: the image is complete only if every page of
+                    // the layout was placed (or declared zero) at least once.
+                    if let Some(m) = self.p.ledger.first_missing() {
+                        return Err(Error::Incomplete {
+                            region: m.region,
+                            page: m.page,
+                            missing: m.pages,
+                        });
+                    }
                     self.send_done()?;
                     break;
                 }
@@ -273,6 +236,16 @@ impl RecvShard {
         self.stats.busy_ms = start.elapsed().saturating_sub(idle).as_secs_f64() * 1e3;
         self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    fn barrier(&self, marker: Marker) -> Result<()> {
+        self.p.barrier.wait(
+            self.channel,
+            marker,
+            &self.p.abort,
+            &self.p.progress.wire_bytes,
+            self.p.idle,
+        )
     }
 
     fn protocol(&self, source: ProtocolError) -> Error {
@@ -316,7 +289,7 @@ impl RecvShard {
         let region = &self.p.memory.regions()[region_index];
         for run in frame.zero_runs() {
             for page in run.first_page..run.end() {
-                if !self.p.written.known_zero(region_index, page)
+                if !self.p.ledger.known_zero(frame.region, page)
                     && !region.page_is_zero(&self.scanner, page)
                 {
                     region.zero_pages(page, 1);
@@ -326,8 +299,8 @@ impl RecvShard {
         self.bufs.clear();
         for run in frame.normal_runs() {
             self.p
-                .written
-                .mark(region_index, run.first_page, u64::from(run.pages));
+                .ledger
+                .mark_written(frame.region, run.first_page, u64::from(run.pages));
             self.bufs.push(Buf::Guest {
                 region: frame.region,
                 offset: run.first_page * PAGE_BYTES as u64,
@@ -348,6 +321,13 @@ impl RecvShard {
             };
             self.bufs = bufs;
             got?;
+        }
+        // Every byte of the frame is in place: its pages count as received.
+        let frame = &*self.frame;
+        for run in frame.normal_runs().iter().chain(frame.zero_runs()) {
+            self.p
+                .ledger
+                .mark_placed(frame.region, run.first_page, u64::from(run.pages));
         }
         self.stats.normal_pages += normal;
         self.stats.zero_pages += zero;
@@ -506,12 +486,16 @@ impl RecvShard {
                             return Err(alert_error(channel, &staging[plain]));
                         }
                         CONTENT_HANDSHAKE => {
-                            // A KeyUpdate: later records use the next key.
-                            check_key_update(&staging[plain.clone()])
+                            // A KeyUpdate: later records use the next key. One that asks for an
+                            // update in turn is answered on the control direction.
+                            let requested = check_key_update(&staging[plain.clone()])
                                 .map_err(|source| Error::TlsRecord { channel, source })?;
                             let (seq, secrets) = tls.keys.update_rx()?;
                             tls.opener = RecordOpener::new(&secrets, seq)
                                 .map_err(|source| Error::TlsRecord { channel, source })?;
+                            if requested {
+                                self.answer_key_update()?;
+                            }
                         }
                         other => {
                             return Err(Error::TlsMismatch(format!(
@@ -534,7 +518,7 @@ impl RecvShard {
                 len: (staging.len() - tls.end) as u32,
             };
             let at_boundary = boundary && tls.end == tls.start;
-            let n = self.recv_some(buf, at_boundary)?;
+            let n = self.recv_some(buf)?;
             if n == 0 {
                 if at_boundary {
                     return Err(Error::PeerClosed {
@@ -563,10 +547,13 @@ impl RecvShard {
         }
     }
 
-    /// Waits for one completion of the op tagged `tag`, bounded by the idle timeout when
-    /// `bounded`; an idle channel between rounds is normal (the VMM decides when the next starts).
-    fn wait_one(&mut self, bounded: bool, what: &str) -> Result<i32> {
-        let started = Instant::now();
+    /// Waits for the one op in flight to complete. Bounded by the idle bound, measured from the
+    /// last byte the kernel received on this connection (`TCP_INFO`), so a slow but moving
+    /// payload is fine while a half-sent header followed by silence, or a stopped sender, fails;
+    /// between rounds the sender's keepalive frames keep the channel moving.
+    fn wait_one(&mut self, what: &str) -> Result<i32> {
+        let mut since = Instant::now();
+        let mut received = crate::sys::tcp_bytes_received(self.ring.socket());
         loop {
             if let Some(c) = self.ring.next_completion() {
                 if c.result < 0 {
@@ -580,11 +567,18 @@ impl RecvShard {
             if self.p.abort.is_raised() {
                 return Err(Error::Aborted);
             }
-            let ms = started.elapsed().as_millis() as u64;
-            if bounded && ms >= IO_IDLE_TIMEOUT_MS {
+            let now = crate::sys::tcp_bytes_received(self.ring.socket());
+            if now != received {
+                received = now;
+                since = Instant::now();
+            }
+            if since.elapsed() >= self.p.idle {
                 return Err(Error::Timeout {
-                    what: format!("{what} on channel {}", self.channel),
-                    ms,
+                    what: format!(
+                        "{what} on channel {}: the sender sent nothing meanwhile",
+                        self.channel
+                    ),
+                    ms: self.p.idle.as_millis() as u64,
                 });
             }
             self.ring
@@ -600,7 +594,7 @@ impl RecvShard {
         let mut done = 0u64;
         while done < len {
             self.ring.push_recv(1, bufs, done);
-            let got = self.wait_one(!boundary || done > 0, "receiving")? as u64;
+            let got = self.wait_one("receiving")? as u64;
             if got == 0 {
                 return if done == 0 && boundary {
                     Ok(Got::End)
@@ -614,9 +608,39 @@ impl RecvShard {
     }
 
     /// Receives what is available into `buf`; 0 at end of stream.
-    fn recv_some(&mut self, buf: Buf, boundary: bool) -> Result<usize> {
+    fn recv_some(&mut self, buf: Buf) -> Result<usize> {
         self.ring.push_recv_some(1, buf);
-        Ok(self.wait_one(!boundary, "receiving")? as usize)
+        Ok(self.wait_one("receiving")? as usize)
+    }
+
+    /// Sends our own KeyUpdate (sealed with the old sending key) and moves to the next key.
+    fn answer_key_update(&mut self) -> Result<()> {
+        let channel = self.channel;
+        let Some(tls) = self.p.tls.as_mut() else {
+            return Ok(());
+        };
+        let (seq, secrets) = tls.keys.update_tx()?;
+        let next = crate::pipeline::seal::RecordSealer::new(&secrets, seq)
+            .map_err(|source| Error::TlsRecord { channel, source })?;
+        let mut msg = [0u8; CONTROL_WIRE_BYTES_MAX];
+        let n = self
+            .p
+            .abort
+            .encode_key_update(self.p.peer, next, &mut msg)?;
+        self.send_control(&msg[..n], "answering a TLS key update")
+    }
+
+    /// Sends `bytes` on the control direction and waits for the send to complete.
+    fn send_control(&mut self, bytes: &[u8], what: &str) -> Result<()> {
+        self.ring.slot_mut(CONTROL_SLOT)[..bytes.len()].copy_from_slice(bytes);
+        let buf = Buf::Slab {
+            slot: CONTROL_SLOT,
+            offset: 0,
+            len: bytes.len() as u32,
+        };
+        self.ring.push_send(2, buf, false, false, None);
+        self.wait_one(what)?;
+        Ok(())
     }
 
     fn send_done(&mut self) -> Result<()> {
@@ -625,15 +649,7 @@ impl RecvShard {
             .p
             .abort
             .encode_control(self.p.peer, &Control::Done, &mut msg)?;
-        self.ring.slot_mut(CONTROL_SLOT)[..n].copy_from_slice(&msg[..n]);
-        let buf = Buf::Slab {
-            slot: CONTROL_SLOT,
-            offset: 0,
-            len: n as u32,
-        };
-        self.ring.push_send(2, buf, false, false, None);
-        self.wait_one(true, "confirming the end of the transfer")?;
-        Ok(())
+        self.send_control(&msg[..n], "confirming the end of the transfer")
     }
 
     fn delay(&mut self) {

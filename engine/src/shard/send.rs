@@ -29,16 +29,15 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::limits::{
-    CHAIN_FRAMES_MAX, CONTROL_BYTES, FINISH_TIMEOUT_MS, FRAME_HEADER_BYTES_MAX,
-    FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, IO_IDLE_TIMEOUT_MS, PAGE_BYTES, RING_WAIT_SLICE_MS,
-    SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+    CHAIN_FRAMES_MAX, CONTROL_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX,
+    FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
 use crate::pipeline::seal::{
     record_len, RecordSealer, CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
-    CONTENT_HANDSHAKE, KEY_UPDATE_MESSAGE, RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES,
-    RECORD_PLAINTEXT_BYTES_MAX,
+    CONTENT_HANDSHAKE, KEY_UPDATE_MESSAGE, KEY_UPDATE_REQUEST, RECORD_HEADER_BYTES,
+    RECORD_OVERHEAD_BYTES, RECORD_PLAINTEXT_BYTES_MAX,
 };
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
@@ -62,6 +61,8 @@ pub(crate) enum Work {
     EndRound,
     /// End the stream and wait for the receiver's confirmation.
     Finish,
+    /// Tell the receiver this channel is alive (the shard makes these itself when idle).
+    Keepalive,
 }
 
 /// What a shard tells its coordinator.
@@ -149,6 +150,10 @@ pub(crate) struct SendShardParams {
     pub zstd_level: i32,
     /// This shard's share of `--max-bandwidth`, in wire bytes per second.
     pub pace_bytes_per_s: Option<f64>,
+    /// No progress for this long (sends not taken, no confirmation) fails the channel.
+    pub idle: Duration,
+    /// An idle channel sends a keepalive frame this often (a quarter of the receiver's bound).
+    pub keepalive_every: Duration,
 }
 
 pub(crate) struct SendShard {
@@ -192,6 +197,12 @@ pub(crate) struct SendShard {
     chain_bytes: u64,
     pace_bytes_per_s: Option<f64>,
     pace_until: Instant,
+    idle: Duration,
+    keepalive_every: Duration,
+    /// When the last frame was handed to the ring (keepalives go out after `keepalive_every`).
+    last_frame_at: Instant,
+    /// The receiver asked for a TLS key update in turn: the next frame starts with one.
+    tls_update_due: bool,
 }
 
 impl SendShard {
@@ -294,6 +305,10 @@ impl SendShard {
             chain_bytes: 0,
             pace_bytes_per_s: p.pace_bytes_per_s,
             pace_until: Instant::now(),
+            idle: p.idle,
+            keepalive_every: p.keepalive_every,
+            last_frame_at: Instant::now(),
+            tls_update_due: false,
         })
     }
 
@@ -373,7 +388,15 @@ impl SendShard {
                 }
             } else {
                 let waited = Instant::now();
-                match self.work.recv_timeout(slice) {
+                let keepalive_in = self
+                    .keepalive_every
+                    .saturating_sub(self.last_frame_at.elapsed());
+                if keepalive_in.is_zero() {
+                    // Nothing to send for a while: tell the receiver we are alive.
+                    self.fill(Some(Work::Keepalive))?;
+                    continue;
+                }
+                match self.work.recv_timeout(slice.min(keepalive_in)) {
                     Ok(work) => self.fill(Some(work))?,
                     Err(RecvTimeoutError::Timeout) => {
                         // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a
@@ -407,12 +430,7 @@ impl SendShard {
             self.last_progress = Instant::now();
         }
         let ms = self.last_progress.elapsed().as_millis() as u64;
-        let limit = if self.eos_sent {
-            FINISH_TIMEOUT_MS
-        } else {
-            IO_IDLE_TIMEOUT_MS
-        };
-        if ms >= limit {
+        if ms >= self.idle.as_millis() as u64 {
             let what = if self.eos_sent {
                 format!(
                     "waiting for the receiver to confirm channel {}",
@@ -555,7 +573,9 @@ impl SendShard {
                 self.proto.end_stream(frame);
                 self.finishing = true;
             }
+            Work::Keepalive => self.proto.keepalive(frame),
         }
+        self.last_frame_at = Instant::now();
         if let Some(tls) = self.tls.as_mut() {
             let header = frame
                 .encode(&mut self.header)
@@ -569,9 +589,14 @@ impl SendShard {
             } else {
                 Payload::Bytes(&self.packed[..payload as usize])
             };
+            let records_per_key = if std::mem::take(&mut self.tls_update_due) {
+                0
+            } else {
+                self.tls_records_per_key
+            };
             let sealed = seal_frame(
                 tls,
-                self.tls_records_per_key,
+                records_per_key,
                 &self.header[..header],
                 payload,
                 s.marker == Marker::EndOfStream,
@@ -898,7 +923,11 @@ impl SendShard {
                 self.done_received = true;
                 Ok(())
             }
-            Control::Abort { reason, .. } => Err(Error::PeerAborted { channel, reason }),
+            Control::Abort { code, reason } => Err(Error::PeerAborted {
+                channel,
+                code,
+                reason,
+            }),
         }
     }
 
@@ -956,7 +985,9 @@ impl SendShard {
                 CONTENT_ALERT if plain == CLOSE_NOTIFY_ALERT && self.done_received => return Ok(()),
                 CONTENT_ALERT => return Err(alert_error(channel, &plain)),
                 CONTENT_HANDSHAKE => {
-                    crate::pipeline::seal::check_key_update(&plain).map_err(record)?;
+                    if crate::pipeline::seal::check_key_update(&plain).map_err(record)? {
+                        self.tls_update_due = true;
+                    }
                     let (seq, secrets) = tls.keys.update_rx()?;
                     tls.opener =
                         crate::pipeline::seal::RecordOpener::new(&secrets, seq).map_err(record)?;
@@ -997,9 +1028,10 @@ fn seal_frame(
 ) -> std::result::Result<usize, crate::pipeline::seal::RecordError> {
     let mut at = 0;
     if tls.sealer.sequence() >= records_per_key {
+        // Ask the receiver to rotate its own (control) key in turn: it answers on its side.
         at += tls
             .sealer
-            .seal(&KEY_UPDATE_MESSAGE, CONTENT_HANDSHAKE, &mut out[at..])?;
+            .seal(&KEY_UPDATE_REQUEST, CONTENT_HANDSHAKE, &mut out[at..])?;
         let (seq, secrets) = tls
             .keys
             .update_tx()
