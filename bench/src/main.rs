@@ -14,6 +14,7 @@
 mod matrix;
 mod qemu;
 mod remote;
+mod seal;
 mod shaped;
 mod svg;
 
@@ -37,6 +38,7 @@ use serde::Serialize;
 #[derive(Parser)]
 #[command(
     name = "pagewire-bench",
+    version,
     about = "pagewire benchmarks against measured ceilings"
 )]
 struct Cli {
@@ -87,9 +89,9 @@ struct CompressBenchArgs {
 
 #[derive(clap::Args)]
 struct TlsBenchArgs {
-    /// Memory to move, in MiB (random pages).
-    #[arg(long, default_value_t = 1024)]
-    size_mib: u64,
+    /// Memory to move (random pages), e.g. 1GiB.
+    #[arg(long, default_value = "1GiB", value_parser = pagewire::units::parse_size)]
+    size: u64,
     /// Repetitions of each transfer (interleaved plain, TLS).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -103,12 +105,12 @@ struct TlsBenchArgs {
 
 #[derive(clap::Args)]
 struct TransferArgs {
-    /// Memory for the raw-TCP comparison, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    size_mib: u64,
-    /// Memory for the zero-page comparison, in MiB.
-    #[arg(long, default_value_t = 4096)]
-    zero_size_mib: u64,
+    /// Memory for the raw-TCP comparison, e.g. 1GiB.
+    #[arg(long, default_value = "1GiB", value_parser = pagewire::units::parse_size)]
+    size: u64,
+    /// Memory for the zero-page comparison, e.g. 4GiB.
+    #[arg(long, default_value = "4GiB", value_parser = pagewire::units::parse_size)]
+    zero_size: u64,
     /// Channels (pagewire) and streams (raw TCP).
     #[arg(long, default_value_t = 2)]
     channels: u16,
@@ -430,7 +432,7 @@ fn transfer(a: TransferArgs) -> Result<()> {
     };
     let spec = [RegionSpec {
         gpa: 0,
-        len: a.size_mib << 20,
+        len: a.size,
     }];
     let src = Arc::new(GuestMemory::anonymous(&spec)?);
     fill(&src, a.content, 11);
@@ -469,7 +471,7 @@ fn transfer(a: TransferArgs) -> Result<()> {
     drop(src);
     let zspec = [RegionSpec {
         gpa: 0,
-        len: a.zero_size_mib << 20,
+        len: a.zero_size,
     }];
     let zsrc = Arc::new(GuestMemory::anonymous(&zspec)?);
     fill(&zsrc, Content::Zero, 0); // written zeros: real pages, not the shared zero page
@@ -523,7 +525,10 @@ fn transfer(a: TransferArgs) -> Result<()> {
     println!("machine: {}", report.machine);
     println!(
         "{} channel(s), {} MiB of {} memory, {} interleaved reps (median [min..max])",
-        report.channels, a.size_mib, report.content, report.reps
+        report.channels,
+        a.size >> 20,
+        report.content,
+        report.reps
     );
     println!(
         "{:<34} {:>22} {:>14} {:>14}",
@@ -547,7 +552,7 @@ fn transfer(a: TransferArgs) -> Result<()> {
         report.pagewire_over_raw_tcp
     );
     row(
-        &format!("(c) pagewire, {} MiB zero", a.zero_size_mib),
+        &format!("(c) pagewire, {} MiB zero", a.zero_size >> 20),
         &report.zero_pagewire,
     );
     row(
@@ -575,7 +580,7 @@ struct TlsReport {
     content: &'static str,
     reps: usize,
     rows: Vec<TlsRow>,
-    seal: pagewire::tls::bench::SealRates,
+    seal: crate::seal::SealRates,
     pagewire_seal_over_rustls_encrypt: f64,
 }
 
@@ -597,7 +602,7 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
     );
     let spec = [RegionSpec {
         gpa: 0,
-        len: a.size_mib << 20,
+        len: a.size,
     }];
     let src = Arc::new(GuestMemory::anonymous(&spec)?);
     fill(&src, Content::Random, 17);
@@ -645,7 +650,7 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
         });
     }
     say("measuring one-core seal rates ...");
-    let seal = pagewire::tls::bench::seal_rates(&src)?;
+    let seal = crate::seal::seal_rates(&src)?;
     let report = TlsReport {
         machine: machine(),
         content: "random",
@@ -661,7 +666,9 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
     println!("machine: {}", report.machine);
     println!(
         "{} MiB of random memory, {} interleaved reps (median [min..max]), suite {}",
-        a.size_mib, report.reps, report.seal.suite
+        a.size >> 20,
+        report.reps,
+        report.seal.suite
     );
     println!(
         "{:<12} {:>22} {:>22} {:>10}   CPU-s/GiB send/recv: plain | TLS",
@@ -705,6 +712,12 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
 }
 
 fn main() {
+    // A closed standard output ends the program quietly (`pagewire-bench ... | head`).
+    // SAFETY: setting a signal disposition has no memory-safety preconditions; no other thread
+    // exists yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Transfer(a) => transfer(a),

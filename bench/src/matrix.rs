@@ -32,7 +32,7 @@ pub struct MatrixArgs {
     #[arg(long)]
     quick: bool,
     /// Guest memory per cell.
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "2GiB", value_parser = pagewire::units::parse_size)]
     size: u64,
     /// Channel counts.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
@@ -105,29 +105,6 @@ fn parse_content(text: &str) -> Result<ContentSpec, String> {
         Some(path) => Ok(ContentSpec::File(PathBuf::from(path))),
         None => text.parse().map(ContentSpec::Synthetic),
     }
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 512MiB or 2GiB"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        other => return Err(format!("{text:?}: unknown unit {other:?}")),
-    };
-    let bytes = n << shift;
-    if bytes == 0 || !bytes.is_multiple_of(4096) {
-        return Err(format!(
-            "{text:?} must be a positive multiple of 4096 bytes"
-        ));
-    }
-    Ok(bytes)
 }
 
 /// One cell of the matrix, with its repetitions summarized.
@@ -470,7 +447,7 @@ fn measure_ceilings(
     }
     let memcpy = gib / t.elapsed().as_secs_f64();
     // Seal rates on the first content's memory.
-    let seal = pagewire::tls::bench::seal_rates(&memories[0].1)?;
+    let seal = crate::seal::seal_rates(&memories[0].1)?;
     // zstd level 1 on text-like memory, 512 KiB blocks.
     let text = match memories
         .iter()

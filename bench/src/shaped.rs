@@ -160,7 +160,7 @@ fn pagewire_binary() -> Result<PathBuf> {
     let bin = me.with_file_name("pagewire");
     if !bin.exists() {
         bail!(
-            "{} not found: build it with `cargo build --release -p pagewire` (the benchmark runs the CLI in each namespace)",
+            "{} not found: build it with `cargo build --release -p pagewire-cli` (the benchmark runs the CLI in each namespace)",
             bin.display()
         );
     }

@@ -11,10 +11,10 @@ fn transfer_benchmark_runs_and_reports_ratios() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
         .args([
             "transfer",
-            "--size-mib",
-            "8",
-            "--zero-size-mib",
-            "8",
+            "--size",
+            "8MiB",
+            "--zero-size",
+            "8MiB",
             "--reps",
             "1",
         ])
@@ -41,15 +41,7 @@ fn tls_benchmark_runs_and_reports_seal_rates() {
         return;
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
-        .args([
-            "tls",
-            "--size-mib",
-            "4",
-            "--reps",
-            "1",
-            "--no-pin",
-            "--json",
-        ])
+        .args(["tls", "--size", "4MiB", "--reps", "1", "--no-pin", "--json"])
         .output()
         .unwrap();
     assert!(
@@ -380,4 +372,14 @@ fn matrix_runs_qemu_multifd_side_by_side_or_says_why_not() {
         assert!(pages >= 8192, "{c}");
         assert!(c["pagewire_over_qemu"].as_f64().unwrap() > 0.0);
     }
+}
+
+#[test]
+fn version_is_printed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pagewire-bench "));
 }

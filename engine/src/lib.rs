@@ -67,6 +67,7 @@ pub mod synth;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
+pub mod units;
 #[allow(unsafe_code)]
 pub(crate) mod uring;
 

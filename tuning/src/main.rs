@@ -2,7 +2,13 @@
 //! host (cores, NUMA nodes, io_uring features, zero-scan unit); sweeps and written tuning
 //! profiles come with the NUMA placement and tuning issue.
 
+use clap::Parser;
 use pagewire::pipeline::zero::ZeroScanner;
+
+/// What pagewire will find on this host.
+#[derive(Parser)]
+#[command(name = "pagewire-tune", version, about)]
+struct Cli {}
 
 fn numa_nodes() -> usize {
     std::fs::read_dir("/sys/devices/system/node")
@@ -20,6 +26,13 @@ fn numa_nodes() -> usize {
 }
 
 fn main() {
+    // A closed standard output (`pagewire-tune | head -3`) ends the program quietly.
+    // SAFETY: setting a signal disposition has no memory-safety preconditions; no other thread
+    // exists yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    Cli::parse();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cores available:   {cores}");
     println!("numa nodes:        {}", numa_nodes());

@@ -1,6 +1,10 @@
 //! `pagewire`: move guest memory between hosts, or run the loopback demo.
+//!
+//! Every option is checked before anything listens, connects or maps memory; errors are one
+//! clear line (or, with `--json`, one JSON object `{"error": ..., "cause": ...}`) and a non-zero
+//! exit. A closed standard output (`pagewire demo | head -1`) ends the program quietly.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,9 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::limits::{CHANNELS_MAX, IDLE_TIMEOUT_MS_MAX, IDLE_TIMEOUT_MS_MIN};
 use pagewire::pipeline::compress::Compression;
 use pagewire::synth::{self, Content};
 use pagewire::tls::{certs, TlsClient, TlsFiles, TlsServer};
+use pagewire::units::{parse_duration_ms, parse_rate, parse_size};
 use pagewire::{
     GuestMemory, Pinning, Progress, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig,
     TransferStats, ZeroCopy,
@@ -42,7 +48,7 @@ enum Command {
 #[derive(Args)]
 struct TlsArgs {
     /// This side's certificate chain (PEM). TLS is on when --tls-cert, --tls-key and --tls-ca
-    /// are given.
+    /// are given (or --tls-dir).
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<PathBuf>,
     /// This side's private key (PEM).
@@ -51,16 +57,63 @@ struct TlsArgs {
     /// CA certificate the peer's chain must lead to (PEM).
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
+    /// A directory with QEMU's x509 file names (what `pagewire certs` writes): ca-cert.pem, and
+    /// server-cert.pem/server-key.pem (recv) or client-cert.pem/client-key.pem (send).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    tls_dir: Option<PathBuf>,
 }
 
 impl TlsArgs {
-    fn files(&self) -> Option<TlsFiles> {
-        Some(TlsFiles {
-            cert: self.tls_cert.clone()?,
-            key: self.tls_key.clone()?,
-            ca: self.tls_ca.clone()?,
-        })
+    /// The files to load, for a receiver (`server`) or a sender; checked to exist now.
+    fn files(&self, server: bool) -> Result<Option<TlsFiles>> {
+        let files = match (&self.tls_dir, &self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(dir), ..) => {
+                if !dir.is_dir() {
+                    bail!("--tls-dir {} is not a directory", dir.display());
+                }
+                if server {
+                    certs::server_files(dir)
+                } else {
+                    certs::client_files(dir)
+                }
+            }
+            (None, Some(cert), Some(key), Some(ca)) => TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            },
+            _ => return Ok(None),
+        };
+        for (path, what) in [
+            (&files.cert, "certificate"),
+            (&files.key, "private key"),
+            (&files.ca, "CA certificate"),
+        ] {
+            if !path.is_file() {
+                bail!(
+                    "the TLS {what} {} does not exist or is not a file",
+                    path.display()
+                );
+            }
+        }
+        Ok(Some(files))
     }
+}
+
+/// Options both ends share.
+#[derive(Args)]
+struct CommonArgs {
+    /// Give up on the peer after this long without a byte moving on a channel, e.g. 30s, 500ms,
+    /// 2m. Senders keep idle channels alive with keepalive frames, so it can stay short.
+    #[arg(long, value_parser = parse_duration_ms, default_value = "30s")]
+    idle_timeout: u64,
+    /// Print statistics as one JSON object (errors too: {"error": ..., "cause": ...}).
+    #[arg(long)]
+    json: bool,
+    /// On a non-terminal, print one JSON progress line per second, then the statistics as the
+    /// last line (like iperf3's --json-stream).
+    #[arg(long)]
+    json_stream: bool,
 }
 
 #[derive(Args)]
@@ -86,17 +139,17 @@ struct RecvArgs {
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     /// Channels to expect (default: whatever the sender uses).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_channels)]
     channels: Option<u16>,
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Seconds to wait for a sender (default: indefinitely).
-    #[arg(long)]
+    /// How long to wait for a sender to complete its handshake, e.g. 60s (default: forever).
+    /// Connections that fail theirs are logged and dropped meanwhile.
+    #[arg(long, value_parser = parse_duration_ms)]
     timeout: Option<u64>,
-    /// Print statistics as one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: CommonArgs,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -110,7 +163,7 @@ struct SendArgs {
     #[arg(long)]
     from: PathBuf,
     /// Channels (shards), one per core is a good start.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = parse_channels)]
     channels: u16,
     /// Do not pin shards to cores.
     #[arg(long)]
@@ -118,13 +171,12 @@ struct SendArgs {
     /// Zero-copy sends: auto (try, fall back when the kernel copies), on, off.
     #[arg(long, default_value_t = ZeroCopy::Auto)]
     zero_copy: ZeroCopy,
-    /// Print statistics as one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: CommonArgs,
     #[command(flatten)]
     tls: TlsArgs,
     /// Name the receiver's certificate must carry (default: the host part of --connect).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long)]
     tls_hostname: Option<String>,
     #[command(flatten)]
     compress: CompressArgs,
@@ -136,65 +188,56 @@ struct CompressArgs {
     /// bottleneck).
     #[arg(long, default_value_t = Compression::None)]
     compress: Compression,
-    /// zstd level; negative levels are zstd's fast modes.
-    #[arg(long, default_value_t = pagewire::pipeline::compress::ZSTD_LEVEL_DEFAULT, allow_negative_numbers = true)]
-    zstd_level: i32,
-    /// Limit on the wire rate over all channels, e.g. 100Mbit, 1Gbit, 125MiB (per second; plain
-    /// numbers are bytes). Unlimited by default.
+    /// zstd level (default 1); negative levels are zstd's fast modes. Only with --compress zstd
+    /// or auto.
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_zstd_level)]
+    zstd_level: Option<i32>,
+    /// Limit on the wire rate over all channels, e.g. 100Mbit, 1Gbit, 10Gbit, 1Tbit, 125MiB
+    /// (per second; plain numbers are bytes). Unlimited by default.
     #[arg(long, value_parser = parse_rate)]
     max_bandwidth: Option<u64>,
 }
 
-/// Parses a rate per second: `125000000`, `125M`, `119MiB`, `1Gbit`, `100Mbit`, `10gbit`.
-fn parse_rate(text: &str) -> Result<u64, String> {
-    let t = text.trim().trim_end_matches("/s");
-    let lower = t.to_ascii_lowercase();
-    if let Some(bits) = lower
-        .strip_suffix("bit")
-        .or_else(|| lower.strip_suffix("bps"))
-    {
-        let split = bits
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(bits.len());
-        let (n, unit) = bits.split_at(split);
-        let n: u64 = n
-            .parse()
-            .map_err(|_| format!("{text:?} is not a rate such as 100Mbit or 125MiB"))?;
-        let mult: u64 = match unit {
-            "" => 1,
-            "k" => 1_000,
-            "m" => 1_000_000,
-            "g" => 1_000_000_000,
-            other => {
-                return Err(format!(
-                    "{text:?}: unknown unit {other:?}bit (use kbit, Mbit or Gbit)"
-                ))
-            }
-        };
-        let bytes = n.checked_mul(mult).ok_or("rate too large")? / 8;
-        return if bytes == 0 {
-            Err(format!("{text:?} is less than a byte per second"))
-        } else {
-            Ok(bytes)
-        };
+impl CompressArgs {
+    /// The zstd level to use, refusing a level that no codec would use.
+    fn level(&self) -> Result<i32> {
+        match (self.compress, self.zstd_level) {
+            (Compression::Zstd | Compression::Auto, Some(l)) => Ok(l),
+            (c, Some(_)) => bail!("--zstd-level applies to --compress zstd or auto, not {c}"),
+            (_, None) => Ok(pagewire::pipeline::compress::ZSTD_LEVEL_DEFAULT),
+        }
     }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
+}
+
+fn parse_zstd_level(text: &str) -> Result<i32, String> {
+    let level: i32 = text
         .parse()
-        .map_err(|_| format!("{text:?} is not a rate such as 100Mbit or 125MiB"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" | "kb" => 10,
-        "m" | "mib" | "mb" => 20,
-        "g" | "gib" | "gb" => 30,
-        other => return Err(format!("{text:?}: unknown unit {other:?}")),
-    };
-    let bytes = n.checked_mul(1 << shift).ok_or("rate too large")?;
-    if bytes == 0 {
-        return Err("the rate must be positive".into());
+        .map_err(|_| format!("{text:?} is not a zstd level (an integer such as 1 or -5)"))?;
+    pagewire::pipeline::compress::check_zstd_level(level)?;
+    Ok(level)
+}
+
+fn parse_channels(text: &str) -> Result<u16, String> {
+    let n: u64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a channel count"))?;
+    if n == 0 || n > CHANNELS_MAX as u64 {
+        return Err(format!(
+            "channels must be between 1 and {CHANNELS_MAX}, got {n}"
+        ));
     }
-    Ok(bytes)
+    Ok(n as u16)
+}
+
+/// An idle timeout within the library's bounds.
+fn idle_ms(ms: u64) -> Result<u64> {
+    if !(IDLE_TIMEOUT_MS_MIN..=IDLE_TIMEOUT_MS_MAX).contains(&ms) {
+        bail!(
+            "--idle-timeout must be between {IDLE_TIMEOUT_MS_MIN} ms and {} s, got {ms} ms",
+            IDLE_TIMEOUT_MS_MAX / 1000
+        );
+    }
+    Ok(ms)
 }
 
 #[derive(Args)]
@@ -203,7 +246,7 @@ struct DemoArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     size: u64,
     /// Channels (shards) on each side.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = parse_channels)]
     channels: u16,
     /// Memory content: zero, random, mixed (half zero, half random), text, blend (realistic mix).
     #[arg(long, default_value = "blend")]
@@ -222,47 +265,18 @@ struct DemoArgs {
     tls: bool,
     #[command(flatten)]
     compress: CompressArgs,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Parses sizes like `4096`, `64K`, `512MiB`, `1G`, `2GiB` (binary units, as QEMU reads them).
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    if digits.is_empty() {
-        return Err(format!("{text:?} is not a size: expected a number with an optional unit (K, M, G, T, KiB, MiB, GiB, TiB), e.g. 1GiB"));
-    }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?}: number too large"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" | "kb" => 10,
-        "m" | "mib" | "mb" => 20,
-        "g" | "gib" | "gb" => 30,
-        "t" | "tib" | "tb" => 40,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use K, M, G, T, KiB, MiB, GiB or TiB)"
-            ))
-        }
-    };
-    let bytes = n
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{text:?}: size too large"))?;
-    if bytes == 0 || bytes % pagewire::limits::PAGE_BYTES as u64 != 0 {
-        return Err(format!(
-            "{text:?} is {bytes} bytes; sizes must be a positive multiple of {} bytes (one page)",
-            pagewire::limits::PAGE_BYTES
-        ));
-    }
-    Ok(bytes)
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() {
+    // Writing to a closed pipe ends the process quietly, as for any Unix filter, instead of a
+    // panic in `println!` (sockets use MSG_NOSIGNAL, so only standard output is affected).
+    // SAFETY: setting a signal disposition to SIG_DFL has no memory-safety preconditions; no
+    // other thread exists yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -270,7 +284,31 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let wants_json = std::env::args().any(|a| a == "--json" || a == "--json-stream");
+            if wants_json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+            {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                let v = serde_json::json!({
+                    "error": first.trim_start_matches("error: "),
+                    "cause": text.trim(),
+                });
+                let _ = writeln!(std::io::stdout(), "{v}");
+                std::process::exit(2);
+            }
+            e.exit()
+        }
+    };
+    let json = match &cli.command {
+        Command::Recv(a) => a.common.json || a.common.json_stream,
+        Command::Send(a) => a.common.json || a.common.json_stream,
+        Command::Demo(a) => a.common.json || a.common.json_stream,
+        Command::Certs(_) => false,
+    };
     let result = match cli.command {
         Command::Recv(a) => recv(a),
         Command::Send(a) => send(a),
@@ -281,7 +319,15 @@ fn main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if json {
+                let v = serde_json::json!({
+                    "error": e.to_string(),
+                    "cause": format!("{e:#}"),
+                });
+                let _ = writeln!(std::io::stdout(), "{v}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::exit(1);
         }
     }
@@ -295,55 +341,101 @@ fn pinning(no_pin: bool, reversed: bool) -> Pinning {
     }
 }
 
-/// Shows a progress bar on a terminal while `progress` advances; call `finish` on the result.
-fn progress_bar(
+/// A live display of a transfer: a bar on a terminal, JSON lines with `--json-stream`.
+struct Display {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    bar: Option<ProgressBar>,
+    join: std::thread::JoinHandle<()>,
+}
+
+/// Starts the display for `progress`: a progress bar when standard error is a terminal, one
+/// JSON line per second on standard output with `json_stream`, nothing otherwise.
+fn start_display(
     progress: Arc<Progress>,
     label: &'static str,
-) -> Option<(ProgressBar, std::thread::JoinHandle<()>)> {
-    if !std::io::stderr().is_terminal() {
+    json_stream: bool,
+) -> Option<Display> {
+    let terminal = std::io::stderr().is_terminal();
+    if !json_stream && !terminal {
         return None;
     }
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} pages  {msg}  eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_prefix(label);
-    let b = bar.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bar = (!json_stream).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} pages  {msg}  eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(label);
+        bar
+    });
+    let (b, d) = (bar.clone(), done.clone());
     let join = std::thread::spawn(move || {
         let started = Instant::now();
-        while !b.is_finished() {
-            let (done, total) = progress.pages();
-            b.set_length(total.max(done));
-            b.set_position(done);
+        let mut last_line = Instant::now();
+        while !d.load(std::sync::atomic::Ordering::Relaxed) {
+            let (pages, total) = progress.pages();
             let wire = progress
                 .wire_bytes
                 .load(std::sync::atomic::Ordering::Relaxed);
             let secs = started.elapsed().as_secs_f64().max(1e-3);
-            b.set_message(format!(
-                "{:.0} MiB/s on the wire",
-                wire as f64 / secs / (1 << 20) as f64
-            ));
+            match &b {
+                Some(b) => {
+                    b.set_length(total.max(pages));
+                    b.set_position(pages);
+                    b.set_message(format!(
+                        "{:.0} MiB/s on the wire",
+                        wire as f64 / secs / (1 << 20) as f64
+                    ));
+                }
+                None if last_line.elapsed() >= Duration::from_secs(1) => {
+                    last_line = Instant::now();
+                    let v = serde_json::json!({
+                        "event": "progress",
+                        "side": label,
+                        "elapsed_ms": (secs * 1e3) as u64,
+                        "pages_done": pages,
+                        "pages_total": total,
+                        "wire_bytes": wire,
+                        "mbps": wire as f64 * 8.0 / 1e6 / secs,
+                    });
+                    let _ = writeln!(std::io::stdout(), "{v}");
+                }
+                None => {}
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    Some((bar, join))
+    Some(Display { done, bar, join })
 }
 
-fn finish_bar(bar: Option<(ProgressBar, std::thread::JoinHandle<()>)>) {
-    if let Some((b, j)) = bar {
-        b.finish_and_clear();
-        let _ = j.join();
+fn finish_display(display: Option<Display>) {
+    if let Some(d) = display {
+        d.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(b) = d.bar {
+            b.finish_and_clear();
+        }
+        let _ = d.join.join();
     }
 }
 
 fn recv(a: RecvArgs) -> Result<bool> {
-    let tls = match a.tls.files() {
+    // Settings first: nothing listens or maps memory before every option is known to be good.
+    let idle = idle_ms(a.common.idle_timeout)?;
+    let tls = match a.tls.files(true)? {
         Some(files) => Some(TlsServer::new(files.load()?)?),
         None => None,
     };
+    if let Some(path) = &a.into {
+        if path.is_dir() {
+            bail!(
+                "--into {} is a directory; give a RAM image file",
+                path.display()
+            );
+        }
+    }
     let memory = match (&a.into, a.size) {
         (Some(path), size) if path.exists() => {
             let len = std::fs::metadata(path)
@@ -368,23 +460,29 @@ fn recv(a: RecvArgs) -> Result<bool> {
     let config = ReceiverConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
-        accept_timeout_ms: a.timeout.map(|s| s * 1000),
+        accept_timeout_ms: a.timeout,
+        idle_timeout_ms: idle,
         tls,
         ..ReceiverConfig::default()
     };
     let receiver = Receiver::bind(a.listen.as_str(), Arc::new(memory), config)?;
     eprintln!("pagewire: listening on {}", receiver.local_addr()?);
-    let bar = progress_bar(receiver.progress(), "recv");
+    let display = start_display(receiver.progress(), "recv", a.common.json_stream);
     let stats = receiver.run();
-    finish_bar(bar);
+    finish_display(display);
     let stats = stats.context("receiving failed")?;
-    report(&stats, None, a.json, "received")?;
+    report(&stats, None, &a.common, "received")?;
     Ok(true)
 }
 
 fn send(a: SendArgs) -> Result<bool> {
-    // Settings first: a bad TLS file is reported before any memory is mapped.
-    let tls = match a.tls.files() {
+    // Settings first: a bad option or TLS file is reported before any memory is mapped.
+    let idle = idle_ms(a.common.idle_timeout)?;
+    let level = a.compress.level()?;
+    if a.tls_hostname.is_some() && a.tls.tls_cert.is_none() && a.tls.tls_dir.is_none() {
+        bail!("--tls-hostname needs TLS (--tls-dir, or --tls-cert, --tls-key and --tls-ca)");
+    }
+    let tls = match a.tls.files(false)? {
         Some(files) => {
             let host = match &a.tls_hostname {
                 Some(h) => h.clone(),
@@ -394,28 +492,52 @@ fn send(a: SendArgs) -> Result<bool> {
         }
         None => None,
     };
-    let memory = Arc::new(GuestMemory::from_file(&a.from, false)?);
+    if a.from.is_dir() {
+        bail!(
+            "--from {} is a directory; give a RAM image file",
+            a.from.display()
+        );
+    }
     let config = SenderConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
         zero_copy: a.zero_copy,
         tls,
         compression: a.compress.compress,
-        zstd_level: a.compress.zstd_level,
+        zstd_level: level,
         max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
+        idle_timeout_ms: idle,
         ..SenderConfig::default()
     };
+    config.validate()?;
+    let memory = Arc::new(GuestMemory::from_file(&a.from, false)?);
     let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
-    let bar = progress_bar(sender.progress(), "send");
+    let display = start_display(sender.progress(), "send", a.common.json_stream);
     let result = sender.send_all().and_then(|_| sender.finish());
-    finish_bar(bar);
+    finish_display(display);
     let stats = result.context("sending failed")?;
-    report(&stats, None, a.json, "sent")?;
+    report(&stats, None, &a.common, "sent")?;
     Ok(true)
 }
 
 fn demo(a: DemoArgs) -> Result<bool> {
+    // Every setting is checked before memory is generated or anything listens.
+    let idle = idle_ms(a.common.idle_timeout)?;
+    let level = a.compress.level()?;
+    let config = SenderConfig {
+        channels: a.channels,
+        pinning: pinning(a.no_pin, false),
+        zero_copy: a.zero_copy,
+        tls: None,
+        compression: a.compress.compress,
+        zstd_level: level,
+        max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
+        idle_timeout_ms: idle,
+        ..SenderConfig::default()
+    };
+    config.validate()?;
     pagewire::probe_uring()?;
+    let quiet = a.common.json || a.common.json_stream;
     // Like a PC guest: RAM below 3 GiB at 0, the rest from 4 GiB.
     let low = a.size.min(3 << 30);
     let mut specs = vec![RegionSpec { gpa: 0, len: low }];
@@ -426,7 +548,7 @@ fn demo(a: DemoArgs) -> Result<bool> {
         });
     }
     let say = |s: String| {
-        if !a.json {
+        if !quiet {
             eprintln!("{s}");
         }
     };
@@ -467,6 +589,7 @@ fn demo(a: DemoArgs) -> Result<bool> {
         ReceiverConfig {
             pinning: pinning(a.no_pin, true),
             accept_timeout_ms: Some(30_000),
+            idle_timeout_ms: idle,
             tls: server_tls,
             ..ReceiverConfig::default()
         },
@@ -474,23 +597,17 @@ fn demo(a: DemoArgs) -> Result<bool> {
     let addr = receiver.local_addr()?;
     let rx = std::thread::spawn(move || receiver.run());
     let config = SenderConfig {
-        channels: a.channels,
-        pinning: pinning(a.no_pin, false),
-        zero_copy: a.zero_copy,
         tls: client_tls,
-        compression: a.compress.compress,
-        zstd_level: a.compress.zstd_level,
-        max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
-        ..SenderConfig::default()
+        ..config
     };
     let sent = Sender::connect(addr, src.clone(), &config).and_then(|mut sender| {
-        let bar = if a.json {
+        let display = if a.common.json {
             None
         } else {
-            progress_bar(sender.progress(), "demo")
+            start_display(sender.progress(), "demo", a.common.json_stream)
         };
         let r = sender.send_all().and_then(|_| sender.finish());
-        finish_bar(bar);
+        finish_display(display);
         r
     });
     let received = rx
@@ -513,7 +630,7 @@ fn demo(a: DemoArgs) -> Result<bool> {
         t.elapsed().as_secs_f64()
     ));
     let verified = difference.is_none();
-    report(&sent, Some((&received, verified)), a.json, "migrated")?;
+    report(&sent, Some((&received, verified)), &a.common, "migrated")?;
     if let Some((region, page)) = difference {
         eprintln!("error: destination differs from source at region {region}, page {page}");
     }
@@ -551,10 +668,10 @@ fn host_of(addr: &str) -> String {
 fn report(
     stats: &TransferStats,
     receiver: Option<(&TransferStats, bool)>,
-    json: bool,
+    common: &CommonArgs,
     verb: &str,
 ) -> Result<()> {
-    if json {
+    if common.json || common.json_stream {
         let mut v = serde_json::to_value(stats)?;
         if let Some((r, verified)) = receiver {
             v["verified"] = serde_json::Value::Bool(verified);
@@ -562,6 +679,9 @@ fn report(
             v["receiver_cpu_ms"] = r.cpu_ms.into();
             v["receiver_cpu_s_per_gib"] = r.cpu_s_per_gib.into();
             v["receiver"] = serde_json::to_value(r)?;
+        }
+        if common.json_stream {
+            v["event"] = "end".into();
         }
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
@@ -644,33 +764,4 @@ fn report(
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn rates_parse_in_bits_or_bytes() {
-        use super::parse_rate;
-        assert_eq!(parse_rate("100Mbit"), Ok(12_500_000));
-        assert_eq!(parse_rate("1Gbit"), Ok(125_000_000));
-        assert_eq!(parse_rate("10gbit/s"), Ok(1_250_000_000));
-        assert_eq!(parse_rate("125MiB"), Ok(125 << 20));
-        assert_eq!(parse_rate("4096"), Ok(4096));
-        for bad in ["", "fast", "0", "3parsec", "1xbit"] {
-            assert!(parse_rate(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_units_and_reject_nonsense() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        for bad in ["", "GiB", "12 parsecs", "100", "0", "99999999999999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
-        }
-    }
 }

@@ -60,9 +60,27 @@ fn demo_json_reports_a_verified_transfer() {
 
 #[test]
 fn bad_input_fails_with_a_message_and_no_panic() {
-    let cases: [&[&str]; 4] = [
+    let cases: [&[&str]; 14] = [
         &["demo", "--size", "12parsecs"],
         &["demo", "--size", "100"],
+        &["demo", "--channels", "0"],
+        &["demo", "--channels", "1000"],
+        &["demo", "--compress", "zstd", "--zstd-level", "99"],
+        &["demo", "--compress", "none", "--zstd-level", "3"],
+        &["demo", "--max-bandwidth", "3parsec"],
+        &["demo", "--idle-timeout", "1ms"],
+        &["demo", "--idle-timeout", "1 fortnight"],
+        &["send", "--connect", "127.0.0.1:9", "--from", "/tmp"],
+        &["recv", "--listen", "127.0.0.1:0", "--into", "/tmp"],
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "1MiB",
+            "--tls-dir",
+            "/nonexistent",
+        ],
         &[
             "send",
             "--connect",
@@ -79,7 +97,13 @@ fn bad_input_fails_with_a_message_and_no_panic() {
         ],
     ];
     for args in cases {
+        let started = std::time::Instant::now();
         let out = pagewire().args(args).output().unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{args:?} took {:?} to fail",
+            started.elapsed()
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(
@@ -88,6 +112,61 @@ fn bad_input_fails_with_a_message_and_no_panic() {
         );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
+}
+
+#[test]
+fn errors_are_json_with_json() {
+    for args in [
+        &["demo", "--channels", "0", "--json"][..],
+        &["demo", "--compress", "none", "--zstd-level", "3", "--json"],
+    ] {
+        let out = pagewire().args(args).output().unwrap();
+        assert!(!out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text:?}"));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert!(v["cause"].as_str().is_some(), "{v}");
+    }
+}
+
+#[test]
+fn a_closed_standard_output_ends_quietly() {
+    if uring_missing() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let mut child = pagewire()
+        .args([
+            "demo",
+            "--size",
+            "64MiB",
+            "--no-pin",
+            "--json-stream",
+            "--max-bandwidth",
+            "32MiB",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is dropped here: the pipe closes while the demo still has lines to print.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(first.trim()).unwrap();
+    assert_eq!(v["event"], "progress", "{first}");
+}
+
+#[test]
+fn version_is_printed() {
+    let out = pagewire().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pagewire "));
 }
 
 #[test]
