@@ -128,6 +128,15 @@ pub enum Error {
         /// Pages missing in all.
         missing: u64,
     },
+    /// Guest memory could not be accessed: its file was truncated or could not be backed
+    /// (SIGBUS), or the kernel could not write into it (EFAULT).
+    #[error("guest memory at page {page} of region {region} cannot be accessed (its file was truncated, or its filesystem or huge-page pool is full)")]
+    MemoryFault {
+        /// Region index.
+        region: u32,
+        /// Page index within the region.
+        page: u64,
+    },
     /// A shard thread panicked (a bug in pagewire); the transfer was torn down.
     #[error("internal error: the {side} shard of channel {channel} panicked: {message}")]
     ShardPanicked {
@@ -161,7 +170,7 @@ impl Error {
     pub fn abort_code(&self) -> AbortCode {
         match self {
             Error::Protocol { .. } | Error::BadHello { .. } => AbortCode::Protocol,
-            Error::Io { .. } => AbortCode::Io,
+            Error::Io { .. } | Error::MemoryFault { .. } => AbortCode::Io,
             Error::Timeout { .. } => AbortCode::Timeout,
             Error::PeerClosed { .. } => AbortCode::PeerClosed,
             Error::Incomplete { .. } => AbortCode::Incomplete,

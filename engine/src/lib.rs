@@ -62,6 +62,8 @@ pub mod protocol;
 pub mod receiver;
 pub mod sender;
 pub(crate) mod shard;
+#[allow(unsafe_code)]
+pub(crate) mod sigbus;
 pub mod stats;
 pub mod synth;
 #[allow(unsafe_code)]
@@ -73,7 +75,7 @@ pub(crate) mod uring;
 
 pub use config::{Pinning, ReceiverConfig, SenderConfig, ZeroCopy};
 pub use error::{AbortCode, Error, Result};
-pub use memory::{GuestMemory, Region, RegionSpec};
+pub use memory::{GuestMemory, ImageFile, Region, RegionSpec};
 pub use receiver::Receiver;
 pub use sender::{PageRun, Sender};
 pub use shard::error_chain;

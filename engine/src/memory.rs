@@ -39,6 +39,8 @@ pub struct Region {
     host: NonNull<u8>,
     initially_zero: bool,
     writable: bool,
+    /// SIGBUS protection of a file mapping; dropped (unregistered) before the mapping is.
+    guard: Option<crate::sigbus::Guard>,
     _backing: Backing,
 }
 
@@ -223,6 +225,7 @@ impl GuestMemory {
                     .ok_or_else(|| Error::Config("the kernel returned a null mapping".into()))?,
                 initially_zero: true,
                 writable: true,
+                guard: None,
                 _backing: Backing::Mapped(raw),
             });
         }
@@ -240,7 +243,10 @@ impl GuestMemory {
         Self::map_file(&file, path, writable)
     }
 
-    /// Creates (or truncates) the file at `path` to `len` bytes of zeros and maps it writable.
+    /// Creates (or truncates) the file at `path` to `len` bytes of zeros, reserves its space
+    /// (`posix_fallocate`, so a full filesystem fails here and not mid-transfer), and maps it
+    /// writable. See [`ImageFile`] for a destination that cannot be mistaken for a complete
+    /// image when the transfer fails.
     pub fn create_file(path: &Path, len: u64) -> Result<Self> {
         check_specs(&[RegionSpec { gpa: 0, len }])?;
         let file = OpenOptions::new()
@@ -250,8 +256,7 @@ impl GuestMemory {
             .truncate(true)
             .open(path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        file.set_len(len)
-            .map_err(|e| Error::io(format!("sizing {} to {len} bytes", path.display()), e))?;
+        reserve(&file, path, len)?;
         let mut mem = Self::map_file(&file, path, true)?;
         mem.regions[0].initially_zero = true;
         Ok(mem)
@@ -284,9 +289,36 @@ impl GuestMemory {
                 host,
                 initially_zero: false,
                 writable,
+                guard: crate::sigbus::guard(raw.as_mut_ptr(), raw.len()),
                 _backing: Backing::Mapped(raw),
             }],
         })
+    }
+
+    /// The first SIGBUS a file-backed region took since the last call (the file was truncated
+    /// or could not be backed), as an error naming the region and page. Shards check it after
+    /// each frame; see [`crate::sigbus`].
+    pub fn take_fault(&self) -> Result<()> {
+        for (i, r) in self.regions.iter().enumerate() {
+            if let Some(offset) = r.guard.as_ref().and_then(|g| g.take_fault()) {
+                return Err(Error::MemoryFault {
+                    region: i as u32,
+                    page: offset as u64 / PAGE_BYTES as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes file-backed regions to their files (`msync(MS_SYNC)`).
+    pub fn sync(&self) -> Result<()> {
+        for r in &self.regions {
+            if let Backing::Mapped(map) = &r._backing {
+                map.flush()
+                    .map_err(|e| Error::io("writing the received image back to its file", e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Wraps memory the caller already has mapped (a VMM's guest RAM).
@@ -308,6 +340,7 @@ impl GuestMemory {
                     host,
                     initially_zero: false,
                     writable: true,
+                    guard: None,
                     _backing: Backing::External,
                 })
                 .collect(),
@@ -370,6 +403,158 @@ impl GuestMemory {
     }
 }
 
+/// Reserves `len` bytes of disk (or tmpfs) space for `file`, extending it to `len`.
+fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let signed = libc::off_t::try_from(len)
+        .map_err(|_| Error::Config(format!("{len} bytes is too large for a file")))?;
+    // SAFETY: a valid open fd and a byte range; posix_fallocate touches no user memory.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, signed) };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("reserving {len} bytes for {}", path.display()),
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    Ok(())
+}
+
+/// A RAM image being received, which cannot be mistaken for a complete one if the transfer
+/// fails. A new image is written under a temporary name in the same directory
+/// (`.NAME.pagewire-partial`), with its space reserved up front, and renamed into place by
+/// [`commit`](Self::commit) only after the transfer succeeded and the data reached the file
+/// (`msync`); a failed or abandoned one is removed. An existing image (a VMM's) is written in
+/// place, so it gets a marker file beside it (`NAME.pagewire-incomplete`) for the duration,
+/// left behind with the reason on failure.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: std::path::PathBuf,
+    /// The temporary name of a new image.
+    temp: Option<std::path::PathBuf>,
+    /// The marker beside an existing image.
+    marker: Option<std::path::PathBuf>,
+    memory: std::sync::Arc<GuestMemory>,
+    settled: bool,
+}
+
+impl ImageFile {
+    /// A new image of `len` bytes at `path` (which must not exist yet).
+    pub fn create(path: &Path, len: u64) -> Result<Self> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::Config(format!("{} names no file", path.display())))?;
+        let temp = path.with_file_name(format!(".{}.pagewire-partial", name.to_string_lossy()));
+        let memory = GuestMemory::create_file(&temp, len).inspect_err(|_| {
+            let _ = std::fs::remove_file(&temp);
+        })?;
+        Ok(ImageFile {
+            path: path.to_path_buf(),
+            temp: Some(temp),
+            marker: None,
+            memory: std::sync::Arc::new(memory),
+            settled: false,
+        })
+    }
+
+    /// An existing image at `path`, written in place. Holes in a sparse file are reserved first.
+    pub fn open_existing(path: &Path) -> Result<Self> {
+        let marker = {
+            let mut m = path.as_os_str().to_owned();
+            m.push(".pagewire-incomplete");
+            std::path::PathBuf::from(m)
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
+            .len();
+        reserve(&file, path, len)?;
+        std::fs::write(
+            &marker,
+            format!(
+                "pagewire is receiving into {}; until this file is gone the image is not complete\n",
+                path.display()
+            ),
+        )
+        .map_err(|e| Error::io(format!("writing the marker {}", marker.display()), e))?;
+        let memory = GuestMemory::map_file(&file, path, true).inspect_err(|_| {
+            let _ = std::fs::remove_file(&marker);
+        })?;
+        Ok(ImageFile {
+            path: path.to_path_buf(),
+            temp: None,
+            marker: Some(marker),
+            memory: std::sync::Arc::new(memory),
+            settled: false,
+        })
+    }
+
+    /// The image's memory, to receive into.
+    pub fn memory(&self) -> std::sync::Arc<GuestMemory> {
+        self.memory.clone()
+    }
+
+    /// After a successful transfer: flushes the image to its file, then gives it its name (or
+    /// removes the marker).
+    pub fn commit(mut self) -> Result<()> {
+        self.memory.sync()?;
+        if let Some(temp) = &self.temp {
+            std::fs::rename(temp, &self.path).map_err(|e| {
+                Error::io(
+                    format!("renaming {} to {}", temp.display(), self.path.display()),
+                    e,
+                )
+            })?;
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        if let Some(marker) = &self.marker {
+            std::fs::remove_file(marker)
+                .map_err(|e| Error::io(format!("removing the marker {}", marker.display()), e))?;
+        }
+        self.settled = true;
+        Ok(())
+    }
+
+    /// After a failed transfer: removes a new image, or records `reason` in the marker beside an
+    /// existing one.
+    pub fn fail(mut self, reason: &str) {
+        self.abandon(reason);
+    }
+
+    fn abandon(&mut self, reason: &str) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        if let Some(temp) = &self.temp {
+            let _ = std::fs::remove_file(temp);
+        }
+        if let Some(marker) = &self.marker {
+            let _ = std::fs::write(
+                marker,
+                format!(
+                    "pagewire failed to receive {}: {reason}\nThe image is NOT complete.\n",
+                    self.path.display()
+                ),
+            );
+        }
+    }
+}
+
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        self.abandon("the transfer did not complete");
+    }
+}
+
 fn ranges_equal(a: &Region, b: &Region, first_page: u64, pages: u64) -> bool {
     let pa = a.pages_ptr(first_page, pages);
     let pb = b.pages_ptr(first_page, pages);
@@ -409,6 +594,67 @@ mod tests {
         assert_eq!(&out, b"hello");
         a.regions()[0].zero_pages(3, 1);
         assert_eq!(a.first_difference(&b), None);
+    }
+
+    #[test]
+    fn a_truncated_file_mapping_faults_into_an_error_not_a_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram.img");
+        let image = ImageFile::create(&path, 8 * 4096).unwrap();
+        let memory = image.memory();
+        let region = &memory.regions()[0];
+        region.write(0, b"before");
+        assert!(memory.take_fault().is_ok());
+        // Someone truncates the file under the mapping: touching page 5 would be SIGBUS.
+        let temp = dir.path().join(".ram.img.pagewire-partial");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&temp)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        region.write(5 * 4096 + 7, b"after");
+        let scanner = ZeroScanner::detect();
+        let _ = region.page_is_zero(&scanner, 6);
+        match memory.take_fault() {
+            Err(Error::MemoryFault { region: 0, page: 5 }) => {}
+            other => panic!("expected a fault at page 5, got {other:?}"),
+        }
+        // The second fault (page 6) happened after the first was recorded; once taken, the
+        // guard reports nothing more until the next one.
+        assert!(memory.take_fault().is_ok());
+        drop(memory);
+        image.fail("test");
+        assert!(
+            !temp.exists() && !path.exists(),
+            "a failed new image is removed"
+        );
+    }
+
+    #[test]
+    fn images_get_their_name_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.img");
+        let image = ImageFile::create(&path, 4 * 4096).unwrap();
+        image.memory().regions()[0].write(4096, b"data");
+        assert!(!path.exists(), "an image in progress has a temporary name");
+        image.commit().unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[4096..4100], b"data");
+        // An existing image gets a marker while in progress, and keeps it (with the reason)
+        // when the transfer fails.
+        let marker = dir.path().join("new.img.pagewire-incomplete");
+        let image = ImageFile::open_existing(&path).unwrap();
+        assert!(marker.exists());
+        image.fail("the sender vanished");
+        let text = std::fs::read_to_string(&marker).unwrap();
+        assert!(
+            text.contains("the sender vanished") && text.contains("NOT complete"),
+            "{text}"
+        );
+        std::fs::remove_file(&marker).unwrap();
+        let image = ImageFile::open_existing(&path).unwrap();
+        image.commit().unwrap();
+        assert!(!marker.exists());
     }
 
     #[test]

@@ -18,8 +18,8 @@ use pagewire::synth::{self, Content};
 use pagewire::tls::{certs, TlsClient, TlsFiles, TlsServer};
 use pagewire::units::{parse_duration_ms, parse_rate, parse_size};
 use pagewire::{
-    GuestMemory, Pinning, Progress, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig,
-    TransferStats, ZeroCopy,
+    GuestMemory, ImageFile, Pinning, Progress, Receiver, ReceiverConfig, RegionSpec, Sender,
+    SenderConfig, TransferStats, ZeroCopy,
 };
 
 #[derive(Parser)]
@@ -436,7 +436,9 @@ fn recv(a: RecvArgs) -> Result<bool> {
             );
         }
     }
-    let memory = match (&a.into, a.size) {
+    // A file destination is an `ImageFile`: a new image appears under its name only once it is
+    // complete; an existing one carries a marker until then.
+    let (memory, image) = match (&a.into, a.size) {
         (Some(path), size) if path.exists() => {
             let len = std::fs::metadata(path)
                 .with_context(|| format!("reading the size of {}", path.display()))?
@@ -447,14 +449,21 @@ fn recv(a: RecvArgs) -> Result<bool> {
                     path.display()
                 );
             }
-            GuestMemory::from_file(path, true)?
+            let image = ImageFile::open_existing(path)?;
+            (image.memory(), Some(image))
         }
-        (Some(path), Some(size)) => GuestMemory::create_file(path, size)?,
+        (Some(path), Some(size)) => {
+            let image = ImageFile::create(path, size)?;
+            (image.memory(), Some(image))
+        }
         (Some(path), None) => bail!(
             "{} does not exist; give --size to create it",
             path.display()
         ),
-        (None, Some(size)) => GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: size }])?,
+        (None, Some(size)) => (
+            Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: size }])?),
+            None,
+        ),
         (None, None) => bail!("give --into FILE or --size N"),
     };
     let config = ReceiverConfig {
@@ -465,12 +474,24 @@ fn recv(a: RecvArgs) -> Result<bool> {
         tls,
         ..ReceiverConfig::default()
     };
-    let receiver = Receiver::bind(a.listen.as_str(), Arc::new(memory), config)?;
+    let receiver = Receiver::bind(a.listen.as_str(), memory, config)?;
     eprintln!("pagewire: listening on {}", receiver.local_addr()?);
     let display = start_display(receiver.progress(), "recv", a.common.json_stream);
     let stats = receiver.run();
     finish_display(display);
-    let stats = stats.context("receiving failed")?;
+    let stats = match (stats, image) {
+        (Ok(stats), Some(image)) => {
+            image.commit()?;
+            stats
+        }
+        (Ok(stats), None) => stats,
+        (Err(e), image) => {
+            if let Some(image) = image {
+                image.fail(&pagewire::error_chain(&e));
+            }
+            return Err(e).context("receiving failed");
+        }
+    };
     report(&stats, None, &a.common, "received")?;
     Ok(true)
 }

@@ -303,3 +303,165 @@ fn tls_demo_certs_and_clear_errors_for_bad_tls_files() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallTmpfs(std::path::PathBuf);
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("pagewire-tmpfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !ok.status.success() {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(format!(
+                "mount -t tmpfs failed (not root?): {}",
+                String::from_utf8_lossy(&ok.stderr).trim()
+            ));
+        }
+        Ok(SmallTmpfs(dir))
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn recv_into_a_full_filesystem_fails_cleanly_and_leaves_no_image() {
+    let fs = match SmallTmpfs::mount("4m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let target = fs.0.join("dst.img");
+    let started = std::time::Instant::now();
+    let out = pagewire()
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "64MiB",
+            "--into",
+        ])
+        .arg(&target)
+        .args(["--timeout", "10s"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("reserving") && err.contains("No space left"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("listening"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let left: Vec<_> = std::fs::read_dir(&fs.0).unwrap().collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+/// Reads standard error of `child` until a line starting with `prefix`; returns that line.
+fn wait_for_line(child: &mut std::process::Child, prefix: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("the process ended before printing {prefix:?}");
+        }
+        if line.starts_with(prefix) {
+            // Keep draining in the background so the child never blocks on a full pipe.
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                    sink.clear();
+                }
+            });
+            return line;
+        }
+    }
+}
+
+#[test]
+fn kill_9_of_either_side_mid_transfer_is_reported_by_the_other_within_its_bound() {
+    if uring_missing() {
+        return;
+    }
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![0x5au8; 64 << 20]).unwrap();
+    for victim in ["send", "recv"] {
+        let mut recv = pagewire()
+            .args([
+                "recv",
+                "--listen",
+                "127.0.0.1:0",
+                "--size",
+                "64MiB",
+                "--idle-timeout",
+                "2s",
+                "--no-pin",
+            ])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let line = wait_for_line(&mut recv, "pagewire: listening on ");
+        let addr = line
+            .trim()
+            .trim_start_matches("pagewire: listening on ")
+            .to_string();
+        let mut send = pagewire()
+            .args(["send", "--connect", &addr, "--from"])
+            .arg(&src)
+            .args([
+                "--max-bandwidth",
+                "16MiB",
+                "--idle-timeout",
+                "2s",
+                "--no-pin",
+            ])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let (killed, survivor) = if victim == "send" {
+            (&mut send, &mut recv)
+        } else {
+            (&mut recv, &mut send)
+        };
+        killed.kill().unwrap();
+        let _ = killed.wait();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = survivor.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the other side of a killed {victim} kept running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(
+            !status.success(),
+            "killing {victim} left the other side successful"
+        );
+    }
+}

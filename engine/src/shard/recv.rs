@@ -320,8 +320,19 @@ impl RecvShard {
                 self.recv(&bufs, payload, false).map(drop)
             };
             self.bufs = bufs;
-            got?;
+            // The kernel could not write the destination (a truncated or unbackable file).
+            got.map_err(|e| match &e {
+                Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFAULT) => {
+                    Error::MemoryFault {
+                        region: self.frame.region,
+                        page: self.frame.normal_runs().first().map_or(0, |r| r.first_page),
+                    }
+                }
+                _ => e,
+            })?;
         }
+        // A user-space store or load that took SIGBUS on a file mapping (see `crate::sigbus`).
+        self.p.memory.take_fault()?;
         // Every byte of the frame is in place: its pages count as received.
         let frame = &*self.frame;
         for run in frame.normal_runs().iter().chain(frame.zero_runs()) {

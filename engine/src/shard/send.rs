@@ -504,6 +504,8 @@ impl SendShard {
                         .push_page(page, zero)
                         .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
                 }
+                // The scan read every zero page: a truncated source file shows up here.
+                self.memory.take_fault()?;
                 let normal = frame.normal_pages();
                 payload = normal * PAGE_BYTES as u64;
                 for run in frame.normal_runs() {
