@@ -64,6 +64,8 @@ pub mod sender;
 pub(crate) mod shard;
 #[allow(unsafe_code)]
 pub(crate) mod sigbus;
+#[allow(unsafe_code)]
+pub mod simd;
 pub mod stats;
 pub mod synth;
 #[allow(unsafe_code)]

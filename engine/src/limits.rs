@@ -26,8 +26,12 @@ pub const FRAME_FIXED_BYTES: usize = 32;
 /// Bytes of one encoded page run (first page u64 + page count u32).
 pub const RUN_BYTES: usize = 12;
 
-/// Bytes of the largest frame header: the fixed part plus the most runs.
-pub const FRAME_HEADER_BYTES_MAX: usize = FRAME_FIXED_BYTES + RUN_BYTES * FRAME_RUNS_MAX;
+/// Bytes of one page's payload checksum (XXH3-64).
+pub const PAGE_CHECKSUM_BYTES: usize = 8;
+
+/// Bytes of the largest frame header: the fixed part, the most runs, a checksum per page.
+pub const FRAME_HEADER_BYTES_MAX: usize =
+    FRAME_FIXED_BYTES + RUN_BYTES * FRAME_RUNS_MAX + PAGE_CHECKSUM_BYTES * CHUNK_PAGES_MAX;
 
 /// Bytes of the handshake `Hello` a sender opens each connection with.
 pub const HELLO_BYTES: usize = 64;

@@ -142,6 +142,15 @@ impl Region {
         // SAFETY: one whole page inside the mapping (pages_ptr checked).
         unsafe { scanner.is_zero_raw(ptr, PAGE_BYTES) }
     }
+
+    /// The payload checksum (XXH3-64) of page `page`, read through raw pointers (a page a
+    /// vCPU writes meanwhile hashes as some mix of old and new bytes).
+    pub fn page_checksum(&self, hash: crate::simd::xxh3::Xxh3, page: u64) -> u64 {
+        let ptr = self.pages_ptr(page, 1);
+        // SAFETY: one whole page inside the mapping (pages_ptr checked), mapped while `self`
+        // lives; the hash only reads it.
+        unsafe { hash.hash_raw(ptr, PAGE_BYTES) }
+    }
 }
 
 /// A guest memory layout: ordered, non-overlapping regions.

@@ -259,7 +259,26 @@ impl Sender {
     /// Sends one round: `runs` must be sorted by region and page and must not overlap (a page is
     /// sent at most once per round, which is what makes the round barrier sufficient for
     /// ordering). Returns when every shard has handed the whole round to the kernel.
+    ///
+    /// A round sent this way is *stable*: its pages must not change until [`finish`](Self::finish)
+    /// returns (a paused guest, a RAM image), because zero-copy sends may still read them after
+    /// this returns and every frame's payload checksum must match. Rounds sent while vCPUs run
+    /// use [`send_live_round`](Self::send_live_round).
     pub fn send_round(&mut self, runs: &[PageRun]) -> Result<RoundStats> {
+        self.send_round_with(runs, false)
+    }
+
+    /// Like [`send_round`](Self::send_round), for a pre-copy round while vCPUs run: a page
+    /// written during its send may arrive torn, which its payload checksum shows, so the
+    /// receiver leaves such pages un-placed instead of failing (the dirty log resends them; a
+    /// page never resent intact fails the final check).
+    pub fn send_live_round(&mut self, runs: &[PageRun]) -> Result<RoundStats> {
+        self.send_round_with(runs, true)
+    }
+
+    fn send_round_with(&mut self, runs: &[PageRun], live: bool) -> Result<RoundStats> {
+        let span = tracing::debug_span!("round", round = self.round, live);
+        let _enter = span.enter();
         if self.finished {
             return Err(Error::Config("send_round after finish".into()));
         }
@@ -282,6 +301,7 @@ impl Sender {
                         region: run.region,
                         first_page: first,
                         pages,
+                        live,
                     },
                 )?;
                 next = (next + 1) % n;
@@ -310,6 +330,7 @@ impl Sender {
             pages,
             time_ms: started.elapsed().as_secs_f64() * 1e3,
         };
+        tracing::debug!(pages, time_ms = stats.time_ms, "round handed to the kernel");
         self.rounds.push(stats);
         self.round += 1;
         self.cpu_ms += (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;

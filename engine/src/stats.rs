@@ -56,6 +56,9 @@ pub struct ShardStats {
     pub fixed_buffers: bool,
     /// Frames whose payload travelled compressed.
     pub compressed_frames: u64,
+    /// Receiver: pages of live rounds that did not match their checksum (torn by a vCPU write
+    /// during the send); they stay un-placed until they arrive intact.
+    pub torn_pages: u64,
     /// Bytes of normal pages in those frames, before compression.
     pub compressed_raw_bytes: u64,
     /// Bytes of those frames' payloads after compression.
@@ -105,6 +108,8 @@ pub struct TransferStats {
     pub zero_scan: &'static str,
     /// Frames sent compressed, over all shards.
     pub compressed_frames: u64,
+    /// Receiver: pages of live rounds refused by their checksum (torn, resent later).
+    pub torn_pages: u64,
     /// Normal bytes / compressed bytes over the compressed frames (1.0 when none were).
     pub compression_ratio: f64,
     /// Whether rings ran with DEFER_TASKRUN.
@@ -131,6 +136,7 @@ impl TransferStats {
             self.cpu_s_per_gib = self.cpu_ms / 1e3 / (moved as f64 / (1u64 << 30) as f64);
         }
         self.compressed_frames = self.shards.iter().map(|s| s.compressed_frames).sum();
+        self.torn_pages = self.shards.iter().map(|s| s.torn_pages).sum();
         let raw: u64 = self.shards.iter().map(|s| s.compressed_raw_bytes).sum();
         let packed: u64 = self.shards.iter().map(|s| s.compressed_bytes).sum();
         self.compression_ratio = if packed > 0 {

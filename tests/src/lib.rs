@@ -1,5 +1,7 @@
 //! Helpers for pagewire's end-to-end tests: run a loopback transfer, bound every wait.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -71,4 +73,62 @@ pub fn migrate_once(
     let sent = s.finish().expect("finish");
     let received = join_within(rx, Duration::from_secs(60), "receiver").expect("receive");
     (src, dst, sent, received)
+}
+
+/// What the proxy does to the client-to-server stream.
+#[derive(Debug, Clone, Copy)]
+pub enum Tamper {
+    /// Flip the lowest bit of the byte at this offset.
+    Flip(usize),
+    /// Forward this many bytes, then cut both directions.
+    Cut(usize),
+}
+
+/// Forwards both directions between a client and `server`, tampering with the client's stream.
+pub fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let addr = listener.local_addr().expect("proxy address");
+    std::thread::spawn(move || {
+        let Ok((client, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(upstream) = TcpStream::connect(server) else {
+            return;
+        };
+        let (Ok(mut c_read), Ok(mut u_write)) = (client.try_clone(), upstream.try_clone()) else {
+            return;
+        };
+        let (mut u_read, mut c_write) = (upstream, client);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = u_read.read(&mut buf) {
+                if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c_write.shutdown(std::net::Shutdown::Both);
+        });
+        let mut seen = 0usize;
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = c_read.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut n = n;
+            match tamper {
+                Tamper::Flip(at) if (seen..seen + n).contains(&at) => buf[at - seen] ^= 0x01,
+                Tamper::Cut(at) if seen + n >= at => n = at - seen,
+                _ => {}
+            }
+            seen += n;
+            if u_write.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            if matches!(tamper, Tamper::Cut(at) if seen >= at) {
+                break;
+            }
+        }
+        let _ = u_write.shutdown(std::net::Shutdown::Both);
+    });
+    addr
 }

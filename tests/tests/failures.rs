@@ -190,8 +190,13 @@ fn a_second_sender_is_refused_without_harming_the_first() {
             f.push_page(p, p % 2 == 1).unwrap();
         }
         f.payload_bytes = 8 * 4096;
+        let payload = vec![0x5a; 8 * 4096];
+        f.begin_checksums();
+        for page in payload.chunks(4096) {
+            f.push_checksum(xxh3(page));
+        }
         push_encoded(f, out);
-        out.extend(std::iter::repeat_n(0x5a, 8 * 4096));
+        out.extend(payload);
         chan.end_stream(f);
         push_encoded(f, out);
     });
@@ -277,9 +282,19 @@ fn pages_frame(pages: &[u64], payload: u32) -> Vec<u8> {
         frame.push_page(p, false).unwrap();
     }
     frame.payload_bytes = payload;
+    // A plaintext frame must carry checksums; these frames fail before they are checked.
+    frame.begin_checksums();
+    for _ in pages {
+        frame.push_checksum(0);
+    }
     let mut buf = vec![0u8; frame.header_bytes()];
     frame.encode(&mut buf).unwrap();
     buf
+}
+
+/// The payload checksum of one page (XXH3-64).
+fn xxh3(page: &[u8]) -> u64 {
+    pagewire::simd::xxh3::Xxh3::detect().hash(page)
 }
 
 #[test]
@@ -598,4 +613,99 @@ fn mixed_end_of_round_and_end_of_stream_is_a_protocol_error_not_a_wait() {
         error_chain(&err)
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_flipped_payload_bit_fails_both_sides_naming_region_and_page() {
+    if skip_without_uring() {
+        return;
+    }
+    use pagewire_tests::{tampering_proxy, Tamper};
+    let len = 16 * 4096;
+    let src = memory(len);
+    fill(&src, Content::Random, 8);
+    let dst = memory(len);
+    let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
+    // The first frame: a 64-byte hello, then a header of 32 bytes, one run of 12 and a checksum
+    // per page (16 × 8), then the payload; flip a bit in page 3.
+    let header = 32 + 12 + 16 * 8;
+    let proxy = tampering_proxy(addr, Tamper::Flip(64 + header + 3 * 4096 + 100));
+    let tx = std::thread::spawn(move || {
+        let mut s = Sender::connect(proxy, src, &sender_config(1))?;
+        s.send_all()?;
+        s.finish()
+    });
+    let received = join_within(rx, LIMIT, "receiver").unwrap_err();
+    let sent = join_within(tx, LIMIT, "sender").unwrap_err();
+    assert!(
+        error_chain(&received).contains("page 3 of region 0"),
+        "{}",
+        error_chain(&received)
+    );
+    assert!(
+        matches!(&sent, Error::PeerAborted { reason, .. } if reason.contains("page 3 of region 0")),
+        "{}",
+        error_chain(&sent)
+    );
+}
+
+#[test]
+fn a_torn_page_of_a_live_round_must_arrive_again_before_success() {
+    if skip_without_uring() {
+        return;
+    }
+    use pagewire::PageRun;
+    use pagewire_tests::{tampering_proxy, Tamper};
+    let len = 16 * 4096;
+    let header = 32 + 12 + 16 * 8;
+    let everything = [PageRun {
+        region: 0,
+        first_page: 0,
+        pages: 16,
+    }];
+    for resend in [true, false] {
+        let src = memory(len);
+        fill(&src, Content::Random, 9);
+        let dst = memory(len);
+        let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
+        // A bit flipped in page 3 of a live round looks exactly like a page a vCPU tore.
+        let proxy = tampering_proxy(addr, Tamper::Flip(64 + header + 3 * 4096 + 7));
+        let source = src.clone();
+        let tx = std::thread::spawn(move || {
+            let mut s = Sender::connect(proxy, source, &sender_config(1))?;
+            s.send_live_round(&everything)?;
+            if resend {
+                // The dirty log would name the torn page: it goes again in the final round.
+                s.send_round(&[PageRun {
+                    region: 0,
+                    first_page: 3,
+                    pages: 1,
+                }])?;
+            }
+            s.finish()
+        });
+        let received = join_within(rx, LIMIT, "receiver");
+        let sent = join_within(tx, LIMIT, "sender");
+        if resend {
+            let stats = received.unwrap();
+            sent.unwrap();
+            assert_eq!(stats.torn_pages, 1);
+            assert_eq!(src.first_difference(&dst), None);
+        } else {
+            let err = received.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Incomplete {
+                        region: 0,
+                        page: 3,
+                        missing: 1
+                    }
+                ),
+                "{}",
+                error_chain(&err)
+            );
+            assert!(sent.is_err());
+        }
+    }
 }

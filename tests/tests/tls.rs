@@ -3,8 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{
     error_chain, Error, GuestMemory, Pinning, ReceiverConfig, RegionSpec, Sender, SenderConfig,
 };
-use pagewire_tests::{join_within, skip_without_uring, start_receiver};
+use pagewire_tests::{join_within, skip_without_uring, start_receiver, tampering_proxy, Tamper};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -275,59 +274,6 @@ fn plaintext_meeting_tls_fails_with_a_message_that_says_so_either_way() {
         &["plaintext", "without TLS"],
         &["TLS handshake"],
     );
-}
-
-/// What the proxy does to the client-to-server stream.
-#[derive(Clone, Copy)]
-enum Tamper {
-    /// Flip the lowest bit of the byte at this offset.
-    Flip(usize),
-    /// Forward this many bytes, then cut both directions.
-    Cut(usize),
-}
-
-/// Forwards both directions between a client and `server`, tampering with the client's stream.
-fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let (client, _) = listener.accept().unwrap();
-        let upstream = TcpStream::connect(server).unwrap();
-        let (mut c_read, mut u_write) =
-            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-        let (mut u_read, mut c_write) = (upstream, client);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            while let Ok(n) = u_read.read(&mut buf) {
-                if n == 0 || c_write.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = c_write.shutdown(std::net::Shutdown::Both);
-        });
-        let mut seen = 0usize;
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = c_read.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let mut n = n;
-            match tamper {
-                Tamper::Flip(at) if (seen..seen + n).contains(&at) => buf[at - seen] ^= 0x01,
-                Tamper::Cut(at) if seen + n >= at => n = at - seen,
-                _ => {}
-            }
-            seen += n;
-            if u_write.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            if matches!(tamper, Tamper::Cut(at) if seen >= at) {
-                break;
-            }
-        }
-        let _ = u_write.shutdown(std::net::Shutdown::Both);
-    });
-    addr
 }
 
 /// Runs a one-channel TLS transfer of `src` into `dst` through a proxy doing `tamper`.

@@ -1,7 +1,10 @@
-//! Per-chunk work on the shards, in pipeline order: zero scan, then (with TLS) sealing into
-//! records. Compression slots in between them with its own issue.
+//! Per-chunk work on the shards, in pipeline order: zero scan ([`crate::simd`]), compression,
+//! then (with TLS) sealing into records. No `unsafe` here: the raw-pointer loops live in
+//! `simd/`, guest memory access in `memory`.
+
+#![forbid(unsafe_code)]
 
 pub mod compress;
 pub mod seal;
-#[allow(unsafe_code)]
-pub mod zero;
+/// The zero scan lives with the other raw-pointer loops in [`crate::simd`].
+pub use crate::simd::zero;

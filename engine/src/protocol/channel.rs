@@ -69,16 +69,20 @@ pub struct ReceiverChannel<'a> {
     next_frame: u64,
     round: u32,
     ended: bool,
+    require_checksum: bool,
 }
 
 impl<'a> ReceiverChannel<'a> {
     /// A channel receiving into a layout whose regions have `region_pages` pages each.
-    pub fn new(region_pages: &'a [u64]) -> Self {
+    /// Plaintext channels set `require_checksum`: every frame with a payload must carry its
+    /// checksum (under TLS the record AEAD covers the payload instead).
+    pub fn new(region_pages: &'a [u64], require_checksum: bool) -> Self {
         ReceiverChannel {
             region_pages,
             next_frame: 0,
             round: 0,
             ended: false,
+            require_checksum,
         }
     }
 
@@ -190,6 +194,9 @@ impl<'a> ReceiverChannel<'a> {
         if !fits {
             return Err(ProtocolError::PayloadLength { expected, got });
         }
+        if self.require_checksum && normal > 0 && frame.checksums().is_none() {
+            return Err(ProtocolError::ChecksumMissing);
+        }
         Ok(())
     }
 }
@@ -205,7 +212,7 @@ mod tests {
         let n = f.encode(&mut buf).unwrap();
         let fixed = decode_fixed(&buf[..n]).unwrap();
         let mut out = Frame::default();
-        decode_runs(&fixed, &buf[32..n], &mut out).unwrap();
+        decode_runs(&fixed, &buf[crate::limits::FRAME_FIXED_BYTES..n], &mut out).unwrap();
         out
     }
 
@@ -213,7 +220,7 @@ mod tests {
     fn sender_and_receiver_agree_across_rounds() {
         let pages = [64u64, 8];
         let mut tx = SenderChannel::default();
-        let mut rx = ReceiverChannel::new(&pages);
+        let mut rx = ReceiverChannel::new(&pages, false);
         let mut f = Frame::default();
         for round in 0..3 {
             tx.begin_pages(&mut f, 1);
@@ -233,7 +240,7 @@ mod tests {
     fn receiver_refuses_what_the_layout_cannot_hold() {
         let pages = [16u64];
         let mut f = Frame::default();
-        let fresh = || ReceiverChannel::new(&pages);
+        let fresh = || ReceiverChannel::new(&pages, false);
 
         f.reset(FrameKind::Pages, 1, 0, 0);
         f.push_page(0, false).unwrap();
@@ -283,6 +290,19 @@ mod tests {
 
         f.reset(FrameKind::Pages, 0, 0, 0);
         assert!(fresh().accept(&f).is_err(), "a frame without pages");
+
+        // Plaintext: a payload without its checksum is refused; zero pages need none.
+        f.reset(FrameKind::Pages, 0, 0, 0);
+        f.push_page(2, false).unwrap();
+        f.payload_bytes = 4096;
+        let strict = || ReceiverChannel::new(&pages, true);
+        assert_eq!(strict().accept(&f), Err(ProtocolError::ChecksumMissing));
+        f.begin_checksums();
+        f.push_checksum(1);
+        assert_eq!(strict().accept(&f), Ok(Event::Pages));
+        f.reset(FrameKind::Pages, 0, 0, 0);
+        f.push_page(2, true).unwrap();
+        assert_eq!(strict().accept(&f), Ok(Event::Pages));
 
         // Compressed payloads must be non-empty and smaller than the pages they carry.
         for (payload, ok) in [(0u32, false), (4096, false), (100, true)] {

@@ -87,6 +87,20 @@ impl PageLedger {
         set_range(&r.placed, first, n);
     }
 
+    /// Records that `n` pages from `first` of `region` no longer hold a checked copy (a torn page
+    /// of a live round overwrote it): they must arrive again before the transfer can succeed.
+    pub fn mark_unplaced(&self, region: u32, first: u64, n: u64) {
+        let r = &self.regions[region as usize];
+        assert!(
+            first + n <= r.pages,
+            "unplaced range outside region {region}"
+        );
+        for page in first..first + n {
+            r.placed[(page / WORD_BITS) as usize]
+                .fetch_and(!(1 << (page % WORD_BITS)), Ordering::Relaxed);
+        }
+    }
+
     /// Records that `n` pages from `first` of `region` now hold data written by this transfer.
     pub fn mark_written(&self, region: u32, first: u64, n: u64) {
         let r = &self.regions[region as usize];
@@ -193,6 +207,15 @@ mod tests {
         );
         l.mark_placed(1, 1, 1);
         assert_eq!(l.first_missing(), None);
+        l.mark_unplaced(0, 65, 1);
+        assert_eq!(
+            l.first_missing(),
+            Some(Missing {
+                region: 0,
+                page: 65,
+                pages: 1
+            })
+        );
     }
 
     #[test]

@@ -35,18 +35,29 @@
 //!
 //! # Encoding
 //! All integers are little-endian and at fixed offsets. A frame is a 32-byte fixed header, then
-//! `normal_runs + zero_runs` runs of 12 bytes, then `payload_bytes` of payload:
+//! `normal_runs + zero_runs` runs of 12 bytes, then (flags bit 3) one 8-byte checksum per normal
+//! page, then `payload_bytes` of payload:
 //!
 //! ```text
 //!  0      2     3      4         8              16       20        22      24         28      32
 //!  ┌──────┬─────┬──────┬─────────┬──────────────┬────────┬─────────┬───────┬──────────┬───────┐
 //!  │"PW"  │kind │flags │region   │frame number  │round   │normal   │zero   │payload   │crc32c │
-//!  │u16   │u8   │codec │u32      │u64           │u32     │runs u16 │runs u16│bytes u32│u32    │
+//!  │u16   │u8   │      │u32      │u64           │u32     │runs u16 │runs u16│bytes u32│u32    │
 //!  └──────┴─────┴──────┴─────────┴──────────────┴────────┴─────────┴───────┴──────────┴───────┘
+//!  flags: bits 0-1 codec, bit 2 live round, bit 3 page checksums follow the runs; bits 4-7 zero
 //!  run: first page u64 (index within the region) │ page count u32
+//!  page checksum: XXH3-64 u64 of one normal page's 4096 bytes, in payload order
 //! ```
-//! The CRC32C covers bytes 0..28 and the runs, so a garbled header is refused before anything is
-//! written; the payload is protected by TCP (and, with TLS, by the AEAD). Frame numbers count
+//! The CRC32C covers bytes 0..28, the runs and the checksums, so a garbled header is refused
+//! before anything is written. Plaintext senders always send page checksums and the receiver
+//! checks every page before it counts as placed: a raw payload is received straight into
+//! destination memory and checked there, a compressed one after decoding and before a byte of
+//! it is placed. A mismatch fails the transfer naming the region and page, unless the frame is
+//! marked *live* (sent while vCPUs run): a vCPU may then have torn the page under the send,
+//! which its dirty log resends in a later round, so only that page is left un-placed, and the
+//! final check refuses success if it never arrives intact. Under TLS the AEAD tag of every
+//! record already authenticates the payload, so no checksums travel.
+//! Frame numbers count
 //! from 0 on each channel with no gaps. Kinds: 0 is reserved as invalid, 1 `Pages`,
 //! 2 `EndOfRound`, 3 `EndOfStream`, 4 `Keepalive` (v2). The flags byte holds the payload's codec (0 raw, 1 zstd,
 //! 2 zlib; other bits reserved, announced by the hello's feature bits). A raw payload is exactly
@@ -185,6 +196,19 @@ pub enum ProtocolError {
     /// Data arrived after the end-of-stream marker.
     #[error("data after the end of the stream")]
     AfterEnd,
+    /// A frame's payload does not match its checksum (corrupted on the way).
+    #[error("payload checksum mismatch for page {page} of region {region} (frame {frame}): the data was corrupted on the way")]
+    PayloadChecksum {
+        /// Frame number.
+        frame: u64,
+        /// Region of the page.
+        region: u32,
+        /// The page whose bytes do not match.
+        page: u64,
+    },
+    /// A plaintext frame with a payload but no checksum.
+    #[error("a frame with a payload carries no checksum (plaintext senders must send one)")]
+    ChecksumMissing,
     /// Channels ended a round differently (one ended the stream while another ended a round, or
     /// they ended different rounds).
     #[error("channels disagree at the round barrier: {0}")]

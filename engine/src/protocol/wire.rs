@@ -5,7 +5,7 @@
 //! follow: [`decode_fixed`] then [`decode_runs`]. Both check everything they can check without
 //! knowing the layout; [`ReceiverChannel`](super::ReceiverChannel) checks the rest.
 
-use crate::limits::{FRAME_FIXED_BYTES, FRAME_RUNS_MAX, RUN_BYTES};
+use crate::limits::{CHUNK_PAGES_MAX, FRAME_FIXED_BYTES, FRAME_RUNS_MAX, RUN_BYTES};
 use crate::pipeline::compress::Codec;
 
 use super::ProtocolError;
@@ -73,6 +73,15 @@ pub struct Frame {
     pub payload_bytes: u32,
     /// How the payload encodes the normal pages (frame flags bits 0–1).
     pub codec: Codec,
+    /// The sender's memory may change under this frame (a live pre-copy round; flags bit 2):
+    /// a checksum mismatch then means a page torn by a vCPU write, which the dirty log resends,
+    /// so the receiver un-places the frame's pages instead of failing.
+    pub live: bool,
+    /// One XXH3-64 per normal page, in payload order, of its uncompressed bytes (flags bit 3:
+    /// present). Plaintext senders always send them; under TLS every record's AEAD tag already
+    /// authenticates the payload, so they are left out.
+    checksums: [u64; CHUNK_PAGES_MAX],
+    checksums_len: Option<usize>,
     normal: [Run; FRAME_RUNS_MAX],
     normal_len: usize,
     zero: [Run; FRAME_RUNS_MAX],
@@ -88,6 +97,9 @@ impl Default for Frame {
             round: 0,
             payload_bytes: 0,
             codec: Codec::Raw,
+            live: false,
+            checksums: [0; CHUNK_PAGES_MAX],
+            checksums_len: None,
             normal: [Run::default(); FRAME_RUNS_MAX],
             normal_len: 0,
             zero: [Run::default(); FRAME_RUNS_MAX],
@@ -120,6 +132,8 @@ impl Frame {
         self.round = round;
         self.payload_bytes = 0;
         self.codec = Codec::Raw;
+        self.live = false;
+        self.checksums_len = None;
         self.normal_len = 0;
         self.zero_len = 0;
     }
@@ -170,9 +184,29 @@ impl Frame {
         Ok(())
     }
 
+    /// Starts the frame's page checksums (pushed with [`push_checksum`](Self::push_checksum),
+    /// one per normal page in order).
+    pub fn begin_checksums(&mut self) {
+        self.checksums_len = Some(0);
+    }
+
+    /// Adds the checksum of the next normal page. Panics past `CHUNK_PAGES_MAX` (our bug).
+    pub fn push_checksum(&mut self, checksum: u64) {
+        let n = self.checksums_len.get_or_insert(0);
+        self.checksums[*n] = checksum;
+        *n += 1;
+    }
+
+    /// The per-page checksums, when the frame carries them.
+    pub fn checksums(&self) -> Option<&[u64]> {
+        self.checksums_len.map(|n| &self.checksums[..n])
+    }
+
     /// Bytes the encoded header takes.
     pub fn header_bytes(&self) -> usize {
-        FRAME_FIXED_BYTES + RUN_BYTES * (self.normal_len + self.zero_len)
+        FRAME_FIXED_BYTES
+            + RUN_BYTES * (self.normal_len + self.zero_len)
+            + CHECKSUM_BYTES * self.checksums_len.unwrap_or(0)
     }
 
     /// Encodes the header into `out`, returning the bytes written.
@@ -192,15 +226,28 @@ impl Frame {
             round,
             payload_bytes,
             codec,
+            live,
+            checksums,
+            checksums_len,
             normal: _,
             normal_len,
             zero: _,
             zero_len,
         } = self;
+        assert!(
+            checksums_len.is_none_or(|n| n as u64 == self.normal_pages()),
+            "a frame needs one checksum per normal page"
+        );
         let out = &mut out[..need];
         out[0..2].copy_from_slice(&FRAME_MAGIC);
         out[2] = *kind as u8;
-        out[3] = *codec as u8;
+        out[3] = *codec as u8
+            | if *live { FLAG_LIVE } else { 0 }
+            | if checksums_len.is_some() {
+                FLAG_CHECKSUM
+            } else {
+                0
+            };
         out[4..8].copy_from_slice(&region.to_le_bytes());
         out[8..16].copy_from_slice(&frame_number.to_le_bytes());
         out[16..20].copy_from_slice(&round.to_le_bytes());
@@ -214,13 +261,27 @@ impl Frame {
             out[at + 8..at + 12].copy_from_slice(&run.pages.to_le_bytes());
             at += RUN_BYTES;
         }
+        for sum in &checksums[..checksums_len.unwrap_or(0)] {
+            out[at..at + CHECKSUM_BYTES].copy_from_slice(&sum.to_le_bytes());
+            at += CHECKSUM_BYTES;
+        }
         let crc = header_crc(out);
         out[28..32].copy_from_slice(&crc.to_le_bytes());
         Ok(need)
     }
 }
 
-/// CRC32C over bytes 0..28 and the runs of an encoded header (the CRC field itself excluded).
+/// Frame flags bit 2: the sender's memory may change under the frame (a live round).
+const FLAG_LIVE: u8 = 1 << 2;
+/// Frame flags bit 3: the runs are followed by one checksum per normal page.
+const FLAG_CHECKSUM: u8 = 1 << 3;
+/// Bytes of one page checksum.
+pub const CHECKSUM_BYTES: usize = 8;
+/// Flag bits v2 defines; the others must be zero.
+const FLAGS_KNOWN: u8 = 0b11 | FLAG_LIVE | FLAG_CHECKSUM;
+
+/// CRC32C over bytes 0..28, the runs and the checksums of an encoded header (the CRC field
+/// excluded).
 fn header_crc(header: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&header[..28]);
     crc32c::crc32c_append(crc, &header[FRAME_FIXED_BYTES..])
@@ -239,6 +300,30 @@ impl FixedHeader {
     pub fn runs_bytes(&self) -> usize {
         RUN_BYTES * (usize::from(self.normal_runs) + usize::from(self.zero_runs))
     }
+
+    /// Bytes of page checksums that follow the runs (`runs`, this header's run list, says how
+    /// many normal pages there are). Refuses more normal pages than a frame holds, before
+    /// anything is read for them.
+    pub fn checksums_bytes(&self, runs: &[u8]) -> Result<usize, ProtocolError> {
+        if self.bytes[3] & FLAG_CHECKSUM == 0 {
+            return Ok(0);
+        }
+        let mut pages = 0u64;
+        for raw in runs
+            .chunks_exact(RUN_BYTES)
+            .take(usize::from(self.normal_runs))
+        {
+            pages += u64::from(u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]));
+        }
+        if pages > CHUNK_PAGES_MAX as u64 {
+            return Err(ProtocolError::TooLarge {
+                what: "pages in a frame",
+                value: pages,
+                max: CHUNK_PAGES_MAX as u64,
+            });
+        }
+        Ok(CHECKSUM_BYTES * pages as usize)
+    }
 }
 
 /// Decodes and checks the fixed part of a frame header.
@@ -256,7 +341,7 @@ pub fn decode_fixed(bytes: &[u8]) -> Result<FixedHeader, ProtocolError> {
         });
     }
     FrameKind::from_u8(fixed[2])?;
-    if Codec::from_bits(fixed[3]).is_none() {
+    if fixed[3] & !FLAGS_KNOWN != 0 || Codec::from_bits(fixed[3] & 0b11).is_none() {
         return Err(ProtocolError::Reserved("frame flags"));
     }
     let normal_runs = u16::from_le_bytes([fixed[20], fixed[21]]);
@@ -278,24 +363,33 @@ pub fn decode_fixed(bytes: &[u8]) -> Result<FixedHeader, ProtocolError> {
     })
 }
 
-/// Decodes the run list that follows `fixed` into `frame`, verifying the header checksum and the
-/// shape of the runs (non-empty, sorted, disjoint). Layout checks are the channel's job.
+/// Decodes the run list and page checksums that follow `fixed` (`rest`: the runs, then
+/// [`FixedHeader::checksums_bytes`] of checksums) into `frame`, verifying the header CRC and
+/// the shape of the runs (non-empty, sorted, disjoint). Layout checks are the channel's job.
 pub fn decode_runs(
     fixed: &FixedHeader,
-    runs: &[u8],
+    rest: &[u8],
     frame: &mut Frame,
 ) -> Result<(), ProtocolError> {
-    let need = fixed.runs_bytes();
-    let Some(runs) = runs.get(..need) else {
+    let runs_bytes = fixed.runs_bytes();
+    let Some(runs) = rest.get(..runs_bytes) else {
         return Err(ProtocolError::Truncated {
             what: "frame run list",
+            need: runs_bytes,
+            have: rest.len(),
+        });
+    };
+    let need = runs_bytes + fixed.checksums_bytes(runs)?;
+    let Some(all) = rest.get(..need) else {
+        return Err(ProtocolError::Truncated {
+            what: "frame page checksums",
             need,
-            have: runs.len(),
+            have: rest.len(),
         });
     };
     let b = &fixed.bytes;
     let expected = u32::from_le_bytes([b[28], b[29], b[30], b[31]]);
-    let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..28]), runs);
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..28]), all);
     if expected != computed {
         return Err(ProtocolError::BadChecksum { expected, computed });
     }
@@ -305,7 +399,16 @@ pub fn decode_runs(
     let round = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
     frame.reset(kind, region, frame_number, round);
     frame.payload_bytes = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
-    frame.codec = Codec::from_bits(b[3]).ok_or(ProtocolError::Reserved("frame flags"))?;
+    frame.codec = Codec::from_bits(b[3] & 0b11).ok_or(ProtocolError::Reserved("frame flags"))?;
+    frame.live = b[3] & FLAG_LIVE != 0;
+    if b[3] & FLAG_CHECKSUM != 0 {
+        frame.begin_checksums();
+        for raw in all[runs_bytes..].chunks_exact(CHECKSUM_BYTES) {
+            let mut sum = [0u8; CHECKSUM_BYTES];
+            sum.copy_from_slice(raw);
+            frame.push_checksum(u64::from_le_bytes(sum));
+        }
+    }
     let normal = usize::from(fixed.normal_runs);
     for (i, raw) in runs.chunks_exact(RUN_BYTES).enumerate() {
         let mut first = [0u8; 8];
@@ -374,6 +477,11 @@ mod tests {
             f.push_page(p, true).unwrap();
         }
         f.payload_bytes = (f.normal_pages() * 4096) as u32;
+        f.live = true;
+        f.begin_checksums();
+        for i in 0..f.normal_pages() {
+            f.push_checksum(0x0123_4567_89ab_cdef ^ i);
+        }
         f
     }
 
@@ -441,11 +549,19 @@ mod tests {
 
     #[test]
     fn overlapping_or_empty_runs_are_refused() {
+        // One checksum per normal page again after a run was changed by hand.
+        fn recount(f: &mut Frame) {
+            f.begin_checksums();
+            for _ in 0..f.normal_pages() {
+                f.push_checksum(7);
+            }
+        }
         let mut f = sample();
         f.normal[1] = Run {
             first_page: 13,
             pages: 1,
         }; // collides with zero run 13..15
+        recount(&mut f);
         assert!(matches!(roundtrip(&f), Err(ProtocolError::RunOrder(13))));
         let mut f = sample();
         f.zero[0].pages = 0;
@@ -453,7 +569,17 @@ mod tests {
         let mut f = sample();
         f.normal[2].first_page = u64::MAX;
         f.normal[2].pages = 2;
+        recount(&mut f);
         assert!(roundtrip(&f).is_err());
+        // More checksummed pages than a frame holds: refused before they would be read.
+        let f = sample();
+        let mut buf = [0u8; FRAME_HEADER_BYTES_MAX];
+        let n = f.encode(&mut buf).unwrap();
+        buf[FRAME_FIXED_BYTES + 8..FRAME_FIXED_BYTES + 12].copy_from_slice(&200u32.to_le_bytes());
+        assert!(matches!(
+            roundtrip_bytes(&buf[..n]),
+            Err(ProtocolError::TooLarge { value: 202, .. })
+        ));
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::protocol::control::Control;
 use crate::protocol::ledger::PageLedger;
 use crate::protocol::wire::{decode_fixed, decode_runs};
 use crate::protocol::{Frame, ProtocolError, ReceiverChannel};
+use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, KeySchedule};
 use crate::uring::{errno, Buf, Ring};
@@ -40,7 +41,7 @@ use super::{Abort, Marker, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
 const HEADER_SLOT: u16 = 0;
 const CONTROL_SLOT: u16 = 1;
 const STAGING_SLOT: u16 = 2;
-const SLOT_BYTES_PLAIN: usize = 2048;
+const SLOT_BYTES_PLAIN: usize = 4096;
 /// A TLS staging slot holds a whole frame's records plus one more record being filled.
 const SLOT_BYTES_TLS: usize =
     (FRAME_PAYLOAD_BYTES_MAX + 4 * RECORD_BYTES_MAX).next_multiple_of(4096);
@@ -102,6 +103,7 @@ pub(crate) struct RecvShard {
     ring: Ring,
     p: RecvShardParams,
     scanner: ZeroScanner,
+    hash: Xxh3,
     frame: Box<Frame>,
     header: [u8; FRAME_HEADER_BYTES_MAX],
     bufs: Vec<Buf>,
@@ -143,6 +145,7 @@ impl RecvShard {
             channel: p.channel,
             ring,
             scanner: ZeroScanner::detect(),
+            hash: Xxh3::detect(),
             frame: Box::default(),
             header: [0; FRAME_HEADER_BYTES_MAX],
             bufs: Vec::with_capacity(FRAME_RUNS_MAX),
@@ -177,7 +180,7 @@ impl RecvShard {
         let start = Instant::now();
         let mut idle = Duration::ZERO;
         let region_pages = self.p.memory.region_pages();
-        let mut proto = ReceiverChannel::new(&region_pages);
+        let mut proto = ReceiverChannel::new(&region_pages, self.p.tls.is_none());
         loop {
             let waited = Instant::now();
             if self.read_header(0, FRAME_FIXED_BYTES, true)? == Got::End {
@@ -197,6 +200,14 @@ impl RecvShard {
             if runs_bytes > 0 {
                 self.read_header(FRAME_FIXED_BYTES, runs_bytes, false)?;
             }
+            let at = FRAME_FIXED_BYTES + runs_bytes;
+            let sums_bytes = fixed
+                .checksums_bytes(&self.header[FRAME_FIXED_BYTES..at])
+                .map_err(|e| self.protocol(e))?;
+            if sums_bytes > 0 {
+                self.read_header(at, sums_bytes, false)?;
+            }
+            let runs_bytes = runs_bytes + sums_bytes;
             decode_runs(
                 &fixed,
                 &self.header[FRAME_FIXED_BYTES..FRAME_FIXED_BYTES + runs_bytes],
@@ -310,8 +321,9 @@ impl RecvShard {
         let normal = frame.normal_pages();
         let zero = frame.zero_pages();
         let payload = u64::from(frame.payload_bytes);
+        let mut torn = 0u128;
         if frame.codec != Codec::Raw {
-            self.place_compressed(payload as usize)?;
+            torn = self.place_compressed(payload as usize)?;
         } else if payload > 0 {
             let bufs = std::mem::take(&mut self.bufs);
             let got = if self.p.tls.is_some() {
@@ -333,9 +345,33 @@ impl RecvShard {
         }
         // A user-space store or load that took SIGBUS on a file mapping (see `crate::sigbus`).
         self.p.memory.take_fault()?;
-        // Every byte of the frame is in place: its pages count as received.
+        // A raw payload landed in destination memory: check it there before its pages count.
+        if self.frame.codec == Codec::Raw {
+            let (memory, hash, region) = (self.p.memory.clone(), self.hash, self.frame.region);
+            let region = &memory.regions()[region as usize];
+            torn = self.verify(|_, page| region.page_checksum(hash, page))?;
+        }
+        // Every byte of the frame is in place and checked: its pages count as received (a torn
+        // page of a live frame does not, until it arrives intact).
         let frame = &*self.frame;
-        for run in frame.normal_runs().iter().chain(frame.zero_runs()) {
+        let mut i = 0;
+        for run in frame.normal_runs() {
+            if torn == 0 {
+                self.p
+                    .ledger
+                    .mark_placed(frame.region, run.first_page, u64::from(run.pages));
+                continue;
+            }
+            for page in run.first_page..run.end() {
+                if torn & (1 << i) == 0 {
+                    self.p.ledger.mark_placed(frame.region, page, 1);
+                } else {
+                    self.p.ledger.mark_unplaced(frame.region, page, 1);
+                }
+                i += 1;
+            }
+        }
+        for run in frame.zero_runs() {
             self.p
                 .ledger
                 .mark_placed(frame.region, run.first_page, u64::from(run.pages));
@@ -348,9 +384,43 @@ impl RecvShard {
         Ok(())
     }
 
+    /// Checks the frame's normal pages against their checksums; `hash_of(i, page)` hashes the
+    /// `i`-th normal page (region page `page`). Returns the mask of pages that did not match
+    /// in a live frame (a vCPU tore them under the send; the dirty log resends them, so they
+    /// are only left un-placed); a mismatch in any other frame fails the transfer, naming the
+    /// page.
+    fn verify(&mut self, mut hash_of: impl FnMut(usize, u64) -> u64) -> Result<u128> {
+        let frame = &*self.frame;
+        let Some(sums) = frame.checksums() else {
+            return Ok(0);
+        };
+        let mut torn = 0u128;
+        let mut i = 0;
+        for run in frame.normal_runs() {
+            for page in run.first_page..run.end() {
+                if hash_of(i, page) != sums[i] {
+                    if !frame.live {
+                        return Err(self.protocol(ProtocolError::PayloadChecksum {
+                            frame: frame.frame_number,
+                            region: frame.region,
+                            page,
+                        }));
+                    }
+                    torn |= 1 << i;
+                }
+                i += 1;
+            }
+        }
+        if torn != 0 {
+            self.stats.torn_pages += u64::from(torn.count_ones());
+        }
+        Ok(torn)
+    }
+
     /// Receives a compressed payload whole (into the staging slot, or out of TLS records into
-    /// `packed`), decodes it into `unpacked`, and places the frame's pages from there.
-    fn place_compressed(&mut self, len: usize) -> Result<()> {
+    /// `packed`), decodes it into `unpacked`, checks it, and places the frame's pages from
+    /// there. Returns the mask of torn pages (see [`verify`](Self::verify)).
+    fn place_compressed(&mut self, len: usize) -> Result<u128> {
         if self.p.tls.is_some() {
             let mut done = 0;
             while done < len {
@@ -386,18 +456,28 @@ impl RecvShard {
                 channel: self.channel,
                 source: ProtocolError::Compressed(e),
             })?;
+        // Checked before a byte is placed; a torn page of a live frame is not written.
+        let hash = self.hash;
+        let unpacked = std::mem::take(&mut self.unpacked);
+        let torn = self.verify(|i, _| hash.hash(&unpacked[i * PAGE_BYTES..(i + 1) * PAGE_BYTES]));
+        self.unpacked = unpacked;
+        let torn = torn?;
+        let frame = &*self.frame;
         let region = &self.p.memory.regions()[frame.region as usize];
-        let mut at = 0;
+        let mut i = 0;
         for run in frame.normal_runs() {
-            let n = run.pages as usize * PAGE_BYTES;
-            region.write(
-                run.first_page * PAGE_BYTES as u64,
-                &self.unpacked[at..at + n],
-            );
-            at += n;
+            for page in run.first_page..run.end() {
+                if torn & (1 << i) == 0 {
+                    region.write(
+                        page * PAGE_BYTES as u64,
+                        &self.unpacked[i * PAGE_BYTES..(i + 1) * PAGE_BYTES],
+                    );
+                }
+                i += 1;
+            }
         }
         self.stats.compressed_frames += 1;
-        Ok(())
+        Ok(torn)
     }
 
     /// Copies opened plaintext into the destination ranges `bufs`, record by record.

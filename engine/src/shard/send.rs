@@ -42,6 +42,7 @@ use crate::pipeline::seal::{
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
 use crate::protocol::{Frame, ProtocolError, SenderChannel};
+use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, TlsSession};
 use crate::uring::{advance, errno, Buf, Ring, Wait};
@@ -51,11 +52,13 @@ use super::Abort;
 /// A unit of work from the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Work {
-    /// Send `pages` pages of `region` from `first_page` (at most `CHUNK_PAGES_MAX`).
+    /// Send `pages` pages of `region` from `first_page` (at most `CHUNK_PAGES_MAX`); `live`
+    /// when vCPUs may write them meanwhile (a pre-copy round).
     Chunk {
         region: u32,
         first_page: u64,
         pages: u32,
+        live: bool,
     },
     /// End the current round on this channel.
     EndRound,
@@ -73,7 +76,7 @@ pub(crate) enum ShardEvent {
 }
 
 const CONTROL_SLOT: u16 = SHARD_FRAMES_IN_FLIGHT_MAX as u16;
-const SLOT_BYTES_PLAIN: usize = 2048;
+const SLOT_BYTES_PLAIN: usize = 4096;
 /// Records one frame's plaintext (header plus payload) fills at most.
 const FRAME_RECORDS_MAX: usize =
     (FRAME_HEADER_BYTES_MAX + FRAME_PAYLOAD_BYTES_MAX).div_ceil(RECORD_PLAINTEXT_BYTES_MAX);
@@ -161,6 +164,7 @@ pub(crate) struct SendShard {
     ring: Ring,
     memory: Arc<GuestMemory>,
     scanner: ZeroScanner,
+    hash: Xxh3,
     proto: SenderChannel,
     frame: Box<Frame>,
     slots: Vec<FrameSlot>,
@@ -263,6 +267,7 @@ impl SendShard {
             ring,
             memory: p.memory,
             scanner: ZeroScanner::detect(),
+            hash: Xxh3::detect(),
             proto: SenderChannel::default(),
             frame: Box::default(),
             slots,
@@ -495,9 +500,11 @@ impl SendShard {
                 region,
                 first_page,
                 pages,
+                live,
             } => {
                 let r = &self.memory.regions()[region as usize];
                 self.proto.begin_pages(frame, region);
+                frame.live = live;
                 for page in first_page..first_page + u64::from(pages) {
                     let zero = r.page_is_zero(&self.scanner, page);
                     frame
@@ -527,6 +534,23 @@ impl SendShard {
                     Compression::Auto if self.auto.compress_next() => Codec::Zstd,
                     Compression::Auto => Codec::Raw,
                 };
+                // One checksum per normal page (plaintext only: under TLS the AEAD covers the
+                // payload), over the copy the compressor reads when there is one, else over
+                // guest memory.
+                let checksums = self.tls.is_none() && normal > 0;
+                let copying =
+                    matches!(codec, Codec::Zstd | Codec::Zlib) && self.compressor.is_some();
+                if checksums {
+                    frame.begin_checksums();
+                }
+                if checksums && !copying {
+                    for i in 0..frame.normal_runs().len() {
+                        let run = frame.normal_runs()[i];
+                        for page in run.first_page..run.end() {
+                            frame.push_checksum(r.page_checksum(self.hash, page));
+                        }
+                    }
+                }
                 if let (Codec::Zstd | Codec::Zlib, Some(compressor)) =
                     (codec, self.compressor.as_mut())
                 {
@@ -540,6 +564,11 @@ impl SendShard {
                             &mut self.scratch[raw..raw + n],
                         );
                         raw += n;
+                    }
+                    if checksums {
+                        for page in self.scratch[..raw].chunks_exact(PAGE_BYTES) {
+                            frame.push_checksum(self.hash.hash(page));
+                        }
                     }
                     let started = Instant::now();
                     let out = if self.tls.is_some() {
