@@ -93,6 +93,12 @@ const PAYLOAD_OFFSET: usize = FRAME_HEADER_BYTES_MAX.next_multiple_of(64);
 const SLOT_BYTES_COMPRESSED: usize =
     (PAYLOAD_OFFSET + FRAME_PAYLOAD_BYTES_MAX).next_multiple_of(4096);
 const CONTROL_TAG: u64 = u64::MAX - 1;
+/// Frames built (scanned, checksummed, sealed) and not yet handed to the kernel, at most. The
+/// kernel copies a frame soon after it is submitted; building far ahead lets the pages the
+/// checksum (or the seal) just read fall out of the 2 MiB L2 before that copy reads them
+/// again. Measured with `pagewire-bench transfer` (1 GiB random, 2 channels): 2 ahead instead
+/// of all 16 slots cut the sender's CPU per GiB by 7–10%.
+const FRAMES_BUILT_AHEAD_MAX: usize = 2;
 const _: () = assert!(
     FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN
 );
@@ -468,6 +474,9 @@ impl SendShard {
     /// Builds frames while slots are free: from `first` if given, then whatever is queued.
     fn fill(&mut self, mut first: Option<Work>) -> Result<()> {
         while !self.finishing {
+            if first.is_none() && self.ready.len() >= FRAMES_BUILT_AHEAD_MAX {
+                return Ok(());
+            }
             let Some(slot) = self.free_slot() else {
                 // `first` cannot be lost: we only pass it when a slot is free.
                 debug_assert!(first.is_none());
