@@ -64,21 +64,21 @@ pub enum Event {
 /// Receiver side of one channel: validates each decoded frame against the layout and the
 /// channel's sequence state. Only a frame that passes may touch memory.
 #[derive(Debug)]
-pub struct ReceiverChannel<'a> {
-    region_pages: &'a [u64],
+pub struct ReceiverChannel {
+    region_pages: Box<[u64]>,
     next_frame: u64,
     round: u32,
     ended: bool,
     require_checksum: bool,
 }
 
-impl<'a> ReceiverChannel<'a> {
+impl ReceiverChannel {
     /// A channel receiving into a layout whose regions have `region_pages` pages each.
     /// Plaintext channels set `require_checksum`: every frame with a payload must carry its
     /// checksum (under TLS the record AEAD covers the payload instead).
-    pub fn new(region_pages: &'a [u64], require_checksum: bool) -> Self {
+    pub fn new(region_pages: &[u64], require_checksum: bool) -> Self {
         ReceiverChannel {
-            region_pages,
+            region_pages: region_pages.into(),
             next_frame: 0,
             round: 0,
             ended: false,

@@ -85,10 +85,13 @@
 //! receiver refuses when it does not know them; any change to the meaning or layout of an
 //! existing field bumps the version. Reserved fields and flags must be zero and are checked.
 
+#![forbid(unsafe_code)]
+
 pub mod channel;
 pub mod control;
 pub mod handshake;
 pub mod ledger;
+pub mod reader;
 pub mod wire;
 
 pub use channel::{ReceiverChannel, SenderChannel};

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::limits::{
-    FRAME_FIXED_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES,
-    RING_WAIT_SLICE_MS,
+    FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Codec, Decompressor};
@@ -29,8 +28,8 @@ use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::channel::Event;
 use crate::protocol::control::Control;
 use crate::protocol::ledger::PageLedger;
-use crate::protocol::wire::{decode_fixed, decode_runs};
-use crate::protocol::{Frame, ProtocolError, ReceiverChannel};
+use crate::protocol::reader::{FrameReader, Need};
+use crate::protocol::{Frame, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, KeySchedule};
@@ -105,7 +104,8 @@ pub(crate) struct RecvShard {
     scanner: ZeroScanner,
     hash: Xxh3,
     frame: Box<Frame>,
-    header: [u8; FRAME_HEADER_BYTES_MAX],
+    /// The channel's frame-stream state machine: what to read next, every check.
+    reader: FrameReader,
     bufs: Vec<Buf>,
     decompressor: Decompressor,
     /// A compressed payload opened from TLS records, before decoding.
@@ -147,7 +147,7 @@ impl RecvShard {
             scanner: ZeroScanner::detect(),
             hash: Xxh3::detect(),
             frame: Box::default(),
-            header: [0; FRAME_HEADER_BYTES_MAX],
+            reader: FrameReader::new(&p.memory.region_pages(), p.tls.is_none()),
             bufs: Vec::with_capacity(FRAME_RUNS_MAX),
             decompressor: Decompressor::new()
                 .map_err(|e| Error::io("creating a zstd decompression context", e))?,
@@ -179,57 +179,52 @@ impl RecvShard {
         let cpu_start = crate::sys::thread_cpu_time();
         let start = Instant::now();
         let mut idle = Duration::ZERO;
-        let region_pages = self.p.memory.region_pages();
-        let mut proto = ReceiverChannel::new(&region_pages, self.p.tls.is_none());
         loop {
-            let waited = Instant::now();
-            if self.read_header(0, FRAME_FIXED_BYTES, true)? == Got::End {
-                return Err(Error::PeerClosed {
-                    channel: self.channel,
-                    when: "before the end of the stream",
-                });
-            }
-            // Time blocked on the first header byte is idle time (the sender had nothing).
-            idle += waited
-                .elapsed()
-                .min(Duration::from_millis(RING_WAIT_SLICE_MS));
-            self.delay();
-            let fixed =
-                decode_fixed(&self.header[..FRAME_FIXED_BYTES]).map_err(|e| self.protocol(e))?;
-            let runs_bytes = fixed.runs_bytes();
-            if runs_bytes > 0 {
-                self.read_header(FRAME_FIXED_BYTES, runs_bytes, false)?;
-            }
-            let at = FRAME_FIXED_BYTES + runs_bytes;
-            let sums_bytes = fixed
-                .checksums_bytes(&self.header[FRAME_FIXED_BYTES..at])
-                .map_err(|e| self.protocol(e))?;
-            if sums_bytes > 0 {
-                self.read_header(at, sums_bytes, false)?;
-            }
-            let runs_bytes = runs_bytes + sums_bytes;
-            decode_runs(
-                &fixed,
-                &self.header[FRAME_FIXED_BYTES..FRAME_FIXED_BYTES + runs_bytes],
-                &mut self.frame,
-            )
-            .map_err(|e| self.protocol(e))?;
-            let event = proto.accept(&self.frame).map_err(|e| self.protocol(e))?;
+            let event = match self.reader.need() {
+                Need::Header(len) => {
+                    let boundary = self.reader.at_boundary();
+                    let waited = Instant::now();
+                    if self.read_header(len, boundary)? == Got::End {
+                        return Err(Error::PeerClosed {
+                            channel: self.channel,
+                            when: "before the end of the stream",
+                        });
+                    }
+                    if boundary {
+                        // Time blocked on a frame's first byte is idle time (nothing to send).
+                        idle += waited
+                            .elapsed()
+                            .min(Duration::from_millis(RING_WAIT_SLICE_MS));
+                        self.delay();
+                    }
+                    match self.reader.header_filled(&mut self.frame) {
+                        Ok(Some(event)) => event,
+                        Ok(None) => continue,
+                        Err(e) => return Err(self.protocol(e)),
+                    }
+                }
+                // Every event below is handled where it is returned.
+                need => unreachable!("the reader needs {need:?} between frames"),
+            };
             self.stats.frames += 1;
-            let header_bytes = (FRAME_FIXED_BYTES + runs_bytes) as u64;
+            let header_bytes = self.reader.header_len() as u64;
             self.stats.wire_bytes += header_bytes;
             add(&self.p.progress.wire_bytes, header_bytes);
             match event {
-                Event::Pages => self.place()?,
+                Event::Pages => {
+                    self.place()?;
+                    self.reader.payload_done();
+                }
                 Event::Keepalive => {}
                 Event::EndOfRound(round) => {
                     let waited = Instant::now();
                     self.barrier(Marker::EndOfRound(round))?;
+                    self.reader.resume();
                     idle += waited.elapsed();
                 }
                 Event::EndOfStream => {
                     self.expect_close_notify()?;
-                    self.barrier(Marker::EndOfStream(proto.round()))?;
+                    self.barrier(Marker::EndOfStream(self.reader.round()))?;
                     // Every channel has ended: the image is complete only if every page of
                     // the layout was placed (or declared zero) at least once.
                     if let Some(m) = self.p.ledger.first_missing() {
@@ -266,8 +261,8 @@ impl RecvShard {
         }
     }
 
-    /// Reads `len` header bytes into `self.header[at..]`.
-    fn read_header(&mut self, at: usize, len: usize, boundary: bool) -> Result<Got> {
+    /// Reads the `len` header bytes the reader needs into it.
+    fn read_header(&mut self, len: usize, boundary: bool) -> Result<Got> {
         if self.p.tls.is_none() {
             let buf = [Buf::Slab {
                 slot: HEADER_SLOT,
@@ -276,7 +271,9 @@ impl RecvShard {
             }];
             let got = self.recv(&buf, len as u64, boundary)?;
             if got == Got::All {
-                self.header[at..at + len].copy_from_slice(&self.ring.slot_mut(HEADER_SLOT)[..len]);
+                self.reader
+                    .header_mut()
+                    .copy_from_slice(&self.ring.slot_mut(HEADER_SLOT)[..len]);
             }
             return Ok(got);
         }
@@ -286,7 +283,7 @@ impl RecvShard {
                 return Ok(Got::End);
             };
             let n = r.len();
-            self.header[at + done..at + done + n]
+            self.reader.header_mut()[done..done + n]
                 .copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
             done += n;
         }
