@@ -129,6 +129,8 @@ fn serve_pagewire(
         ReceiverConfig {
             pinning: Pinning::Cores,
             accept_timeout_ms: Some(MEASUREMENT_TIMEOUT_S * 1000),
+            // A benchmark peer measures plaintext too, on the link the operator chose.
+            insecure: tls.is_none(),
             tls,
             ..ReceiverConfig::default()
         },

@@ -82,6 +82,9 @@ pub struct SenderConfig {
     pub zero_copy: ZeroCopy,
     /// TLS 1.3 on every channel (`None`: plaintext).
     pub tls: Option<crate::tls::TlsClient>,
+    /// A pre-shared key (plaintext only; see [`crate::auth`]): authenticates both ends and
+    /// protects every record.
+    pub psk: Option<crate::auth::Psk>,
     /// Compression of normal pages.
     pub compression: crate::pipeline::compress::Compression,
     /// zstd level (validated against the library's range; negative levels are fast modes).
@@ -113,6 +116,11 @@ impl SenderConfig {
         if self.max_bandwidth_bytes_per_s == Some(0) {
             return bad("max bandwidth must be positive".into());
         }
+        if self.tls.is_some() && self.psk.is_some() {
+            return bad(
+                "choose TLS or a pre-shared key, not both (TLS already authenticates)".into(),
+            );
+        }
         check_idle_timeout(self.idle_timeout_ms)
     }
 }
@@ -136,6 +144,7 @@ impl Default for SenderConfig {
             pinning: Pinning::Cores,
             zero_copy: ZeroCopy::Auto,
             tls: None,
+            psk: None,
             compression: crate::pipeline::compress::Compression::None,
             zstd_level: crate::pipeline::compress::ZSTD_LEVEL_DEFAULT,
             max_bandwidth_bytes_per_s: None,
@@ -162,6 +171,11 @@ pub struct ReceiverConfig {
     pub idle_timeout_ms: u64,
     /// TLS 1.3 on every channel, client certificates required (`None`: plaintext).
     pub tls: Option<crate::tls::TlsServer>,
+    /// A pre-shared key every sender must prove it holds (plaintext only; see [`crate::auth`]).
+    pub psk: Option<crate::auth::Psk>,
+    /// Listen on a non-loopback address with neither TLS nor a pre-shared key. Without it such
+    /// a receiver refuses to start: anyone who can connect could write its memory.
+    pub insecure: bool,
     /// Test-only: maximum random delay, in microseconds, before each frame is processed
     /// (seeded by `fault_seed`), to shake out ordering bugs across channels.
     #[doc(hidden)]
@@ -179,6 +193,8 @@ impl Default for ReceiverConfig {
             accept_timeout_ms: None,
             idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
             tls: None,
+            psk: None,
+            insecure: false,
             fault_frame_delay_max_us: 0,
             fault_seed: 0,
         }
@@ -195,6 +211,11 @@ impl ReceiverConfig {
                     "channels must be between 1 and {CHANNELS_MAX}, got {c}"
                 )));
             }
+        }
+        if self.tls.is_some() && self.psk.is_some() {
+            return Err(crate::Error::Config(
+                "choose TLS or a pre-shared key, not both (TLS already authenticates)".into(),
+            ));
         }
         check_idle_timeout(self.idle_timeout_ms)
     }

@@ -100,6 +100,15 @@ pub enum Error {
     /// TLS on one side only, or an alert from the peer.
     #[error("{0}")]
     TlsMismatch(String),
+    /// A pre-shared-key handshake failed on the sender's side.
+    #[error("pre-shared-key handshake on channel {channel} failed")]
+    Auth {
+        /// Channel index.
+        channel: u16,
+        /// What was wrong.
+        #[source]
+        source: crate::auth::AuthError,
+    },
     /// TLS files or settings are unusable.
     #[error("TLS configuration: {0}")]
     TlsConfig(String),

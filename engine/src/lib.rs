@@ -52,6 +52,7 @@ compile_error!(
     "pagewire needs a crypto provider: enable the `aws-lc-rs` (default) or `ring` feature"
 );
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod limits;

@@ -34,7 +34,7 @@ pub const FRAME_HEADER_BYTES_MAX: usize =
     FRAME_FIXED_BYTES + RUN_BYTES * FRAME_RUNS_MAX + PAGE_CHECKSUM_BYTES * CHUNK_PAGES_MAX;
 
 /// Bytes of the handshake `Hello` a sender opens each connection with.
-pub const HELLO_BYTES: usize = 64;
+pub const HELLO_BYTES: usize = 96;
 
 /// Bytes of the receiver's handshake reply and of each later control message.
 pub const CONTROL_BYTES: usize = 16;

@@ -15,6 +15,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::auth::Psk;
 use crate::config::ReceiverConfig;
 use crate::error::{Error, Result};
 use crate::limits::{
@@ -22,7 +23,9 @@ use crate::limits::{
     PAGE_BYTES,
 };
 use crate::memory::GuestMemory;
-use crate::protocol::handshake::{Acceptor, Expectation, Hello, Refusal, Reply, FEATURES_KNOWN};
+use crate::protocol::handshake::{
+    Acceptor, Expectation, Hello, Refusal, Reply, FEATURES_KNOWN, FEATURE_PSK,
+};
 use crate::protocol::ledger::PageLedger;
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
@@ -55,6 +58,18 @@ impl Receiver {
         let text = format!("{addr:?}");
         let listener =
             TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the listening address", e))?;
+        if config.tls.is_none()
+            && config.psk.is_none()
+            && !config.insecure
+            && !bound.ip().is_loopback()
+        {
+            return Err(Error::Config(format!(
+                "refusing to listen on {bound} with neither TLS nor a pre-shared key: anyone who can connect could write this memory (configure TLS or a pre-shared key, or set `insecure` (--insecure) to accept that)"
+            )));
+        }
         let progress = Arc::new(Progress::default());
         crate::stats::add(&progress.pages_total, memory.total_pages());
         Ok(Receiver {
@@ -278,6 +293,7 @@ impl Receiver {
             };
             let acceptor = acceptor.clone();
             let tls = self.config.tls.clone();
+            let psk = self.config.psk.clone();
             let done = done_tx.clone();
             let index = accepted;
             accepted = accepted.saturating_add(1);
@@ -288,14 +304,11 @@ impl Receiver {
                     let span = tracing::debug_span!("handshake", %peer, connection = index);
                     let _enter = span.enter();
                     let generation = lock(&acceptor).1;
-                    let result = handshake(
-                        stream,
-                        peer,
-                        &acceptor,
-                        tls.as_ref(),
-                        index,
-                        idle_timeout_ms,
-                    );
+                    let auth = Auth {
+                        tls: tls.as_ref(),
+                        psk: psk.as_ref(),
+                    };
+                    let result = handshake(stream, peer, &acceptor, auth, index, idle_timeout_ms);
                     let _ = done.send((generation, peer, result));
                 });
             if let Err(e) = spawned {
@@ -340,14 +353,22 @@ fn lock(acceptor: &SharedAcceptor) -> std::sync::MutexGuard<'_, (Acceptor, u64)>
 
 /// Runs one connection's handshakes: TLS when configured (after checking the peer speaks it),
 /// then the hello. A refusal is answered and returned as the error.
+/// How a receiver authenticates senders.
+#[derive(Clone, Copy)]
+struct Auth<'a> {
+    tls: Option<&'a TlsServer>,
+    psk: Option<&'a Psk>,
+}
+
 fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: &SharedAcceptor,
-    tls: Option<&TlsServer>,
+    auth: Auth<'_>,
     index: u16,
     idle_timeout_ms: u32,
 ) -> Result<(Hello, TcpStream, Option<TlsSession>)> {
+    let tls = auth.tls;
     crate::sender::configure_socket(&stream)?;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     stream
@@ -426,6 +447,26 @@ fn handshake(
             return Err(e);
         }
     };
+    // Without TLS, a pre-shared key: the sender must prove it holds it before anything else.
+    if session.is_none() {
+        let offered = hello.features & FEATURE_PSK != 0;
+        let refuse = |refusal| {
+            let _ = plain_reply(Some(refusal));
+            Err(Error::Refused {
+                channel: hello.channel_index,
+                refusal,
+            })
+        };
+        match (auth.psk, offered) {
+            (Some(psk), true) => match psk_challenge(&stream, &hello, psk)? {
+                Some(s) => session = Some(s),
+                None => return refuse(Refusal::PskMismatch),
+            },
+            (Some(_), false) => return refuse(Refusal::PskRequired),
+            (None, true) => return refuse(Refusal::PskUnsupported),
+            (None, false) => {}
+        }
+    }
     if let Err(refusal) = lock(acceptor).0.check(&hello) {
         let _ = reply(&mut session, Some(refusal));
         return Err(Error::Refused {
@@ -441,7 +482,27 @@ fn handshake(
     Ok((hello, stream, session))
 }
 
-/// Reads a plaintext hello (64 bytes), failing fast on a peer that is clearly not pagewire.
+/// The receiver's side of the pre-shared-key handshake: a challenge, the sender's proof.
+/// Returns the channel's record state, or `None` when the proof is wrong.
+fn psk_challenge(stream: &TcpStream, hello: &Hello, psk: &Psk) -> Result<Option<TlsSession>> {
+    let bytes = hello.encode();
+    let (challenge, nonce) = psk.challenge(&bytes);
+    (&*stream)
+        .write_all(&challenge)
+        .map_err(|e| Error::io("sending the key challenge", e))?;
+    let mut proof = [0u8; crate::auth::PROOF_BYTES];
+    (&*stream)
+        .read_exact(&mut proof)
+        .map_err(|e| Error::io("reading the sender's key proof", e))?;
+    if !psk.check_proof(&bytes, &nonce, &proof) {
+        return Ok(None);
+    }
+    // This side sends what the sender receives, and the other way round.
+    let (to_us, to_them) = psk.traffic(&bytes, &nonce);
+    Ok(Some(crate::tls::psk_session(to_them, to_us, Vec::new())?))
+}
+
+/// Reads a plaintext hello, failing fast on a peer that is clearly not pagewire.
 fn read_plain_hello(stream: &TcpStream, peer: SocketAddr) -> Result<Hello> {
     let mut buf = [0u8; HELLO_BYTES];
     let mut got = 0;

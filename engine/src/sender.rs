@@ -11,6 +11,7 @@ use crossbeam_channel::{
     bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender as Tx, TrySendError,
 };
 
+use crate::auth::Psk;
 use crate::config::SenderConfig;
 use crate::error::{Error, Result};
 use crate::limits::{
@@ -20,7 +21,7 @@ use crate::limits::{
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::Compression;
-use crate::protocol::handshake::{Hello, Reply, FEATURE_ZLIB, FEATURE_ZSTD};
+use crate::protocol::handshake::{Hello, Reply, FEATURE_PSK, FEATURE_ZLIB, FEATURE_ZSTD};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
 use crate::shard::{allowed_cores, catch_panic, pin, Abort};
@@ -124,17 +125,19 @@ impl Sender {
                 Compression::None => 0,
                 Compression::Zstd | Compression::Auto => FEATURE_ZSTD,
                 Compression::Zlib => FEATURE_ZLIB,
-            },
+            } | if config.psk.is_some() { FEATURE_PSK } else { 0 },
             layout_digest: memory.layout_digest(),
             layout_bytes: memory.total_bytes(),
             region_count: memory.regions().len() as u32,
+            nonce: rand::random(),
         };
         let connected: Vec<Result<Connected>> = std::thread::scope(|scope| {
             let joins: Vec<_> = (0..n)
                 .map(|i| {
                     let h = hello(i);
                     let tls = config.tls.as_ref();
-                    scope.spawn(move || handshake(addr, &h, tls))
+                    let psk = config.psk.as_ref();
+                    scope.spawn(move || handshake(addr, &h, tls, psk))
                 })
                 .collect();
             joins
@@ -498,7 +501,12 @@ struct Connected {
 }
 
 /// Connects one channel and runs its handshakes (TLS when configured, then the hello).
-fn handshake(addr: SocketAddr, hello: &Hello, tls: Option<&TlsClient>) -> Result<Connected> {
+fn handshake(
+    addr: SocketAddr,
+    hello: &Hello,
+    tls: Option<&TlsClient>,
+    psk: Option<&Psk>,
+) -> Result<Connected> {
     let i = hello.channel_index;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let stream = TcpStream::connect_timeout(&addr, timeout)
@@ -512,13 +520,21 @@ fn handshake(addr: SocketAddr, hello: &Hello, tls: Option<&TlsClient>) -> Result
         Some(t) => Some(client_handshake(&stream, t, i)?),
         None => None,
     };
-    let reply = match session.as_mut() {
-        Some(s) => {
+    let reply = match (session.as_mut(), psk) {
+        (Some(s), _) => {
             s.write_message(&stream, &hello.encode())?;
             let plain = s.read_message(&stream, i)?;
             Reply::decode(&plain).map_err(|source| Error::Protocol { channel: i, source })?
         }
-        None => plain_reply(&stream, hello)?,
+        (None, Some(psk)) => match psk_handshake(&stream, hello, psk)? {
+            Ok(s) => {
+                let s = session.insert(s);
+                let plain = s.read_message(&stream, i)?;
+                Reply::decode(&plain).map_err(|source| Error::Protocol { channel: i, source })?
+            }
+            Err(refused) => refused,
+        },
+        (None, None) => plain_reply(&stream, hello)?,
     };
     if let Some(refusal) = reply.refusal {
         return Err(Error::Refused {
@@ -535,6 +551,49 @@ fn handshake(addr: SocketAddr, hello: &Hello, tls: Option<&TlsClient>) -> Result
         tls: session,
         receiver_idle_ms: reply.idle_timeout_ms,
     })
+}
+
+/// The sender's side of the pre-shared-key handshake: the hello, the receiver's challenge
+/// (checked: does it hold the key?), our proof. Returns the channel's record state, or the
+/// receiver's plain reply when it refused the hello outright.
+fn psk_handshake(
+    stream: &TcpStream,
+    hello: &Hello,
+    psk: &Psk,
+) -> Result<std::result::Result<TlsSession, Reply>> {
+    use std::io::{Read, Write};
+    let i = hello.channel_index;
+    let bytes = hello.encode();
+    let io = |what: &str, e| Error::io(format!("{what} on channel {i}"), e);
+    (&*stream)
+        .write_all(&bytes)
+        .map_err(|e| io("sending the handshake", e))?;
+    let mut challenge = [0u8; crate::auth::CHALLENGE_BYTES];
+    (&*stream)
+        .read_exact(&mut challenge[..8])
+        .map_err(|e| io("reading the receiver's challenge", e))?;
+    if challenge[..8] == *b"PAGEWIRE" {
+        // A plain reply: the receiver refused the hello before any challenge.
+        let mut reply = [0u8; 16];
+        reply[..8].copy_from_slice(&challenge[..8]);
+        (&*stream)
+            .read_exact(&mut reply[8..])
+            .map_err(|e| io("reading the receiver's reply", e))?;
+        return Ok(Err(
+            Reply::decode(&reply).map_err(|source| Error::Protocol { channel: i, source })?
+        ));
+    }
+    (&*stream)
+        .read_exact(&mut challenge[8..])
+        .map_err(|e| io("reading the receiver's challenge", e))?;
+    let (proof, nonce) = psk
+        .answer(&bytes, &challenge)
+        .map_err(|source| Error::Auth { channel: i, source })?;
+    (&*stream)
+        .write_all(&proof)
+        .map_err(|e| io("sending the key proof", e))?;
+    let (tx, rx) = psk.traffic(&bytes, &nonce);
+    Ok(Ok(crate::tls::psk_session(tx, rx, Vec::new())?))
 }
 
 /// Sends the hello in plaintext and reads the reply.

@@ -119,6 +119,7 @@ fn send_compressed_frame(addr: std::net::SocketAddr, pages: &[u64], payload: &[u
         layout_digest: layout_digest([(0, len)]),
         layout_bytes: len,
         region_count: 1,
+        nonce: [3; 16],
     };
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(&hello.encode()).unwrap();

@@ -42,6 +42,7 @@ fn hello_for(len: u64, index: u16, count: u16, session: u8) -> Hello {
         layout_digest: layout_digest([(0, len)]),
         layout_bytes: len,
         region_count: 1,
+        nonce: [3; 16],
     }
 }
 
@@ -626,10 +627,10 @@ fn a_flipped_payload_bit_fails_both_sides_naming_region_and_page() {
     fill(&src, Content::Random, 8);
     let dst = memory(len);
     let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
-    // The first frame: a 64-byte hello, then a header of 32 bytes, one run of 12 and a checksum
+    // The first frame: the hello, then a header of 32 bytes, one run of 12 and a checksum
     // per page (16 × 8), then the payload; flip a bit in page 3.
     let header = 32 + 12 + 16 * 8;
-    let proxy = tampering_proxy(addr, Tamper::Flip(64 + header + 3 * 4096 + 100));
+    let proxy = tampering_proxy(addr, Tamper::Flip(pagewire::limits::HELLO_BYTES + header + 3 * 4096 + 100));
     let tx = std::thread::spawn(move || {
         let mut s = Sender::connect(proxy, src, &sender_config(1))?;
         s.send_all()?;
@@ -669,7 +670,7 @@ fn a_torn_page_of_a_live_round_must_arrive_again_before_success() {
         let dst = memory(len);
         let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
         // A bit flipped in page 3 of a live round looks exactly like a page a vCPU tore.
-        let proxy = tampering_proxy(addr, Tamper::Flip(64 + header + 3 * 4096 + 7));
+        let proxy = tampering_proxy(addr, Tamper::Flip(pagewire::limits::HELLO_BYTES + header + 3 * 4096 + 7));
         let source = src.clone();
         let tx = std::thread::spawn(move || {
             let mut s = Sender::connect(proxy, source, &sender_config(1))?;

@@ -80,6 +80,7 @@ fn five_strangers_then_the_real_sender_migrates_and_verifies() {
         layout_digest: layout_digest([(0, len)]),
         layout_bytes: len,
         region_count: 1,
+        nonce: [3; 16],
     };
     p.write_all(&hello.encode()).unwrap();
     // 5. A client with a certificate from another CA.

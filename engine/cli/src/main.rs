@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::auth::Psk;
 use pagewire::limits::{CHANNELS_MAX, IDLE_TIMEOUT_MS_MAX, IDLE_TIMEOUT_MS_MIN};
 use pagewire::pipeline::compress::Compression;
 use pagewire::synth::{self, Content};
@@ -43,6 +44,15 @@ enum Command {
     Demo(DemoArgs),
     /// Write a CA plus server and client certificate pairs for trying TLS (QEMU's file names).
     Certs(CertsArgs),
+    /// Write a new pre-shared key (QEMU's keys.psk format) for --psk-file.
+    Psk(PskArgs),
+}
+
+#[derive(Args)]
+struct PskArgs {
+    /// File to write (refuses to overwrite one that exists).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -61,6 +71,20 @@ struct TlsArgs {
     /// server-cert.pem/server-key.pem (recv) or client-cert.pem/client-key.pem (send).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
     tls_dir: Option<PathBuf>,
+    /// Without TLS: a pre-shared key both ends hold (QEMU's keys.psk format, `pagewire psk`
+    /// writes one). It authenticates both ends and protects every byte.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_dir"])]
+    psk_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn psk(&self) -> Result<Option<Psk>> {
+        self.psk_file
+            .as_deref()
+            .map(Psk::from_file)
+            .transpose()
+            .map_err(Into::into)
+    }
 }
 
 impl TlsArgs {
@@ -144,6 +168,10 @@ struct RecvArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Listen on a non-loopback address with neither TLS nor --psk-file (anyone who can
+    /// connect could write the destination memory).
+    #[arg(long)]
+    insecure: bool,
     /// How long to wait for a sender to complete its handshake, e.g. 60s (default: forever).
     /// Connections that fail theirs are logged and dropped meanwhile.
     #[arg(long, value_parser = parse_duration_ms)]
@@ -261,8 +289,11 @@ struct DemoArgs {
     #[arg(long)]
     no_pin: bool,
     /// Encrypt every channel with TLS 1.3, using certificates generated for the run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "psk")]
     tls: bool,
+    /// Authenticate and protect every channel with a pre-shared key generated for the run.
+    #[arg(long)]
+    psk: bool,
     #[command(flatten)]
     compress: CompressArgs,
     #[command(flatten)]
@@ -307,13 +338,14 @@ fn main() {
         Command::Recv(a) => a.common.json || a.common.json_stream,
         Command::Send(a) => a.common.json || a.common.json_stream,
         Command::Demo(a) => a.common.json || a.common.json_stream,
-        Command::Certs(_) => false,
+        Command::Certs(_) | Command::Psk(_) => false,
     };
     let result = match cli.command {
         Command::Recv(a) => recv(a),
         Command::Send(a) => send(a),
         Command::Demo(a) => demo(a),
         Command::Certs(a) => certs(a),
+        Command::Psk(a) => psk_file(a),
     };
     match result {
         Ok(true) => {}
@@ -472,6 +504,8 @@ fn recv(a: RecvArgs) -> Result<bool> {
         accept_timeout_ms: a.timeout,
         idle_timeout_ms: idle,
         tls,
+        psk: a.tls.psk()?,
+        insecure: a.insecure,
         ..ReceiverConfig::default()
     };
     let receiver = Receiver::bind(a.listen.as_str(), memory, config)?;
@@ -528,6 +562,7 @@ fn send(a: SendArgs) -> Result<bool> {
         zstd_level: level,
         max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         idle_timeout_ms: idle,
+        psk: a.tls.psk()?,
         ..SenderConfig::default()
     };
     config.validate()?;
@@ -582,7 +617,13 @@ fn demo(a: DemoArgs) -> Result<bool> {
         a.content.name(),
         t.elapsed().as_secs_f64(),
         a.channels,
-        if a.tls { " over TLS 1.3" } else { "" }
+        if a.tls {
+            " over TLS 1.3"
+        } else if a.psk {
+            " with a pre-shared key"
+        } else {
+            ""
+        }
     ));
     let dst = Arc::new(GuestMemory::anonymous(&specs)?);
     // With --tls: certificates made for this run, in a directory removed when the demo ends.
@@ -604,6 +645,7 @@ fn demo(a: DemoArgs) -> Result<bool> {
         ),
         None => (None, None),
     };
+    let psk = a.psk.then(Psk::generate);
     let receiver = Receiver::bind(
         "127.0.0.1:0",
         dst.clone(),
@@ -612,6 +654,7 @@ fn demo(a: DemoArgs) -> Result<bool> {
             accept_timeout_ms: Some(30_000),
             idle_timeout_ms: idle,
             tls: server_tls,
+            psk: psk.clone(),
             ..ReceiverConfig::default()
         },
     )?;
@@ -619,6 +662,7 @@ fn demo(a: DemoArgs) -> Result<bool> {
     let rx = std::thread::spawn(move || receiver.run());
     let config = SenderConfig {
         tls: client_tls,
+        psk,
         ..config
     };
     let sent = Sender::connect(addr, src.clone(), &config).and_then(|mut sender| {
@@ -656,6 +700,23 @@ fn demo(a: DemoArgs) -> Result<bool> {
         eprintln!("error: destination differs from source at region {region}, page {page}");
     }
     Ok(verified)
+}
+
+fn psk_file(a: PskArgs) -> Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&a.out)
+        .with_context(|| format!("creating {}", a.out.display()))?;
+    f.write_all(Psk::generate_line().as_bytes())?;
+    println!(
+        "wrote a new pre-shared key to {} (mode 0600); copy it to both hosts and give both --psk-file {}",
+        a.out.display(),
+        a.out.display()
+    );
+    Ok(true)
 }
 
 fn certs(a: CertsArgs) -> Result<bool> {

@@ -2,16 +2,18 @@
 //! [`Acceptor`] that checks every channel of one transfer against the first.
 //!
 //! ```text
-//!  Hello, 64 bytes                                   Reply, 16 bytes
+//!  Hello, 96 bytes                                   Reply, 16 bytes
 //!  0  magic "PAGEWIRE"       36 feature flags u32    0  magic "PAGEWIRE"
 //!  8  version u16            40 layout digest u64    8  receiver's version u16
-//!  10 hello bytes u16 (=64)  48 layout bytes u64     10 status u16 (0 = accepted)
+//!  10 hello bytes u16 (=96)  48 layout bytes u64     10 status u16 (0 = accepted)
 //!  12 channel index u16      56 region count u32     12 detail u32 (refused: the receiver's value;
-//!                                                       accepted: its idle bound in ms)
-//!  14 channel count u16      60 crc32c of 0..60
-//!  16 session id [u8; 16]
-//!  32 page bytes u32
+//!  14 channel count u16      60 sender nonce [u8; 16]    accepted: its idle bound in ms)
+//!  16 session id [u8; 16]    76 reserved (16, zero)
+//!  32 page bytes u32         92 crc32c of 0..92
 //! ```
+//! With a pre-shared key (feature bit [`FEATURE_PSK`]) the hello is followed by a challenge and
+//! a proof (see [`crate::auth`]) before the reply, which then travels sealed with keys derived
+//! from the key and both nonces; the key itself never crosses the wire.
 
 use std::fmt;
 
@@ -25,8 +27,10 @@ const MAGIC: [u8; 8] = *b"PAGEWIRE";
 pub const FEATURE_ZSTD: u32 = 1 << 0;
 /// Feature bit: the sender may send zlib-compressed frames.
 pub const FEATURE_ZLIB: u32 = 1 << 1;
-/// Feature bits this receiver understands. (TLS needs none: it is visible before the hello.)
-pub const FEATURES_KNOWN: u32 = FEATURE_ZSTD | FEATURE_ZLIB;
+/// Feature bit: the sender authenticates with a pre-shared key; a challenge follows the hello.
+pub const FEATURE_PSK: u32 = 1 << 2;
+/// Feature bits a receiver understands. (TLS needs none: it is visible before the hello.)
+pub const FEATURES_KNOWN: u32 = FEATURE_ZSTD | FEATURE_ZLIB | FEATURE_PSK;
 
 /// The sender's opening message on each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +53,8 @@ pub struct Hello {
     pub layout_bytes: u64,
     /// Regions in the layout.
     pub region_count: u32,
+    /// Fresh random bytes per connection (the pre-shared-key challenge mixes them in).
+    pub nonce: [u8; 16],
 }
 
 impl Hello {
@@ -64,6 +70,7 @@ impl Hello {
             layout_digest,
             layout_bytes,
             region_count,
+            nonce,
         } = self;
         let mut b = [0u8; HELLO_BYTES];
         b[0..8].copy_from_slice(&MAGIC);
@@ -77,8 +84,9 @@ impl Hello {
         b[40..48].copy_from_slice(&layout_digest.to_le_bytes());
         b[48..56].copy_from_slice(&layout_bytes.to_le_bytes());
         b[56..60].copy_from_slice(&region_count.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..60]);
-        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b[60..76].copy_from_slice(nonce);
+        let crc = crc32c::crc32c(&b[..92]);
+        b[92..96].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -101,16 +109,21 @@ impl Hello {
             x.copy_from_slice(&b[i..i + 8]);
             u64::from_le_bytes(x)
         };
-        let expected = u32_at(60);
-        let computed = crc32c::crc32c(&b[..60]);
+        let expected = u32_at(92);
+        let computed = crc32c::crc32c(&b[..92]);
         if expected != computed {
             return Err(ProtocolError::BadChecksum { expected, computed });
         }
         if usize::from(u16_at(10)) != HELLO_BYTES {
             return Err(ProtocolError::Reserved("hello length"));
         }
+        if b[76..92].iter().any(|&x| x != 0) {
+            return Err(ProtocolError::Reserved("hello"));
+        }
         let mut session_id = [0u8; 16];
         session_id.copy_from_slice(&b[16..32]);
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&b[60..76]);
         Ok(Hello {
             version: u16_at(8),
             channel_index: u16_at(12),
@@ -121,6 +134,7 @@ impl Hello {
             layout_digest: u64_at(40),
             layout_bytes: u64_at(48),
             region_count: u32_at(56),
+            nonce,
         })
     }
 }
@@ -164,6 +178,12 @@ pub enum Refusal {
     },
     /// The receiver requires TLS and the sender spoke plaintext.
     TlsRequired,
+    /// The receiver requires a pre-shared key and the sender offered none.
+    PskRequired,
+    /// The sender offered a pre-shared key the receiver does not have configured.
+    PskUnsupported,
+    /// The sender's proof did not match: it holds another key.
+    PskMismatch,
 }
 
 impl Refusal {
@@ -180,6 +200,9 @@ impl Refusal {
             Refusal::LayoutMismatch { expected_mib } => (8, expected_mib),
             Refusal::FeatureUnsupported { accepted } => (9, accepted),
             Refusal::TlsRequired => (10, 0),
+            Refusal::PskRequired => (11, 0),
+            Refusal::PskUnsupported => (12, 0),
+            Refusal::PskMismatch => (13, 0),
         }
     }
 
@@ -201,6 +224,9 @@ impl Refusal {
             },
             9 => Refusal::FeatureUnsupported { accepted: detail },
             10 => Refusal::TlsRequired,
+            11 => Refusal::PskRequired,
+            12 => Refusal::PskUnsupported,
+            13 => Refusal::PskMismatch,
             _ => Refusal::Malformed,
         }
     }
@@ -240,6 +266,18 @@ impl fmt::Display for Refusal {
             Refusal::TlsRequired => write!(
                 f,
                 "the receiver requires TLS, but this sender speaks plaintext (give it --tls-cert, --tls-key and --tls-ca)"
+            ),
+            Refusal::PskRequired => write!(
+                f,
+                "the receiver requires a pre-shared key, but this sender offered none (give it --psk-file)"
+            ),
+            Refusal::PskUnsupported => write!(
+                f,
+                "this sender offered a pre-shared key, but the receiver has none configured"
+            ),
+            Refusal::PskMismatch => write!(
+                f,
+                "the sender's pre-shared key differs from the receiver's"
             ),
         }
     }
@@ -440,6 +478,7 @@ mod tests {
             layout_digest: layout_digest([(0, 1 << 20)]),
             layout_bytes: 1 << 20,
             region_count: 1,
+            nonce: [3; 16],
         }
     }
 

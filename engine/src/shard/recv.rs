@@ -578,9 +578,7 @@ impl RecvShard {
                             // update in turn is answered on the control direction.
                             let requested = check_key_update(&staging[plain.clone()])
                                 .map_err(|source| Error::TlsRecord { channel, source })?;
-                            let (seq, secrets) = tls.keys.update_rx()?;
-                            tls.opener = RecordOpener::new(&secrets, seq)
-                                .map_err(|source| Error::TlsRecord { channel, source })?;
+                            tls.opener = tls.keys.next_opener()?;
                             if requested {
                                 self.answer_key_update()?;
                             }
@@ -703,13 +701,10 @@ impl RecvShard {
 
     /// Sends our own KeyUpdate (sealed with the old sending key) and moves to the next key.
     fn answer_key_update(&mut self) -> Result<()> {
-        let channel = self.channel;
         let Some(tls) = self.p.tls.as_mut() else {
             return Ok(());
         };
-        let (seq, secrets) = tls.keys.update_tx()?;
-        let next = crate::pipeline::seal::RecordSealer::new(&secrets, seq)
-            .map_err(|source| Error::TlsRecord { channel, source })?;
+        let next = tls.keys.next_sealer()?;
         let mut msg = [0u8; CONTROL_WIRE_BYTES_MAX];
         let n = self
             .p

@@ -35,9 +35,9 @@ use crate::limits::{
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
 use crate::pipeline::seal::{
-    record_len, RecordSealer, CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
-    CONTENT_HANDSHAKE, KEY_UPDATE_MESSAGE, KEY_UPDATE_REQUEST, RECORD_HEADER_BYTES,
-    RECORD_OVERHEAD_BYTES, RECORD_PLAINTEXT_BYTES_MAX,
+    record_len, CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
+    KEY_UPDATE_MESSAGE, KEY_UPDATE_REQUEST, RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES,
+    RECORD_PLAINTEXT_BYTES_MAX,
 };
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
@@ -1028,9 +1028,7 @@ impl SendShard {
                     if crate::pipeline::seal::check_key_update(&plain).map_err(record)? {
                         self.tls_update_due = true;
                     }
-                    let (seq, secrets) = tls.keys.update_rx()?;
-                    tls.opener =
-                        crate::pipeline::seal::RecordOpener::new(&secrets, seq).map_err(record)?;
+                    tls.opener = tls.keys.next_opener()?;
                 }
                 other => {
                     return Err(Error::TlsMismatch(format!(
@@ -1072,11 +1070,10 @@ fn seal_frame(
         at += tls
             .sealer
             .seal(&KEY_UPDATE_REQUEST, CONTENT_HANDSHAKE, &mut out[at..])?;
-        let (seq, secrets) = tls
+        tls.sealer = tls
             .keys
-            .update_tx()
+            .next_sealer()
             .map_err(|_| crate::pipeline::seal::RecordError::UnsupportedSuite)?;
-        tls.sealer = RecordSealer::new(&secrets, seq)?;
     }
     let (region, runs, bytes) = match payload {
         Payload::Guest(region, runs) => (Some(region), runs, &[][..]),

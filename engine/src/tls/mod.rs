@@ -28,7 +28,7 @@ use rustls::kernel::KernelConnection;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection, WebPkiClientVerifier};
 use rustls::unbuffered::ConnectionState;
-use rustls::{ClientConfig, ConnectionTrafficSecrets, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::error::{Error, Result};
 use crate::pipeline::seal::{
@@ -221,26 +221,69 @@ impl TlsServer {
 pub(crate) enum KeySchedule {
     Client(KernelConnection<ClientConnectionData>),
     Server(KernelConnection<ServerConnectionData>),
+    /// A pre-shared-key connection's traffic secrets (see [`crate::auth`]).
+    Psk {
+        tx: [u8; 32],
+        rx: [u8; 32],
+    },
 }
 
 impl KeySchedule {
-    /// New transmit secrets and the sequence number they start at.
-    pub(crate) fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets)> {
-        match self {
+    /// The sealer of the next sending key (after a KeyUpdate).
+    pub(crate) fn next_sealer(&mut self) -> Result<RecordSealer> {
+        let record = |source| Error::TlsRecord {
+            channel: u16::MAX,
+            source,
+        };
+        let (seq, secrets) = match self {
             KeySchedule::Client(k) => k.update_tx_secret(),
             KeySchedule::Server(k) => k.update_tx_secret(),
+            KeySchedule::Psk { tx, .. } => {
+                *tx = crate::auth::next_secret(tx);
+                let (key, iv) = crate::auth::record_keys(tx);
+                return RecordSealer::aes128(&key, iv, 0).map_err(record);
+            }
         }
-        .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))
+        .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))?;
+        RecordSealer::new(&secrets, seq).map_err(record)
     }
 
-    /// New receive secrets and the sequence number they start at.
-    pub(crate) fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets)> {
-        match self {
+    /// The opener of the next receiving key (after the peer's KeyUpdate).
+    pub(crate) fn next_opener(&mut self) -> Result<RecordOpener> {
+        let record = |source| Error::TlsRecord {
+            channel: u16::MAX,
+            source,
+        };
+        let (seq, secrets) = match self {
             KeySchedule::Client(k) => k.update_rx_secret(),
             KeySchedule::Server(k) => k.update_rx_secret(),
+            KeySchedule::Psk { rx, .. } => {
+                *rx = crate::auth::next_secret(rx);
+                let (key, iv) = crate::auth::record_keys(rx);
+                return RecordOpener::aes128(&key, iv, 0).map_err(record);
+            }
         }
-        .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))
+        .map_err(|e| Error::TlsConfig(format!("TLS key update: {e}")))?;
+        RecordOpener::new(&secrets, seq).map_err(record)
     }
+}
+
+/// The record state of a pre-shared-key connection: `tx` and `rx` are this side's sending and
+/// receiving traffic secrets.
+pub(crate) fn psk_session(tx: [u8; 32], rx: [u8; 32], leftover: Vec<u8>) -> Result<TlsSession> {
+    let record = |source| Error::TlsRecord {
+        channel: u16::MAX,
+        source,
+    };
+    let (tk, tiv) = crate::auth::record_keys(&tx);
+    let (rk, riv) = crate::auth::record_keys(&rx);
+    Ok(TlsSession {
+        sealer: RecordSealer::aes128(&tk, tiv, 0).map_err(record)?,
+        opener: RecordOpener::aes128(&rk, riv, 0).map_err(record)?,
+        keys: KeySchedule::Psk { tx, rx },
+        leftover,
+        early: Vec::new(),
+    })
 }
 
 /// One channel's TLS state after the handshake.
