@@ -33,13 +33,34 @@ use crate::shard::{allowed_cores, catch_panic, error_chain, pin, Abort, RoundBar
 use crate::stats::{Progress, TransferStats};
 use crate::tls::{server_handshake, TlsServer, TlsSession};
 
+/// Makes the destination once the sender's hello says how large it is.
+pub type MakeDestination = Box<dyn FnOnce(u64) -> Result<Arc<GuestMemory>> + Send>;
+
+/// Where a receiver places pages.
+enum Destination {
+    /// Memory the caller made.
+    Ready(Arc<GuestMemory>),
+    /// Memory made once the sender's hello names its size, of at most `max_bytes`.
+    BySender {
+        make: MakeDestination,
+        max_bytes: u64,
+    },
+}
+
 /// A bound receiver; [`run`](Self::run) takes one transfer.
-#[derive(Debug)]
 pub struct Receiver {
     listener: TcpListener,
-    memory: Arc<GuestMemory>,
+    memory: Destination,
     config: ReceiverConfig,
     progress: Arc<Progress>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Receiver {
@@ -49,12 +70,35 @@ impl Receiver {
         memory: Arc<GuestMemory>,
         config: ReceiverConfig,
     ) -> Result<Receiver> {
-        config.validate()?;
         if let Some(i) = memory.regions().iter().position(|r| !r.is_writable()) {
             return Err(Error::Config(format!(
                 "region {i} of the destination is mapped read-only"
             )));
         }
+        let pages = memory.total_pages();
+        let r = Self::listen(addr, Destination::Ready(memory), config)?;
+        crate::stats::add(&r.progress.pages_total, pages);
+        Ok(r)
+    }
+
+    /// Listens on `addr` for a transfer whose size the sender's hello gives: the first sender
+    /// with a one-region layout (a RAM image) of at most `max_bytes` sizes the destination,
+    /// which `make` then creates (before any page arrives).
+    pub fn bind_sized_by_sender(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        max_bytes: u64,
+        make: MakeDestination,
+        config: ReceiverConfig,
+    ) -> Result<Receiver> {
+        Self::listen(addr, Destination::BySender { make, max_bytes }, config)
+    }
+
+    fn listen(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        memory: Destination,
+        config: ReceiverConfig,
+    ) -> Result<Receiver> {
+        config.validate()?;
         let text = format!("{addr:?}");
         let listener =
             TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))?;
@@ -71,7 +115,6 @@ impl Receiver {
             )));
         }
         let progress = Arc::new(Progress::default());
-        crate::stats::add(&progress.pages_total, memory.total_pages());
         Ok(Receiver {
             listener,
             memory,
@@ -93,15 +136,34 @@ impl Receiver {
     }
 
     /// Accepts one transfer and receives it until every channel has ended its stream.
-    pub fn run(self) -> Result<TransferStats> {
+    pub fn run(mut self) -> Result<TransferStats> {
         let caps = crate::uring::probe()?;
         let abort = Arc::new(Abort::new(true));
-        let (streams, start) = self.accept_channels(&abort)?;
+        let (streams, start, layout_bytes) = self.accept_channels(&abort)?;
         let cpu_start = crate::sys::thread_cpu_time();
+        let memory = match std::mem::replace(
+            &mut self.memory,
+            Destination::BySender {
+                make: Box::new(|_| Err(Error::Aborted)),
+                max_bytes: 0,
+            },
+        ) {
+            Destination::Ready(m) => m,
+            Destination::BySender { make, .. } => {
+                // The sender said how large; the destination is made before any page lands.
+                match make(layout_bytes) {
+                    Ok(m) => {
+                        crate::stats::add(&self.progress.pages_total, m.total_pages());
+                        m
+                    }
+                    Err(e) => return Err(abort.fail_and_take(e)),
+                }
+            }
+        };
         let n = streams.len();
         let barrier = Arc::new(RoundBarrier::new(n));
         let ledger = Arc::new(PageLedger::new(
-            self.memory
+            memory
                 .regions()
                 .iter()
                 .map(|r| (r.pages(), r.initially_zero())),
@@ -113,7 +175,7 @@ impl Receiver {
             let core = self.config.pinning.core_for(i, &cores);
             let params = RecvShardParams {
                 channel: i as u16,
-                memory: self.memory.clone(),
+                memory: memory.clone(),
                 ledger: ledger.clone(),
                 barrier: barrier.clone(),
                 idle: Duration::from_millis(self.config.idle_timeout_ms),
@@ -181,13 +243,18 @@ impl Receiver {
     /// foreign certificate, another session's channel) is logged and dropped: the receiver keeps
     /// listening for the real sender until its own deadline. A session whose remaining channels
     /// do not arrive within `CHANNELS_GATHER_TIMEOUT_MS` is dropped the same way.
-    fn accept_channels(&self, abort: &Abort) -> Result<(Vec<Accepted>, Instant)> {
+    fn accept_channels(&self, abort: &Abort) -> Result<(Vec<Accepted>, Instant, u64)> {
+        let (layout_digest, layout_bytes, take_layout) = match &self.memory {
+            Destination::Ready(m) => (m.layout_digest(), m.total_bytes(), false),
+            Destination::BySender { max_bytes, .. } => (0, *max_bytes, true),
+        };
         let expect = Expectation {
             channel_count: self.config.channels,
             page_bytes: PAGE_BYTES as u32,
-            layout_digest: self.memory.layout_digest(),
-            layout_bytes: self.memory.total_bytes(),
+            layout_digest,
+            layout_bytes,
             features: FEATURES_KNOWN,
+            take_layout,
         };
         // The acceptor and the generation of the session it is gathering, under one lock: a
         // handshake accepted for an abandoned session is recognised and dropped.
@@ -317,7 +384,8 @@ impl Receiver {
             }
         }
         let streams = slots.into_iter().flatten().collect();
-        Ok((streams, first_at.unwrap_or(waiting_since)))
+        let layout_bytes = lock(&acceptor).0.layout_bytes();
+        Ok((streams, first_at.unwrap_or(waiting_since), layout_bytes))
     }
 }
 

@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
         layout_digest: 0x1234,
         layout_bytes: 1 << 20,
         features: 3,
+        take_layout: data.first().is_some_and(|b| b & 1 == 1),
     });
     let mut accepted = std::collections::HashSet::new();
     for chunk in data.chunks(HELLO_BYTES) {

@@ -630,7 +630,10 @@ fn a_flipped_payload_bit_fails_both_sides_naming_region_and_page() {
     // The first frame: the hello, then a header of 32 bytes, one run of 12 and a checksum
     // per page (16 × 8), then the payload; flip a bit in page 3.
     let header = 32 + 12 + 16 * 8;
-    let proxy = tampering_proxy(addr, Tamper::Flip(pagewire::limits::HELLO_BYTES + header + 3 * 4096 + 100));
+    let proxy = tampering_proxy(
+        addr,
+        Tamper::Flip(pagewire::limits::HELLO_BYTES + header + 3 * 4096 + 100),
+    );
     let tx = std::thread::spawn(move || {
         let mut s = Sender::connect(proxy, src, &sender_config(1))?;
         s.send_all()?;
@@ -670,7 +673,10 @@ fn a_torn_page_of_a_live_round_must_arrive_again_before_success() {
         let dst = memory(len);
         let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
         // A bit flipped in page 3 of a live round looks exactly like a page a vCPU tore.
-        let proxy = tampering_proxy(addr, Tamper::Flip(pagewire::limits::HELLO_BYTES + header + 3 * 4096 + 7));
+        let proxy = tampering_proxy(
+            addr,
+            Tamper::Flip(pagewire::limits::HELLO_BYTES + header + 3 * 4096 + 7),
+        );
         let source = src.clone();
         let tx = std::thread::spawn(move || {
             let mut s = Sender::connect(proxy, source, &sender_config(1))?;

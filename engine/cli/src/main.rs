@@ -156,12 +156,18 @@ struct RecvArgs {
     /// Address to listen on, e.g. 0.0.0.0:7878.
     #[arg(long)]
     listen: String,
-    /// Destination RAM image: an existing file of the sender's size, or a new one of --size.
-    #[arg(long, required_unless_present = "size")]
+    /// Destination RAM image: an existing file of the sender's size, or a new one (of --size,
+    /// or of the size the sender announces).
+    #[arg(long)]
     into: Option<PathBuf>,
-    /// Destination size (e.g. 4GiB); without --into the memory is anonymous and discarded.
+    /// Destination size (e.g. 4GiB). Without it, a new destination takes the size the sender's
+    /// hello announces (up to --max-size). Without --into the memory is anonymous and
+    /// discarded (a throughput test).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
+    /// The largest destination a sender may ask for when --size is not given.
+    #[arg(long, value_parser = parse_size, default_value = "4TiB")]
+    max_size: u64,
     /// Channels to expect (default: whatever the sender uses).
     #[arg(long, value_parser = parse_channels)]
     channels: Option<u16>,
@@ -467,10 +473,21 @@ fn recv(a: RecvArgs) -> Result<bool> {
                 path.display()
             );
         }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if !path.exists() && parent.is_some_and(|p| !p.is_dir()) {
+            bail!(
+                "--into {}: the directory {} does not exist",
+                path.display(),
+                parent.map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
     }
     // A file destination is an `ImageFile`: a new image appears under its name only once it is
     // complete; an existing one carries a marker until then.
-    let (memory, image) = match (&a.into, a.size) {
+    // `None` memory: made once the sender's hello says how large (`image` then receives the
+    // ImageFile made for it).
+    let image: Arc<std::sync::Mutex<Option<ImageFile>>> = Arc::default();
+    let memory = match (&a.into, a.size) {
         (Some(path), size) if path.exists() => {
             let len = std::fs::metadata(path)
                 .with_context(|| format!("reading the size of {}", path.display()))?
@@ -481,22 +498,22 @@ fn recv(a: RecvArgs) -> Result<bool> {
                     path.display()
                 );
             }
-            let image = ImageFile::open_existing(path)?;
-            (image.memory(), Some(image))
+            let file = ImageFile::open_existing(path)?;
+            let memory = file.memory();
+            *image.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+            Some(memory)
         }
         (Some(path), Some(size)) => {
-            let image = ImageFile::create(path, size)?;
-            (image.memory(), Some(image))
+            let file = ImageFile::create(path, size)?;
+            let memory = file.memory();
+            *image.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+            Some(memory)
         }
-        (Some(path), None) => bail!(
-            "{} does not exist; give --size to create it",
-            path.display()
-        ),
-        (None, Some(size)) => (
-            Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: size }])?),
-            None,
-        ),
-        (None, None) => bail!("give --into FILE or --size N"),
+        (None, Some(size)) => Some(Arc::new(GuestMemory::anonymous(&[RegionSpec {
+            gpa: 0,
+            len: size,
+        }])?)),
+        (_, None) => None,
     };
     let config = ReceiverConfig {
         channels: a.channels,
@@ -508,11 +525,30 @@ fn recv(a: RecvArgs) -> Result<bool> {
         insecure: a.insecure,
         ..ReceiverConfig::default()
     };
-    let receiver = Receiver::bind(a.listen.as_str(), memory, config)?;
+    let receiver = match memory {
+        Some(memory) => Receiver::bind(a.listen.as_str(), memory, config)?,
+        None => {
+            let (into, slot) = (a.into.clone(), image.clone());
+            let make: pagewire::receiver::MakeDestination = Box::new(move |len| match into {
+                Some(path) => {
+                    let file = ImageFile::create(&path, len)?;
+                    let memory = file.memory();
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+                    Ok(memory)
+                }
+                None => Ok(Arc::new(GuestMemory::anonymous(&[RegionSpec {
+                    gpa: 0,
+                    len,
+                }])?)),
+            });
+            Receiver::bind_sized_by_sender(a.listen.as_str(), a.max_size, make, config)?
+        }
+    };
     eprintln!("pagewire: listening on {}", receiver.local_addr()?);
     let display = start_display(receiver.progress(), "recv", a.common.json_stream);
     let stats = receiver.run();
     finish_display(display);
+    let image = image.lock().unwrap_or_else(|p| p.into_inner()).take();
     let stats = match (stats, image) {
         (Ok(stats), Some(image)) => {
             image.commit()?;

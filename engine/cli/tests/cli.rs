@@ -169,19 +169,9 @@ fn version_is_printed() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("pagewire "));
 }
 
-#[test]
-fn send_and_recv_move_a_file_between_processes() {
-    if uring_missing() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("pagewire-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("src.img");
-    let dst = dir.join("dst.img");
-    let data: Vec<u8> = (0..(2u32 << 20))
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(&src, &data).unwrap();
+/// Runs `pagewire recv` (with `recv_extra`) and `pagewire send` of `src` (with `send_extra`)
+/// between two processes over loopback; both must succeed.
+fn send_recv(src: &std::path::Path, recv_extra: &[&str], send_extra: &[&str]) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -189,15 +179,8 @@ fn send_and_recv_move_a_file_between_processes() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let mut recv = pagewire()
-        .args([
-            "recv",
-            "--listen",
-            &addr,
-            "--into",
-            dst.to_str().unwrap(),
-            "--size",
-            "2MiB",
-        ])
+        .args(["recv", "--listen", &addr])
+        .args(recv_extra)
         .args(["--timeout", "20", "--json", "--no-pin"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -205,15 +188,9 @@ fn send_and_recv_move_a_file_between_processes() {
     let mut sent = None;
     for _ in 0..100 {
         let out = pagewire()
-            .args([
-                "send",
-                "--connect",
-                &addr,
-                "--from",
-                src.to_str().unwrap(),
-                "--no-pin",
-            ])
-            .args(["--channels", "3", "--json"])
+            .args(["send", "--connect", &addr, "--from", src.to_str().unwrap()])
+            .args(["--no-pin", "--channels", "3", "--json"])
+            .args(send_extra)
             .output()
             .unwrap();
         if out.status.success() {
@@ -226,8 +203,46 @@ fn send_and_recv_move_a_file_between_processes() {
     assert!(sent.is_some(), "the sender never got through");
     let status = recv.wait().unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn send_and_recv_move_a_file_between_processes() {
+    if uring_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let data: Vec<u8> = (0..(2u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    // A new image of a given size.
+    let dst = dir.path().join("dst.img");
+    let into = dst.to_str().unwrap();
+    send_recv(&src, &["--into", into, "--size", "2MiB"], &[]);
     assert_eq!(std::fs::read(&dst).unwrap(), data);
-    std::fs::remove_dir_all(&dir).unwrap();
+    // A new image sized by the sender's hello, with a pre-shared key on both sides.
+    let key = dir.path().join("keys.psk");
+    let out = pagewire()
+        .args(["psk", "--out", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = key.to_str().unwrap();
+    let dst2 = dir.path().join("sized-by-sender.img");
+    let into = dst2.to_str().unwrap();
+    send_recv(
+        &src,
+        &["--into", into, "--psk-file", key],
+        &["--psk-file", key],
+    );
+    assert_eq!(std::fs::read(&dst2).unwrap(), data);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("pagewire"))
+        .collect();
+    assert!(left.is_empty(), "temporary or marker files left: {left:?}");
 }
 
 #[test]

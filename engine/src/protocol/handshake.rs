@@ -344,6 +344,10 @@ pub struct Expectation {
     pub layout_bytes: u64,
     /// Feature bits the receiver accepts.
     pub features: u32,
+    /// The receiver has no memory yet and takes the first sender's layout, if it is one
+    /// region at guest-physical 0 (a RAM image), of at most `layout_bytes` bytes; the layout
+    /// fields above are then ignored until a hello fixes them.
+    pub take_layout: bool,
 }
 
 /// Checks the hellos of one transfer: the first fixes session and count; every later one must
@@ -351,6 +355,8 @@ pub struct Expectation {
 #[derive(Debug)]
 pub struct Acceptor {
     expect: Expectation,
+    /// The layout (digest, bytes) channels must bring.
+    layout: (u64, u64),
     session: Option<([u8; 16], u16)>,
     seen: [bool; CHANNELS_MAX],
     accepted: usize,
@@ -360,6 +366,7 @@ impl Acceptor {
     /// A new acceptor for one transfer.
     pub fn new(expect: Expectation) -> Self {
         Acceptor {
+            layout: (expect.layout_digest, expect.layout_bytes),
             expect,
             session: None,
             seen: [false; CHANNELS_MAX],
@@ -398,9 +405,21 @@ impl Acceptor {
                 expected: e.page_bytes,
             });
         }
-        if hello.layout_digest != e.layout_digest || hello.layout_bytes != e.layout_bytes {
+        if e.take_layout && self.session.is_none() {
+            // The first sender sizes a receiver that has no memory yet: one region at 0.
+            let one_region = hello.region_count == 1
+                && hello.layout_bytes > 0
+                && hello.layout_bytes % u64::from(e.page_bytes) == 0
+                && hello.layout_bytes <= e.layout_bytes
+                && hello.layout_digest == layout_digest([(0, hello.layout_bytes)]);
+            if !one_region {
+                return Err(Refusal::LayoutMismatch {
+                    expected_mib: (e.layout_bytes >> 20) as u32,
+                });
+            }
+        } else if hello.layout_digest != self.layout.0 || hello.layout_bytes != self.layout.1 {
             return Err(Refusal::LayoutMismatch {
-                expected_mib: (e.layout_bytes >> 20) as u32,
+                expected_mib: (self.layout.1 >> 20) as u32,
             });
         }
         if hello.features & !e.features != 0 {
@@ -414,14 +433,22 @@ impl Acceptor {
         }
         self.seen[idx] = true;
         self.session = Some((hello.session_id, hello.channel_count));
+        self.layout = (hello.layout_digest, hello.layout_bytes);
         self.accepted += 1;
         Ok(())
+    }
+
+    /// The layout's total bytes: the receiver's own, or the one the session's sender brought
+    /// (see [`Expectation::take_layout`]).
+    pub fn layout_bytes(&self) -> u64 {
+        self.layout.1
     }
 
     /// Forgets a session whose channels did not all arrive in time, so the next sender can start
     /// afresh (the caller drops the connections it had accepted for it).
     pub fn reset(&mut self) {
         self.session = None;
+        self.layout = (self.expect.layout_digest, self.expect.layout_bytes);
         self.seen = [false; CHANNELS_MAX];
         self.accepted = 0;
     }
@@ -484,6 +511,7 @@ mod tests {
 
     fn expect() -> Expectation {
         Expectation {
+            take_layout: false,
             channel_count: None,
             page_bytes: 4096,
             layout_digest: layout_digest([(0, 1 << 20)]),
@@ -583,6 +611,44 @@ mod tests {
             fixed.check(&hello(0)),
             Err(Refusal::ChannelCountMismatch { expected: 4 })
         ));
+    }
+
+    #[test]
+    fn a_receiver_without_memory_takes_one_region_from_the_first_sender() {
+        let mut a = Acceptor::new(Expectation {
+            take_layout: true,
+            layout_bytes: 1 << 30,
+            layout_digest: 0,
+            ..expect()
+        });
+        let two = Hello {
+            region_count: 2,
+            layout_digest: layout_digest([(0, 4096), (1 << 20, 4096)]),
+            layout_bytes: 8192,
+            ..hello(0)
+        };
+        assert!(matches!(a.check(&two), Err(Refusal::LayoutMismatch { .. })));
+        let huge = Hello {
+            layout_digest: layout_digest([(0, 2 << 30)]),
+            layout_bytes: 2 << 30,
+            ..hello(0)
+        };
+        assert!(matches!(
+            a.check(&huge),
+            Err(Refusal::LayoutMismatch { .. })
+        ));
+        assert_eq!(a.check(&hello(0)), Ok(()));
+        assert_eq!(a.layout_bytes(), 1 << 20);
+        let other = Hello {
+            layout_digest: layout_digest([(0, 2 << 20)]),
+            layout_bytes: 2 << 20,
+            ..hello(1)
+        };
+        assert!(matches!(
+            a.check(&other),
+            Err(Refusal::LayoutMismatch { .. })
+        ));
+        assert_eq!(a.check(&hello(1)), Ok(()));
     }
 
     #[test]

@@ -190,6 +190,12 @@ impl Abort {
         Error::Aborted
     }
 
+    /// Records `error` (telling the peer), and returns the first error of the transfer.
+    pub(crate) fn fail_and_take(&self, error: Error) -> Error {
+        self.fail(error);
+        self.take_error().unwrap_or(Error::Aborted)
+    }
+
     /// The first error, if any (taken: later calls return `None`).
     pub(crate) fn take_error(&self) -> Option<Error> {
         self.first.lock().unwrap_or_else(|p| p.into_inner()).take()
