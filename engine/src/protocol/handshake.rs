@@ -409,7 +409,7 @@ impl Acceptor {
             // The first sender sizes a receiver that has no memory yet: one region at 0.
             let one_region = hello.region_count == 1
                 && hello.layout_bytes > 0
-                && hello.layout_bytes % u64::from(e.page_bytes) == 0
+                && hello.layout_bytes.is_multiple_of(u64::from(e.page_bytes))
                 && hello.layout_bytes <= e.layout_bytes
                 && hello.layout_digest == layout_digest([(0, hello.layout_bytes)]);
             if !one_region {
