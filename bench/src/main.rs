@@ -60,6 +60,9 @@ enum Cmd {
     /// Payload checksum candidates, one core: XXH3 (pagewire's raw-pointer AVX2 and scalar, the
     /// xxhash-rust crate) and CRC32C (the crc32c crate), in cache and from DRAM.
     Checksum(ChecksumArgs),
+    /// Seeded fault injection below the shards, thousands of runs: each must end complete and
+    /// verified, or failed on both sides naming one cause (prints the seed of any that did not).
+    Faults(FaultsArgs),
     /// The destination side of a two-host matrix (`matrix --peer` on the source).
     Serve {
         /// Address to listen on for the source's control connection, e.g. 0.0.0.0:7700.
@@ -85,6 +88,22 @@ struct CompressBenchArgs {
     /// Small images (about half a second per cell).
     #[arg(long)]
     quick: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct FaultsArgs {
+    /// Seeds to run (each a whole transfer), split between plaintext and TLS.
+    #[arg(long, default_value_t = 2000)]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// The idle bound of both sides, e.g. 600ms.
+    #[arg(long, default_value = "600ms", value_parser = pagewire::units::parse_duration_ms)]
+    idle: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -727,6 +746,61 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn faults_bench(a: FaultsArgs) -> Result<()> {
+    use pagewire::faults::{run_seed, Outcome, RunOptions};
+    let dir = tempfile::tempdir()?;
+    certs::generate(&certs::CertOptions::default())?.write(dir.path())?;
+    let tls = (
+        TlsServer::new(certs::server_files(dir.path()).load()?)?,
+        TlsClient::new(certs::client_files(dir.path()).load()?, "localhost")?,
+    );
+    let idle = std::time::Duration::from_millis(a.idle);
+    let started = Instant::now();
+    let (mut complete, mut confirmed, mut failed) = (0u64, 0u64, 0u64);
+    let mut violations = Vec::new();
+    let bar = indicatif::ProgressBar::new(a.seeds);
+    for seed in a.from..a.from + a.seeds {
+        let options = RunOptions {
+            // Even seeds plaintext, odd seeds TLS.
+            tls: (seed % 2 == 1).then(|| tls.clone()),
+            idle,
+        };
+        match run_seed(seed, &options) {
+            Ok(Outcome::Complete) => complete += 1,
+            Ok(Outcome::ConfirmedButSenderFailed(_)) => confirmed += 1,
+            Ok(Outcome::BothFailed(_)) => failed += 1,
+            Err(v) => {
+                eprintln!("VIOLATION: {}", v.0);
+                violations.push(v.0);
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let v = serde_json::json!({
+        "seeds": a.seeds,
+        "complete": complete,
+        "confirmed_but_sender_failed": confirmed,
+        "failed_on_both_sides_with_one_cause": failed,
+        "violations": violations,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    if a.json {
+        println!("{v}");
+    } else {
+        println!(
+            "{} seeds in {:.0} s: {complete} complete and verified, {confirmed} confirmed by the receiver but the sender failed, {failed} failed on both sides naming one cause, {} violations",
+            a.seeds,
+            started.elapsed().as_secs_f64(),
+            violations.len()
+        );
+    }
+    if !violations.is_empty() {
+        bail!("{} seed(s) broke an invariant", violations.len());
+    }
+    Ok(())
+}
+
 /// GiB/s of `hash` over `total` bytes taken as `chunk`-sized calls over `buf` (wrapping).
 fn hash_rate(buf: &[u8], chunk: usize, total: usize, mut hash: impl FnMut(&[u8]) -> u64) -> f64 {
     let mut sink = 0u64;
@@ -819,6 +893,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Transfer(a) => transfer(a),
         Cmd::Checksum(a) => checksum_bench(a),
+        Cmd::Faults(a) => faults_bench(a),
         Cmd::Tls(a) => tls_bench(a),
         Cmd::Matrix(a) => matrix::run(a),
         Cmd::Serve { listen, sessions } => remote::serve(&listen, sessions),

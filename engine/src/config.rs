@@ -98,6 +98,9 @@ pub struct SenderConfig {
     /// Records sealed with one TLS key before a key update. Lowered only by tests.
     #[doc(hidden)]
     pub tls_records_per_key: u64,
+    /// Seed of the fault injection between every shard and its ring ([`crate::faults`]).
+    #[cfg(feature = "faults")]
+    pub fault_seed: Option<u64>,
 }
 
 impl SenderConfig {
@@ -150,6 +153,8 @@ impl Default for SenderConfig {
             max_bandwidth_bytes_per_s: None,
             idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
             tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
+            #[cfg(feature = "faults")]
+            fault_seed: None,
         }
     }
 }
@@ -176,13 +181,17 @@ pub struct ReceiverConfig {
     /// Listen on a non-loopback address with neither TLS nor a pre-shared key. Without it such
     /// a receiver refuses to start: anyone who can connect could write its memory.
     pub insecure: bool,
-    /// Test-only: maximum random delay, in microseconds, before each frame is processed
-    /// (seeded by `fault_seed`), to shake out ordering bugs across channels.
-    #[doc(hidden)]
+    /// Maximum random delay, in microseconds, before each frame is processed (seeded by
+    /// `fault_seed`), to shake out ordering bugs across channels.
+    #[cfg(feature = "faults")]
     pub fault_frame_delay_max_us: u32,
-    /// Seed for `fault_frame_delay_max_us`.
-    #[doc(hidden)]
+    /// Seed of the frame delays and of the fault injection between every shard and its ring
+    /// ([`crate::faults`]); ring faults only when `fault_ring` is set.
+    #[cfg(feature = "faults")]
     pub fault_seed: u64,
+    /// Inject ring faults (seeded by `fault_seed`).
+    #[cfg(feature = "faults")]
+    pub fault_ring: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -195,8 +204,12 @@ impl Default for ReceiverConfig {
             tls: None,
             psk: None,
             insecure: false,
+            #[cfg(feature = "faults")]
             fault_frame_delay_max_us: 0,
+            #[cfg(feature = "faults")]
             fault_seed: 0,
+            #[cfg(feature = "faults")]
+            fault_ring: false,
         }
     }
 }

@@ -55,6 +55,8 @@ compile_error!(
 pub mod auth;
 pub mod config;
 pub mod error;
+#[cfg(feature = "faults")]
+pub mod faults;
 pub mod limits;
 #[allow(unsafe_code)]
 pub mod memory;

@@ -183,10 +183,15 @@ impl Receiver {
                 progress: self.progress.clone(),
                 peer,
                 tls,
+                #[cfg(feature = "faults")]
                 delay: FrameDelay {
                     max_us: self.config.fault_frame_delay_max_us,
                     seed: self.config.fault_seed,
                 },
+                #[cfg(not(feature = "faults"))]
+                delay: FrameDelay::default(),
+                #[cfg(feature = "faults")]
+                fault_seed: self.config.fault_ring.then_some(self.config.fault_seed),
             };
             let shard_abort = abort.clone();
             let join = std::thread::Builder::new()

@@ -192,6 +192,8 @@ impl Sender {
                     .map(|b| b as f64 / f64::from(n)),
                 idle: Duration::from_millis(config.idle_timeout_ms),
                 keepalive_every,
+                #[cfg(feature = "faults")]
+                fault_seed: config.fault_seed,
             };
             let shard_abort = abort.clone();
             let join = std::thread::Builder::new()

@@ -33,11 +33,13 @@ use crate::protocol::{Frame, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, KeySchedule};
-use crate::uring::{errno, Buf, Ring};
+use crate::uring::{advance, errno, Buf, Ring, RingIo};
 
 use super::{Abort, Marker, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
 
 const HEADER_SLOT: u16 = 0;
+/// What `wait_one` returns for a retryable result (`EAGAIN`, `EINTR`): post the op again.
+const RETRY: i32 = i32::MIN;
 const CONTROL_SLOT: u16 = 1;
 const STAGING_SLOT: u16 = 2;
 const SLOT_BYTES_PLAIN: usize = 4096;
@@ -95,11 +97,14 @@ pub(crate) struct RecvShardParams {
     pub peer: usize,
     pub tls: Option<TlsRx>,
     pub delay: FrameDelay,
+    /// Seeded fault injection between this shard and its ring (test builds).
+    #[cfg(feature = "faults")]
+    pub fault_seed: Option<u64>,
 }
 
 pub(crate) struct RecvShard {
     channel: u16,
-    ring: Ring,
+    ring: Box<dyn RingIo>,
     p: RecvShardParams,
     scanner: ZeroScanner,
     hash: Xxh3,
@@ -141,6 +146,10 @@ impl RecvShard {
             tls.end = n;
             tls.leftover = Vec::new();
         }
+        #[cfg(feature = "faults")]
+        let ring = crate::faults::wrap(ring, p.fault_seed, p.channel, p.idle);
+        #[cfg(not(feature = "faults"))]
+        let ring: Box<dyn RingIo> = Box::new(ring);
         Ok(RecvShard {
             channel: p.channel,
             ring,
@@ -639,9 +648,12 @@ impl RecvShard {
     /// between rounds the sender's keepalive frames keep the channel moving.
     fn wait_one(&mut self, what: &str) -> Result<i32> {
         let mut since = Instant::now();
-        let mut received = crate::sys::tcp_bytes_received(self.ring.socket());
+        let mut received = self.ring.bytes_received();
         loop {
             if let Some(c) = self.ring.next_completion() {
+                if c.result == -libc::EAGAIN || c.result == -libc::EINTR {
+                    return Ok(RETRY);
+                }
                 if c.result < 0 {
                     return Err(Error::io(
                         format!("{what} on channel {}", self.channel),
@@ -653,7 +665,7 @@ impl RecvShard {
             if self.p.abort.is_raised() {
                 return Err(Error::Aborted);
             }
-            let now = crate::sys::tcp_bytes_received(self.ring.socket());
+            let now = self.ring.bytes_received();
             if now != received {
                 received = now;
                 since = Instant::now();
@@ -680,7 +692,11 @@ impl RecvShard {
         let mut done = 0u64;
         while done < len {
             self.ring.push_recv(1, bufs, done);
-            let got = self.wait_one("receiving")? as u64;
+            let got = self.wait_one("receiving")?;
+            if got == RETRY {
+                continue;
+            }
+            let got = got as u64;
             if got == 0 {
                 return if done == 0 && boundary {
                     Ok(Got::End)
@@ -695,8 +711,13 @@ impl RecvShard {
 
     /// Receives what is available into `buf`; 0 at end of stream.
     fn recv_some(&mut self, buf: Buf) -> Result<usize> {
-        self.ring.push_recv_some(1, buf);
-        Ok(self.wait_one("receiving")? as usize)
+        loop {
+            self.ring.push_recv_some(1, buf);
+            match self.wait_one("receiving")? {
+                RETRY => continue,
+                n => return Ok(n as usize),
+            }
+        }
     }
 
     /// Sends our own KeyUpdate (sealed with the old sending key) and moves to the next key.
@@ -713,7 +734,7 @@ impl RecvShard {
         self.send_control(&msg[..n], "answering a TLS key update")
     }
 
-    /// Sends `bytes` on the control direction and waits for the send to complete.
+    /// Sends `bytes` on the control direction and waits until all of them are sent.
     fn send_control(&mut self, bytes: &[u8], what: &str) -> Result<()> {
         self.ring.slot_mut(CONTROL_SLOT)[..bytes.len()].copy_from_slice(bytes);
         let buf = Buf::Slab {
@@ -721,8 +742,15 @@ impl RecvShard {
             offset: 0,
             len: bytes.len() as u32,
         };
-        self.ring.push_send(2, buf, false, false, None);
-        self.wait_one(what)?;
+        let mut done = 0u64;
+        while done < bytes.len() as u64 {
+            self.ring
+                .push_send(2, advance(buf, done), false, false, None);
+            match self.wait_one(what)? {
+                RETRY => {}
+                n => done += n as u64,
+            }
+        }
         Ok(())
     }
 

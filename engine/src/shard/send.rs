@@ -45,7 +45,7 @@ use crate::protocol::{Frame, ProtocolError, SenderChannel};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, TlsSession};
-use crate::uring::{advance, errno, Buf, Ring, Wait};
+use crate::uring::{advance, errno, Buf, Ring, RingIo, Wait};
 
 use super::Abort;
 
@@ -163,11 +163,14 @@ pub(crate) struct SendShardParams {
     pub idle: Duration,
     /// An idle channel sends a keepalive frame this often (a quarter of the receiver's bound).
     pub keepalive_every: Duration,
+    /// Seeded fault injection between this shard and its ring (test builds).
+    #[cfg(feature = "faults")]
+    pub fault_seed: Option<u64>,
 }
 
 pub(crate) struct SendShard {
     channel: u16,
-    ring: Ring,
+    ring: Box<dyn RingIo>,
     memory: Arc<GuestMemory>,
     scanner: ZeroScanner,
     hash: Xxh3,
@@ -183,6 +186,9 @@ pub(crate) struct SendShard {
     control_len: usize,
     control_posted: bool,
     done_received: bool,
+    /// TLS: the receiver's close_notify after its `Done` arrived (the receiver sends both
+    /// together, and closing before the second arrives would fail its send).
+    close_received: bool,
     eos_sent: bool,
     finishing: bool,
     work: Receiver<Work>,
@@ -268,6 +274,10 @@ impl SendShard {
             fixed_buffers: ring.guest_registered(),
             ..ShardStats::default()
         };
+        #[cfg(feature = "faults")]
+        let ring = crate::faults::wrap(ring, p.fault_seed, p.channel, p.idle);
+        #[cfg(not(feature = "faults"))]
+        let ring: Box<dyn RingIo> = Box::new(ring);
         Ok(SendShard {
             channel: p.channel,
             ring,
@@ -286,6 +296,7 @@ impl SendShard {
             control_len: 0,
             control_posted: false,
             done_received: false,
+            close_received: false,
             eos_sent: false,
             finishing: false,
             work: p.work,
@@ -374,7 +385,9 @@ impl SendShard {
                     }
                 }
             }
-            if self.eos_sent && self.done_received && self.sends_in_flight() == 0 {
+            let confirmed =
+                self.done_received && (self.tls.is_none() || self.close_received);
+            if self.eos_sent && confirmed && self.sends_in_flight() == 0 {
                 break;
             }
             self.fill(None)?;
@@ -796,7 +809,7 @@ impl SendShard {
             return self.push_chain(first);
         }
         if self.compression == Compression::Auto {
-            if let Some(d) = crate::sys::tcp_delivery(self.ring.socket()) {
+            if let Some(d) = self.ring.delivery() {
                 let raw = self
                     .chain
                     .iter()
@@ -844,7 +857,12 @@ impl SendShard {
                 self.chain_outstanding -= 1;
                 if c.result >= 0 {
                     self.chain[i].done += c.result as u64;
-                } else if c.result != -libc::ECANCELED {
+                } else if c.result != -libc::ECANCELED
+                    && c.result != -libc::EAGAIN
+                    && c.result != -libc::EINTR
+                {
+                    // (Cancelled links and retryable results sent nothing: the chain's
+                    // remainder is resubmitted once every op has reported.)
                     return Err(self.send_failed(errno(c.result)));
                 }
             }
@@ -908,6 +926,10 @@ impl SendShard {
 
     fn on_control(&mut self, result: i32) -> Result<()> {
         self.control_posted = false;
+        if result == -libc::EAGAIN || result == -libc::EINTR {
+            // Nothing arrived, nothing ended: ask again for what is still missing.
+            return self.repost_control();
+        }
         if result < 0 {
             if result == -libc::ECANCELED {
                 return Ok(());
@@ -948,6 +970,21 @@ impl SendShard {
             }
             Some((msg, _)) => self.on_control_message(msg),
         }
+    }
+
+    /// Posts the control receive again after a retryable result, for what is still missing.
+    fn repost_control(&mut self) -> Result<()> {
+        if self.tls.is_some() {
+            return self.on_control_records();
+        }
+        let need = if self.control_len < CONTROL_BYTES {
+            CONTROL_BYTES
+        } else {
+            let b = &self.ring.slot_mut(CONTROL_SLOT)[8..10];
+            CONTROL_BYTES + usize::from(u16::from_le_bytes([b[0], b[1]]))
+        };
+        self.post_control_recv(need);
+        Ok(())
     }
 
     fn on_control_message(&mut self, msg: Control) -> Result<()> {
@@ -1022,7 +1059,10 @@ impl SendShard {
                         }
                     }
                 }
-                CONTENT_ALERT if plain == CLOSE_NOTIFY_ALERT && self.done_received => return Ok(()),
+                CONTENT_ALERT if plain == CLOSE_NOTIFY_ALERT && self.done_received => {
+                    self.close_received = true;
+                    return Ok(());
+                }
                 CONTENT_ALERT => return Err(alert_error(channel, &plain)),
                 CONTENT_HANDSHAKE => {
                     if crate::pipeline::seal::check_key_update(&plain).map_err(record)? {
@@ -1036,7 +1076,7 @@ impl SendShard {
                     )))
                 }
             }
-            if self.done_received {
+            if self.done_received && self.close_received {
                 return Ok(());
             }
         }

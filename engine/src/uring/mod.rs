@@ -227,11 +227,6 @@ impl Ring {
         self.caps
     }
 
-    /// The connection (for socket options and statistics).
-    pub(crate) fn socket(&self) -> &TcpStream {
-        &self.socket
-    }
-
     /// Ops whose final completion has not arrived.
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
@@ -605,6 +600,130 @@ impl Ring {
                 &mut self.slab,
                 MmapMut::map_anon(1).unwrap_or_else(|_| std::process::abort()),
             ));
+        }
+    }
+}
+
+/// What a shard needs of a ring: pushing sends and receives of [`Buf`]s, submitting, waiting,
+/// reaping [`Completion`]s, and its slab. The io_uring [`Ring`] implements it, and so does the
+/// fault-injecting ring of the `faults` feature ([`crate::faults`]), which the seeded fault runs
+/// put between a shard and its real ring.
+#[cfg_attr(not(feature = "faults"), allow(dead_code))]
+pub(crate) trait RingIo {
+    /// Ops whose final completion the shard has not seen.
+    fn in_flight(&self) -> usize;
+    /// Free submission queue entries.
+    fn sq_space(&mut self) -> usize;
+    /// Free vectored-op slots.
+    fn vectored_space(&self) -> usize;
+    /// Free op-table entries.
+    fn ops_space(&self) -> usize;
+    /// True when no op uses slab slot `slot`.
+    fn slot_idle(&self, slot: u16) -> bool;
+    /// The bytes of an idle slab slot.
+    fn slot_mut(&mut self, slot: u16) -> &mut [u8];
+    /// Registers guest memory as fixed buffers.
+    fn register_guest_memory(&mut self) -> Result<()>;
+    /// See [`Ring::push_send`].
+    fn push_send(&mut self, tag: u64, buf: Buf, zero_copy: bool, link: bool, owner: Option<u16>);
+    /// See [`Ring::push_sendmsg`].
+    fn push_sendmsg(&mut self, tag: u64, bufs: &[Buf], skip: u64, link: bool);
+    /// See [`Ring::push_recv`].
+    fn push_recv(&mut self, tag: u64, bufs: &[Buf], skip: u64);
+    /// See [`Ring::push_recv_some`].
+    fn push_recv_some(&mut self, tag: u64, buf: Buf);
+    /// Submits and waits up to `slice` for `want` completions.
+    fn submit_and_wait(&mut self, want: usize, slice: Duration) -> Result<Wait>;
+    /// Submits without waiting.
+    fn submit(&mut self) -> Result<()>;
+    /// The next completion, if any.
+    fn next_completion(&mut self) -> Option<Completion>;
+    /// Bytes the kernel has received on the connection (the idle bound's progress measure).
+    fn bytes_received(&self) -> u64;
+    /// The kernel's delivery-rate sample of the connection.
+    fn delivery(&self) -> Option<crate::sys::Delivery>;
+    /// Shuts the connection down (both directions).
+    fn shutdown(&self);
+}
+
+impl RingIo for Ring {
+    fn in_flight(&self) -> usize {
+        Ring::in_flight(self)
+    }
+    fn sq_space(&mut self) -> usize {
+        Ring::sq_space(self)
+    }
+    fn vectored_space(&self) -> usize {
+        Ring::vectored_space(self)
+    }
+    fn ops_space(&self) -> usize {
+        Ring::ops_space(self)
+    }
+    fn slot_idle(&self, slot: u16) -> bool {
+        Ring::slot_idle(self, slot)
+    }
+    fn slot_mut(&mut self, slot: u16) -> &mut [u8] {
+        Ring::slot_mut(self, slot)
+    }
+    fn register_guest_memory(&mut self) -> Result<()> {
+        Ring::register_guest_memory(self)
+    }
+    fn push_send(&mut self, tag: u64, buf: Buf, zero_copy: bool, link: bool, owner: Option<u16>) {
+        Ring::push_send(self, tag, buf, zero_copy, link, owner)
+    }
+    fn push_sendmsg(&mut self, tag: u64, bufs: &[Buf], skip: u64, link: bool) {
+        Ring::push_sendmsg(self, tag, bufs, skip, link)
+    }
+    fn push_recv(&mut self, tag: u64, bufs: &[Buf], skip: u64) {
+        Ring::push_recv(self, tag, bufs, skip)
+    }
+    fn push_recv_some(&mut self, tag: u64, buf: Buf) {
+        Ring::push_recv_some(self, tag, buf)
+    }
+    fn submit_and_wait(&mut self, want: usize, slice: Duration) -> Result<Wait> {
+        Ring::submit_and_wait(self, want, slice)
+    }
+    fn submit(&mut self) -> Result<()> {
+        Ring::submit(self)
+    }
+    fn next_completion(&mut self) -> Option<Completion> {
+        Ring::next_completion(self)
+    }
+    fn bytes_received(&self) -> u64 {
+        crate::sys::tcp_bytes_received(&self.socket)
+    }
+    fn delivery(&self) -> Option<crate::sys::Delivery> {
+        crate::sys::tcp_delivery(&self.socket)
+    }
+    fn shutdown(&self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg_attr(not(feature = "faults"), allow(dead_code))]
+impl Buf {
+    /// The first `len` bytes of this buffer.
+    pub(crate) fn truncated(self, len: u32) -> Buf {
+        match self {
+            Buf::Slab { slot, offset, .. } => Buf::Slab { slot, offset, len },
+            Buf::Guest { region, offset, .. } => Buf::Guest {
+                region,
+                offset,
+                len,
+            },
+        }
+    }
+
+    /// Bytes of the buffer.
+    pub(crate) fn bytes(&self) -> u32 {
+        self.len()
+    }
+
+    /// The slab slot the buffer lies in, if any.
+    pub(crate) fn slot(&self) -> Option<u16> {
+        match *self {
+            Buf::Slab { slot, .. } => Some(slot),
+            Buf::Guest { .. } => None,
         }
     }
 }
