@@ -31,6 +31,12 @@ impl SenderChannel {
         frame.reset(FrameKind::Keepalive, 0, self.take_number(), self.round);
     }
 
+    /// Fills `frame` with an abort frame carrying `payload_bytes` of code and reason.
+    pub fn abort(&mut self, frame: &mut Frame, payload_bytes: u32) {
+        frame.reset(FrameKind::Abort, 0, self.take_number(), self.round);
+        frame.payload_bytes = payload_bytes;
+    }
+
     /// Fills `frame` with the end-of-stream marker.
     pub fn end_stream(&mut self, frame: &mut Frame) {
         frame.reset(FrameKind::EndOfStream, 0, self.take_number(), self.round);
@@ -59,6 +65,8 @@ pub enum Event {
     EndOfStream,
     /// The sender is alive but has nothing to send.
     Keepalive,
+    /// The sender failed; its payload (code and reason) says why.
+    Aborted,
 }
 
 /// Receiver side of one channel: validates each decoded frame against the layout and the
@@ -115,6 +123,20 @@ impl ReceiverChannel {
             });
         }
         let event = match frame.kind {
+            FrameKind::Abort => {
+                let fits = (4..=4 + super::control::CONTROL_REASON_BYTES_MAX as u32)
+                    .contains(&frame.payload_bytes);
+                if frame.region != 0
+                    || frame.codec != Codec::Raw
+                    || !frame.normal_runs().is_empty()
+                    || !frame.zero_runs().is_empty()
+                    || !fits
+                {
+                    return Err(ProtocolError::MarkerWithPayload("abort"));
+                }
+                self.ended = true;
+                Event::Aborted
+            }
             FrameKind::Pages => {
                 self.check_pages(frame)?;
                 Event::Pages

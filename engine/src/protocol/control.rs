@@ -70,6 +70,32 @@ pub fn sanitize(text: &str) -> String {
         .collect()
 }
 
+/// Encodes an abort's body (code u32, then the reason cut to [`CONTROL_REASON_BYTES_MAX`] at a
+/// character boundary) into `out`; returns the bytes used. Sender abort frames carry it.
+pub fn encode_abort_body(
+    code: AbortCode,
+    reason: &str,
+    out: &mut [u8; 4 + CONTROL_REASON_BYTES_MAX],
+) -> usize {
+    out[..4].copy_from_slice(&(code as u32).to_le_bytes());
+    let mut cut = reason.len().min(CONTROL_REASON_BYTES_MAX);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    out[4..4 + cut].copy_from_slice(&reason.as_bytes()[..cut]);
+    4 + cut
+}
+
+/// Decodes an abort body (see [`encode_abort_body`]); the reason comes back sanitized.
+pub fn decode_abort_body(body: &[u8]) -> (AbortCode, String) {
+    let code = match body {
+        [a, b, c, d, ..] => AbortCode::from_wire(u32::from_le_bytes([*a, *b, *c, *d])),
+        _ => AbortCode::Other,
+    };
+    let reason = body.get(4..).unwrap_or_default();
+    (code, sanitize(&String::from_utf8_lossy(reason)))
+}
+
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {

@@ -149,7 +149,7 @@ impl FrameReader {
                 let event = self.channel.accept(frame)?;
                 self.header_len = at + runs + sums;
                 self.state = match event {
-                    Event::Pages => State::Payload,
+                    Event::Pages | Event::Aborted => State::Payload,
                     Event::EndOfRound(_) => State::AtBarrier,
                     Event::EndOfStream => State::Ended,
                     Event::Keepalive => State::Fixed,
@@ -169,7 +169,11 @@ impl FrameReader {
     /// The accepted frame's payload has been moved.
     pub fn payload_done(&mut self) {
         assert_eq!(self.state, State::Payload, "payload_done without a payload");
-        self.state = State::Fixed;
+        self.state = if self.channel.ended() {
+            State::Ended
+        } else {
+            State::Fixed
+        };
     }
 
     /// The round barrier released this channel.

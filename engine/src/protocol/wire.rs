@@ -27,6 +27,9 @@ pub enum FrameKind {
     /// Nothing to send right now: the sender is alive (between rounds of a live migration), so
     /// the receiver's idle bound can stay short.
     Keepalive = 4,
+    /// The sender failed: the payload is an abort code (u32) and its reason (UTF-8), as in
+    /// [`Control::Abort`](super::control::Control::Abort), so both sides name the same cause.
+    Abort = 5,
 }
 
 impl FrameKind {
@@ -36,6 +39,7 @@ impl FrameKind {
             2 => Ok(FrameKind::EndOfRound),
             3 => Ok(FrameKind::EndOfStream),
             4 => Ok(FrameKind::Keepalive),
+            5 => Ok(FrameKind::Abort),
             other => Err(ProtocolError::BadKind(other)),
         }
     }

@@ -190,6 +190,12 @@ impl Abort {
         Error::Aborted
     }
 
+    /// The code and text of the first error, if any (it stays recorded).
+    pub(crate) fn first_reason(&self) -> Option<(crate::protocol::control::AbortCode, String)> {
+        let slot = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|e| (e.abort_code(), error_chain(e)))
+    }
+
     /// Records `error` (telling the peer), and returns the first error of the transfer.
     pub(crate) fn fail_and_take(&self, error: Error) -> Error {
         self.fail(error);

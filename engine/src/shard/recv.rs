@@ -224,6 +224,7 @@ impl RecvShard {
                     self.place()?;
                     self.reader.payload_done();
                 }
+                Event::Aborted => return Err(self.peer_aborted()),
                 Event::Keepalive => {}
                 Event::EndOfRound(round) => {
                     let waited = Instant::now();
@@ -251,6 +252,53 @@ impl RecvShard {
         self.stats.busy_ms = start.elapsed().saturating_sub(idle).as_secs_f64() * 1e3;
         self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    /// Reads a sender's abort frame's payload: the error it names.
+    fn peer_aborted(&mut self) -> Error {
+        let len = self.frame.payload_bytes as usize;
+        let mut body = [0u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX];
+        let got = if self.p.tls.is_none() {
+            let buf = [Buf::Slab {
+                slot: HEADER_SLOT,
+                offset: 0,
+                len: len as u32,
+            }];
+            self.recv(&buf, len as u64, false).map(|_| {
+                body[..len].copy_from_slice(&self.ring.slot_mut(HEADER_SLOT)[..len]);
+            })
+        } else {
+            let mut done = 0;
+            let mut result = Ok(());
+            while done < len {
+                match self.tls_plain(len - done, false) {
+                    Ok(Some(r)) => {
+                        let n = r.len();
+                        body[done..done + n].copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
+                        done += n;
+                    }
+                    Ok(None) => {
+                        result = Err(self.cut_short());
+                        break;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            result
+        };
+        if let Err(e) = got {
+            return e;
+        }
+        self.reader.payload_done();
+        let (code, reason) = crate::protocol::control::decode_abort_body(&body[..len]);
+        Error::PeerAborted {
+            channel: self.channel,
+            code,
+            reason,
+        }
     }
 
     fn barrier(&self, marker: Marker) -> Result<()> {

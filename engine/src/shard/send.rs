@@ -41,7 +41,7 @@ use crate::pipeline::seal::{
 };
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
-use crate::protocol::{Frame, ProtocolError, SenderChannel};
+use crate::protocol::{Frame, FrameKind, ProtocolError, SenderChannel};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{alert_error, TlsSession};
@@ -66,6 +66,8 @@ pub(crate) enum Work {
     Finish,
     /// Tell the receiver this channel is alive (the shard makes these itself when idle).
     Keepalive,
+    /// Tell the receiver why this side failed (the shard makes it itself on the way out).
+    Abort,
 }
 
 /// What a shard tells its coordinator.
@@ -99,6 +101,10 @@ const CONTROL_TAG: u64 = u64::MAX - 1;
 /// again. Measured with `pagewire-bench transfer` (1 GiB random, 2 channels): 2 ahead instead
 /// of all 16 slots cut the sender's CPU per GiB by 7–10%.
 const FRAMES_BUILT_AHEAD_MAX: usize = 2;
+/// Milliseconds a failed sender shard spends telling the receiver why (an abort frame after the
+/// frames already built), before it closes the connection regardless.
+const ABORT_SEND_MS: u64 = 300;
+const _: () = assert!(PAYLOAD_OFFSET + 4 + CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN);
 const _: () = assert!(
     FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN
 );
@@ -219,6 +225,8 @@ pub(crate) struct SendShard {
     last_frame_at: Instant,
     /// The receiver asked for a TLS key update in turn: the next frame starts with one.
     tls_update_due: bool,
+    /// The body of an abort frame being sent.
+    abort_body: [u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
 }
 
 impl SendShard {
@@ -331,6 +339,7 @@ impl SendShard {
             keepalive_every: p.keepalive_every,
             last_frame_at: Instant::now(),
             tls_update_due: false,
+            abort_body: [0; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
         })
     }
 
@@ -340,7 +349,63 @@ impl SendShard {
     pub(crate) fn run(mut self) -> Result<ShardStats> {
         match self.run_inner() {
             Ok(()) => Ok(std::mem::take(&mut self.stats)),
-            Err(e) => Err(self.abort.fail(e)),
+            Err(e) => {
+                let told = matches!(e, Error::PeerAborted { .. });
+                let e = self.abort.fail(e);
+                if !told {
+                    self.tell_receiver();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// On the way out after a failure: sends the receiver an abort frame naming the first
+    /// error, after whatever frames are already built (they hold the frame numbers and TLS
+    /// sequence numbers before it). Best effort, within `ABORT_SEND_MS`: a connection that is
+    /// gone or stuck gets nothing, and the receiver then sees it close.
+    fn tell_receiver(&mut self) {
+        let deadline = Instant::now() + Duration::from_millis(ABORT_SEND_MS);
+        let mut settle = || -> Result<bool> {
+            while Instant::now() < deadline {
+                self.reap()?;
+                if self.chain_outstanding == 0 {
+                    self.finish_chain()?;
+                    if self.chain.is_empty() {
+                        return Ok(true);
+                    }
+                }
+                self.ring.submit_and_wait(1, Duration::from_millis(10))?;
+            }
+            Ok(false)
+        };
+        if !matches!(settle(), Ok(true)) {
+            return;
+        }
+        let Some(slot) = self.free_slot() else {
+            return;
+        };
+        self.finishing = false;
+        if self.build(slot, Work::Abort).is_err() {
+            return;
+        }
+        while !self.ready.is_empty() && Instant::now() < deadline {
+            if self.submit_chain().is_err() {
+                return;
+            }
+            while self.chain_outstanding > 0 && Instant::now() < deadline {
+                if self.reap().is_err()
+                    || self
+                        .ring
+                        .submit_and_wait(1, Duration::from_millis(10))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            if self.finish_chain().is_err() {
+                return;
+            }
         }
     }
 
@@ -385,8 +450,7 @@ impl SendShard {
                     }
                 }
             }
-            let confirmed =
-                self.done_received && (self.tls.is_none() || self.close_received);
+            let confirmed = self.done_received && (self.tls.is_none() || self.close_received);
             if self.eos_sent && confirmed && self.sends_in_flight() == 0 {
                 break;
             }
@@ -627,6 +691,19 @@ impl SendShard {
                 self.finishing = true;
             }
             Work::Keepalive => self.proto.keepalive(frame),
+            Work::Abort => {
+                let (code, reason) = self
+                    .abort
+                    .first_reason()
+                    .unwrap_or((crate::error::AbortCode::Other, "aborted".into()));
+                let n = crate::protocol::control::encode_abort_body(
+                    code,
+                    &reason,
+                    &mut self.abort_body,
+                );
+                self.proto.abort(frame, n as u32);
+                payload = n as u64;
+            }
         }
         self.last_frame_at = Instant::now();
         if let Some(tls) = self.tls.as_mut() {
@@ -634,7 +711,9 @@ impl SendShard {
                 .encode(&mut self.header)
                 .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
             let out = self.ring.slot_mut(slot);
-            let payload = if frame.codec == Codec::Raw {
+            let payload = if frame.kind == FrameKind::Abort {
+                Payload::Bytes(&self.abort_body[..payload as usize])
+            } else if frame.codec == Codec::Raw {
                 Payload::Guest(
                     &self.memory.regions()[frame.region as usize],
                     frame.normal_runs(),
@@ -667,7 +746,12 @@ impl SendShard {
             };
             s.n_pieces = 1;
             s.bytes = sealed as u64;
-        } else if frame.codec != Codec::Raw {
+        } else if frame.codec != Codec::Raw || frame.kind == FrameKind::Abort {
+            if frame.kind == FrameKind::Abort {
+                let n = payload as usize;
+                self.ring.slot_mut(slot)[PAYLOAD_OFFSET..PAYLOAD_OFFSET + n]
+                    .copy_from_slice(&self.abort_body[..n]);
+            }
             let header = frame
                 .encode(&mut self.header)
                 .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");

@@ -87,6 +87,11 @@ pub(crate) struct Completion {
 
 #[derive(Debug, Clone, Copy)]
 struct OpEntry {
+    /// The `user_data` the op was pushed with: its table index, and in the high 32 bits a
+    /// generation that changes every time the index is reused, so a completion the kernel posts
+    /// late for an op already retired is recognised as stale instead of being taken for the
+    /// op that now holds the index.
+    user_data: u64,
     tag: u64,
     slot: Option<u16>,
     vectored: Option<u16>,
@@ -111,6 +116,8 @@ pub(crate) struct Ring {
     vectored_free: Vec<u16>,
     ops: Vec<Option<OpEntry>>,
     ops_free: Vec<u32>,
+    /// Generations handed out per op index (see [`OpEntry::user_data`]).
+    ops_generation: Vec<u32>,
     in_flight: usize,
     /// Fixed-buffer index and start address of each ≤1 GiB guest piece, per region.
     guest_fixed: Option<Vec<Vec<(u16, u64)>>>,
@@ -217,6 +224,7 @@ impl Ring {
             vectored_free: (0..VECTORED_OPS_MAX as u16).rev().collect(),
             ops: vec![None; OPS_MAX],
             ops_free: (0..OPS_MAX as u32).rev().collect(),
+            ops_generation: vec![0; OPS_MAX],
             in_flight: 0,
             guest_fixed: None,
         })
@@ -345,12 +353,17 @@ impl Ring {
         }
     }
 
-    fn take_op(&mut self, tag: u64, slot: Option<u16>, vectored: Option<u16>) -> u32 {
+    /// Takes a table entry for an op; returns the `user_data` to push it with.
+    fn take_op(&mut self, tag: u64, slot: Option<u16>, vectored: Option<u16>) -> u64 {
         let id = self
             .ops_free
             .pop()
             .expect("op table full: callers bound ops in flight below OPS_MAX");
+        let generation = &mut self.ops_generation[id as usize];
+        *generation = generation.wrapping_add(1);
+        let user_data = (u64::from(*generation) << 32) | u64::from(id);
         self.ops[id as usize] = Some(OpEntry {
+            user_data,
             tag,
             slot,
             vectored,
@@ -359,7 +372,18 @@ impl Ring {
             self.slot_busy[usize::from(s)] += 1;
         }
         self.in_flight += 1;
-        id
+        user_data
+    }
+
+    /// The table index of `user_data`, when it names the op that holds the index now.
+    fn live_op(&self, user_data: u64) -> Option<usize> {
+        let id = (user_data & 0xffff_ffff) as usize;
+        self.ops
+            .get(id)
+            .copied()
+            .flatten()
+            .filter(|e| e.user_data == user_data)
+            .map(|_| id)
     }
 
     fn push_entry(&mut self, entry: squeue::Entry) {
@@ -404,7 +428,7 @@ impl Ring {
             opcode::Send::new(fd, ptr, buf.len()).flags(flags).build()
         };
         let id = self.take_op(tag, Self::slot_of(buf).or(owner), None);
-        let entry = entry.user_data(u64::from(id));
+        let entry = entry.user_data(id);
         self.push_entry(if link {
             entry.flags(squeue::Flags::IO_LINK)
         } else {
@@ -418,7 +442,7 @@ impl Ring {
         let entry = self.vectored_entry(bufs, skip, true);
         let (entry, slot, v) = entry;
         let id = self.take_op(tag, slot, Some(v));
-        let entry = entry.user_data(u64::from(id));
+        let entry = entry.user_data(id);
         self.push_entry(if link {
             entry.flags(squeue::Flags::IO_LINK)
         } else {
@@ -437,11 +461,11 @@ impl Ring {
                 .flags(libc::MSG_WAITALL)
                 .build();
             let id = self.take_op(tag, Self::slot_of(*buf), None);
-            self.push_entry(entry.user_data(u64::from(id)));
+            self.push_entry(entry.user_data(id));
         } else {
             let (entry, slot, v) = self.vectored_entry(bufs, skip, false);
             let id = self.take_op(tag, slot, Some(v));
-            self.push_entry(entry.user_data(u64::from(id)));
+            self.push_entry(entry.user_data(id));
         }
     }
 
@@ -451,7 +475,7 @@ impl Ring {
         let ptr = self.addr(buf);
         let entry = opcode::Recv::new(fd, ptr, buf.len()).build();
         let id = self.take_op(tag, Self::slot_of(buf), None);
-        self.push_entry(entry.user_data(u64::from(id)));
+        self.push_entry(entry.user_data(id));
     }
 
     fn vectored_entry(
@@ -530,24 +554,35 @@ impl Ring {
         }
     }
 
-    /// The next completion, if any.
+    /// The next completion, if any. A completion for an op already retired (a notification the
+    /// kernel posted after the op's final completion) is logged and skipped.
     pub(crate) fn next_completion(&mut self) -> Option<Completion> {
-        let cqe = self.ring.completion().next()?;
-        let id = cqe.user_data() as usize;
-        let flags = cqe.flags();
-        let more = cqueue::more(flags);
-        let notif = cqueue::notif(flags);
-        let entry = self.ops[id].expect("completion for an op the table does not hold");
-        if !more {
-            self.release(id);
+        loop {
+            let cqe = self.ring.completion().next()?;
+            let flags = cqe.flags();
+            let more = cqueue::more(flags);
+            let notif = cqueue::notif(flags);
+            let Some(id) = self.live_op(cqe.user_data()) else {
+                tracing::warn!(
+                    user_data = cqe.user_data(),
+                    result = cqe.result(),
+                    flags,
+                    "io_uring completion for an op already retired; skipped"
+                );
+                continue;
+            };
+            let tag = self.ops[id].map_or(0, |e| e.tag);
+            if !more {
+                self.release(id);
+            }
+            return Some(Completion {
+                tag,
+                result: cqe.result(),
+                more,
+                notif,
+                zc_copied: notif && (cqe.result() as u32 & IORING_NOTIF_USAGE_ZC_COPIED) != 0,
+            });
         }
-        Some(Completion {
-            tag: entry.tag,
-            result: cqe.result(),
-            more,
-            notif,
-            zc_copied: notif && (cqe.result() as u32 & IORING_NOTIF_USAGE_ZC_COPIED) != 0,
-        })
     }
 
     /// Releases op `id` after its final completion: its table entry, its slot, its iovecs.
@@ -582,8 +617,10 @@ impl Ring {
                 let Some(cqe) = self.ring.completion().next() else {
                     break;
                 };
-                if cqe.user_data() != u64::MAX && !cqueue::more(cqe.flags()) {
-                    self.release(cqe.user_data() as usize);
+                if let (Some(id), false) =
+                    (self.live_op(cqe.user_data()), cqueue::more(cqe.flags()))
+                {
+                    self.release(id);
                 }
             }
         }
