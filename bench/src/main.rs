@@ -341,15 +341,38 @@ fn raw_tcp(src: &GuestMemory, dst: &GuestMemory, channels: usize, no_pin: bool) 
 }
 
 /// (b) pagewire over loopback, end to end: from connect until the receiver confirmed every page.
-fn pagewire_run(
+/// How a benchmarked pagewire transfer protects its channels.
+#[derive(Clone, Copy)]
+enum Security<'a> {
+    /// Plaintext (payload checksums only).
+    Plain,
+    /// TLS 1.3 with these certificates.
+    Tls(&'a (TlsClient, TlsServer)),
+    /// A pre-shared key.
+    Psk(&'a pagewire::auth::Psk),
+}
+
+impl<'a> From<Option<&'a (TlsClient, TlsServer)>> for Security<'a> {
+    fn from(tls: Option<&'a (TlsClient, TlsServer)>) -> Self {
+        tls.map_or(Security::Plain, Security::Tls)
+    }
+}
+
+fn pagewire_run<'a>(
     src: Arc<GuestMemory>,
     dst: Arc<GuestMemory>,
     channels: u16,
     zero_copy: ZeroCopy,
     no_pin: bool,
-    tls: Option<&(TlsClient, TlsServer)>,
+    security: impl Into<Security<'a>>,
     compression: Compression,
 ) -> Result<(Run, pagewire::TransferStats)> {
+    let security = security.into();
+    let (tls, psk) = match security {
+        Security::Plain => (None, None),
+        Security::Tls(t) => (Some(t), None),
+        Security::Psk(k) => (None, Some(k.clone())),
+    };
     let (send_pin, recv_pin) = if no_pin {
         (Pinning::None, Pinning::None)
     } else {
@@ -362,6 +385,7 @@ fn pagewire_run(
             pinning: recv_pin,
             accept_timeout_ms: Some(30_000),
             tls: tls.map(|t| t.1.clone()),
+            psk: psk.clone(),
             ..ReceiverConfig::default()
         },
     )?;
@@ -373,6 +397,7 @@ fn pagewire_run(
         pinning: send_pin,
         zero_copy,
         tls: tls.map(|t| t.0.clone()),
+        psk,
         compression,
         ..SenderConfig::default()
     };
@@ -607,6 +632,9 @@ struct TlsRow {
     plain: Summary,
     tls: Summary,
     tls_over_plain: f64,
+    /// Plaintext authenticated and protected with a pre-shared key.
+    psk: Summary,
+    psk_over_plain: f64,
 }
 
 #[derive(Serialize)]
@@ -635,6 +663,7 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
         TlsClient::new(certs::client_files(dir.path()).load()?, "localhost")?,
         TlsServer::new(certs::server_files(dir.path()).load()?)?,
     );
+    let psk = pagewire::auth::Psk::generate();
     let spec = [RegionSpec {
         gpa: 0,
         len: a.size,
@@ -644,41 +673,46 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
     let bytes = src.total_bytes();
     let mut rows = Vec::new();
     for channels in [1u16, 2] {
-        let (mut plain, mut sealed) = (Vec::new(), Vec::new());
+        let (mut plain, mut sealed, mut keyed) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..a.reps {
-            for with_tls in [false, true] {
+            for mode in 0..3 {
                 let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
-                let tls = with_tls.then_some(&pki);
+                let security = match mode {
+                    0 => Security::Plain,
+                    1 => Security::Tls(&pki),
+                    _ => Security::Psk(&psk),
+                };
                 let (run, _) = pagewire_run(
                     src.clone(),
                     dst.clone(),
                     channels,
                     ZeroCopy::Auto,
                     a.no_pin,
-                    tls,
+                    security,
                     Compression::None,
                 )?;
                 if rep == 0 && src.first_difference(&dst).is_some() {
-                    bail!("destination differs from the source (tls: {with_tls})");
+                    bail!("destination differs from the source (mode {mode})");
                 }
-                if with_tls {
-                    sealed.push(run)
-                } else {
-                    plain.push(run)
-                }
+                [&mut plain, &mut sealed, &mut keyed][mode].push(run);
             }
+            let rate = |r: &Run| bytes as f64 / (1u64 << 30) as f64 / r.seconds;
             say(&format!(
-                "{channels} channel(s), rep {}/{}: plain {:.2} GiB/s, TLS {:.2} GiB/s",
+                "{channels} channel(s), rep {}/{}: plain {:.2} GiB/s, TLS {:.2} GiB/s, pre-shared key {:.2} GiB/s",
                 rep + 1,
                 a.reps,
-                bytes as f64 / (1u64 << 30) as f64 / plain[rep].seconds,
-                bytes as f64 / (1u64 << 30) as f64 / sealed[rep].seconds
+                rate(&plain[rep]),
+                rate(&sealed[rep]),
+                rate(&keyed[rep])
             ));
         }
         let plain = summarize("plain", bytes, &plain);
         let tls = summarize("tls", bytes, &sealed);
+        let psk_row = summarize("psk", bytes, &keyed);
         rows.push(TlsRow {
             channels,
+            psk_over_plain: psk_row.gib_per_s_median / plain.gib_per_s_median,
+            psk: psk_row,
             tls_over_plain: tls.gib_per_s_median / plain.gib_per_s_median,
             plain,
             tls,
@@ -724,6 +758,16 @@ fn tls_bench(a: TlsBenchArgs) -> Result<()> {
             r.plain.receiver_cpu_s_per_gib,
             r.tls.sender_cpu_s_per_gib,
             r.tls.receiver_cpu_s_per_gib
+        );
+        println!(
+            "{:<12} pre-shared key {:.2} GiB/s [{:.2}..{:.2}], {:.2}× plain, CPU-s/GiB {:.3}/{:.3}",
+            "",
+            r.psk.gib_per_s_median,
+            r.psk.gib_per_s_min,
+            r.psk.gib_per_s_max,
+            r.psk_over_plain,
+            r.psk.sender_cpu_s_per_gib,
+            r.psk.receiver_cpu_s_per_gib
         );
     }
     println!("one core, GiB/s of plaintext:");
