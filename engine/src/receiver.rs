@@ -299,7 +299,7 @@ impl Receiver {
                 let (sealer, rx) = match session {
                     Some(s) => (
                         Some(s.sealer),
-                        Some(TlsRx::from(s.opener, s.keys, s.leftover)),
+                        Some(TlsRx::from(s.stream, s.keys, s.buffer)),
                     ),
                     None => (None, None),
                 };

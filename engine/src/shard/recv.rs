@@ -20,10 +20,7 @@ use crate::limits::{
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Codec, Decompressor};
-use crate::pipeline::seal::{
-    check_key_update, record_len, RecordOpener, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
-    CONTENT_HANDSHAKE, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
-};
+use crate::pipeline::seal::RECORD_BYTES_MAX;
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::channel::Event;
 use crate::protocol::control::Control;
@@ -32,7 +29,7 @@ use crate::protocol::reader::{FrameReader, Need};
 use crate::protocol::{Frame, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
-use crate::tls::{alert_error, KeySchedule};
+use crate::tls::{KeySchedule, Record, RecordStream};
 use crate::uring::{advance, errno, Buf, Ring, RingIo};
 
 use super::{Abort, Marker, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
@@ -52,25 +49,21 @@ const _: () = assert!(
 
 /// The receiving half of a channel's TLS: opener, key schedule, and the staging window.
 pub(crate) struct TlsRx {
-    opener: RecordOpener,
+    stream: RecordStream,
     keys: KeySchedule,
-    leftover: Vec<u8>,
-    /// Unprocessed ciphertext is `start..end` of the staging slot.
-    start: usize,
-    end: usize,
+    /// The handshake phase's record buffer, until its unopened bytes move to the staging slot.
+    handshake_buffer: Vec<u8>,
     /// Plaintext of the current record not yet consumed.
     plain: Range<usize>,
     close_notify: bool,
 }
 
 impl TlsRx {
-    pub(crate) fn from(opener: RecordOpener, keys: KeySchedule, leftover: Vec<u8>) -> Self {
+    pub(crate) fn from(stream: RecordStream, keys: KeySchedule, buffer: Vec<u8>) -> Self {
         TlsRx {
-            opener,
+            stream,
             keys,
-            leftover,
-            start: 0,
-            end: 0,
+            handshake_buffer: buffer,
             plain: 0..0,
             close_notify: false,
         }
@@ -136,15 +129,9 @@ impl RecvShard {
         let mut ring = Ring::new(socket, p.memory.clone(), 3, slot_bytes)?;
         if let Some(tls) = p.tls.as_mut() {
             // Bytes that arrived with the handshake belong to the first records.
-            let n = tls.leftover.len();
-            if n > slot_bytes {
-                return Err(Error::TlsMismatch(
-                    "too much data after the TLS handshake".into(),
-                ));
-            }
-            ring.slot_mut(STAGING_SLOT)[..n].copy_from_slice(&tls.leftover);
-            tls.end = n;
-            tls.leftover = Vec::new();
+            let buffer = std::mem::take(&mut tls.handshake_buffer);
+            tls.stream
+                .move_to(&buffer, ring.slot_mut(STAGING_SLOT), p.channel)?;
         }
         #[cfg(feature = "faults")]
         let ring = crate::faults::wrap(ring, p.fault_seed, p.channel, p.idle);
@@ -602,65 +589,36 @@ impl RecvShard {
             let Some(tls) = self.p.tls.as_mut() else {
                 return Ok(false);
             };
-            let avail = tls.end - tls.start;
-            if avail >= RECORD_HEADER_BYTES {
-                let mut header = [0u8; RECORD_HEADER_BYTES];
-                header.copy_from_slice(&staging[tls.start..tls.start + RECORD_HEADER_BYTES]);
-                let total =
-                    record_len(&header).map_err(|source| Error::TlsRecord { channel, source })?;
-                if avail >= total {
-                    let at = tls.start;
-                    tls.start += total;
-                    let (ty, r) = tls
-                        .opener
-                        .open_in_place(&mut staging[at..at + total])
-                        .map_err(|source| Error::TlsRecord { channel, source })?;
-                    let plain = at + r.start..at + r.end;
-                    match ty {
-                        CONTENT_APPLICATION_DATA => {
-                            tls.plain = plain;
-                            if !tls.plain.is_empty() {
-                                return Ok(true);
-                            }
-                        }
-                        CONTENT_ALERT => {
-                            if staging[plain.clone()] == crate::pipeline::seal::CLOSE_NOTIFY_ALERT {
-                                tls.close_notify = true;
-                                return Ok(false);
-                            }
-                            return Err(alert_error(channel, &staging[plain]));
-                        }
-                        CONTENT_HANDSHAKE => {
-                            // A KeyUpdate: later records use the next key. One that asks for an
-                            // update in turn is answered on the control direction.
-                            let requested = check_key_update(&staging[plain.clone()])
-                                .map_err(|source| Error::TlsRecord { channel, source })?;
-                            tls.opener = tls.keys.next_opener()?;
-                            if requested {
-                                self.answer_key_update()?;
-                            }
-                        }
-                        other => {
-                            return Err(Error::TlsMismatch(format!(
-                                "unexpected TLS content type {other} on channel {channel}"
-                            )))
-                        }
+            match tls.stream.next(staging, &mut tls.keys)? {
+                Some(Record::Data(plain)) => {
+                    tls.plain = plain;
+                    if !tls.plain.is_empty() {
+                        return Ok(true);
                     }
                     continue;
                 }
+                Some(Record::CloseNotify) => {
+                    tls.close_notify = true;
+                    return Ok(false);
+                }
+                Some(Record::KeyUpdate { requested }) => {
+                    // Later records use the next key (the stream moved on); one that asks for
+                    // an update in turn is answered on the control direction.
+                    if requested {
+                        self.answer_key_update()?;
+                    }
+                    continue;
+                }
+                None => {}
             }
             // Need more ciphertext: make room, then receive whatever is available.
-            if tls.start > 0 && tls.end + RECORD_BYTES_MAX > staging.len() {
-                staging.copy_within(tls.start..tls.end, 0);
-                tls.end -= tls.start;
-                tls.start = 0;
-            }
+            let at_boundary = boundary && tls.stream.buffered() == 0;
+            let room = tls.stream.room(staging, RECORD_BYTES_MAX);
             let buf = Buf::Slab {
                 slot: STAGING_SLOT,
-                offset: tls.end as u32,
-                len: (staging.len() - tls.end) as u32,
+                offset: room.start as u32,
+                len: room.len() as u32,
             };
-            let at_boundary = boundary && tls.end == tls.start;
             let n = self.recv_some(buf)?;
             if n == 0 {
                 if at_boundary {
@@ -672,7 +630,7 @@ impl RecvShard {
                 return Err(self.cut_short());
             }
             if let Some(tls) = self.p.tls.as_mut() {
-                tls.end += n;
+                tls.stream.received(n);
             }
         }
     }

@@ -35,16 +35,16 @@ use crate::limits::{
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
 use crate::pipeline::seal::{
-    record_len, CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
-    KEY_UPDATE_MESSAGE, KEY_UPDATE_REQUEST, RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES,
-    RECORD_PLAINTEXT_BYTES_MAX,
+    CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
+    KEY_UPDATE_MESSAGE, KEY_UPDATE_REQUEST, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
+    RECORD_OVERHEAD_BYTES, RECORD_PLAINTEXT_BYTES_MAX,
 };
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
 use crate::protocol::{Frame, FrameKind, ProtocolError, SenderChannel};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
-use crate::tls::{alert_error, TlsSession};
+use crate::tls::{Record, TlsSession};
 use crate::uring::{advance, errno, Buf, Ring, RingIo, Wait};
 
 use super::Abort;
@@ -414,21 +414,13 @@ impl SendShard {
         let start = Instant::now();
         let mut idle = Duration::ZERO;
         // Records that arrived with the handshake (an early abort, say) come first.
-        let early = self.tls.as_mut().map(|t| std::mem::take(&mut t.leftover));
-        match early {
-            Some(bytes) if !bytes.is_empty() => {
-                let slot = self.ring.slot_mut(CONTROL_SLOT);
-                if bytes.len() > slot.len() {
-                    return Err(Error::TlsMismatch(format!(
-                        "channel {}: unexpected data after the handshake",
-                        self.channel
-                    )));
-                }
-                slot[..bytes.len()].copy_from_slice(&bytes);
-                self.control_len = bytes.len();
-                self.on_control_records()?;
-            }
-            _ => self.post_control_recv(CONTROL_BYTES),
+        if let Some(tls) = self.tls.as_mut() {
+            let buffer = std::mem::take(&mut tls.buffer);
+            tls.stream
+                .move_to(&buffer, self.ring.slot_mut(CONTROL_SLOT), self.channel)?;
+            self.on_control_records()?;
+        } else {
+            self.post_control_recv(CONTROL_BYTES);
         }
         self.ring.submit()?;
         let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
@@ -1033,10 +1025,11 @@ impl SendShard {
                 },
             });
         }
-        self.control_len += result as usize;
-        if self.tls.is_some() {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.stream.received(result as usize);
             return self.on_control_records();
         }
+        self.control_len += result as usize;
         let channel = self.channel;
         let bytes = &self.ring.slot_mut(CONTROL_SLOT)[..self.control_len];
         let decoded =
@@ -1092,42 +1085,20 @@ impl SendShard {
         }
     }
 
-    /// TLS: opens every complete record in the control slot, then asks for the rest.
+    /// TLS: opens every complete record in the control slot, then asks for more.
     fn on_control_records(&mut self) -> Result<()> {
         let channel = self.channel;
-        let record = |source| Error::TlsRecord { channel, source };
         loop {
-            let len = self.control_len;
             let buf = self.ring.slot_mut(CONTROL_SLOT);
-            if len < RECORD_HEADER_BYTES {
-                self.post_control_recv(RECORD_HEADER_BYTES);
-                return Ok(());
-            }
-            let mut header = [0u8; RECORD_HEADER_BYTES];
-            header.copy_from_slice(&buf[..RECORD_HEADER_BYTES]);
-            let total = record_len(&header).map_err(record)?;
-            if total > CONTROL_MESSAGE_BYTES_MAX + RECORD_OVERHEAD_BYTES {
-                return Err(Error::TlsMismatch(format!(
-                    "control record of {total} bytes on channel {channel} is larger than any control message"
-                )));
-            }
-            if len < total {
-                self.post_control_recv(total);
-                return Ok(());
-            }
             let Some(tls) = self.tls.as_mut() else {
                 return Ok(());
             };
-            let (ty, r) = tls
-                .opener
-                .open_in_place(&mut buf[..total])
-                .map_err(record)?;
-            let plain = buf[r].to_vec();
-            buf.copy_within(total..len, 0);
-            self.control_len = len - total;
-            match ty {
-                CONTENT_APPLICATION_DATA => {
-                    let decoded = Control::decode(&plain)
+            match tls.stream.next(buf, &mut tls.keys)? {
+                Some(Record::Data(r)) => {
+                    let mut plain = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+                    let n = r.len().min(plain.len());
+                    plain[..n].copy_from_slice(&buf[r.start..r.start + n]);
+                    let decoded = Control::decode(&plain[..n])
                         .map_err(|source| Error::Protocol { channel, source })?;
                     match decoded {
                         Some((msg, _)) => self.on_control_message(msg)?,
@@ -1137,27 +1108,41 @@ impl SendShard {
                                 source: ProtocolError::Truncated {
                                     what: "control message",
                                     need: CONTROL_BYTES,
-                                    have: plain.len(),
+                                    have: n,
                                 },
                             })
                         }
                     }
                 }
-                CONTENT_ALERT if plain == CLOSE_NOTIFY_ALERT && self.done_received => {
+                Some(Record::CloseNotify) if self.done_received => {
                     self.close_received = true;
                     return Ok(());
                 }
-                CONTENT_ALERT => return Err(alert_error(channel, &plain)),
-                CONTENT_HANDSHAKE => {
-                    if crate::pipeline::seal::check_key_update(&plain).map_err(record)? {
+                Some(Record::CloseNotify) => {
+                    return Err(Error::PeerClosed {
+                        channel,
+                        when: "(TLS close_notify) before confirming the end of the transfer",
+                    })
+                }
+                Some(Record::KeyUpdate { requested }) => {
+                    // The stream moved to the next key; a request is answered with our own
+                    // KeyUpdate before the next frame.
+                    if requested {
                         self.tls_update_due = true;
                     }
-                    tls.opener = tls.keys.next_opener()?;
                 }
-                other => {
-                    return Err(Error::TlsMismatch(format!(
-                        "unexpected TLS content type {other} on channel {channel}"
-                    )))
+                None => {
+                    let room = tls.stream.room(buf, RECORD_BYTES_MAX);
+                    self.ring.push_recv_some(
+                        CONTROL_TAG,
+                        Buf::Slab {
+                            slot: CONTROL_SLOT,
+                            offset: room.start as u32,
+                            len: room.len() as u32,
+                        },
+                    );
+                    self.control_posted = true;
+                    return Ok(());
                 }
             }
             if self.done_received && self.close_received {

@@ -17,6 +17,9 @@
 
 #[cfg(any(test, feature = "certs"))]
 pub mod certs;
+pub(crate) mod stream;
+
+pub(crate) use stream::{Record, RecordStream};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -32,8 +35,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::error::{Error, Result};
 use crate::pipeline::seal::{
-    alert_name, record_len, RecordOpener, RecordSealer, CONTENT_ALERT, CONTENT_APPLICATION_DATA,
-    RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
+    alert_name, RecordOpener, RecordSealer, CONTENT_APPLICATION_DATA, RECORD_BYTES_MAX,
 };
 
 /// Bytes of buffer each direction of a handshake may use (certificate chains fit easily).
@@ -277,24 +279,49 @@ pub(crate) fn psk_session(tx: [u8; 32], rx: [u8; 32], leftover: Vec<u8>) -> Resu
     };
     let (tk, tiv) = crate::auth::record_keys(&tx);
     let (rk, riv) = crate::auth::record_keys(&rx);
-    Ok(TlsSession {
-        sealer: RecordSealer::aes128(&tk, tiv, 0).map_err(record)?,
-        opener: RecordOpener::aes128(&rk, riv, 0).map_err(record)?,
-        keys: KeySchedule::Psk { tx, rx },
-        leftover,
-        early: Vec::new(),
-    })
+    Ok(TlsSession::new(
+        RecordSealer::aes128(&tk, tiv, 0).map_err(record)?,
+        RecordOpener::aes128(&rk, riv, 0).map_err(record)?,
+        KeySchedule::Psk { tx, rx },
+        &leftover,
+        Vec::new(),
+    ))
 }
 
 /// One channel's TLS state after the handshake.
 pub(crate) struct TlsSession {
     pub sealer: RecordSealer,
-    pub opener: RecordOpener,
+    /// The receiving record layer; its ciphertext sits in `buffer` until a shard takes it over
+    /// (see [`RecordStream::move_to`]).
+    pub stream: RecordStream,
     pub keys: KeySchedule,
-    /// Bytes received after the handshake that belong to our records.
-    pub leftover: Vec<u8>,
+    /// The record buffer of the handshake phase (ciphertext read past the handshake included).
+    pub buffer: Vec<u8>,
     /// Plaintext rustls opened before the handshake was handed over (the first message).
     pub early: Vec<u8>,
+}
+
+/// Bytes of the handshake phase's record buffer: two whole records.
+const SESSION_BUFFER_BYTES: usize = 2 * RECORD_BYTES_MAX;
+
+impl TlsSession {
+    fn new(
+        sealer: RecordSealer,
+        opener: RecordOpener,
+        keys: KeySchedule,
+        leftover: &[u8],
+        early: Vec<u8>,
+    ) -> Self {
+        let mut buffer = vec![0u8; SESSION_BUFFER_BYTES.max(leftover.len())];
+        buffer[..leftover.len()].copy_from_slice(leftover);
+        TlsSession {
+            sealer,
+            stream: RecordStream::new(opener, leftover.len(), u16::MAX),
+            keys,
+            buffer,
+            early,
+        }
+    }
 }
 
 fn handshake_failed(channel: u16, e: rustls::Error) -> Error {
@@ -432,13 +459,13 @@ fn session(
     (leftover, early): (Vec<u8>, Vec<u8>),
 ) -> Result<TlsSession> {
     let record = |e| Error::TlsConfig(format!("TLS record keys: {e}"));
-    Ok(TlsSession {
-        sealer: RecordSealer::new(&secrets.tx.1, secrets.tx.0).map_err(record)?,
-        opener: RecordOpener::new(&secrets.rx.1, secrets.rx.0).map_err(record)?,
+    Ok(TlsSession::new(
+        RecordSealer::new(&secrets.tx.1, secrets.tx.0).map_err(record)?,
+        RecordOpener::new(&secrets.rx.1, secrets.rx.0).map_err(record)?,
         keys,
-        leftover,
+        &leftover,
         early,
-    })
+    ))
 }
 
 /// The sender's side of a channel's handshake.
@@ -497,38 +524,32 @@ impl TlsSession {
             .map_err(|e| Error::io("sending over TLS", e))
     }
 
-    /// Reads one record (blocking; handshake phase) and returns its application-data plaintext.
-    /// Alerts become errors naming the alert.
+    /// Reads one message (blocking; handshake phase): the plaintext of the next application
+    /// data record. Alerts become errors naming the alert.
     pub(crate) fn read_message(&mut self, stream: &TcpStream, channel: u16) -> Result<Vec<u8>> {
         if !self.early.is_empty() {
             return Ok(std::mem::take(&mut self.early));
         }
-        let mut buf = std::mem::take(&mut self.leftover);
         loop {
-            if buf.len() >= RECORD_HEADER_BYTES {
-                let mut header = [0u8; RECORD_HEADER_BYTES];
-                header.copy_from_slice(&buf[..RECORD_HEADER_BYTES]);
-                let total =
-                    record_len(&header).map_err(|source| Error::TlsRecord { channel, source })?;
-                if buf.len() >= total {
-                    let (ty, range) = self
-                        .opener
-                        .open_in_place(&mut buf[..total])
-                        .map_err(|source| Error::TlsRecord { channel, source })?;
-                    let plain = buf[range].to_vec();
-                    self.leftover = buf[total..].to_vec();
-                    return match ty {
-                        CONTENT_APPLICATION_DATA => Ok(plain),
-                        CONTENT_ALERT => Err(alert_error(channel, &plain)),
-                        other => Err(Error::TlsMismatch(format!(
-                            "unexpected TLS content type {other} on channel {channel}"
-                        ))),
-                    };
+            match self.stream.next(&mut self.buffer, &mut self.keys)? {
+                Some(Record::Data(r)) => return Ok(self.buffer[r].to_vec()),
+                Some(Record::KeyUpdate { .. }) => continue,
+                Some(Record::CloseNotify) => {
+                    return Err(Error::PeerClosed {
+                        channel,
+                        when: "(TLS close_notify) before answering the handshake",
+                    })
                 }
+                None => {}
             }
-            let mut chunk = [0u8; 4096];
+            let room = self.stream.room(&mut self.buffer, RECORD_BYTES_MAX);
+            if room.is_empty() {
+                return Err(Error::TlsMismatch(format!(
+                    "a TLS record on channel {channel} does not fit the handshake buffer"
+                )));
+            }
             let n = (&*stream)
-                .read(&mut chunk)
+                .read(&mut self.buffer[room])
                 .map_err(|e| Error::io(format!("reading over TLS on channel {channel}"), e))?;
             if n == 0 {
                 return Err(Error::PeerClosed {
@@ -536,7 +557,7 @@ impl TlsSession {
                     when: "before answering the handshake",
                 });
             }
-            buf.extend_from_slice(&chunk[..n]);
+            self.stream.received(n);
         }
     }
 }
