@@ -1,0 +1,340 @@
+//! The receiver shard: one thread, one ring, one accepted connection.
+//!
+//! Strictly sequential per channel (a TCP stream is): read the fixed header, read the run list,
+//! decode and check everything against the layout, then place the payload. Plaintext channels
+//! receive the payload straight into destination memory with one vectored `MSG_WAITALL` receive
+//! (one iovec per normal run, no staging copy). TLS channels receive ciphertext into a registered
+//! staging slot, open each record in place, and copy its plaintext to the destination pages: a
+//! record that fails authentication is refused before any of its bytes is placed. Zero pages are
+//! skipped when the destination page is known to be zero (fresh anonymous memory not yet written
+//! by this transfer), otherwise zeroed if they are not already. End-of-round markers wait at the
+//! shared [`RoundBarrier`].
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::limits::{
+    FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS,
+};
+use crate::memory::GuestMemory;
+use crate::pipeline::compress::{Codec, Decompressor};
+use crate::pipeline::seal::RECORD_BYTES_MAX;
+use crate::pipeline::zero::ZeroScanner;
+use crate::protocol::channel::Event;
+use crate::protocol::control::Control;
+use crate::protocol::ledger::PageLedger;
+use crate::protocol::reader::{FrameReader, Need};
+use crate::protocol::{Frame, ProtocolError};
+use crate::simd::xxh3::Xxh3;
+use crate::stats::{add, Progress, ShardStats};
+use crate::tls::{KeySchedule, Record, RecordStream};
+use crate::uring::{advance, errno, Buf, Ring, RingIo};
+
+use super::{Abort, Marker, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
+
+mod io;
+mod place;
+mod tls;
+
+const HEADER_SLOT: u16 = 0;
+/// What `wait_one` returns for a retryable result (`EAGAIN`, `EINTR`): post the op again.
+const RETRY: i32 = i32::MIN;
+const CONTROL_SLOT: u16 = 1;
+const STAGING_SLOT: u16 = 2;
+const SLOT_BYTES_PLAIN: usize = 4096;
+/// A TLS staging slot holds a whole frame's records plus one more record being filled.
+const SLOT_BYTES_TLS: usize =
+    (FRAME_PAYLOAD_BYTES_MAX + 4 * RECORD_BYTES_MAX).next_multiple_of(4096);
+const _: () = assert!(
+    FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_WIRE_BYTES_MAX <= SLOT_BYTES_PLAIN
+);
+
+/// The receiving half of a channel's TLS: opener, key schedule, and the staging window.
+pub(crate) struct TlsRx {
+    stream: RecordStream,
+    keys: KeySchedule,
+    /// The handshake phase's record buffer, until its unopened bytes move to the staging slot.
+    handshake_buffer: Vec<u8>,
+    /// Plaintext of the current record not yet consumed.
+    plain: Range<usize>,
+    close_notify: bool,
+}
+
+impl TlsRx {
+    pub(crate) fn from(stream: RecordStream, keys: KeySchedule, buffer: Vec<u8>) -> Self {
+        TlsRx {
+            stream,
+            keys,
+            handshake_buffer: buffer,
+            plain: 0..0,
+            close_notify: false,
+        }
+    }
+}
+
+/// Test-only fault injection: a seeded random delay before each frame, larger on lower channels.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FrameDelay {
+    pub max_us: u32,
+    pub seed: u64,
+}
+
+pub(crate) struct RecvShardParams {
+    pub channel: u16,
+    pub memory: Arc<GuestMemory>,
+    pub ledger: Arc<PageLedger>,
+    pub barrier: Arc<RoundBarrier>,
+    /// The idle bound: no byte on this channel (or, at a barrier, on any) for this long fails.
+    pub idle: Duration,
+    pub abort: Arc<Abort>,
+    pub progress: Arc<Progress>,
+    /// This channel's id in the abort latch (which seals its control messages under TLS).
+    pub peer: usize,
+    pub tls: Option<TlsRx>,
+    pub delay: FrameDelay,
+    /// Seeded fault injection between this shard and its ring (test builds).
+    #[cfg(feature = "faults")]
+    pub fault_seed: Option<u64>,
+}
+
+pub(crate) struct RecvShard {
+    channel: u16,
+    ring: Box<dyn RingIo>,
+    p: RecvShardParams,
+    scanner: ZeroScanner,
+    hash: Xxh3,
+    frame: Box<Frame>,
+    /// The channel's frame-stream state machine: what to read next, every check.
+    reader: FrameReader,
+    bufs: Vec<Buf>,
+    decompressor: Decompressor,
+    /// A compressed payload opened from TLS records, before decoding.
+    packed: Vec<u8>,
+    /// A decoded payload, before it is placed.
+    unpacked: Vec<u8>,
+    stats: ShardStats,
+    rng: u64,
+}
+
+/// What a read found.
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    All,
+    /// The stream ended cleanly before the first byte (TCP FIN, or TLS close_notify).
+    End,
+}
+
+impl RecvShard {
+    pub(crate) fn new(mut p: RecvShardParams, socket: std::net::TcpStream) -> Result<Self> {
+        // The staging slot holds TLS records, or a compressed payload, so every receiver has one.
+        let slot_bytes = SLOT_BYTES_TLS;
+        let mut ring = Ring::new(socket, p.memory.clone(), 3, slot_bytes)?;
+        if let Some(tls) = p.tls.as_mut() {
+            // Bytes that arrived with the handshake belong to the first records.
+            let buffer = std::mem::take(&mut tls.handshake_buffer);
+            tls.stream
+                .move_to(&buffer, ring.slot_mut(STAGING_SLOT), p.channel)?;
+        }
+        #[cfg(feature = "faults")]
+        let ring = crate::faults::wrap(ring, p.fault_seed, p.channel, p.idle);
+        #[cfg(not(feature = "faults"))]
+        let ring: Box<dyn RingIo> = Box::new(ring);
+        Ok(RecvShard {
+            channel: p.channel,
+            ring,
+            scanner: ZeroScanner::detect(),
+            hash: Xxh3::detect(),
+            frame: Box::default(),
+            reader: FrameReader::new(&p.memory.region_pages(), p.tls.is_none()),
+            bufs: Vec::with_capacity(FRAME_RUNS_MAX),
+            decompressor: Decompressor::new()
+                .map_err(|e| Error::io("creating a zstd decompression context", e))?,
+            packed: if p.tls.is_some() {
+                vec![0; FRAME_PAYLOAD_BYTES_MAX]
+            } else {
+                Vec::new()
+            },
+            unpacked: vec![0; FRAME_PAYLOAD_BYTES_MAX],
+            stats: ShardStats {
+                channel: p.channel,
+                ..ShardStats::default()
+            },
+            rng: p.delay.seed ^ (u64::from(p.channel) << 32) | 1,
+            p,
+        })
+    }
+
+    /// Runs the shard to the end of the stream. On failure the abort latch is raised here, while
+    /// this shard's ring and socket are still open, so the receiver can still tell the peer why.
+    pub(crate) fn run(mut self) -> Result<ShardStats> {
+        match self.run_inner() {
+            Ok(()) => Ok(std::mem::take(&mut self.stats)),
+            Err(e) => Err(self.p.abort.fail(e)),
+        }
+    }
+
+    fn run_inner(&mut self) -> Result<()> {
+        let cpu_start = crate::sys::thread_cpu_time();
+        let start = Instant::now();
+        let mut idle = Duration::ZERO;
+        loop {
+            let event = match self.reader.need() {
+                Need::Header(len) => {
+                    let boundary = self.reader.at_boundary();
+                    let waited = Instant::now();
+                    if self.read_header(len, boundary)? == Got::End {
+                        return Err(Error::PeerClosed {
+                            channel: self.channel,
+                            when: "before the end of the stream",
+                        });
+                    }
+                    if boundary {
+                        // Time blocked on a frame's first byte is idle time (nothing to send).
+                        idle += waited
+                            .elapsed()
+                            .min(Duration::from_millis(RING_WAIT_SLICE_MS));
+                        self.delay();
+                    }
+                    match self.reader.header_filled(&mut self.frame) {
+                        Ok(Some(event)) => event,
+                        Ok(None) => continue,
+                        Err(e) => return Err(self.protocol(e)),
+                    }
+                }
+                // Every event below is handled where it is returned.
+                need => unreachable!("the reader needs {need:?} between frames"),
+            };
+            self.stats.frames += 1;
+            let header_bytes = self.reader.header_len() as u64;
+            self.stats.wire_bytes += header_bytes;
+            add(&self.p.progress.wire_bytes, header_bytes);
+            match event {
+                Event::Pages => {
+                    self.place()?;
+                    self.reader.payload_done();
+                }
+                Event::Aborted => return Err(self.peer_aborted()),
+                Event::Keepalive => {}
+                Event::EndOfRound(round) => {
+                    let waited = Instant::now();
+                    self.barrier(Marker::EndOfRound(round))?;
+                    self.reader.resume();
+                    idle += waited.elapsed();
+                }
+                Event::EndOfStream => {
+                    self.expect_close_notify()?;
+                    self.barrier(Marker::EndOfStream(self.reader.round()))?;
+                    // Every channel has ended: the image is complete only if every page of
+                    // the layout was placed (or declared zero) at least once.
+                    if let Some(m) = self.p.ledger.first_missing() {
+                        return Err(Error::Incomplete {
+                            region: m.region,
+                            page: m.page,
+                            missing: m.pages,
+                        });
+                    }
+                    self.send_done()?;
+                    break;
+                }
+            }
+        }
+        self.stats.busy_ms = start.elapsed().saturating_sub(idle).as_secs_f64() * 1e3;
+        self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Reads a sender's abort frame's payload: the error it names.
+    fn peer_aborted(&mut self) -> Error {
+        let len = self.frame.payload_bytes as usize;
+        let mut body = [0u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX];
+        let got = if self.p.tls.is_none() {
+            let buf = [Buf::Slab {
+                slot: HEADER_SLOT,
+                offset: 0,
+                len: len as u32,
+            }];
+            self.recv(&buf, len as u64, false).map(|_| {
+                body[..len].copy_from_slice(&self.ring.slot_mut(HEADER_SLOT)[..len]);
+            })
+        } else {
+            let mut done = 0;
+            let mut result = Ok(());
+            while done < len {
+                match self.tls_plain(len - done, false) {
+                    Ok(Some(r)) => {
+                        let n = r.len();
+                        body[done..done + n].copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
+                        done += n;
+                    }
+                    Ok(None) => {
+                        result = Err(self.cut_short());
+                        break;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            result
+        };
+        if let Err(e) = got {
+            return e;
+        }
+        self.reader.payload_done();
+        let (code, reason) = crate::protocol::control::decode_abort_body(&body[..len]);
+        Error::PeerAborted {
+            channel: self.channel,
+            code,
+            reason,
+        }
+    }
+
+    fn barrier(&self, marker: Marker) -> Result<()> {
+        self.p.barrier.wait(
+            self.channel,
+            marker,
+            &self.p.abort,
+            &self.p.progress.wire_bytes,
+            self.p.idle,
+        )
+    }
+
+    fn protocol(&self, source: ProtocolError) -> Error {
+        Error::Protocol {
+            channel: self.channel,
+            source,
+        }
+    }
+
+    /// Reads the `len` header bytes the reader needs into it.
+    fn read_header(&mut self, len: usize, boundary: bool) -> Result<Got> {
+        if self.p.tls.is_none() {
+            let buf = [Buf::Slab {
+                slot: HEADER_SLOT,
+                offset: 0,
+                len: len as u32,
+            }];
+            let got = self.recv(&buf, len as u64, boundary)?;
+            if got == Got::All {
+                self.reader
+                    .header_mut()
+                    .copy_from_slice(&self.ring.slot_mut(HEADER_SLOT)[..len]);
+            }
+            return Ok(got);
+        }
+        let mut done = 0;
+        while done < len {
+            let Some(r) = self.tls_plain(len - done, boundary && done == 0)? else {
+                return Ok(Got::End);
+            };
+            let n = r.len();
+            self.reader.header_mut()[done..done + n]
+                .copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
+            done += n;
+        }
+        Ok(Got::All)
+    }
+}

@@ -1,0 +1,300 @@
+//! Building frames: the zero scan, page checksums, compression and sealing of one chunk (or a
+//! marker) into a slot, ready for the ring.
+
+use super::*;
+
+impl SendShard {
+    /// Scans a chunk (or makes a marker) and encodes its frame into `slot`: header plus payload
+    /// pieces straight from guest memory, or, with TLS, the whole frame sealed into records.
+    pub(super) fn build(&mut self, slot: u16, work: Work) -> Result<()> {
+        let frame = &mut *self.frame;
+        let s = &mut self.slots[usize::from(slot)];
+        s.marker = Marker::None;
+        s.pages = 0;
+        s.n_pieces = 1;
+        let mut payload = 0u64;
+        match work {
+            Work::Chunk {
+                region,
+                first_page,
+                pages,
+                live,
+            } => {
+                let r = &self.memory.regions()[region as usize];
+                self.proto.begin_pages(frame, region);
+                frame.live = live;
+                for page in first_page..first_page + u64::from(pages) {
+                    let zero = r.page_is_zero(&self.scanner, page);
+                    frame
+                        .push_page(page, zero)
+                        .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
+                }
+                // The scan read every zero page: a truncated source file shows up here.
+                self.memory.take_fault()?;
+                let normal = frame.normal_pages();
+                payload = normal * PAGE_BYTES as u64;
+                for run in frame.normal_runs() {
+                    s.pieces[s.n_pieces] = Buf::Guest {
+                        region,
+                        offset: run.first_page * PAGE_BYTES as u64,
+                        len: run.pages * PAGE_BYTES as u32,
+                    };
+                    s.n_pieces += 1;
+                }
+                s.pages = u64::from(pages);
+                self.stats.normal_pages += normal;
+                self.stats.zero_pages += u64::from(pages) - normal;
+                let codec = match self.compression {
+                    _ if normal == 0 => Codec::Raw,
+                    Compression::None => Codec::Raw,
+                    Compression::Zstd => Codec::Zstd,
+                    Compression::Zlib => Codec::Zlib,
+                    Compression::Auto if self.auto.compress_next() => Codec::Zstd,
+                    Compression::Auto => Codec::Raw,
+                };
+                // One checksum per normal page (plaintext only: under TLS the AEAD covers the
+                // payload), over the copy the compressor reads when there is one, else over
+                // guest memory.
+                let checksums = self.tls.is_none() && normal > 0;
+                let copying =
+                    matches!(codec, Codec::Zstd | Codec::Zlib) && self.compressor.is_some();
+                if checksums {
+                    frame.begin_checksums();
+                }
+                if checksums && !copying {
+                    for i in 0..frame.normal_runs().len() {
+                        let run = frame.normal_runs()[i];
+                        for page in run.first_page..run.end() {
+                            frame.push_checksum(r.page_checksum(self.hash, page));
+                        }
+                    }
+                }
+                if let (Codec::Zstd | Codec::Zlib, Some(compressor)) =
+                    (codec, self.compressor.as_mut())
+                {
+                    // Copy the pages out of guest memory, then compress the copy: into the slot
+                    // right after the header's place (plaintext), or aside for sealing (TLS).
+                    let mut raw = 0;
+                    for run in frame.normal_runs() {
+                        let n = run.pages as usize * PAGE_BYTES;
+                        r.read(
+                            run.first_page * PAGE_BYTES as u64,
+                            &mut self.scratch[raw..raw + n],
+                        );
+                        raw += n;
+                    }
+                    if checksums {
+                        for page in self.scratch[..raw].chunks_exact(PAGE_BYTES) {
+                            frame.push_checksum(self.hash.hash(page));
+                        }
+                    }
+                    let started = Instant::now();
+                    let out = if self.tls.is_some() {
+                        &mut self.packed[..]
+                    } else {
+                        &mut self.ring.slot_mut(slot)[PAYLOAD_OFFSET..]
+                    };
+                    let packed = compressor.compress(codec, &self.scratch[..raw], out);
+                    if self.compression == Compression::Auto {
+                        self.auto.observe_compression(
+                            raw,
+                            packed.unwrap_or(raw),
+                            started.elapsed(),
+                        );
+                    }
+                    if let Some(n) = packed {
+                        frame.codec = codec;
+                        payload = n as u64;
+                        s.n_pieces = 1;
+                        self.stats.compressed_frames += 1;
+                        self.stats.compressed_raw_bytes += raw as u64;
+                        self.stats.compressed_bytes += n as u64;
+                    }
+                }
+                frame.payload_bytes = payload as u32;
+            }
+            Work::EndRound => {
+                s.marker = Marker::EndOfRound(self.proto.round());
+                self.proto.end_round(frame);
+            }
+            Work::Finish => {
+                s.marker = Marker::EndOfStream;
+                self.proto.end_stream(frame);
+                self.finishing = true;
+            }
+            Work::Keepalive => self.proto.keepalive(frame),
+            Work::Abort => {
+                let (code, reason) = self
+                    .abort
+                    .first_reason()
+                    .unwrap_or((crate::error::AbortCode::Other, "aborted".into()));
+                let n = crate::protocol::control::encode_abort_body(
+                    code,
+                    &reason,
+                    &mut self.abort_body,
+                );
+                self.proto.abort(frame, n as u32);
+                payload = n as u64;
+            }
+        }
+        self.last_frame_at = Instant::now();
+        if let Some(tls) = self.tls.as_mut() {
+            let header = frame
+                .encode(&mut self.header)
+                .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
+            let out = self.ring.slot_mut(slot);
+            let payload = if frame.kind == FrameKind::Abort {
+                Payload::Bytes(&self.abort_body[..payload as usize])
+            } else if frame.codec == Codec::Raw {
+                Payload::Guest(
+                    &self.memory.regions()[frame.region as usize],
+                    frame.normal_runs(),
+                )
+            } else {
+                Payload::Bytes(&self.packed[..payload as usize])
+            };
+            let records_per_key = if std::mem::take(&mut self.tls_update_due) {
+                0
+            } else {
+                self.tls_records_per_key
+            };
+            let sealed = seal_frame(
+                tls,
+                records_per_key,
+                &self.header[..header],
+                payload,
+                s.marker == Marker::EndOfStream,
+                out,
+            )
+            .map_err(|source| Error::TlsRecord {
+                channel: self.channel,
+                source,
+            });
+            let sealed = sealed?;
+            s.pieces[0] = Buf::Slab {
+                slot,
+                offset: 0,
+                len: sealed as u32,
+            };
+            s.n_pieces = 1;
+            s.bytes = sealed as u64;
+        } else if frame.codec != Codec::Raw || frame.kind == FrameKind::Abort {
+            if frame.kind == FrameKind::Abort {
+                let n = payload as usize;
+                self.ring.slot_mut(slot)[PAYLOAD_OFFSET..PAYLOAD_OFFSET + n]
+                    .copy_from_slice(&self.abort_body[..n]);
+            }
+            let header = frame
+                .encode(&mut self.header)
+                .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
+            let at = PAYLOAD_OFFSET - header;
+            self.ring.slot_mut(slot)[at..PAYLOAD_OFFSET].copy_from_slice(&self.header[..header]);
+            s.pieces[0] = Buf::Slab {
+                slot,
+                offset: at as u32,
+                len: (header as u64 + payload) as u32,
+            };
+            s.bytes = header as u64 + payload;
+        } else {
+            let header = frame
+                .encode(self.ring.slot_mut(slot))
+                .expect("a slot holds FRAME_HEADER_BYTES_MAX");
+            s.pieces[0] = Buf::Slab {
+                slot,
+                offset: 0,
+                len: header as u32,
+            };
+            s.bytes = header as u64 + payload;
+        }
+        s.state = SlotState::Ready;
+        s.codec = frame.codec;
+        self.stats.frames += 1;
+        self.stats.wire_bytes += s.bytes;
+        add(&self.progress.wire_bytes, s.bytes);
+        self.ready.push_back(slot);
+        Ok(())
+    }
+}
+
+/// Where a sealed frame's payload comes from.
+enum Payload<'a> {
+    /// Normal pages, straight from guest memory.
+    Guest(&'a crate::memory::Region, &'a [crate::protocol::Run]),
+    /// A compressed payload.
+    Bytes(&'a [u8]),
+}
+
+/// Seals one frame (header, then the payload copied from guest memory) into `out` as TLS
+/// records of 16 KiB of plaintext, preceded by a key update when the key has sealed its share,
+/// followed by close_notify after the end-of-stream frame. Returns the bytes written. The copy
+/// out of guest memory lands in the record, where the AEAD encrypts it in place while it is
+/// still in cache: one pass over the data.
+fn seal_frame(
+    tls: &mut TlsSession,
+    records_per_key: u64,
+    header: &[u8],
+    payload: Payload<'_>,
+    close: bool,
+    out: &mut [u8],
+) -> std::result::Result<usize, crate::pipeline::seal::RecordError> {
+    let mut at = 0;
+    if tls.sealer.sequence() >= records_per_key {
+        // Ask the receiver to rotate its own (control) key in turn: it answers on its side.
+        at += tls
+            .sealer
+            .seal(&KEY_UPDATE_REQUEST, CONTENT_HANDSHAKE, &mut out[at..])?;
+        tls.sealer = tls
+            .keys
+            .next_sealer()
+            .map_err(|_| crate::pipeline::seal::RecordError::UnsupportedSuite)?;
+    }
+    let (region, runs, bytes) = match payload {
+        Payload::Guest(region, runs) => (Some(region), runs, &[][..]),
+        Payload::Bytes(bytes) => (None, &[][..], bytes),
+    };
+    let (mut header_at, mut run, mut run_at, mut bytes_at) = (0usize, 0usize, 0u64, 0usize);
+    loop {
+        let record = &mut out[at..];
+        let mut filled = 0;
+        while filled < RECORD_PLAINTEXT_BYTES_MAX {
+            let room = RECORD_PLAINTEXT_BYTES_MAX - filled;
+            let dst = RECORD_HEADER_BYTES + filled;
+            if header_at < header.len() {
+                let n = room.min(header.len() - header_at);
+                record[dst..dst + n].copy_from_slice(&header[header_at..header_at + n]);
+                header_at += n;
+                filled += n;
+            } else if bytes_at < bytes.len() {
+                let n = room.min(bytes.len() - bytes_at);
+                record[dst..dst + n].copy_from_slice(&bytes[bytes_at..bytes_at + n]);
+                bytes_at += n;
+                filled += n;
+            } else if let (Some(region), true) = (region, run < runs.len()) {
+                let run_bytes = u64::from(runs[run].pages) * PAGE_BYTES as u64;
+                let n = (room as u64).min(run_bytes - run_at);
+                let offset = runs[run].first_page * PAGE_BYTES as u64 + run_at;
+                region.read(offset, &mut record[dst..dst + n as usize]);
+                run_at += n;
+                filled += n as usize;
+                if run_at == run_bytes {
+                    run += 1;
+                    run_at = 0;
+                }
+            } else {
+                break;
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        at += tls
+            .sealer
+            .seal_in_place(record, filled, CONTENT_APPLICATION_DATA)?;
+    }
+    if close {
+        at += tls
+            .sealer
+            .seal(&CLOSE_NOTIFY_ALERT, CONTENT_ALERT, &mut out[at..])?;
+    }
+    Ok(at)
+}

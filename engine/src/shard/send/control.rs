@@ -1,0 +1,192 @@
+//! The control direction (receiver to sender): `Done`, `Abort`, and under TLS the record stream
+//! with its close_notify and key updates.
+
+use super::*;
+
+impl SendShard {
+    /// A send failed: prefer the receiver's own reason if it sent one before closing.
+    pub(super) fn send_failed(&mut self, e: std::io::Error) -> Error {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.control_posted && Instant::now() < deadline && !self.abort.is_raised() {
+            if self
+                .ring
+                .submit_and_wait(1, Duration::from_millis(50))
+                .is_err()
+            {
+                break;
+            }
+            while let Some(c) = self.ring.next_completion() {
+                if c.tag == CONTROL_TAG {
+                    if let Err(peer) = self.on_control(c.result) {
+                        return peer;
+                    }
+                }
+            }
+        }
+        Error::io(format!("sending on channel {}", self.channel), e)
+    }
+
+    pub(super) fn post_control_recv(&mut self, upto: usize) {
+        self.ring.push_recv(
+            CONTROL_TAG,
+            &[Buf::Slab {
+                slot: CONTROL_SLOT,
+                offset: self.control_len as u32,
+                len: (upto - self.control_len) as u32,
+            }],
+            0,
+        );
+        self.control_posted = true;
+    }
+
+    pub(super) fn on_control(&mut self, result: i32) -> Result<()> {
+        self.control_posted = false;
+        if result == -libc::EAGAIN || result == -libc::EINTR {
+            // Nothing arrived, nothing ended: ask again for what is still missing.
+            return self.repost_control();
+        }
+        if result < 0 {
+            if result == -libc::ECANCELED {
+                return Ok(());
+            }
+            return Err(Error::io(
+                format!("receiving control messages on channel {}", self.channel),
+                errno(result),
+            ));
+        }
+        if result == 0 {
+            return Err(Error::PeerClosed {
+                channel: self.channel,
+                when: if self.eos_sent {
+                    "before confirming the end of the transfer"
+                } else {
+                    "while data was still being sent"
+                },
+            });
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            tls.stream.received(result as usize);
+            return self.on_control_records();
+        }
+        self.control_len += result as usize;
+        let channel = self.channel;
+        let bytes = &self.ring.slot_mut(CONTROL_SLOT)[..self.control_len];
+        let decoded =
+            Control::decode(bytes).map_err(|source| Error::Protocol { channel, source })?;
+        match decoded {
+            None => {
+                let need = if self.control_len < CONTROL_BYTES {
+                    CONTROL_BYTES
+                } else {
+                    let b = &self.ring.slot_mut(CONTROL_SLOT)[8..10];
+                    CONTROL_BYTES + usize::from(u16::from_le_bytes([b[0], b[1]]))
+                };
+                self.post_control_recv(need);
+                Ok(())
+            }
+            Some((msg, _)) => self.on_control_message(msg),
+        }
+    }
+
+    /// Posts the control receive again after a retryable result, for what is still missing.
+    pub(super) fn repost_control(&mut self) -> Result<()> {
+        if self.tls.is_some() {
+            return self.on_control_records();
+        }
+        let need = if self.control_len < CONTROL_BYTES {
+            CONTROL_BYTES
+        } else {
+            let b = &self.ring.slot_mut(CONTROL_SLOT)[8..10];
+            CONTROL_BYTES + usize::from(u16::from_le_bytes([b[0], b[1]]))
+        };
+        self.post_control_recv(need);
+        Ok(())
+    }
+
+    pub(super) fn on_control_message(&mut self, msg: Control) -> Result<()> {
+        let channel = self.channel;
+        match msg {
+            Control::Done => {
+                if !self.finishing {
+                    return Err(Error::Protocol {
+                        channel,
+                        source: ProtocolError::AfterEnd,
+                    });
+                }
+                self.done_received = true;
+                Ok(())
+            }
+            Control::Abort { code, reason } => Err(Error::PeerAborted {
+                channel,
+                code,
+                reason,
+            }),
+        }
+    }
+
+    /// TLS: opens every complete record in the control slot, then asks for more.
+    pub(super) fn on_control_records(&mut self) -> Result<()> {
+        let channel = self.channel;
+        loop {
+            let buf = self.ring.slot_mut(CONTROL_SLOT);
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(());
+            };
+            match tls.stream.next(buf, &mut tls.keys)? {
+                Some(Record::Data(r)) => {
+                    let mut plain = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+                    let n = r.len().min(plain.len());
+                    plain[..n].copy_from_slice(&buf[r.start..r.start + n]);
+                    let decoded = Control::decode(&plain[..n])
+                        .map_err(|source| Error::Protocol { channel, source })?;
+                    match decoded {
+                        Some((msg, _)) => self.on_control_message(msg)?,
+                        None => {
+                            return Err(Error::Protocol {
+                                channel,
+                                source: ProtocolError::Truncated {
+                                    what: "control message",
+                                    need: CONTROL_BYTES,
+                                    have: n,
+                                },
+                            })
+                        }
+                    }
+                }
+                Some(Record::CloseNotify) if self.done_received => {
+                    self.close_received = true;
+                    return Ok(());
+                }
+                Some(Record::CloseNotify) => {
+                    return Err(Error::PeerClosed {
+                        channel,
+                        when: "(TLS close_notify) before confirming the end of the transfer",
+                    })
+                }
+                Some(Record::KeyUpdate { requested }) => {
+                    // The stream moved to the next key; a request is answered with our own
+                    // KeyUpdate before the next frame.
+                    if requested {
+                        self.tls_update_due = true;
+                    }
+                }
+                None => {
+                    let room = tls.stream.room(buf, RECORD_BYTES_MAX);
+                    self.ring.push_recv_some(
+                        CONTROL_TAG,
+                        Buf::Slab {
+                            slot: CONTROL_SLOT,
+                            offset: room.start as u32,
+                            len: room.len() as u32,
+                        },
+                    );
+                    self.control_posted = true;
+                    return Ok(());
+                }
+            }
+            if self.done_received && self.close_received {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! The sender shard: one thread, one ring, one connection.
+//!
+//! Run loop (bounded, allocation-free in the steady state):
+//! 1. reap completions: send results advance the in-flight *chain*, zero-copy notifications free
+//!    header slots, the control receive brings the receiver's `Done` or `Abort`;
+//! 2. when the chain has fully completed, finish it (report round markers, or resubmit whatever
+//!    a short send left) and submit the next chain of ready frames;
+//! 3. while header slots are free, take work and build frames: zero-scan the chunk, encode the
+//!    header into the slot, list the normal runs as payload pieces straight from guest memory;
+//! 4. wait on the ring (or, when nothing is outstanding, on the work queue), in bounded slices.
+//!
+//! Sends on one TCP socket must reach the kernel in order, and two independent io_uring ops on a
+//! socket may complete out of order when one is punted, so a shard keeps exactly one linked
+//! chain in flight (`IOSQE_IO_LINK`, `MSG_WAITALL`), batching up to `CHAIN_FRAMES_MAX` frames.
+//!
+//! Zero-copy: in `auto` mode a shard starts with `SEND_ZC` (one op per piece, header from the
+//! registered slab) and reads the usage report of each notification. When the first
+//! `ZC_PROBE_SENDS` all say the kernel copied (loopback, veth), the shard switches to one plain
+//! `sendmsg` per frame (header plus runs as an iovec: one syscall, no staging copy), because a
+//! copied zero-copy send costs more than a plain one. When they say the NIC really sent from our
+//! pages, the shard registers guest memory as fixed buffers, so later sends skip page pinning.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use crate::config::ZeroCopy;
+use crate::error::{Error, Result};
+use crate::limits::{
+    CHAIN_FRAMES_MAX, CONTROL_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX,
+    FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+};
+use crate::memory::GuestMemory;
+use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
+use crate::pipeline::seal::{
+    CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
+    KEY_UPDATE_MESSAGE, KEY_UPDATE_REQUEST, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
+    RECORD_OVERHEAD_BYTES, RECORD_PLAINTEXT_BYTES_MAX,
+};
+use crate::pipeline::zero::ZeroScanner;
+use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
+use crate::protocol::{Frame, FrameKind, ProtocolError, SenderChannel};
+use crate::simd::xxh3::Xxh3;
+use crate::stats::{add, Progress, ShardStats};
+use crate::tls::{Record, TlsSession};
+use crate::uring::{advance, errno, Buf, Ring, RingIo, Wait};
+
+use super::Abort;
+
+mod build;
+mod chain;
+mod control;
+
+/// A unit of work from the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Work {
+    /// Send `pages` pages of `region` from `first_page` (at most `CHUNK_PAGES_MAX`); `live`
+    /// when vCPUs may write them meanwhile (a pre-copy round).
+    Chunk {
+        region: u32,
+        first_page: u64,
+        pages: u32,
+        live: bool,
+    },
+    /// End the current round on this channel.
+    EndRound,
+    /// End the stream and wait for the receiver's confirmation.
+    Finish,
+    /// Tell the receiver this channel is alive (the shard makes these itself when idle).
+    Keepalive,
+    /// Tell the receiver why this side failed (the shard makes it itself on the way out).
+    Abort,
+}
+
+/// What a shard tells its coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShardEvent {
+    /// Every frame of `round` up to its end marker has been handed to the kernel.
+    RoundSent { round: u32 },
+}
+
+const CONTROL_SLOT: u16 = SHARD_FRAMES_IN_FLIGHT_MAX as u16;
+const SLOT_BYTES_PLAIN: usize = 4096;
+/// Records one frame's plaintext (header plus payload) fills at most.
+const FRAME_RECORDS_MAX: usize =
+    (FRAME_HEADER_BYTES_MAX + FRAME_PAYLOAD_BYTES_MAX).div_ceil(RECORD_PLAINTEXT_BYTES_MAX);
+/// A TLS slot holds a frame's records, plus a key update before and a close_notify after them.
+const SLOT_BYTES_TLS: usize = (FRAME_HEADER_BYTES_MAX
+    + FRAME_PAYLOAD_BYTES_MAX
+    + (FRAME_RECORDS_MAX + 2) * RECORD_OVERHEAD_BYTES
+    + KEY_UPDATE_MESSAGE.len()
+    + CLOSE_NOTIFY_ALERT.len())
+.next_multiple_of(4096);
+/// Where a compressed payload starts in a plaintext slot; the header is written just before it,
+/// so header and payload leave in one contiguous send.
+const PAYLOAD_OFFSET: usize = FRAME_HEADER_BYTES_MAX.next_multiple_of(64);
+const SLOT_BYTES_COMPRESSED: usize =
+    (PAYLOAD_OFFSET + FRAME_PAYLOAD_BYTES_MAX).next_multiple_of(4096);
+const CONTROL_TAG: u64 = u64::MAX - 1;
+/// Frames built (scanned, checksummed, sealed) and not yet handed to the kernel, at most. The
+/// kernel copies a frame soon after it is submitted; building far ahead lets the pages the
+/// checksum (or the seal) just read fall out of the 2 MiB L2 before that copy reads them
+/// again. Measured with `pagewire-bench transfer` (1 GiB random, 2 channels): 2 ahead instead
+/// of all 16 slots cut the sender's CPU per GiB by 7–10%.
+const FRAMES_BUILT_AHEAD_MAX: usize = 2;
+/// Milliseconds a failed sender shard spends telling the receiver why (an abort frame after the
+/// frames already built), before it closes the connection regardless.
+const ABORT_SEND_MS: u64 = 300;
+const _: () = assert!(PAYLOAD_OFFSET + 4 + CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN);
+const _: () = assert!(
+    FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    Ready,
+    InChain,
+    /// Handed to the kernel; free once the ring says no op uses it (zero-copy notification).
+    Sent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    None,
+    EndOfRound(u32),
+    EndOfStream,
+}
+
+struct FrameSlot {
+    state: SlotState,
+    /// The frame's payload codec (what `auto` needs to read delivery samples).
+    codec: Codec,
+    pieces: [Buf; 1 + FRAME_RUNS_MAX],
+    n_pieces: usize,
+    bytes: u64,
+    pages: u64,
+    marker: Marker,
+}
+
+/// One op of the in-flight chain.
+#[derive(Debug, Clone, Copy)]
+struct ChainOp {
+    slot: u16,
+    /// Piece index for a zero-copy send; `None` for a sendmsg of the whole frame.
+    piece: Option<u16>,
+    len: u64,
+    done: u64,
+}
+
+/// Shard parameters.
+pub(crate) struct SendShardParams {
+    pub channel: u16,
+    pub zero_copy: ZeroCopy,
+    pub memory: Arc<GuestMemory>,
+    pub work: Receiver<Work>,
+    pub events: Sender<ShardEvent>,
+    pub abort: Arc<Abort>,
+    pub progress: Arc<Progress>,
+    /// The channel's TLS session: frames are sealed into their slots before submission.
+    pub tls: Option<TlsSession>,
+    /// Records per TLS key before a key update.
+    pub tls_records_per_key: u64,
+    /// What to do with normal pages.
+    pub compression: Compression,
+    /// zstd level (checked by the coordinator).
+    pub zstd_level: i32,
+    /// This shard's share of `--max-bandwidth`, in wire bytes per second.
+    pub pace_bytes_per_s: Option<f64>,
+    /// No progress for this long (sends not taken, no confirmation) fails the channel.
+    pub idle: Duration,
+    /// An idle channel sends a keepalive frame this often (a quarter of the receiver's bound).
+    pub keepalive_every: Duration,
+    /// Seeded fault injection between this shard and its ring (test builds).
+    #[cfg(feature = "faults")]
+    pub fault_seed: Option<u64>,
+}
+
+pub(crate) struct SendShard {
+    channel: u16,
+    ring: Box<dyn RingIo>,
+    memory: Arc<GuestMemory>,
+    scanner: ZeroScanner,
+    hash: Xxh3,
+    proto: SenderChannel,
+    frame: Box<Frame>,
+    slots: Vec<FrameSlot>,
+    ready: VecDeque<u16>,
+    chain: Vec<ChainOp>,
+    chain_outstanding: usize,
+    zero_copy_policy: ZeroCopy,
+    zero_copy_now: bool,
+    zc_decided: bool,
+    control_len: usize,
+    control_posted: bool,
+    done_received: bool,
+    /// TLS: the receiver's close_notify after its `Done` arrived (the receiver sends both
+    /// together, and closing before the second arrives would fail its send).
+    close_received: bool,
+    eos_sent: bool,
+    finishing: bool,
+    work: Receiver<Work>,
+    events: Sender<ShardEvent>,
+    abort: Arc<Abort>,
+    progress: Arc<Progress>,
+    stats: ShardStats,
+    last_progress: Instant,
+    last_seen_pages: u64,
+    register_pending: bool,
+    tls: Option<TlsSession>,
+    tls_records_per_key: u64,
+    header: [u8; FRAME_HEADER_BYTES_MAX],
+    compression: Compression,
+    compressor: Option<Compressor>,
+    auto: Auto,
+    /// Normal pages copied out of guest memory for the compressor (never borrowed in place).
+    scratch: Vec<u8>,
+    /// Compressed payload waiting to be sealed (TLS only; plaintext compresses into its slot).
+    packed: Vec<u8>,
+    chain_started: Instant,
+    chain_bytes: u64,
+    pace_bytes_per_s: Option<f64>,
+    pace_until: Instant,
+    idle: Duration,
+    keepalive_every: Duration,
+    /// When the last frame was handed to the ring (keepalives go out after `keepalive_every`).
+    last_frame_at: Instant,
+    /// The receiver asked for a TLS key update in turn: the next frame starts with one.
+    tls_update_due: bool,
+    /// The body of an abort frame being sent.
+    abort_body: [u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
+}
+
+impl SendShard {
+    pub(crate) fn new(p: SendShardParams, socket: std::net::TcpStream) -> Result<Self> {
+        let compressing = p.compression != Compression::None;
+        let slot_bytes = match (p.tls.is_some(), compressing) {
+            (true, _) => SLOT_BYTES_TLS,
+            (false, true) => SLOT_BYTES_COMPRESSED,
+            (false, false) => SLOT_BYTES_PLAIN,
+        };
+        let compressor = if compressing {
+            Some(
+                Compressor::new(p.zstd_level)
+                    .map_err(|e| Error::io("creating a zstd context", e))?,
+            )
+        } else {
+            None
+        };
+        let mut ring = Ring::new(
+            socket,
+            p.memory.clone(),
+            SHARD_FRAMES_IN_FLIGHT_MAX + 1,
+            slot_bytes,
+        )?;
+        let caps = ring.caps();
+        let zero_copy_now = caps.send_zc && p.zero_copy != ZeroCopy::Off;
+        if p.zero_copy == ZeroCopy::On && p.tls.is_none() {
+            if !caps.send_zc {
+                return Err(Error::Unsupported(
+                    "IORING_OP_SEND_ZC (zero-copy send), which --zero-copy on requires",
+                ));
+            }
+            ring.register_guest_memory()?;
+        }
+        let placeholder = Buf::Slab {
+            slot: 0,
+            offset: 0,
+            len: 0,
+        };
+        let slots = (0..SHARD_FRAMES_IN_FLIGHT_MAX)
+            .map(|_| FrameSlot {
+                state: SlotState::Free,
+                codec: Codec::Raw,
+                pieces: [placeholder; 1 + FRAME_RUNS_MAX],
+                n_pieces: 0,
+                bytes: 0,
+                pages: 0,
+                marker: Marker::None,
+            })
+            .collect();
+        let stats = ShardStats {
+            channel: p.channel,
+            fixed_buffers: ring.guest_registered(),
+            ..ShardStats::default()
+        };
+        #[cfg(feature = "faults")]
+        let ring = crate::faults::wrap(ring, p.fault_seed, p.channel, p.idle);
+        #[cfg(not(feature = "faults"))]
+        let ring: Box<dyn RingIo> = Box::new(ring);
+        Ok(SendShard {
+            channel: p.channel,
+            ring,
+            memory: p.memory,
+            scanner: ZeroScanner::detect(),
+            hash: Xxh3::detect(),
+            proto: SenderChannel::default(),
+            frame: Box::default(),
+            slots,
+            ready: VecDeque::with_capacity(SHARD_FRAMES_IN_FLIGHT_MAX),
+            chain: Vec::with_capacity(CHAIN_FRAMES_MAX * (1 + FRAME_RUNS_MAX)),
+            chain_outstanding: 0,
+            zero_copy_policy: p.zero_copy,
+            zero_copy_now,
+            zc_decided: p.zero_copy != ZeroCopy::Auto,
+            control_len: 0,
+            control_posted: false,
+            done_received: false,
+            close_received: false,
+            eos_sent: false,
+            finishing: false,
+            work: p.work,
+            events: p.events,
+            abort: p.abort,
+            progress: p.progress,
+            stats,
+            last_progress: Instant::now(),
+            last_seen_pages: 0,
+            register_pending: false,
+            scratch: if compressing {
+                vec![0; FRAME_PAYLOAD_BYTES_MAX]
+            } else {
+                Vec::new()
+            },
+            packed: if compressing && p.tls.is_some() {
+                vec![0; FRAME_PAYLOAD_BYTES_MAX]
+            } else {
+                Vec::new()
+            },
+            tls: p.tls,
+            tls_records_per_key: p.tls_records_per_key,
+            header: [0; FRAME_HEADER_BYTES_MAX],
+            compression: p.compression,
+            compressor,
+            auto: Auto::new(),
+            chain_started: Instant::now(),
+            chain_bytes: 0,
+            pace_bytes_per_s: p.pace_bytes_per_s,
+            pace_until: Instant::now(),
+            idle: p.idle,
+            keepalive_every: p.keepalive_every,
+            last_frame_at: Instant::now(),
+            tls_update_due: false,
+            abort_body: [0; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
+        })
+    }
+
+    /// Runs until the receiver confirms the end of the stream, or an error.
+    /// Runs the shard to the end of the stream. On failure the abort latch is raised here, while
+    /// this shard's ring and socket are still open, so a receiver can still tell the peer why.
+    pub(crate) fn run(mut self) -> Result<ShardStats> {
+        match self.run_inner() {
+            Ok(()) => Ok(std::mem::take(&mut self.stats)),
+            Err(e) => {
+                let told = matches!(e, Error::PeerAborted { .. });
+                let e = self.abort.fail(e);
+                if !told {
+                    self.tell_receiver();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// On the way out after a failure: sends the receiver an abort frame naming the first
+    /// error, after whatever frames are already built (they hold the frame numbers and TLS
+    /// sequence numbers before it). Best effort, within `ABORT_SEND_MS`: a connection that is
+    /// gone or stuck gets nothing, and the receiver then sees it close.
+    fn tell_receiver(&mut self) {
+        let deadline = Instant::now() + Duration::from_millis(ABORT_SEND_MS);
+        let mut settle = || -> Result<bool> {
+            while Instant::now() < deadline {
+                self.reap()?;
+                if self.chain_outstanding == 0 {
+                    self.finish_chain()?;
+                    if self.chain.is_empty() {
+                        return Ok(true);
+                    }
+                }
+                self.ring.submit_and_wait(1, Duration::from_millis(10))?;
+            }
+            Ok(false)
+        };
+        if !matches!(settle(), Ok(true)) {
+            return;
+        }
+        let Some(slot) = self.free_slot() else {
+            return;
+        };
+        self.finishing = false;
+        if self.build(slot, Work::Abort).is_err() {
+            return;
+        }
+        while !self.ready.is_empty() && Instant::now() < deadline {
+            if self.submit_chain().is_err() {
+                return;
+            }
+            while self.chain_outstanding > 0 && Instant::now() < deadline {
+                if self.reap().is_err()
+                    || self
+                        .ring
+                        .submit_and_wait(1, Duration::from_millis(10))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            if self.finish_chain().is_err() {
+                return;
+            }
+        }
+    }
+
+    fn run_inner(&mut self) -> Result<()> {
+        let cpu_start = crate::sys::thread_cpu_time();
+        let start = Instant::now();
+        let mut idle = Duration::ZERO;
+        // Records that arrived with the handshake (an early abort, say) come first.
+        if let Some(tls) = self.tls.as_mut() {
+            let buffer = std::mem::take(&mut tls.buffer);
+            tls.stream
+                .move_to(&buffer, self.ring.slot_mut(CONTROL_SLOT), self.channel)?;
+            self.on_control_records()?;
+        } else {
+            self.post_control_recv(CONTROL_BYTES);
+        }
+        self.ring.submit()?;
+        let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
+        loop {
+            if self.abort.is_raised() {
+                return Err(Error::Aborted);
+            }
+            self.reap()?;
+            if self.chain_outstanding == 0 {
+                self.finish_chain()?;
+                if self.register_pending && self.sends_in_flight() == 0 {
+                    self.register_pending = false;
+                    match self.ring.register_guest_memory() {
+                        Ok(()) => self.stats.fixed_buffers = true,
+                        Err(e) => tracing::warn!(
+                            channel = self.channel,
+                            "zero-copy works but guest memory could not be registered, sending without fixed buffers: {e}"
+                        ),
+                    }
+                }
+            }
+            let confirmed = self.done_received && (self.tls.is_none() || self.close_received);
+            if self.eos_sent && confirmed && self.sends_in_flight() == 0 {
+                break;
+            }
+            self.fill(None)?;
+            // --max-bandwidth: a chain leaves only when the previous ones' time has passed.
+            let pace = self.pace_until.saturating_duration_since(Instant::now());
+            if self.chain_outstanding == 0 && !self.ready.is_empty() && pace.is_zero() {
+                self.submit_chain()?;
+                self.fill(None)?;
+            }
+            let slice = if self.ready.is_empty() || pace.is_zero() {
+                slice
+            } else {
+                // Waiting on our own pacing is not a stalled peer.
+                self.last_progress = Instant::now();
+                pace.min(slice)
+            };
+            let outstanding = self.chain_outstanding > 0 || self.sends_in_flight() > 0;
+            if outstanding || self.finishing || self.free_slot().is_none() || !self.ready.is_empty()
+            {
+                if self.ring.submit_and_wait(1, slice)? == Wait::TimedOut {
+                    self.check_idle()?;
+                }
+            } else {
+                let waited = Instant::now();
+                let keepalive_in = self
+                    .keepalive_every
+                    .saturating_sub(self.last_frame_at.elapsed());
+                if keepalive_in.is_zero() {
+                    // Nothing to send for a while: tell the receiver we are alive.
+                    self.fill(Some(Work::Keepalive))?;
+                    continue;
+                }
+                match self.work.recv_timeout(slice.min(keepalive_in)) {
+                    Ok(work) => self.fill(Some(work))?,
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a
+                        // closed connection is only posted when this thread asks for events.
+                        self.ring.submit_and_wait(1, Duration::from_millis(1))?;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
+                }
+                idle += waited.elapsed();
+                self.last_progress = Instant::now();
+            }
+        }
+        self.stats.busy_ms = (start.elapsed().saturating_sub(idle)).as_secs_f64() * 1e3;
+        self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    fn sends_in_flight(&self) -> usize {
+        self.ring.in_flight() - usize::from(self.control_posted)
+    }
+
+    /// Fails when nothing has moved for too long. Progress on *any* channel counts: a channel
+    /// whose receiver waits at a round barrier for a slower one is blocked, not dead.
+    fn check_idle(&mut self) -> Result<()> {
+        let moved = self
+            .progress
+            .pages_done
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if moved != self.last_seen_pages {
+            self.last_seen_pages = moved;
+            self.last_progress = Instant::now();
+        }
+        let ms = self.last_progress.elapsed().as_millis() as u64;
+        if ms >= self.idle.as_millis() as u64 {
+            let what = if self.eos_sent {
+                format!(
+                    "waiting for the receiver to confirm channel {}",
+                    self.channel
+                )
+            } else {
+                format!(
+                    "waiting for the receiver to take data on channel {}",
+                    self.channel
+                )
+            };
+            return Err(Error::Timeout { what, ms });
+        }
+        Ok(())
+    }
+
+    fn free_slot(&mut self) -> Option<u16> {
+        for i in 0..self.slots.len() {
+            let slot = i as u16;
+            if self.slots[i].state == SlotState::Sent && self.ring.slot_idle(slot) {
+                self.slots[i].state = SlotState::Free;
+            }
+            if self.slots[i].state == SlotState::Free {
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    /// Builds frames while slots are free: from `first` if given, then whatever is queued.
+    fn fill(&mut self, mut first: Option<Work>) -> Result<()> {
+        while !self.finishing {
+            if first.is_none() && self.ready.len() >= FRAMES_BUILT_AHEAD_MAX {
+                return Ok(());
+            }
+            let Some(slot) = self.free_slot() else {
+                // `first` cannot be lost: we only pass it when a slot is free.
+                debug_assert!(first.is_none());
+                return Ok(());
+            };
+            let work = match first.take() {
+                Some(w) => w,
+                None => match self.work.try_recv() {
+                    Ok(w) => w,
+                    Err(TryRecvError::Empty) => return Ok(()),
+                    Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
+                },
+            };
+            self.build(slot, work)?;
+        }
+        Ok(())
+    }
+}
