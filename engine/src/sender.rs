@@ -39,6 +39,22 @@ pub struct PageRun {
     pub pages: u64,
 }
 
+impl PageRun {
+    /// One run per region covering all of `memory` (round 0 of a live migration).
+    pub fn whole(memory: &GuestMemory) -> Vec<PageRun> {
+        memory
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| PageRun {
+                region: i as u32,
+                first_page: 0,
+                pages: r.pages(),
+            })
+            .collect()
+    }
+}
+
 struct Shard {
     tx: Tx<Work>,
     join: Option<JoinHandle<Result<ShardStats>>>,
@@ -245,20 +261,9 @@ impl Sender {
         self.round
     }
 
-    /// Sends every page of every region as one round.
+    /// Sends every page of every region as one (stable) round.
     pub fn send_all(&mut self) -> Result<RoundStats> {
-        let runs: Vec<PageRun> = self
-            .memory
-            .regions()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| PageRun {
-                region: i as u32,
-                first_page: 0,
-                pages: r.pages(),
-            })
-            .collect();
-        self.send_round(&runs)
+        self.send_round(&PageRun::whole(&self.memory))
     }
 
     /// Sends one round: `runs` must be sorted by region and page and must not overlap (a page is

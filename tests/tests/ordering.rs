@@ -48,17 +48,7 @@ fn later_rounds_win_across_channels_under_random_timing() {
         let mut sender = Sender::connect(addr, src.clone(), &sender_config).unwrap();
         // Every round is live: the test rewrites pages right after each round returns, while
         // zero-copy sends may still read them, exactly as running vCPUs would.
-        let everything: Vec<PageRun> = src
-            .regions()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| PageRun {
-                region: i as u32,
-                first_page: 0,
-                pages: r.pages(),
-            })
-            .collect();
-        sender.send_live_round(&everything).unwrap();
+        sender.send_live_round(&PageRun::whole(&src)).unwrap();
         for round in 1..=5u8 {
             // Dirty a random set of pages (one page in three), then resend exactly those.
             let mut runs: Vec<PageRun> = Vec::new();
