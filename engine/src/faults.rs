@@ -373,6 +373,7 @@ pub(crate) fn wrap(ring: Ring, seed: Option<u64>, channel: u16, idle: Duration) 
         Some(seed) => {
             let seed = seed ^ (u64::from(channel) << 48) ^ 0x5eed;
             let plan = FaultPlan::from_seed(seed, idle);
+            // To see which faults a failing seed drew.
             if std::env::var_os("PAGEWIRE_FAULTS_SHOW").is_some() {
                 eprintln!("channel {channel}: {plan:?}");
             }

@@ -58,7 +58,7 @@ pub struct Hello {
 }
 
 impl Hello {
-    /// Encodes into 64 bytes.
+    /// Encodes into `HELLO_BYTES` (96) bytes.
     pub fn encode(&self) -> [u8; HELLO_BYTES] {
         let Hello {
             version,

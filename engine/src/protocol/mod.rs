@@ -31,7 +31,10 @@
 //!  close                                             close
 //! ```
 //! At any point a receiver that fails sends `Control::Abort{code, reason}` on every channel it can
-//! and closes them; the sender reports that reason. Senders never send control messages.
+//! and closes them; the sender reports that reason. A sender that fails sends an `Abort` frame
+//! (kind 5: an abort code and its reason as payload) after the frames it already built, when its
+//! connection still takes it, so both sides name the same cause. Senders never send control
+//! messages.
 //!
 //! # Encoding
 //! All integers are little-endian and at fixed offsets. A frame is a 32-byte fixed header, then
@@ -59,7 +62,7 @@
 //! record already authenticates the payload, so no checksums travel.
 //! Frame numbers count
 //! from 0 on each channel with no gaps. Kinds: 0 is reserved as invalid, 1 `Pages`,
-//! 2 `EndOfRound`, 3 `EndOfStream`, 4 `Keepalive` (v2). The flags byte holds the payload's codec (0 raw, 1 zstd,
+//! 2 `EndOfRound`, 3 `EndOfStream`, 4 `Keepalive`, 5 `Abort` (v2). The flags byte holds the payload's codec (0 raw, 1 zstd,
 //! 2 zlib; other bits reserved, announced by the hello's feature bits). A raw payload is exactly
 //! the normal pages; a compressed one is non-empty, smaller than them, and must decode to exactly
 //! them. Runs are sorted, never overlap, lie inside their region, and cover at most
