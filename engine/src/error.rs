@@ -100,6 +100,21 @@ pub enum Error {
     /// TLS on one side only, or an alert from the peer.
     #[error("{0}")]
     TlsMismatch(String),
+    /// The peer broke the TLS record layer (a record that does not fit, an unexpected content
+    /// type, data where none may be).
+    #[error("the peer broke the TLS record protocol on channel {channel}: {what}")]
+    TlsProtocol {
+        /// Channel index.
+        channel: u16,
+        /// What was wrong.
+        what: String,
+    },
+    /// The caller dropped a sender before `finish`: the transfer was torn down.
+    #[error("the sender was dropped before it finished the transfer")]
+    Dropped,
+    /// A bug in pagewire (an invariant of its own did not hold).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A pre-shared-key handshake failed on the sender's side.
     #[error("pre-shared-key handshake on channel {channel} failed")]
     Auth {
@@ -183,10 +198,11 @@ impl Error {
             Error::Timeout { .. } => AbortCode::Timeout,
             Error::PeerClosed { .. } => AbortCode::PeerClosed,
             Error::Incomplete { .. } => AbortCode::Incomplete,
-            Error::TlsRecord { .. } | Error::TlsHandshake { .. } | Error::TlsMismatch(_) => {
-                AbortCode::Tls
-            }
-            Error::ShardPanicked { .. } => AbortCode::Internal,
+            Error::TlsRecord { .. }
+            | Error::TlsHandshake { .. }
+            | Error::TlsMismatch(_)
+            | Error::TlsProtocol { .. } => AbortCode::Tls,
+            Error::ShardPanicked { .. } | Error::Internal(_) => AbortCode::Internal,
             _ => AbortCode::Other,
         }
     }

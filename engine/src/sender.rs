@@ -491,9 +491,7 @@ impl Drop for Sender {
     fn drop(&mut self) {
         if self.shards.iter().any(|s| s.join.is_some()) {
             // Dropped without finish (or after an error): tear down and wait for the shards.
-            self.abort.fail(Error::Config(
-                "the sender was dropped before finishing".into(),
-            ));
+            self.abort.fail(Error::Dropped);
             self.join_all();
         }
     }

@@ -114,7 +114,7 @@ impl Abort {
     ) -> Result<usize> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sealer) = peers.get_mut(id).and_then(|p| p.sealer.as_mut()) else {
-            return Err(Error::TlsMismatch(format!(
+            return Err(Error::Internal(format!(
                 "no TLS connection {id} to answer a key update on"
             )));
         };
@@ -137,7 +137,7 @@ impl Abort {
     pub(crate) fn encode_control(&self, id: usize, msg: &Control, out: &mut [u8]) -> Result<usize> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let Some(peer) = peers.get_mut(id) else {
-            return Err(Error::Config(format!("no watched connection {id}")));
+            return Err(Error::Internal(format!("no watched connection {id}")));
         };
         let n = peer.encode(msg, out)?;
         if *msg == Control::Done {

@@ -544,9 +544,10 @@ impl TlsSession {
             }
             let room = self.stream.room(&mut self.buffer, RECORD_BYTES_MAX);
             if room.is_empty() {
-                return Err(Error::TlsMismatch(format!(
-                    "a TLS record on channel {channel} does not fit the handshake buffer"
-                )));
+                return Err(Error::TlsProtocol {
+                    channel,
+                    what: "a record does not fit the handshake buffer".into(),
+                });
             }
             let n = (&*stream)
                 .read(&mut self.buffer[room])

@@ -57,9 +57,10 @@ impl RecordStream {
     pub(crate) fn move_to(&mut self, from: &[u8], to: &mut [u8], channel: u16) -> Result<()> {
         let n = self.buffered();
         if n > to.len() {
-            return Err(Error::TlsMismatch(format!(
-                "too much data after the TLS handshake on channel {channel}"
-            )));
+            return Err(Error::TlsProtocol {
+                channel,
+                what: format!("{n} bytes after the handshake, more than the buffer holds"),
+            });
         }
         to[..n].copy_from_slice(&from[self.start..self.end]);
         self.start = 0;
@@ -104,10 +105,13 @@ impl RecordStream {
         header.copy_from_slice(&buf[self.start..self.start + RECORD_HEADER_BYTES]);
         let total = record_len(&header).map_err(record)?;
         if total > buf.len() {
-            return Err(Error::TlsMismatch(format!(
-                "a TLS record of {total} bytes on channel {channel} does not fit the {}-byte buffer",
-                buf.len()
-            )));
+            return Err(Error::TlsProtocol {
+                channel,
+                what: format!(
+                    "a record of {total} bytes does not fit the {}-byte buffer",
+                    buf.len()
+                ),
+            });
         }
         if self.buffered() < total {
             return Ok(None);
@@ -130,9 +134,10 @@ impl RecordStream {
                 self.opener = keys.next_opener()?;
                 Ok(Some(Record::KeyUpdate { requested }))
             }
-            other => Err(Error::TlsMismatch(format!(
-                "unexpected TLS content type {other} on channel {channel}"
-            ))),
+            other => Err(Error::TlsProtocol {
+                channel,
+                what: format!("unexpected content type {other}"),
+            }),
         }
     }
 }
