@@ -254,6 +254,86 @@ mod tests {
         assert_eq!(r.need(), Need::Nothing);
     }
 
+    proptest::proptest! {
+        /// Whatever a sender channel encodes (pages of either kind, markers, keepalives, over
+        /// rounds), the reader hands back the same frames in order, split at any byte.
+        #[test]
+        fn what_a_sender_encodes_the_reader_hands_back(
+            steps in proptest::collection::vec((0u8..4, proptest::collection::vec(0u64..64, 1..20)), 1..30),
+            cuts in proptest::collection::vec(1usize..200, 1..50),
+        ) {
+            let mut tx = SenderChannel::default();
+            let mut f = Frame::default();
+            let mut stream = Vec::new();
+            let mut want = Vec::new();
+            for (kind, pages) in &steps {
+                match kind {
+                    0 | 1 => {
+                        tx.begin_pages(&mut f, 0);
+                        let mut pages = pages.clone();
+                        pages.sort_unstable();
+                        pages.dedup();
+                        for &p in &pages {
+                            f.push_page(p, (p + u64::from(*kind)) % 3 == 0).unwrap();
+                        }
+                        f.payload_bytes = (f.normal_pages() * 4096) as u32;
+                        f.begin_checksums();
+                        for i in 0..f.normal_pages() {
+                            f.push_checksum(i);
+                        }
+                        stream.extend(encode(&f));
+                        stream.extend(vec![0u8; f.payload_bytes as usize]);
+                        want.push(Event::Pages);
+                    }
+                    2 => {
+                        tx.end_round(&mut f);
+                        stream.extend(encode(&f));
+                        want.push(Event::EndOfRound(tx.round() - 1));
+                    }
+                    _ => {
+                        tx.keepalive(&mut f);
+                        stream.extend(encode(&f));
+                        want.push(Event::Keepalive);
+                    }
+                }
+            }
+            tx.end_stream(&mut f);
+            stream.extend(encode(&f));
+            want.push(Event::EndOfStream);
+            // Feed the stream in arbitrary pieces: the reader only ever asks for whole parts.
+            let mut r = FrameReader::new(&[64], true);
+            let mut got = Vec::new();
+            let mut frame = Frame::default();
+            let (mut at, mut cut) = (0usize, 0usize);
+            while at < stream.len() {
+                match r.need() {
+                    Need::Header(n) => {
+                        r.header_mut().copy_from_slice(&stream[at..at + n]);
+                        at += n;
+                        if let Some(e) = r.header_filled(&mut frame).unwrap() {
+                            got.push(e);
+                        }
+                    }
+                    Need::Payload => {
+                        // The payload arrives in pieces of the proptest's cuts.
+                        let mut left = frame.payload_bytes as usize;
+                        while left > 0 {
+                            let n = cuts[cut % cuts.len()].min(left);
+                            cut += 1;
+                            left -= n;
+                            at += n;
+                        }
+                        r.payload_done();
+                    }
+                    Need::Barrier => r.resume(),
+                    Need::Nothing => break,
+                }
+            }
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(r.need(), Need::Nothing);
+        }
+    }
+
     #[test]
     fn errors_are_final_and_nothing_is_handed_out() {
         let mut f = Frame::default();
