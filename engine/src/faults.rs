@@ -532,7 +532,15 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
             // A side that gave up on its idle bound while its own ring was stalled cannot tell
             // the other why; that side sees it close the connection, which is the same event.
             let gave_up = |x: &str, other: &crate::Error| {
-                x == "timeout" && matches!(other, crate::Error::PeerClosed { .. })
+                let closed = match other {
+                    crate::Error::PeerClosed { .. } => true,
+                    crate::Error::Io { source, .. } => matches!(
+                        source.raw_os_error(),
+                        Some(libc::ECONNRESET | libc::EPIPE)
+                    ),
+                    _ => false,
+                };
+                x == "timeout" && closed
             };
             if a == b || gave_up(a, &r) || gave_up(b, &s) {
                 Ok(Outcome::BothFailed(a.into()))

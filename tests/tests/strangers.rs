@@ -115,7 +115,7 @@ fn keepalives_carry_a_channel_through_a_pause_longer_than_the_idle_bound() {
     let (addr, rx) = start_receiver(
         dst.clone(),
         ReceiverConfig {
-            idle_timeout_ms: 600,
+            idle_timeout_ms: 1000,
             pinning: Pinning::None,
             ..ReceiverConfig::default()
         },
@@ -132,7 +132,7 @@ fn keepalives_carry_a_channel_through_a_pause_longer_than_the_idle_bound() {
     .unwrap();
     s.send_all().unwrap();
     // The VMM thinks for three idle bounds before the next round.
-    std::thread::sleep(Duration::from_millis(1800));
+    std::thread::sleep(Duration::from_millis(3000));
     src.regions()[0].write(5 * 4096, b"dirty again");
     s.send_round(&[PageRun {
         region: 0,
