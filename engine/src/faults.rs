@@ -534,10 +534,9 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
             let gave_up = |x: &str, other: &crate::Error| {
                 let closed = match other {
                     crate::Error::PeerClosed { .. } => true,
-                    crate::Error::Io { source, .. } => matches!(
-                        source.raw_os_error(),
-                        Some(libc::ECONNRESET | libc::EPIPE)
-                    ),
+                    crate::Error::Io { source, .. } => {
+                        matches!(source.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE))
+                    }
                     _ => false,
                 };
                 x == "timeout" && closed
