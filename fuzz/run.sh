@@ -2,7 +2,8 @@
 # Runs every fuzz target for SECONDS each (default 60), one after another, on nightly with
 # cargo-fuzz (`cargo install cargo-fuzz`), starting from the seeds in fuzz/corpus/ (made from
 # real transfers by fuzz/seed.py) and growing a working corpus in fuzz/work/. Prints, and writes
-# to fuzz/work/summary.md, each target's executions and the coverage libFuzzer reached.
+# to fuzz/work/summary.md (or $SUMMARY), each target's executions and the coverage libFuzzer
+# reached. TARGETS="a b" runs only those.
 # A crash leaves its input in fuzz/artifacts/<target>/ and fails the run: turn it into a
 # regression test in the normal suite.
 set -uo pipefail
@@ -10,7 +11,7 @@ cd "$(dirname "$0")"
 seconds=${1:-60}
 targets=${TARGETS:-"frame_header run_validation handshake control receiver_stream decompress tls_records"}
 mkdir -p work
-summary=work/summary.md
+summary=${SUMMARY:-work/summary.md}
 echo "| target | seconds | executions | exec/s | coverage (cov) | features (ft) | corpus | result |" > "$summary"
 echo "|---|---|---|---|---|---|---|---|" >> "$summary"
 status=0

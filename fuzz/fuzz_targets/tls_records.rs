@@ -13,7 +13,8 @@ use rustls::crypto::cipher::{AeadKey, Iv};
 use rustls::ConnectionTrafficSecrets;
 
 fn secrets() -> ConnectionTrafficSecrets {
-    ConnectionTrafficSecrets::Aes128Gcm {
+    // AES-256-GCM: rustls's `AeadKey` is built from 32 bytes.
+    ConnectionTrafficSecrets::Aes256Gcm {
         key: AeadKey::from([7u8; 32]),
         iv: Iv::new([9u8; 12]),
     }
