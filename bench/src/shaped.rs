@@ -169,9 +169,11 @@ fn pagewire_binary() -> Result<PathBuf> {
 
 fn json_of(out: &std::process::Output, who: &str) -> Result<serde_json::Value> {
     if !out.status.success() {
+        // With --json the command reports its error as JSON on standard output.
         bail!(
-            "{who} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "{who} failed: {} {}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
         );
     }
     serde_json::from_slice(&out.stdout).with_context(|| format!("parsing the {who}'s JSON"))
@@ -219,7 +221,11 @@ fn one(
             .args(["--compress", mode, "--json", "--no-pin", "--channels", "2"])
             .output()
             .context("running the sender")?;
-        if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("refused") {
+        // With --json the error (a refused connection while the receiver starts) is JSON on
+        // standard output.
+        let refused = String::from_utf8_lossy(&out.stderr).contains("refused")
+            || String::from_utf8_lossy(&out.stdout).contains("refused");
+        if out.status.success() || !refused {
             sent = Some(out);
             break;
         }

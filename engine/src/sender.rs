@@ -464,8 +464,11 @@ impl Sender {
 
     /// Tears down and returns the first error any shard reported.
     fn failure(&mut self) -> Error {
-        self.abort.shutdown_all();
+        // The shards see the raised flag within a wait slice, tell the receiver why, and close;
+        // only then is everything shut down.
+        self.abort.raise();
         let results = self.join_all();
+        self.abort.shutdown_all();
         if let Some(e) = self.abort.take_error() {
             return e;
         }

@@ -95,3 +95,55 @@ fn a_destination_file_truncated_under_the_receiver_fails_both_sides_cleanly() {
             .contains("NOT complete"));
     }
 }
+
+#[test]
+fn a_sender_that_fails_tells_the_receiver_why() {
+    if skip_without_uring() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let len = 16u64 << 20;
+    let path = dir.path().join("src.img");
+    std::fs::write(&path, vec![0x33u8; len as usize]).unwrap();
+    let src = Arc::new(GuestMemory::from_file(&path, false).unwrap());
+    // The source image is truncated under the sender: its scan faults past 1 MiB.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let dst = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
+    let (addr, rx) = start_receiver(
+        dst,
+        ReceiverConfig {
+            pinning: Pinning::None,
+            ..ReceiverConfig::default()
+        },
+    );
+    let tx = std::thread::spawn(move || {
+        let mut s = Sender::connect(
+            addr,
+            src,
+            &SenderConfig {
+                channels: 1,
+                pinning: Pinning::None,
+                ..SenderConfig::default()
+            },
+        )?;
+        s.send_all()?;
+        s.finish()
+    });
+    let sent = join_within(tx, LIMIT, "sender").unwrap_err();
+    let received = join_within(rx, LIMIT, "receiver").unwrap_err();
+    assert!(
+        matches!(sent, Error::MemoryFault { .. }),
+        "{}",
+        error_chain(&sent)
+    );
+    assert!(
+        matches!(&received, Error::PeerAborted { reason, .. } if reason.contains("cannot be accessed")),
+        "the receiver should hear the sender's reason: {}",
+        error_chain(&received)
+    );
+}

@@ -20,6 +20,17 @@ impl SenderChannel {
         frame.reset(FrameKind::Pages, region, self.take_number(), self.round);
     }
 
+    /// Gives back the number of `frame`, the last one begun, which will not be sent (its build
+    /// failed), so the next frame takes it and the stream stays gapless.
+    pub fn retract(&mut self, frame: &Frame) {
+        assert_eq!(
+            frame.frame_number + 1,
+            self.next_frame,
+            "only the last frame begun can be retracted"
+        );
+        self.next_frame -= 1;
+    }
+
     /// Fills `frame` with the end-of-round marker and moves to the next round.
     pub fn end_round(&mut self, frame: &mut Frame) {
         frame.reset(FrameKind::EndOfRound, 0, self.take_number(), self.round);

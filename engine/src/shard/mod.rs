@@ -59,8 +59,9 @@ impl Peer {
     }
 }
 
-/// First error wins: records it, raises the flag every shard checks, and shuts every connection
-/// of this side down so blocked operations on both sides end at once.
+/// First error wins: records it, raises the flag every shard checks, and (on a receiver, after
+/// telling the sender why) shuts every connection of this side down so blocked operations on
+/// both sides end at once.
 #[derive(Debug, Default)]
 pub(crate) struct Abort {
     raised: AtomicBool,
@@ -146,6 +147,11 @@ impl Abort {
         Ok(n)
     }
 
+    /// Raises the flag without an error of its own (the caller gives up; shards stop).
+    pub(crate) fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+    }
+
     pub(crate) fn is_raised(&self) -> bool {
         self.raised.load(Ordering::Acquire)
     }
@@ -186,7 +192,12 @@ impl Abort {
                 let _ = (&peer.socket).write_all(&buf[..n]);
             }
         }
-        self.shutdown_all();
+        // A receiver has told the sender (above) and ends every connection at once. A sender's
+        // shards each tell the receiver why with an abort frame on the way out (they poll the
+        // flag every wait slice), then close their own connection.
+        if self.notify_peer {
+            self.shutdown_all();
+        }
         Error::Aborted
     }
 

@@ -29,8 +29,13 @@ impl SendShard {
                         .push_page(page, zero)
                         .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
                 }
-                // The scan read every zero page: a truncated source file shows up here.
-                self.memory.take_fault()?;
+                // The scan read every zero page: a truncated source file shows up here. The
+                // frame will not be sent, so its number goes back (the abort frame that tells
+                // the receiver why takes it).
+                if let Err(e) = self.memory.take_fault() {
+                    self.proto.retract(frame);
+                    return Err(e);
+                }
                 let normal = frame.normal_pages();
                 payload = normal * PAGE_BYTES as u64;
                 for run in frame.normal_runs() {
