@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use pagewire::synth::{fill, Content};
@@ -198,46 +198,46 @@ fn one(
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the receiver")?;
-    let started = Instant::now();
-    let mut sent = None;
-    // The receiver needs a moment to listen; retry a refused connection briefly.
-    while started.elapsed() < Duration::from_secs(10) {
-        if let Ok(Some(status)) = recv.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = recv.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
+    // Start the sender only once the receiver says it listens (its first line on standard
+    // error): racing it would make an early channel's refusal look like a sender failure, and
+    // a receiver keeps a half-connected session for a while.
+    let stderr = recv
+        .stderr
+        .take()
+        .context("the receiver's standard error")?;
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader};
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            if line.contains("listening on") {
+                let _ = listening_tx.send(());
             }
-            bail!(
-                "the receiver exited ({status}) before the sender connected: {}",
-                err.trim()
-            );
+            all.push_str(&line);
+            all.push('\n');
         }
-        let out = Command::new("ip")
-            .args(["netns", "exec", &link.tx])
-            .arg(bin)
-            .args(["send", "--connect", &listen, "--from"])
-            .arg(image)
-            .args(["--compress", mode, "--json", "--no-pin", "--channels", "2"])
-            .output()
-            .context("running the sender")?;
-        // With --json the error (a refused connection while the receiver starts) is JSON on
-        // standard output.
-        let refused = String::from_utf8_lossy(&out.stderr).contains("refused")
-            || String::from_utf8_lossy(&out.stdout).contains("refused");
-        if out.status.success() || !refused {
-            sent = Some(out);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let Some(sent) = sent else {
+        all
+    });
+    if listening.recv_timeout(Duration::from_secs(10)).is_err() {
         let _ = recv.kill();
-        bail!("the sender could not connect to {listen} within 10 s");
-    };
-    let received = recv
+        let err = drain.join().unwrap_or_default();
+        bail!(
+            "the receiver did not start listening within 10 s: {}",
+            err.trim()
+        );
+    }
+    let sent = Command::new("ip")
+        .args(["netns", "exec", &link.tx])
+        .arg(bin)
+        .args(["send", "--connect", &listen, "--from"])
+        .arg(image)
+        .args(["--compress", mode, "--json", "--no-pin", "--channels", "2"])
+        .output()
+        .context("running the sender")?;
+    let mut received = recv
         .wait_with_output()
         .context("waiting for the receiver")?;
+    received.stderr = drain.join().unwrap_or_default().into_bytes();
     let s = json_of(&sent, "sender")?;
     let r = json_of(&received, "receiver")?;
     let seconds = s["total_time_ms"].as_f64().unwrap_or(0.0) / 1e3;

@@ -317,11 +317,22 @@ impl Receiver {
                 break;
             }
             if let Some(t) = first_at {
-                if t.elapsed() >= Duration::from_millis(CHANNELS_GATHER_TIMEOUT_MS) {
-                    let text = format!(
-                        "only {finished} of {} channels of a session arrived within {CHANNELS_GATHER_TIMEOUT_MS} ms",
-                        count.unwrap_or(0)
-                    );
+                // A sender sends nothing before all its channels are accepted, so a gathered
+                // channel that turns readable has closed (the sender gave up, e.g. after a
+                // refused connection): the session is dropped at once, not after the timeout.
+                let gone = slots.iter().flatten().any(|a| closed(&a.stream));
+                if gone || t.elapsed() >= Duration::from_millis(CHANNELS_GATHER_TIMEOUT_MS) {
+                    let text = if gone {
+                        format!(
+                            "the sender closed a channel while {finished} of {} were connected",
+                            count.unwrap_or(0)
+                        )
+                    } else {
+                        format!(
+                            "only {finished} of {} channels of a session arrived within {CHANNELS_GATHER_TIMEOUT_MS} ms",
+                            count.unwrap_or(0)
+                        )
+                    };
                     tracing::warn!("dropped a session: {text}");
                     let mut a = lock(&acceptor);
                     a.0.reset();
@@ -392,6 +403,21 @@ impl Receiver {
         let layout_bytes = lock(&acceptor).0.layout_bytes();
         Ok((streams, first_at.unwrap_or(waiting_since), layout_bytes))
     }
+}
+
+/// True when `stream` has ended (a non-blocking peek reads 0 bytes or fails for good).
+fn closed(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let gone = match stream.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = stream.set_nonblocking(false);
+    gone
 }
 
 /// Errors of `accept` that concern one connection (or a momentary shortage), not the listener.

@@ -144,3 +144,55 @@ fn keepalives_carry_a_channel_through_a_pause_longer_than_the_idle_bound() {
     join_within(rx, LIMIT, "receiver").unwrap();
     assert_eq!(src.first_difference(&dst), None);
 }
+
+#[test]
+fn a_session_whose_sender_gave_up_is_dropped_at_once() {
+    if skip_without_uring() {
+        return;
+    }
+    use std::io::Read;
+    let len = 4u64 << 20;
+    let src = memory(len);
+    fill(&src, Content::Random, 5);
+    let dst = memory(len);
+    let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
+    // Channel 0 of a two-channel session is accepted, then its sender gives up.
+    let mut first = TcpStream::connect(addr).unwrap();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        channel_index: 0,
+        channel_count: 2,
+        session_id: [8; 16],
+        page_bytes: 4096,
+        features: 0,
+        layout_digest: layout_digest([(0, len)]),
+        layout_bytes: len,
+        region_count: 1,
+        nonce: [2; 16],
+    };
+    first.write_all(&hello.encode()).unwrap();
+    let mut reply = [0u8; 16];
+    first.read_exact(&mut reply).unwrap();
+    drop(first);
+    // The next sender is served at once, not after the receiver's 10 s gather bound.
+    let started = std::time::Instant::now();
+    let mut s = Sender::connect(
+        addr,
+        src.clone(),
+        &SenderConfig {
+            channels: 2,
+            pinning: Pinning::None,
+            ..SenderConfig::default()
+        },
+    )
+    .unwrap();
+    s.send_all().unwrap();
+    s.finish().unwrap();
+    join_within(rx, LIMIT, "receiver").unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
