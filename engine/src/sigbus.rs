@@ -143,10 +143,11 @@ extern "C" fn handler(signal: libc::c_int, info: *mut libc::siginfo_t, context: 
     let previous = PREVIOUS.load(Ordering::Acquire);
     if previous != libc::SIG_DFL && previous != libc::SIG_IGN {
         if PREVIOUS_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
+            type SigInfoHandler =
+                extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
             // SAFETY: the previous handler was installed with SA_SIGINFO, so it has this
             // signature; we pass the arguments we were given.
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                unsafe { std::mem::transmute(previous) };
+            let f: SigInfoHandler = unsafe { std::mem::transmute(previous) };
             f(signal, info, context);
         } else {
             // SAFETY: a plain handler takes the signal number.

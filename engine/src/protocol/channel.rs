@@ -7,8 +7,9 @@ use crate::pipeline::compress::Codec;
 use super::wire::{Frame, FrameKind};
 use super::ProtocolError;
 
-/// Sender side of one channel: hands out frame numbers and tracks the round.
-#[derive(Debug, Default)]
+/// Sender side of one channel: hands out frame numbers and tracks the round. `Copy`, so a
+/// caller can take a frame back (restore the state) when building it failed.
+#[derive(Debug, Default, Clone, Copy)]
 pub struct SenderChannel {
     next_frame: u64,
     round: u32,
@@ -18,17 +19,6 @@ impl SenderChannel {
     /// Starts a `Pages` frame for `region` in `frame` (the caller then adds pages).
     pub fn begin_pages(&mut self, frame: &mut Frame, region: u32) {
         frame.reset(FrameKind::Pages, region, self.take_number(), self.round);
-    }
-
-    /// Gives back the number of `frame`, the last one begun, which will not be sent (its build
-    /// failed), so the next frame takes it and the stream stays gapless.
-    pub fn retract(&mut self, frame: &Frame) {
-        assert_eq!(
-            frame.frame_number + 1,
-            self.next_frame,
-            "only the last frame begun can be retracted"
-        );
-        self.next_frame -= 1;
     }
 
     /// Fills `frame` with the end-of-round marker and moves to the next round.

@@ -5,8 +5,19 @@ use super::*;
 
 impl SendShard {
     /// Scans a chunk (or makes a marker) and encodes its frame into `slot`: header plus payload
-    /// pieces straight from guest memory, or, with TLS, the whole frame sealed into records.
+    /// pieces straight from guest memory, or, with TLS, the whole frame sealed into records. A
+    /// frame that fails to build gives its number (and round) back, so the stream stays
+    /// gapless for the abort frame that tells the receiver why.
     pub(super) fn build(&mut self, slot: u16, work: Work) -> Result<()> {
+        let numbering = self.proto;
+        let built = self.build_frame(slot, work);
+        if built.is_err() {
+            self.proto = numbering;
+        }
+        built
+    }
+
+    fn build_frame(&mut self, slot: u16, work: Work) -> Result<()> {
         let frame = &mut *self.frame;
         let s = &mut self.slots[usize::from(slot)];
         s.marker = Marker::None;
@@ -29,13 +40,8 @@ impl SendShard {
                         .push_page(page, zero)
                         .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
                 }
-                // The scan read every zero page: a truncated source file shows up here. The
-                // frame will not be sent, so its number goes back (the abort frame that tells
-                // the receiver why takes it).
-                if let Err(e) = self.memory.take_fault() {
-                    self.proto.retract(frame);
-                    return Err(e);
-                }
+                // The scan read every zero page: a truncated source file shows up here.
+                self.memory.take_fault()?;
                 let normal = frame.normal_pages();
                 payload = normal * PAGE_BYTES as u64;
                 for run in frame.normal_runs() {

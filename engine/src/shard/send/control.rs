@@ -74,21 +74,14 @@ impl SendShard {
         let decoded =
             Control::decode(bytes).map_err(|source| Error::Protocol { channel, source })?;
         match decoded {
-            None => {
-                let need = if self.control_len < CONTROL_BYTES {
-                    CONTROL_BYTES
-                } else {
-                    let b = &self.ring.slot_mut(CONTROL_SLOT)[8..10];
-                    CONTROL_BYTES + usize::from(u16::from_le_bytes([b[0], b[1]]))
-                };
-                self.post_control_recv(need);
-                Ok(())
-            }
+            // Part of a message: ask for the rest.
+            None => self.repost_control(),
             Some((msg, _)) => self.on_control_message(msg),
         }
     }
 
-    /// Posts the control receive again after a retryable result, for what is still missing.
+    /// Posts the control receive again for what is still missing (after part of a message, or
+    /// a retryable result).
     pub(super) fn repost_control(&mut self) -> Result<()> {
         if self.tls.is_some() {
             return self.on_control_records();
