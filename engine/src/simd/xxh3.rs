@@ -217,13 +217,15 @@ unsafe fn consume_avx512(
             _mm512_loadu_si512(SECRET.as_ptr().add(SECRET_LIMIT).cast()),
         )
     };
-    // SAFETY (every load below): stripe n < stripes is readable (caller). The prefetch is a
-    // hint 1 KiB ahead (a single sequential stream is bound by the hardware prefetcher), and
-    // never faults, even past the end.
-    let stripe = |n: usize| unsafe {
-        let p = input.add(n * STRIPE_BYTES);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD_BYTES).cast());
-        _mm512_loadu_si512(p.cast())
+    let stripe = |n: usize| {
+        // SAFETY: called only for n < stripes, so the stripe is readable (caller). The
+        // prefetch is a hint 1 KiB ahead (a single sequential stream is bound by the hardware
+        // prefetcher), and never faults, even past the end.
+        unsafe {
+            let p = input.add(n * STRIPE_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD_BYTES).cast());
+            _mm512_loadu_si512(p.cast())
+        }
     };
     let mut n = 0;
     while n < stripes {
