@@ -174,6 +174,42 @@ impl Control {
     }
 }
 
+/// Reassembles a plaintext channel's control message from receives into one buffer: the
+/// fixed part first, then as much reason text as it declares. (Under TLS the record stream
+/// hands over whole messages instead.)
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ControlReader {
+    filled: usize,
+}
+
+impl ControlReader {
+    /// Bytes received so far: the next receive lands at this offset of the buffer.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// Bytes the buffer (`buf`: what was received so far, from its start) must hold before the
+    /// message can decode: the fixed part, then the reason it declares.
+    pub fn wanted(&self, buf: &[u8]) -> usize {
+        if self.filled < CONTROL_BYTES {
+            return CONTROL_BYTES;
+        }
+        let reason = usize::from(u16::from_le_bytes([buf[8], buf[9]]));
+        CONTROL_BYTES + reason.min(CONTROL_REASON_BYTES_MAX)
+    }
+
+    /// `n` more bytes landed in `buf` (the whole buffer): the message once it is whole.
+    pub fn received(&mut self, n: usize, buf: &[u8]) -> Result<Option<Control>, ProtocolError> {
+        self.filled += n;
+        let got = buf.get(..self.filled).ok_or(ProtocolError::TooLarge {
+            what: "control bytes received",
+            value: self.filled as u64,
+            max: buf.len() as u64,
+        })?;
+        Ok(Control::decode(got)?.map(|(msg, _)| msg))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +249,35 @@ mod tests {
         }
         .encode(&mut buf);
         assert_eq!(n, CONTROL_MESSAGE_BYTES_MAX - 1);
+    }
+
+    #[test]
+    fn the_reader_asks_for_exactly_the_rest_of_a_message() {
+        let mut wire = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+        let msg = Control::Abort {
+            code: AbortCode::Timeout,
+            reason: "slow disk".into(),
+        };
+        let len = msg.encode(&mut wire);
+        // Delivered in pieces of every size, as short receives would.
+        for piece in 1..=len {
+            let mut buf = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+            let mut r = ControlReader::default();
+            let got = loop {
+                let want = r.wanted(&buf);
+                assert!(want <= len, "asks past the message");
+                let at = r.filled();
+                let n = piece.min(want - at);
+                buf[at..at + n].copy_from_slice(&wire[at..at + n]);
+                if let Some(m) = r.received(n, &buf).unwrap() {
+                    break m;
+                }
+            };
+            assert_eq!(got, msg, "pieces of {piece}");
+            assert_eq!(r.filled(), len);
+        }
+        let mut r = ControlReader::default();
+        assert!(r.received(CONTROL_MESSAGE_BYTES_MAX + 1, &wire).is_err());
     }
 
     #[test]

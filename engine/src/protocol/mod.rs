@@ -95,9 +95,11 @@ pub mod control;
 pub mod handshake;
 pub mod ledger;
 pub mod reader;
+pub mod sender;
 pub mod wire;
 
 pub use channel::{ReceiverChannel, SenderChannel};
+pub use sender::SenderMachine;
 pub use wire::{Frame, FrameKind, Run};
 
 /// Protocol version this build speaks.
@@ -202,6 +204,9 @@ pub enum ProtocolError {
     /// Data arrived after the end-of-stream marker.
     #[error("data after the end of the stream")]
     AfterEnd,
+    /// The receiver confirmed the end before this side ended the stream, or twice.
+    #[error("the receiver confirmed an end this side had not sent (or confirmed it twice)")]
+    UnexpectedDone,
     /// A frame's payload does not match its checksum (corrupted on the way).
     #[error("payload checksum mismatch for page {page} of region {region} (frame {frame}): the data was corrupted on the way")]
     PayloadChecksum {

@@ -9,10 +9,10 @@ impl SendShard {
     /// frame that fails to build gives its number (and round) back, so the stream stays
     /// gapless for the abort frame that tells the receiver why.
     pub(super) fn build(&mut self, slot: u16, work: Work) -> Result<()> {
-        let numbering = self.proto;
+        let machine = self.m;
         let built = self.build_frame(slot, work);
         if built.is_err() {
-            self.proto = numbering;
+            self.m = machine;
         }
         built
     }
@@ -32,8 +32,7 @@ impl SendShard {
                 live,
             } => {
                 let r = &self.memory.regions()[region as usize];
-                self.proto.begin_pages(frame, region);
-                frame.live = live;
+                self.m.begin_pages(frame, region, live, Instant::now());
                 for page in first_page..first_page + u64::from(pages) {
                     let zero = r.page_is_zero(&self.scanner, page);
                     frame
@@ -124,16 +123,9 @@ impl SendShard {
                 }
                 frame.payload_bytes = payload as u32;
             }
-            Work::EndRound => {
-                s.marker = Marker::EndOfRound(self.proto.round());
-                self.proto.end_round(frame);
-            }
-            Work::Finish => {
-                s.marker = Marker::EndOfStream;
-                self.proto.end_stream(frame);
-                self.finishing = true;
-            }
-            Work::Keepalive => self.proto.keepalive(frame),
+            Work::EndRound => s.marker = self.m.end_round(frame, Instant::now()),
+            Work::Finish => s.marker = self.m.end_stream(frame, Instant::now()),
+            Work::Keepalive => self.m.keepalive(frame, Instant::now()),
             Work::Abort => {
                 let (code, reason) = self
                     .abort
@@ -144,11 +136,10 @@ impl SendShard {
                     &reason,
                     &mut self.abort_body,
                 );
-                self.proto.abort(frame, n as u32);
+                self.m.abort(frame, n as u32, Instant::now());
                 payload = n as u64;
             }
         }
-        self.last_frame_at = Instant::now();
         if let Some(tls) = self.tls.as_mut() {
             let header = frame
                 .encode(&mut self.header)
@@ -164,7 +155,7 @@ impl SendShard {
             } else {
                 Payload::Bytes(&self.packed[..payload as usize])
             };
-            let records_per_key = if std::mem::take(&mut self.tls_update_due) {
+            let records_per_key = if self.m.take_key_update() {
                 0
             } else {
                 self.tls_records_per_key

@@ -11,7 +11,11 @@ impl SendShard {
         let mut ops_total = 0;
         while let Some(&slot) = self.ready.front() {
             let s = &self.slots[usize::from(slot)];
-            let ops = if self.zero_copy_now { s.n_pieces } else { 1 };
+            let ops = if self.zc.sending_zero_copy() {
+                s.n_pieces
+            } else {
+                1
+            };
             // The whole chain must fit, plus one entry for a control receive.
             let need = ops_total + ops + 1;
             // Paced: one frame per chain, so the rate applies frame by frame.
@@ -23,13 +27,13 @@ impl SendShard {
             if frames == frames_max
                 || self.ring.sq_space() < need
                 || self.ring.ops_space() < need
-                || (!self.zero_copy_now && self.ring.vectored_space() <= frames)
+                || (!self.zc.sending_zero_copy() && self.ring.vectored_space() <= frames)
             {
                 break;
             }
             ops_total += ops;
             self.ready.pop_front();
-            if self.zero_copy_now {
+            if self.zc.sending_zero_copy() {
                 for piece in 0..s.n_pieces {
                     let len = match s.pieces[piece] {
                         Buf::Slab { len, .. } | Buf::Guest { len, .. } => u64::from(len),
@@ -133,13 +137,9 @@ impl SendShard {
             let s = &mut self.slots[usize::from(slot)];
             s.state = SlotState::Sent;
             add(&self.progress.pages_done, s.pages);
-            match s.marker {
-                Marker::None => {}
-                Marker::EndOfRound(round) => {
-                    // The coordinator may be gone if the transfer is being torn down.
-                    let _ = self.events.send(ShardEvent::RoundSent { round });
-                }
-                Marker::EndOfStream => self.eos_sent = true,
+            if let Some(event) = self.m.handed(s.marker) {
+                // The coordinator may be gone if the transfer is being torn down.
+                let _ = self.events.send(event);
             }
         }
         self.chain.clear();
@@ -148,7 +148,7 @@ impl SendShard {
 
     pub(super) fn reap(&mut self) -> Result<()> {
         while let Some(c) = self.ring.next_completion() {
-            self.last_progress = Instant::now();
+            self.m.progressed(Instant::now());
             if c.tag == CONTROL_TAG {
                 self.on_control(c.result)?;
             } else if c.notif {
@@ -176,21 +176,22 @@ impl SendShard {
     }
 
     pub(super) fn decide_zero_copy(&mut self) {
-        if self.zc_decided || self.stats.zc_completed < u64::from(ZC_PROBE_SENDS) {
+        if self.zc != ZcState::Probing || self.stats.zc_completed < u64::from(ZC_PROBE_SENDS) {
             return;
         }
-        self.zc_decided = true;
         if self.stats.zc_copied == self.stats.zc_completed {
             tracing::info!(
                 channel = self.channel,
                 "the kernel copied every zero-copy send (loopback or a NIC without support): switching to plain sends"
             );
-            self.zero_copy_now = false;
+            self.zc = ZcState::Plain;
             self.stats.zc_fallback = true;
         } else if self.zero_copy_policy == ZeroCopy::Auto && self.tls.is_none() {
             // Registering pins and faults in all of guest memory (up to a second per GiB); with
             // DEFER_TASKRUN nothing in flight progresses meanwhile, so wait until nothing is.
-            self.register_pending = true;
+            self.zc = ZcState::RegisterPending;
+        } else {
+            self.zc = ZcState::ZeroCopy;
         }
     }
 }

@@ -2,6 +2,7 @@
 //! with its close_notify and key updates.
 
 use super::*;
+use crate::protocol::sender::Confirmation;
 
 impl SendShard {
     /// A send failed: prefer the receiver's own reason if it sent one before closing.
@@ -31,8 +32,8 @@ impl SendShard {
             CONTROL_TAG,
             &[Buf::Slab {
                 slot: CONTROL_SLOT,
-                offset: self.control_len as u32,
-                len: (upto - self.control_len) as u32,
+                offset: self.control.filled() as u32,
+                len: (upto - self.control.filled()) as u32,
             }],
             0,
         );
@@ -55,28 +56,18 @@ impl SendShard {
             ));
         }
         if result == 0 {
-            return Err(Error::PeerClosed {
-                channel: self.channel,
-                when: if self.eos_sent {
-                    "before confirming the end of the transfer"
-                } else {
-                    "while data was still being sent"
-                },
-            });
+            return Err(self.fault(self.m.on_peer_closed()));
         }
         if let Some(tls) = self.tls.as_mut() {
             tls.stream.received(result as usize);
             return self.on_control_records();
         }
-        self.control_len += result as usize;
-        let channel = self.channel;
-        let bytes = &self.ring.slot_mut(CONTROL_SLOT)[..self.control_len];
-        let decoded =
-            Control::decode(bytes).map_err(|source| Error::Protocol { channel, source })?;
-        match decoded {
+        let bytes = self.ring.slot_mut(CONTROL_SLOT);
+        let decoded = self.control.received(result as usize, bytes);
+        match decoded.map_err(|e| self.fault(SenderFault::Protocol(e)))? {
             // Part of a message: ask for the rest.
             None => self.repost_control(),
-            Some((msg, _)) => self.on_control_message(msg),
+            Some(msg) => self.on_control_message(msg),
         }
     }
 
@@ -86,35 +77,14 @@ impl SendShard {
         if self.tls.is_some() {
             return self.on_control_records();
         }
-        let need = if self.control_len < CONTROL_BYTES {
-            CONTROL_BYTES
-        } else {
-            let b = &self.ring.slot_mut(CONTROL_SLOT)[8..10];
-            CONTROL_BYTES + usize::from(u16::from_le_bytes([b[0], b[1]]))
-        };
+        let need = self.control.wanted(self.ring.slot_mut(CONTROL_SLOT));
         self.post_control_recv(need);
         Ok(())
     }
 
     pub(super) fn on_control_message(&mut self, msg: Control) -> Result<()> {
-        let channel = self.channel;
-        match msg {
-            Control::Done => {
-                if !self.finishing {
-                    return Err(Error::Protocol {
-                        channel,
-                        source: ProtocolError::AfterEnd,
-                    });
-                }
-                self.done_received = true;
-                Ok(())
-            }
-            Control::Abort { code, reason } => Err(Error::PeerAborted {
-                channel,
-                code,
-                reason,
-            }),
-        }
+        let verdict = self.m.on_control(msg);
+        verdict.map_err(|f| self.fault(f))
     }
 
     /// TLS: opens every complete record in the control slot, then asks for more.
@@ -146,22 +116,14 @@ impl SendShard {
                         }
                     }
                 }
-                Some(Record::CloseNotify) if self.done_received => {
-                    self.close_received = true;
-                    return Ok(());
-                }
                 Some(Record::CloseNotify) => {
-                    return Err(Error::PeerClosed {
-                        channel,
-                        when: "(TLS close_notify) before confirming the end of the transfer",
-                    })
+                    let closed = self.m.on_close_notify();
+                    return closed.map_err(|f| self.fault(f));
                 }
                 Some(Record::KeyUpdate { requested }) => {
                     // The stream moved to the next key; a request is answered with our own
                     // KeyUpdate before the next frame.
-                    if requested {
-                        self.tls_update_due = true;
-                    }
+                    self.m.on_key_update(requested);
                 }
                 None => {
                     let room = tls.stream.room(buf, RECORD_BYTES_MAX);
@@ -177,7 +139,7 @@ impl SendShard {
                     return Ok(());
                 }
             }
-            if self.done_received && self.close_received {
+            if self.m.confirmation() == Confirmation::Closed {
                 return Ok(());
             }
         }

@@ -40,8 +40,10 @@ use crate::pipeline::seal::{
     RECORD_OVERHEAD_BYTES, RECORD_PLAINTEXT_BYTES_MAX,
 };
 use crate::pipeline::zero::ZeroScanner;
+use crate::protocol::control::ControlReader;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
-use crate::protocol::{Frame, FrameKind, ProtocolError, SenderChannel};
+use crate::protocol::sender::{Marker, SenderFault, SenderMachine};
+use crate::protocol::{Frame, FrameKind, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{Record, TlsSession};
@@ -74,12 +76,8 @@ pub(crate) enum Work {
     Abort,
 }
 
-/// What a shard tells its coordinator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ShardEvent {
-    /// Every frame of `round` up to its end marker has been handed to the kernel.
-    RoundSent { round: u32 },
-}
+/// What a shard tells its coordinator (what its channel machine says).
+pub(crate) use crate::protocol::sender::SenderEvent as ShardEvent;
 
 const CONTROL_SLOT: u16 = SHARD_FRAMES_IN_FLIGHT_MAX as u16;
 const SLOT_BYTES_PLAIN: usize = 4096;
@@ -122,11 +120,23 @@ enum SlotState {
     Sent,
 }
 
+/// Whether frames go out as zero-copy sends, and what is still to be decided about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Marker {
-    None,
-    EndOfRound(u32),
-    EndOfStream,
+enum ZcState {
+    /// One plain `sendmsg` per frame (policy off, no `SEND_ZC`, or the kernel copied anyway).
+    Plain,
+    /// `auto`: zero-copy sends while the first notifications say whether the kernel copies.
+    Probing,
+    /// Zero-copy sends from guest memory as it is mapped.
+    ZeroCopy,
+    /// Zero-copy sends; guest memory is registered as fixed buffers once nothing is in flight.
+    RegisterPending,
+}
+
+impl ZcState {
+    fn sending_zero_copy(self) -> bool {
+        self != ZcState::Plain
+    }
 }
 
 struct FrameSlot {
@@ -184,31 +194,24 @@ pub(crate) struct SendShard {
     memory: Arc<GuestMemory>,
     scanner: ZeroScanner,
     hash: Xxh3,
-    proto: SenderChannel,
+    /// The channel's life: numbering, rounds, the end, the receiver's confirmation, timers.
+    m: SenderMachine,
     frame: Box<Frame>,
     slots: Vec<FrameSlot>,
     ready: VecDeque<u16>,
     chain: Vec<ChainOp>,
     chain_outstanding: usize,
     zero_copy_policy: ZeroCopy,
-    zero_copy_now: bool,
-    zc_decided: bool,
-    control_len: usize,
+    zc: ZcState,
+    /// Plaintext: the control message being received into the control slot.
+    control: ControlReader,
+    /// A control receive is posted on the ring.
     control_posted: bool,
-    done_received: bool,
-    /// TLS: the receiver's close_notify after its `Done` arrived (the receiver sends both
-    /// together, and closing before the second arrives would fail its send).
-    close_received: bool,
-    eos_sent: bool,
-    finishing: bool,
     work: Receiver<Work>,
     events: Sender<ShardEvent>,
     abort: Arc<Abort>,
     progress: Arc<Progress>,
     stats: ShardStats,
-    last_progress: Instant,
-    last_seen_pages: u64,
-    register_pending: bool,
     tls: Option<TlsSession>,
     tls_records_per_key: u64,
     header: [u8; FRAME_HEADER_BYTES_MAX],
@@ -223,12 +226,6 @@ pub(crate) struct SendShard {
     chain_bytes: u64,
     pace_bytes_per_s: Option<f64>,
     pace_until: Instant,
-    idle: Duration,
-    keepalive_every: Duration,
-    /// When the last frame was handed to the ring (keepalives go out after `keepalive_every`).
-    last_frame_at: Instant,
-    /// The receiver asked for a TLS key update in turn: the next frame starts with one.
-    tls_update_due: bool,
     /// The body of an abort frame being sent.
     abort_body: [u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
 }
@@ -256,7 +253,12 @@ impl SendShard {
             slot_bytes,
         )?;
         let caps = ring.caps();
-        let zero_copy_now = caps.send_zc && p.zero_copy != ZeroCopy::Off;
+        let zc = match p.zero_copy {
+            _ if !caps.send_zc => ZcState::Plain,
+            ZeroCopy::Off => ZcState::Plain,
+            ZeroCopy::On => ZcState::ZeroCopy,
+            ZeroCopy::Auto => ZcState::Probing,
+        };
         if p.zero_copy == ZeroCopy::On && p.tls.is_none() {
             if !caps.send_zc {
                 return Err(Error::Unsupported(
@@ -296,29 +298,21 @@ impl SendShard {
             memory: p.memory,
             scanner: ZeroScanner::detect(),
             hash: Xxh3::detect(),
-            proto: SenderChannel::default(),
+            m: SenderMachine::new(p.tls.is_some(), p.idle, p.keepalive_every, Instant::now()),
             frame: Box::default(),
             slots,
             ready: VecDeque::with_capacity(SHARD_FRAMES_IN_FLIGHT_MAX),
             chain: Vec::with_capacity(CHAIN_FRAMES_MAX * (1 + FRAME_RUNS_MAX)),
             chain_outstanding: 0,
             zero_copy_policy: p.zero_copy,
-            zero_copy_now,
-            zc_decided: p.zero_copy != ZeroCopy::Auto,
-            control_len: 0,
+            zc,
+            control: ControlReader::default(),
             control_posted: false,
-            done_received: false,
-            close_received: false,
-            eos_sent: false,
-            finishing: false,
             work: p.work,
             events: p.events,
             abort: p.abort,
             progress: p.progress,
             stats,
-            last_progress: Instant::now(),
-            last_seen_pages: 0,
-            register_pending: false,
             scratch: if compressing {
                 vec![0; FRAME_PAYLOAD_BYTES_MAX]
             } else {
@@ -339,10 +333,6 @@ impl SendShard {
             chain_bytes: 0,
             pace_bytes_per_s: p.pace_bytes_per_s,
             pace_until: Instant::now(),
-            idle: p.idle,
-            keepalive_every: p.keepalive_every,
-            last_frame_at: Instant::now(),
-            tls_update_due: false,
             abort_body: [0; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
         })
     }
@@ -389,7 +379,6 @@ impl SendShard {
         let Some(slot) = self.free_slot() else {
             return;
         };
-        self.finishing = false;
         if self.build(slot, Work::Abort).is_err() {
             return;
         }
@@ -435,8 +424,8 @@ impl SendShard {
             self.reap()?;
             if self.chain_outstanding == 0 {
                 self.finish_chain()?;
-                if self.register_pending && self.sends_in_flight() == 0 {
-                    self.register_pending = false;
+                if self.zc == ZcState::RegisterPending && self.sends_in_flight() == 0 {
+                    self.zc = ZcState::ZeroCopy;
                     match self.ring.register_guest_memory() {
                         Ok(()) => self.stats.fixed_buffers = true,
                         Err(e) => tracing::warn!(
@@ -446,8 +435,7 @@ impl SendShard {
                     }
                 }
             }
-            let confirmed = self.done_received && (self.tls.is_none() || self.close_received);
-            if self.eos_sent && confirmed && self.sends_in_flight() == 0 {
+            if self.m.complete() && self.sends_in_flight() == 0 {
                 break;
             }
             self.fill(None)?;
@@ -461,20 +449,21 @@ impl SendShard {
                 slice
             } else {
                 // Waiting on our own pacing is not a stalled peer.
-                self.last_progress = Instant::now();
+                self.m.progressed(Instant::now());
                 pace.min(slice)
             };
             let outstanding = self.chain_outstanding > 0 || self.sends_in_flight() > 0;
-            if outstanding || self.finishing || self.free_slot().is_none() || !self.ready.is_empty()
+            if outstanding
+                || !self.m.may_build()
+                || self.free_slot().is_none()
+                || !self.ready.is_empty()
             {
                 if self.ring.submit_and_wait(1, slice)? == Wait::TimedOut {
                     self.check_idle()?;
                 }
             } else {
                 let waited = Instant::now();
-                let keepalive_in = self
-                    .keepalive_every
-                    .saturating_sub(self.last_frame_at.elapsed());
+                let keepalive_in = self.m.keepalive_in(Instant::now());
                 if keepalive_in.is_zero() {
                     // Nothing to send for a while: tell the receiver we are alive.
                     self.fill(Some(Work::Keepalive))?;
@@ -490,7 +479,7 @@ impl SendShard {
                     Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
                 }
                 idle += waited.elapsed();
-                self.last_progress = Instant::now();
+                self.m.progressed(Instant::now());
             }
         }
         self.stats.busy_ms = (start.elapsed().saturating_sub(idle)).as_secs_f64() * 1e3;
@@ -502,33 +491,32 @@ impl SendShard {
         self.ring.in_flight() - usize::from(self.control_posted)
     }
 
-    /// Fails when nothing has moved for too long. Progress on *any* channel counts: a channel
-    /// whose receiver waits at a round barrier for a slower one is blocked, not dead.
+    /// Fails when nothing has moved for too long (see [`SenderMachine::check_idle`]).
     fn check_idle(&mut self) -> Result<()> {
         let moved = self
             .progress
             .pages_done
             .load(std::sync::atomic::Ordering::Relaxed);
-        if moved != self.last_seen_pages {
-            self.last_seen_pages = moved;
-            self.last_progress = Instant::now();
+        let checked = self.m.check_idle(Instant::now(), moved);
+        checked.map_err(|f| self.fault(f))
+    }
+
+    /// The machine's verdict as this channel's error.
+    fn fault(&self, fault: SenderFault) -> Error {
+        let channel = self.channel;
+        match fault {
+            SenderFault::Protocol(source) => Error::Protocol { channel, source },
+            SenderFault::PeerAborted { code, reason } => Error::PeerAborted {
+                channel,
+                code,
+                reason,
+            },
+            SenderFault::PeerClosed { when } => Error::PeerClosed { channel, when },
+            SenderFault::Idle { waiting, ms } => Error::Timeout {
+                what: format!("{waiting} on channel {channel}"),
+                ms,
+            },
         }
-        let ms = self.last_progress.elapsed().as_millis() as u64;
-        if ms >= self.idle.as_millis() as u64 {
-            let what = if self.eos_sent {
-                format!(
-                    "waiting for the receiver to confirm channel {}",
-                    self.channel
-                )
-            } else {
-                format!(
-                    "waiting for the receiver to take data on channel {}",
-                    self.channel
-                )
-            };
-            return Err(Error::Timeout { what, ms });
-        }
-        Ok(())
     }
 
     fn free_slot(&mut self) -> Option<u16> {
@@ -546,7 +534,7 @@ impl SendShard {
 
     /// Builds frames while slots are free: from `first` if given, then whatever is queued.
     fn fill(&mut self, mut first: Option<Work>) -> Result<()> {
-        while !self.finishing {
+        while self.m.may_build() {
             if first.is_none() && self.ready.len() >= FRAMES_BUILT_AHEAD_MAX {
                 return Ok(());
             }
