@@ -18,114 +18,33 @@ impl SendShard {
     }
 
     fn build_frame(&mut self, slot: u16, work: Work) -> Result<()> {
-        let frame = &mut *self.frame;
         let s = &mut self.slots[usize::from(slot)];
         s.marker = Marker::None;
         s.pages = 0;
         s.n_pieces = 1;
-        let mut payload = 0u64;
-        match work {
+        let now = Instant::now();
+        let payload = match work {
             Work::Chunk {
                 region,
                 first_page,
                 pages,
                 live,
             } => {
-                let r = &self.memory.regions()[region as usize];
-                self.m.begin_pages(frame, region, live, Instant::now());
-                for page in first_page..first_page + u64::from(pages) {
-                    let zero = r.page_is_zero(&self.scanner, page);
-                    frame
-                        .push_page(page, zero)
-                        .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
-                }
-                // The scan read every zero page: a truncated source file shows up here.
-                self.memory.take_fault()?;
-                let normal = frame.normal_pages();
-                payload = normal * PAGE_BYTES as u64;
-                for run in frame.normal_runs() {
-                    s.pieces[s.n_pieces] = Buf::Guest {
-                        region,
-                        offset: run.first_page * PAGE_BYTES as u64,
-                        len: run.pages * PAGE_BYTES as u32,
-                    };
-                    s.n_pieces += 1;
-                }
-                s.pages = u64::from(pages);
-                self.stats.normal_pages += normal;
-                self.stats.zero_pages += u64::from(pages) - normal;
-                let codec = match self.compression {
-                    _ if normal == 0 => Codec::Raw,
-                    Compression::None => Codec::Raw,
-                    Compression::Zstd => Codec::Zstd,
-                    Compression::Zlib => Codec::Zlib,
-                    Compression::Auto if self.auto.compress_next() => Codec::Zstd,
-                    Compression::Auto => Codec::Raw,
-                };
-                // One checksum per normal page (plaintext only: under TLS the AEAD covers the
-                // payload), over the copy the compressor reads when there is one, else over
-                // guest memory.
-                let checksums = self.tls.is_none() && normal > 0;
-                let copying =
-                    matches!(codec, Codec::Zstd | Codec::Zlib) && self.compressor.is_some();
-                if checksums {
-                    frame.begin_checksums();
-                }
-                if checksums && !copying {
-                    for i in 0..frame.normal_runs().len() {
-                        let run = frame.normal_runs()[i];
-                        for page in run.first_page..run.end() {
-                            frame.push_checksum(r.page_checksum(self.hash, page));
-                        }
-                    }
-                }
-                if let (Codec::Zstd | Codec::Zlib, Some(compressor)) =
-                    (codec, self.compressor.as_mut())
-                {
-                    // Copy the pages out of guest memory, then compress the copy: into the slot
-                    // right after the header's place (plaintext), or aside for sealing (TLS).
-                    let mut raw = 0;
-                    for run in frame.normal_runs() {
-                        let n = run.pages as usize * PAGE_BYTES;
-                        r.read(
-                            run.first_page * PAGE_BYTES as u64,
-                            &mut self.scratch[raw..raw + n],
-                        );
-                        raw += n;
-                    }
-                    if checksums {
-                        for page in self.scratch[..raw].chunks_exact(PAGE_BYTES) {
-                            frame.push_checksum(self.hash.hash(page));
-                        }
-                    }
-                    let started = Instant::now();
-                    let out = if self.tls.is_some() {
-                        &mut self.packed[..]
-                    } else {
-                        &mut self.ring.slot_mut(slot)[PAYLOAD_OFFSET..]
-                    };
-                    let packed = compressor.compress(codec, &self.scratch[..raw], out);
-                    if self.compression == Compression::Auto {
-                        self.auto.observe_compression(
-                            raw,
-                            packed.unwrap_or(raw),
-                            started.elapsed(),
-                        );
-                    }
-                    if let Some(n) = packed {
-                        frame.codec = codec;
-                        payload = n as u64;
-                        s.n_pieces = 1;
-                        self.stats.compressed_frames += 1;
-                        self.stats.compressed_raw_bytes += raw as u64;
-                        self.stats.compressed_bytes += n as u64;
-                    }
-                }
-                frame.payload_bytes = payload as u32;
+                self.m.begin_pages(&mut self.frame, region, live, now);
+                self.scan_chunk(slot, first_page, pages)?
             }
-            Work::EndRound => s.marker = self.m.end_round(frame, Instant::now()),
-            Work::Finish => s.marker = self.m.end_stream(frame, Instant::now()),
-            Work::Keepalive => self.m.keepalive(frame, Instant::now()),
+            Work::EndRound => {
+                s.marker = self.m.end_round(&mut self.frame, now);
+                0
+            }
+            Work::Finish => {
+                s.marker = self.m.end_stream(&mut self.frame, now);
+                0
+            }
+            Work::Keepalive => {
+                self.m.keepalive(&mut self.frame, now);
+                0
+            }
             Work::Abort => {
                 let (code, reason) = self
                     .abort
@@ -136,68 +55,181 @@ impl SendShard {
                     &reason,
                     &mut self.abort_body,
                 );
-                self.m.abort(frame, n as u32, Instant::now());
-                payload = n as u64;
+                self.m.abort(&mut self.frame, n as u32, now);
+                n as u64
+            }
+        };
+        let bytes = if self.tls.is_some() {
+            self.seal(slot, payload)?
+        } else {
+            self.encode_plain(slot, payload)
+        };
+        let s = &mut self.slots[usize::from(slot)];
+        s.bytes = bytes;
+        s.state = SlotState::Ready;
+        s.codec = self.frame.codec;
+        self.stats.frames += 1;
+        self.stats.wire_bytes += bytes;
+        add(&self.progress.wire_bytes, bytes);
+        self.ready.push_back(slot);
+        Ok(())
+    }
+
+    /// Fills the started `Pages` frame with `pages` pages from `first_page`: zero scan, normal
+    /// runs as payload pieces straight from guest memory, checksums, and compression when it
+    /// is chosen. Returns the payload bytes.
+    fn scan_chunk(&mut self, slot: u16, first_page: u64, pages: u32) -> Result<u64> {
+        let frame = &mut *self.frame;
+        let region = frame.region;
+        let r = &self.memory.regions()[region as usize];
+        for page in first_page..first_page + u64::from(pages) {
+            let zero = r.page_is_zero(&self.scanner, page);
+            frame
+                .push_page(page, zero)
+                .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
+        }
+        // The scan read every zero page: a truncated source file shows up here.
+        self.memory.take_fault()?;
+        let s = &mut self.slots[usize::from(slot)];
+        let normal = frame.normal_pages();
+        for run in frame.normal_runs() {
+            s.pieces[s.n_pieces] = Buf::Guest {
+                region,
+                offset: run.first_page * PAGE_BYTES as u64,
+                len: run.pages * PAGE_BYTES as u32,
+            };
+            s.n_pieces += 1;
+        }
+        s.pages = u64::from(pages);
+        self.stats.normal_pages += normal;
+        self.stats.zero_pages += u64::from(pages) - normal;
+        let codec = match self.compression {
+            _ if normal == 0 || self.compressor.is_none() => Codec::Raw,
+            Compression::None => Codec::Raw,
+            Compression::Zstd => Codec::Zstd,
+            Compression::Zlib => Codec::Zlib,
+            Compression::Auto if self.auto.compress_next() => Codec::Zstd,
+            Compression::Auto => Codec::Raw,
+        };
+        // One checksum per normal page (plaintext only: under TLS the AEAD covers the payload),
+        // over the copy the compressor reads when there is one, else over guest memory.
+        let checksums = self.tls.is_none() && normal > 0;
+        if checksums {
+            frame.begin_checksums();
+        }
+        let mut payload = normal * PAGE_BYTES as u64;
+        if codec != Codec::Raw {
+            if let Some(packed) = self.compress(slot, codec, checksums) {
+                payload = packed;
+            }
+        } else if checksums {
+            for i in 0..frame.normal_runs().len() {
+                let run = frame.normal_runs()[i];
+                for page in run.first_page..run.end() {
+                    frame.push_checksum(r.page_checksum(self.hash, page));
+                }
             }
         }
-        if let Some(tls) = self.tls.as_mut() {
-            let header = frame
-                .encode(&mut self.header)
-                .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
-            let out = self.ring.slot_mut(slot);
-            let payload = if frame.kind == FrameKind::Abort {
-                Payload::Bytes(&self.abort_body[..payload as usize])
-            } else if frame.codec == Codec::Raw {
-                Payload::Guest(
-                    &self.memory.regions()[frame.region as usize],
-                    frame.normal_runs(),
-                )
-            } else {
-                Payload::Bytes(&self.packed[..payload as usize])
-            };
-            let records_per_key = if self.m.take_key_update() {
-                0
-            } else {
-                self.tls_records_per_key
-            };
-            let sealed = seal_frame(
-                tls,
-                records_per_key,
-                &self.header[..header],
-                payload,
-                s.marker == Marker::EndOfStream,
-                out,
-            )
-            .map_err(|source| Error::TlsRecord {
-                channel: self.channel,
-                source,
-            });
-            let sealed = sealed?;
-            s.pieces[0] = Buf::Slab {
-                slot,
-                offset: 0,
-                len: sealed as u32,
-            };
-            s.n_pieces = 1;
-            s.bytes = sealed as u64;
-        } else if frame.codec != Codec::Raw || frame.kind == FrameKind::Abort {
-            if frame.kind == FrameKind::Abort {
-                let n = payload as usize;
-                self.ring.slot_mut(slot)[PAYLOAD_OFFSET..PAYLOAD_OFFSET + n]
-                    .copy_from_slice(&self.abort_body[..n]);
+        self.frame.payload_bytes = payload as u32;
+        Ok(payload)
+    }
+
+    /// Copies the frame's normal pages out of guest memory (checksumming the copy when
+    /// `checksums`), then compresses the copy: into the slot right after the header's place
+    /// (plaintext), or aside for sealing (TLS). Returns the compressed bytes when the payload
+    /// shrank (the frame then carries `codec`), `None` when it goes raw.
+    fn compress(&mut self, slot: u16, codec: Codec, checksums: bool) -> Option<u64> {
+        let frame = &mut *self.frame;
+        let r = &self.memory.regions()[frame.region as usize];
+        let compressor = self.compressor.as_mut()?;
+        let mut raw = 0;
+        for run in frame.normal_runs() {
+            let n = run.pages as usize * PAGE_BYTES;
+            r.read(
+                run.first_page * PAGE_BYTES as u64,
+                &mut self.scratch[raw..raw + n],
+            );
+            raw += n;
+        }
+        if checksums {
+            for page in self.scratch[..raw].chunks_exact(PAGE_BYTES) {
+                frame.push_checksum(self.hash.hash(page));
             }
-            let header = frame
-                .encode(&mut self.header)
-                .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
-            let at = PAYLOAD_OFFSET - header;
-            self.ring.slot_mut(slot)[at..PAYLOAD_OFFSET].copy_from_slice(&self.header[..header]);
-            s.pieces[0] = Buf::Slab {
-                slot,
-                offset: at as u32,
-                len: (header as u64 + payload) as u32,
-            };
-            s.bytes = header as u64 + payload;
+        }
+        let started = Instant::now();
+        let out = if self.tls.is_some() {
+            &mut self.packed[..]
         } else {
+            &mut self.ring.slot_mut(slot)[PAYLOAD_OFFSET..]
+        };
+        let packed = compressor.compress(codec, &self.scratch[..raw], out);
+        if self.compression == Compression::Auto {
+            self.auto
+                .observe_compression(raw, packed.unwrap_or(raw), started.elapsed());
+        }
+        let n = packed?;
+        frame.codec = codec;
+        self.slots[usize::from(slot)].n_pieces = 1;
+        self.stats.compressed_frames += 1;
+        self.stats.compressed_raw_bytes += raw as u64;
+        self.stats.compressed_bytes += n as u64;
+        Some(n as u64)
+    }
+
+    /// TLS: seals the whole frame (header, then payload) into `slot` as records. Returns the
+    /// bytes to send.
+    fn seal(&mut self, slot: u16, payload: u64) -> Result<u64> {
+        let frame = &*self.frame;
+        let tls = self.tls.as_mut().expect("seal is called under TLS");
+        let header = frame
+            .encode(&mut self.header)
+            .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
+        let out = self.ring.slot_mut(slot);
+        let body = if frame.kind == FrameKind::Abort {
+            Payload::Bytes(&self.abort_body[..payload as usize])
+        } else if frame.codec == Codec::Raw {
+            Payload::Guest(
+                &self.memory.regions()[frame.region as usize],
+                frame.normal_runs(),
+            )
+        } else {
+            Payload::Bytes(&self.packed[..payload as usize])
+        };
+        let records_per_key = if self.m.take_key_update() {
+            0
+        } else {
+            self.tls_records_per_key
+        };
+        let s = &mut self.slots[usize::from(slot)];
+        let close = s.marker == Marker::EndOfStream;
+        let sealed = seal_frame(
+            tls,
+            records_per_key,
+            &self.header[..header],
+            body,
+            close,
+            out,
+        )
+        .map_err(|source| Error::TlsRecord {
+            channel: self.channel,
+            source,
+        })?;
+        s.pieces[0] = Buf::Slab {
+            slot,
+            offset: 0,
+            len: sealed as u32,
+        };
+        s.n_pieces = 1;
+        Ok(sealed as u64)
+    }
+
+    /// Plaintext: encodes the header into `slot`. A raw frame's payload pieces (guest memory)
+    /// follow it as they are; a compressed or abort payload sits in the slot right after the
+    /// header, so the two leave as one piece. Returns the bytes to send.
+    fn encode_plain(&mut self, slot: u16, payload: u64) -> u64 {
+        let frame = &*self.frame;
+        let s = &mut self.slots[usize::from(slot)];
+        if frame.codec == Codec::Raw && frame.kind != FrameKind::Abort {
             let header = frame
                 .encode(self.ring.slot_mut(slot))
                 .expect("a slot holds FRAME_HEADER_BYTES_MAX");
@@ -206,15 +238,24 @@ impl SendShard {
                 offset: 0,
                 len: header as u32,
             };
-            s.bytes = header as u64 + payload;
+            return header as u64 + payload;
         }
-        s.state = SlotState::Ready;
-        s.codec = frame.codec;
-        self.stats.frames += 1;
-        self.stats.wire_bytes += s.bytes;
-        add(&self.progress.wire_bytes, s.bytes);
-        self.ready.push_back(slot);
-        Ok(())
+        if frame.kind == FrameKind::Abort {
+            let n = payload as usize;
+            self.ring.slot_mut(slot)[PAYLOAD_OFFSET..PAYLOAD_OFFSET + n]
+                .copy_from_slice(&self.abort_body[..n]);
+        }
+        let header = frame
+            .encode(&mut self.header)
+            .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
+        let at = PAYLOAD_OFFSET - header;
+        self.ring.slot_mut(slot)[at..PAYLOAD_OFFSET].copy_from_slice(&self.header[..header]);
+        s.pieces[0] = Buf::Slab {
+            slot,
+            offset: at as u32,
+            len: (header as u64 + payload) as u32,
+        };
+        header as u64 + payload
     }
 }
 
