@@ -104,6 +104,10 @@ struct FaultsArgs {
     /// The idle bound of both sides, e.g. 600ms.
     #[arg(long, default_value = "600ms", value_parser = pagewire::units::parse_duration_ms)]
     idle: u64,
+    /// Where the faults sit: under the shards on io_uring and loopback sockets (`uring`), on
+    /// the simulated transport (`sim`), or alternating seed by seed (`both`).
+    #[arg(long, default_value = "both", value_parser = ["uring", "sim", "both"])]
+    transport: String,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -805,9 +809,14 @@ fn faults_bench(a: FaultsArgs) -> Result<()> {
     let bar = indicatif::ProgressBar::new(a.seeds);
     for seed in a.from..a.from + a.seeds {
         let options = RunOptions {
-            // Even seeds plaintext, odd seeds TLS.
+            // Even seeds plaintext, odd seeds TLS; with `both`, seeds 2 and 3 mod 4 simulated.
             tls: (seed % 2 == 1).then(|| tls.clone()),
             idle,
+            simulated: match a.transport.as_str() {
+                "sim" => true,
+                "uring" => false,
+                _ => seed % 4 >= 2,
+            },
         };
         match run_seed(seed, &options) {
             Ok(Outcome::Complete) => complete += 1,
@@ -823,6 +832,7 @@ fn faults_bench(a: FaultsArgs) -> Result<()> {
     bar.finish_and_clear();
     let v = serde_json::json!({
         "seeds": a.seeds,
+        "transport": a.transport,
         "complete": complete,
         "confirmed_but_sender_failed": confirmed,
         "failed_on_both_sides_with_one_cause": failed,
@@ -833,8 +843,9 @@ fn faults_bench(a: FaultsArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{} seeds in {:.0} s: {complete} complete and verified, {confirmed} confirmed by the receiver but the sender failed, {failed} failed on both sides naming one cause, {} violations",
+            "{} seeds ({} transport) in {:.0} s: {complete} complete and verified, {confirmed} confirmed by the receiver but the sender failed, {failed} failed on both sides naming one cause, {} violations",
             a.seeds,
+            a.transport,
             started.elapsed().as_secs_f64(),
             violations.len()
         );

@@ -101,6 +101,10 @@ pub struct SenderConfig {
     /// Seed of the fault injection between every shard and its ring ([`crate::faults`]).
     #[cfg(feature = "faults")]
     pub fault_seed: Option<u64>,
+    /// Run the data path over the simulated transport ([`crate::faults::sim`]) instead of
+    /// io_uring and the socket; the receiver must say the same.
+    #[cfg(feature = "faults")]
+    pub simulated: bool,
 }
 
 impl SenderConfig {
@@ -155,6 +159,8 @@ impl Default for SenderConfig {
             tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
             #[cfg(feature = "faults")]
             fault_seed: None,
+            #[cfg(feature = "faults")]
+            simulated: false,
         }
     }
 }
@@ -192,6 +198,10 @@ pub struct ReceiverConfig {
     /// Inject ring faults (seeded by `fault_seed`).
     #[cfg(feature = "faults")]
     pub fault_ring: bool,
+    /// Run the data path over the simulated transport ([`crate::faults::sim`]) instead of
+    /// io_uring and the socket; the sender must say the same.
+    #[cfg(feature = "faults")]
+    pub simulated: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -210,6 +220,8 @@ impl Default for ReceiverConfig {
             fault_seed: 0,
             #[cfg(feature = "faults")]
             fault_ring: false,
+            #[cfg(feature = "faults")]
+            simulated: false,
         }
     }
 }

@@ -191,7 +191,12 @@ impl Receiver {
                 #[cfg(not(feature = "faults"))]
                 delay: FrameDelay::default(),
                 #[cfg(feature = "faults")]
-                fault_seed: self.config.fault_ring.then_some(self.config.fault_seed),
+                faults: crate::shard::RingFaults {
+                    seed: self.config.fault_ring.then_some(self.config.fault_seed),
+                    simulated: self.config.simulated,
+                },
+                #[cfg(not(feature = "faults"))]
+                faults: crate::shard::RingFaults,
             };
             let shard_abort = abort.clone();
             let join = std::thread::Builder::new()

@@ -209,7 +209,12 @@ impl Sender {
                 idle: Duration::from_millis(config.idle_timeout_ms),
                 keepalive_every,
                 #[cfg(feature = "faults")]
-                fault_seed: config.fault_seed,
+                faults: crate::shard::RingFaults {
+                    seed: config.fault_seed,
+                    simulated: config.simulated,
+                },
+                #[cfg(not(feature = "faults"))]
+                faults: crate::shard::RingFaults,
             };
             let shard_abort = abort.clone();
             let join = std::thread::Builder::new()

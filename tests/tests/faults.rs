@@ -16,7 +16,7 @@ use pagewire_tests::skip_without_uring;
 /// Seeds per mode in the normal suite (a few hundred in all).
 const SEEDS: u64 = 120;
 
-fn run(tls: bool) {
+fn run(tls: bool, simulated: bool) {
     let dir = tempfile::tempdir().unwrap();
     certs::generate(&CertOptions::default())
         .unwrap()
@@ -31,19 +31,20 @@ fn run(tls: bool) {
             )
         }),
         idle: Duration::from_millis(600),
+        simulated,
     };
     let (mut complete, mut confirmed, mut failed) = (0, 0, 0);
-    let base = if tls { 1_000_000 } else { 0 };
+    let base = if tls { 1_000_000 } else { 0 } + if simulated { 2_000_000 } else { 0 };
     for seed in base..base + SEEDS {
         match run_seed(seed, &options) {
             Ok(Outcome::Complete) => complete += 1,
             Ok(Outcome::ConfirmedButSenderFailed(_)) => confirmed += 1,
             Ok(Outcome::BothFailed(_)) => failed += 1,
-            Err(v) => panic!("tls {tls}: {}", v.0),
+            Err(v) => panic!("tls {tls}, simulated {simulated}: {}", v.0),
         }
     }
     eprintln!(
-        "tls {tls}: {SEEDS} seeds: {complete} complete, {confirmed} confirmed but the sender failed, {failed} failed on both sides with one cause"
+        "tls {tls}, simulated {simulated}: {SEEDS} seeds: {complete} complete, {confirmed} confirmed but the sender failed, {failed} failed on both sides with one cause"
     );
     assert!(complete > SEEDS / 2, "most runs must survive their faults");
 }
@@ -53,7 +54,7 @@ fn seeded_faults_below_the_shards_plaintext() {
     if skip_without_uring() {
         return;
     }
-    run(false);
+    run(false, false);
 }
 
 #[test]
@@ -61,5 +62,17 @@ fn seeded_faults_below_the_shards_tls() {
     if skip_without_uring() {
         return;
     }
-    run(true);
+    run(true, false);
+}
+
+/// The same seeded faults, on the simulated transport: the shards and their channel machines
+/// run over an in-memory link, with no io_uring or network stack under the data path.
+#[test]
+fn seeded_faults_on_the_simulated_transport_plaintext() {
+    run(false, true);
+}
+
+#[test]
+fn seeded_faults_on_the_simulated_transport_tls() {
+    run(true, true);
 }

@@ -18,6 +18,37 @@ use crate::pipeline::seal::{
 };
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
 
+/// How a shard's ring is made in test builds: over the simulated transport, with seeded faults.
+#[cfg(feature = "faults")]
+pub(crate) use crate::faults::RingFaults;
+
+/// How a shard's ring is made: release builds have nothing to choose (see [`open_ring`]).
+#[cfg(not(feature = "faults"))]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RingFaults;
+
+/// The ring a shard drives over its connection `socket` (`connecting`: the sender's side):
+/// io_uring with `slab.0` slab slots of `slab.1` bytes; in test builds, the simulated transport
+/// and seeded faults of `faults` ([`crate::faults`]). `who` is the channel and its idle bound.
+pub(crate) fn open_ring(
+    socket: TcpStream,
+    connecting: bool,
+    memory: std::sync::Arc<crate::memory::GuestMemory>,
+    slab: (usize, usize),
+    faults: RingFaults,
+    who: (u16, Duration),
+) -> Result<(Box<dyn crate::uring::RingIo>, crate::uring::Caps)> {
+    #[cfg(feature = "faults")]
+    return crate::faults::open_ring(socket, connecting, memory, slab, faults, who);
+    #[cfg(not(feature = "faults"))]
+    {
+        let _ = (connecting, faults, who);
+        let ring = crate::uring::Ring::new(socket, memory, slab.0, slab.1)?;
+        let caps = ring.caps();
+        Ok((Box::new(ring), caps))
+    }
+}
+
 /// Bytes of the largest encoded control message: sealed, followed by a close_notify record.
 pub(crate) const CONTROL_WIRE_BYTES_MAX: usize =
     CONTROL_MESSAGE_BYTES_MAX + 2 * RECORD_OVERHEAD_BYTES + CLOSE_NOTIFY_ALERT.len();
@@ -185,6 +216,11 @@ impl Abort {
                     continue;
                 };
                 peer.closed = true;
+                // Test builds: a simulated data path carries the reason instead of the socket.
+                #[cfg(feature = "faults")]
+                if crate::faults::sim::write_to_sender(&peer.socket, &buf[..n]) {
+                    continue;
+                }
                 use std::io::Write;
                 let _ = peer
                     .socket
@@ -221,6 +257,8 @@ impl Abort {
     /// Shuts every watched connection down (end of a transfer, or a caller giving up).
     pub(crate) fn shutdown_all(&self) {
         for p in self.peers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            #[cfg(feature = "faults")]
+            crate::faults::sim::shutdown(&p.socket);
             let _ = p.socket.shutdown(Shutdown::Both);
         }
     }

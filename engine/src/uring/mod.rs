@@ -311,11 +311,6 @@ impl Ring {
         Ok(())
     }
 
-    /// True once guest memory is registered.
-    pub(crate) fn guest_registered(&self) -> bool {
-        self.guest_fixed.is_some()
-    }
-
     fn addr(&self, buf: Buf) -> *mut u8 {
         match buf {
             Buf::Slab { slot, offset, len } => {

@@ -30,7 +30,7 @@ use crate::protocol::{Frame, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{KeySchedule, Record, RecordStream};
-use crate::uring::{advance, errno, Buf, Ring, RingIo};
+use crate::uring::{advance, errno, Buf, RingIo};
 
 use super::{Abort, Marker, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
 
@@ -94,9 +94,8 @@ pub(crate) struct RecvShardParams {
     pub peer: usize,
     pub tls: Option<TlsRx>,
     pub delay: FrameDelay,
-    /// Seeded fault injection between this shard and its ring (test builds).
-    #[cfg(feature = "faults")]
-    pub fault_seed: Option<u64>,
+    /// How the ring is made: test builds may simulate the transport and inject faults.
+    pub faults: crate::shard::RingFaults,
 }
 
 pub(crate) struct RecvShard {
@@ -130,17 +129,20 @@ impl RecvShard {
     pub(crate) fn new(mut p: RecvShardParams, socket: std::net::TcpStream) -> Result<Self> {
         // The staging slot holds TLS records, or a compressed payload, so every receiver has one.
         let slot_bytes = SLOT_BYTES_TLS;
-        let mut ring = Ring::new(socket, p.memory.clone(), 3, slot_bytes)?;
+        let (mut ring, _) = crate::shard::open_ring(
+            socket,
+            false,
+            p.memory.clone(),
+            (3, slot_bytes),
+            p.faults,
+            (p.channel, p.idle),
+        )?;
         if let Some(tls) = p.tls.as_mut() {
             // Bytes that arrived with the handshake belong to the first records.
             let buffer = std::mem::take(&mut tls.handshake_buffer);
             tls.stream
                 .move_to(&buffer, ring.slot_mut(STAGING_SLOT), p.channel)?;
         }
-        #[cfg(feature = "faults")]
-        let ring = crate::faults::wrap(ring, p.fault_seed, p.channel, p.idle);
-        #[cfg(not(feature = "faults"))]
-        let ring: Box<dyn RingIo> = Box::new(ring);
         Ok(RecvShard {
             channel: p.channel,
             ring,

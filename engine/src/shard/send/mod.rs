@@ -47,7 +47,7 @@ use crate::protocol::{Frame, FrameKind, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{Record, TlsSession};
-use crate::uring::{advance, errno, Buf, Ring, RingIo, Wait};
+use crate::uring::{advance, errno, Buf, RingIo, Wait};
 
 use super::Abort;
 
@@ -183,9 +183,8 @@ pub(crate) struct SendShardParams {
     pub idle: Duration,
     /// An idle channel sends a keepalive frame this often (a quarter of the receiver's bound).
     pub keepalive_every: Duration,
-    /// Seeded fault injection between this shard and its ring (test builds).
-    #[cfg(feature = "faults")]
-    pub fault_seed: Option<u64>,
+    /// How the ring is made: test builds may simulate the transport and inject faults.
+    pub faults: crate::shard::RingFaults,
 }
 
 pub(crate) struct SendShard {
@@ -246,13 +245,14 @@ impl SendShard {
         } else {
             None
         };
-        let mut ring = Ring::new(
+        let (mut ring, caps) = crate::shard::open_ring(
             socket,
+            true,
             p.memory.clone(),
-            SHARD_FRAMES_IN_FLIGHT_MAX + 1,
-            slot_bytes,
+            (SHARD_FRAMES_IN_FLIGHT_MAX + 1, slot_bytes),
+            p.faults,
+            (p.channel, p.idle),
         )?;
-        let caps = ring.caps();
         let zc = match p.zero_copy {
             _ if !caps.send_zc => ZcState::Plain,
             ZeroCopy::Off => ZcState::Plain,
@@ -285,13 +285,10 @@ impl SendShard {
             .collect();
         let stats = ShardStats {
             channel: p.channel,
-            fixed_buffers: ring.guest_registered(),
+            // Registered just above, or not at all yet.
+            fixed_buffers: p.zero_copy == ZeroCopy::On && p.tls.is_none(),
             ..ShardStats::default()
         };
-        #[cfg(feature = "faults")]
-        let ring = crate::faults::wrap(ring, p.fault_seed, p.channel, p.idle);
-        #[cfg(not(feature = "faults"))]
-        let ring: Box<dyn RingIo> = Box::new(ring);
         Ok(SendShard {
             channel: p.channel,
             ring,

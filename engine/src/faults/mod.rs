@@ -6,14 +6,20 @@
 //! the kernel does. [`run_seed`] runs one whole transfer with such rings on both sides and
 //! checks what must hold whatever the faults: no panic, no hang past the bounds, a receiver that
 //! succeeded holds exactly the source, a sender that succeeded was confirmed by the receiver,
-//! and a failure on both sides names the same cause.
+//! and a failure on both sides names the same cause. With [`RunOptions::simulated`] the rings
+//! under the faults are [`sim::SimRing`]s over an in-memory link instead of io_uring.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod sim;
+
+use std::net::TcpStream;
+
 use crate::error::Result;
-use crate::uring::{Buf, Completion, Ring, RingIo, Wait};
+use crate::memory::GuestMemory;
+use crate::uring::{Buf, Caps, Completion, Ring, RingIo, Wait};
 
 /// A small deterministic generator (xorshift64*), seeded per ring.
 #[derive(Debug, Clone)]
@@ -80,7 +86,7 @@ impl FaultPlan {
 
 /// A ring that injects the faults of a [`FaultPlan`] (see the module docs).
 pub(crate) struct FaultRing {
-    inner: Ring,
+    inner: Box<dyn RingIo>,
     plan: FaultPlan,
     rng: Rng,
     ops: u64,
@@ -100,7 +106,7 @@ pub(crate) struct FaultRing {
 }
 
 impl FaultRing {
-    pub(crate) fn new(inner: Ring, seed: u64, plan: FaultPlan) -> Self {
+    pub(crate) fn new(inner: Box<dyn RingIo>, seed: u64, plan: FaultPlan) -> Self {
         FaultRing {
             inner,
             plan,
@@ -367,8 +373,49 @@ impl RingIo for FaultRing {
     }
 }
 
+/// How a shard's ring is made in test builds.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RingFaults {
+    /// Wrap the ring in a [`FaultRing`] with faults drawn from this seed.
+    pub seed: Option<u64>,
+    /// Use the simulated transport ([`sim::SimRing`]) instead of io_uring and the socket.
+    pub simulated: bool,
+}
+
+/// See [`crate::shard::open_ring`].
+pub(crate) fn open_ring(
+    socket: TcpStream,
+    connecting: bool,
+    memory: Arc<GuestMemory>,
+    (slots, slot_bytes): (usize, usize),
+    faults: RingFaults,
+    (channel, idle): (u16, Duration),
+) -> Result<(Box<dyn RingIo>, Caps)> {
+    let (ring, caps): (Box<dyn RingIo>, Caps) = if faults.simulated {
+        let ring = sim::SimRing::new(socket, connecting, memory, slots, slot_bytes)?;
+        // Zero-copy sends exist, and the kernel copies them (as on loopback): the shards probe,
+        // then fall back to plain sends, both paths simulated.
+        let caps = Caps {
+            send_zc: true,
+            defer_taskrun: false,
+            slab_registered: false,
+        };
+        (Box::new(ring), caps)
+    } else {
+        let ring = Ring::new(socket, memory, slots, slot_bytes)?;
+        let caps = ring.caps();
+        (Box::new(ring), caps)
+    };
+    Ok((wrap(ring, faults.seed, channel, idle), caps))
+}
+
 /// Wraps `ring` in a [`FaultRing`] when a fault seed is set.
-pub(crate) fn wrap(ring: Ring, seed: Option<u64>, channel: u16, idle: Duration) -> Box<dyn RingIo> {
+pub(crate) fn wrap(
+    ring: Box<dyn RingIo>,
+    seed: Option<u64>,
+    channel: u16,
+    idle: Duration,
+) -> Box<dyn RingIo> {
     match seed {
         Some(seed) => {
             let seed = seed ^ (u64::from(channel) << 48) ^ 0x5eed;
@@ -379,7 +426,7 @@ pub(crate) fn wrap(ring: Ring, seed: Option<u64>, channel: u16, idle: Duration) 
             }
             Box::new(FaultRing::new(ring, seed, plan))
         }
-        None => Box::new(ring),
+        None => ring,
     }
 }
 
@@ -406,6 +453,9 @@ pub struct RunOptions {
     pub tls: Option<(crate::tls::TlsServer, crate::tls::TlsClient)>,
     /// The idle bound both sides use.
     pub idle: Duration,
+    /// Run the data path over the simulated transport ([`sim`]) instead of io_uring and
+    /// loopback sockets (the handshake still uses loopback).
+    pub simulated: bool,
 }
 
 /// A coarse class of an error, to compare the causes both sides name.
@@ -463,6 +513,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
             tls: server,
             fault_seed: seed,
             fault_ring: true,
+            simulated: options.simulated,
             ..ReceiverConfig::default()
         },
     )
@@ -473,6 +524,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
     let rx = std::thread::spawn(move || receiver.run());
     let started = Instant::now();
     let source = src.clone();
+    let simulated = options.simulated;
     let tx = std::thread::spawn(move || {
         let mut s = Sender::connect(
             addr,
@@ -484,6 +536,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
                 idle_timeout_ms: idle_ms,
                 tls_records_per_key: 40,
                 fault_seed: Some(seed),
+                simulated,
                 ..SenderConfig::default()
             },
         )?;
