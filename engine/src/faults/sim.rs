@@ -266,9 +266,31 @@ impl SimRing {
     fn pump(&mut self) -> bool {
         let link = self.link.clone();
         let mut pipes = link.lock();
-        let (tx, rx) = (self.end, 1 - self.end);
+        let mut moved = self.pump_sends(&mut pipes[self.end]);
+        moved |= self.pump_recvs(&mut pipes[1 - self.end]);
+        // Notifications follow their send's result.
+        while let Some((tag, slot)) = self.notifs.pop_front() {
+            self.ready.push_back((
+                Completion {
+                    tag,
+                    result: 0,
+                    more: false,
+                    notif: true,
+                    zc_copied: true,
+                },
+                slot,
+            ));
+            moved = true;
+        }
+        if moved {
+            self.link.changed.notify_all();
+        }
+        moved
+    }
+
+    /// Sends, strictly in order, into `tx` as far as its room allows.
+    fn pump_sends(&mut self, tx: &mut Pipe) -> bool {
         let mut moved = false;
-        // Sends, strictly in order.
         while let Some(op) = self.sends.front_mut() {
             if self.cancel_linked {
                 let op = self.sends.pop_front().expect("front exists");
@@ -277,14 +299,14 @@ impl SimRing {
                 moved = true;
                 continue;
             }
-            if pipes[tx].reader_gone || pipes[tx].closed {
+            if tx.reader_gone || tx.closed {
                 let op = self.sends.pop_front().expect("front exists");
                 self.cancel_linked = op.link;
                 self.complete(op, -libc::EPIPE);
                 moved = true;
                 continue;
             }
-            let room = PIPE_BYTES_MAX.saturating_sub(pipes[tx].bytes.len()) as u64;
+            let room = PIPE_BYTES_MAX.saturating_sub(tx.bytes.len()) as u64;
             if room == 0 {
                 break;
             }
@@ -302,10 +324,8 @@ impl SimRing {
             let op = &mut self.sends[0];
             let n = room.min(op.total - op.done);
             let from = op.done as usize;
-            pipes[tx]
-                .bytes
-                .extend(&self.staged[from..from + n as usize]);
-            pipes[tx].written += n;
+            tx.bytes.extend(&self.staged[from..from + n as usize]);
+            tx.written += n;
             op.done += n;
             moved = true;
             if op.done < op.total {
@@ -315,15 +335,20 @@ impl SimRing {
             let total = op.total as i32;
             self.complete(op, total);
         }
-        // Receives, in order.
+        moved
+    }
+
+    /// Receives, in order, out of `rx`.
+    fn pump_recvs(&mut self, rx: &mut Pipe) -> bool {
+        let mut moved = false;
         while let Some(op) = self.recvs.front_mut() {
-            let available = pipes[rx].bytes.len() as u64;
-            let ended = pipes[rx].closed && available == 0;
+            let available = rx.bytes.len() as u64;
+            let ended = rx.closed && available == 0;
             let n = available.min(op.total - op.done);
             if n > 0 {
                 let mut data = std::mem::take(&mut self.scratch);
                 data.clear();
-                data.extend(pipes[rx].bytes.drain(..n as usize));
+                data.extend(rx.bytes.drain(..n as usize));
                 let (bufs, mut skip) = (std::mem::take(&mut op.bufs), op.done);
                 let mut at = 0usize;
                 for &b in &bufs {
@@ -358,23 +383,6 @@ impl SimRing {
                 continue;
             }
             break;
-        }
-        // Notifications follow their send's result.
-        while let Some((tag, slot)) = self.notifs.pop_front() {
-            self.ready.push_back((
-                Completion {
-                    tag,
-                    result: 0,
-                    more: false,
-                    notif: true,
-                    zc_copied: true,
-                },
-                slot,
-            ));
-            moved = true;
-        }
-        if moved {
-            self.link.changed.notify_all();
         }
         moved
     }

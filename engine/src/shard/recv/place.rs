@@ -141,7 +141,15 @@ impl RecvShard {
         // Checked before a byte is placed; a torn page of a live frame is not written.
         let torn = checked.map_err(|e| self.protocol(e))?;
         self.stats.torn_pages += u64::from(torn.count_ones());
+        self.write_checked(len, torn);
+        Ok(torn)
+    }
+
+    /// Copies a checked payload's pages (out of the staging slot, or decoded) to their place,
+    /// all but the torn ones (`torn`: a mask over the frame's normal pages).
+    fn write_checked(&mut self, len: usize, torn: u128) {
         let frame = &*self.frame;
+        let expected = frame.normal_pages() as usize * PAGE_BYTES;
         let region = &self.p.memory.regions()[frame.region as usize];
         let src = if frame.codec == Codec::Raw {
             &self.ring.slot_mut(STAGING_SLOT)[..len]
@@ -164,7 +172,6 @@ impl RecvShard {
             }
             at += bytes;
         }
-        Ok(torn)
     }
 }
 

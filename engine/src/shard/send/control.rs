@@ -1,5 +1,6 @@
 //! The control direction (receiver to sender): `Done`, `Abort`, and under TLS the record stream
-//! with its close_notify and key updates.
+//! with its close_notify and key updates; and, the other way, telling the receiver why this side
+//! failed.
 
 use super::*;
 use crate::protocol::sender::Confirmation;
@@ -142,6 +143,72 @@ impl SendShard {
             if self.m.confirmation() == Confirmation::Closed {
                 return Ok(());
             }
+        }
+    }
+
+    /// On the way out after a failure: sends the receiver an abort frame naming the first
+    /// error, after whatever frames are already built (they hold the frame numbers and TLS
+    /// sequence numbers before it). Best effort, within `ABORT_SEND_MS`: a connection that is
+    /// gone or stuck gets nothing, and the receiver then sees it close.
+    pub(super) fn tell_receiver(&mut self) {
+        let deadline = Instant::now() + Duration::from_millis(ABORT_SEND_MS);
+        let mut settle = || -> Result<bool> {
+            while Instant::now() < deadline {
+                self.reap()?;
+                if self.chain_outstanding == 0 {
+                    self.finish_chain()?;
+                    if self.chain.is_empty() {
+                        return Ok(true);
+                    }
+                }
+                self.ring.submit_and_wait(1, Duration::from_millis(10))?;
+            }
+            Ok(false)
+        };
+        if !matches!(settle(), Ok(true)) {
+            return;
+        }
+        let Some(slot) = self.free_slot() else {
+            return;
+        };
+        if self.build(slot, Work::Abort).is_err() {
+            return;
+        }
+        while !self.ready.is_empty() && Instant::now() < deadline {
+            if self.submit_chain().is_err() {
+                return;
+            }
+            while self.chain_outstanding > 0 && Instant::now() < deadline {
+                if self.reap().is_err()
+                    || self
+                        .ring
+                        .submit_and_wait(1, Duration::from_millis(10))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            if self.finish_chain().is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The machine's verdict as this channel's error.
+    pub(super) fn fault(&self, fault: SenderFault) -> Error {
+        let channel = self.channel;
+        match fault {
+            SenderFault::Protocol(source) => Error::Protocol { channel, source },
+            SenderFault::PeerAborted { code, reason } => Error::PeerAborted {
+                channel,
+                code,
+                reason,
+            },
+            SenderFault::PeerClosed { when } => Error::PeerClosed { channel, when },
+            SenderFault::Idle { waiting, ms } => Error::Timeout {
+                what: format!("{waiting} on channel {channel}"),
+                ms,
+            },
         }
     }
 }

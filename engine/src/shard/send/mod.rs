@@ -351,54 +351,6 @@ impl SendShard {
         }
     }
 
-    /// On the way out after a failure: sends the receiver an abort frame naming the first
-    /// error, after whatever frames are already built (they hold the frame numbers and TLS
-    /// sequence numbers before it). Best effort, within `ABORT_SEND_MS`: a connection that is
-    /// gone or stuck gets nothing, and the receiver then sees it close.
-    fn tell_receiver(&mut self) {
-        let deadline = Instant::now() + Duration::from_millis(ABORT_SEND_MS);
-        let mut settle = || -> Result<bool> {
-            while Instant::now() < deadline {
-                self.reap()?;
-                if self.chain_outstanding == 0 {
-                    self.finish_chain()?;
-                    if self.chain.is_empty() {
-                        return Ok(true);
-                    }
-                }
-                self.ring.submit_and_wait(1, Duration::from_millis(10))?;
-            }
-            Ok(false)
-        };
-        if !matches!(settle(), Ok(true)) {
-            return;
-        }
-        let Some(slot) = self.free_slot() else {
-            return;
-        };
-        if self.build(slot, Work::Abort).is_err() {
-            return;
-        }
-        while !self.ready.is_empty() && Instant::now() < deadline {
-            if self.submit_chain().is_err() {
-                return;
-            }
-            while self.chain_outstanding > 0 && Instant::now() < deadline {
-                if self.reap().is_err()
-                    || self
-                        .ring
-                        .submit_and_wait(1, Duration::from_millis(10))
-                        .is_err()
-                {
-                    return;
-                }
-            }
-            if self.finish_chain().is_err() {
-                return;
-            }
-        }
-    }
-
     fn run_inner(&mut self) -> Result<()> {
         let cpu_start = crate::sys::thread_cpu_time();
         let start = Instant::now();
@@ -421,16 +373,7 @@ impl SendShard {
             self.reap()?;
             if self.chain_outstanding == 0 {
                 self.finish_chain()?;
-                if self.zc == ZcState::RegisterPending && self.sends_in_flight() == 0 {
-                    self.zc = ZcState::ZeroCopy;
-                    match self.ring.register_guest_memory() {
-                        Ok(()) => self.stats.fixed_buffers = true,
-                        Err(e) => tracing::warn!(
-                            channel = self.channel,
-                            "zero-copy works but guest memory could not be registered, sending without fixed buffers: {e}"
-                        ),
-                    }
-                }
+                self.register_when_idle();
             }
             if self.m.complete() && self.sends_in_flight() == 0 {
                 break;
@@ -459,29 +402,51 @@ impl SendShard {
                     self.check_idle()?;
                 }
             } else {
-                let waited = Instant::now();
-                let keepalive_in = self.m.keepalive_in(Instant::now());
-                if keepalive_in.is_zero() {
-                    // Nothing to send for a while: tell the receiver we are alive.
-                    self.fill(Some(Work::Keepalive))?;
-                    continue;
-                }
-                match self.work.recv_timeout(slice.min(keepalive_in)) {
-                    Ok(work) => self.fill(Some(work))?,
-                    Err(RecvTimeoutError::Timeout) => {
-                        // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a
-                        // closed connection is only posted when this thread asks for events.
-                        self.ring.submit_and_wait(1, Duration::from_millis(1))?;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
-                }
-                idle += waited.elapsed();
-                self.m.progressed(Instant::now());
+                idle += self.wait_for_work(slice)?;
             }
         }
         self.stats.busy_ms = (start.elapsed().saturating_sub(idle)).as_secs_f64() * 1e3;
         self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    /// Nothing in flight and nothing to build: waits up to `slice` for work, or sends a
+    /// keepalive when one is due. Returns the time spent idle.
+    fn wait_for_work(&mut self, slice: Duration) -> Result<Duration> {
+        let waited = Instant::now();
+        let keepalive_in = self.m.keepalive_in(waited);
+        if keepalive_in.is_zero() {
+            // Nothing to send for a while: tell the receiver we are alive.
+            self.fill(Some(Work::Keepalive))?;
+            return Ok(Duration::ZERO);
+        }
+        match self.work.recv_timeout(slice.min(keepalive_in)) {
+            Ok(work) => self.fill(Some(work))?,
+            Err(RecvTimeoutError::Timeout) => {
+                // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a closed
+                // connection is only posted when this thread asks for events.
+                self.ring.submit_and_wait(1, Duration::from_millis(1))?;
+            }
+            Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
+        }
+        self.m.progressed(Instant::now());
+        Ok(waited.elapsed())
+    }
+
+    /// `auto` zero-copy that really sends from our pages: registers guest memory as fixed
+    /// buffers once no send is in flight (see [`chain`]'s zero-copy decision).
+    fn register_when_idle(&mut self) {
+        if self.zc != ZcState::RegisterPending || self.sends_in_flight() > 0 {
+            return;
+        }
+        self.zc = ZcState::ZeroCopy;
+        match self.ring.register_guest_memory() {
+            Ok(()) => self.stats.fixed_buffers = true,
+            Err(e) => tracing::warn!(
+                channel = self.channel,
+                "zero-copy works but guest memory could not be registered, sending without fixed buffers: {e}"
+            ),
+        }
     }
 
     fn sends_in_flight(&self) -> usize {
@@ -496,24 +461,6 @@ impl SendShard {
             .load(std::sync::atomic::Ordering::Relaxed);
         let checked = self.m.check_idle(Instant::now(), moved);
         checked.map_err(|f| self.fault(f))
-    }
-
-    /// The machine's verdict as this channel's error.
-    fn fault(&self, fault: SenderFault) -> Error {
-        let channel = self.channel;
-        match fault {
-            SenderFault::Protocol(source) => Error::Protocol { channel, source },
-            SenderFault::PeerAborted { code, reason } => Error::PeerAborted {
-                channel,
-                code,
-                reason,
-            },
-            SenderFault::PeerClosed { when } => Error::PeerClosed { channel, when },
-            SenderFault::Idle { waiting, ms } => Error::Timeout {
-                what: format!("{waiting} on channel {channel}"),
-                ms,
-            },
-        }
     }
 
     fn free_slot(&mut self) -> Option<u16> {
