@@ -35,9 +35,8 @@ use crate::limits::{
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
 use crate::pipeline::seal::{
-    CLOSE_NOTIFY_ALERT, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
-    KEY_UPDATE_MESSAGE, KEY_UPDATE_REQUEST, RECORD_BYTES_MAX, RECORD_HEADER_BYTES,
-    RECORD_OVERHEAD_BYTES, RECORD_PLAINTEXT_BYTES_MAX,
+    CLOSE_NOTIFY_ALERT, KEY_UPDATE_MESSAGE, RECORD_BYTES_MAX, RECORD_OVERHEAD_BYTES,
+    RECORD_PLAINTEXT_BYTES_MAX,
 };
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::control::ControlReader;
