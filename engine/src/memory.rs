@@ -306,7 +306,8 @@ impl GuestMemory {
 
     /// The first SIGBUS a file-backed region took since the last call (the file was truncated
     /// or could not be backed), as an error naming the region and page. Shards check it after
-    /// each frame; see [`crate::sigbus`].
+    /// each frame. (A handler maps an anonymous page over the faulting one and records the
+    /// fault, so the process lives on to report it.)
     pub fn take_fault(&self) -> Result<()> {
         for (i, r) in self.regions.iter().enumerate() {
             if let Some(offset) = r.guard.as_ref().and_then(|g| g.take_fault()) {

@@ -1,6 +1,7 @@
 //! Per-chunk work on the shards, in pipeline order: zero scan ([`crate::simd`]), compression,
-//! then (with TLS) sealing into records ([`seal`] the records, [`frame`] a whole frame). No `unsafe` here: the raw-pointer loops live in
-//! `simd/`, guest memory access in `memory`.
+//! then (with TLS) sealing into records ([`seal`]; the sender seals each whole frame with
+//! `frame::seal_frame`). No `unsafe` here: the raw-pointer loops live in `simd/`, guest memory
+//! access in `memory`.
 
 #![forbid(unsafe_code)]
 
