@@ -54,6 +54,7 @@ compile_error!(
 
 pub mod auth;
 pub mod config;
+pub mod dirty;
 pub mod error;
 #[cfg(feature = "faults")]
 pub mod faults;

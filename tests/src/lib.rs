@@ -22,6 +22,17 @@ pub fn skip_without_uring() -> bool {
     }
 }
 
+/// True (after printing why) when `/dev/kvm` cannot run a VM here: the caller skips.
+pub fn skip_without_kvm() -> bool {
+    match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.create_vm().map(drop)) {
+        Ok(()) => false,
+        Err(e) => {
+            eprintln!("SKIPPED: /dev/kvm cannot create a VM here: {e}");
+            true
+        }
+    }
+}
+
 /// Joins `handle`, failing the test if it takes longer than `limit` (no hangs in the suite).
 pub fn join_within<T>(handle: JoinHandle<T>, limit: Duration, what: &str) -> T {
     let start = Instant::now();

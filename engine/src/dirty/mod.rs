@@ -1,0 +1,355 @@
+//! Dirty-page sources: what tells a live migration which pages changed since the last round.
+//!
+//! Every source speaks one format, KVM's: a bitmap per region, one bit per 4 KiB page, in
+//! `u64` words (bit `p % 64` of word `p / 64` is page `p`). A source ORs what it saw into a
+//! [`DirtyBitmaps`] and clears it at the source, so the next call reports only later writes
+//! ("get and clear"). Several sources (the vCPUs' KVM dirty log, a VMM's own bitmap for device
+//! DMA) combine by ORing into the same bitmaps ([`Union`]), and the round's page runs come out
+//! of the union once ([`DirtyBitmaps::runs`], built on [`bitmap_to_runs`]).
+//!
+//! Sources here: [`SharedBitmap`] (a VMM marks pages from any thread; also the software source
+//! of tests), [`Union`], and with the `kvm` feature [`kvm::KvmDirtyLog`].
+
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "kvm")]
+pub mod kvm;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::memory::GuestMemory;
+use crate::sender::PageRun;
+
+/// Pages one bitmap word covers.
+pub const PAGES_PER_WORD: u64 = 64;
+
+/// Appends to `out` the runs of set bits among the first `pages` bits of `words` (pages of
+/// `region`), in page order, each as long as possible. Bits past `pages` are ignored. Runs of
+/// whole words cost one comparison per word, so sparse and dense bitmaps are both fast.
+pub fn bitmap_to_runs(region: u32, words: &[u64], pages: u64, out: &mut Vec<PageRun>) {
+    let mut start: Option<u64> = None;
+    let mut push = |first: u64, end: u64| {
+        out.push(PageRun {
+            region,
+            first_page: first,
+            pages: end - first,
+        })
+    };
+    for (w, &word) in words.iter().enumerate() {
+        let base = w as u64 * PAGES_PER_WORD;
+        if base >= pages {
+            break;
+        }
+        let x = if pages - base < PAGES_PER_WORD {
+            word & ((1u64 << (pages - base)) - 1)
+        } else {
+            word
+        };
+        match (x, start) {
+            (0, None) | (u64::MAX, Some(_)) => continue,
+            (0, Some(s)) => {
+                push(s, base);
+                start = None;
+                continue;
+            }
+            (u64::MAX, None) => {
+                start = Some(base);
+                continue;
+            }
+            _ => {}
+        }
+        let mut bit = 0u32;
+        while bit < 64 {
+            if let Some(s) = start {
+                // In a run: it ends at the next clear bit, if this word has one.
+                let clear = !x >> bit;
+                if clear == 0 {
+                    break;
+                }
+                bit += clear.trailing_zeros();
+                push(s, base + u64::from(bit));
+                start = None;
+            } else {
+                let set = x >> bit;
+                if set == 0 {
+                    break;
+                }
+                bit += set.trailing_zeros();
+                start = Some(base + u64::from(bit));
+            }
+        }
+    }
+    if let Some(s) = start {
+        push(s, pages.min(words.len() as u64 * PAGES_PER_WORD));
+    }
+}
+
+/// Words a bitmap of `pages` pages needs.
+pub fn words_for(pages: u64) -> usize {
+    pages.div_ceil(PAGES_PER_WORD) as usize
+}
+
+/// One dirty bitmap per region of a layout (see the module docs).
+#[derive(Debug, Clone)]
+pub struct DirtyBitmaps {
+    regions: Vec<Vec<u64>>,
+    pages: Vec<u64>,
+}
+
+impl DirtyBitmaps {
+    /// Clear bitmaps for the regions of `memory`.
+    pub fn for_memory(memory: &GuestMemory) -> Self {
+        let pages = memory.region_pages();
+        DirtyBitmaps {
+            regions: pages.iter().map(|&p| vec![0; words_for(p)]).collect(),
+            pages,
+        }
+    }
+
+    /// Clears every bit.
+    pub fn clear(&mut self) {
+        for r in &mut self.regions {
+            r.fill(0);
+        }
+    }
+
+    /// Pages in region `region`.
+    pub fn region_pages(&self, region: u32) -> Option<u64> {
+        self.pages.get(region as usize).copied()
+    }
+
+    /// ORs `words` (KVM's layout) into region `region`'s bitmap. Fails when the region does not
+    /// exist or `words` is not exactly its bitmap's length.
+    pub fn or_words(&mut self, region: u32, words: &[u64]) -> Result<()> {
+        let bitmap = self.regions.get_mut(region as usize).ok_or_else(|| {
+            Error::Config(format!(
+                "dirty bitmap for region {region}, which the layout does not have"
+            ))
+        })?;
+        if words.len() != bitmap.len() {
+            return Err(Error::Config(format!(
+                "dirty bitmap for region {region} has {} words; its {} pages need {}",
+                words.len(),
+                self.pages[region as usize],
+                bitmap.len()
+            )));
+        }
+        for (b, w) in bitmap.iter_mut().zip(words) {
+            *b |= w;
+        }
+        Ok(())
+    }
+
+    /// Marks `pages` pages of `region` from `first_page` (clipped to the region).
+    pub fn mark(&mut self, region: u32, first_page: u64, pages: u64) {
+        let Some(&limit) = self.pages.get(region as usize) else {
+            return;
+        };
+        let bitmap = &mut self.regions[region as usize];
+        for p in first_page..first_page.saturating_add(pages).min(limit) {
+            bitmap[(p / PAGES_PER_WORD) as usize] |= 1 << (p % PAGES_PER_WORD);
+        }
+    }
+
+    /// Pages marked dirty, in all regions.
+    pub fn dirty_pages(&self) -> u64 {
+        self.regions
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// Replaces `out` with the dirty pages as runs, sorted by region and page (what
+    /// [`crate::Sender::send_round`] takes).
+    pub fn runs(&self, out: &mut Vec<PageRun>) {
+        out.clear();
+        for (i, words) in self.regions.iter().enumerate() {
+            bitmap_to_runs(i as u32, words, self.pages[i], out);
+        }
+    }
+}
+
+/// Something that knows which pages were written (see the module docs).
+pub trait DirtySource: Send {
+    /// ORs every page written since the previous call (or since tracking began) into `into`,
+    /// and clears them here, so the next call reports only later writes.
+    fn collect(&mut self, into: &mut DirtyBitmaps) -> Result<()>;
+}
+
+/// A VMM's own dirty bitmap: any thread marks the pages it writes (an emulated device's DMA,
+/// a software dirtier in tests); a round takes and clears them word by word, atomically, so a
+/// mark is never lost between two rounds.
+#[derive(Debug)]
+pub struct SharedBitmap {
+    regions: Vec<Box<[AtomicU64]>>,
+    pages: Vec<u64>,
+}
+
+impl SharedBitmap {
+    /// A clear bitmap for the regions of `memory`.
+    pub fn new(memory: &GuestMemory) -> Self {
+        let pages = memory.region_pages();
+        SharedBitmap {
+            regions: pages
+                .iter()
+                .map(|&p| (0..words_for(p)).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            pages,
+        }
+    }
+
+    /// Marks `pages` pages of `region` from `first_page` as written (clipped to the region;
+    /// an unknown region is ignored).
+    pub fn mark(&self, region: u32, first_page: u64, pages: u64) {
+        let Some(&limit) = self.pages.get(region as usize) else {
+            return;
+        };
+        let words = &self.regions[region as usize];
+        let end = first_page.saturating_add(pages).min(limit);
+        let mut p = first_page;
+        while p < end {
+            let bit = p % PAGES_PER_WORD;
+            let n = (PAGES_PER_WORD - bit).min(end - p);
+            let mask = if n == PAGES_PER_WORD {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            words[(p / PAGES_PER_WORD) as usize].fetch_or(mask, Ordering::Release);
+            p += n;
+        }
+    }
+}
+
+impl DirtySource for std::sync::Arc<SharedBitmap> {
+    fn collect(&mut self, into: &mut DirtyBitmaps) -> Result<()> {
+        for (i, words) in self.regions.iter().enumerate() {
+            let bitmap = into.regions.get_mut(i).ok_or_else(|| {
+                Error::Config("a shared dirty bitmap made for another layout".into())
+            })?;
+            for (b, w) in bitmap.iter_mut().zip(words.iter()) {
+                *b |= w.swap(0, Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Several sources as one: a page is dirty when any of them says so.
+pub struct Union(pub Vec<Box<dyn DirtySource>>);
+
+impl DirtySource for Union {
+    fn collect(&mut self, into: &mut DirtyBitmaps) -> Result<()> {
+        for s in &mut self.0 {
+            s.collect(into)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::RegionSpec;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn reference(region: u32, words: &[u64], pages: u64) -> Vec<PageRun> {
+        let mut out: Vec<PageRun> = Vec::new();
+        for p in 0..pages.min(words.len() as u64 * 64) {
+            if words[(p / 64) as usize] >> (p % 64) & 1 == 0 {
+                continue;
+            }
+            match out.last_mut() {
+                Some(r) if r.first_page + r.pages == p => r.pages += 1,
+                _ => out.push(PageRun {
+                    region,
+                    first_page: p,
+                    pages: 1,
+                }),
+            }
+        }
+        out
+    }
+
+    fn word() -> impl Strategy<Value = u64> {
+        // Whole words of zeros and ones are the fast paths; mix them with random ones.
+        prop_oneof![
+            Just(0u64),
+            Just(u64::MAX),
+            any::<u64>(),
+            (0u32..64).prop_map(|b| 1 << b)
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn runs_match_the_bit_by_bit_reference(
+            words in proptest::collection::vec(word(), 0..40),
+            cut in 0u64..64,
+        ) {
+            let pages = (words.len() as u64 * 64).saturating_sub(cut);
+            let mut out = Vec::new();
+            bitmap_to_runs(3, &words, pages, &mut out);
+            prop_assert_eq!(out, reference(3, &words, pages));
+        }
+    }
+
+    #[test]
+    fn edges_of_words_and_regions() {
+        let mut out = Vec::new();
+        bitmap_to_runs(0, &[1 << 63, 1], 128, &mut out);
+        assert_eq!(out, reference(0, &[1 << 63, 1], 128));
+        assert_eq!(out.len(), 1, "a run across a word boundary is one run");
+        out.clear();
+        bitmap_to_runs(0, &[u64::MAX], 10, &mut out);
+        assert_eq!(
+            (out[0].first_page, out[0].pages),
+            (0, 10),
+            "bits past the region"
+        );
+    }
+
+    #[test]
+    fn shared_marks_are_taken_once_and_unions_add_up() {
+        let specs = [
+            RegionSpec {
+                gpa: 0,
+                len: 200 * 4096,
+            },
+            RegionSpec {
+                gpa: 1 << 30,
+                len: 70 * 4096,
+            },
+        ];
+        let memory = GuestMemory::anonymous(&specs).unwrap();
+        let a = Arc::new(SharedBitmap::new(&memory));
+        let b = Arc::new(SharedBitmap::new(&memory));
+        a.mark(0, 60, 10);
+        a.mark(1, 65, 100); // clipped to the region's 70 pages
+        b.mark(0, 63, 2);
+        b.mark(0, 199, 1);
+        let mut bitmaps = DirtyBitmaps::for_memory(&memory);
+        let mut union = Union(vec![Box::new(a.clone()), Box::new(b.clone())]);
+        union.collect(&mut bitmaps).unwrap();
+        assert_eq!(bitmaps.dirty_pages(), 10 + 5 + 1);
+        let mut runs = Vec::new();
+        bitmaps.runs(&mut runs);
+        let got: Vec<_> = runs
+            .iter()
+            .map(|r| (r.region, r.first_page, r.pages))
+            .collect();
+        assert_eq!(got, [(0, 60, 10), (0, 199, 1), (1, 65, 5)]);
+        // Taken: the next round sees only later marks.
+        bitmaps.clear();
+        union.collect(&mut bitmaps).unwrap();
+        assert_eq!(bitmaps.dirty_pages(), 0);
+        a.mark(1, 0, 1);
+        union.collect(&mut bitmaps).unwrap();
+        assert_eq!(bitmaps.dirty_pages(), 1);
+        assert!(bitmaps.or_words(0, &[0; 3]).is_err(), "wrong length");
+        assert!(bitmaps.or_words(2, &[0; 4]).is_err(), "no such region");
+    }
+}
