@@ -127,6 +127,12 @@ pub enum Error {
     /// TLS files or settings are unusable.
     #[error("TLS configuration: {0}")]
     TlsConfig(String),
+    /// A live migration's policy gave up: the guest dirties memory faster than it can be sent.
+    #[error("{0}")]
+    NotConverging(String),
+    /// The caller cancelled the transfer ([`crate::sender::Canceller`]).
+    #[error("the migration was cancelled")]
+    Cancelled,
     /// This channel stopped because another one failed first (that error is the one reported).
     #[error("the transfer was aborted because another channel failed")]
     Aborted,

@@ -59,6 +59,7 @@ pub mod error;
 #[cfg(feature = "faults")]
 pub mod faults;
 pub mod limits;
+pub mod live;
 #[allow(unsafe_code)]
 pub mod memory;
 pub mod pipeline;

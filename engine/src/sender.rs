@@ -61,6 +61,32 @@ struct Shard {
     core: Option<usize>,
 }
 
+/// Cancels a transfer from another thread: the shards see it within a ring wait slice
+/// (`RING_WAIT_SLICE_MS`), tell the receiver with an abort frame ("cancelled") and close; the
+/// sender's current or next call returns [`Error::Cancelled`].
+#[derive(Clone)]
+pub struct Canceller {
+    abort: Arc<Abort>,
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Canceller")
+    }
+}
+
+impl Canceller {
+    /// Cancels the transfer (a no-op once it has ended or failed).
+    pub fn cancel(&self) {
+        self.abort.fail(Error::Cancelled);
+    }
+
+    /// True once cancelled (or failed otherwise).
+    pub fn is_cancelled(&self) -> bool {
+        self.abort.is_raised()
+    }
+}
+
 /// A connected sender. Send rounds with [`send_round`](Self::send_round) (or everything once
 /// with [`send_all`](Self::send_all)), then [`finish`](Self::finish).
 pub struct Sender {
@@ -382,6 +408,25 @@ impl Sender {
         self.cpu_ms += (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         stats.finalize(self.start.elapsed().as_secs_f64(), self.cpu_ms);
         Ok(stats)
+    }
+
+    /// The memory this sender sends.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Gives up with `error`: the shards tell the receiver why and close. Returns the error
+    /// the transfer ends with (the first one, if another came earlier).
+    pub fn abandon(mut self, error: Error) -> Error {
+        self.abort.fail(error);
+        self.failure()
+    }
+
+    /// A handle that cancels this transfer from any thread (see [`Canceller`]).
+    pub fn canceller(&self) -> Canceller {
+        Canceller {
+            abort: self.abort.clone(),
+        }
     }
 
     /// Per-round figures so far.

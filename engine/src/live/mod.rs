@@ -1,0 +1,307 @@
+//! Live migration, source side: iterative pre-copy driven by a dirty-page source.
+//!
+//! ```text
+//!  setup      clear the dirty source (only writes from now on count)
+//!  round 0    all memory, live (vCPUs run; zero pages cost a header entry)
+//!  round k    collect and clear the dirty pages, measure the round, ask the policy:
+//!             NextRound → send them live; StopAndCopy → below; GiveUp → fail, guest runs on
+//!  stop       pause the vCPUs (Vmm::pause), collect once more (what was written since the
+//!             last collect), send those pages as a stable round
+//!  finish     end the stream; the receiver confirms only when every page of the layout was
+//!             placed intact (a page torn by a vCPU write in a live round is left un-placed
+//!             and must arrive again), and the rounds' barrier keeps an older copy of a page
+//!             from ever landing after a newer one
+//! ```
+//! Downtime is measured from the pause to the receiver's confirmation. The policy is
+//! replaceable ([`policy::Policy`]); [`Migration::handle`] gives another thread a
+//! [`MigrationHandle`] to cancel and to read a `query-migrate`-like [`Snapshot`].
+
+pub mod dirtier;
+pub mod policy;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::dirty::{DirtyBitmaps, DirtySource};
+use crate::error::{Error, Result};
+use crate::sender::{Canceller, PageRun, Sender};
+use crate::stats::TransferStats;
+
+pub use policy::{Decision, DowntimeLimit, Estimates, Policy, PolicyView, RoundFigures};
+
+/// What the migration needs of the VMM on the source.
+pub trait Vmm {
+    /// Pauses every vCPU and device that writes guest memory: when this returns, nothing
+    /// writes it any more (the last round is sent from it as it is).
+    fn pause(&mut self) -> Result<()>;
+}
+
+/// Where a migration stands (QEMU's `query-migrate` status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Not started.
+    #[default]
+    Setup,
+    /// Pre-copy rounds run while the guest runs.
+    Active,
+    /// The guest is paused; the last round is on its way.
+    Device,
+    /// The receiver confirmed everything.
+    Completed,
+    /// Failed (including a policy giving up).
+    Failed,
+    /// Cancelled from a [`MigrationHandle`].
+    Cancelled,
+}
+
+/// A moment of a migration, as QEMU's `query-migrate` reports it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Snapshot {
+    /// Where it stands.
+    pub status: Status,
+    /// Milliseconds of setup (before round 0).
+    pub setup_ms: f64,
+    /// Milliseconds since the start.
+    pub total_time_ms: f64,
+    /// The last estimate of the downtime, in milliseconds.
+    pub expected_downtime_ms: f64,
+    /// Measured downtime, once the migration completed.
+    pub downtime_ms: Option<f64>,
+    /// Bytes put on the wire so far.
+    pub transferred: u64,
+    /// Pages dirty after the last round (what the next one carries).
+    pub remaining: u64,
+    /// Times the dirty source was read.
+    pub dirty_sync_count: u32,
+    /// Dirty rate during the last round, pages per second.
+    pub dirty_pages_rate: f64,
+    /// Megabits per second over the migration so far.
+    pub mbps: f64,
+    /// Every round so far.
+    pub rounds: Vec<RoundFigures>,
+}
+
+/// How a migration ended, with every figure of its last [`Snapshot`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MigrationReport {
+    /// The final snapshot (status `completed`).
+    pub snapshot: Snapshot,
+    /// True: the policy chose to stop and copy (a report only exists for converged
+    /// migrations; a policy that gives up makes [`Migration::run`] fail).
+    pub converged: bool,
+    /// The sender's transfer statistics (CPU, shards, zero pages).
+    pub transfer: TransferStats,
+}
+
+/// Another thread's view of a running migration: cancel it, or read where it stands.
+#[derive(Debug, Clone)]
+pub struct MigrationHandle {
+    canceller: Canceller,
+    snapshot: Arc<Mutex<Snapshot>>,
+}
+
+impl MigrationHandle {
+    /// Cancels the migration: both sides stop within a ring wait slice (~100 ms) and report
+    /// [`Error::Cancelled`] (the receiver as the sender's abort).
+    pub fn cancel(&self) {
+        self.canceller.cancel();
+    }
+
+    /// Where the migration stands now.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A live migration over a connected [`Sender`] (see the module docs).
+pub struct Migration {
+    sender: Sender,
+    source: Box<dyn DirtySource>,
+    policy: Box<dyn Policy>,
+    snapshot: Arc<Mutex<Snapshot>>,
+}
+
+impl std::fmt::Debug for Migration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("sender", &self.sender)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Migration {
+    /// A migration of `sender`'s memory, rounds driven by `source` and decided by `policy`.
+    pub fn new(sender: Sender, source: Box<dyn DirtySource>, policy: Box<dyn Policy>) -> Self {
+        Migration {
+            sender,
+            source,
+            policy,
+            snapshot: Arc::default(),
+        }
+    }
+
+    /// A handle for another thread.
+    pub fn handle(&self) -> MigrationHandle {
+        MigrationHandle {
+            canceller: self.sender.canceller(),
+            snapshot: self.snapshot.clone(),
+        }
+    }
+
+    /// Runs the migration to the receiver's confirmation; `vmm` is paused for the last round.
+    /// On failure the receiver has been told why, and the guest was not paused unless the
+    /// failure came after the pause.
+    pub fn run(self, vmm: &mut dyn Vmm) -> Result<MigrationReport> {
+        let Migration {
+            sender,
+            mut source,
+            mut policy,
+            snapshot,
+        } = self;
+        let mut run = Run {
+            snapshot,
+            start: Instant::now(),
+            rounds: Vec::new(),
+        };
+        let result = run.precopy(sender, source.as_mut(), policy.as_mut(), vmm);
+        let status = match &result {
+            Ok(_) => Status::Completed,
+            Err(Error::Cancelled) => Status::Cancelled,
+            Err(_) => Status::Failed,
+        };
+        run.update(|s| s.status = status);
+        result
+    }
+}
+
+/// The state of one [`Migration::run`].
+struct Run {
+    snapshot: Arc<Mutex<Snapshot>>,
+    start: Instant,
+    rounds: Vec<RoundFigures>,
+}
+
+impl Run {
+    fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        f(&mut self.snapshot.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn elapsed_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// Records a finished round and the state after it.
+    fn record(&mut self, figures: RoundFigures, transferred: u64, estimates: Option<Estimates>) {
+        self.rounds.push(figures);
+        let elapsed_ms = self.elapsed_ms();
+        let rounds = self.rounds.clone();
+        self.update(|s| {
+            s.total_time_ms = elapsed_ms;
+            s.transferred = transferred;
+            s.dirty_sync_count += 1;
+            s.mbps = transferred as f64 * 8.0 / 1e6 / (elapsed_ms / 1e3).max(1e-6);
+            s.rounds = rounds;
+            if let Some(e) = estimates {
+                s.expected_downtime_ms = e.expected_downtime_ms;
+                s.remaining = e.remaining_pages;
+                s.dirty_pages_rate = e.dirty_pages_per_s;
+            }
+        });
+    }
+
+    fn precopy(
+        &mut self,
+        mut sender: Sender,
+        source: &mut dyn DirtySource,
+        policy: &mut dyn Policy,
+        vmm: &mut dyn Vmm,
+    ) -> Result<MigrationReport> {
+        let progress = sender.progress();
+        let wire = || {
+            progress
+                .wire_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let mut bitmaps = DirtyBitmaps::for_memory(sender.memory());
+        // Only writes from now on count: round 0 sends everything anyway.
+        source.collect(&mut bitmaps)?;
+        bitmaps.clear();
+        let setup_ms = self.elapsed_ms();
+        self.update(|s| {
+            s.status = Status::Active;
+            s.setup_ms = setup_ms;
+            s.dirty_sync_count = 1;
+        });
+        let mut runs = PageRun::whole(sender.memory());
+        let expected = loop {
+            let before = wire();
+            let sent = sender.send_live_round(&runs)?;
+            bitmaps.clear();
+            source.collect(&mut bitmaps)?;
+            let dirty = bitmaps.dirty_pages();
+            let figures = RoundFigures {
+                round: sent.round,
+                pages: sent.pages,
+                wire_bytes: wire() - before,
+                ms: sent.time_ms,
+                dirtied_pages: dirty,
+            };
+            let estimates = Estimates::after(&figures, dirty);
+            self.record(figures, wire(), Some(estimates));
+            let view = PolicyView {
+                rounds: &self.rounds,
+                estimates,
+                elapsed_ms: self.elapsed_ms(),
+            };
+            match policy.decide(&view) {
+                Decision::NextRound => bitmaps.runs(&mut runs),
+                Decision::StopAndCopy => break estimates.expected_downtime_ms,
+                Decision::GiveUp(why) => return Err(sender.abandon(Error::NotConverging(why))),
+            }
+        };
+        tracing::info!(
+            rounds = self.rounds.len(),
+            expected_downtime_ms = expected,
+            "converged: pausing the guest for the last round"
+        );
+        let paused = Instant::now();
+        self.update(|s| s.status = Status::Device);
+        if let Err(e) = vmm.pause() {
+            return Err(sender.abandon(e));
+        }
+        // What was written between the last collect and the pause.
+        source.collect(&mut bitmaps)?;
+        bitmaps.runs(&mut runs);
+        let before = wire();
+        let last = sender.send_round(&runs)?;
+        let figures = RoundFigures {
+            round: last.round,
+            pages: last.pages,
+            wire_bytes: wire() - before,
+            ms: last.time_ms,
+            dirtied_pages: 0,
+        };
+        let transfer = sender.finish()?;
+        let downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
+        self.record(figures, wire(), None);
+        self.update(|s| {
+            s.status = Status::Completed;
+            s.downtime_ms = Some(downtime_ms);
+            s.remaining = 0;
+        });
+        let snapshot = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(MigrationReport {
+            snapshot,
+            converged: true,
+            transfer,
+        })
+    }
+}
