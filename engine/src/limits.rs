@@ -56,6 +56,10 @@ pub const REGISTERED_BUFFERS_MAX: usize = 1 + 1024;
 /// zero-copy sends, is the kernel's notification). Bounds the shard's header slab.
 pub const SHARD_FRAMES_IN_FLIGHT_MAX: usize = 16;
 
+/// Bytes of device state one frame carries at most (after its chunk header): a blob larger
+/// than this travels as several frames.
+pub const DEVICE_CHUNK_BYTES_MAX: usize = 32 * 1024;
+
 /// Frames linked into one submission chain. Sends on one TCP socket must stay ordered, so a shard
 /// keeps a single linked chain in flight and batches ready frames into it.
 pub const CHAIN_FRAMES_MAX: usize = 8;

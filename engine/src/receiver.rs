@@ -23,6 +23,7 @@ use crate::limits::{
     PAGE_BYTES,
 };
 use crate::memory::GuestMemory;
+use crate::protocol::blob::DeviceBlob;
 use crate::protocol::handshake::{
     Acceptor, Expectation, Hello, Refusal, Reply, FEATURES_KNOWN, FEATURE_PSK,
 };
@@ -53,6 +54,19 @@ pub struct Receiver {
     memory: Destination,
     config: ReceiverConfig,
     progress: Arc<Progress>,
+    device_state: DeviceState,
+}
+
+/// The device state blobs a live migration carried, once the receiver has run (see
+/// [`Receiver::device_state`]).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceState(Arc<Mutex<Vec<DeviceBlob>>>);
+
+impl DeviceState {
+    /// Takes the blobs received (in arrival order; empty before [`Receiver::run`] succeeded).
+    pub fn take(&self) -> Vec<DeviceBlob> {
+        std::mem::take(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl std::fmt::Debug for Receiver {
@@ -120,6 +134,7 @@ impl Receiver {
             memory,
             config,
             progress,
+            device_state: DeviceState::default(),
         })
     }
 
@@ -128,6 +143,12 @@ impl Receiver {
         self.listener
             .local_addr()
             .map_err(|e| Error::io("reading the listening address", e))
+    }
+
+    /// Where the device state blobs of a live migration land: take them after
+    /// [`run`](Self::run) succeeded (they are complete and checked by then).
+    pub fn device_state(&self) -> DeviceState {
+        self.device_state.clone()
     }
 
     /// Live counters for a progress display.
@@ -174,6 +195,7 @@ impl Receiver {
             let Accepted { stream, peer, tls } = accepted;
             let core = self.config.pinning.core_for(i, &cores);
             let params = RecvShardParams {
+                device_state: self.device_state.0.clone(),
                 channel: i as u16,
                 memory: memory.clone(),
                 ledger: ledger.clone(),

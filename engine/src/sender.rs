@@ -14,6 +14,7 @@ use crossbeam_channel::{
 use crate::auth::Psk;
 use crate::config::SenderConfig;
 use crate::error::{Error, Result};
+use crate::limits::DEVICE_CHUNK_BYTES_MAX;
 use crate::limits::{
     CHUNK_PAGES_MAX, HANDSHAKE_TIMEOUT_MS, KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS,
     SHARD_QUEUE_ITEMS_MAX, TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTERVAL_S, TCP_KEEPALIVE_PROBES,
@@ -21,6 +22,7 @@ use crate::limits::{
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::Compression;
+use crate::protocol::blob::{DeviceBlob, DEVICE_STATE_BYTES_MAX};
 use crate::protocol::handshake::{Hello, Reply, FEATURE_PSK, FEATURE_ZLIB, FEATURE_ZSTD};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
@@ -59,6 +61,15 @@ struct Shard {
     tx: Tx<Work>,
     join: Option<JoinHandle<Result<ShardStats>>>,
     core: Option<usize>,
+}
+
+fn device_chunk(tag: u32, total: u64, last: bool, bytes: &[u8]) -> Work {
+    Work::DeviceState {
+        tag,
+        total,
+        last,
+        chunk: bytes.into(),
+    }
 }
 
 /// Cancels a transfer from another thread: the shards see it within a ring wait slice
@@ -376,6 +387,34 @@ impl Sender {
         self.round += 1;
         self.cpu_ms += (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         Ok(stats)
+    }
+
+    /// Sends the VMM's device state (after the last round, before [`finish`](Self::finish)):
+    /// each blob in chunks on channel 0, in order. The receiver hands them back whole and
+    /// checked ([`crate::Receiver::device_state`]). At most
+    /// [`DEVICE_STATE_BYTES_MAX`] bytes in all.
+    pub fn send_device_state(&mut self, blobs: &[DeviceBlob]) -> Result<()> {
+        let total: u64 = blobs.iter().map(|b| b.bytes.len() as u64).sum();
+        if total > DEVICE_STATE_BYTES_MAX {
+            return Err(Error::Config(format!(
+                "{total} bytes of device state, more than the {DEVICE_STATE_BYTES_MAX} a migration carries"
+            )));
+        }
+        if self.finished {
+            return Err(Error::Config("send_device_state after finish".into()));
+        }
+        for blob in blobs {
+            let len = blob.bytes.len() as u64;
+            let mut chunks = blob.bytes.chunks(DEVICE_CHUNK_BYTES_MAX).peekable();
+            if chunks.peek().is_none() {
+                self.send_to(0, device_chunk(blob.tag, 0, true, &[]))?;
+            }
+            while let Some(c) = chunks.next() {
+                let last = chunks.peek().is_none();
+                self.send_to(0, device_chunk(blob.tag, len, last, c))?;
+            }
+        }
+        Ok(())
     }
 
     /// Ends the stream on every channel, waits for the receiver to confirm it placed everything,

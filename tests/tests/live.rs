@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use pagewire::dirty::{DirtyBitmaps, DirtySource, SharedBitmap, Union};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
 use pagewire::live::{DowntimeLimit, Migration, Status, Vmm};
+use pagewire::protocol::blob::DeviceBlob;
 use pagewire::synth::{fill, Content};
+use pagewire::tls::certs::{self, CertOptions};
+use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{
     Error, GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig,
 };
@@ -24,10 +27,31 @@ struct Pair {
     src: Arc<GuestMemory>,
     dst: Arc<GuestMemory>,
     receiver: std::thread::JoinHandle<pagewire::Result<pagewire::TransferStats>>,
+    device_state: pagewire::receiver::DeviceState,
     sender: Sender,
 }
 
 fn connect(channels: u16) -> Pair {
+    connect_with(channels, false)
+}
+
+fn connect_with(channels: u16, tls: bool) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = if tls {
+        certs::generate(&CertOptions::default())
+            .unwrap()
+            .write(dir.path())
+            .unwrap();
+        (
+            Some(TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap()),
+            Some(
+                TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost")
+                    .unwrap(),
+            ),
+        )
+    } else {
+        (None, None)
+    };
     let specs = [RegionSpec {
         gpa: 0,
         len: MEMORY_BYTES,
@@ -41,11 +65,13 @@ fn connect(channels: u16) -> Pair {
         ReceiverConfig {
             pinning: Pinning::None,
             idle_timeout_ms: 5_000,
+            tls: server,
             ..ReceiverConfig::default()
         },
     )
     .unwrap();
     let addr = receiver.local_addr().unwrap();
+    let device_state = receiver.device_state();
     let receiver = std::thread::spawn(move || receiver.run());
     let sender = Sender::connect(
         addr,
@@ -53,6 +79,7 @@ fn connect(channels: u16) -> Pair {
         &SenderConfig {
             channels,
             pinning: Pinning::None,
+            tls: client,
             ..SenderConfig::default()
         },
     )
@@ -61,6 +88,7 @@ fn connect(channels: u16) -> Pair {
         src,
         dst,
         receiver,
+        device_state,
         sender,
     }
 }
@@ -259,4 +287,72 @@ fn a_cancel_from_another_thread_ends_both_sides_within_a_second() {
     assert!(r.to_string().contains("cancelled"), "receiver: {r}");
     assert!(cancelled.elapsed() < Duration::from_secs(1));
     assert_eq!(handle.snapshot().status, Status::Cancelled);
+}
+
+/// A paused guest with device state: blobs of several chunks, an empty one, a tiny one.
+struct WithDevices(SoftwareDirtier, Vec<DeviceBlob>);
+
+impl Vmm for WithDevices {
+    fn pause(&mut self) -> pagewire::Result<()> {
+        self.0.pause()
+    }
+    fn device_state(&mut self) -> pagewire::Result<Vec<DeviceBlob>> {
+        Ok(self.1.clone())
+    }
+}
+
+fn blobs_arrive_byte_identical(tls: bool) {
+    let p = connect_with(2, tls);
+    let bitmap = Arc::new(SharedBitmap::new(&p.src));
+    let guest = dirtier(&p.src, &bitmap, 20 << 20);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..300_000)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng as u8
+        })
+        .collect();
+    let blobs = vec![
+        DeviceBlob {
+            tag: 0x6370_7530,
+            bytes: big,
+        },
+        DeviceBlob {
+            tag: 2,
+            bytes: vec![],
+        },
+        DeviceBlob {
+            tag: 3,
+            bytes: b"virtio!".to_vec(),
+        },
+    ];
+    let mut vmm = WithDevices(guest, blobs.clone());
+    Migration::new(
+        p.sender,
+        Box::new(bitmap.clone()),
+        Box::new(DowntimeLimit::default()),
+    )
+    .run(&mut vmm)
+    .unwrap();
+    join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    assert_eq!(p.src.first_difference(&p.dst), None);
+    assert_eq!(p.device_state.take(), blobs);
+}
+
+#[test]
+fn device_state_blobs_arrive_byte_identical_plaintext() {
+    if skip_without_uring() {
+        return;
+    }
+    blobs_arrive_byte_identical(false);
+}
+
+#[test]
+fn device_state_blobs_arrive_byte_identical_tls() {
+    if skip_without_uring() {
+        return;
+    }
+    blobs_arrive_byte_identical(true);
 }

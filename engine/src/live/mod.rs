@@ -7,6 +7,7 @@
 //!             NextRound → send them live; StopAndCopy → below; GiveUp → fail, guest runs on
 //!  stop       pause the vCPUs (Vmm::pause), collect once more (what was written since the
 //!             last collect), send those pages as a stable round
+//!  device     the VMM's device state (Vmm::device_state) as tagged blobs
 //!  finish     end the stream; the receiver confirms only when every page of the layout was
 //!             placed intact (a page torn by a vCPU write in a live round is left un-placed
 //!             and must arrive again), and the rounds' barrier keeps an older copy of a page
@@ -24,6 +25,7 @@ use std::time::Instant;
 
 use crate::dirty::{DirtyBitmaps, DirtySource};
 use crate::error::{Error, Result};
+use crate::protocol::blob::DeviceBlob;
 use crate::sender::{Canceller, PageRun, Sender};
 use crate::stats::TransferStats;
 
@@ -34,6 +36,12 @@ pub trait Vmm {
     /// Pauses every vCPU and device that writes guest memory: when this returns, nothing
     /// writes it any more (the last round is sent from it as it is).
     fn pause(&mut self) -> Result<()>;
+
+    /// The device state to carry after the last round (vCPU registers, device models), as
+    /// opaque tagged blobs; called once, after [`pause`](Self::pause).
+    fn device_state(&mut self) -> Result<Vec<DeviceBlob>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Where a migration stands (QEMU's `query-migrate` status).
@@ -285,6 +293,11 @@ impl Run {
             ms: last.time_ms,
             dirtied_pages: 0,
         };
+        let blobs = match vmm.device_state() {
+            Ok(b) => b,
+            Err(e) => return Err(sender.abandon(e)),
+        };
+        sender.send_device_state(&blobs)?;
         let transfer = sender.finish()?;
         let downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
         self.record(figures, wire(), None);

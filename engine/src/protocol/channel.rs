@@ -1,9 +1,10 @@
 //! Per-channel sender and receiver state machines: frame numbering, rounds, and every check a
 //! receiver makes against its layout before a single byte is placed.
 
-use crate::limits::{CHUNK_PAGES_MAX, PAGE_BYTES};
+use crate::limits::{CHUNK_PAGES_MAX, DEVICE_CHUNK_BYTES_MAX, PAGE_BYTES};
 use crate::pipeline::compress::Codec;
 
+use super::blob::CHUNK_HEADER_BYTES;
 use super::wire::{Frame, FrameKind};
 use super::ProtocolError;
 
@@ -38,6 +39,12 @@ impl SenderChannel {
         frame.payload_bytes = payload_bytes;
     }
 
+    /// Fills `frame` with a device state chunk of `payload_bytes` (chunk header included).
+    pub fn device_state(&mut self, frame: &mut Frame, payload_bytes: u32) {
+        frame.reset(FrameKind::DeviceState, 0, self.take_number(), self.round);
+        frame.payload_bytes = payload_bytes;
+    }
+
     /// Fills `frame` with the end-of-stream marker.
     pub fn end_stream(&mut self, frame: &mut Frame) {
         frame.reset(FrameKind::EndOfStream, 0, self.take_number(), self.round);
@@ -68,6 +75,8 @@ pub enum Event {
     Keepalive,
     /// The sender failed; its payload (code and reason) says why.
     Aborted,
+    /// A chunk of device state: read `payload_bytes` and hand them to a blob assembler.
+    DeviceState,
 }
 
 /// Receiver side of one channel: validates each decoded frame against the layout and the
@@ -141,6 +150,21 @@ impl ReceiverChannel {
             FrameKind::Pages => {
                 self.check_pages(frame)?;
                 Event::Pages
+            }
+            FrameKind::DeviceState => {
+                let fits = (CHUNK_HEADER_BYTES as u32
+                    ..=(CHUNK_HEADER_BYTES + DEVICE_CHUNK_BYTES_MAX) as u32)
+                    .contains(&frame.payload_bytes);
+                if frame.region != 0
+                    || frame.codec != Codec::Raw
+                    || !frame.normal_runs().is_empty()
+                    || !frame.zero_runs().is_empty()
+                    || frame.checksums().is_some()
+                    || !fits
+                {
+                    return Err(ProtocolError::MarkerWithPayload("device state"));
+                }
+                Event::DeviceState
             }
             FrameKind::EndOfRound | FrameKind::EndOfStream | FrameKind::Keepalive => {
                 let name = match frame.kind {

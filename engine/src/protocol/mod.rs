@@ -24,6 +24,9 @@
 //!  Pages{frame k+1, round 1, …} + payload    ───▶  …
 //!  Keepalive{frame k+2, round 1}             ───▶  (sender idle, e.g. between live rounds: sent
 //!                                                   every quarter of the receiver's idle bound)
+//!  DeviceState{frame m, round r}             ───▶  (live migration, channel 0, after the last round:
+//!        + chunk header and bytes                   the VMM's device state, reassembled into
+//!                                                   tagged blobs and checked; see [`blob`])
 //!  EndOfStream{frame n, round r}             ───▶  barrier; when all channels are done and every
 //!                                                   page of the layout was placed or declared zero:
 //!                                            ◀───  Control::Done   (otherwise Abort naming the first
@@ -90,6 +93,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod blob;
 pub mod channel;
 pub mod control;
 pub mod handshake;
@@ -224,6 +228,9 @@ pub enum ProtocolError {
     /// they ended different rounds).
     #[error("channels disagree at the round barrier: {0}")]
     MixedMarkers(String),
+    /// A device state chunk was refused (see [`blob`]).
+    #[error("device state refused: {0}")]
+    BlobRefused(&'static str),
     /// A compressed payload did not decode to exactly the frame's pages.
     #[error("compressed frame refused")]
     Compressed(#[source] crate::pipeline::compress::DecompressError),

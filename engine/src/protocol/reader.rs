@@ -149,7 +149,7 @@ impl FrameReader {
                 let event = self.channel.accept(frame)?;
                 self.header_len = at + runs + sums;
                 self.state = match event {
-                    Event::Pages | Event::Aborted => State::Payload,
+                    Event::Pages | Event::Aborted | Event::DeviceState => State::Payload,
                     Event::EndOfRound(_) => State::AtBarrier,
                     Event::EndOfStream => State::Ended,
                     Event::Keepalive => State::Fixed,

@@ -212,6 +212,12 @@ impl SenderMachine {
         Marker::EndOfStream
     }
 
+    /// Fills `frame` with a device state chunk of `payload_bytes` (after the last round).
+    pub fn device_state(&mut self, frame: &mut Frame, payload_bytes: u32, now: Instant) {
+        self.built(now);
+        self.numbering.device_state(frame, payload_bytes);
+    }
+
     /// Fills `frame` with an abort carrying `payload_bytes` of code and reason (any state).
     pub fn abort(&mut self, frame: &mut Frame, payload_bytes: u32, now: Instant) {
         self.last_frame_at = now;

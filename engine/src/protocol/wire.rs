@@ -30,6 +30,8 @@ pub enum FrameKind {
     /// The sender failed: the payload is an abort code (u32) and its reason (UTF-8), as in
     /// [`Control::Abort`](super::control::Control::Abort), so both sides name the same cause.
     Abort = 5,
+    /// A chunk of the VMM's device state after the last round (see [`super::blob`]).
+    DeviceState = 6,
 }
 
 impl FrameKind {
@@ -40,6 +42,7 @@ impl FrameKind {
             3 => Ok(FrameKind::EndOfStream),
             4 => Ok(FrameKind::Keepalive),
             5 => Ok(FrameKind::Abort),
+            6 => Ok(FrameKind::DeviceState),
             other => Err(ProtocolError::BadKind(other)),
         }
     }

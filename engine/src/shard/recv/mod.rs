@@ -11,7 +11,7 @@
 //! shared [`RoundBarrier`].
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -22,6 +22,7 @@ use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Codec, Decompressor};
 use crate::pipeline::seal::RECORD_BYTES_MAX;
 use crate::pipeline::zero::ZeroScanner;
+use crate::protocol::blob::{BlobAssembler, DeviceBlob};
 use crate::protocol::channel::Event;
 use crate::protocol::control::Control;
 use crate::protocol::ledger::PageLedger;
@@ -94,6 +95,8 @@ pub(crate) struct RecvShardParams {
     pub peer: usize,
     pub tls: Option<TlsRx>,
     pub delay: FrameDelay,
+    /// Where completed device state blobs go (every channel's, in channel order of arrival).
+    pub device_state: Arc<Mutex<Vec<DeviceBlob>>>,
     /// How the ring is made: test builds may simulate the transport and inject faults.
     pub faults: crate::shard::RingFaults,
 }
@@ -115,6 +118,8 @@ pub(crate) struct RecvShard {
     unpacked: Vec<u8>,
     stats: ShardStats,
     rng: u64,
+    /// Device state chunks of this channel, reassembled.
+    blobs: BlobAssembler,
 }
 
 /// What a read found.
@@ -164,6 +169,7 @@ impl RecvShard {
                 ..ShardStats::default()
             },
             rng: p.delay.seed ^ (u64::from(p.channel) << 32) | 1,
+            blobs: BlobAssembler::default(),
             p,
         })
     }
@@ -218,6 +224,7 @@ impl RecvShard {
                     self.reader.payload_done();
                 }
                 Event::Aborted => return Err(self.peer_aborted()),
+                Event::DeviceState => self.device_state()?,
                 Event::Keepalive => {}
                 Event::EndOfRound(round) => {
                     let waited = Instant::now();
@@ -228,6 +235,16 @@ impl RecvShard {
                 Event::EndOfStream => {
                     self.expect_close_notify()?;
                     self.barrier(Marker::EndOfStream(self.reader.round()))?;
+                    if self.blobs.in_progress() {
+                        return Err(self.protocol(ProtocolError::BlobRefused(
+                            "the stream ended inside a device state blob",
+                        )));
+                    }
+                    self.p
+                        .device_state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(self.blobs.take());
                     // Every channel has ended: the image is complete only if every page of
                     // the layout was placed (or declared zero) at least once.
                     if let Some(m) = self.p.ledger.first_missing() {
@@ -247,51 +264,52 @@ impl RecvShard {
         Ok(())
     }
 
-    /// Reads a sender's abort frame's payload: the error it names.
-    fn peer_aborted(&mut self) -> Error {
-        let len = self.frame.payload_bytes as usize;
-        let mut body = [0u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX];
-        let got = if self.p.tls.is_none() {
+    /// Reads a frame's payload of `len` bytes (an abort's reason, a device state chunk: small
+    /// bodies, not pages) into `unpacked[..len]`.
+    fn read_body(&mut self, len: usize) -> Result<()> {
+        if self.p.tls.is_none() {
             let buf = [Buf::Slab {
-                slot: HEADER_SLOT,
+                slot: STAGING_SLOT,
                 offset: 0,
                 len: len as u32,
             }];
-            self.recv(&buf, len as u64, false).map(|_| {
-                body[..len].copy_from_slice(&self.ring.slot_mut(HEADER_SLOT)[..len]);
-            })
+            self.recv(&buf, len as u64, false)?;
+            self.unpacked[..len].copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[..len]);
         } else {
             let mut done = 0;
-            let mut result = Ok(());
             while done < len {
-                match self.tls_plain(len - done, false) {
-                    Ok(Some(r)) => {
-                        let n = r.len();
-                        body[done..done + n].copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
-                        done += n;
-                    }
-                    Ok(None) => {
-                        result = Err(self.cut_short());
-                        break;
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
+                let Some(r) = self.tls_plain(len - done, false)? else {
+                    return Err(self.cut_short());
+                };
+                let n = r.len();
+                self.unpacked[done..done + n].copy_from_slice(&self.ring.slot_mut(STAGING_SLOT)[r]);
+                done += n;
             }
-            result
-        };
-        if let Err(e) = got {
-            return e;
         }
         self.reader.payload_done();
-        let (code, reason) = crate::protocol::control::decode_abort_body(&body[..len]);
+        Ok(())
+    }
+
+    /// Reads a sender's abort frame's payload: the error it names.
+    fn peer_aborted(&mut self) -> Error {
+        let len = self.frame.payload_bytes as usize;
+        if let Err(e) = self.read_body(len) {
+            return e;
+        }
+        let (code, reason) = crate::protocol::control::decode_abort_body(&self.unpacked[..len]);
         Error::PeerAborted {
             channel: self.channel,
             code,
             reason,
         }
+    }
+
+    /// Reads a device state chunk and hands it to this channel's blob assembler.
+    fn device_state(&mut self) -> Result<()> {
+        let len = self.frame.payload_bytes as usize;
+        self.read_body(len)?;
+        let pushed = self.blobs.push(&self.unpacked[..len]);
+        pushed.map_err(|e| self.protocol(e))
     }
 
     fn barrier(&self, marker: Marker) -> Result<()> {

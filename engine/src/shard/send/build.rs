@@ -51,12 +51,26 @@ impl SendShard {
                     .abort
                     .first_reason()
                     .unwrap_or((crate::error::AbortCode::Other, "aborted".into()));
-                let n = crate::protocol::control::encode_abort_body(
-                    code,
-                    &reason,
-                    &mut self.abort_body,
-                );
+                let body: &mut [u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX] =
+                    (&mut self.body[..4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX])
+                        .try_into()
+                        .expect("the body holds an abort's");
+                let n = crate::protocol::control::encode_abort_body(code, &reason, body);
                 self.m.abort(&mut self.frame, n as u32, now);
+                n as u64
+            }
+            Work::DeviceState {
+                tag,
+                total,
+                last,
+                chunk,
+            } => {
+                let n = CHUNK_HEADER_BYTES + chunk.len();
+                let header = ChunkHeader::of(tag, total, &chunk, last);
+                let (head, rest) = self.body.split_at_mut(CHUNK_HEADER_BYTES);
+                header.encode(head.try_into().expect("the chunk header's size"));
+                rest[..chunk.len()].copy_from_slice(&chunk);
+                self.m.device_state(&mut self.frame, n as u32, now);
                 n as u64
             }
         };
@@ -186,8 +200,8 @@ impl SendShard {
             .encode(&mut self.header)
             .expect("the header buffer holds FRAME_HEADER_BYTES_MAX");
         let out = self.ring.slot_mut(slot);
-        let body = if frame.kind == FrameKind::Abort {
-            Payload::Bytes(&self.abort_body[..payload as usize])
+        let body = if has_body(frame) {
+            Payload::Bytes(&self.body[..payload as usize])
         } else if frame.codec == Codec::Raw {
             Payload::Guest(
                 &self.memory.regions()[frame.region as usize],
@@ -230,7 +244,7 @@ impl SendShard {
     fn encode_plain(&mut self, slot: u16, payload: u64) -> u64 {
         let frame = &*self.frame;
         let s = &mut self.slots[usize::from(slot)];
-        if frame.codec == Codec::Raw && frame.kind != FrameKind::Abort {
+        if frame.codec == Codec::Raw && !has_body(frame) {
             let header = frame
                 .encode(self.ring.slot_mut(slot))
                 .expect("a slot holds FRAME_HEADER_BYTES_MAX");
@@ -241,10 +255,10 @@ impl SendShard {
             };
             return header as u64 + payload;
         }
-        if frame.kind == FrameKind::Abort {
+        if has_body(frame) {
             let n = payload as usize;
             self.ring.slot_mut(slot)[PAYLOAD_OFFSET..PAYLOAD_OFFSET + n]
-                .copy_from_slice(&self.abort_body[..n]);
+                .copy_from_slice(&self.body[..n]);
         }
         let header = frame
             .encode(&mut self.header)
@@ -258,4 +272,9 @@ impl SendShard {
         };
         header as u64 + payload
     }
+}
+
+/// True for frames whose payload is a body built in the shard (`SendShard::body`), not pages.
+fn has_body(frame: &Frame) -> bool {
+    matches!(frame.kind, FrameKind::Abort | FrameKind::DeviceState)
 }

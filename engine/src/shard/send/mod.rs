@@ -29,8 +29,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::limits::{
-    CHAIN_FRAMES_MAX, CONTROL_BYTES, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX,
-    FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+    CHAIN_FRAMES_MAX, CONTROL_BYTES, DEVICE_CHUNK_BYTES_MAX, FRAME_HEADER_BYTES_MAX,
+    FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS,
+    SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
@@ -39,6 +40,7 @@ use crate::pipeline::seal::{
     RECORD_PLAINTEXT_BYTES_MAX,
 };
 use crate::pipeline::zero::ZeroScanner;
+use crate::protocol::blob::{ChunkHeader, CHUNK_HEADER_BYTES};
 use crate::protocol::control::ControlReader;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
 use crate::protocol::sender::{Marker, SenderFault, SenderMachine};
@@ -55,7 +57,7 @@ mod chain;
 mod control;
 
 /// A unit of work from the coordinator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Work {
     /// Send `pages` pages of `region` from `first_page` (at most `CHUNK_PAGES_MAX`); `live`
     /// when vCPUs may write them meanwhile (a pre-copy round).
@@ -73,13 +75,24 @@ pub(crate) enum Work {
     Keepalive,
     /// Tell the receiver why this side failed (the shard makes it itself on the way out).
     Abort,
+    /// One chunk of a device state blob (at most `DEVICE_CHUNK_BYTES_MAX` bytes).
+    DeviceState {
+        tag: u32,
+        total: u64,
+        last: bool,
+        chunk: Arc<[u8]>,
+    },
 }
 
 /// What a shard tells its coordinator (what its channel machine says).
 pub(crate) use crate::protocol::sender::SenderEvent as ShardEvent;
 
 const CONTROL_SLOT: u16 = SHARD_FRAMES_IN_FLIGHT_MAX as u16;
-const SLOT_BYTES_PLAIN: usize = 4096;
+/// A plaintext slot holds a frame's header, or a body (an abort's reason, a device state chunk)
+/// right after the header's place.
+const SLOT_BYTES_PLAIN: usize = (PAYLOAD_OFFSET + BODY_BYTES_MAX).next_multiple_of(4096);
+/// Bytes of the largest frame body built in the shard (not pages).
+const BODY_BYTES_MAX: usize = CHUNK_HEADER_BYTES + DEVICE_CHUNK_BYTES_MAX;
 /// Records one frame's plaintext (header plus payload) fills at most.
 const FRAME_RECORDS_MAX: usize =
     (FRAME_HEADER_BYTES_MAX + FRAME_PAYLOAD_BYTES_MAX).div_ceil(RECORD_PLAINTEXT_BYTES_MAX);
@@ -105,7 +118,8 @@ const FRAMES_BUILT_AHEAD_MAX: usize = 2;
 /// Milliseconds a failed sender shard spends telling the receiver why (an abort frame after the
 /// frames already built), before it closes the connection regardless.
 const ABORT_SEND_MS: u64 = 300;
-const _: () = assert!(PAYLOAD_OFFSET + 4 + CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN);
+const _: () = assert!(4 + CONTROL_MESSAGE_BYTES_MAX <= BODY_BYTES_MAX);
+const _: () = assert!(PAYLOAD_OFFSET + BODY_BYTES_MAX <= SLOT_BYTES_COMPRESSED);
 const _: () = assert!(
     FRAME_HEADER_BYTES_MAX <= SLOT_BYTES_PLAIN && CONTROL_MESSAGE_BYTES_MAX <= SLOT_BYTES_PLAIN
 );
@@ -224,8 +238,8 @@ pub(crate) struct SendShard {
     chain_bytes: u64,
     pace_bytes_per_s: Option<f64>,
     pace_until: Instant,
-    /// The body of an abort frame being sent.
-    abort_body: [u8; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
+    /// The body of an abort or device state frame being built.
+    body: Box<[u8; BODY_BYTES_MAX]>,
 }
 
 impl SendShard {
@@ -329,7 +343,7 @@ impl SendShard {
             chain_bytes: 0,
             pace_bytes_per_s: p.pace_bytes_per_s,
             pace_until: Instant::now(),
-            abort_body: [0; 4 + crate::protocol::control::CONTROL_REASON_BYTES_MAX],
+            body: Box::new([0; BODY_BYTES_MAX]),
         })
     }
 
