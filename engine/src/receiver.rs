@@ -29,6 +29,7 @@ use crate::protocol::handshake::{
 };
 use crate::protocol::ledger::PageLedger;
 use crate::protocol::PROTOCOL_VERSION;
+use crate::sender::Canceller;
 use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
 use crate::shard::{allowed_cores, catch_panic, error_chain, pin, Abort, RoundBarrier};
 use crate::stats::{Progress, TransferStats};
@@ -55,6 +56,8 @@ pub struct Receiver {
     config: ReceiverConfig,
     progress: Arc<Progress>,
     device_state: DeviceState,
+    /// The transfer's abort latch, made up front so a [`Canceller`] can be handed out.
+    abort: Arc<Abort>,
 }
 
 /// The device state blobs a live migration carried, once the receiver has run (see
@@ -135,6 +138,7 @@ impl Receiver {
             config,
             progress,
             device_state: DeviceState::default(),
+            abort: Arc::new(Abort::new(true)),
         })
     }
 
@@ -151,6 +155,13 @@ impl Receiver {
         self.device_state.clone()
     }
 
+    /// A handle that cancels this receiver from any thread, while it waits for a sender or
+    /// receives: it tells the sender why, and [`run`](Self::run) returns [`Error::Cancelled`]
+    /// within a ring wait slice.
+    pub fn canceller(&self) -> Canceller {
+        Canceller::new(self.abort.clone())
+    }
+
     /// Live counters for a progress display.
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
@@ -159,7 +170,7 @@ impl Receiver {
     /// Accepts one transfer and receives it until every channel has ended its stream.
     pub fn run(mut self) -> Result<TransferStats> {
         let caps = crate::uring::probe()?;
-        let abort = Arc::new(Abort::new(true));
+        let abort = self.abort.clone();
         let (streams, start, layout_bytes) = self.accept_channels(&abort)?;
         let cpu_start = crate::sys::thread_cpu_time();
         let memory = match std::mem::replace(
@@ -381,6 +392,9 @@ impl Receiver {
                         last_refusal,
                     });
                 }
+            }
+            if abort.is_raised() {
+                return Err(abort.take_error().unwrap_or(Error::Cancelled));
             }
             if in_flight >= HANDSHAKES_IN_FLIGHT_MAX {
                 // Leave further connections in the backlog until a handshake ends.

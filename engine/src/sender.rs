@@ -3,6 +3,7 @@
 //! the round protocol. Control plane only: it never touches a page.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -72,9 +73,43 @@ fn device_chunk(tag: u32, total: u64, last: bool, bytes: &[u8]) -> Work {
     }
 }
 
+/// The sender's bandwidth limit (`max_bandwidth_bytes_per_s`), changeable while it runs: every
+/// shard reads it before each chain of sends and paces its share (the limit over the channel
+/// count), so a change applies within a chain (at most `CHAIN_FRAMES_MAX` frames).
+#[derive(Debug, Clone, Default)]
+pub struct BandwidthLimit(Arc<AtomicU64>);
+
+impl BandwidthLimit {
+    /// A limit of `bytes_per_s` for the whole transfer (`None`: as fast as it goes).
+    pub fn new(bytes_per_s: Option<u64>) -> Self {
+        let limit = BandwidthLimit::default();
+        limit.set(bytes_per_s);
+        limit
+    }
+
+    /// Changes the limit (`None` lifts it).
+    pub fn set(&self, bytes_per_s: Option<u64>) {
+        self.0.store(
+            bytes_per_s
+                .unwrap_or(0)
+                .max(u64::from(bytes_per_s.is_some())),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The limit now.
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(b),
+        }
+    }
+}
+
 /// Cancels a transfer from another thread: the shards see it within a ring wait slice
-/// (`RING_WAIT_SLICE_MS`), tell the receiver with an abort frame ("cancelled") and close; the
-/// sender's current or next call returns [`Error::Cancelled`].
+/// (`RING_WAIT_SLICE_MS`), tell the peer why ("cancelled") and close; the side's current or
+/// next call returns [`Error::Cancelled`]. From [`Sender::canceller`] or
+/// [`Receiver::canceller`](crate::Receiver::canceller).
 #[derive(Clone)]
 pub struct Canceller {
     abort: Arc<Abort>,
@@ -87,6 +122,10 @@ impl std::fmt::Debug for Canceller {
 }
 
 impl Canceller {
+    pub(crate) fn new(abort: Arc<Abort>) -> Self {
+        Canceller { abort }
+    }
+
     /// Cancels the transfer (a no-op once it has ended or failed).
     pub fn cancel(&self) {
         self.abort.fail(Error::Cancelled);
@@ -112,6 +151,7 @@ pub struct Sender {
     rounds: Vec<RoundStats>,
     finished: bool,
     defer_taskrun: bool,
+    bandwidth: BandwidthLimit,
 }
 
 impl std::fmt::Debug for Sender {
@@ -164,6 +204,7 @@ impl Sender {
         let cpu_start = crate::sys::thread_cpu_time();
         let session_id: [u8; 16] = rand::random();
         let abort = Arc::new(Abort::new(false));
+        let bandwidth = BandwidthLimit::new(config.max_bandwidth_bytes_per_s);
         let progress = Arc::new(Progress::default());
         let (events_tx, events) = unbounded();
         let cores = allowed_cores();
@@ -240,9 +281,8 @@ impl Sender {
                 compression: config.compression,
                 zstd_level: config.zstd_level,
                 // Each shard paces its share of the total.
-                pace_bytes_per_s: config
-                    .max_bandwidth_bytes_per_s
-                    .map(|b| b as f64 / f64::from(n)),
+                pace: bandwidth.clone(),
+                channels: n,
                 idle: Duration::from_millis(config.idle_timeout_ms),
                 keepalive_every,
                 #[cfg(feature = "faults")]
@@ -290,6 +330,7 @@ impl Sender {
             rounds: Vec::new(),
             finished: false,
             defer_taskrun: caps.defer_taskrun,
+            bandwidth,
         })
     }
 
@@ -447,6 +488,11 @@ impl Sender {
         self.cpu_ms += (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         stats.finalize(self.start.elapsed().as_secs_f64(), self.cpu_ms);
         Ok(stats)
+    }
+
+    /// The bandwidth limit, to change while this sender runs (see [`BandwidthLimit`]).
+    pub fn bandwidth_limit(&self) -> BandwidthLimit {
+        self.bandwidth.clone()
     }
 
     /// The memory this sender sends.

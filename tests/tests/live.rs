@@ -356,3 +356,113 @@ fn device_state_blobs_arrive_byte_identical_tls() {
     }
     blobs_arrive_byte_identical(true);
 }
+
+#[test]
+fn a_bandwidth_change_mid_transfer_changes_the_rate() {
+    if skip_without_uring() {
+        return;
+    }
+    const LIMIT: u64 = 32 << 20;
+    let mut p = connect(2);
+    let limit = p.sender.bandwidth_limit();
+    limit.set(Some(LIMIT));
+    let progress = p.sender.progress();
+    let started = Instant::now();
+    let lift = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        let sent = progress.wire_bytes.load(Ordering::Relaxed);
+        limit.set(None);
+        sent
+    });
+    p.sender.send_all().unwrap();
+    p.sender.finish().unwrap();
+    let elapsed = started.elapsed();
+    let limited = lift.join().unwrap();
+    join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    assert_eq!(p.src.first_difference(&p.dst), None);
+    // Under the limit, 400 ms carry about 13 MiB (allow a chain of slack either way); at the
+    // limit the whole 64 MiB (about half of it zero pages, which cost nothing) would take
+    // ~1 s, so lifting it shows in the total time.
+    let limited_rate = limited as f64 / 0.4;
+    assert!(
+        limited_rate < 1.5 * LIMIT as f64,
+        "{:.1} MiB/s while limited to {} MiB/s",
+        limited_rate / f64::from(1 << 20),
+        LIMIT >> 20
+    );
+    let total = MEMORY_BYTES as f64 / 2.0;
+    let at_limit = Duration::from_secs_f64(total / LIMIT as f64);
+    assert!(
+        elapsed < at_limit,
+        "{elapsed:?}: no faster than at the limit ({at_limit:?})"
+    );
+}
+
+#[test]
+fn a_receiver_cancelled_while_waiting_or_receiving_ends_within_a_second() {
+    if skip_without_uring() {
+        return;
+    }
+    // Waiting for a sender.
+    let dst = Arc::new(
+        GuestMemory::anonymous(&[RegionSpec {
+            gpa: 0,
+            len: 1 << 20,
+        }])
+        .unwrap(),
+    );
+    let receiver = Receiver::bind("127.0.0.1:0", dst, ReceiverConfig::default()).unwrap();
+    let cancel = receiver.canceller();
+    let waiting = std::thread::spawn(move || receiver.run());
+    std::thread::sleep(Duration::from_millis(200));
+    cancel.cancel();
+    let err = join_within(waiting, Duration::from_secs(1), "waiting receiver").unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+
+    // Receiving a live migration that would not end by itself.
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: MEMORY_BYTES,
+    }];
+    let src = Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    let dst = Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    let receiver = Receiver::bind(
+        "127.0.0.1:0",
+        dst,
+        ReceiverConfig {
+            pinning: Pinning::None,
+            ..ReceiverConfig::default()
+        },
+    )
+    .unwrap();
+    let addr = receiver.local_addr().unwrap();
+    let cancel = receiver.canceller();
+    let receiving = std::thread::spawn(move || receiver.run());
+    let sender = Sender::connect(
+        addr,
+        src.clone(),
+        &SenderConfig {
+            pinning: Pinning::None,
+            ..SenderConfig::default()
+        },
+    )
+    .unwrap();
+    let bitmap = Arc::new(SharedBitmap::new(&src));
+    let mut guest = dirtier(&src, &bitmap, 400 << 20);
+    let migration = Migration::new(
+        sender,
+        busy(&bitmap),
+        Box::new(DowntimeLimit {
+            downtime_limit_ms: 0,
+            rounds_max: 1_000_000,
+            total_ms_max: 60_000,
+        }),
+    );
+    let sending = std::thread::spawn(move || migration.run(&mut guest));
+    std::thread::sleep(Duration::from_millis(300));
+    cancel.cancel();
+    let r = join_within(receiving, Duration::from_secs(1), "receiver").unwrap_err();
+    assert!(matches!(r, Error::Cancelled), "{r}");
+    let s = join_within(sending, Duration::from_secs(1), "sender").unwrap_err();
+    assert!(s.to_string().contains("cancelled"), "sender: {s}");
+}

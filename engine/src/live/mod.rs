@@ -26,7 +26,7 @@ use std::time::Instant;
 use crate::dirty::{DirtyBitmaps, DirtySource};
 use crate::error::{Error, Result};
 use crate::protocol::blob::DeviceBlob;
-use crate::sender::{Canceller, PageRun, Sender};
+use crate::sender::{BandwidthLimit, Canceller, PageRun, Sender};
 use crate::stats::TransferStats;
 
 pub use policy::{Decision, DowntimeLimit, Estimates, Policy, PolicyView, RoundFigures};
@@ -106,6 +106,7 @@ pub struct MigrationReport {
 #[derive(Debug, Clone)]
 pub struct MigrationHandle {
     canceller: Canceller,
+    bandwidth: BandwidthLimit,
     snapshot: Arc<Mutex<Snapshot>>,
 }
 
@@ -114,6 +115,12 @@ impl MigrationHandle {
     /// [`Error::Cancelled`] (the receiver as the sender's abort).
     pub fn cancel(&self) {
         self.canceller.cancel();
+    }
+
+    /// Changes the bandwidth limit, in wire bytes per second for the whole migration (`None`
+    /// lifts it); applies from the shards' next chain of sends.
+    pub fn set_max_bandwidth(&self, bytes_per_s: Option<u64>) {
+        self.bandwidth.set(bytes_per_s);
     }
 
     /// Where the migration stands now.
@@ -156,6 +163,7 @@ impl Migration {
     pub fn handle(&self) -> MigrationHandle {
         MigrationHandle {
             canceller: self.sender.canceller(),
+            bandwidth: self.sender.bandwidth_limit(),
             snapshot: self.snapshot.clone(),
         }
     }

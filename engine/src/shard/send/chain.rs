@@ -19,7 +19,7 @@ impl SendShard {
             // The whole chain must fit, plus one entry for a control receive.
             let need = ops_total + ops + 1;
             // Paced: one frame per chain, so the rate applies frame by frame.
-            let frames_max = if self.pace_bytes_per_s.is_some() {
+            let frames_max = if self.pace_bytes_per_s().is_some() {
                 1
             } else {
                 CHAIN_FRAMES_MAX
@@ -58,7 +58,7 @@ impl SendShard {
         }
         self.chain_started = Instant::now();
         self.chain_bytes = self.chain.iter().map(|op| op.len).sum();
-        if let Some(rate) = self.pace_bytes_per_s {
+        if let Some(rate) = self.pace_bytes_per_s() {
             let due = Duration::from_secs_f64(self.chain_bytes as f64 / rate);
             self.pace_until = self.pace_until.max(self.chain_started) + due;
         }

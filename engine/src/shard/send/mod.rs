@@ -176,6 +176,8 @@ struct ChainOp {
 /// Shard parameters.
 pub(crate) struct SendShardParams {
     pub channel: u16,
+    /// Channels of the transfer (the bandwidth limit is shared among them).
+    pub channels: u16,
     pub zero_copy: ZeroCopy,
     pub memory: Arc<GuestMemory>,
     pub work: Receiver<Work>,
@@ -190,8 +192,8 @@ pub(crate) struct SendShardParams {
     pub compression: Compression,
     /// zstd level (checked by the coordinator).
     pub zstd_level: i32,
-    /// This shard's share of `--max-bandwidth`, in wire bytes per second.
-    pub pace_bytes_per_s: Option<f64>,
+    /// The transfer's bandwidth limit; this shard paces its share.
+    pub pace: crate::sender::BandwidthLimit,
     /// No progress for this long (sends not taken, no confirmation) fails the channel.
     pub idle: Duration,
     /// An idle channel sends a keepalive frame this often (a quarter of the receiver's bound).
@@ -236,7 +238,8 @@ pub(crate) struct SendShard {
     packed: Vec<u8>,
     chain_started: Instant,
     chain_bytes: u64,
-    pace_bytes_per_s: Option<f64>,
+    pace: crate::sender::BandwidthLimit,
+    channels: u16,
     pace_until: Instant,
     /// The body of an abort or device state frame being built.
     body: Box<[u8; BODY_BYTES_MAX]>,
@@ -341,7 +344,8 @@ impl SendShard {
             auto: Auto::new(),
             chain_started: Instant::now(),
             chain_bytes: 0,
-            pace_bytes_per_s: p.pace_bytes_per_s,
+            pace: p.pace,
+            channels: p.channels,
             pace_until: Instant::now(),
             body: Box::new([0; BODY_BYTES_MAX]),
         })
@@ -460,6 +464,13 @@ impl SendShard {
                 "zero-copy works but guest memory could not be registered, sending without fixed buffers: {e}"
             ),
         }
+    }
+
+    /// This shard's share of the bandwidth limit now, in bytes per second.
+    fn pace_bytes_per_s(&self) -> Option<f64> {
+        self.pace
+            .get()
+            .map(|b| b as f64 / f64::from(self.channels.max(1)))
     }
 
     fn sends_in_flight(&self) -> usize {
