@@ -19,6 +19,8 @@
 
 pub mod dirtier;
 pub mod policy;
+#[cfg(feature = "kvm")]
+pub mod tinyguest;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

@@ -1,0 +1,341 @@
+//! A tiny KVM guest for demos and tests of live migration (the `kvm` feature): 48 bytes of
+//! hand-written real-mode code that dirties a working set at a rate it reads from its own
+//! memory and counts its stores, run by a vCPU thread tick by tick.
+//!
+//! Every 1 ms tick the guest stores its 32-bit progress counter into the next `burst` pages of
+//! its working set (walking them in turn, wrapping at the end), incrementing the counter per
+//! store, then halts; the vCPU thread wakes it at the next tick. So the caller chooses the
+//! dirty rate (`burst` × 1000 page writes per second) and the working set (up to
+//! [`WORKING_SET_PAGES_MAX`]: real mode reaches the first MiB). [`TinyGuest`] is the source
+//! side ([`Vmm`]: pausing stops the vCPU at its next halt; its registers are the device state)
+//! and [`TinyGuest::resume`] the destination side.
+//!
+//! Unmodified Linux guests do not boot under every nested KVM; this guest needs nothing but
+//! real mode, so it runs wherever `/dev/kvm` creates a VM.
+
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use super::Vmm;
+use crate::dirty::kvm::{KvmDirtyLog, SlotRegion};
+use crate::error::{Error, Result};
+use crate::memory::GuestMemory;
+use crate::protocol::blob::DeviceBlob;
+
+/// Pages the working set may span (page 16 up to below 1 MiB, minus a margin).
+pub const WORKING_SET_PAGES_MAX: u16 = 200;
+/// The guest's tick: it halts after each burst and runs again at the next one.
+pub const TICK: Duration = Duration::from_millis(1);
+/// Tag of the vCPU registers blob.
+pub const REGS_TAG: u32 = u32::from_le_bytes(*b"regs");
+/// Guest-physical address of the progress counter (u32).
+pub const COUNTER_GPA: u64 = 0x508;
+/// Guest memory the guest needs at least (its code, variables and working set).
+pub const MEMORY_BYTES_MIN: u64 = 1 << 20;
+
+const CODE_GPA: u64 = 0x1000;
+const BURST_GPA: u64 = 0x500;
+const WS_FIRST_GPA: u64 = 0x502;
+const NEXT_GPA: u64 = 0x504;
+const WS_END_GPA: u64 = 0x506;
+/// Segment of the working set's first page (page 16).
+const WS_FIRST_SEGMENT: u16 = 0x1000;
+const REGS_BLOB_BYTES: usize = 19 * 8 + 2;
+
+/// The guest (real mode, DS = 0): see the module docs.
+const GUEST: [u8; 48] = [
+    0x8B, 0x0E, 0x00, 0x05, // top: mov cx, [0x500]        burst
+    0xA1, 0x04, 0x05, // body: mov ax, [0x504]             next page's segment
+    0x8E, 0xC0, // mov es, ax
+    0x83, 0x06, 0x08, 0x05, 0x01, // add word [0x508], 1  counter, low word
+    0x83, 0x16, 0x0A, 0x05, 0x00, // adc word [0x50a], 0  counter, high word
+    0x8B, 0x16, 0x08, 0x05, // mov dx, [0x508]
+    0x26, 0x89, 0x16, 0x00, 0x00, // mov es:[0], dx      dirty the page
+    0x05, 0x00, 0x01, // add ax, 0x100                    next page
+    0x3B, 0x06, 0x06, 0x05, // cmp ax, [0x506]            past the working set?
+    0x72, 0x03, // jb store
+    0xA1, 0x02, 0x05, // mov ax, [0x502]                  wrap to its first page
+    0xA3, 0x04, 0x05, // store: mov [0x504], ax
+    0xE2, 0xD7, // loop body
+    0xF4, // hlt                                          end of tick
+    0xEB, 0xD0, // jmp top
+];
+
+fn kvm_error(what: &str, e: kvm_ioctls::Error) -> Error {
+    Error::io(what, std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// The guest's progress counter in `memory`.
+pub fn counter(memory: &GuestMemory) -> u32 {
+    let mut b = [0u8; 4];
+    memory.regions()[0].read(COUNTER_GPA, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// A VM over region 0 of `memory` (slot 0, dirty logging on) with one vCPU in flat real mode.
+/// The VM fd must be dropped before `memory` (callers keep both in one struct, VM first).
+fn vm(memory: &GuestMemory) -> Result<(Arc<VmFd>, VcpuFd)> {
+    let region = memory
+        .regions()
+        .first()
+        .filter(|r| r.gpa() == 0 && r.len() >= MEMORY_BYTES_MIN && r.is_writable())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "the tiny guest needs writable memory from address 0, at least {MEMORY_BYTES_MIN} bytes"
+            ))
+        })?;
+    let kvm = Kvm::new().map_err(|e| kvm_error("opening /dev/kvm", e))?;
+    let vm = kvm.create_vm().map_err(|e| kvm_error("creating a VM", e))?;
+    let slot = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: region.len(),
+        userspace_addr: region.host_addr() as u64,
+    };
+    // SAFETY: the slot maps region 0 of `memory`, whole; the callers keep the memory (an Arc)
+    // alive for as long as the VM, which they drop first.
+    unsafe { vm.set_user_memory_region(slot) }.map_err(|e| kvm_error("adding guest memory", e))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| kvm_error("creating a vCPU", e))?;
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| kvm_error("reading segment registers", e))?;
+    for s in [
+        &mut sregs.cs,
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.ss,
+        &mut sregs.fs,
+        &mut sregs.gs,
+    ] {
+        s.base = 0;
+        s.selector = 0;
+    }
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| kvm_error("setting segment registers", e))?;
+    Ok((Arc::new(vm), vcpu))
+}
+
+/// The vCPU thread: runs the guest tick by tick until `stop`, then hands the vCPU back.
+fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result<VcpuFd>>> {
+    std::thread::Builder::new()
+        .name("pw-tiny-vcpu".into())
+        .spawn(move || {
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Acquire) {
+                match vcpu.run().map_err(|e| kvm_error("running the vCPU", e))? {
+                    VcpuExit::Hlt => {}
+                    exit => return Err(Error::Internal(format!("unexpected vCPU exit {exit:?}"))),
+                }
+                next += TICK;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            Ok(vcpu)
+        })
+        .map_err(|e| Error::io("starting the vCPU thread", e))
+}
+
+/// A running tiny guest (see the module docs). Fields drop in order: the VM before the memory.
+pub struct TinyGuest {
+    vm: Arc<VmFd>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<VcpuFd>>>,
+    vcpu: Option<VcpuFd>,
+    memory: Arc<GuestMemory>,
+    /// The counter when the vCPU stopped.
+    pub counter_at_pause: Option<u32>,
+}
+
+impl std::fmt::Debug for TinyGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TinyGuest")
+            .field("counter_at_pause", &self.counter_at_pause)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TinyGuest {
+    /// Loads the guest into `memory` (region 0 from address 0; the rest is left as it is) and
+    /// starts it: `burst` pages per tick over a working set of `working_set` pages.
+    pub fn start(memory: Arc<GuestMemory>, burst: u16, working_set: u16) -> Result<Self> {
+        if working_set == 0 || working_set > WORKING_SET_PAGES_MAX || burst == 0 {
+            return Err(Error::Config(format!(
+                "the tiny guest takes a burst of at least one page and a working set of 1..={WORKING_SET_PAGES_MAX} pages"
+            )));
+        }
+        let (vm, vcpu) = vm(&memory)?;
+        let region = &memory.regions()[0];
+        region.write(CODE_GPA, &GUEST);
+        region.write(BURST_GPA, &burst.to_le_bytes());
+        region.write(WS_FIRST_GPA, &WS_FIRST_SEGMENT.to_le_bytes());
+        region.write(NEXT_GPA, &WS_FIRST_SEGMENT.to_le_bytes());
+        let end = WS_FIRST_SEGMENT + working_set * 0x100;
+        region.write(WS_END_GPA, &end.to_le_bytes());
+        region.write(COUNTER_GPA, &0u32.to_le_bytes());
+        let mut regs = vcpu
+            .get_regs()
+            .map_err(|e| kvm_error("reading registers", e))?;
+        regs.rip = CODE_GPA;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs)
+            .map_err(|e| kvm_error("setting registers", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = run_vcpu(vcpu, stop.clone())?;
+        Ok(TinyGuest {
+            vm,
+            stop,
+            thread: Some(thread),
+            vcpu: None,
+            memory,
+            counter_at_pause: None,
+        })
+    }
+
+    /// The guest's memory as a dirty source: the KVM dirty log of its slot.
+    pub fn dirty_log(&self) -> KvmDirtyLog {
+        KvmDirtyLog::new(
+            self.vm.clone(),
+            vec![SlotRegion {
+                slot: 0,
+                region: 0,
+                bytes: self.memory.regions()[0].len(),
+            }],
+        )
+    }
+
+    /// The progress counter now.
+    pub fn counter(&self) -> u32 {
+        counter(&self.memory)
+    }
+
+    /// Stops the vCPU (at its next halt, within a tick) and keeps it for its registers.
+    pub fn stop(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let vcpu = thread
+            .join()
+            .map_err(|_| Error::Internal("the vCPU thread panicked".into()))??;
+        self.vcpu = Some(vcpu);
+        self.counter_at_pause = Some(self.counter());
+        Ok(())
+    }
+
+    /// Destination side: a guest from migrated `memory` and its registers blob (from
+    /// [`Vmm::device_state`]), running again.
+    pub fn resume(memory: Arc<GuestMemory>, blobs: &[DeviceBlob]) -> Result<Self> {
+        let blob = blobs
+            .iter()
+            .find(|b| b.tag == REGS_TAG)
+            .ok_or_else(|| Error::Config("no register blob among the device state".into()))?;
+        if blob.bytes.len() != REGS_BLOB_BYTES {
+            return Err(Error::Config(format!(
+                "a register blob of {} bytes, not {REGS_BLOB_BYTES}",
+                blob.bytes.len()
+            )));
+        }
+        let (vm, vcpu) = vm(&memory)?;
+        let u = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&blob.bytes[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        let regs = kvm_bindings::kvm_regs {
+            rax: u(0),
+            rbx: u(1),
+            rcx: u(2),
+            rdx: u(3),
+            rsi: u(4),
+            rdi: u(5),
+            rsp: u(6),
+            rbp: u(7),
+            r8: u(8),
+            r9: u(9),
+            r10: u(10),
+            r11: u(11),
+            r12: u(12),
+            r13: u(13),
+            r14: u(14),
+            r15: u(15),
+            rip: u(16),
+            rflags: u(17),
+        };
+        let mut sregs = vcpu
+            .get_sregs()
+            .map_err(|e| kvm_error("reading segment registers", e))?;
+        sregs.es.base = u(18);
+        sregs.es.selector = u16::from_le_bytes([blob.bytes[152], blob.bytes[153]]);
+        vcpu.set_sregs(&sregs)
+            .map_err(|e| kvm_error("setting segment registers", e))?;
+        vcpu.set_regs(&regs)
+            .map_err(|e| kvm_error("setting registers", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = run_vcpu(vcpu, stop.clone())?;
+        Ok(TinyGuest {
+            vm,
+            stop,
+            thread: Some(thread),
+            vcpu: None,
+            memory,
+            counter_at_pause: None,
+        })
+    }
+}
+
+impl Vmm for TinyGuest {
+    fn pause(&mut self) -> Result<()> {
+        self.stop()
+    }
+
+    /// The registers this guest needs: the 18 general registers, then the ES segment (base
+    /// and selector; the other segments stay 0 in this guest).
+    fn device_state(&mut self) -> Result<Vec<DeviceBlob>> {
+        let vcpu = self
+            .vcpu
+            .as_ref()
+            .ok_or_else(|| Error::Internal("device state before the pause".into()))?;
+        let r = vcpu
+            .get_regs()
+            .map_err(|e| kvm_error("reading registers", e))?;
+        let es = vcpu
+            .get_sregs()
+            .map_err(|e| kvm_error("reading segment registers", e))?
+            .es;
+        let mut bytes = Vec::with_capacity(REGS_BLOB_BYTES);
+        for v in [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags, es.base,
+        ] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes.extend_from_slice(&es.selector.to_le_bytes());
+        Ok(vec![DeviceBlob {
+            tag: REGS_TAG,
+            bytes,
+        }])
+    }
+}
+
+impl Drop for TinyGuest {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// True when `/dev/kvm` can create a VM here; otherwise the reason.
+pub fn probe() -> std::result::Result<(), String> {
+    Kvm::new()
+        .and_then(|k| k.create_vm().map(drop))
+        .map_err(|e| format!("/dev/kvm cannot create a VM here: {e}"))
+}
