@@ -291,11 +291,14 @@ impl Run {
         if let Err(e) = vmm.pause() {
             return Err(sender.abandon(e));
         }
+        let paused_ms = paused.elapsed().as_secs_f64() * 1e3;
         // What was written between the last collect and the pause.
         source.collect(&mut bitmaps)?;
         bitmaps.runs(&mut runs);
+        let collected_ms = paused.elapsed().as_secs_f64() * 1e3;
         let before = wire();
         let last = sender.send_round(&runs)?;
+        let sent_ms = paused.elapsed().as_secs_f64() * 1e3;
         let figures = RoundFigures {
             round: last.round,
             pages: last.pages,
@@ -308,8 +311,17 @@ impl Run {
             Err(e) => return Err(sender.abandon(e)),
         };
         sender.send_device_state(&blobs)?;
+        let device_ms = paused.elapsed().as_secs_f64() * 1e3;
         let transfer = sender.finish()?;
         let downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(
+            paused_ms,
+            collected_ms,
+            sent_ms,
+            device_ms,
+            confirmed_ms = downtime_ms,
+            "downtime, cumulative from the pause"
+        );
         self.record(figures, wire(), None);
         self.update(|s| {
             s.status = Status::Completed;
