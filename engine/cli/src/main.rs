@@ -856,7 +856,7 @@ fn demo_guest(
             let what = format!(
                 "a software dirtier writing {:.0} MB/s over {} MiB ({why})",
                 a.dirty_rate as f64 / 1e6,
-                pages * 4096 >> 20
+                (pages * 4096) >> 20
             );
             Ok((DemoGuest::Software(guest), Box::new(bitmap), what))
         }
