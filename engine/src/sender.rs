@@ -152,6 +152,10 @@ pub struct Sender {
     finished: bool,
     defer_taskrun: bool,
     bandwidth: BandwidthLimit,
+    /// The last round the receiver placed on every channel.
+    placed: Option<u32>,
+    /// Reports of rounds not yet placed on every channel: (round, channels that said so).
+    placed_reports: Vec<(u32, usize)>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -331,6 +335,8 @@ impl Sender {
             finished: false,
             defer_taskrun: caps.defer_taskrun,
             bandwidth,
+            placed: None,
+            placed_reports: Vec::new(),
         })
     }
 
@@ -414,6 +420,7 @@ impl Sender {
                     debug_assert_eq!(round, self.round);
                     sent += 1;
                 }
+                Ok(ShardEvent::RoundPlaced { round }) => self.note_placed(round),
                 Err(RecvTimeoutError::Timeout) => self.check_alive()?,
                 Err(RecvTimeoutError::Disconnected) => return Err(self.failure()),
             }
@@ -517,6 +524,48 @@ impl Sender {
     /// Per-round figures so far.
     pub fn rounds(&self) -> &[RoundStats] {
         &self.rounds
+    }
+
+    /// One channel's receiver reported `round` placed.
+    fn note_placed(&mut self, round: u32) {
+        match self.placed_reports.iter_mut().find(|(r, _)| *r == round) {
+            Some((_, n)) => *n += 1,
+            None => self.placed_reports.push((round, 1)),
+        }
+        let channels = self.shards.len();
+        if let Some(i) = self
+            .placed_reports
+            .iter()
+            .position(|&(r, n)| r == round && n == channels)
+        {
+            self.placed_reports.remove(i);
+            self.placed = Some(self.placed.map_or(round, |p| p.max(round)));
+        }
+    }
+
+    /// Waits until the receiver has placed every page of `round` (every channel passed its
+    /// barrier and said so), or the transfer fails. A live migration measures its rounds this
+    /// way, and waits for its last live round before pausing the guest, so that the pause
+    /// covers only what remains (not what the socket buffers still hold).
+    pub fn wait_placed(&mut self, round: u32) -> Result<()> {
+        if round >= self.round {
+            return Err(Error::Config(format!(
+                "round {round} has not been sent (the next round is {})",
+                self.round
+            )));
+        }
+        while self.placed.is_none_or(|p| p < round) {
+            match self
+                .events
+                .recv_timeout(Duration::from_millis(RING_WAIT_SLICE_MS))
+            {
+                Ok(ShardEvent::RoundPlaced { round }) => self.note_placed(round),
+                Ok(ShardEvent::RoundSent { .. }) => {}
+                Err(RecvTimeoutError::Timeout) => self.check_alive()?,
+                Err(RecvTimeoutError::Disconnected) => return Err(self.failure()),
+            }
+        }
+        Ok(())
     }
 
     fn check_runs(&self, runs: &[PageRun]) -> Result<u64> {

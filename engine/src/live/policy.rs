@@ -21,7 +21,8 @@ pub struct RoundFigures {
     pub pages: u64,
     /// Bytes the round put on the wire (zero pages cost a header entry, not a page).
     pub wire_bytes: u64,
-    /// Milliseconds from the round's start until the kernel had taken all of it.
+    /// Milliseconds from the round's start until the receiver had placed all of it (the last
+    /// round: until the kernel had taken it; its end is the migration's).
     pub ms: f64,
     /// Pages the guest dirtied while the round was sent (what the next round must carry).
     pub dirtied_pages: u64,

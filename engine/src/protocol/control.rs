@@ -1,9 +1,12 @@
-//! Control messages, receiver to sender, after the handshake: `Done` when every channel has
-//! placed everything, `Abort` with a reason when the receiver fails.
+//! Control messages, receiver to sender, after the handshake: `RoundPlaced` when every channel
+//! has placed a round (a live migration measures its rounds by it and waits for it before the
+//! pause), `Done` when every channel has placed everything, `Abort` with a reason when the
+//! receiver fails.
 //!
 //! ```text
-//!  0 "PC" u16 │ 2 kind u8 (1 Done, 2 Abort) │ 3 reserved u8 │ 4 code u32 │ 8 reason bytes u16 │ 10 reserved (6)
-//!  then `reason bytes` of UTF-8 (lossy) text, at most CONTROL_REASON_BYTES_MAX.
+//!  0 "PC" u16 │ 2 kind u8 (1 Done, 2 Abort, 3 RoundPlaced) │ 3 reserved u8 │ 4 code u32 (an abort's
+//!  code, a placed round's number) │ 8 reason bytes u16 │ 10 reserved (6)
+//!  then `reason bytes` of UTF-8 (lossy) text (aborts only), at most CONTROL_REASON_BYTES_MAX.
 //! ```
 //! Abort codes ([`AbortCode`]): 1 protocol violation, 2 system call failed, 3 idle bound or
 //! deadline passed, 4 peer closed a connection early, 5 anything else, 6 the stream ended with
@@ -101,6 +104,11 @@ pub fn decode_abort_body(body: &[u8]) -> (AbortCode, String) {
 pub enum Control {
     /// The receiver placed every page of every channel.
     Done,
+    /// Every channel passed the barrier of round `round`: all its pages are placed.
+    RoundPlaced {
+        /// The round.
+        round: u32,
+    },
     /// The receiver failed; `reason` is its error message.
     Abort {
         /// Error class.
@@ -118,6 +126,11 @@ impl Control {
         match self {
             Control::Done => {
                 out[2] = 1;
+                CONTROL_BYTES
+            }
+            Control::RoundPlaced { round } => {
+                out[2] = 3;
+                out[4..8].copy_from_slice(&round.to_le_bytes());
                 CONTROL_BYTES
             }
             Control::Abort { code, reason } => {
@@ -168,28 +181,34 @@ impl Control {
                 let reason = sanitize(&String::from_utf8_lossy(text));
                 Ok(Some((Control::Abort { code, reason }, CONTROL_BYTES + len)))
             }
+            3 if len == 0 => {
+                let round = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                Ok(Some((Control::RoundPlaced { round }, CONTROL_BYTES)))
+            }
             1 => Err(ProtocolError::MarkerWithPayload("done")),
+            3 => Err(ProtocolError::MarkerWithPayload("round placed")),
             other => Err(ProtocolError::BadKind(other)),
         }
     }
 }
 
-/// Reassembles a plaintext channel's control message from receives into one buffer: the
-/// fixed part first, then as much reason text as it declares. (Under TLS the record stream
-/// hands over whole messages instead.)
+/// Reassembles a plaintext channel's control messages from receives into one buffer: the
+/// fixed part first, then as much reason text as it declares; a message decoded is taken out of
+/// the buffer and the bytes after it move to its start. (Under TLS the record stream hands over
+/// whole messages instead.)
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ControlReader {
     filled: usize,
 }
 
 impl ControlReader {
-    /// Bytes received so far: the next receive lands at this offset of the buffer.
+    /// Bytes received and not yet decoded: the next receive lands at this offset of the buffer.
     pub fn filled(&self) -> usize {
         self.filled
     }
 
     /// Bytes the buffer (`buf`: what was received so far, from its start) must hold before the
-    /// message can decode: the fixed part, then the reason it declares.
+    /// next message can decode: the fixed part, then the reason it declares.
     pub fn wanted(&self, buf: &[u8]) -> usize {
         if self.filled < CONTROL_BYTES {
             return CONTROL_BYTES;
@@ -198,15 +217,25 @@ impl ControlReader {
         CONTROL_BYTES + reason.min(CONTROL_REASON_BYTES_MAX)
     }
 
-    /// `n` more bytes landed in `buf` (the whole buffer): the message once it is whole.
-    pub fn received(&mut self, n: usize, buf: &[u8]) -> Result<Option<Control>, ProtocolError> {
+    /// `n` more bytes landed in the buffer, after the ones held.
+    pub fn received(&mut self, n: usize) {
         self.filled += n;
+    }
+
+    /// The next whole message in `buf` (the whole buffer), taken out of it; `None` while its
+    /// bytes are still to come.
+    pub fn next(&mut self, buf: &mut [u8]) -> Result<Option<Control>, ProtocolError> {
         let got = buf.get(..self.filled).ok_or(ProtocolError::TooLarge {
             what: "control bytes received",
             value: self.filled as u64,
             max: buf.len() as u64,
         })?;
-        Ok(Control::decode(got)?.map(|(msg, _)| msg))
+        let Some((msg, used)) = Control::decode(got)? else {
+            return Ok(None);
+        };
+        buf.copy_within(used..self.filled, 0);
+        self.filled -= used;
+        Ok(Some(msg))
     }
 }
 
@@ -219,6 +248,7 @@ mod tests {
         let mut buf = [0u8; CONTROL_MESSAGE_BYTES_MAX];
         for msg in [
             Control::Done,
+            Control::RoundPlaced { round: u32::MAX },
             Control::Abort {
                 code: AbortCode::Timeout,
                 reason: "disk full".into(),
@@ -252,32 +282,52 @@ mod tests {
     }
 
     #[test]
-    fn the_reader_asks_for_exactly_the_rest_of_a_message() {
-        let mut wire = [0u8; CONTROL_MESSAGE_BYTES_MAX];
-        let msg = Control::Abort {
-            code: AbortCode::Timeout,
-            reason: "slow disk".into(),
-        };
-        let len = msg.encode(&mut wire);
-        // Delivered in pieces of every size, as short receives would.
-        for piece in 1..=len {
+    fn the_reader_asks_for_exactly_the_rest_and_takes_messages_one_by_one() {
+        let mut wire = Vec::new();
+        let msgs = [
+            Control::RoundPlaced { round: 7 },
+            Control::Abort {
+                code: AbortCode::Timeout,
+                reason: "slow disk".into(),
+            },
+            Control::Done,
+        ];
+        for m in &msgs {
+            let mut b = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+            let n = m.encode(&mut b);
+            wire.extend_from_slice(&b[..n]);
+        }
+        // Delivered in pieces of every size, as short receives would, asking for what it wants.
+        for piece in 1..=wire.len() {
             let mut buf = [0u8; CONTROL_MESSAGE_BYTES_MAX];
             let mut r = ControlReader::default();
-            let got = loop {
+            let (mut sent, mut got) = (0, Vec::new());
+            while got.len() < msgs.len() {
                 let want = r.wanted(&buf);
-                assert!(want <= len, "asks past the message");
                 let at = r.filled();
-                let n = piece.min(want - at);
-                buf[at..at + n].copy_from_slice(&wire[at..at + n]);
-                if let Some(m) = r.received(n, &buf).unwrap() {
-                    break m;
+                assert!(want > at, "asks for nothing");
+                let n = piece.min(want - at).min(wire.len() - sent);
+                buf[at..at + n].copy_from_slice(&wire[sent..sent + n]);
+                sent += n;
+                r.received(n);
+                while let Some(m) = r.next(&mut buf).unwrap() {
+                    got.push(m);
                 }
-            };
-            assert_eq!(got, msg, "pieces of {piece}");
-            assert_eq!(r.filled(), len);
+            }
+            assert_eq!(got, msgs, "pieces of {piece}");
+            assert_eq!(r.filled(), 0);
         }
+        // Two messages in one receive come out one by one.
+        let mut buf = [0u8; CONTROL_MESSAGE_BYTES_MAX];
+        buf[..32].copy_from_slice(&wire[..16].repeat(2));
         let mut r = ControlReader::default();
-        assert!(r.received(CONTROL_MESSAGE_BYTES_MAX + 1, &wire).is_err());
+        r.received(32);
+        assert_eq!(r.next(&mut buf).unwrap(), Some(msgs[0].clone()));
+        assert_eq!(r.next(&mut buf).unwrap(), Some(msgs[0].clone()));
+        assert_eq!(r.next(&mut buf).unwrap(), None);
+        let mut r = ControlReader::default();
+        r.received(CONTROL_MESSAGE_BYTES_MAX + 1);
+        assert!(r.next(&mut buf).is_err());
     }
 
     #[test]

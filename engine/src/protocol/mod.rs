@@ -21,6 +21,8 @@
 //!  Pages{frame 1, round 0, …} + payload      ───▶  skip the zero pages
 //!  EndOfRound{frame k, round 0}              ───▶  wait at the round barrier until every channel
 //!                                                   has finished round 0
+//!                                            ◀───  Control::RoundPlaced{0}   (every channel placed
+//!                                                   round 0; a live migration waits for it)
 //!  Pages{frame k+1, round 1, …} + payload    ───▶  …
 //!  Keepalive{frame k+2, round 1}             ───▶  (sender idle, e.g. between live rounds: sent
 //!                                                   every quarter of the receiver's idle bound)

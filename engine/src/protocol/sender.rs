@@ -66,6 +66,11 @@ pub enum SenderEvent {
         /// The round.
         round: u32,
     },
+    /// The receiver placed every page of `round` on every channel.
+    RoundPlaced {
+        /// The round.
+        round: u32,
+    },
 }
 
 /// Why the channel cannot go on, as far as the machine can tell (the driver adds the channel).
@@ -121,6 +126,8 @@ pub struct SenderMachine {
     confirmation: Confirmation,
     tls: bool,
     key_update_due: bool,
+    /// The next round the receiver may report placed (they come in order).
+    next_placed: u32,
     idle: Duration,
     keepalive_every: Duration,
     last_frame_at: Instant,
@@ -139,6 +146,7 @@ impl SenderMachine {
             confirmation: Confirmation::Awaiting,
             tls,
             key_update_due: false,
+            next_placed: 0,
             idle,
             keepalive_every,
             last_frame_at: now,
@@ -241,8 +249,8 @@ impl SenderMachine {
         }
     }
 
-    /// A control message from the receiver.
-    pub fn on_control(&mut self, msg: Control) -> Result<(), SenderFault> {
+    /// A control message from the receiver; a placed round is passed on to the driver.
+    pub fn on_control(&mut self, msg: Control) -> Result<Option<SenderEvent>, SenderFault> {
         match msg {
             Control::Done => {
                 if self.outgoing == Outgoing::Sending || self.confirmation != Confirmation::Awaiting
@@ -250,7 +258,22 @@ impl SenderMachine {
                     return Err(SenderFault::Protocol(ProtocolError::UnexpectedDone));
                 }
                 self.confirmation = Confirmation::Done;
-                Ok(())
+                Ok(None)
+            }
+            Control::RoundPlaced { round } => {
+                // Rounds are placed in order, only once ended here, and never after `Done`.
+                let ended = round < self.numbering.round();
+                if round != self.next_placed
+                    || !ended
+                    || self.confirmation != Confirmation::Awaiting
+                {
+                    return Err(SenderFault::Protocol(ProtocolError::Round {
+                        expected: self.next_placed,
+                        got: round,
+                    }));
+                }
+                self.next_placed += 1;
+                Ok(Some(SenderEvent::RoundPlaced { round }))
             }
             Control::Abort { code, reason } => Err(SenderFault::PeerAborted { code, reason }),
         }
@@ -346,6 +369,14 @@ mod tests {
         assert_eq!(m.round(), 1);
         assert_eq!(m.handed(Marker::None), None);
         assert_eq!(m.handed(marker), Some(SenderEvent::RoundSent { round: 0 }));
+        // The receiver reports round 0 placed, once, and nothing it has not been sent.
+        assert_eq!(
+            m.on_control(Control::RoundPlaced { round: 0 }),
+            Ok(Some(SenderEvent::RoundPlaced { round: 0 }))
+        );
+        assert!(m.on_control(Control::RoundPlaced { round: 0 }).is_err());
+        let mut early = machine(false, t);
+        assert!(early.on_control(Control::RoundPlaced { round: 0 }).is_err());
         let end = m.end_stream(&mut f, t);
         assert_eq!(
             (f.kind, f.frame_number, f.round),

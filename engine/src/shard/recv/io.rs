@@ -117,12 +117,18 @@ impl RecvShard {
     }
 
     pub(super) fn send_done(&mut self) -> Result<()> {
-        let mut msg = [0u8; CONTROL_WIRE_BYTES_MAX];
-        let n = self
-            .p
-            .abort
-            .encode_control(self.p.peer, &Control::Done, &mut msg)?;
-        self.send_control(&msg[..n], "confirming the end of the transfer")
+        self.send_message(&Control::Done, "confirming the end of the transfer")
+    }
+
+    /// Tells the sender that every channel placed `round` (after its barrier).
+    pub(super) fn send_round_placed(&mut self, round: u32) -> Result<()> {
+        self.send_message(&Control::RoundPlaced { round }, "reporting a placed round")
+    }
+
+    fn send_message(&mut self, msg: &Control, what: &str) -> Result<()> {
+        let mut bytes = [0u8; CONTROL_WIRE_BYTES_MAX];
+        let n = self.p.abort.encode_control(self.p.peer, msg, &mut bytes)?;
+        self.send_control(&bytes[..n], what)
     }
 
     pub(super) fn delay(&mut self) {

@@ -229,6 +229,7 @@ impl RecvShard {
                 Event::EndOfRound(round) => {
                     let waited = Instant::now();
                     self.barrier(Marker::EndOfRound(round))?;
+                    self.send_round_placed(round)?;
                     self.reader.resume();
                     idle += waited.elapsed();
                 }

@@ -63,13 +63,19 @@ impl SendShard {
             tls.stream.received(result as usize);
             return self.on_control_records();
         }
-        let bytes = self.ring.slot_mut(CONTROL_SLOT);
-        let decoded = self.control.received(result as usize, bytes);
-        match decoded.map_err(|e| self.fault(SenderFault::Protocol(e)))? {
-            // Part of a message: ask for the rest.
-            None => self.repost_control(),
-            Some(msg) => self.on_control_message(msg),
+        self.control.received(result as usize);
+        loop {
+            let next = self.control.next(self.ring.slot_mut(CONTROL_SLOT));
+            match next.map_err(|e| self.fault(SenderFault::Protocol(e)))? {
+                Some(msg) => self.on_control_message(msg)?,
+                None => break,
+            }
         }
+        // More may come until `Done` (after it the receiver closes: no receive is left posted).
+        if self.m.confirmation() == Confirmation::Awaiting {
+            self.repost_control()?;
+        }
+        Ok(())
     }
 
     /// Posts the control receive again for what is still missing (after part of a message, or
@@ -85,7 +91,11 @@ impl SendShard {
 
     pub(super) fn on_control_message(&mut self, msg: Control) -> Result<()> {
         let verdict = self.m.on_control(msg);
-        verdict.map_err(|f| self.fault(f))
+        if let Some(event) = verdict.map_err(|f| self.fault(f))? {
+            // The coordinator may be gone if the transfer is being torn down.
+            let _ = self.events.send(event);
+        }
+        Ok(())
     }
 
     /// TLS: opens every complete record in the control slot, then asks for more.
