@@ -11,6 +11,7 @@
 //! measured. Reported: median and spread of throughput, the ratios, and CPU-seconds per GiB on
 //! each side.
 
+mod live;
 mod matrix;
 mod qemu;
 mod remote;
@@ -54,6 +55,9 @@ enum Cmd {
     Tls(TlsBenchArgs),
     /// none / zstd / zlib / auto over shaped links between two network namespaces (needs root).
     Compress(CompressBenchArgs),
+    /// Live migrations while a software dirtier writes the source: dirty rate × channels × TLS,
+    /// with downtime, expected downtime, rounds, convergence and CPU.
+    Live(live::LiveArgs),
     /// Every combination of channels, content, TLS, compression and zero-copy, against the
     /// machine's ceilings measured in the same run.
     Matrix(matrix::MatrixArgs),
@@ -963,6 +967,7 @@ fn main() {
         Cmd::Faults(a) => faults_bench(a),
         Cmd::Tls(a) => tls_bench(a),
         Cmd::Matrix(a) => matrix::run(a),
+        Cmd::Live(a) => live::run(a),
         Cmd::Serve { listen, sessions } => remote::serve(&listen, sessions),
         Cmd::Compress(a) => {
             if a.reps == 0 {
