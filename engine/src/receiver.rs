@@ -51,7 +51,11 @@ enum Destination {
 
 /// A bound receiver; [`run`](Self::run) takes one transfer.
 pub struct Receiver {
-    listener: TcpListener,
+    /// Where senders connect; `None` for a receiver over connections handed in.
+    listener: Option<TcpListener>,
+    /// Connections the caller accepted (management software passes them in), handshaken like
+    /// accepted ones.
+    given: Vec<TcpStream>,
     memory: Destination,
     config: ReceiverConfig,
     progress: Arc<Progress>,
@@ -131,20 +135,73 @@ impl Receiver {
                 "refusing to listen on {bound} with neither TLS nor a pre-shared key: anyone who can connect could write this memory (configure TLS or a pre-shared key, or set `insecure` (--insecure) to accept that)"
             )));
         }
+        Ok(Self::new(Some(listener), Vec::new(), memory, config))
+    }
+
+    /// A receiver over connections the caller has already accepted (one per channel the sender
+    /// opens; management software often accepts them and passes file descriptors in: see
+    /// [`std::os::fd::FromRawFd`]). Each is handshaken as if accepted here; a connection that
+    /// fails its handshake is dropped as a stranger's would be. Plaintext without a key is
+    /// refused unless the connections are on loopback or `insecure` is set.
+    pub fn over_streams(
+        streams: Vec<TcpStream>,
+        memory: Arc<GuestMemory>,
+        config: ReceiverConfig,
+    ) -> Result<Receiver> {
+        config.validate()?;
+        if streams.is_empty() {
+            return Err(Error::Config("no connections handed in".into()));
+        }
+        for s in &streams {
+            let local = s
+                .local_addr()
+                .map_err(|e| Error::io("reading a connection's address", e))?;
+            if config.tls.is_none()
+                && config.psk.is_none()
+                && !config.insecure
+                && !local.ip().is_loopback()
+            {
+                return Err(Error::Config(format!(
+                    "refusing a connection on {local} with neither TLS nor a pre-shared key (or set `insecure`)"
+                )));
+            }
+        }
+        if let Some(i) = memory.regions().iter().position(|r| !r.is_writable()) {
+            return Err(Error::Config(format!(
+                "region {i} of the destination is mapped read-only"
+            )));
+        }
+        let pages = memory.total_pages();
+        let r = Self::new(None, streams, Destination::Ready(memory), config);
+        crate::stats::add(&r.progress.pages_total, pages);
+        Ok(r)
+    }
+
+    fn new(
+        listener: Option<TcpListener>,
+        given: Vec<TcpStream>,
+        memory: Destination,
+        config: ReceiverConfig,
+    ) -> Receiver {
         let progress = Arc::new(Progress::default());
-        Ok(Receiver {
+        Receiver {
             listener,
+            given,
             memory,
             config,
             progress,
             device_state: DeviceState::default(),
             abort: Arc::new(Abort::new(true)),
-        })
+        }
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.listener
+            .as_ref()
+            .ok_or_else(|| {
+                Error::Config("a receiver over handed-in connections listens nowhere".into())
+            })?
             .local_addr()
             .map_err(|e| Error::io("reading the listening address", e))
     }
@@ -171,7 +228,8 @@ impl Receiver {
     pub fn run(mut self) -> Result<TransferStats> {
         let caps = crate::uring::probe()?;
         let abort = self.abort.clone();
-        let (streams, start, layout_bytes) = self.accept_channels(&abort)?;
+        let given = std::mem::take(&mut self.given);
+        let (streams, start, layout_bytes) = self.accept_channels(&abort, given)?;
         let cpu_start = crate::sys::thread_cpu_time();
         let memory = match std::mem::replace(
             &mut self.memory,
@@ -286,7 +344,44 @@ impl Receiver {
     /// foreign certificate, another session's channel) is logged and dropped: the receiver keeps
     /// listening for the real sender until its own deadline. A session whose remaining channels
     /// do not arrive within `CHANNELS_GATHER_TIMEOUT_MS` is dropped the same way.
-    fn accept_channels(&self, abort: &Abort) -> Result<(Vec<Accepted>, Instant, u64)> {
+    /// The next connection to handshake: a handed-in one, else one accepted within 10 ms;
+    /// `None` when there is none yet.
+    fn next_connection(
+        &self,
+        given: &mut Vec<TcpStream>,
+    ) -> Result<Option<(TcpStream, SocketAddr)>> {
+        if let Some(stream) = given.pop() {
+            let peer = stream
+                .peer_addr()
+                .map_err(|e| Error::io("reading a handed-in connection's peer", e))?;
+            return Ok(Some((stream, peer)));
+        }
+        let Some(listener) = &self.listener else {
+            // Only handshakes of handed-in connections remain.
+            std::thread::sleep(Duration::from_millis(10));
+            return Ok(None);
+        };
+        let ready = crate::sys::wait_acceptable(listener, Duration::from_millis(10))
+            .map_err(|e| Error::io("waiting for connections", e))?;
+        if !ready {
+            return Ok(None);
+        }
+        match listener.accept() {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if is_transient_accept_error(&e) => {
+                tracing::warn!("accepting a connection failed: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(Error::io("accepting a connection", e)),
+        }
+    }
+
+    fn accept_channels(
+        &self,
+        abort: &Abort,
+        mut given: Vec<TcpStream>,
+    ) -> Result<(Vec<Accepted>, Instant, u64)> {
         let (layout_digest, layout_bytes, take_layout) = match &self.memory {
             Destination::Ready(m) => (m.layout_digest(), m.total_bytes(), false),
             Destination::BySender { max_bytes, .. } => (0, *max_bytes, true),
@@ -401,19 +496,8 @@ impl Receiver {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            let ready = crate::sys::wait_acceptable(&self.listener, Duration::from_millis(10))
-                .map_err(|e| Error::io("waiting for connections", e))?;
-            if !ready {
+            let Some((stream, peer)) = self.next_connection(&mut given)? else {
                 continue;
-            }
-            let (stream, peer) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if is_transient_accept_error(&e) => {
-                    tracing::warn!("accepting a connection failed: {e}");
-                    continue;
-                }
-                Err(e) => return Err(Error::io("accepting a connection", e)),
             };
             let acceptor = acceptor.clone();
             let tls = self.config.tls.clone();

@@ -201,9 +201,49 @@ impl Sender {
         config: &SenderConfig,
     ) -> Result<Sender> {
         config.validate()?;
+        let addr = resolve(addr)?;
+        Self::start(memory, config, |i| {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(HANDSHAKE_TIMEOUT_MS))
+                .map_err(|e| Error::io(format!("connecting channel {i} to {addr}"), e))
+        })
+    }
+
+    /// Like [`connect`](Self::connect), over connections the caller has already made, one per
+    /// channel (`config.channels` is taken from their count). Management software often
+    /// connects and passes file descriptors in: see [`std::os::fd::FromRawFd`].
+    pub fn over_streams(
+        streams: Vec<TcpStream>,
+        memory: Arc<GuestMemory>,
+        config: &SenderConfig,
+    ) -> Result<Sender> {
+        let channels = u16::try_from(streams.len())
+            .map_err(|_| Error::Config(format!("{} connections handed in", streams.len())))?;
+        let config = SenderConfig {
+            channels,
+            ..config.clone()
+        };
+        config.validate()?;
+        let streams: Vec<std::sync::Mutex<Option<TcpStream>>> = streams
+            .into_iter()
+            .map(|s| std::sync::Mutex::new(Some(s)))
+            .collect();
+        Self::start(memory, &config, |i| {
+            streams[usize::from(i)]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .ok_or_else(|| Error::Internal(format!("connection {i} taken twice")))
+        })
+    }
+
+    /// Starts a sender whose channel `i` is the connection `open(i)` gives.
+    fn start(
+        memory: Arc<GuestMemory>,
+        config: &SenderConfig,
+        open: impl Fn(u16) -> Result<TcpStream> + Sync,
+    ) -> Result<Sender> {
         let caps = crate::uring::probe()?;
         let n = config.channels;
-        let addr = resolve(addr)?;
         let start = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
         let session_id: [u8; 16] = rand::random();
@@ -235,7 +275,8 @@ impl Sender {
                     let h = hello(i);
                     let tls = config.tls.as_ref();
                     let psk = config.psk.as_ref();
-                    scope.spawn(move || handshake(addr, &h, tls, psk))
+                    let open = &open;
+                    scope.spawn(move || handshake(open(i)?, &h, tls, psk))
                 })
                 .collect();
             joins
@@ -694,15 +735,13 @@ struct Connected {
 
 /// Connects one channel and runs its handshakes (TLS when configured, then the hello).
 fn handshake(
-    addr: SocketAddr,
+    stream: TcpStream,
     hello: &Hello,
     tls: Option<&TlsClient>,
     psk: Option<&Psk>,
 ) -> Result<Connected> {
     let i = hello.channel_index;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
-    let stream = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| Error::io(format!("connecting channel {i} to {addr}"), e))?;
     configure_socket(&stream)?;
     stream
         .set_read_timeout(Some(timeout))
