@@ -1,6 +1,7 @@
 /* Migrates two mmap'ed regions with libpagewire over loopback: three rounds driven by dirty
  * bitmaps (everything, then pages rewritten in between), a device state blob, and a check of
- * the destination with memcmp. Built and run by engine/capi/tests/c_example.rs:
+ * the destination with memcmp; then once more over TCP connections made here and handed in as
+ * file descriptors. Built and run by engine/capi/tests/c_example.rs:
  *
  *   cc migrate.c $(pkg-config --cflags --libs pagewire) -lpthread -o migrate && ./migrate [TLS_DIR]
  */
@@ -10,7 +11,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "pagewire.h"
 
@@ -51,6 +56,57 @@ static void *receive(void *arg) {
     pw_status *status = malloc(sizeof *status);
     *status = pw_receiver_run((pw_receiver *)arg);
     return status;
+}
+
+/* Two connected loopback TCP pairs, made here as management software would, then handed to
+ * libpagewire as file descriptors: copies `low` (LOW_PAGES pages) once more, into `copy`. */
+static int migrate_over_fds(uint8_t *low, const pw_options *options) {
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof addr;
+    if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) || listen(listener, 4) ||
+        getsockname(listener, (struct sockaddr *)&addr, &len)) {
+        perror("listen");
+        return 0;
+    }
+    int client_fds[2], server_fds[2];
+    for (int i = 0; i < 2; i++) {
+        client_fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(client_fds[i], (struct sockaddr *)&addr, sizeof addr)) {
+            perror("connect");
+            return 0;
+        }
+        server_fds[i] = accept(listener, NULL, NULL);
+    }
+    close(listener);
+    uint8_t *copy = map(LOW_PAGES * PAGE);
+    pw_region src_region = {0, LOW_PAGES * PAGE, low}, dst_region = {0, LOW_PAGES * PAGE, copy};
+    pw_memory *src = NULL, *dst = NULL;
+    pw_receiver *receiver = NULL;
+    pw_sender *sender = NULL;
+    if (!check(pw_memory_new(&src_region, 1, &src), "pw_memory_new") ||
+        !check(pw_memory_new(&dst_region, 1, &dst), "pw_memory_new") ||
+        !check(pw_receiver_over_fds(server_fds, 2, dst, options, &receiver), "pw_receiver_over_fds"))
+        return 0;
+    pthread_t thread;
+    pthread_create(&thread, NULL, receive, receiver);
+    uint64_t all[LOW_PAGES / 64];
+    memset(all, 0xff, sizeof all);
+    const uint64_t *bitmaps[1] = {all};
+    const size_t words[1] = {LOW_PAGES / 64};
+    if (!check(pw_sender_over_fds(client_fds, 2, src, options, &sender), "pw_sender_over_fds") ||
+        !check(pw_sender_send_bitmaps(sender, bitmaps, words, 1, false), "pw_sender_send_bitmaps") ||
+        !check(pw_sender_finish(sender), "pw_sender_finish"))
+        return 0;
+    pw_status *received;
+    pthread_join(thread, (void **)&received);
+    int ok = check(*received, "pw_receiver_run") && memcmp(low, copy, LOW_PAGES * PAGE) == 0;
+    free(received);
+    pw_sender_free(sender);
+    pw_receiver_free(receiver);
+    pw_memory_free(src);
+    pw_memory_free(dst);
+    return ok;
 }
 
 int main(int argc, char **argv) {
@@ -132,7 +188,11 @@ int main(int argc, char **argv) {
     pw_receiver_free(receiver);
     pw_memory_free(src);
     pw_memory_free(dst);
-    printf("verified: %u + %u pages in 3 rounds and a %zu-byte blob (libpagewire %s)\n", LOW_PAGES,
+    if (!migrate_over_fds(src_low, &options)) {
+        fprintf(stderr, "the migration over handed-in descriptors failed\n");
+        return 1;
+    }
+    printf("verified: %u + %u pages in 3 rounds and a %zu-byte blob, then again over handed-in descriptors (libpagewire %s)\n", LOW_PAGES,
            HIGH_PAGES, len, pw_version());
     return 0;
 }

@@ -145,6 +145,31 @@ pw_status pw_sender_connect(const char *addr,
                             const pw_options *opts,
                             pw_sender **out);
 
+// Like [`pw_sender_connect`], over `count` TCP connections the caller already made (one per
+// channel; `opts->channels` is ignored). The library takes the descriptors over and closes
+// them when the sender is freed.
+//
+// # Safety
+// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
+// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+pw_status pw_sender_over_fds(const int32_t *fds,
+                             size_t count,
+                             const pw_memory *memory,
+                             const pw_options *opts,
+                             pw_sender **out);
+
+// Like [`pw_receiver_bind`], over `count` TCP connections the caller already accepted. The
+// library takes the descriptors over and closes them when the receiver is freed.
+//
+// # Safety
+// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
+// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+pw_status pw_receiver_over_fds(const int32_t *fds,
+                               size_t count,
+                               const pw_memory *memory,
+                               const pw_options *opts,
+                               pw_receiver **out);
+
 // Sends one round: the pages whose bits are set in `bitmaps[i]` (region i, `words[i]` words
 // of KVM's layout, one bit per page) for each of the `regions` regions.
 //

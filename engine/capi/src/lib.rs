@@ -463,6 +463,120 @@ pub unsafe extern "C" fn pw_sender_connect(
 }
 
 /// # Safety
+/// `fds` points to `count` open, connected TCP socket descriptors the caller gives up.
+unsafe fn streams(fds: *const i32, count: usize) -> Result<Vec<std::net::TcpStream>, Error> {
+    use std::os::fd::FromRawFd;
+    if fds.is_null() || count == 0 {
+        return Err(invalid("no file descriptors"));
+    }
+    // SAFETY: `count` descriptors (caller).
+    let fds = unsafe { std::slice::from_raw_parts(fds, count) };
+    if fds.iter().any(|&fd| fd < 0) {
+        return Err(invalid("a negative file descriptor"));
+    }
+    // SAFETY: each is an open TCP socket whose ownership the caller hands over.
+    Ok(fds
+        .iter()
+        .map(|&fd| unsafe { std::net::TcpStream::from_raw_fd(fd) })
+        .collect())
+}
+
+/// Like [`pw_sender_connect`], over `count` TCP connections the caller already made (one per
+/// channel; `opts->channels` is ignored). The library takes the descriptors over and closes
+/// them when the sender is freed.
+///
+/// # Safety
+/// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
+/// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn pw_sender_over_fds(
+    fds: *const i32,
+    count: usize,
+    memory: *const pw_memory,
+    opts: *const pw_options,
+    out: *mut *mut pw_sender,
+) -> pw_status {
+    guard(|| {
+        // SAFETY: as the caller promises.
+        let streams = unsafe { streams(fds, count) }?;
+        if memory.is_null() {
+            return Err(invalid("memory is a null pointer"));
+        }
+        // SAFETY: from pw_memory_new (caller).
+        let memory = unsafe { &*memory }.0.clone();
+        // SAFETY: null or valid (caller).
+        let (_, tls_dir, idle) = unsafe { options(opts) }?;
+        let tls = match tls_dir {
+            Some(d) => Some(TlsClient::new(
+                tls_files(&d, "client").load()?,
+                "localhost",
+            )?),
+            None => None,
+        };
+        let config = SenderConfig {
+            tls,
+            idle_timeout_ms: idle,
+            ..SenderConfig::default()
+        };
+        let sender = Sender::over_streams(streams, memory, &config)?;
+        // SAFETY: valid (caller).
+        unsafe { put(out, pw_sender(Some(sender))) }
+    })
+}
+
+/// Like [`pw_receiver_bind`], over `count` TCP connections the caller already accepted. The
+/// library takes the descriptors over and closes them when the receiver is freed.
+///
+/// # Safety
+/// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
+/// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn pw_receiver_over_fds(
+    fds: *const i32,
+    count: usize,
+    memory: *const pw_memory,
+    opts: *const pw_options,
+    out: *mut *mut pw_receiver,
+) -> pw_status {
+    guard(|| {
+        // SAFETY: as the caller promises.
+        let streams = unsafe { streams(fds, count) }?;
+        if memory.is_null() {
+            return Err(invalid("memory is a null pointer"));
+        }
+        // SAFETY: from pw_memory_new (caller).
+        let memory = unsafe { &*memory }.0.clone();
+        // SAFETY: null or valid (caller).
+        let (_, tls_dir, idle) = unsafe { options(opts) }?;
+        let tls = match tls_dir {
+            Some(d) => Some(TlsServer::new(tls_files(&d, "server").load()?)?),
+            None => None,
+        };
+        let receiver = Receiver::over_streams(
+            streams,
+            memory,
+            ReceiverConfig {
+                tls,
+                idle_timeout_ms: idle,
+                ..ReceiverConfig::default()
+            },
+        )?;
+        let device_state = receiver.device_state();
+        // SAFETY: valid (caller).
+        unsafe {
+            put(
+                out,
+                pw_receiver {
+                    receiver: Some(receiver),
+                    device_state,
+                    blobs: Vec::new(),
+                },
+            )
+        }
+    })
+}
+
+/// # Safety
 /// `sender` null or from [`pw_sender_connect`], one thread at a time.
 unsafe fn sender<'a>(sender: *mut pw_sender) -> Result<&'a mut Sender, Error> {
     if sender.is_null() {
