@@ -52,6 +52,8 @@ compile_error!(
     "pagewire needs a crypto provider: enable the `aws-lc-rs` (default) or `ring` feature"
 );
 
+#[allow(unsafe_code)]
+pub mod adapters;
 pub mod auth;
 pub mod config;
 pub mod dirty;

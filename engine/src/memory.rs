@@ -29,6 +29,8 @@ enum Backing {
     Mapped(#[allow(dead_code)] MmapRaw),
     /// Memory owned by the caller (a VMM's guest RAM).
     External,
+    /// Memory owned by a value kept alive here (a VMM crate's guest memory object).
+    Kept(#[allow(dead_code)] std::sync::Arc<dyn std::any::Any + Send + Sync>),
 }
 
 /// One region: `len` bytes of guest-physical space from `gpa`, mapped at `host`.
@@ -355,6 +357,24 @@ impl GuestMemory {
                 })
                 .collect(),
         })
+    }
+
+    /// Like [`from_raw`](Self::from_raw), keeping `owner` (what owns the mappings, such as a
+    /// VMM crate's guest memory object) alive for as long as this memory.
+    ///
+    /// # Safety
+    /// As for [`from_raw`](Self::from_raw), except that the mappings need only live as long
+    /// as `owner` does.
+    pub unsafe fn from_raw_kept(
+        regions: &[(RegionSpec, NonNull<u8>)],
+        owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Self> {
+        // SAFETY: the caller's promise, with "until dropped" provided by `owner` below.
+        let mut memory = unsafe { Self::from_raw(regions) }?;
+        for r in &mut memory.regions {
+            r._backing = Backing::Kept(owner.clone());
+        }
+        Ok(memory)
     }
 
     /// The regions, in guest-physical order.
