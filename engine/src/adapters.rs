@@ -1,4 +1,4 @@
-//! Adapters from VMM crates' guest memory types to [`GuestMemory`].
+//! Adapters from VMM crates' guest memory types to [`crate::GuestMemory`].
 
 /// rust-vmm's `vm-memory` (the `vm-memory` feature): a `GuestMemoryMmap` as pagewire memory.
 #[cfg(feature = "vm-memory")]
