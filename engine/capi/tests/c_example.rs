@@ -15,9 +15,30 @@ fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
+/// Builds libpagewire.so into this test's target directory and profile. (Cargo builds a
+/// cdylib-only crate for its integration tests only when asked; the library is named
+/// `pagewire`, like the Rust crate it wraps, so it carries no rlib to make cargo do it.)
+fn build_library() -> PathBuf {
+    let dir = target_dir();
+    let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args(["build", "-p", "pagewire-capi", "--manifest-path"])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(dir.parent().unwrap());
+    if profile == "release" {
+        cargo.arg("--release");
+    }
+    let status = cargo.status().unwrap();
+    assert!(status.success(), "building libpagewire failed");
+    dir.join("libpagewire.so")
+}
+
 /// Installs the library, header and pkg-config file under `prefix`, as `make install` would.
 fn install(prefix: &Path) {
-    let lib = target_dir().join("libpagewire.so");
+    let lib = build_library();
     assert!(lib.exists(), "{} was not built", lib.display());
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(prefix.join("lib/pkgconfig")).unwrap();
