@@ -87,14 +87,9 @@ impl BandwidthLimit {
         limit
     }
 
-    /// Changes the limit (`None` lifts it).
+    /// Changes the limit (`None`, or zero, lifts it).
     pub fn set(&self, bytes_per_s: Option<u64>) {
-        self.0.store(
-            bytes_per_s
-                .unwrap_or(0)
-                .max(u64::from(bytes_per_s.is_some())),
-            Ordering::Relaxed,
-        );
+        self.0.store(bytes_per_s.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// The limit now.
