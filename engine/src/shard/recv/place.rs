@@ -1,15 +1,16 @@
 //! Placing a checked frame: zero pages, the payload, the page checksums, and the ledger.
 //!
 //! Where a payload lands first:
+//! - Plaintext: straight into destination memory (one vectored receive), where every page is
+//!   checked against its checksum before it counts as placed; a page that fails is refused (or,
+//!   in a live frame, left un-placed for a later round to bring again, which the ledger
+//!   enforces). Receiving into a staging slot first and copying the pages out after the check
+//!   (so that nothing unchecked touches destination memory) was measured and undone: the extra
+//!   copy cost the receiver 0.02–0.04 CPU-s/GiB and 1–4% of throughput (`pagewire-bench
+//!   transfer`, 1 GiB random, 1 and 2 channels, interleaved), and a failed frame fails the
+//!   transfer or is resent anyway.
 //! - TLS: records are opened in the staging slot and their plaintext copied to its place (the
 //!   AEAD has checked every byte first; no checksums travel).
-//! - Plaintext: into the staging slot, where every page is checked against its checksum, and
-//!   only then copied to its place (a torn page of a live frame is not written at all). The
-//!   staging slot is reused frame after frame, so it stays in cache: the kernel's copy writes
-//!   warm lines and the checksum reads them there. Received straight into destination memory
-//!   instead, the pages were no longer in cache when hashed: measured with `pagewire-bench
-//!   transfer` (1 GiB random, 1 channel), checking in place cost the receiver 0.065 CPU-s/GiB;
-//!   a second hash pass over the same pages cost only ~0.01.
 //! - Compressed: staged, decoded into this shard's buffer, checked there, then copied.
 
 use super::*;
@@ -44,17 +45,34 @@ impl RecvShard {
         let zero = frame.zero_pages();
         let payload = u64::from(frame.payload_bytes);
         let mut torn = 0u128;
-        if frame.codec != Codec::Raw || (payload > 0 && self.p.tls.is_none()) {
-            torn = self.place_staged(payload as usize)?;
+        if frame.codec != Codec::Raw {
+            torn = self.place_compressed(payload as usize)?;
         } else if payload > 0 {
             let bufs = std::mem::take(&mut self.bufs);
-            let got = self.tls_place(&bufs);
+            let got = if self.p.tls.is_some() {
+                self.tls_place(&bufs)
+            } else {
+                self.recv(&bufs, payload, false).map(drop)
+            };
             self.bufs = bufs;
-            got?;
+            // The kernel could not write the destination (a truncated or unbackable file).
+            got.map_err(|e| match &e {
+                Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFAULT) => {
+                    Error::MemoryFault {
+                        region: self.frame.region,
+                        page: self.frame.normal_runs().first().map_or(0, |r| r.first_page),
+                    }
+                }
+                _ => e,
+            })?;
         }
-        // Every payload reaches destination memory through a user-space copy: a store that
-        // took SIGBUS on a file mapping (see `crate::sigbus`) shows up here.
+        // A user-space store or load that took SIGBUS on a file mapping (see `crate::sigbus`).
         self.p.memory.take_fault()?;
+        // A raw plaintext payload landed in destination memory: check it there before its
+        // pages count.
+        if self.frame.codec == Codec::Raw && self.p.tls.is_none() && payload > 0 {
+            torn = self.check_in_place()?;
+        }
         // Every byte of the frame is in place and checked: its pages count as received (a torn
         // page of a live frame does not, until it arrives intact).
         let frame = &*self.frame;
@@ -88,11 +106,30 @@ impl RecvShard {
         Ok(())
     }
 
-    /// Receives a plaintext or compressed payload whole (into the staging slot, or out of TLS
-    /// records into `packed`), decodes it into `unpacked` when compressed, checks its pages,
-    /// and only then copies them to their place. Returns the mask of torn pages (see
-    /// [`verify`](Self::verify)).
-    pub(super) fn place_staged(&mut self, len: usize) -> Result<u128> {
+    /// Checks a raw payload's pages where they landed in destination memory.
+    fn check_in_place(&mut self) -> Result<u128> {
+        let frame = &*self.frame;
+        let region = &self.p.memory.regions()[frame.region as usize];
+        let hash = self.hash;
+        let mut pages = frame
+            .normal_runs()
+            .iter()
+            .flat_map(|r| r.first_page..r.end());
+        let checked = check_pages(frame, |_| {
+            let page = pages
+                .next()
+                .expect("one page per checksum, in payload order");
+            region.page_checksum(hash, page)
+        });
+        let torn = checked.map_err(|e| self.protocol(e))?;
+        self.stats.torn_pages += u64::from(torn.count_ones());
+        Ok(torn)
+    }
+
+    /// Receives a compressed payload whole (into the staging slot, or out of TLS records into
+    /// `packed`), decodes it into `unpacked`, checks its pages there, and only then copies them
+    /// to their place. Returns the mask of torn pages (see [`check_pages`]).
+    pub(super) fn place_compressed(&mut self, len: usize) -> Result<u128> {
         if self.p.tls.is_some() {
             let mut done = 0;
             while done < len {
@@ -111,74 +148,52 @@ impl RecvShard {
             }];
             self.recv(&buf, len as u64, false)?;
         }
+        // Decode into this shard's buffer, then place: decoding straight into guest memory
+        // would need `&mut` slices of it, and a hostile peer could name the same page in frames
+        // on two channels at once. The copy costs a few percent of the decode.
         let frame = &*self.frame;
-        let hash = self.hash;
         let expected = frame.normal_pages() as usize * PAGE_BYTES;
-        let page = |bytes: &[u8], i: usize| hash.hash(&bytes[i * PAGE_BYTES..(i + 1) * PAGE_BYTES]);
-        let checked = if frame.codec == Codec::Raw {
-            let staged = &self.ring.slot_mut(STAGING_SLOT)[..len];
-            check_pages(frame, |i| page(staged, i))
+        let src = if self.p.tls.is_some() {
+            &self.packed[..len]
         } else {
-            // Decode into this shard's buffer, then place: decoding straight into guest memory
-            // would need `&mut` slices of it, and a hostile peer could name the same page in
-            // frames on two channels at once. The copy costs a few percent of the decode.
-            let src = if self.p.tls.is_some() {
-                &self.packed[..len]
-            } else {
-                &self.ring.slot_mut(STAGING_SLOT)[..len]
-            };
-            let out = &mut self.unpacked[..expected];
-            self.decompressor
-                .decompress(frame.codec, src, expected, std::iter::once(out))
-                .map_err(|e| Error::Protocol {
-                    channel: self.channel,
-                    source: ProtocolError::Compressed(e),
-                })?;
-            self.stats.compressed_frames += 1;
-            let unpacked = &self.unpacked[..expected];
-            check_pages(frame, |i| page(unpacked, i))
+            &self.ring.slot_mut(STAGING_SLOT)[..len]
         };
+        let out = &mut self.unpacked[..expected];
+        self.decompressor
+            .decompress(frame.codec, src, expected, std::iter::once(out))
+            .map_err(|e| Error::Protocol {
+                channel: self.channel,
+                source: ProtocolError::Compressed(e),
+            })?;
+        self.stats.compressed_frames += 1;
         // Checked before a byte is placed; a torn page of a live frame is not written.
+        let hash = self.hash;
+        let unpacked = &self.unpacked[..expected];
+        let checked = check_pages(frame, |i| {
+            hash.hash(&unpacked[i * PAGE_BYTES..(i + 1) * PAGE_BYTES])
+        });
         let torn = checked.map_err(|e| self.protocol(e))?;
         self.stats.torn_pages += u64::from(torn.count_ones());
-        self.write_checked(len, torn);
-        Ok(torn)
-    }
-
-    /// Copies a checked payload's pages (out of the staging slot, or decoded) to their place,
-    /// all but the torn ones (`torn`: a mask over the frame's normal pages).
-    fn write_checked(&mut self, len: usize, torn: u128) {
-        let frame = &*self.frame;
-        let expected = frame.normal_pages() as usize * PAGE_BYTES;
         let region = &self.p.memory.regions()[frame.region as usize];
-        let src = if frame.codec == Codec::Raw {
-            &self.ring.slot_mut(STAGING_SLOT)[..len]
-        } else {
-            &self.unpacked[..expected]
-        };
-        let mut at = 0;
+        let mut i = 0;
         for run in frame.normal_runs() {
-            let bytes = run.pages as usize * PAGE_BYTES;
-            if torn == 0 {
-                region.write(run.first_page * PAGE_BYTES as u64, &src[at..at + bytes]);
-            } else {
-                for (n, page) in (run.first_page..run.end()).enumerate() {
-                    let i = at / PAGE_BYTES + n;
-                    if torn & (1 << i) == 0 {
-                        let b = &src[i * PAGE_BYTES..(i + 1) * PAGE_BYTES];
-                        region.write(page * PAGE_BYTES as u64, b);
-                    }
+            for page in run.first_page..run.end() {
+                if torn & (1 << i) == 0 {
+                    let b = &self.unpacked[i * PAGE_BYTES..(i + 1) * PAGE_BYTES];
+                    region.write(page * PAGE_BYTES as u64, b);
                 }
+                i += 1;
             }
-            at += bytes;
         }
+        Ok(torn)
     }
 }
 
 /// Checks `frame`'s normal pages against its checksums; `hash_of(i)` hashes the `i`-th normal
-/// page. Returns the mask of pages that did not match in a live frame (a vCPU tore them under
-/// the send; the dirty log resends them, so they are only left un-placed); a mismatch in any
-/// other frame is refused, naming the page. A frame without checksums (TLS) passes.
+/// page (called once per page, in payload order). Returns the mask of pages that did not match
+/// in a live frame (a vCPU tore them under the send; the dirty log resends them, so they are
+/// only left un-placed); a mismatch in any other frame is refused, naming the page. A frame
+/// without checksums (TLS) passes.
 fn check_pages(
     frame: &Frame,
     mut hash_of: impl FnMut(usize) -> u64,
