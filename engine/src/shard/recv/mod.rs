@@ -234,28 +234,7 @@ impl RecvShard {
                     idle += waited.elapsed();
                 }
                 Event::EndOfStream => {
-                    self.expect_close_notify()?;
-                    self.barrier(Marker::EndOfStream(self.reader.round()))?;
-                    if self.blobs.in_progress() {
-                        return Err(self.protocol(ProtocolError::BlobRefused(
-                            "the stream ended inside a device state blob",
-                        )));
-                    }
-                    self.p
-                        .device_state
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(self.blobs.take());
-                    // Every channel has ended: the image is complete only if every page of
-                    // the layout was placed (or declared zero) at least once.
-                    if let Some(m) = self.p.ledger.first_missing() {
-                        return Err(Error::Incomplete {
-                            region: m.region,
-                            page: m.page,
-                            missing: m.pages,
-                        });
-                    }
-                    self.send_done()?;
+                    self.end_of_stream()?;
                     break;
                 }
             }
@@ -263,6 +242,31 @@ impl RecvShard {
         self.stats.busy_ms = start.elapsed().saturating_sub(idle).as_secs_f64() * 1e3;
         self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    /// The sender ended the stream: once every channel has, hands the device state over and
+    /// confirms, if every page of the layout was placed (or declared zero) at least once.
+    fn end_of_stream(&mut self) -> Result<()> {
+        self.expect_close_notify()?;
+        self.barrier(Marker::EndOfStream(self.reader.round()))?;
+        if self.blobs.in_progress() {
+            return Err(self.protocol(ProtocolError::BlobRefused(
+                "the stream ended inside a device state blob",
+            )));
+        }
+        self.p
+            .device_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(self.blobs.take());
+        if let Some(m) = self.p.ledger.first_missing() {
+            return Err(Error::Incomplete {
+                region: m.region,
+                page: m.page,
+                missing: m.pages,
+            });
+        }
+        self.send_done()
     }
 
     /// Reads a frame's payload of `len` bytes (an abort's reason, a device state chunk: small

@@ -16,20 +16,11 @@
 use super::*;
 
 impl RecvShard {
-    /// Places a checked `Pages` frame: zero pages first (no I/O), then the payload.
+    /// Places a checked `Pages` frame: zero pages first (no I/O), then the payload, then the
+    /// ledger.
     pub(super) fn place(&mut self) -> Result<()> {
+        self.place_zero_pages();
         let frame = &*self.frame;
-        let region_index = frame.region as usize;
-        let region = &self.p.memory.regions()[region_index];
-        for run in frame.zero_runs() {
-            for page in run.first_page..run.end() {
-                if !self.p.ledger.known_zero(frame.region, page)
-                    && !region.page_is_zero(&self.scanner, page)
-                {
-                    region.zero_pages(page, 1);
-                }
-            }
-        }
         self.bufs.clear();
         for run in frame.normal_runs() {
             self.p
@@ -41,30 +32,12 @@ impl RecvShard {
                 len: run.pages * PAGE_BYTES as u32,
             });
         }
-        let normal = frame.normal_pages();
-        let zero = frame.zero_pages();
         let payload = u64::from(frame.payload_bytes);
         let mut torn = 0u128;
         if frame.codec != Codec::Raw {
             torn = self.place_compressed(payload as usize)?;
         } else if payload > 0 {
-            let bufs = std::mem::take(&mut self.bufs);
-            let got = if self.p.tls.is_some() {
-                self.tls_place(&bufs)
-            } else {
-                self.recv(&bufs, payload, false).map(drop)
-            };
-            self.bufs = bufs;
-            // The kernel could not write the destination (a truncated or unbackable file).
-            got.map_err(|e| match &e {
-                Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFAULT) => {
-                    Error::MemoryFault {
-                        region: self.frame.region,
-                        page: self.frame.normal_runs().first().map_or(0, |r| r.first_page),
-                    }
-                }
-                _ => e,
-            })?;
+            self.receive_raw(payload)?;
         }
         // A user-space store or load that took SIGBUS on a file mapping (see `crate::sigbus`).
         self.p.memory.take_fault()?;
@@ -73,8 +46,57 @@ impl RecvShard {
         if self.frame.codec == Codec::Raw && self.p.tls.is_none() && payload > 0 {
             torn = self.check_in_place()?;
         }
-        // Every byte of the frame is in place and checked: its pages count as received (a torn
-        // page of a live frame does not, until it arrives intact).
+        self.count_placed(torn);
+        let frame = &*self.frame;
+        let (normal, zero) = (frame.normal_pages(), frame.zero_pages());
+        self.stats.normal_pages += normal;
+        self.stats.zero_pages += zero;
+        self.stats.wire_bytes += payload;
+        add(&self.p.progress.wire_bytes, payload);
+        add(&self.p.progress.pages_done, normal + zero);
+        Ok(())
+    }
+
+    /// Zero runs: skipped where the destination is known to be zero (or is), zeroed otherwise.
+    fn place_zero_pages(&mut self) {
+        let frame = &*self.frame;
+        let region = &self.p.memory.regions()[frame.region as usize];
+        for run in frame.zero_runs() {
+            for page in run.first_page..run.end() {
+                if !self.p.ledger.known_zero(frame.region, page)
+                    && !region.page_is_zero(&self.scanner, page)
+                {
+                    region.zero_pages(page, 1);
+                }
+            }
+        }
+    }
+
+    /// Receives a raw payload into its destination pages (`bufs`): out of TLS records, or with
+    /// one vectored receive.
+    fn receive_raw(&mut self, payload: u64) -> Result<()> {
+        let bufs = std::mem::take(&mut self.bufs);
+        let got = if self.p.tls.is_some() {
+            self.tls_place(&bufs)
+        } else {
+            self.recv(&bufs, payload, false).map(drop)
+        };
+        self.bufs = bufs;
+        // The kernel could not write the destination (a truncated or unbackable file).
+        got.map_err(|e| match &e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFAULT) => {
+                Error::MemoryFault {
+                    region: self.frame.region,
+                    page: self.frame.normal_runs().first().map_or(0, |r| r.first_page),
+                }
+            }
+            _ => e,
+        })
+    }
+
+    /// Every byte of the frame is in place and checked: its pages count as received (a torn
+    /// page of a live frame, a bit of `torn`, does not, until it arrives intact).
+    fn count_placed(&mut self, torn: u128) {
         let frame = &*self.frame;
         let mut i = 0;
         for run in frame.normal_runs() {
@@ -98,12 +120,6 @@ impl RecvShard {
                 .ledger
                 .mark_placed(frame.region, run.first_page, u64::from(run.pages));
         }
-        self.stats.normal_pages += normal;
-        self.stats.zero_pages += zero;
-        self.stats.wire_bytes += payload;
-        add(&self.p.progress.wire_bytes, payload);
-        add(&self.p.progress.pages_done, normal + zero);
-        Ok(())
     }
 
     /// Checks a raw payload's pages where they landed in destination memory.
