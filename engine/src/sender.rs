@@ -17,7 +17,7 @@ use crate::config::SenderConfig;
 use crate::error::{Error, Result};
 use crate::limits::DEVICE_CHUNK_BYTES_MAX;
 use crate::limits::{
-    CHUNK_PAGES_MAX, HANDSHAKE_TIMEOUT_MS, KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS,
+    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS,
     SHARD_QUEUE_ITEMS_MAX, TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTERVAL_S, TCP_KEEPALIVE_PROBES,
     TCP_USER_TIMEOUT_MS,
 };
@@ -26,7 +26,7 @@ use crate::pipeline::compress::Compression;
 use crate::protocol::blob::{DeviceBlob, DEVICE_STATE_BYTES_MAX};
 use crate::protocol::handshake::{Hello, Reply, FEATURE_PSK, FEATURE_ZLIB, FEATURE_ZSTD};
 use crate::protocol::PROTOCOL_VERSION;
-use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
+use crate::shard::send::{ChunkRuns, SendShard, SendShardParams, ShardEvent, Work};
 use crate::shard::{allowed_cores, catch_panic, pin, Abort};
 use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
 use crate::tls::{client_handshake, TlsClient, TlsSession};
@@ -425,23 +425,42 @@ impl Sender {
         // Rotate the first shard per round, so a page resent in the next round usually travels
         // over another channel (and ordering is exercised, not assumed).
         let mut next = self.round as usize % n;
+        // Runs are packed into chunks of up to CHUNK_PAGES_MAX pages of one region.
+        let mut chunk = ChunkRuns::new();
+        let mut region = runs.first().map_or(0, |r| r.region);
         for run in runs {
             let mut first = run.first_page;
             let end = run.first_page + run.pages;
             while first < end {
-                let pages = (end - first).min(CHUNK_PAGES_MAX as u64) as u32;
-                self.dispatch(
-                    next,
-                    Work::Chunk {
-                        region: run.region,
-                        first_page: first,
-                        pages,
-                        live,
-                    },
-                )?;
-                next = (next + 1) % n;
+                if run.region != region || chunk.room() == 0 {
+                    if chunk.pages() > 0 {
+                        self.dispatch(
+                            next,
+                            Work::Chunk {
+                                region,
+                                runs: chunk,
+                                live,
+                            },
+                        )?;
+                        next = (next + 1) % n;
+                    }
+                    chunk = ChunkRuns::new();
+                    region = run.region;
+                }
+                let pages = (end - first).min(u64::from(chunk.room())) as u32;
+                chunk.push(first, pages);
                 first += u64::from(pages);
             }
+        }
+        if chunk.pages() > 0 {
+            self.dispatch(
+                next,
+                Work::Chunk {
+                    region,
+                    runs: chunk,
+                    live,
+                },
+            )?;
         }
         for i in 0..n {
             self.send_to(i, Work::EndRound)?;

@@ -113,7 +113,7 @@ impl Abort {
     }
 
     /// Registers a connection for teardown (and, on a receiver with TLS, the sealer its control
-    /// messages use). Returns the peer's id for [`encode_control`](Self::encode_control).
+    /// messages use). Returns the peer's id for [`send_control`](Self::send_control).
     pub(crate) fn watch(&self, socket: &TcpStream, sealer: Option<RecordSealer>) -> Result<usize> {
         let dup = socket
             .try_clone()
@@ -135,47 +135,53 @@ impl Abort {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    /// Seals a TLS KeyUpdate (`update_not_requested`) for peer `id` into `out` with its current
-    /// key, then moves the peer's sealer to `next` (the new sending key). The receiver answers a
-    /// sender's `update_requested` this way (RFC 8446 §4.6.3).
-    pub(crate) fn encode_key_update(
-        &self,
-        id: usize,
-        next: RecordSealer,
-        out: &mut [u8],
-    ) -> Result<usize> {
+    /// Sends our own TLS KeyUpdate (`update_not_requested`) to peer `id`, sealed with its
+    /// current key, then moves the peer's sealer to `next` (the new sending key). The receiver
+    /// answers a sender's `update_requested` this way (RFC 8446 §4.6.3).
+    pub(crate) fn send_key_update(&self, id: usize, next: RecordSealer) -> Result<()> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sealer) = peers.get_mut(id).and_then(|p| p.sealer.as_mut()) else {
+        let Some(peer) = peers.get_mut(id) else {
+            return Err(Error::Internal(format!("no watched connection {id}")));
+        };
+        let Some(sealer) = peer.sealer.as_mut() else {
             return Err(Error::Internal(format!(
                 "no TLS connection {id} to answer a key update on"
             )));
         };
+        let mut out = [0u8; CONTROL_WIRE_BYTES_MAX];
         let n = sealer
             .seal(
                 &crate::pipeline::seal::KEY_UPDATE_MESSAGE,
                 crate::pipeline::seal::CONTENT_HANDSHAKE,
-                out,
+                &mut out,
             )
             .map_err(|source| Error::TlsRecord {
                 channel: u16::MAX,
                 source,
             })?;
         *sealer = next;
-        Ok(n)
+        write_peer(peer, &out[..n], "answering a TLS key update")
     }
 
-    /// Encodes `msg` for peer `id` into `out` (see [`Peer::encode`]). Encoding `Done` closes the
-    /// peer: an abort after it would follow close_notify, which TLS forbids.
-    pub(crate) fn encode_control(&self, id: usize, msg: &Control, out: &mut [u8]) -> Result<usize> {
+    /// Sends `msg` to peer `id` (see [`Peer::encode`]). Every control message of a channel is
+    /// sealed and written under one lock, so its records leave in the order they were sealed,
+    /// whichever thread sends (a shard's `RoundPlaced` and `Done`, the latch's `Abort`).
+    /// Sending `Done` closes the peer: an abort after it would follow close_notify, which TLS
+    /// forbids.
+    pub(crate) fn send_control(&self, id: usize, msg: &Control) -> Result<()> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let Some(peer) = peers.get_mut(id) else {
             return Err(Error::Internal(format!("no watched connection {id}")));
         };
-        let n = peer.encode(msg, out)?;
+        if peer.closed {
+            return Ok(());
+        }
+        let mut out = [0u8; CONTROL_WIRE_BYTES_MAX];
+        let n = peer.encode(msg, &mut out)?;
         if *msg == Control::Done {
             peer.closed = true;
         }
-        Ok(n)
+        write_peer(peer, &out[..n], "sending a control message")
     }
 
     /// Raises the flag without an error of its own (the caller gives up; shards stop).
@@ -205,7 +211,10 @@ impl Abort {
                 None
             }
         };
-        self.raised.store(true, Ordering::Release);
+        // A receiver tells every sender channel why *before* raising the flag: shards that see
+        // the flag exit and close their connections, and a channel closed before its abort
+        // was written would show the sender only a closed connection (seen under load: the
+        // sender reported "peer closed" instead of the receiver's memory fault).
         if let (Some((code, reason)), true) = (first, self.notify_peer) {
             let msg = Control::Abort { code, reason };
             // Sealing and writing under one lock keeps each channel's records in order.
@@ -216,18 +225,10 @@ impl Abort {
                     continue;
                 };
                 peer.closed = true;
-                // Test builds: a simulated data path carries the reason instead of the socket.
-                #[cfg(feature = "faults")]
-                if crate::faults::sim::write_to_sender(&peer.socket, &buf[..n]) {
-                    continue;
-                }
-                use std::io::Write;
-                let _ = peer
-                    .socket
-                    .set_write_timeout(Some(Duration::from_millis(200)));
-                let _ = (&peer.socket).write_all(&buf[..n]);
+                let _ = write_peer(peer, &buf[..n], "telling the sender why");
             }
         }
+        self.raised.store(true, Ordering::Release);
         // A receiver has told the sender (above) and ends every connection at once. A sender's
         // shards each tell the receiver why with an abort frame on the way out (they poll the
         // flag every wait slice), then close their own connection.
@@ -262,6 +263,26 @@ impl Abort {
             let _ = p.socket.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Milliseconds a control message write may block (the peer's socket buffer is full only
+/// when it stopped reading).
+const CONTROL_WRITE_MS: u64 = 200;
+
+/// Writes `bytes` to `peer`'s connection (in test builds, over its simulated link if it has
+/// one), within `CONTROL_WRITE_MS`.
+fn write_peer(peer: &mut Peer, bytes: &[u8], what: &str) -> Result<()> {
+    #[cfg(feature = "faults")]
+    if crate::faults::sim::write_to_sender(&peer.socket, bytes) {
+        return Ok(());
+    }
+    use std::io::Write;
+    let _ = peer
+        .socket
+        .set_write_timeout(Some(Duration::from_millis(CONTROL_WRITE_MS)));
+    (&peer.socket)
+        .write_all(bytes)
+        .map_err(|e| Error::io(what.to_string(), e))
 }
 
 /// `error` and its sources, joined with ": ".

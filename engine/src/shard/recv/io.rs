@@ -88,47 +88,18 @@ impl RecvShard {
             return Ok(());
         };
         let next = tls.keys.next_sealer()?;
-        let mut msg = [0u8; CONTROL_WIRE_BYTES_MAX];
-        let n = self
-            .p
-            .abort
-            .encode_key_update(self.p.peer, next, &mut msg)?;
-        self.send_control(&msg[..n], "answering a TLS key update")
-    }
-
-    /// Sends `bytes` on the control direction and waits until all of them are sent.
-    pub(super) fn send_control(&mut self, bytes: &[u8], what: &str) -> Result<()> {
-        self.ring.slot_mut(CONTROL_SLOT)[..bytes.len()].copy_from_slice(bytes);
-        let buf = Buf::Slab {
-            slot: CONTROL_SLOT,
-            offset: 0,
-            len: bytes.len() as u32,
-        };
-        let mut done = 0u64;
-        while done < bytes.len() as u64 {
-            self.ring
-                .push_send(2, advance(buf, done), false, false, None);
-            match self.wait_one(what)? {
-                RETRY => {}
-                n => done += n as u64,
-            }
-        }
-        Ok(())
+        self.p.abort.send_key_update(self.p.peer, next)
     }
 
     pub(super) fn send_done(&mut self) -> Result<()> {
-        self.send_message(&Control::Done, "confirming the end of the transfer")
+        self.p.abort.send_control(self.p.peer, &Control::Done)
     }
 
     /// Tells the sender that every channel placed `round` (after its barrier).
     pub(super) fn send_round_placed(&mut self, round: u32) -> Result<()> {
-        self.send_message(&Control::RoundPlaced { round }, "reporting a placed round")
-    }
-
-    fn send_message(&mut self, msg: &Control, what: &str) -> Result<()> {
-        let mut bytes = [0u8; CONTROL_WIRE_BYTES_MAX];
-        let n = self.p.abort.encode_control(self.p.peer, msg, &mut bytes)?;
-        self.send_control(&bytes[..n], what)
+        self.p
+            .abort
+            .send_control(self.p.peer, &Control::RoundPlaced { round })
     }
 
     pub(super) fn delay(&mut self) {

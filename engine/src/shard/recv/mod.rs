@@ -31,7 +31,7 @@ use crate::protocol::{Frame, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
 use crate::tls::{KeySchedule, Record, RecordStream};
-use crate::uring::{advance, errno, Buf, RingIo};
+use crate::uring::{errno, Buf, RingIo};
 
 use super::{Abort, Marker, RoundBarrier, CONTROL_WIRE_BYTES_MAX};
 
@@ -42,8 +42,8 @@ mod tls;
 const HEADER_SLOT: u16 = 0;
 /// What `wait_one` returns for a retryable result (`EAGAIN`, `EINTR`): post the op again.
 const RETRY: i32 = i32::MIN;
-const CONTROL_SLOT: u16 = 1;
-const STAGING_SLOT: u16 = 2;
+/// (Control messages go out through the abort latch, under its lock: see `Abort::send_control`.)
+const STAGING_SLOT: u16 = 1;
 const SLOT_BYTES_PLAIN: usize = 4096;
 /// A TLS staging slot holds a whole frame's records plus one more record being filled.
 const SLOT_BYTES_TLS: usize =
@@ -138,7 +138,7 @@ impl RecvShard {
             socket,
             false,
             p.memory.clone(),
-            (3, slot_bytes),
+            (2, slot_bytes),
             p.faults,
             (p.channel, p.idle),
         )?;

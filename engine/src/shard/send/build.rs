@@ -25,14 +25,9 @@ impl SendShard {
         s.n_pieces = 1;
         let now = Instant::now();
         let payload = match work {
-            Work::Chunk {
-                region,
-                first_page,
-                pages,
-                live,
-            } => {
+            Work::Chunk { region, runs, live } => {
                 self.m.begin_pages(&mut self.frame, region, live, now);
-                self.scan_chunk(slot, first_page, pages)?
+                self.scan_chunk(slot, &runs)?
             }
             Work::EndRound => {
                 s.marker = self.m.end_round(&mut self.frame, now);
@@ -93,15 +88,18 @@ impl SendShard {
     /// Fills the started `Pages` frame with `pages` pages from `first_page`: zero scan, normal
     /// runs as payload pieces straight from guest memory, checksums, and compression when it
     /// is chosen. Returns the payload bytes.
-    fn scan_chunk(&mut self, slot: u16, first_page: u64, pages: u32) -> Result<u64> {
+    fn scan_chunk(&mut self, slot: u16, runs: &ChunkRuns) -> Result<u64> {
         let frame = &mut *self.frame;
         let region = frame.region;
         let r = &self.memory.regions()[region as usize];
-        for page in first_page..first_page + u64::from(pages) {
-            let zero = r.page_is_zero(&self.scanner, page);
-            frame
-                .push_page(page, zero)
-                .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
+        let pages = runs.pages();
+        for &(first_page, n) in runs.runs() {
+            for page in first_page..first_page + u64::from(n) {
+                let zero = r.page_is_zero(&self.scanner, page);
+                frame
+                    .push_page(page, zero)
+                    .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
+            }
         }
         // The scan read every zero page: a truncated source file shows up here.
         self.memory.take_fault()?;
