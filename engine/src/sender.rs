@@ -64,6 +64,30 @@ struct Shard {
     core: Option<usize>,
 }
 
+/// `runs` (sorted, disjoint) packed into chunks of one region each, of up to
+/// `CHUNK_PAGES_MAX` pages and `CHUNK_RUNS_MAX` runs: long runs split, scattered ones shared.
+fn pack_chunks(runs: &[PageRun]) -> impl Iterator<Item = (u32, ChunkRuns)> + '_ {
+    let mut pending = runs.iter().map(|r| (r.region, r.first_page, r.pages));
+    let mut carry: Option<(u32, u64, u64)> = None;
+    std::iter::from_fn(move || {
+        let mut chunk = ChunkRuns::new();
+        let mut region = None;
+        while let Some((r, first, pages)) = carry.take().or_else(|| pending.next()) {
+            if region.is_some_and(|c| c != r) || chunk.room() == 0 {
+                carry = Some((r, first, pages));
+                break;
+            }
+            region = Some(r);
+            let n = pages.min(u64::from(chunk.room())) as u32;
+            chunk.push(first, n);
+            if u64::from(n) < pages {
+                carry = Some((r, first + u64::from(n), pages - u64::from(n)));
+            }
+        }
+        region.map(|r| (r, chunk))
+    })
+}
+
 fn device_chunk(tag: u32, total: u64, last: bool, bytes: &[u8]) -> Work {
     Work::DeviceState {
         tag,
@@ -425,42 +449,9 @@ impl Sender {
         // Rotate the first shard per round, so a page resent in the next round usually travels
         // over another channel (and ordering is exercised, not assumed).
         let mut next = self.round as usize % n;
-        // Runs are packed into chunks of up to CHUNK_PAGES_MAX pages of one region.
-        let mut chunk = ChunkRuns::new();
-        let mut region = runs.first().map_or(0, |r| r.region);
-        for run in runs {
-            let mut first = run.first_page;
-            let end = run.first_page + run.pages;
-            while first < end {
-                if run.region != region || chunk.room() == 0 {
-                    if chunk.pages() > 0 {
-                        self.dispatch(
-                            next,
-                            Work::Chunk {
-                                region,
-                                runs: chunk,
-                                live,
-                            },
-                        )?;
-                        next = (next + 1) % n;
-                    }
-                    chunk = ChunkRuns::new();
-                    region = run.region;
-                }
-                let pages = (end - first).min(u64::from(chunk.room())) as u32;
-                chunk.push(first, pages);
-                first += u64::from(pages);
-            }
-        }
-        if chunk.pages() > 0 {
-            self.dispatch(
-                next,
-                Work::Chunk {
-                    region,
-                    runs: chunk,
-                    live,
-                },
-            )?;
+        for (region, runs) in pack_chunks(runs) {
+            self.dispatch(next, Work::Chunk { region, runs, live })?;
+            next = (next + 1) % n;
         }
         for i in 0..n {
             self.send_to(i, Work::EndRound)?;

@@ -192,6 +192,71 @@ fn tls_files(dir: &str, side: &str) -> TlsFiles {
 }
 
 /// # Safety
+/// `memory` is null or from [`pw_memory_new`].
+unsafe fn memory_of(memory: *const pw_memory) -> Result<Arc<GuestMemory>, Error> {
+    if memory.is_null() {
+        return Err(invalid("memory is a null pointer"));
+    }
+    // SAFETY: from pw_memory_new (caller).
+    Ok(unsafe { &*memory }.0.clone())
+}
+
+/// A receiver's settings from `opts`.
+///
+/// # Safety
+/// As for [`options`].
+unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Error> {
+    // SAFETY: as the caller promises.
+    let (_, tls_dir, idle) = unsafe { options(opts) }?;
+    let tls = match tls_dir {
+        Some(d) => Some(TlsServer::new(tls_files(&d, "server").load()?)?),
+        None => None,
+    };
+    Ok(ReceiverConfig {
+        tls,
+        idle_timeout_ms: idle,
+        ..ReceiverConfig::default()
+    })
+}
+
+/// A sender's settings from `opts`.
+///
+/// # Safety
+/// As for [`options`].
+unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> {
+    // SAFETY: as the caller promises.
+    let (channels, tls_dir, idle) = unsafe { options(opts) }?;
+    let tls = match tls_dir {
+        Some(d) => Some(TlsClient::new(
+            tls_files(&d, "client").load()?,
+            "localhost",
+        )?),
+        None => None,
+    };
+    Ok(SenderConfig {
+        channels,
+        tls,
+        idle_timeout_ms: idle,
+        ..SenderConfig::default()
+    })
+}
+
+/// Hands `receiver` out through `out`.
+///
+/// # Safety
+/// `out` is null or valid for a write.
+unsafe fn put_receiver(out: *mut *mut pw_receiver, receiver: Receiver) -> Result<(), Error> {
+    let device_state = receiver.device_state();
+    let r = pw_receiver {
+        receiver: Some(receiver),
+        device_state,
+        blobs: Vec::new(),
+    };
+    // SAFETY: as the caller promises.
+    unsafe { put(out, r) }
+}
+
+/// # Safety
 /// `out` is null or valid for a write.
 unsafe fn put<T>(out: *mut *mut T, value: T) -> Result<(), Error> {
     if out.is_null() {
@@ -278,38 +343,11 @@ pub unsafe extern "C" fn pw_receiver_bind(
     guard(|| {
         // SAFETY: NUL-terminated (caller).
         let addr = unsafe { text(addr, "addr") }?;
-        if memory.is_null() {
-            return Err(invalid("memory is a null pointer"));
-        }
-        // SAFETY: from pw_memory_new (caller).
-        let memory = unsafe { &*memory }.0.clone();
-        // SAFETY: null or valid (caller).
-        let (_, tls_dir, idle) = unsafe { options(opts) }?;
-        let tls = match tls_dir {
-            Some(d) => Some(TlsServer::new(tls_files(&d, "server").load()?)?),
-            None => None,
-        };
-        let receiver = Receiver::bind(
-            addr,
-            memory,
-            ReceiverConfig {
-                tls,
-                idle_timeout_ms: idle,
-                ..ReceiverConfig::default()
-            },
-        )?;
-        let device_state = receiver.device_state();
+        // SAFETY: from pw_memory_new, and null or valid (caller).
+        let (memory, config) = unsafe { (memory_of(memory)?, receiver_config(opts)?) };
+        let receiver = Receiver::bind(addr, memory, config)?;
         // SAFETY: valid (caller).
-        unsafe {
-            put(
-                out,
-                pw_receiver {
-                    receiver: Some(receiver),
-                    device_state,
-                    blobs: Vec::new(),
-                },
-            )
-        }
+        unsafe { put_receiver(out, receiver) }
     })
 }
 
@@ -433,30 +471,9 @@ pub unsafe extern "C" fn pw_sender_connect(
     guard(|| {
         // SAFETY: NUL-terminated (caller).
         let addr = unsafe { text(addr, "addr") }?;
-        if memory.is_null() {
-            return Err(invalid("memory is a null pointer"));
-        }
-        // SAFETY: from pw_memory_new (caller).
-        let memory = unsafe { &*memory }.0.clone();
-        // SAFETY: null or valid (caller).
-        let (channels, tls_dir, idle) = unsafe { options(opts) }?;
-        let tls = match tls_dir {
-            Some(d) => Some(TlsClient::new(
-                tls_files(&d, "client").load()?,
-                "localhost",
-            )?),
-            None => None,
-        };
-        let sender = Sender::connect(
-            addr,
-            memory,
-            &SenderConfig {
-                channels,
-                tls,
-                idle_timeout_ms: idle,
-                ..SenderConfig::default()
-            },
-        )?;
+        // SAFETY: from pw_memory_new, and null or valid (caller).
+        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
+        let sender = Sender::connect(addr, memory, &config)?;
         // SAFETY: valid (caller).
         unsafe { put(out, pw_sender(Some(sender))) }
     })
@@ -499,25 +516,8 @@ pub unsafe extern "C" fn pw_sender_over_fds(
     guard(|| {
         // SAFETY: as the caller promises.
         let streams = unsafe { streams(fds, count) }?;
-        if memory.is_null() {
-            return Err(invalid("memory is a null pointer"));
-        }
-        // SAFETY: from pw_memory_new (caller).
-        let memory = unsafe { &*memory }.0.clone();
-        // SAFETY: null or valid (caller).
-        let (_, tls_dir, idle) = unsafe { options(opts) }?;
-        let tls = match tls_dir {
-            Some(d) => Some(TlsClient::new(
-                tls_files(&d, "client").load()?,
-                "localhost",
-            )?),
-            None => None,
-        };
-        let config = SenderConfig {
-            tls,
-            idle_timeout_ms: idle,
-            ..SenderConfig::default()
-        };
+        // SAFETY: from pw_memory_new, and null or valid (caller).
+        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
         let sender = Sender::over_streams(streams, memory, &config)?;
         // SAFETY: valid (caller).
         unsafe { put(out, pw_sender(Some(sender))) }
@@ -541,38 +541,11 @@ pub unsafe extern "C" fn pw_receiver_over_fds(
     guard(|| {
         // SAFETY: as the caller promises.
         let streams = unsafe { streams(fds, count) }?;
-        if memory.is_null() {
-            return Err(invalid("memory is a null pointer"));
-        }
-        // SAFETY: from pw_memory_new (caller).
-        let memory = unsafe { &*memory }.0.clone();
-        // SAFETY: null or valid (caller).
-        let (_, tls_dir, idle) = unsafe { options(opts) }?;
-        let tls = match tls_dir {
-            Some(d) => Some(TlsServer::new(tls_files(&d, "server").load()?)?),
-            None => None,
-        };
-        let receiver = Receiver::over_streams(
-            streams,
-            memory,
-            ReceiverConfig {
-                tls,
-                idle_timeout_ms: idle,
-                ..ReceiverConfig::default()
-            },
-        )?;
-        let device_state = receiver.device_state();
+        // SAFETY: from pw_memory_new, and null or valid (caller).
+        let (memory, config) = unsafe { (memory_of(memory)?, receiver_config(opts)?) };
+        let receiver = Receiver::over_streams(streams, memory, config)?;
         // SAFETY: valid (caller).
-        unsafe {
-            put(
-                out,
-                pw_receiver {
-                    receiver: Some(receiver),
-                    device_state,
-                    blobs: Vec::new(),
-                },
-            )
-        }
+        unsafe { put_receiver(out, receiver) }
     })
 }
 

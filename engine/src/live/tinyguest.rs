@@ -189,6 +189,11 @@ impl TinyGuest {
         regs.rflags = 2;
         vcpu.set_regs(&regs)
             .map_err(|e| kvm_error("setting registers", e))?;
+        Self::running(vm, vcpu, memory)
+    }
+
+    /// Starts `vcpu`'s thread.
+    fn running(vm: Arc<VmFd>, vcpu: VcpuFd, memory: Arc<GuestMemory>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = run_vcpu(vcpu, stop.clone())?;
         Ok(TinyGuest {
@@ -280,16 +285,7 @@ impl TinyGuest {
             .map_err(|e| kvm_error("setting segment registers", e))?;
         vcpu.set_regs(&regs)
             .map_err(|e| kvm_error("setting registers", e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = run_vcpu(vcpu, stop.clone())?;
-        Ok(TinyGuest {
-            vm,
-            stop,
-            thread: Some(thread),
-            vcpu: None,
-            memory,
-            counter_at_pause: None,
-        })
+        Self::running(vm, vcpu, memory)
     }
 }
 

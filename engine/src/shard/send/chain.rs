@@ -186,7 +186,7 @@ impl SendShard {
             );
             self.zc = ZcState::Plain;
             self.stats.zc_fallback = true;
-        } else if self.zero_copy_policy == ZeroCopy::Auto && self.tls.is_none() {
+        } else if self.tls.is_none() {
             // Registering pins and faults in all of guest memory (up to a second per GiB); with
             // DEFER_TASKRUN nothing in flight progresses meanwhile, so wait until nothing is.
             self.zc = ZcState::RegisterPending;

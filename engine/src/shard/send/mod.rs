@@ -283,7 +283,6 @@ pub(crate) struct SendShard {
     ready: VecDeque<u16>,
     chain: Vec<ChainOp>,
     chain_outstanding: usize,
-    zero_copy_policy: ZeroCopy,
     zc: ZcState,
     /// Plaintext: the control message being received into the control slot.
     control: ControlReader,

@@ -76,7 +76,6 @@ impl SendShard {
             ready: VecDeque::with_capacity(SHARD_FRAMES_IN_FLIGHT_MAX),
             chain: Vec::with_capacity(CHAIN_FRAMES_MAX * (1 + FRAME_RUNS_MAX)),
             chain_outstanding: 0,
-            zero_copy_policy: p.zero_copy,
             zc,
             control: ControlReader::default(),
             control_posted: false,
