@@ -825,20 +825,28 @@ fn demo_guest(
     a: &DemoArgs,
     d: &DemoSetup,
 ) -> Result<(DemoGuest, Box<dyn pagewire::dirty::DirtySource>, String)> {
-    use pagewire::live::tinyguest::{self, TinyGuest, WORKING_SET_PAGES_MAX};
-    let pages_per_s = (a.dirty_rate / 4096).max(1);
+    use pagewire::live::guestcode::{Params, WORKING_SET_GPA};
+    use pagewire::live::tinyguest::{self, TinyGuest};
+    let region_bytes = d.src.regions()[0].len();
     match tinyguest::probe() {
-        Ok(()) => {
-            let burst = (pages_per_s / 1000).clamp(1, u64::from(u16::MAX)) as u16;
-            let guest = TinyGuest::start(d.src.clone(), burst, WORKING_SET_PAGES_MAX)?;
+        Ok(()) if region_bytes > WORKING_SET_GPA => {
+            // The working set: an eighth of memory, as the software dirtier's.
+            let pages = ((region_bytes / 8) / 4096).min((region_bytes - WORKING_SET_GPA) / 4096);
+            let params = Params::for_rate(a.dirty_rate, pages.max(1) as u32);
+            let guest = TinyGuest::start(d.src.clone(), params)?;
             let dirty = Box::new(guest.dirty_log());
             let what = format!(
-                "a tiny KVM guest writing {} pages/ms over a {WORKING_SET_PAGES_MAX}-page working set",
-                burst
+                "a tiny KVM guest writing {} pages/ms ({:.0} MB/s) over {} MiB",
+                params.burst,
+                params.bytes_per_s() as f64 / 1e6,
+                (u64::from(params.working_set_pages) * 4096) >> 20
             );
             Ok((DemoGuest::Kvm(guest), dirty, what))
         }
-        Err(why) => {
+        probed => {
+            let why = probed.err().unwrap_or_else(|| {
+                "the memory is too small for the KVM guest's working set above 1 MiB".into()
+            });
             let bitmap = Arc::new(SharedBitmap::new(&d.src));
             let region = &d.src.regions()[0];
             let pages = (region.pages() / 8).max(1);

@@ -19,6 +19,7 @@
 //! [`MigrationHandle`] to cancel and to read a `query-migrate`-like [`Snapshot`].
 
 pub mod dirtier;
+pub mod guestcode;
 pub mod policy;
 #[cfg(feature = "kvm")]
 pub mod tinyguest;

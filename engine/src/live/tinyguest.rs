@@ -1,17 +1,16 @@
-//! A tiny KVM guest for demos and tests of live migration (the `kvm` feature): 48 bytes of
-//! hand-written real-mode code that dirties a working set at a rate it reads from its own
-//! memory and counts its stores, run by a vCPU thread tick by tick.
+//! A tiny KVM VMM for demos and tests of live migration (the `kvm` feature): it runs the guest
+//! of [`super::guestcode`] (hand-written 32-bit code that dirties a working set at a rate it
+//! reads from its own memory and counts its stores) on one vCPU, tick by tick.
 //!
-//! Every 1 ms tick the guest stores its 32-bit progress counter into the next `burst` pages of
-//! its working set (walking them in turn, wrapping at the end), incrementing the counter per
-//! store, then halts; the vCPU thread wakes it at the next tick. So the caller chooses the
-//! dirty rate (`burst` × 1000 page writes per second) and the working set (up to
-//! [`WORKING_SET_PAGES_MAX`]: real mode reaches the first MiB). [`TinyGuest`] is the source
-//! side ([`Vmm`]: pausing stops the vCPU at its next halt; its registers are the device state)
-//! and [`TinyGuest::resume`] the destination side.
+//! The vCPU thread resumes the halted guest every [`TICK`]; the guest writes its burst of pages
+//! and halts again (its LAPIC setup exits as MMIO writes, which this VMM ignores: it has no
+//! in-kernel LAPIC and paces the guest itself). QEMU boots the same code as its firmware, so
+//! the two engines can be compared on the same guest. [`TinyGuest`] is the source side
+//! ([`Vmm`]: pausing stops the vCPU at its next halt; its registers are the device state) and
+//! [`TinyGuest::resume`] the destination side.
 //!
 //! Unmodified Linux guests do not boot under every nested KVM; this guest needs nothing but
-//! real mode, so it runs wherever `/dev/kvm` creates a VM.
+//! flat protected mode, so it runs wherever `/dev/kvm` creates a VM.
 
 #![allow(unsafe_code)]
 
@@ -22,50 +21,19 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+use super::guestcode::{self, Params, CODE_GPA, COUNTER_GPA, PARAMS_GPA, STACK_TOP_GPA};
 use super::Vmm;
 use crate::dirty::kvm::{KvmDirtyLog, SlotRegion};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
 
-/// Pages the working set may span (page 16 up to below 1 MiB, minus a margin).
-pub const WORKING_SET_PAGES_MAX: u16 = 200;
 /// The guest's tick: it halts after each burst and runs again at the next one.
 pub const TICK: Duration = Duration::from_millis(1);
 /// Tag of the vCPU registers blob.
 pub const REGS_TAG: u32 = u32::from_le_bytes(*b"regs");
-/// Guest-physical address of the progress counter (u32).
-pub const COUNTER_GPA: u64 = 0x508;
-/// Guest memory the guest needs at least (its code, variables and working set).
-pub const MEMORY_BYTES_MIN: u64 = 1 << 20;
-
-const CODE_GPA: u64 = 0x1000;
-const BURST_GPA: u64 = 0x500;
-const WS_FIRST_GPA: u64 = 0x502;
-const NEXT_GPA: u64 = 0x504;
-const WS_END_GPA: u64 = 0x506;
-/// Segment of the working set's first page (page 16).
-const WS_FIRST_SEGMENT: u16 = 0x1000;
-const REGS_BLOB_BYTES: usize = 19 * 8 + 2;
-
-/// The guest (real mode, DS = 0): see the module docs.
-const GUEST: [u8; 48] = [
-    0x8B, 0x0E, 0x00, 0x05, // top: mov cx, [0x500]        burst
-    0xA1, 0x04, 0x05, // body: mov ax, [0x504]             next page's segment
-    0x8E, 0xC0, // mov es, ax
-    0x83, 0x06, 0x08, 0x05, 0x01, // add word [0x508], 1  counter, low word
-    0x83, 0x16, 0x0A, 0x05, 0x00, // adc word [0x50a], 0  counter, high word
-    0x8B, 0x16, 0x08, 0x05, // mov dx, [0x508]
-    0x26, 0x89, 0x16, 0x00, 0x00, // mov es:[0], dx      dirty the page
-    0x05, 0x00, 0x01, // add ax, 0x100                    next page
-    0x3B, 0x06, 0x06, 0x05, // cmp ax, [0x506]            past the working set?
-    0x72, 0x03, // jb store
-    0xA1, 0x02, 0x05, // mov ax, [0x502]                  wrap to its first page
-    0xA3, 0x04, 0x05, // store: mov [0x504], ax
-    0xE2, 0xD7, // loop body
-    0xF4, // hlt                                          end of tick
-    0xEB, 0xD0, // jmp top
-];
+/// The registers blob: 18 general registers (with `rip` and `rflags`), little-endian u64s.
+const REGS_BLOB_BYTES: usize = 18 * 8;
 
 fn kvm_error(what: &str, e: kvm_ioctls::Error) -> Error {
     Error::io(what, std::io::Error::from_raw_os_error(e.errno()))
@@ -78,16 +46,17 @@ pub fn counter(memory: &GuestMemory) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// A VM over region 0 of `memory` (slot 0, dirty logging on) with one vCPU in flat real mode.
-/// The VM fd must be dropped before `memory` (callers keep both in one struct, VM first).
-fn vm(memory: &GuestMemory) -> Result<(Arc<VmFd>, VcpuFd)> {
+/// A VM over region 0 of `memory` (slot 0, dirty logging on) with one vCPU in flat 32-bit
+/// protected mode (no paging). The VM fd must be dropped before `memory` (callers keep both in
+/// one struct, VM first).
+fn vm(memory: &GuestMemory, memory_bytes_min: u64) -> Result<(Arc<VmFd>, VcpuFd)> {
     let region = memory
         .regions()
         .first()
-        .filter(|r| r.gpa() == 0 && r.len() >= MEMORY_BYTES_MIN && r.is_writable())
+        .filter(|r| r.gpa() == 0 && r.len() >= memory_bytes_min && r.is_writable())
         .ok_or_else(|| {
             Error::Config(format!(
-                "the tiny guest needs writable memory from address 0, at least {MEMORY_BYTES_MIN} bytes"
+                "the tiny guest needs writable memory from address 0, at least {memory_bytes_min} bytes"
             ))
         })?;
     let kvm = Kvm::new().map_err(|e| kvm_error("opening /dev/kvm", e))?;
@@ -108,17 +77,33 @@ fn vm(memory: &GuestMemory) -> Result<(Arc<VmFd>, VcpuFd)> {
     let mut sregs = vcpu
         .get_sregs()
         .map_err(|e| kvm_error("reading segment registers", e))?;
+    // What the firmware's entry sets up under QEMU: code 0x08 and data 0x10, flat 4 GiB.
+    let flat = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = flat(0x08, 0xb);
     for s in [
-        &mut sregs.cs,
         &mut sregs.ds,
         &mut sregs.es,
         &mut sregs.ss,
         &mut sregs.fs,
         &mut sregs.gs,
     ] {
-        s.base = 0;
-        s.selector = 0;
+        *s = flat(0x10, 0x3);
     }
+    sregs.cr0 |= 1;
     vcpu.set_sregs(&sregs)
         .map_err(|e| kvm_error("setting segment registers", e))?;
     Ok((Arc::new(vm), vcpu))
@@ -133,6 +118,8 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
             while !stop.load(Ordering::Acquire) {
                 match vcpu.run().map_err(|e| kvm_error("running the vCPU", e))? {
                     VcpuExit::Hlt => {}
+                    // The guest's LAPIC timer setup: this VMM paces it itself.
+                    VcpuExit::MmioWrite(..) => continue,
                     exit => return Err(Error::Internal(format!("unexpected vCPU exit {exit:?}"))),
                 }
                 next += TICK;
@@ -165,27 +152,23 @@ impl std::fmt::Debug for TinyGuest {
 }
 
 impl TinyGuest {
-    /// Loads the guest into `memory` (region 0 from address 0; the rest is left as it is) and
-    /// starts it: `burst` pages per tick over a working set of `working_set` pages.
-    pub fn start(memory: Arc<GuestMemory>, burst: u16, working_set: u16) -> Result<Self> {
-        if working_set == 0 || working_set > WORKING_SET_PAGES_MAX || burst == 0 {
-            return Err(Error::Config(format!(
-                "the tiny guest takes a burst of at least one page and a working set of 1..={WORKING_SET_PAGES_MAX} pages"
-            )));
+    /// Loads the guest into `memory` (region 0 from address 0, at least
+    /// [`Params::memory_bytes_min`]; the rest is left as it is) and starts it.
+    pub fn start(memory: Arc<GuestMemory>, params: Params) -> Result<Self> {
+        if params.burst == 0 || params.working_set_pages == 0 {
+            return Err(Error::Config(
+                "the tiny guest takes a burst and a working set of at least one page".into(),
+            ));
         }
-        let (vm, vcpu) = vm(&memory)?;
+        let (vm, vcpu) = vm(&memory, params.memory_bytes_min())?;
         let region = &memory.regions()[0];
-        region.write(CODE_GPA, &GUEST);
-        region.write(BURST_GPA, &burst.to_le_bytes());
-        region.write(WS_FIRST_GPA, &WS_FIRST_SEGMENT.to_le_bytes());
-        region.write(NEXT_GPA, &WS_FIRST_SEGMENT.to_le_bytes());
-        let end = WS_FIRST_SEGMENT + working_set * 0x100;
-        region.write(WS_END_GPA, &end.to_le_bytes());
-        region.write(COUNTER_GPA, &0u32.to_le_bytes());
+        region.write(CODE_GPA, guestcode::code());
+        region.write(PARAMS_GPA, &params.block());
         let mut regs = vcpu
             .get_regs()
             .map_err(|e| kvm_error("reading registers", e))?;
         regs.rip = CODE_GPA;
+        regs.rsp = STACK_TOP_GPA;
         regs.rflags = 2;
         vcpu.set_regs(&regs)
             .map_err(|e| kvm_error("setting registers", e))?;
@@ -250,7 +233,7 @@ impl TinyGuest {
                 blob.bytes.len()
             )));
         }
-        let (vm, vcpu) = vm(&memory)?;
+        let (vm, vcpu) = vm(&memory, CODE_GPA + guestcode::code().len() as u64)?;
         let u = |i: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&blob.bytes[i * 8..i * 8 + 8]);
@@ -276,13 +259,6 @@ impl TinyGuest {
             rip: u(16),
             rflags: u(17),
         };
-        let mut sregs = vcpu
-            .get_sregs()
-            .map_err(|e| kvm_error("reading segment registers", e))?;
-        sregs.es.base = u(18);
-        sregs.es.selector = u16::from_le_bytes([blob.bytes[152], blob.bytes[153]]);
-        vcpu.set_sregs(&sregs)
-            .map_err(|e| kvm_error("setting segment registers", e))?;
         vcpu.set_regs(&regs)
             .map_err(|e| kvm_error("setting registers", e))?;
         Self::running(vm, vcpu, memory)
@@ -294,8 +270,8 @@ impl Vmm for TinyGuest {
         self.stop()
     }
 
-    /// The registers this guest needs: the 18 general registers, then the ES segment (base
-    /// and selector; the other segments stay 0 in this guest).
+    /// The registers this guest needs: the 18 general registers (its segments are the fixed
+    /// flat ones that [`TinyGuest::resume`] sets up again).
     fn device_state(&mut self) -> Result<Vec<DeviceBlob>> {
         let vcpu = self
             .vcpu
@@ -304,18 +280,13 @@ impl Vmm for TinyGuest {
         let r = vcpu
             .get_regs()
             .map_err(|e| kvm_error("reading registers", e))?;
-        let es = vcpu
-            .get_sregs()
-            .map_err(|e| kvm_error("reading segment registers", e))?
-            .es;
         let mut bytes = Vec::with_capacity(REGS_BLOB_BYTES);
         for v in [
             r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
-            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags, es.base,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags,
         ] {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        bytes.extend_from_slice(&es.selector.to_le_bytes());
         Ok(vec![DeviceBlob {
             tag: REGS_TAG,
             bytes,

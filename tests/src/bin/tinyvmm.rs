@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use pagewire::live::guestcode::Params;
 use pagewire::live::tinyguest::{self, TinyGuest};
 use pagewire::live::{DowntimeLimit, Migration, Vmm};
 use pagewire::tls::certs;
@@ -51,10 +52,10 @@ enum Cli {
         tls_dir: Option<PathBuf>,
         /// Pages the guest writes per 1 ms tick.
         #[arg(long, default_value_t = 8)]
-        burst: u16,
-        /// Pages of the working set (at most 200).
-        #[arg(long, default_value_t = tinyguest::WORKING_SET_PAGES_MAX)]
-        working_set: u16,
+        burst: u32,
+        /// Pages of the working set, from 1 MiB up.
+        #[arg(long, default_value_t = 256)]
+        working_set: u32,
         /// How long the guest runs before the migration starts.
         #[arg(long, default_value_t = 200)]
         warmup_ms: u64,
@@ -110,10 +111,16 @@ impl Vmm for Source {
     }
 }
 
-fn source(to: &str, tls_dir: &Option<PathBuf>, a: (u16, u16, u64, u64, u16)) -> Result<()> {
+fn source(to: &str, tls_dir: &Option<PathBuf>, a: (u32, u32, u64, u64, u16)) -> Result<()> {
     let (burst, working_set, warmup_ms, downtime_ms, channels) = a;
     let memory = memory()?;
-    let guest = TinyGuest::start(memory.clone(), burst, working_set)?;
+    let guest = TinyGuest::start(
+        memory.clone(),
+        Params {
+            burst,
+            working_set_pages: working_set,
+        },
+    )?;
     std::thread::sleep(Duration::from_millis(warmup_ms));
     let counter_at_start = guest.counter();
     let (_, client) = tls(tls_dir)?;
