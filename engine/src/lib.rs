@@ -74,6 +74,7 @@ pub(crate) mod sigbus;
 #[allow(unsafe_code)]
 pub mod simd;
 pub mod stats;
+pub mod stream;
 pub mod synth;
 #[allow(unsafe_code)]
 pub mod sys;
@@ -89,4 +90,5 @@ pub use receiver::Receiver;
 pub use sender::{PageRun, Sender};
 pub use shard::error_chain;
 pub use stats::{Progress, RoundStats, ShardStats, TransferStats};
+pub use stream::Stream;
 pub use uring::{probe as probe_uring, Caps as UringCaps};

@@ -11,7 +11,7 @@
 //! refusal, so a misconfigured sender is still visible on this side.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use crate::sender::Canceller;
 use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
 use crate::shard::{allowed_cores, catch_panic, error_chain, pin, Abort, RoundBarrier};
 use crate::stats::{Progress, TransferStats};
+use crate::stream::Stream;
 use crate::tls::{server_handshake, TlsServer, TlsSession};
 
 /// Makes the destination once the sender's hello says how large it is.
@@ -55,7 +56,7 @@ pub struct Receiver {
     listener: Option<TcpListener>,
     /// Connections the caller accepted (management software passes them in), handshaken like
     /// accepted ones.
-    given: Vec<TcpStream>,
+    given: Vec<Stream>,
     memory: Destination,
     config: ReceiverConfig,
     progress: Arc<Progress>,
@@ -143,8 +144,8 @@ impl Receiver {
     /// [`std::os::fd::FromRawFd`]). Each is handshaken as if accepted here; a connection that
     /// fails its handshake is dropped as a stranger's would be. Plaintext without a key is
     /// refused unless the connections are on loopback or `insecure` is set.
-    pub fn over_streams(
-        streams: Vec<TcpStream>,
+    pub fn over_streams<S: Into<Stream>>(
+        streams: Vec<S>,
         memory: Arc<GuestMemory>,
         config: ReceiverConfig,
     ) -> Result<Receiver> {
@@ -152,17 +153,12 @@ impl Receiver {
         if streams.is_empty() {
             return Err(Error::Config("no connections handed in".into()));
         }
+        let streams: Vec<Stream> = streams.into_iter().map(Into::into).collect();
         for s in &streams {
-            let local = s
-                .local_addr()
-                .map_err(|e| Error::io("reading a connection's address", e))?;
-            if config.tls.is_none()
-                && config.psk.is_none()
-                && !config.insecure
-                && !local.ip().is_loopback()
-            {
+            if config.tls.is_none() && config.psk.is_none() && !config.insecure && !s.is_local()? {
                 return Err(Error::Config(format!(
-                    "refusing a connection on {local} with neither TLS nor a pre-shared key (or set `insecure`)"
+                    "refusing a connection from {} with neither TLS nor a pre-shared key (or set `insecure`)",
+                    s.peer()
                 )));
             }
         }
@@ -179,7 +175,7 @@ impl Receiver {
 
     fn new(
         listener: Option<TcpListener>,
-        given: Vec<TcpStream>,
+        given: Vec<Stream>,
         memory: Destination,
         config: ReceiverConfig,
     ) -> Receiver {
@@ -346,14 +342,9 @@ impl Receiver {
     /// do not arrive within `CHANNELS_GATHER_TIMEOUT_MS` is dropped the same way.
     /// The next connection to handshake: a handed-in one, else one accepted within 10 ms;
     /// `None` when there is none yet.
-    fn next_connection(
-        &self,
-        given: &mut Vec<TcpStream>,
-    ) -> Result<Option<(TcpStream, SocketAddr)>> {
+    fn next_connection(&self, given: &mut Vec<Stream>) -> Result<Option<(Stream, String)>> {
         if let Some(stream) = given.pop() {
-            let peer = stream
-                .peer_addr()
-                .map_err(|e| Error::io("reading a handed-in connection's peer", e))?;
+            let peer = stream.peer();
             return Ok(Some((stream, peer)));
         }
         let Some(listener) = &self.listener else {
@@ -367,7 +358,7 @@ impl Receiver {
             return Ok(None);
         }
         match listener.accept() {
-            Ok(x) => Ok(Some(x)),
+            Ok((s, peer)) => Ok(Some((Stream::Tcp(s), peer.to_string()))),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
             Err(e) if is_transient_accept_error(&e) => {
                 tracing::warn!("accepting a connection failed: {e}");
@@ -380,7 +371,7 @@ impl Receiver {
     fn accept_channels(
         &self,
         abort: &Abort,
-        mut given: Vec<TcpStream>,
+        mut given: Vec<Stream>,
     ) -> Result<(Vec<Accepted>, Instant, u64)> {
         let (layout_digest, layout_bytes, take_layout) = match &self.memory {
             Destination::Ready(m) => (m.layout_digest(), m.total_bytes(), false),
@@ -410,8 +401,7 @@ impl Receiver {
         loop {
             while let Ok((generation, peer, result)) = done_rx.try_recv() {
                 in_flight -= 1;
-                let (hello, stream, session): (Hello, TcpStream, Option<TlsSession>) = match result
-                {
+                let (hello, stream, session): (Hello, Stream, Option<TlsSession>) = match result {
                     Ok(x) => x,
                     Err(e) => {
                         let text = format!("{peer}: {}", error_chain(&e));
@@ -453,7 +443,7 @@ impl Receiver {
                 // A sender sends nothing before all its channels are accepted, so a gathered
                 // channel that turns readable has closed (the sender gave up, e.g. after a
                 // refused connection): the session is dropped at once, not after the timeout.
-                let gone = slots.iter().flatten().any(|a| closed(&a.stream));
+                let gone = slots.iter().flatten().any(|a| a.stream.closed());
                 if gone || t.elapsed() >= Duration::from_millis(CHANNELS_GATHER_TIMEOUT_MS) {
                     let text = if gone {
                         format!(
@@ -506,9 +496,11 @@ impl Receiver {
             let index = accepted;
             accepted = accepted.saturating_add(1);
             in_flight += 1;
+            let thread_peer = peer.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("pw-handshake-{index}"))
                 .spawn(move || {
+                    let peer = thread_peer;
                     let span = tracing::debug_span!("handshake", %peer, connection = index);
                     let _enter = span.enter();
                     let generation = lock(&acceptor).1;
@@ -516,7 +508,7 @@ impl Receiver {
                         tls: tls.as_ref(),
                         psk: psk.as_ref(),
                     };
-                    let result = handshake(stream, peer, &acceptor, auth, index, idle_timeout_ms);
+                    let result = handshake(stream, &peer, &acceptor, auth, index, idle_timeout_ms);
                     let _ = done.send((generation, peer, result));
                 });
             if let Err(e) = spawned {
@@ -528,21 +520,6 @@ impl Receiver {
         let layout_bytes = lock(&acceptor).0.layout_bytes();
         Ok((streams, first_at.unwrap_or(waiting_since), layout_bytes))
     }
-}
-
-/// True when `stream` has ended (a non-blocking peek reads 0 bytes or fails for good).
-fn closed(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let mut byte = [0u8; 1];
-    let gone = match stream.peek(&mut byte) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-    };
-    let _ = stream.set_nonblocking(false);
-    gone
 }
 
 /// Errors of `accept` that concern one connection (or a momentary shortage), not the listener.
@@ -564,7 +541,7 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
 
 /// One accepted channel, ready for its shard.
 struct Accepted {
-    stream: TcpStream,
+    stream: Stream,
     peer: usize,
     tls: Option<TlsRx>,
 }
@@ -585,15 +562,15 @@ struct Auth<'a> {
 }
 
 fn handshake(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: &str,
     acceptor: &SharedAcceptor,
     auth: Auth<'_>,
     index: u16,
     idle_timeout_ms: u32,
-) -> Result<(Hello, TcpStream, Option<TlsSession>)> {
+) -> Result<(Hello, Stream, Option<TlsSession>)> {
     let tls = auth.tls;
-    crate::sender::configure_socket(&stream)?;
+    stream.configure()?;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     stream
         .set_read_timeout(Some(timeout))
@@ -708,7 +685,7 @@ fn handshake(
 
 /// The receiver's side of the pre-shared-key handshake: a challenge, the sender's proof.
 /// Returns the channel's record state, or `None` when the proof is wrong.
-fn psk_challenge(stream: &TcpStream, hello: &Hello, psk: &Psk) -> Result<Option<TlsSession>> {
+fn psk_challenge(stream: &Stream, hello: &Hello, psk: &Psk) -> Result<Option<TlsSession>> {
     let bytes = hello.encode();
     let (challenge, nonce) = psk.challenge(&bytes);
     (&*stream)
@@ -727,7 +704,7 @@ fn psk_challenge(stream: &TcpStream, hello: &Hello, psk: &Psk) -> Result<Option<
 }
 
 /// Reads a plaintext hello, failing fast on a peer that is clearly not pagewire.
-fn read_plain_hello(stream: &TcpStream, peer: SocketAddr) -> Result<Hello> {
+fn read_plain_hello(stream: &Stream, peer: &str) -> Result<Hello> {
     let mut buf = [0u8; HELLO_BYTES];
     let mut got = 0;
     while got < HELLO_BYTES {

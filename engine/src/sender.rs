@@ -17,9 +17,7 @@ use crate::config::SenderConfig;
 use crate::error::{Error, Result};
 use crate::limits::DEVICE_CHUNK_BYTES_MAX;
 use crate::limits::{
-    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS,
-    SHARD_QUEUE_ITEMS_MAX, TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTERVAL_S, TCP_KEEPALIVE_PROBES,
-    TCP_USER_TIMEOUT_MS,
+    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_QUEUE_ITEMS_MAX,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::Compression;
@@ -29,6 +27,7 @@ use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{ChunkRuns, SendShard, SendShardParams, ShardEvent, Work};
 use crate::shard::{allowed_cores, catch_panic, pin, Abort};
 use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
+use crate::stream::Stream;
 use crate::tls::{client_handshake, TlsClient, TlsSession};
 
 /// Consecutive pages of one region to send in a round.
@@ -186,23 +185,6 @@ impl std::fmt::Debug for Sender {
     }
 }
 
-/// Socket options every channel gets: no Nagle delay for markers, keepalive for silent peers,
-/// bounded time for unacknowledged data.
-pub(crate) fn configure_socket(stream: &TcpStream) -> Result<()> {
-    stream
-        .set_nodelay(true)
-        .map_err(|e| Error::io("setting TCP_NODELAY", e))?;
-    crate::sys::set_keepalive(
-        stream,
-        TCP_KEEPALIVE_IDLE_S,
-        TCP_KEEPALIVE_INTERVAL_S,
-        TCP_KEEPALIVE_PROBES,
-    )
-    .map_err(|e| Error::io("setting TCP keepalive", e))?;
-    crate::sys::set_tcp_user_timeout(stream, TCP_USER_TIMEOUT_MS)
-        .map_err(|e| Error::io("setting TCP_USER_TIMEOUT", e))
-}
-
 fn resolve(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<SocketAddr> {
     let text = format!("{addr:?}");
     addr.to_socket_addrs()
@@ -223,15 +205,17 @@ impl Sender {
         let addr = resolve(addr)?;
         Self::start(memory, config, |i| {
             TcpStream::connect_timeout(&addr, Duration::from_millis(HANDSHAKE_TIMEOUT_MS))
+                .map(Stream::from)
                 .map_err(|e| Error::io(format!("connecting channel {i} to {addr}"), e))
         })
     }
 
     /// Like [`connect`](Self::connect), over connections the caller has already made, one per
-    /// channel (`config.channels` is taken from their count). Management software often
-    /// connects and passes file descriptors in: see [`std::os::fd::FromRawFd`].
-    pub fn over_streams(
-        streams: Vec<TcpStream>,
+    /// channel (`config.channels` is taken from their count): TCP connections or UNIX stream
+    /// sockets ([`Stream`]). Management software often connects and passes file descriptors
+    /// in: see [`std::os::fd::FromRawFd`].
+    pub fn over_streams<S: Into<Stream>>(
+        streams: Vec<S>,
         memory: Arc<GuestMemory>,
         config: &SenderConfig,
     ) -> Result<Sender> {
@@ -242,9 +226,9 @@ impl Sender {
             ..config.clone()
         };
         config.validate()?;
-        let streams: Vec<std::sync::Mutex<Option<TcpStream>>> = streams
+        let streams: Vec<std::sync::Mutex<Option<Stream>>> = streams
             .into_iter()
-            .map(|s| std::sync::Mutex::new(Some(s)))
+            .map(|s| std::sync::Mutex::new(Some(s.into())))
             .collect();
         Self::start(memory, &config, |i| {
             streams[usize::from(i)]
@@ -259,7 +243,7 @@ impl Sender {
     fn start(
         memory: Arc<GuestMemory>,
         config: &SenderConfig,
-        open: impl Fn(u16) -> Result<TcpStream> + Sync,
+        open: impl Fn(u16) -> Result<Stream> + Sync,
     ) -> Result<Sender> {
         let caps = crate::uring::probe()?;
         let n = config.channels;
@@ -732,7 +716,7 @@ impl Drop for Sender {
 
 /// One connected, accepted channel.
 struct Connected {
-    stream: TcpStream,
+    stream: Stream,
     tls: Option<TlsSession>,
     /// The receiver's idle bound, from its reply.
     receiver_idle_ms: u32,
@@ -740,14 +724,14 @@ struct Connected {
 
 /// Connects one channel and runs its handshakes (TLS when configured, then the hello).
 fn handshake(
-    stream: TcpStream,
+    stream: Stream,
     hello: &Hello,
     tls: Option<&TlsClient>,
     psk: Option<&Psk>,
 ) -> Result<Connected> {
     let i = hello.channel_index;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
-    configure_socket(&stream)?;
+    stream.configure()?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
@@ -793,7 +777,7 @@ fn handshake(
 /// (checked: does it hold the key?), our proof. Returns the channel's record state, or the
 /// receiver's plain reply when it refused the hello outright.
 fn psk_handshake(
-    stream: &TcpStream,
+    stream: &Stream,
     hello: &Hello,
     psk: &Psk,
 ) -> Result<std::result::Result<TlsSession, Reply>> {
@@ -833,7 +817,7 @@ fn psk_handshake(
 }
 
 /// Sends the hello in plaintext and reads the reply.
-fn plain_reply(stream: &TcpStream, hello: &Hello) -> Result<Reply> {
+fn plain_reply(stream: &Stream, hello: &Hello) -> Result<Reply> {
     use std::io::{Read, Write};
     let i = hello.channel_index;
     (&*stream)

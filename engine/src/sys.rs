@@ -1,7 +1,7 @@
 //! Small operating-system calls that have no safe wrapper in std: per-thread CPU time, waiting
 //! for a listening socket to become readable, socket options.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -28,6 +28,80 @@ fn clock(id: libc::clockid_t) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The address family (`AF_INET`, `AF_UNIX`, ...) and type (`SOCK_STREAM`, ...) of the socket
+/// `fd`; an error when it is no socket.
+pub fn socket_domain_and_type(fd: &impl AsRawFd) -> std::io::Result<(i32, i32)> {
+    let get = |name: i32| -> std::io::Result<i32> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid fd, and a pointer/length pair describing one writable c_int.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            Ok(value)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    Ok((get(libc::SO_DOMAIN)?, get(libc::SO_TYPE)?))
+}
+
+/// Reads into `buf` without taking the bytes off `stream` (`MSG_PEEK`), blocking as a read
+/// would (the socket's read timeout applies).
+pub fn peek(stream: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: a valid fd, and a pointer/length pair describing `buf`, which is writable.
+        let rc = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK,
+            )
+        };
+        if rc >= 0 {
+            return Ok(rc as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// True when `stream` has ended: a non-blocking peek (`MSG_PEEK | MSG_DONTWAIT`) reads 0 bytes
+/// or fails with anything but "would block". Works for TCP and UNIX stream sockets alike.
+pub fn peek_closed(stream: &impl AsRawFd) -> bool {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: a valid fd, and a pointer/length pair describing one writable byte.
+        let rc = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc >= 0 {
+            return rc == 0;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return false,
+            _ => return true,
+        }
+    }
+}
+
 /// Waits until `listener` has a connection to accept; false on timeout.
 pub fn wait_acceptable(listener: &TcpListener, timeout: Duration) -> std::io::Result<bool> {
     let mut pfd = libc::pollfd {
@@ -49,7 +123,7 @@ pub fn wait_acceptable(listener: &TcpListener, timeout: Duration) -> std::io::Re
     }
 }
 
-fn setsockopt_int(stream: &TcpStream, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+fn setsockopt_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) -> std::io::Result<()> {
     // SAFETY: a valid fd, and a pointer/length pair describing one c_int.
     let rc = unsafe {
         libc::setsockopt(
@@ -71,7 +145,7 @@ fn setsockopt_int(stream: &TcpStream, level: i32, name: i32, value: i32) -> std:
 /// up after `count` unanswered probes: a receiver waiting for its next frame notices a sender
 /// host that vanished without a FIN.
 pub fn set_keepalive(
-    stream: &TcpStream,
+    stream: &impl AsRawFd,
     idle_s: i32,
     interval_s: i32,
     count: i32,
@@ -84,7 +158,7 @@ pub fn set_keepalive(
 
 /// Sets `TCP_USER_TIMEOUT` (how long sent data may stay unacknowledged before the kernel gives
 /// up on the connection), so a vanished host fails the transfer in bounded time.
-pub fn set_tcp_user_timeout(stream: &TcpStream, ms: u32) -> std::io::Result<()> {
+pub fn set_tcp_user_timeout(stream: &impl AsRawFd, ms: u32) -> std::io::Result<()> {
     let ms = i32::try_from(ms).unwrap_or(i32::MAX);
     setsockopt_int(stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
@@ -99,7 +173,7 @@ pub struct Delivery {
 }
 
 /// Reads the kernel's delivery-rate estimate of `stream` (Linux 4.9+); `None` when unavailable.
-pub fn tcp_delivery(stream: &TcpStream) -> Option<Delivery> {
+pub fn tcp_delivery(stream: &impl AsRawFd) -> Option<Delivery> {
     const SIZE: usize = std::mem::size_of::<libc::tcp_info>();
     let mut buf = [0u8; SIZE];
     let mut len = SIZE as libc::socklen_t;
@@ -130,7 +204,7 @@ pub fn tcp_delivery(stream: &TcpStream) -> Option<Delivery> {
 /// Bytes the kernel has received on `stream` so far (`tcpi_bytes_received`, Linux 4.1+): the
 /// idle bound's measure of progress, which a pending `MSG_WAITALL` receive does not show. 0 when
 /// unavailable (the bound then runs from the last completed receive).
-pub fn tcp_bytes_received(stream: &TcpStream) -> u64 {
+pub fn tcp_bytes_received(stream: &impl AsRawFd) -> u64 {
     // SAFETY: all-zero is a valid tcp_info (plain integers).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;

@@ -1,36 +1,49 @@
 //! Sessions over connections the caller made, as management software hands them in (here as
-//! raw file descriptors): the caller listens, connects and accepts; the sender and receiver
-//! only handshake and transfer. Plaintext and TLS, verified.
+//! raw file descriptors): the caller listens, connects and accepts (or makes UNIX
+//! socketpairs); the sender and receiver only handshake and transfer. Plaintext and TLS, over
+//! TCP and UNIX stream sockets, verified.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs::{self, CertOptions};
 use pagewire::tls::{TlsClient, TlsServer};
-use pagewire::{GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
+use pagewire::{
+    GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, Stream,
+};
 use pagewire_tests::{join_within, skip_without_uring};
 
-/// `n` connected pairs, passed through raw file descriptors as another process would.
-fn pairs(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+/// `n` connected pairs, passed through raw file descriptors as another process would: loopback
+/// TCP connections, or UNIX socketpairs. [`Stream::from_fd`] tells them apart.
+fn pairs(n: usize, unix: bool) -> (Vec<Stream>, Vec<Stream>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let mut clients = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..n {
-        let fd = TcpStream::connect(addr).unwrap().into_raw_fd();
-        // SAFETY: `fd` is an open TCP socket just released by its owner.
-        clients.push(unsafe { TcpStream::from_raw_fd(fd) });
-        servers.push(listener.accept().unwrap().0);
+        let (client, server) = if unix {
+            let (a, b) = UnixStream::pair().unwrap();
+            (a.into_raw_fd(), OwnedFd::from(b))
+        } else {
+            let fd = TcpStream::connect(addr).unwrap().into_raw_fd();
+            (fd, OwnedFd::from(listener.accept().unwrap().0))
+        };
+        // SAFETY: `client` is an open socket just released by its owner.
+        let client = unsafe { OwnedFd::from_raw_fd(client) };
+        clients.push(Stream::from_fd(client).unwrap());
+        servers.push(Stream::from_fd(server).unwrap());
+        assert_eq!(matches!(clients.last(), Some(Stream::Unix(_))), unix);
     }
     (clients, servers)
 }
 
-fn migrate(tls: bool) {
+fn migrate(tls: bool, unix: bool) {
     let specs = [RegionSpec {
         gpa: 0,
         len: 32 << 20,
@@ -54,7 +67,7 @@ fn migrate(tls: bool) {
     } else {
         (None, None)
     };
-    let (clients, servers) = pairs(3);
+    let (clients, servers) = pairs(3, unix);
     let receiver = Receiver::over_streams(
         servers,
         dst.clone(),
@@ -89,7 +102,7 @@ fn a_session_over_handed_in_connections_plaintext() {
     if skip_without_uring() {
         return;
     }
-    migrate(false);
+    migrate(false, false);
 }
 
 #[test]
@@ -97,5 +110,21 @@ fn a_session_over_handed_in_connections_tls() {
     if skip_without_uring() {
         return;
     }
-    migrate(true);
+    migrate(true, false);
+}
+
+#[test]
+fn a_session_over_handed_in_unix_sockets_plaintext() {
+    if skip_without_uring() {
+        return;
+    }
+    migrate(false, true);
+}
+
+#[test]
+fn a_session_over_handed_in_unix_sockets_tls() {
+    if skip_without_uring() {
+        return;
+    }
+    migrate(true, true);
 }

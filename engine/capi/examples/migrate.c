@@ -58,27 +58,40 @@ static void *receive(void *arg) {
     return status;
 }
 
-/* Two connected loopback TCP pairs, made here as management software would, then handed to
- * libpagewire as file descriptors: copies `low` (LOW_PAGES pages) once more, into `copy`. */
-static int migrate_over_fds(uint8_t *low, const pw_options *options) {
-    int listener = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof addr;
-    if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) || listen(listener, 4) ||
-        getsockname(listener, (struct sockaddr *)&addr, &len)) {
-        perror("listen");
-        return 0;
-    }
+/* Two connected pairs made here as management software would, then handed to libpagewire as
+ * file descriptors: loopback TCP connections, or (`unix`) UNIX socketpairs, as a VMM passes
+ * them. Copies `low` (LOW_PAGES pages) once more, into `copy`. */
+static int migrate_over_fds(uint8_t *low, const pw_options *options, int unix) {
     int client_fds[2], server_fds[2];
-    for (int i = 0; i < 2; i++) {
-        client_fds[i] = socket(AF_INET, SOCK_STREAM, 0);
-        if (connect(client_fds[i], (struct sockaddr *)&addr, sizeof addr)) {
-            perror("connect");
+    if (unix) {
+        for (int i = 0; i < 2; i++) {
+            int pair[2];
+            if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair)) {
+                perror("socketpair");
+                return 0;
+            }
+            client_fds[i] = pair[0];
+            server_fds[i] = pair[1];
+        }
+    } else {
+        int listener = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t len = sizeof addr;
+        if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) || listen(listener, 4) ||
+            getsockname(listener, (struct sockaddr *)&addr, &len)) {
+            perror("listen");
             return 0;
         }
-        server_fds[i] = accept(listener, NULL, NULL);
+        for (int i = 0; i < 2; i++) {
+            client_fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(client_fds[i], (struct sockaddr *)&addr, sizeof addr)) {
+                perror("connect");
+                return 0;
+            }
+            server_fds[i] = accept(listener, NULL, NULL);
+        }
+        close(listener);
     }
-    close(listener);
     uint8_t *copy = map(LOW_PAGES * PAGE);
     pw_region src_region = {0, LOW_PAGES * PAGE, low}, dst_region = {0, LOW_PAGES * PAGE, copy};
     pw_memory *src = NULL, *dst = NULL;
@@ -188,11 +201,16 @@ int main(int argc, char **argv) {
     pw_receiver_free(receiver);
     pw_memory_free(src);
     pw_memory_free(dst);
-    if (!migrate_over_fds(src_low, &options)) {
-        fprintf(stderr, "the migration over handed-in descriptors failed\n");
+    if (!migrate_over_fds(src_low, &options, 0)) {
+        fprintf(stderr, "the migration over handed-in TCP descriptors failed\n");
         return 1;
     }
-    printf("verified: %u + %u pages in 3 rounds and a %zu-byte blob, then again over handed-in descriptors (libpagewire %s)\n", LOW_PAGES,
-           HIGH_PAGES, len, pw_version());
+    if (!migrate_over_fds(src_low, &options, 1)) {
+        fprintf(stderr, "the migration over handed-in UNIX socketpairs failed\n");
+        return 1;
+    }
+    printf("verified: %u + %u pages in 3 rounds and a %zu-byte blob, then again over handed-in TCP "
+           "and UNIX descriptors (libpagewire %s)\n",
+           LOW_PAGES, HIGH_PAGES, len, pw_version());
     return 0;
 }

@@ -145,25 +145,27 @@ pw_status pw_sender_connect(const char *addr,
                             const pw_options *opts,
                             pw_sender **out);
 
-// Like [`pw_sender_connect`], over `count` TCP connections the caller already made (one per
-// channel; `opts->channels` is ignored). The library takes the descriptors over and closes
-// them when the sender is freed.
+// Like [`pw_sender_connect`], over `count` connections the caller already made (one per
+// channel; `opts->channels` is ignored): TCP, or UNIX stream sockets (a `socketpair`, a
+// connected `AF_UNIX` socket). The library takes the descriptors over, on failure too, and
+// closes them when the sender is freed.
 //
 // # Safety
-// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
-// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
+// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 pw_status pw_sender_over_fds(const int32_t *fds,
                              size_t count,
                              const pw_memory *memory,
                              const pw_options *opts,
                              pw_sender **out);
 
-// Like [`pw_receiver_bind`], over `count` TCP connections the caller already accepted. The
-// library takes the descriptors over and closes them when the receiver is freed.
+// Like [`pw_receiver_bind`], over `count` connections the caller already accepted (TCP or
+// UNIX stream sockets). The library takes the descriptors over, on failure too, and closes
+// them when the receiver is freed.
 //
 // # Safety
-// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
-// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
+// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 pw_status pw_receiver_over_fds(const int32_t *fds,
                                size_t count,
                                const pw_memory *memory,

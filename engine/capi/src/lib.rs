@@ -480,9 +480,10 @@ pub unsafe extern "C" fn pw_sender_connect(
 }
 
 /// # Safety
-/// `fds` points to `count` open, connected TCP socket descriptors the caller gives up.
-unsafe fn streams(fds: *const i32, count: usize) -> Result<Vec<std::net::TcpStream>, Error> {
-    use std::os::fd::FromRawFd;
+/// `fds` points to `count` open, connected socket descriptors (TCP or UNIX stream) the caller
+/// gives up.
+unsafe fn streams(fds: *const i32, count: usize) -> Result<Vec<pw::Stream>, Error> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     if fds.is_null() || count == 0 {
         return Err(invalid("no file descriptors"));
     }
@@ -491,20 +492,23 @@ unsafe fn streams(fds: *const i32, count: usize) -> Result<Vec<std::net::TcpStre
     if fds.iter().any(|&fd| fd < 0) {
         return Err(invalid("a negative file descriptor"));
     }
-    // SAFETY: each is an open TCP socket whose ownership the caller hands over.
-    Ok(fds
+    // SAFETY: each is an open descriptor whose ownership the caller hands over; all are taken
+    // before any is checked, so each is closed exactly once whatever fails.
+    let owned: Vec<OwnedFd> = fds
         .iter()
-        .map(|&fd| unsafe { std::net::TcpStream::from_raw_fd(fd) })
-        .collect())
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    owned.into_iter().map(pw::Stream::from_fd).collect()
 }
 
-/// Like [`pw_sender_connect`], over `count` TCP connections the caller already made (one per
-/// channel; `opts->channels` is ignored). The library takes the descriptors over and closes
-/// them when the sender is freed.
+/// Like [`pw_sender_connect`], over `count` connections the caller already made (one per
+/// channel; `opts->channels` is ignored): TCP, or UNIX stream sockets (a `socketpair`, a
+/// connected `AF_UNIX` socket). The library takes the descriptors over, on failure too, and
+/// closes them when the sender is freed.
 ///
 /// # Safety
-/// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
-/// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+/// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
+/// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 #[no_mangle]
 pub unsafe extern "C" fn pw_sender_over_fds(
     fds: *const i32,
@@ -524,12 +528,13 @@ pub unsafe extern "C" fn pw_sender_over_fds(
     })
 }
 
-/// Like [`pw_receiver_bind`], over `count` TCP connections the caller already accepted. The
-/// library takes the descriptors over and closes them when the receiver is freed.
+/// Like [`pw_receiver_bind`], over `count` connections the caller already accepted (TCP or
+/// UNIX stream sockets). The library takes the descriptors over, on failure too, and closes
+/// them when the receiver is freed.
 ///
 /// # Safety
-/// `fds` points to `count` open, connected TCP sockets the caller gives up; `memory` from
-/// [`pw_memory_new`]; `opts` null or valid; `out` valid.
+/// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
+/// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 #[no_mangle]
 pub unsafe extern "C" fn pw_receiver_over_fds(
     fds: *const i32,

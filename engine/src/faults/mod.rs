@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod sim;
 
-use std::net::TcpStream;
+use crate::stream::Stream;
 
 use crate::error::Result;
 use crate::memory::GuestMemory;
@@ -384,7 +384,7 @@ pub(crate) struct RingFaults {
 
 /// See [`crate::shard::open_ring`].
 pub(crate) fn open_ring(
-    socket: TcpStream,
+    socket: Stream,
     connecting: bool,
     memory: Arc<GuestMemory>,
     (slots, slot_bytes): (usize, usize),

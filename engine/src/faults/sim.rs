@@ -21,7 +21,9 @@
 //! carries nothing after the handshake. Faults come from the [`super::FaultRing`] on top.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+
+use crate::stream::Stream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -71,7 +73,10 @@ fn registry() -> &'static Mutex<HashMap<LinkKey, Arc<Link>>> {
 }
 
 /// The link of `socket`'s connection, and which end of it this side is (0: the connecting side).
-fn link_of(socket: &TcpStream, connecting: bool) -> Result<(Arc<Link>, usize)> {
+fn link_of(socket: &Stream, connecting: bool) -> Result<(Arc<Link>, usize)> {
+    let socket = socket
+        .tcp()
+        .ok_or_else(|| Error::Config("the simulated transport runs over TCP loopback".into()))?;
     let (local, peer) = (
         socket
             .local_addr()
@@ -142,14 +147,14 @@ pub(crate) struct SimRing {
     /// Bytes taken from the link for the receive at the front.
     scratch: Vec<u8>,
     /// Kept open so the peer's handshake socket does not see a close.
-    _socket: TcpStream,
+    _socket: Stream,
 }
 
 impl SimRing {
     /// The simulated ring of `socket`'s connection (already handshaken), with `slots` slab slots
     /// of `slot_bytes`. `connecting`: this is the side that connected (the sender).
     pub(crate) fn new(
-        socket: TcpStream,
+        socket: Stream,
         connecting: bool,
         memory: Arc<GuestMemory>,
         slots: usize,
@@ -516,7 +521,8 @@ fn live() -> &'static Mutex<HashMap<LinkKey, std::sync::Weak<Link>>> {
 }
 
 /// The live link of an accepted `socket`, if its data path is simulated.
-fn live_link(socket: &TcpStream) -> Option<Arc<Link>> {
+fn live_link(socket: &Stream) -> Option<Arc<Link>> {
+    let socket = socket.tcp()?;
     let key = (socket.peer_addr().ok()?, socket.local_addr().ok()?);
     let mut links = live().lock().unwrap_or_else(|p| p.into_inner());
     links.retain(|_, l| l.strong_count() > 0);
@@ -525,7 +531,7 @@ fn live_link(socket: &TcpStream) -> Option<Arc<Link>> {
 
 /// Receiver side: writes `bytes` to the sender over the simulated link of the accepted
 /// `socket`. False when that connection is not simulated (the caller writes the socket).
-pub(crate) fn write_to_sender(socket: &TcpStream, bytes: &[u8]) -> bool {
+pub(crate) fn write_to_sender(socket: &Stream, bytes: &[u8]) -> bool {
     let Some(link) = live_link(socket) else {
         return false;
     };
@@ -540,7 +546,7 @@ pub(crate) fn write_to_sender(socket: &TcpStream, bytes: &[u8]) -> bool {
 }
 
 /// Receiver side: ends both directions of the accepted `socket`'s simulated link, if any.
-pub(crate) fn shutdown(socket: &TcpStream) {
+pub(crate) fn shutdown(socket: &Stream) {
     if let Some(link) = live_link(socket) {
         let mut pipes = link.lock();
         for p in pipes.iter_mut() {

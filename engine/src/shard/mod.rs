@@ -5,7 +5,9 @@
 pub(crate) mod recv;
 pub(crate) mod send;
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
+
+use crate::stream::Stream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +33,7 @@ pub(crate) struct RingFaults;
 /// io_uring with `slab.0` slab slots of `slab.1` bytes; in test builds, the simulated transport
 /// and seeded faults of `faults` ([`crate::faults`]). `who` is the channel and its idle bound.
 pub(crate) fn open_ring(
-    socket: TcpStream,
+    socket: Stream,
     connecting: bool,
     memory: std::sync::Arc<crate::memory::GuestMemory>,
     slab: (usize, usize),
@@ -57,7 +59,7 @@ pub(crate) const CONTROL_WIRE_BYTES_MAX: usize =
 /// control messages travel in (receivers only send control messages, so the shard never needs it).
 #[derive(Debug)]
 struct Peer {
-    socket: TcpStream,
+    socket: Stream,
     sealer: Option<RecordSealer>,
     /// The channel's last control message (Done with close_notify, or an Abort) is sealed:
     /// nothing may follow it.
@@ -114,7 +116,7 @@ impl Abort {
 
     /// Registers a connection for teardown (and, on a receiver with TLS, the sealer its control
     /// messages use). Returns the peer's id for [`send_control`](Self::send_control).
-    pub(crate) fn watch(&self, socket: &TcpStream, sealer: Option<RecordSealer>) -> Result<usize> {
+    pub(crate) fn watch(&self, socket: &Stream, sealer: Option<RecordSealer>) -> Result<usize> {
         let dup = socket
             .try_clone()
             .map_err(|e| Error::io("duplicating a socket for teardown", e))?;

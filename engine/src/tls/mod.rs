@@ -21,8 +21,8 @@ pub(crate) mod stream;
 
 pub(crate) use stream::{Record, RecordStream};
 
+use crate::stream::Stream;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -470,7 +470,7 @@ fn session(
 
 /// The sender's side of a channel's handshake.
 pub(crate) fn client_handshake(
-    stream: &TcpStream,
+    stream: &Stream,
     tls: &TlsClient,
     channel: u16,
 ) -> Result<TlsSession> {
@@ -490,7 +490,7 @@ pub(crate) fn client_handshake(
 
 /// The receiver's side of a channel's handshake.
 pub(crate) fn server_handshake(
-    stream: &TcpStream,
+    stream: &Stream,
     tls: &TlsServer,
     channel: u16,
 ) -> Result<TlsSession> {
@@ -510,7 +510,7 @@ pub(crate) fn server_handshake(
 
 impl TlsSession {
     /// Seals `plaintext` as one application-data record and writes it (blocking; handshake phase).
-    pub(crate) fn write_message(&mut self, stream: &TcpStream, plaintext: &[u8]) -> Result<()> {
+    pub(crate) fn write_message(&mut self, stream: &Stream, plaintext: &[u8]) -> Result<()> {
         let mut buf = vec![0u8; plaintext.len() + RECORD_BYTES_MAX];
         let n = self
             .sealer
@@ -526,7 +526,7 @@ impl TlsSession {
 
     /// Reads one message (blocking; handshake phase): the plaintext of the next application
     /// data record. Alerts become errors naming the alert.
-    pub(crate) fn read_message(&mut self, stream: &TcpStream, channel: u16) -> Result<Vec<u8>> {
+    pub(crate) fn read_message(&mut self, stream: &Stream, channel: u16) -> Result<Vec<u8>> {
         if !self.early.is_empty() {
             return Ok(std::mem::take(&mut self.early));
         }

@@ -12,8 +12,8 @@
 //! slot stays *busy* until every op on it has posted its final completion; `slot_mut` asserts it
 //! is idle, so a header is never rewritten under the kernel.
 
+use crate::stream::Stream;
 use std::io;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,7 +107,7 @@ struct VectoredSlot {
 pub(crate) struct Ring {
     ring: IoUring,
     caps: Caps,
-    socket: TcpStream,
+    socket: Stream,
     memory: Arc<GuestMemory>,
     slab: MmapMut,
     slot_bytes: usize,
@@ -178,7 +178,7 @@ impl Ring {
     /// A ring for `socket` with a slab of `slots` × `slot_bytes` (page-aligned, registered as
     /// fixed buffer 0 when the kernel lets us).
     pub(crate) fn new(
-        socket: TcpStream,
+        socket: Stream,
         memory: Arc<GuestMemory>,
         slots: usize,
         slot_bytes: usize,

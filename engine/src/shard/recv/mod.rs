@@ -131,7 +131,7 @@ enum Got {
 }
 
 impl RecvShard {
-    pub(crate) fn new(mut p: RecvShardParams, socket: std::net::TcpStream) -> Result<Self> {
+    pub(crate) fn new(mut p: RecvShardParams, socket: crate::stream::Stream) -> Result<Self> {
         // The staging slot holds TLS records, or a compressed payload, so every receiver has one.
         let slot_bytes = SLOT_BYTES_TLS;
         let (mut ring, _) = crate::shard::open_ring(

@@ -5,7 +5,7 @@ use super::*;
 
 impl SendShard {
     /// A shard for channel `p.channel` over its handshaken connection `socket`.
-    pub(crate) fn new(p: SendShardParams, socket: std::net::TcpStream) -> Result<Self> {
+    pub(crate) fn new(p: SendShardParams, socket: crate::stream::Stream) -> Result<Self> {
         let compressing = p.compression != Compression::None;
         let slot_bytes = match (p.tls.is_some(), compressing) {
             (true, _) => SLOT_BYTES_TLS,
@@ -20,6 +20,8 @@ impl SendShard {
         } else {
             None
         };
+        // The kernel has no zero-copy sends (MSG_ZEROCOPY, SEND_ZC) on UNIX sockets.
+        let zc_socket = matches!(socket, crate::stream::Stream::Tcp(_));
         let (mut ring, caps) = crate::shard::open_ring(
             socket,
             true,
@@ -29,7 +31,7 @@ impl SendShard {
             (p.channel, p.idle),
         )?;
         let zc = match p.zero_copy {
-            _ if !caps.send_zc => ZcState::Plain,
+            _ if !caps.send_zc || !zc_socket => ZcState::Plain,
             ZeroCopy::Off => ZcState::Plain,
             ZeroCopy::On => ZcState::ZeroCopy,
             ZeroCopy::Auto => ZcState::Probing,
@@ -38,6 +40,11 @@ impl SendShard {
             if !caps.send_zc {
                 return Err(Error::Unsupported(
                     "IORING_OP_SEND_ZC (zero-copy send), which --zero-copy on requires",
+                ));
+            }
+            if !zc_socket {
+                return Err(Error::Unsupported(
+                    "zero-copy sends on a UNIX socket, which --zero-copy on requires",
                 ));
             }
             ring.register_guest_memory()?;
