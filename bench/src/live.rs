@@ -5,17 +5,28 @@
 //! limit in at least 95% of converged runs, and the expected downtime within 25% of the
 //! measured one.
 //!
-//! The dirtier writes random pages of a working set (a quarter of memory) at the given rate,
-//! in its own thread: on a 2-core machine it competes with the shards for CPU, as a busy guest
-//! does with migration threads on a host.
+//! The guest writes pages of a working set (a quarter of memory unless `--working-set` says)
+//! at the given rate: either a software dirtier (random pages, in its own thread) or, with
+//! `--guest kvm`, the tiny KVM guest of `pagewire::live::guestcode` (pages in turn, paced by a
+//! 1 ms tick). Either competes with the shards for CPU, as a busy guest does with migration
+//! threads on a host.
+//!
+//! `--with-qemu` runs the tiny KVM guest under QEMU too (the same code, booted as its
+//! firmware) and migrates it with QEMU multifd, without auto-converge, at the same dirty rate,
+//! downtime limit, channels and TLS, interleaved with pagewire's runs; a QEMU run that passes
+//! the same round or time cap is cancelled and counts as not converged. The summary names the
+//! highest dirty rate at which each engine converged in every run.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use pagewire::dirty::SharedBitmap;
+use anyhow::{bail, Context, Result};
+use pagewire::dirty::{DirtySource, SharedBitmap};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
-use pagewire::live::{DowntimeLimit, Migration};
+use pagewire::live::guestcode::{Params, WORKING_SET_GPA};
+use pagewire::live::tinyguest::TinyGuest;
+use pagewire::live::{DowntimeLimit, Migration, Vmm};
+use pagewire::protocol::blob::DeviceBlob;
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
@@ -42,17 +53,43 @@ pub struct LiveArgs {
     /// Live rounds at most before a run gives up (not converged).
     #[arg(long, default_value_t = 30)]
     rounds_max: u32,
+    /// Milliseconds of pre-copy at most before a run gives up (not converged).
+    #[arg(long, default_value = "20s", value_parser = pagewire::units::parse_duration_ms)]
+    time_max: u64,
     /// Repetitions of every cell (interleaved).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// The guest: a software dirtier or the tiny KVM guest.
+    #[arg(long, value_enum, default_value_t = GuestKind::Software)]
+    guest: GuestKind,
+    /// The working set the guest writes (default: a quarter of memory; the KVM guest's starts
+    /// at 1 MiB).
+    #[arg(long, value_parser = pagewire::units::parse_size)]
+    working_set: Option<u64>,
+    /// How long the guest runs before each migration starts, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    warmup_ms: u64,
+    /// Also migrate the same KVM guest with QEMU multifd, side by side (implies `--guest kvm`).
+    #[arg(long)]
+    with_qemu: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
 
+/// Which guest writes the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum GuestKind {
+    /// A thread writing random pages of the working set.
+    Software,
+    /// The tiny KVM guest (pagewire::live::guestcode) on /dev/kvm.
+    Kvm,
+}
+
 /// One run's figures.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Run {
+    engine: &'static str,
     dirty_rate: u64,
     channels: u16,
     tls: bool,
@@ -64,6 +101,45 @@ struct Run {
     expected_downtime_ms: f64,
     sender_cpu_ms: f64,
     receiver_cpu_ms: f64,
+    /// Pages per second the guest actually wrote during the migration (KVM guest only).
+    guest_pages_per_s: Option<f64>,
+    /// pagewire's rounds (empty for QEMU).
+    round_figures: Vec<pagewire::live::RoundFigures>,
+}
+
+/// The source's guest in one run.
+enum Guest {
+    Software(SoftwareDirtier),
+    Kvm(TinyGuest),
+}
+
+impl Vmm for Guest {
+    fn pause(&mut self) -> pagewire::Result<()> {
+        match self {
+            Guest::Software(g) => g.pause(),
+            Guest::Kvm(g) => g.pause(),
+        }
+    }
+    fn device_state(&mut self) -> pagewire::Result<Vec<DeviceBlob>> {
+        match self {
+            Guest::Software(g) => g.device_state(),
+            Guest::Kvm(g) => g.device_state(),
+        }
+    }
+}
+
+impl LiveArgs {
+    fn working_set_bytes(&self) -> u64 {
+        let ws = self.working_set.unwrap_or(self.size / 4).max(4096);
+        match self.guest {
+            GuestKind::Software => ws.min(self.size),
+            GuestKind::Kvm => ws.min(self.size.saturating_sub(WORKING_SET_GPA)),
+        }
+    }
+
+    fn guest_params(&self, dirty_rate: u64) -> Params {
+        Params::for_rate(dirty_rate, (self.working_set_bytes() / 4096) as u32)
+    }
 }
 
 fn one(
@@ -100,45 +176,73 @@ fn one(
             ..SenderConfig::default()
         },
     )?;
-    let bitmap = Arc::new(SharedBitmap::new(&src));
-    let pages = src.regions()[0].pages();
-    let mut guest = SoftwareDirtier::start(
-        src.clone(),
-        bitmap.clone(),
-        DirtierConfig {
-            bytes_per_s: dirty_rate,
-            region: 0,
-            first_page: 0,
-            pages: (pages / 4).max(1),
-            seed: dirty_rate ^ u64::from(channels),
-        },
-    )?;
+    let (mut guest, dirty): (Guest, Box<dyn DirtySource>) = match a.guest {
+        GuestKind::Software => {
+            let bitmap = Arc::new(SharedBitmap::new(&src));
+            let g = SoftwareDirtier::start(
+                src.clone(),
+                bitmap.clone(),
+                DirtierConfig {
+                    bytes_per_s: dirty_rate,
+                    region: 0,
+                    first_page: 0,
+                    pages: (a.working_set_bytes() / 4096).max(1),
+                    seed: dirty_rate ^ u64::from(channels),
+                },
+            )?;
+            (Guest::Software(g), Box::new(bitmap))
+        }
+        GuestKind::Kvm => {
+            let g = TinyGuest::start(src.clone(), a.guest_params(dirty_rate))?;
+            let log = g.dirty_log();
+            (Guest::Kvm(g), Box::new(log))
+        }
+    };
+    std::thread::sleep(std::time::Duration::from_millis(a.warmup_ms));
+    let counter0 = match &guest {
+        Guest::Kvm(g) => g.counter(),
+        Guest::Software(_) => 0,
+    };
     let policy = DowntimeLimit {
         downtime_limit_ms: a.downtime_limit,
         rounds_max: a.rounds_max,
-        ..DowntimeLimit::default()
+        total_ms_max: a.time_max,
     };
-    let migration = Migration::new(sender, Box::new(bitmap), Box::new(policy));
+    let migration = Migration::new(sender, dirty, Box::new(policy));
     let handle = migration.handle();
     let started = Instant::now();
     let result = migration.run(&mut guest);
-    guest.stop();
+    let elapsed = started.elapsed();
+    let guest_pages_per_s = match &mut guest {
+        Guest::Kvm(g) => {
+            g.stop()?;
+            let at_pause = g.counter_at_pause.unwrap_or(counter0);
+            Some(f64::from(at_pause.wrapping_sub(counter0)) / elapsed.as_secs_f64())
+        }
+        Guest::Software(g) => {
+            g.stop();
+            None
+        }
+    };
     let received = rx
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver panicked"))?;
     let s = handle.snapshot();
     let mut run = Run {
+        engine: "pagewire",
         dirty_rate,
         channels,
         tls: tls.is_some(),
         converged: false,
         reason: None,
         rounds: s.rounds.len(),
-        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        total_ms: elapsed.as_secs_f64() * 1e3,
         downtime_ms: None,
         expected_downtime_ms: s.expected_downtime_ms,
         sender_cpu_ms: 0.0,
         receiver_cpu_ms: 0.0,
+        guest_pages_per_s,
+        round_figures: s.rounds.clone(),
     };
     match (result, received) {
         (Ok(report), Ok(r)) => {
@@ -166,39 +270,206 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The QEMU run of one cell, as a [`Run`].
+fn one_qemu(
+    a: &LiveArgs,
+    ram: &crate::qemu::RamDir,
+    certs: Option<&certs::CertSet>,
+    dirty_rate: u64,
+    channels: u16,
+) -> Result<Run> {
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: a.size,
+    }];
+    // The same initial memory as pagewire's runs; QEMU's firmware loads the guest over it.
+    let src = GuestMemory::anonymous(&specs)?;
+    fill(&src, Content::Mixed, 11);
+    let q = crate::qemu::migrate_live(
+        ram,
+        &src,
+        &crate::qemu::LiveSpec {
+            guest: a.guest_params(dirty_rate),
+            channels,
+            tls: certs,
+            downtime_limit_ms: a.downtime_limit,
+            rounds_max: a.rounds_max,
+            total_ms_max: a.time_max,
+            warmup_ms: a.warmup_ms,
+        },
+    )?;
+    Ok(Run {
+        engine: "qemu",
+        dirty_rate,
+        channels,
+        tls: certs.is_some(),
+        converged: q.converged,
+        reason: (!q.converged).then(|| format!("not complete after {} rounds", q.rounds)),
+        rounds: q.rounds as usize,
+        total_ms: q.total_ms,
+        downtime_ms: q.downtime_ms,
+        expected_downtime_ms: q.expected_downtime_ms.unwrap_or(f64::NAN),
+        sender_cpu_ms: q.source_cpu_ms,
+        receiver_cpu_ms: q.destination_cpu_ms,
+        guest_pages_per_s: Some(q.guest_pages_per_s),
+        round_figures: Vec::new(),
+    })
+}
+
 /// Runs the grid (see the module docs).
-pub fn run(a: LiveArgs) -> Result<()> {
+pub fn run(mut a: LiveArgs) -> Result<()> {
+    if a.with_qemu {
+        if let Some(why) = crate::qemu::unavailable() {
+            bail!("--with-qemu: {why}");
+        }
+        a.guest = GuestKind::Kvm;
+    }
+    if a.guest == GuestKind::Kvm {
+        if let Err(why) = pagewire::live::tinyguest::probe() {
+            bail!("--guest kvm: {why}");
+        }
+        if a.size <= WORKING_SET_GPA {
+            bail!("--guest kvm needs more than 1 MiB of memory");
+        }
+    }
     let dir = tempfile::tempdir()?;
-    certs::generate(&certs::CertOptions::default())?.write(dir.path())?;
+    let cert_set = certs::generate(&certs::CertOptions::default())?;
+    cert_set.write(dir.path())?;
     let tls = (
         TlsServer::new(certs::server_files(dir.path()).load()?)?,
         TlsClient::new(certs::client_files(dir.path()).load()?, "localhost")?,
     );
+    let ram = if a.with_qemu {
+        Some(crate::qemu::RamDir::new(a.size)?)
+    } else {
+        None
+    };
     let mut runs = Vec::new();
     for rep in 0..a.reps {
         for &rate in &a.dirty_rate {
             for &channels in &a.channels {
                 for t in &a.tls {
                     let on = t == "on";
-                    let r = one(&a, on.then_some(&tls), rate, channels)?;
-                    if !a.json {
-                        eprintln!(
-                            "rep {}/{}: {:>5.0} MiB/s, {channels} ch, tls {t}: {} in {} round(s), downtime {}, expected {:.1} ms",
-                            rep + 1,
-                            a.reps,
-                            rate as f64 / f64::from(1 << 20),
-                            if r.converged { "converged" } else { "gave up" },
-                            r.rounds,
-                            r.downtime_ms.map_or("-".into(), |d| format!("{d:.1} ms")),
-                            r.expected_downtime_ms
-                        );
+                    let mut cell = vec![one(&a, on.then_some(&tls), rate, channels)?];
+                    if let Some(ram) = &ram {
+                        cell.push(one_qemu(&a, ram, on.then_some(&cert_set), rate, channels)?);
                     }
-                    runs.push(r);
+                    for r in cell {
+                        if !a.json {
+                            eprintln!(
+                                "rep {}/{}: {:>8} {:>5.0} MiB/s, {channels} ch, tls {t}: {} in {} round(s), {:.0} ms, downtime {}, expected {:.1} ms{}",
+                                rep + 1,
+                                a.reps,
+                                r.engine,
+                                rate as f64 / f64::from(1 << 20),
+                                if r.converged { "converged" } else { "gave up" },
+                                r.rounds,
+                                r.total_ms,
+                                r.downtime_ms.map_or("-".into(), |d| format!("{d:.1} ms")),
+                                r.expected_downtime_ms,
+                                r.guest_pages_per_s.map_or(String::new(), |p| format!(
+                                    ", guest wrote {:.0} MB/s",
+                                    p * 4096.0 / 1e6
+                                )),
+                            );
+                        }
+                        runs.push(r);
+                    }
                 }
             }
         }
     }
-    let converged: Vec<&Run> = runs.iter().filter(|r| r.converged).collect();
+    let engines: Vec<&'static str> = if a.with_qemu {
+        vec!["pagewire", "qemu"]
+    } else {
+        vec!["pagewire"]
+    };
+    let summaries: Vec<serde_json::Value> = engines
+        .iter()
+        .map(|e| summary(&a, runs.iter().filter(|r| r.engine == *e).collect(), e))
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "summary": summaries, "runs": runs })
+        );
+        return Ok(());
+    }
+    println!(
+        "| engine | dirty rate | guest wrote MB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &rate in &a.dirty_rate {
+        for &channels in &a.channels {
+            for t in &a.tls {
+                for e in &engines {
+                    let cell: Vec<&Run> = runs
+                        .iter()
+                        .filter(|r| {
+                            r.engine == *e
+                                && r.dirty_rate == rate
+                                && r.channels == channels
+                                && r.tls == (t == "on")
+                        })
+                        .collect();
+                    let m = |f: &dyn Fn(&Run) -> Option<f64>| {
+                        let mut v: Vec<f64> = cell.iter().filter_map(|r| f(r)).collect();
+                        median(&mut v)
+                    };
+                    println!(
+                        "| {e} | {:.0} MiB/s | {:.0} | {channels} | {t} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |",
+                        rate as f64 / f64::from(1 << 20),
+                        m(&|r| r.guest_pages_per_s.map(|p| p * 4096.0 / 1e6)),
+                        cell.iter().filter(|r| r.converged).count(),
+                        cell.len(),
+                        m(&|r| Some(r.rounds as f64)),
+                        m(&|r| Some(r.total_ms)),
+                        m(&|r| r.downtime_ms),
+                        m(&|r| r.converged.then_some(r.expected_downtime_ms)),
+                        m(&|r| r.converged.then_some(r.sender_cpu_ms)),
+                        m(&|r| r.converged.then_some(r.receiver_cpu_ms)),
+                    );
+                }
+            }
+        }
+    }
+    println!();
+    for (e, s) in engines.iter().zip(&summaries) {
+        println!(
+            "{e}: {} of {} runs converged; downtime within the {} ms limit in {} of them; expected downtime within 25% of the measured one in {} (median error {:.0}%)",
+            s["converged"],
+            s["runs"],
+            a.downtime_limit,
+            s["downtime_within_limit"],
+            s["estimate_within_25_percent"],
+            100.0 * s["estimate_error_median"].as_f64().unwrap_or(f64::NAN)
+        );
+        for h in s["highest_converging_rate"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "{e}: {} ch, TLS {}: converged in every run up to {}",
+                h["channels"],
+                h["tls"],
+                h["dirty_rate"]
+                    .as_u64()
+                    .map_or("no rate measured".into(), |r| format!(
+                        "{:.0} MiB/s",
+                        r as f64 / f64::from(1 << 20)
+                    ))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One engine's summary: convergence, downtime against the limit, the estimate's error, and
+/// per channels × TLS the highest dirty rate at which every run (and every lower rate's)
+/// converged.
+fn summary(a: &LiveArgs, runs: Vec<&Run>, engine: &str) -> serde_json::Value {
+    let converged: Vec<&&Run> = runs.iter().filter(|r| r.converged).collect();
     let within = converged
         .iter()
         .filter(|r| r.downtime_ms.is_some_and(|d| d <= a.downtime_limit as f64))
@@ -207,12 +478,35 @@ pub fn run(a: LiveArgs) -> Result<()> {
         .iter()
         .filter_map(|r| {
             let d = r.downtime_ms?;
-            Some((r.expected_downtime_ms - d).abs() / d.max(1e-3))
+            let e = (r.expected_downtime_ms - d).abs() / d.max(1e-3);
+            e.is_finite().then_some(e)
         })
         .collect();
     let median_error = median(&mut errors);
     let within_25 = errors.iter().filter(|e| **e <= 0.25).count();
-    let summary = serde_json::json!({
+    let mut rates = a.dirty_rate.clone();
+    rates.sort_unstable();
+    let mut highest = Vec::new();
+    for &channels in &a.channels {
+        for t in &a.tls {
+            let on = t == "on";
+            let mut best = None;
+            for &rate in &rates {
+                let all = runs
+                    .iter()
+                    .filter(|r| r.dirty_rate == rate && r.channels == channels && r.tls == on)
+                    .all(|r| r.converged);
+                if !all {
+                    break;
+                }
+                best = Some(rate);
+            }
+            highest
+                .push(serde_json::json!({ "channels": channels, "tls": on, "dirty_rate": best }));
+        }
+    }
+    serde_json::json!({
+        "engine": engine,
         "runs": runs.len(),
         "converged": converged.len(),
         "downtime_within_limit": within,
@@ -220,55 +514,6 @@ pub fn run(a: LiveArgs) -> Result<()> {
         "estimate_error_median": median_error,
         "estimate_within_25_percent": within_25,
         "downtime_limit_ms": a.downtime_limit,
-    });
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({ "summary": summary, "runs": runs })
-        );
-        return Ok(());
-    }
-    println!(
-        "| dirty rate | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for &rate in &a.dirty_rate {
-        for &channels in &a.channels {
-            for t in &a.tls {
-                let cell: Vec<&Run> = runs
-                    .iter()
-                    .filter(|r| {
-                        r.dirty_rate == rate && r.channels == channels && r.tls == (t == "on")
-                    })
-                    .collect();
-                let m = |f: &dyn Fn(&Run) -> Option<f64>| {
-                    let mut v: Vec<f64> = cell.iter().filter_map(|r| f(r)).collect();
-                    median(&mut v)
-                };
-                println!(
-                    "| {:.0} MiB/s | {channels} | {t} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |",
-                    rate as f64 / f64::from(1 << 20),
-                    cell.iter().filter(|r| r.converged).count(),
-                    cell.len(),
-                    m(&|r| Some(r.rounds as f64)),
-                    m(&|r| Some(r.total_ms)),
-                    m(&|r| r.downtime_ms),
-                    m(&|r| r.converged.then_some(r.expected_downtime_ms)),
-                    m(&|r| r.converged.then_some(r.sender_cpu_ms)),
-                    m(&|r| r.converged.then_some(r.receiver_cpu_ms)),
-                );
-            }
-        }
-    }
-    println!(
-        "\n{} of {} runs converged; downtime within the {} ms limit in {} of them ({:.0}%); the expected downtime was within 25% of the measured one in {} (median error {:.0}%)",
-        converged.len(),
-        runs.len(),
-        a.downtime_limit,
-        within,
-        100.0 * within as f64 / converged.len().max(1) as f64,
-        within_25,
-        100.0 * median_error
-    );
-    Ok(())
+        "highest_converging_rate": highest,
+    })
 }

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use pagewire::live::guestcode::{self, Params};
 use pagewire::pipeline::compress::Compression;
 use pagewire::tls::certs::CertSet;
 use pagewire::GuestMemory;
@@ -113,6 +114,7 @@ impl Qmp {
         bytes: u64,
         incoming: bool,
         tls: Option<(&Path, &str)>,
+        bios: &Path,
     ) -> Result<Qmp> {
         let sock = ram.path(&format!("{name}.qmp"));
         let _ = std::fs::remove_file(&sock);
@@ -123,8 +125,10 @@ impl Qmp {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "kvm", "-machine", "pc,memory-backend=mem", "-m"])
             .arg(format!("{}M", bytes >> 20))
-            .args(["-object", &mem, "-nodefaults", "-display", "none", "-bios"])
-            .arg(ram.path("hlt.bin"))
+            .args(["-object", &mem, "-nodefaults", "-display", "none"])
+            // Thread names ("CPU 0/KVM") let the live rows leave the vCPU out of QEMU's CPU.
+            .args(["-name", &format!("{name},debug-threads=on"), "-bios"])
+            .arg(bios)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()));
         if let Some((dir, endpoint)) = tls {
@@ -134,7 +138,8 @@ impl Qmp {
             ));
         }
         if incoming {
-            cmd.args(["-incoming", "defer"]);
+            // Paused after the migration, so its memory can be compared with the source's.
+            cmd.args(["-incoming", "defer", "-S"]);
         }
         let mut child = cmd
             .stdout(Stdio::null())
@@ -196,6 +201,22 @@ impl Qmp {
     fn cpu_s(&self) -> f64 {
         process_cpu_s(self.child.id())
     }
+
+    /// CPU seconds of the process without its vCPU threads: what migration costs the host.
+    fn cpu_s_without_vcpus(&self) -> f64 {
+        let pid = self.child.id();
+        let vcpus: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.starts_with("CPU ") && c.trim_end().ends_with("/KVM"))
+            })
+            .map(|t| stat_cpu_s(&t.path().join("stat")))
+            .sum();
+        self.cpu_s() - vcpus
+    }
 }
 
 impl Drop for Qmp {
@@ -206,7 +227,12 @@ impl Drop for Qmp {
 }
 
 fn process_cpu_s(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    stat_cpu_s(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu_s(path: &Path) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     // Fields after the command name (which may hold spaces) start after the last ')'.
@@ -219,6 +245,107 @@ fn process_cpu_s(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// A source and a destination QEMU, configured alike and the destination listening.
+struct Pair {
+    src: Qmp,
+    dst: Qmp,
+    port: u16,
+}
+
+impl Pair {
+    /// Writes the RAM files (the source prefilled from region 0 of `src`, the destination
+    /// empty), starts both QEMUs on `bios`, sets multifd with `channels`, `compression`, TLS and
+    /// the extra migration parameters `extra`, and lets the destination listen.
+    fn start(
+        ram: &RamDir,
+        src: &GuestMemory,
+        bios: &Path,
+        channels: u16,
+        compression: Compression,
+        tls: Option<&CertSet>,
+        extra: Value,
+    ) -> Result<Pair> {
+        let region = &src.regions()[0];
+        let bytes = region.len();
+        {
+            let mut f = std::fs::File::create(ram.path("src.ram"))?;
+            let mut buf = vec![0u8; 8 << 20];
+            let mut at = 0;
+            while at < bytes {
+                let n = (buf.len() as u64).min(bytes - at) as usize;
+                region.read(at, &mut buf[..n]);
+                f.write_all(&buf[..n])?;
+                at += n as u64;
+            }
+            std::fs::File::create(ram.path("dst.ram"))?.set_len(bytes)?;
+        }
+        let tls_dir = match tls {
+            Some(set) => {
+                let dir = ram.path("tls");
+                set.write(&dir)?;
+                Some(dir)
+            }
+            None => None,
+        };
+        let side = |endpoint| tls_dir.as_deref().map(|d| (d, endpoint));
+        let mut dst = Qmp::start(ram, "dst", bytes, true, side("server"), bios)?;
+        let mut srcq = Qmp::start(ram, "src", bytes, false, side("client"), bios)?;
+        let method = match compression {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Zlib => "zlib",
+            Compression::Auto => bail!("QEMU has no adaptive compression"),
+        };
+        for q in [&mut dst, &mut srcq] {
+            q.cmd(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
+            )?;
+            let mut params = json!({
+                "multifd-channels": channels,
+                "multifd-compression": method,
+                "multifd-zstd-level": 1,
+                "multifd-zlib-level": 1,
+                "max-bandwidth": 1u64 << 40,
+            });
+            if tls.is_some() {
+                params["tls-creds"] = json!("tls0");
+                params["tls-hostname"] = json!("localhost");
+            }
+            if let (Some(p), Some(e)) = (params.as_object_mut(), extra.as_object()) {
+                p.extend(e.clone());
+            }
+            q.cmd("migrate-set-parameters", Some(params))?;
+        }
+        dst.cmd(
+            "migrate-incoming",
+            Some(json!({ "uri": "tcp:127.0.0.1:0" })),
+        )?;
+        let info = dst.cmd("query-migrate", None)?;
+        let port = info["socket-address"][0]["port"]
+            .as_str()
+            .and_then(|p| p.parse::<u16>().ok())
+            .context("the destination QEMU did not report its listening port")?;
+        Ok(Pair {
+            src: srcq,
+            dst,
+            port,
+        })
+    }
+
+    /// Waits (bounded) until the destination has loaded what the source sent.
+    fn wait_loaded(&mut self) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let r = self.dst.cmd("query-status", None)?;
+            if r["status"] != "inmigrate" || started.elapsed() > Duration::from_secs(30) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Migrates `src` (region 0) with QEMU multifd and returns QEMU's figures; checks the destination
 /// equals the source.
 pub fn migrate(
@@ -228,84 +355,16 @@ pub fn migrate(
     compression: Compression,
     tls: Option<&CertSet>,
 ) -> Result<QemuRun> {
-    let region = &src.regions()[0];
-    let bytes = region.len();
-    // Guest RAM files: the source prefilled with the cell's content, the destination empty.
-    {
-        let mut f = std::fs::File::create(ram.path("src.ram"))?;
-        let mut buf = vec![0u8; 8 << 20];
-        let mut at = 0;
-        while at < bytes {
-            let n = (buf.len() as u64).min(bytes - at) as usize;
-            region.read(at, &mut buf[..n]);
-            f.write_all(&buf[..n])?;
-            at += n as u64;
-        }
-        std::fs::File::create(ram.path("dst.ram"))?.set_len(bytes)?;
-    }
-    let tls_dir = match tls {
-        Some(set) => {
-            let dir = ram.path("tls");
-            set.write(&dir)?;
-            Some(dir)
-        }
-        None => None,
-    };
-    let mut dst = Qmp::start(
-        ram,
-        "dst",
-        bytes,
-        true,
-        tls_dir.as_deref().map(|d| (d, "server")),
-    )?;
-    let mut srcq = Qmp::start(
-        ram,
-        "src",
-        bytes,
-        false,
-        tls_dir.as_deref().map(|d| (d, "client")),
-    )?;
-    let method = match compression {
-        Compression::None => "none",
-        Compression::Zstd => "zstd",
-        Compression::Zlib => "zlib",
-        Compression::Auto => bail!("QEMU has no adaptive compression"),
-    };
-    for q in [&mut dst, &mut srcq] {
-        q.cmd(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
-        )?;
-        let mut params = json!({
-            "multifd-channels": channels,
-            "multifd-compression": method,
-            "multifd-zstd-level": 1,
-            "multifd-zlib-level": 1,
-            "max-bandwidth": 1u64 << 40,
-        });
-        if tls.is_some() {
-            params["tls-creds"] = json!("tls0");
-            params["tls-hostname"] = json!("localhost");
-        }
-        q.cmd("migrate-set-parameters", Some(params))?;
-    }
-    dst.cmd(
-        "migrate-incoming",
-        Some(json!({ "uri": "tcp:127.0.0.1:0" })),
-    )?;
-    let info = dst.cmd("query-migrate", None)?;
-    let port = info["socket-address"][0]["port"]
-        .as_str()
-        .and_then(|p| p.parse::<u16>().ok())
-        .context("the destination QEMU did not report its listening port")?;
-    let (src_cpu0, dst_cpu0) = (srcq.cpu_s(), dst.cpu_s());
-    srcq.cmd(
+    let bios = ram.path("hlt.bin");
+    let mut pair = Pair::start(ram, src, &bios, channels, compression, tls, json!({}))?;
+    let (src_cpu0, dst_cpu0) = (pair.src.cpu_s(), pair.dst.cpu_s());
+    pair.src.cmd(
         "migrate",
-        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{}", pair.port) })),
     )?;
     let started = Instant::now();
     let done = loop {
-        let r = srcq.cmd("query-migrate", None)?;
+        let r = pair.src.cmd("query-migrate", None)?;
         match r["status"].as_str() {
             Some("completed") => break r,
             Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {r}"),
@@ -317,26 +376,175 @@ pub fn migrate(
         std::thread::sleep(Duration::from_millis(10));
     };
     // The destination finishes loading after the source reports completion.
-    let started = Instant::now();
-    loop {
-        let r = dst.cmd("query-status", None)?;
-        if r["status"] != "inmigrate" || started.elapsed() > Duration::from_secs(30) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    pair.wait_loaded()?;
     let run = QemuRun {
         seconds: done["total-time"].as_f64().unwrap_or(0.0) / 1e3,
         transferred: done["ram"]["transferred"].as_u64().unwrap_or(0),
         duplicate: done["ram"]["duplicate"].as_u64().unwrap_or(0),
         normal: done["ram"]["normal"].as_u64().unwrap_or(0),
-        source_cpu_s: srcq.cpu_s() - src_cpu0,
-        destination_cpu_s: dst.cpu_s() - dst_cpu0,
+        source_cpu_s: pair.src.cpu_s() - src_cpu0,
+        destination_cpu_s: pair.dst.cpu_s() - dst_cpu0,
     };
-    drop(srcq);
-    drop(dst);
+    drop(pair);
     if !files_equal(&ram.path("src.ram"), &ram.path("dst.ram"))? {
         bail!("QEMU's destination memory differs from the source");
+    }
+    Ok(run)
+}
+
+/// One live QEMU migration's figures (QEMU's `query-migrate`, and CPU without the vCPU).
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuLiveRun {
+    /// Completed before the round or time cap.
+    pub converged: bool,
+    /// `total-time` (completed) or the time until the cap, in milliseconds.
+    pub total_ms: f64,
+    /// `downtime`, in milliseconds, when completed.
+    pub downtime_ms: Option<f64>,
+    /// The last `expected-downtime` QEMU reported while active, in milliseconds.
+    pub expected_downtime_ms: Option<f64>,
+    /// `ram.dirty-sync-count`: QEMU's rounds.
+    pub rounds: u64,
+    /// CPU milliseconds of the source QEMU less its vCPU thread.
+    pub source_cpu_ms: f64,
+    /// CPU milliseconds of the destination QEMU less its vCPU thread.
+    pub destination_cpu_ms: f64,
+    /// Pages per second the guest wrote during the migration (its progress counter).
+    pub guest_pages_per_s: f64,
+    /// The resumed destination guest's counter went on from the source's.
+    pub resumed: bool,
+}
+
+/// How a live QEMU cell runs: the guest, the limits, the caps.
+pub struct LiveSpec<'a> {
+    /// The guest's parameters (the same code pagewire's tiny VMM runs).
+    pub guest: Params,
+    /// multifd channels.
+    pub channels: u16,
+    /// TLS with these certificates.
+    pub tls: Option<&'a CertSet>,
+    /// QEMU's `downtime-limit`, in milliseconds.
+    pub downtime_limit_ms: u64,
+    /// Rounds (`dirty-sync-count`) at most before the run counts as not converging.
+    pub rounds_max: u32,
+    /// Milliseconds at most before the run counts as not converging.
+    pub total_ms_max: u64,
+    /// How long the guest runs before the migration starts.
+    pub warmup_ms: u64,
+}
+
+fn guest_counter(path: &Path) -> Result<u32> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 4];
+    std::fs::File::open(path)?.read_exact_at(&mut b, guestcode::COUNTER_GPA)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// Migrates a running guest live with QEMU multifd, no auto-converge: `src` (region 0) is the
+/// initial memory, the guest of [`guestcode`] runs from QEMU's firmware and dirties it at
+/// `spec.guest`'s rate. A run that passes the round or time cap is cancelled and reported as
+/// not converged. A completed one is checked: the paused destination's memory equals the
+/// source's, and resumed, its guest counts on from where the source stopped.
+pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Result<QemuLiveRun> {
+    let bios = ram.path("guest.bin");
+    std::fs::write(&bios, guestcode::firmware(&spec.guest))?;
+    let extra = json!({ "downtime-limit": spec.downtime_limit_ms });
+    let mut pair = Pair::start(
+        ram,
+        src,
+        &bios,
+        spec.channels,
+        Compression::None,
+        spec.tls,
+        extra,
+    )?;
+    std::thread::sleep(Duration::from_millis(spec.warmup_ms));
+    let src_ram = ram.path("src.ram");
+    let counter0 = guest_counter(&src_ram)?;
+    if counter0 == 0 {
+        bail!(
+            "the QEMU guest did not start counting within {} ms",
+            spec.warmup_ms
+        );
+    }
+    let (src_cpu0, dst_cpu0) = (
+        pair.src.cpu_s_without_vcpus(),
+        pair.dst.cpu_s_without_vcpus(),
+    );
+    let started = Instant::now();
+    pair.src.cmd(
+        "migrate",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{}", pair.port) })),
+    )?;
+    let mut expected = None;
+    let mut run = loop {
+        let r = pair.src.cmd("query-migrate", None)?;
+        let rounds = r["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        let cpu = |p: &Pair| {
+            (
+                (p.src.cpu_s_without_vcpus() - src_cpu0) * 1e3,
+                (p.dst.cpu_s_without_vcpus() - dst_cpu0) * 1e3,
+            )
+        };
+        let rate = |counter: u32| f64::from(counter.wrapping_sub(counter0)) / (elapsed_ms / 1e3);
+        match r["status"].as_str() {
+            Some("completed") => {
+                let (s, d) = cpu(&pair);
+                let counter = guest_counter(&src_ram)?;
+                break QemuLiveRun {
+                    converged: true,
+                    total_ms: r["total-time"].as_f64().unwrap_or(elapsed_ms),
+                    downtime_ms: r["downtime"].as_f64(),
+                    expected_downtime_ms: expected,
+                    rounds,
+                    source_cpu_ms: s,
+                    destination_cpu_ms: d,
+                    guest_pages_per_s: rate(counter),
+                    resumed: false,
+                };
+            }
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {r}"),
+            _ => {}
+        }
+        if let Some(e) = r["expected-downtime"].as_f64() {
+            expected = Some(e);
+        }
+        if rounds > u64::from(spec.rounds_max) || elapsed_ms > spec.total_ms_max as f64 {
+            let (s, d) = cpu(&pair);
+            let counter = guest_counter(&src_ram)?;
+            pair.src.cmd("migrate_cancel", None)?;
+            return Ok(QemuLiveRun {
+                converged: false,
+                total_ms: elapsed_ms,
+                downtime_ms: None,
+                expected_downtime_ms: expected,
+                rounds,
+                source_cpu_ms: s,
+                destination_cpu_ms: d,
+                guest_pages_per_s: rate(counter),
+                resumed: false,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    pair.wait_loaded()?;
+    // The source is paused after completion and the destination (-S) not yet running.
+    if !files_equal(&src_ram, &ram.path("dst.ram"))? {
+        bail!("QEMU's destination memory differs from the paused source");
+    }
+    let at_pause = guest_counter(&src_ram)?;
+    pair.dst.cmd("cont", None)?;
+    let resumed_by = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < resumed_by {
+        if guest_counter(&ram.path("dst.ram"))?.wrapping_sub(at_pause) as i32 > 0 {
+            run.resumed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !run.resumed {
+        bail!("QEMU's destination guest did not count on after resuming");
     }
     Ok(run)
 }
