@@ -2,8 +2,8 @@
 //! of [`super::guestcode`] (hand-written 32-bit code that dirties a working set at a rate it
 //! reads from its own memory and counts its stores) on one vCPU, tick by tick.
 //!
-//! The vCPU thread resumes the halted guest every [`TICK`]; the guest writes its burst of pages
-//! and halts again (its LAPIC setup exits as MMIO writes, which this VMM ignores: it has no
+//! The vCPU thread resumes the halted guest every [`TICK`] (missed ticks are lost, as with a
+//! periodic LAPIC timer); the guest writes its burst of pages and halts again (its LAPIC setup exits as MMIO writes, which this VMM ignores: it has no
 //! in-kernel LAPIC and paces the guest itself). QEMU boots the same code as its firmware, so
 //! the two engines can be compared on the same guest. [`TinyGuest`] is the source side
 //! ([`Vmm`]: pausing stops the vCPU at its next halt; its registers are the device state) and
@@ -122,7 +122,10 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
                     VcpuExit::MmioWrite(..) => continue,
                     exit => return Err(Error::Internal(format!("unexpected vCPU exit {exit:?}"))),
                 }
-                next += TICK;
+                // Like a periodic LAPIC timer (what paces the same guest under QEMU): ticks
+                // missed while the thread was not running are lost, not caught up, so a starved
+                // guest writes less, as it would there.
+                next = (next + TICK).max(Instant::now());
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
