@@ -72,9 +72,53 @@ pub struct LiveArgs {
     /// Also migrate the same KVM guest with QEMU multifd, side by side (implies `--guest kvm`).
     #[arg(long)]
     with_qemu: bool,
+    /// Also write the results (summary and runs) as JSON to this file.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+impl LiveArgs {
+    /// The live rows of `pagewire-bench matrix --live RATES`: the matrix's size, channels, TLS,
+    /// repetitions and QEMU choice; the tiny KVM guest where `/dev/kvm` runs it, else the
+    /// software dirtier (said on stderr); the other settings at their defaults.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_matrix(
+        size: u64,
+        dirty_rate: Vec<u64>,
+        working_set: Option<u64>,
+        channels: Vec<u16>,
+        tls: Vec<String>,
+        reps: usize,
+        with_qemu: bool,
+        out: std::path::PathBuf,
+    ) -> LiveArgs {
+        let guest = match pagewire::live::tinyguest::probe() {
+            Ok(()) => GuestKind::Kvm,
+            Err(why) => {
+                eprintln!("live rows: the software dirtier writes the source ({why})");
+                GuestKind::Software
+            }
+        };
+        LiveArgs {
+            size,
+            dirty_rate,
+            channels,
+            tls,
+            downtime_limit: 300,
+            rounds_max: 30,
+            time_max: 20_000,
+            reps,
+            guest,
+            working_set,
+            warmup_ms: 200,
+            with_qemu: with_qemu && guest == GuestKind::Kvm,
+            out: Some(out),
+            json: false,
+        }
+    }
 }
 
 /// Which guest writes the source.
@@ -388,11 +432,13 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         .iter()
         .map(|e| summary(&a, runs.iter().filter(|r| r.engine == *e).collect(), e))
         .collect();
+    let results = serde_json::json!({ "summary": summaries, "runs": runs });
+    if let Some(path) = &a.out {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({ "summary": summaries, "runs": runs })
-        );
+        println!("{results}");
         return Ok(());
     }
     println!(

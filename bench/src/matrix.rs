@@ -66,6 +66,15 @@ pub struct MatrixArgs {
     /// compression; needs qemu-system-x86, /dev/kvm and root, skipped with a reason otherwise).
     #[arg(long)]
     with_qemu: bool,
+    /// Live rows after the static cells: migrations of a running guest (the tiny KVM guest, or
+    /// the software dirtier without /dev/kvm) at these dirty rates × the channels × TLS, with
+    /// QEMU side by side under --with-qemu. Written to `live.json` in --out (see `pagewire-bench
+    /// live` for more settings).
+    #[arg(long, value_delimiter = ',', value_parser = pagewire::units::parse_rate)]
+    live: Vec<u64>,
+    /// The live rows' working set (default: a quarter of memory).
+    #[arg(long, value_parser = pagewire::units::parse_size)]
+    live_working_set: Option<u64>,
     /// Run against `pagewire-bench serve` on another host (HOST:PORT of its control listener):
     /// receivers, raw TCP included, run there, across the real network.
     #[arg(long)]
@@ -398,6 +407,29 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             "\nwrote results.json, results.csv, report.md, throughput.svg, cpu.svg and ratio.svg to {}",
             a.out.display()
         );
+    }
+    if !a.live.is_empty() {
+        if a.peer.is_some() {
+            bail!("--live runs both sides on this host: it cannot be combined with --peer");
+        }
+        let tls = a
+            .tls
+            .iter()
+            .map(|t| match t {
+                OnOff::Off => "off".to_string(),
+                OnOff::On => "on".to_string(),
+            })
+            .collect();
+        crate::live::run(crate::live::LiveArgs::for_matrix(
+            a.size,
+            a.live.clone(),
+            a.live_working_set,
+            a.channels.clone(),
+            tls,
+            a.reps,
+            with_qemu,
+            a.out.join("live.json"),
+        ))?;
     }
     Ok(())
 }
