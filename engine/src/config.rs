@@ -187,6 +187,12 @@ pub struct ReceiverConfig {
     /// Listen on a non-loopback address with neither TLS nor a pre-shared key. Without it such
     /// a receiver refuses to start: anyone who can connect could write its memory.
     pub insecure: bool,
+    /// Fault the destination memory in before pages land (`MADV_POPULATE_WRITE`, one thread per
+    /// allowed core, started while the receiver waits for the sender), as QEMU's
+    /// `-mem-prealloc` does: otherwise every first touch faults on a shard thread, inside the
+    /// transfer, 4 KiB or 2 MiB at a time. The part that outlasts the handshakes is reported as
+    /// `setup_ms`.
+    pub prefault: bool,
     /// Maximum random delay, in microseconds, before each frame is processed (seeded by
     /// `fault_seed`), to shake out ordering bugs across channels.
     #[cfg(feature = "faults")]
@@ -214,6 +220,7 @@ impl Default for ReceiverConfig {
             tls: None,
             psk: None,
             insecure: false,
+            prefault: true,
             #[cfg(feature = "faults")]
             fault_frame_delay_max_us: 0,
             #[cfg(feature = "faults")]

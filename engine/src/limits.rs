@@ -42,6 +42,8 @@ pub const CONTROL_BYTES: usize = 16;
 /// Channels (connections, shards) per transfer at most. The handshake encodes the index in a
 /// u16; 64 is far beyond the core counts one NIC can use, and bounds receiver threads.
 pub const CHANNELS_MAX: usize = 64;
+/// Threads that fault a receiver's destination memory in, at most (one per allowed core).
+pub const PREFAULT_THREADS_MAX: usize = 16;
 
 /// Regions in one memory layout at most (VMMs use a handful: low RAM, high RAM, hotplug slots).
 pub const REGIONS_MAX: usize = 256;

@@ -13,6 +13,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::auth::Psk;
@@ -20,7 +21,7 @@ use crate::config::ReceiverConfig;
 use crate::error::{Error, Result};
 use crate::limits::{
     CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES,
-    PAGE_BYTES,
+    PAGE_BYTES, PREFAULT_THREADS_MAX,
 };
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
@@ -225,6 +226,11 @@ impl Receiver {
         let caps = crate::uring::probe()?;
         let abort = self.abort.clone();
         let given = std::mem::take(&mut self.given);
+        // Memory known up front is faulted in while the sender connects and handshakes.
+        let mut prefault = match &self.memory {
+            Destination::Ready(m) if self.config.prefault => Some(Prefault::start(m)),
+            _ => None,
+        };
         let (streams, start, layout_bytes) = self.accept_channels(&abort, given)?;
         let cpu_start = crate::sys::thread_cpu_time();
         let memory = match std::mem::replace(
@@ -240,12 +246,22 @@ impl Receiver {
                 match make(layout_bytes) {
                     Ok(m) => {
                         crate::stats::add(&self.progress.pages_total, m.total_pages());
+                        if self.config.prefault {
+                            prefault = Some(Prefault::start(&m));
+                        }
                         m
                     }
                     Err(e) => return Err(abort.fail_and_take(e)),
                 }
             }
         };
+        let setup_started = Instant::now();
+        let prefault_ms = match prefault.take().map(Prefault::finish) {
+            Some(Ok(ms)) => ms,
+            Some(Err(e)) => return Err(abort.fail_and_take(e)),
+            None => 0.0,
+        };
+        let setup_ms = setup_started.elapsed().as_secs_f64() * 1e3;
         let n = streams.len();
         let barrier = Arc::new(RoundBarrier::new(n));
         let ledger = Arc::new(PageLedger::new(
@@ -330,6 +346,8 @@ impl Receiver {
         }
         let cpu = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         stats.finalize(start.elapsed().as_secs_f64(), cpu);
+        stats.setup_ms = setup_ms;
+        stats.prefault_ms = prefault_ms;
         Ok(stats)
     }
 
@@ -519,6 +537,48 @@ impl Receiver {
         let streams = slots.into_iter().flatten().collect();
         let layout_bytes = lock(&acceptor).0.layout_bytes();
         Ok((streams, first_at.unwrap_or(waiting_since), layout_bytes))
+    }
+}
+
+/// Destination memory being faulted in (see [`ReceiverConfig::prefault`]) by one thread per
+/// allowed core.
+struct Prefault {
+    started: Instant,
+    thread: Option<JoinHandle<Result<bool>>>,
+}
+
+impl Prefault {
+    fn start(memory: &Arc<GuestMemory>) -> Prefault {
+        let threads = allowed_cores().len().clamp(1, PREFAULT_THREADS_MAX);
+        let memory = memory.clone();
+        let thread = std::thread::Builder::new()
+            .name("pw-prefault".into())
+            .spawn(move || memory.prefault_in_parallel(threads))
+            .ok();
+        Prefault {
+            started: Instant::now(),
+            thread,
+        }
+    }
+
+    /// Waits for it; the milliseconds it took in all. Best effort: where it fails (a file
+    /// mapping cut short, memory the kernel cannot give), pages fault on first touch instead,
+    /// and placing them reports the precise page.
+    fn finish(self) -> Result<f64> {
+        if let Some(t) = self.thread {
+            match t.join() {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    tracing::debug!("no MADV_POPULATE_WRITE here: pages fault on first touch");
+                }
+                Ok(Err(e)) => tracing::warn!(
+                    "pre-faulting the destination stopped ({}); pages fault on first touch",
+                    crate::shard::error_chain(&e)
+                ),
+                Err(_) => return Err(Error::Internal("the pre-fault thread panicked".into())),
+            }
+        }
+        Ok(self.started.elapsed().as_secs_f64() * 1e3)
     }
 }
 
