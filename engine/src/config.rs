@@ -187,11 +187,12 @@ pub struct ReceiverConfig {
     /// Listen on a non-loopback address with neither TLS nor a pre-shared key. Without it such
     /// a receiver refuses to start: anyone who can connect could write its memory.
     pub insecure: bool,
-    /// Fault the destination memory in before pages land (`MADV_POPULATE_WRITE`, one thread per
-    /// allowed core, started while the receiver waits for the sender), as QEMU's
-    /// `-mem-prealloc` does: otherwise every first touch faults on a shard thread, inside the
-    /// transfer, 4 KiB or 2 MiB at a time. The part that outlasts the handshakes is reported as
-    /// `setup_ms`.
+    /// Fault the destination memory in ahead of the pages (`MADV_POPULATE_WRITE`, one thread per
+    /// allowed core, in the background from when the receiver starts, so usually done before
+    /// the sender connects), as QEMU's `-mem-prealloc` does: otherwise every first touch
+    /// faults on a shard thread, inside the transfer. Never waited for; its time is reported
+    /// as `prefault_ms`. For a destination that must be ready before the transfer starts, call
+    /// [`GuestMemory::prefault_in_parallel`](crate::GuestMemory::prefault_in_parallel) first.
     pub prefault: bool,
     /// Maximum random delay, in microseconds, before each frame is processed (seeded by
     /// `fault_seed`), to shake out ordering bugs across channels.

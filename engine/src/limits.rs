@@ -44,6 +44,9 @@ pub const CONTROL_BYTES: usize = 16;
 pub const CHANNELS_MAX: usize = 64;
 /// Threads that fault a receiver's destination memory in, at most (one per allowed core).
 pub const PREFAULT_THREADS_MAX: usize = 16;
+/// Bytes one pre-fault call covers before it checks whether to stop (a stop waits at most this
+/// much faulting per thread).
+pub const PREFAULT_STEP_BYTES: u64 = 64 << 20;
 
 /// Regions in one memory layout at most (VMMs use a handful: low RAM, high RAM, hotplug slots).
 pub const REGIONS_MAX: usize = 256;

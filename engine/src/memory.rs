@@ -14,11 +14,12 @@
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
-use crate::limits::{PAGE_BYTES, REGIONS_MAX};
+use crate::limits::{PAGE_BYTES, PREFAULT_STEP_BYTES, REGIONS_MAX};
 use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::handshake::layout_digest;
 
@@ -396,9 +397,11 @@ impl GuestMemory {
 
     /// Faults in part `part` of `parts` of the writable memory (its bytes split evenly, in
     /// 2 MiB-aligned pieces) with `MADV_POPULATE_WRITE`, so that pages placed later cost no
-    /// fault on the hot path; contents are left as they are. Read-only regions are skipped.
-    /// `Ok(false)` when the kernel lacks `MADV_POPULATE_WRITE` (before 5.14): nothing was done.
-    pub fn prefault(&self, part: usize, parts: usize) -> Result<bool> {
+    /// fault on the hot path; contents are left as they are, so it may run while others read
+    /// and write the memory. Read-only regions are skipped. Works in steps of
+    /// `PREFAULT_STEP_BYTES` and returns early once `stop` is set. `Ok(false)` when the kernel
+    /// lacks `MADV_POPULATE_WRITE` (before 5.14): nothing was done.
+    pub fn prefault(&self, part: usize, parts: usize, stop: &AtomicBool) -> Result<bool> {
         const PIECE_BYTES: u64 = 2 << 20;
         let parts = parts.max(1) as u64;
         let writable: Vec<&Region> = self.regions.iter().filter(|r| r.writable).collect();
@@ -407,19 +410,20 @@ impl GuestMemory {
         let (from, to) = (share * part as u64, (share * (part as u64 + 1)).min(total));
         let mut at = 0u64;
         for r in writable {
-            let (lo, hi) = (from.max(at), to.min(at + r.len));
-            if lo < hi {
-                let offset = lo - at;
-                let len = usize::try_from(hi - lo)
-                    .map_err(|_| Error::Config("a region too large to pre-fault".into()))?;
-                // SAFETY: `offset + len` is within the region's mapping, which lives as long
+            let (mut lo, hi) = (from.max(at), to.min(at + r.len));
+            while lo < hi {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(true);
+                }
+                let step = (hi - lo).min(PREFAULT_STEP_BYTES);
+                // SAFETY: `lo - at + step` is within the region's mapping, which lives as long
                 // as `self`; MADV_POPULATE_WRITE faults pages in without changing their
                 // contents (a page of the shared zero page gets a private zeroed copy), so it
                 // is sound while anything else reads or writes them.
                 let rc = unsafe {
                     libc::madvise(
-                        r.host.as_ptr().add(offset as usize).cast(),
-                        len,
+                        r.host.as_ptr().add((lo - at) as usize).cast(),
+                        step as usize,
                         libc::MADV_POPULATE_WRITE,
                     )
                 };
@@ -430,6 +434,7 @@ impl GuestMemory {
                     }
                     return Err(Error::io("pre-faulting destination memory", e));
                 }
+                lo += step;
             }
             at += r.len;
         }
@@ -439,11 +444,11 @@ impl GuestMemory {
     /// Faults all writable memory in with `threads` threads (see [`prefault`](Self::prefault)),
     /// as QEMU's `-mem-prealloc` does: done before a transfer, no page it places costs a fault.
     /// `Ok(false)` when the kernel lacks `MADV_POPULATE_WRITE`.
-    pub fn prefault_in_parallel(&self, threads: usize) -> Result<bool> {
+    pub fn prefault_in_parallel(&self, threads: usize, stop: &AtomicBool) -> Result<bool> {
         let threads = threads.max(1);
         std::thread::scope(|scope| {
             let parts: Vec<_> = (0..threads)
-                .map(|part| scope.spawn(move || self.prefault(part, threads)))
+                .map(|part| scope.spawn(move || self.prefault(part, threads, stop)))
                 .collect();
             let mut supported = true;
             for p in parts {
@@ -721,7 +726,8 @@ mod tests {
         m.regions()[0].write(5 * 4096, b"kept");
         m.regions()[1].write((40 << 20) - 3, b"kept too");
         assert!(resident_pages(&m.regions()[1]) < 1000);
-        if !m.prefault_in_parallel(3).unwrap() {
+        let go = AtomicBool::new(false);
+        if !m.prefault_in_parallel(3, &go).unwrap() {
             eprintln!("skipped: no MADV_POPULATE_WRITE on this kernel (5.14+)");
             return;
         }
@@ -740,9 +746,15 @@ mod tests {
         // Parts split the memory between them: any part count covers it all, once.
         for parts in [1, 2, 7, 64] {
             for part in 0..parts {
-                assert!(m.prefault(part, parts).unwrap());
+                assert!(m.prefault(part, parts, &go).unwrap());
             }
         }
+        // Stopped before it starts, it touches nothing.
+        let fresh = GuestMemory::anonymous(&spec).unwrap();
+        assert!(fresh
+            .prefault_in_parallel(2, &AtomicBool::new(true))
+            .unwrap());
+        assert_eq!(resident_pages(&fresh.regions()[1]), 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -226,7 +227,7 @@ impl Receiver {
         let caps = crate::uring::probe()?;
         let abort = self.abort.clone();
         let given = std::mem::take(&mut self.given);
-        // Memory known up front is faulted in while the sender connects and handshakes.
+        // Memory known up front is faulted in from now on, while the sender connects.
         let mut prefault = match &self.memory {
             Destination::Ready(m) if self.config.prefault => Some(Prefault::start(m)),
             _ => None,
@@ -255,13 +256,6 @@ impl Receiver {
                 }
             }
         };
-        let setup_started = Instant::now();
-        let prefault_ms = match prefault.take().map(Prefault::finish) {
-            Some(Ok(ms)) => ms,
-            Some(Err(e)) => return Err(abort.fail_and_take(e)),
-            None => 0.0,
-        };
-        let setup_ms = setup_started.elapsed().as_secs_f64() * 1e3;
         let n = streams.len();
         let barrier = Arc::new(RoundBarrier::new(n));
         let ledger = Arc::new(PageLedger::new(
@@ -346,8 +340,7 @@ impl Receiver {
         }
         let cpu = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         stats.finalize(start.elapsed().as_secs_f64(), cpu);
-        stats.setup_ms = setup_ms;
-        stats.prefault_ms = prefault_ms;
+        stats.prefault_ms = prefault.map_or(0.0, Prefault::finish);
         Ok(stats)
     }
 
@@ -540,45 +533,64 @@ impl Receiver {
     }
 }
 
-/// Destination memory being faulted in (see [`ReceiverConfig::prefault`]) by one thread per
-/// allowed core.
+/// Destination memory being faulted in, in the background (see [`ReceiverConfig::prefault`]),
+/// by one thread per allowed core. Never waited for before pages land: placing a page races
+/// with nothing (both only fault pages in), and a large destination on a slow host must not
+/// hold the sender past its idle bound. Stopped and joined when dropped.
 struct Prefault {
-    started: Instant,
-    thread: Option<JoinHandle<Result<bool>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<(Result<bool>, f64)>>,
 }
 
 impl Prefault {
     fn start(memory: &Arc<GuestMemory>) -> Prefault {
         let threads = allowed_cores().len().clamp(1, PREFAULT_THREADS_MAX);
         let memory = memory.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("pw-prefault".into())
-            .spawn(move || memory.prefault_in_parallel(threads))
+            .spawn(move || {
+                let started = Instant::now();
+                let r = memory.prefault_in_parallel(threads, &stopped);
+                (r, started.elapsed().as_secs_f64() * 1e3)
+            })
             .ok();
-        Prefault {
-            started: Instant::now(),
-            thread,
-        }
+        Prefault { stop, thread }
     }
 
-    /// Waits for it; the milliseconds it took in all. Best effort: where it fails (a file
-    /// mapping cut short, memory the kernel cannot give), pages fault on first touch instead,
-    /// and placing them reports the precise page.
-    fn finish(self) -> Result<f64> {
-        if let Some(t) = self.thread {
-            match t.join() {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {
-                    tracing::debug!("no MADV_POPULATE_WRITE here: pages fault on first touch");
-                }
-                Ok(Err(e)) => tracing::warn!(
+    /// Stops it where it is and waits for it; the milliseconds it ran. Best effort: where it
+    /// failed (a file mapping cut short, memory the kernel cannot give), pages fault on first
+    /// touch instead, and placing them reports the precise page.
+    fn finish(mut self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let Some(t) = self.thread.take() else {
+            return 0.0;
+        };
+        match t.join() {
+            Ok((Ok(true), ms)) => ms,
+            Ok((Ok(false), ms)) => {
+                tracing::debug!("no MADV_POPULATE_WRITE here: pages fault on first touch");
+                ms
+            }
+            Ok((Err(e), ms)) => {
+                tracing::warn!(
                     "pre-faulting the destination stopped ({}); pages fault on first touch",
                     crate::shard::error_chain(&e)
-                ),
-                Err(_) => return Err(Error::Internal("the pre-fault thread panicked".into())),
+                );
+                ms
             }
+            Err(_) => 0.0,
         }
-        Ok(self.started.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

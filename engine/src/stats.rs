@@ -81,11 +81,9 @@ pub struct ZeroCopyStats {
 pub struct TransferStats {
     /// Wall time from the first connection to the end, in milliseconds (`total-time`).
     pub total_time_ms: f64,
-    /// Receiver: milliseconds of `total_time_ms` spent preparing destination memory (pre-faulting
-    /// it, what outlasted the wait for the sender) before the first page could land (QEMU's
-    /// `setup-time`); the transfer proper is the rest.
-    pub setup_ms: f64,
-    /// Receiver: milliseconds the pre-faulting took in all, overlapped with the handshakes.
+    /// Receiver: milliseconds it spent faulting destination memory in, in the background from
+    /// when it started (see `ReceiverConfig::prefault`); pages it had not reached by then
+    /// faulted on first touch.
     pub prefault_ms: f64,
     /// Bytes on the wire, headers included (`transferred`).
     pub transferred_bytes: u64,
