@@ -1,28 +1,27 @@
-//! `pagewire-tune`: host probing for pagewire. Today it reports what the engine will find on this
-//! host (cores, NUMA nodes, io_uring features, zero-scan unit); sweeps and written tuning
-//! profiles come with the NUMA placement and tuning issue.
+//! `pagewire-tune`: what pagewire will find on this host. `probe` (the default) reports each
+//! fact (kernel, cores, NUMA nodes, io_uring, memlock, huge pages, `MADV_POPULATE_WRITE`, CPU
+//! features, kernel TLS, network interfaces, `/dev/kvm`) with what pagewire does about it.
+//! Sweeps and written tuning profiles come with the rest of the placement and tuning issue.
 
-use clap::Parser;
-use pagewire::pipeline::zero::ZeroScanner;
+mod probe;
+
+use clap::{Parser, Subcommand};
 
 /// What pagewire will find on this host.
 #[derive(Parser)]
 #[command(name = "pagewire-tune", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Print one JSON object (`{"findings": [{"name", "value", "pagewire"}]}`).
+    #[arg(long, global = true)]
+    json: bool,
+}
 
-fn numa_nodes() -> usize {
-    std::fs::read_dir("/sys/devices/system/node")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| {
-                    let name = e.file_name();
-                    let name = name.to_string_lossy();
-                    name.starts_with("node") && name[4..].chars().all(|c| c.is_ascii_digit())
-                })
-                .count()
-        })
-        .unwrap_or(0)
-        .max(1)
+#[derive(Subcommand)]
+enum Command {
+    /// Each fact about this host and what pagewire does about it (the default).
+    Probe,
 }
 
 fn main() {
@@ -32,38 +31,22 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    Cli::parse();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("cores available:   {cores}");
-    println!("numa nodes:        {}", numa_nodes());
-    println!("zero scan:         {}", ZeroScanner::detect().kind().name());
-    match pagewire::probe_uring() {
-        Ok(caps) => {
-            println!("io_uring:          available");
-            println!(
-                "  SEND_ZC:         {}",
-                if caps.send_zc {
-                    "yes"
-                } else {
-                    "no (plain sends)"
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Probe) {
+        Command::Probe => {
+            let findings = probe::probe();
+            if cli.json {
+                println!("{}", serde_json::json!({ "findings": findings }));
+            } else {
+                for f in &findings {
+                    println!("{:<24} {}", f.name, f.value);
+                    println!("{:<24} -> {}", "", f.pagewire);
                 }
-            );
-            println!(
-                "  DEFER_TASKRUN:   {}",
-                if caps.defer_taskrun {
-                    "yes"
-                } else {
-                    "no (older kernel)"
-                }
-            );
-            println!(
-                "suggested:         --channels {}",
-                cores.min(pagewire::limits::CHANNELS_MAX)
-            );
-        }
-        Err(e) => {
-            println!("io_uring:          NOT usable: {e}");
-            std::process::exit(1);
+            }
+            if findings.iter().any(|f| f.name == "io_uring") {
+                // io_uring is not usable: pagewire cannot run here.
+                std::process::exit(1);
+            }
         }
     }
 }

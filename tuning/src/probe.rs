@@ -1,0 +1,348 @@
+//! `pagewire-tune probe`: what pagewire will find on this host, and what it will do about each
+//! finding. Everything is read from `/proc`, `/sys`, the CPU and small probes (an io_uring, a
+//! one-page `madvise`); nothing is changed.
+
+use std::path::Path;
+
+use pagewire::pipeline::zero::ZeroScanner;
+use serde::Serialize;
+
+/// One fact about the host and pagewire's answer to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// What was probed, e.g. `transparent huge pages`.
+    pub name: &'static str,
+    /// What was found.
+    pub value: String,
+    /// What pagewire does about it.
+    pub pagewire: String,
+}
+
+fn finding(name: &'static str, value: impl Into<String>, pagewire: impl Into<String>) -> Finding {
+    Finding {
+        name,
+        value: value.into(),
+        pagewire: pagewire.into(),
+    }
+}
+
+fn read(path: impl AsRef<Path>) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The selected value of a sysfs choice file ("always [madvise] never" → "madvise").
+fn selected(choices: &str) -> Option<&str> {
+    let start = choices.find('[')? + 1;
+    let end = start + choices[start..].find(']')?;
+    Some(&choices[start..end])
+}
+
+/// A `/proc/meminfo` field, in kB (or a plain count for `HugePages_*`).
+fn meminfo(field: &str) -> Option<u64> {
+    read("/proc/meminfo")?.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// NUMA nodes and their CPU lists (`/sys/devices/system/node`); one node when there is none.
+fn numa_nodes() -> Vec<(u32, String)> {
+    let mut nodes: Vec<(u32, String)> = std::fs::read_dir("/sys/devices/system/node")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix("node")?.parse().ok()?;
+            Some((id, read(e.path().join("cpulist")).unwrap_or_default()))
+        })
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// Network interfaces other than loopback: name, link speed (Mbit/s, when known), NUMA node.
+fn nics() -> Vec<(String, Option<i64>, Option<i64>)> {
+    let mut out: Vec<_> = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "lo" {
+                return None;
+            }
+            let p = e.path();
+            let speed = read(p.join("speed"))
+                .and_then(|s| s.parse().ok())
+                .filter(|s: &i64| *s > 0);
+            let node = read(p.join("device/numa_node")).and_then(|s| s.parse().ok());
+            Some((name, speed, node))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether `MADV_POPULATE_WRITE` works here (Linux 5.14+), tried on one anonymous page.
+fn populate_write() -> bool {
+    let memory = pagewire::GuestMemory::anonymous(&[pagewire::RegionSpec { gpa: 0, len: 4096 }]);
+    memory.is_ok_and(|m| {
+        m.prefault(0, 1, &std::sync::atomic::AtomicBool::new(false))
+            .unwrap_or(false)
+    })
+}
+
+/// The soft `RLIMIT_MEMLOCK`, in bytes (`None`: unlimited).
+fn memlock() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid, writable rlimit; getrlimit only writes it.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) };
+    (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
+}
+
+fn cpu_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! has {
+            ($($name:tt),*) => {
+                $(if std::is_x86_feature_detected!($name) { f.push($name); })*
+            };
+        }
+        has!(
+            "aes",
+            "pclmulqdq",
+            "avx2",
+            "vaes",
+            "vpclmulqdq",
+            "avx512f",
+            "avx512bw"
+        );
+    }
+    f
+}
+
+/// Everything `probe` reports, in order.
+pub fn probe() -> Vec<Finding> {
+    let mut out = Vec::new();
+    out.push(finding(
+        "kernel",
+        read("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
+        "needs io_uring (6.0+ for zero-copy sends, 6.1+ for DEFER_TASKRUN)",
+    ));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    out.push(finding(
+        "cores allowed",
+        cores.to_string(),
+        format!(
+            "one shard per channel, pinned to these cores; default channels {}",
+            cores.min(pagewire::limits::CHANNELS_MAX)
+        ),
+    ));
+    let nodes = numa_nodes();
+    out.push(finding(
+        "NUMA nodes",
+        if nodes.is_empty() {
+            "1 (no NUMA information)".into()
+        } else {
+            nodes
+                .iter()
+                .map(|(id, cpus)| format!("node {id}: cpus {cpus}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+        if nodes.len() > 1 {
+            "shards pin to the first allowed cores; NUMA placement is not built yet"
+        } else {
+            "nothing to place"
+        },
+    ));
+    match pagewire::probe_uring() {
+        Ok(caps) => {
+            out.push(finding(
+                "io_uring SEND_ZC",
+                if caps.send_zc { "yes" } else { "no" },
+                if caps.send_zc {
+                    "zero-copy sends where the kernel does not copy anyway (--zero-copy auto probes)"
+                } else {
+                    "plain sends"
+                },
+            ));
+            out.push(finding(
+                "io_uring DEFER_TASKRUN",
+                if caps.defer_taskrun { "yes" } else { "no" },
+                if caps.defer_taskrun {
+                    "rings run SINGLE_ISSUER | DEFER_TASKRUN"
+                } else {
+                    "rings run without it (more interrupts)"
+                },
+            ));
+        }
+        Err(e) => out.push(finding(
+            "io_uring",
+            format!("NOT usable: {e}"),
+            "cannot run: every transfer needs io_uring",
+        )),
+    }
+    let lock = memlock();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    out.push(finding(
+        "memlock limit",
+        lock.map_or("unlimited".into(), |b| format!("{} KiB", b / 1024)),
+        if root || lock.is_none() {
+            "guest memory can be registered as fixed buffers (--zero-copy on)".to_string()
+        } else {
+            format!(
+                "registering more than {} KiB as fixed buffers needs a higher limit (ulimit -l) or CAP_IPC_LOCK; --zero-copy auto sends from unregistered memory",
+                lock.unwrap_or(0) / 1024
+            )
+        },
+    ));
+    let thp = read("/sys/kernel/mm/transparent_hugepage/enabled");
+    let thp_mode = thp.as_deref().and_then(selected).unwrap_or("unknown");
+    out.push(finding(
+        "transparent huge pages",
+        format!(
+            "{thp_mode} (defrag {})",
+            read("/sys/kernel/mm/transparent_hugepage/defrag")
+                .as_deref()
+                .and_then(selected)
+                .unwrap_or("unknown")
+        ),
+        match thp_mode {
+            "never" => "anonymous memory gets 4 KiB pages (more faults and TLB misses)",
+            _ => "anonymous memory is advised MADV_HUGEPAGE before it is faulted in",
+        },
+    ));
+    let huge_total = meminfo("HugePages_Total").unwrap_or(0);
+    out.push(finding(
+        "huge pages (hugetlbfs)",
+        format!(
+            "{} of {huge_total} free, {} KiB each",
+            meminfo("HugePages_Free").unwrap_or(0),
+            meminfo("Hugepagesize").unwrap_or(0)
+        ),
+        "a RAM image on hugetlbfs or a huge=always tmpfs is mapped with huge pages by the kernel",
+    ));
+    let populate = populate_write();
+    out.push(finding(
+        "MADV_POPULATE_WRITE",
+        if populate { "yes" } else { "no" },
+        if populate {
+            "destinations are faulted in ahead of the pages, one thread per core"
+        } else {
+            "pages fault on first touch, inside the transfer (kernel before 5.14)"
+        },
+    ));
+    let features = cpu_features();
+    let has = |f: &str| features.contains(&f);
+    out.push(finding(
+        "CPU features",
+        if features.is_empty() {
+            "none of aes, avx2, vaes, avx512".into()
+        } else {
+            features.join(" ")
+        },
+        format!(
+            "zero scan {}; AES-GCM {}",
+            ZeroScanner::detect().kind().name(),
+            if has("vaes") && has("avx512f") {
+                "with VAES (fastest)"
+            } else if has("aes") {
+                "with AES-NI"
+            } else {
+                "in software (TLS will be slow)"
+            }
+        ),
+    ));
+    let ktls = Path::new("/sys/module/tls").exists();
+    out.push(finding(
+        "kernel TLS",
+        if ktls {
+            "tls module loaded"
+        } else {
+            "tls module not loaded"
+        },
+        "not used: records are sealed in userspace (rustls) into the send buffers",
+    ));
+    let nics = nics();
+    out.push(finding(
+        "network interfaces",
+        if nics.is_empty() {
+            "none but loopback".into()
+        } else {
+            nics.iter()
+                .map(|(name, speed, node)| {
+                    format!(
+                        "{name} ({}, node {})",
+                        speed.map_or("speed unknown".into(), |s| format!("{s} Mbit/s")),
+                        node.filter(|n| *n >= 0)
+                            .map_or("unknown".into(), |n| n.to_string())
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+        "shards are not yet placed near the NIC",
+    ));
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    out.push(finding(
+        "/dev/kvm",
+        if kvm { "usable" } else { "not usable" },
+        if kvm {
+            "`pagewire demo --live` runs the tiny KVM guest"
+        } else {
+            "`pagewire demo --live` uses the software dirtier"
+        },
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_choices_name_the_selected_one() {
+        assert_eq!(selected("always [madvise] never"), Some("madvise"));
+        assert_eq!(selected("[never]"), Some("never"));
+        assert_eq!(selected("always madvise"), None);
+    }
+
+    #[test]
+    fn the_probe_reports_every_fact_with_an_answer() {
+        let found = probe();
+        for name in [
+            "kernel",
+            "cores allowed",
+            "memlock limit",
+            "transparent huge pages",
+            "MADV_POPULATE_WRITE",
+            "CPU features",
+            "kernel TLS",
+            "network interfaces",
+        ] {
+            let f = found
+                .iter()
+                .find(|f| f.name == name)
+                .unwrap_or_else(|| panic!("no {name} in {found:?}"));
+            assert!(!f.value.is_empty() && !f.pagewire.is_empty(), "{f:?}");
+        }
+        let kernel = &found[0].value;
+        assert!(
+            kernel.chars().next().is_some_and(|c| c.is_ascii_digit()),
+            "{kernel}"
+        );
+    }
+}
