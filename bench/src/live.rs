@@ -186,18 +186,25 @@ impl LiveArgs {
     }
 }
 
+/// Every run's initial guest memory: `a.size` bytes of mixed content, the same each time.
+fn initial_memory(a: &LiveArgs) -> Result<(GuestMemory, [RegionSpec; 1])> {
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: a.size,
+    }];
+    let src = GuestMemory::anonymous_populated(&specs)?;
+    fill(&src, Content::Mixed, 11);
+    Ok((src, specs))
+}
+
 fn one(
     a: &LiveArgs,
     tls: Option<&(TlsServer, TlsClient)>,
     dirty_rate: u64,
     channels: u16,
 ) -> Result<Run> {
-    let specs = [RegionSpec {
-        gpa: 0,
-        len: a.size,
-    }];
-    let src = Arc::new(GuestMemory::anonymous_populated(&specs)?);
-    fill(&src, Content::Mixed, 11);
+    let (src, specs) = initial_memory(a)?;
+    let src = Arc::new(src);
     let dst = Arc::new(GuestMemory::anonymous_populated(&specs)?);
     let receiver = Receiver::bind(
         "127.0.0.1:0",
@@ -322,13 +329,8 @@ fn one_qemu(
     dirty_rate: u64,
     channels: u16,
 ) -> Result<Run> {
-    let specs = [RegionSpec {
-        gpa: 0,
-        len: a.size,
-    }];
     // The same initial memory as pagewire's runs; QEMU's firmware loads the guest over it.
-    let src = GuestMemory::anonymous(&specs)?;
-    fill(&src, Content::Mixed, 11);
+    let (src, _) = initial_memory(a)?;
     let q = crate::qemu::migrate_live(
         ram,
         &src,

@@ -487,44 +487,41 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
                 (p.dst.cpu_s_without_vcpus() - dst_cpu0) * 1e3,
             )
         };
-        let rate = |counter: u32| f64::from(counter.wrapping_sub(counter0)) / (elapsed_ms / 1e3);
-        match r["status"].as_str() {
-            Some("completed") => {
-                let (s, d) = cpu(&pair);
+        // Reported while active only.
+        if let Some(e) = r["expected-downtime"].as_f64() {
+            expected = Some(e);
+        }
+        // The run's figures so far; `None` downtime while it has not completed.
+        let figures =
+            |pair: &Pair, total_ms: f64, downtime_ms: Option<f64>| -> Result<QemuLiveRun> {
+                let (s, d) = cpu(pair);
                 let counter = guest_counter(&src_ram)?;
-                break QemuLiveRun {
-                    converged: true,
-                    total_ms: r["total-time"].as_f64().unwrap_or(elapsed_ms),
-                    downtime_ms: r["downtime"].as_f64(),
+                Ok(QemuLiveRun {
+                    converged: downtime_ms.is_some(),
+                    total_ms,
+                    downtime_ms,
                     expected_downtime_ms: expected,
                     rounds,
                     source_cpu_ms: s,
                     destination_cpu_ms: d,
-                    guest_pages_per_s: rate(counter),
+                    guest_pages_per_s: f64::from(counter.wrapping_sub(counter0))
+                        / (elapsed_ms / 1e3),
                     resumed: false,
-                };
+                })
+            };
+        match r["status"].as_str() {
+            Some("completed") => {
+                let total = r["total-time"].as_f64().unwrap_or(elapsed_ms);
+                let downtime = r["downtime"].as_f64().unwrap_or(f64::NAN);
+                break figures(&pair, total, Some(downtime))?;
             }
             Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {r}"),
             _ => {}
         }
-        if let Some(e) = r["expected-downtime"].as_f64() {
-            expected = Some(e);
-        }
         if rounds > u64::from(spec.rounds_max) || elapsed_ms > spec.total_ms_max as f64 {
-            let (s, d) = cpu(&pair);
-            let counter = guest_counter(&src_ram)?;
+            let run = figures(&pair, elapsed_ms, None)?;
             pair.src.cmd("migrate_cancel", None)?;
-            return Ok(QemuLiveRun {
-                converged: false,
-                total_ms: elapsed_ms,
-                downtime_ms: None,
-                expected_downtime_ms: expected,
-                rounds,
-                source_cpu_ms: s,
-                destination_cpu_ms: d,
-                guest_pages_per_s: rate(counter),
-                resumed: false,
-            });
+            return Ok(run);
         }
         std::thread::sleep(Duration::from_millis(10));
     };
