@@ -249,6 +249,12 @@ impl SenderMachine {
         }
     }
 
+    /// True while a round ended here has not yet been reported placed: the driver should watch
+    /// the connection closely (a live migration measures each round up to that report).
+    pub fn placement_pending(&self) -> bool {
+        self.next_placed < self.numbering.round() && self.confirmation == Confirmation::Awaiting
+    }
+
     /// A control message from the receiver; a placed round is passed on to the driver.
     pub fn on_control(&mut self, msg: Control) -> Result<Option<SenderEvent>, SenderFault> {
         match msg {
@@ -364,9 +370,14 @@ mod tests {
         let mut f = Frame::default();
         m.begin_pages(&mut f, 0, false, t);
         assert_eq!((f.kind, f.frame_number, f.round), (FrameKind::Pages, 0, 0));
+        assert!(!m.placement_pending(), "no round has ended");
         let marker = m.end_round(&mut f, t);
         assert_eq!(marker, Marker::EndOfRound(0));
         assert_eq!(m.round(), 1);
+        assert!(
+            m.placement_pending(),
+            "round 0 ended, not yet reported placed"
+        );
         assert_eq!(m.handed(Marker::None), None);
         assert_eq!(m.handed(marker), Some(SenderEvent::RoundSent { round: 0 }));
         // The receiver reports round 0 placed, once, and nothing it has not been sent.
@@ -374,6 +385,7 @@ mod tests {
             m.on_control(Control::RoundPlaced { round: 0 }),
             Ok(Some(SenderEvent::RoundPlaced { round: 0 }))
         );
+        assert!(!m.placement_pending());
         assert!(m.on_control(Control::RoundPlaced { round: 0 }).is_err());
         let mut early = machine(false, t);
         assert!(early.on_control(Control::RoundPlaced { round: 0 }).is_err());

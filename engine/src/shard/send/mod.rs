@@ -376,11 +376,14 @@ impl SendShard {
             // chunk or the end of the stream would wait for them (measured: a live migration's
             // downtime grew from ~3 ms to ~50 ms). Wait on the work queue then, entering the
             // ring every millisecond for them.
+            // Likewise a round's RoundPlaced: it arrives on the ring, and a live migration
+            // measures every round up to it (measured: a wait on the work queue alone added a
+            // whole wait slice, 100 ms, to every round).
             let notifications_only = self.chain_outstanding == 0 && self.sends_in_flight() > 0;
             let can_take_work =
                 self.m.may_build() && self.ready.is_empty() && self.free_slot().is_some();
             if can_take_work && (self.sends_in_flight() == 0 || notifications_only) {
-                let wait = if notifications_only {
+                let wait = if notifications_only || self.m.placement_pending() {
                     Duration::from_millis(NOTIFICATION_POLL_MS)
                 } else {
                     slice
