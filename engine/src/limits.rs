@@ -42,6 +42,8 @@ pub const CONTROL_BYTES: usize = 16;
 /// Channels (connections, shards) per transfer at most. The handshake encodes the index in a
 /// u16; 64 is far beyond the core counts one NIC can use, and bounds receiver threads.
 pub const CHANNELS_MAX: usize = 64;
+/// Tries of a KVM ioctl that signals keep interrupting (`EINTR`) before it counts as failed.
+pub const KVM_EINTR_TRIES_MAX: u32 = 100;
 /// Threads that fault a receiver's destination memory in, at most (one per allowed core).
 pub const PREFAULT_THREADS_MAX: usize = 16;
 /// Bytes one pre-fault call covers before it checks whether to stop (a stop waits at most this

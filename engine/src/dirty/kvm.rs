@@ -58,15 +58,25 @@ impl DirtySource for KvmDirtyLog {
                     s.slot, s.region
                 ))
             })?;
-            let words = self
-                .vm
-                .get_dirty_log(s.slot, s.bytes as usize)
-                .map_err(|e| {
-                    Error::io(
-                        format!("KVM_GET_DIRTY_LOG of memory slot {}", s.slot),
-                        std::io::Error::from_raw_os_error(e.errno()),
-                    )
-                })?;
+            let mut tries = 0;
+            let words = loop {
+                match self.vm.get_dirty_log(s.slot, s.bytes as usize) {
+                    // A signal interrupted it: nothing was collected, ask again (bounded).
+                    Err(e)
+                        if e.errno() == libc::EINTR
+                            && tries < crate::limits::KVM_EINTR_TRIES_MAX =>
+                    {
+                        tries += 1
+                    }
+                    r => break r,
+                }
+            }
+            .map_err(|e| {
+                Error::io(
+                    format!("KVM_GET_DIRTY_LOG of memory slot {}", s.slot),
+                    std::io::Error::from_raw_os_error(e.errno()),
+                )
+            })?;
             if words.len() != words_for(pages) {
                 return Err(Error::Config(format!(
                     "KVM slot {} ({} bytes) does not match region {} ({pages} pages)",

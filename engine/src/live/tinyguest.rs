@@ -25,6 +25,7 @@ use super::guestcode::{self, Params, CODE_GPA, COUNTER_GPA, PARAMS_GPA, STACK_TO
 use super::Vmm;
 use crate::dirty::kvm::{KvmDirtyLog, SlotRegion};
 use crate::error::{Error, Result};
+use crate::limits::KVM_EINTR_TRIES_MAX;
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
 
@@ -34,6 +35,19 @@ pub const TICK: Duration = Duration::from_millis(1);
 pub const REGS_TAG: u32 = u32::from_le_bytes(*b"regs");
 /// The registers blob: 18 general registers (with `rip` and `rflags`), little-endian u64s.
 const REGS_BLOB_BYTES: usize = 18 * 8;
+
+/// `op`, again while a signal interrupts it (a bounded number of times).
+fn retrying<T>(
+    mut op: impl FnMut() -> std::result::Result<T, kvm_ioctls::Error>,
+) -> std::result::Result<T, kvm_ioctls::Error> {
+    let mut tries = 1;
+    loop {
+        match op() {
+            Err(e) if e.errno() == libc::EINTR && tries < KVM_EINTR_TRIES_MAX => tries += 1,
+            r => return r,
+        }
+    }
+}
 
 fn kvm_error(what: &str, e: kvm_ioctls::Error) -> Error {
     Error::io(what, std::io::Error::from_raw_os_error(e.errno()))
@@ -60,7 +74,7 @@ fn vm(memory: &GuestMemory, memory_bytes_min: u64) -> Result<(Arc<VmFd>, VcpuFd)
             ))
         })?;
     let kvm = Kvm::new().map_err(|e| kvm_error("opening /dev/kvm", e))?;
-    let vm = kvm.create_vm().map_err(|e| kvm_error("creating a VM", e))?;
+    let vm = retrying(|| kvm.create_vm()).map_err(|e| kvm_error("creating a VM", e))?;
     let slot = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
@@ -116,7 +130,12 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
         .spawn(move || {
             let mut next = Instant::now();
             while !stop.load(Ordering::Acquire) {
-                match vcpu.run().map_err(|e| kvm_error("running the vCPU", e))? {
+                let exit = match vcpu.run() {
+                    // A signal interrupted the run: run again.
+                    Err(e) if e.errno() == libc::EINTR => continue,
+                    r => r.map_err(|e| kvm_error("running the vCPU", e))?,
+                };
+                match exit {
                     VcpuExit::Hlt => {}
                     // The guest's LAPIC timer setup: this VMM paces it itself.
                     VcpuExit::MmioWrite(..) => continue,
@@ -306,6 +325,6 @@ impl Drop for TinyGuest {
 /// True when `/dev/kvm` can create a VM here; otherwise the reason.
 pub fn probe() -> std::result::Result<(), String> {
     Kvm::new()
-        .and_then(|k| k.create_vm().map(drop))
+        .and_then(|k| retrying(|| k.create_vm()).map(drop))
         .map_err(|e| format!("/dev/kvm cannot create a VM here: {e}"))
 }
