@@ -66,10 +66,11 @@ impl Estimates {
     /// about what a normal one did (`pagewire-bench transfer`: 64 MiB of zero pages at 3.5
     /// GiB/s, 1 GiB of mixed pages at 4.5 GiB/s). Costed per wire byte, a round 0 that is half
     /// zero pages looked half as fast as it was, and the paused round came in at about half the
-    /// expected downtime (`pagewire-bench live --with-qemu` grid: 0 of 28 runs within 25% per
-    /// wire byte, 17 of 30 per page). On a link far slower than memory a mostly-zero round 0
-    /// would make this estimate low; later rounds, of dirtied pages, are costed as what they
-    /// are.
+    /// expected downtime (`pagewire-bench live --with-qemu` grid, 32 runs: 9 within 25% per
+    /// wire byte, always high; 20 per page, 21 of them low, by up to 37%, since zero pages are
+    /// cheaper than normal ones after all). On a link far slower than memory a mostly-zero
+    /// round 0 would make this estimate lower still; later rounds, of dirtied pages, are
+    /// costed as what they are.
     pub fn after(last: &RoundFigures, remaining_pages: u64) -> Estimates {
         let seconds = (last.ms / 1e3).max(1e-6);
         let pages_per_s = (last.pages as f64 / seconds).max(1.0);
