@@ -3,9 +3,10 @@
 //! reads from its own memory and counts its stores) on one vCPU, tick by tick.
 //!
 //! The vCPU thread resumes the halted guest every [`TICK`] (missed ticks are lost, as with a
-//! periodic LAPIC timer); the guest writes its burst of pages and halts again (its LAPIC setup exits as MMIO writes, which this VMM ignores: it has no
-//! in-kernel LAPIC and paces the guest itself). QEMU boots the same code as its firmware, so
-//! the two engines can be compared on the same guest. [`TinyGuest`] is the source side
+//! periodic LAPIC timer); the guest writes its burst of pages and halts again. Its LAPIC setup
+//! exits as MMIO writes, which this VMM ignores: it has no in-kernel LAPIC and paces the guest
+//! itself. QEMU boots the same code as its firmware, so the two engines can be compared on the
+//! same guest. [`TinyGuest`] is the source side
 //! ([`Vmm`]: pausing stops the vCPU at its next halt; its registers are the device state) and
 //! [`TinyGuest::resume`] the destination side.
 //!
