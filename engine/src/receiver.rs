@@ -559,38 +559,37 @@ impl Prefault {
         Prefault { stop, thread }
     }
 
-    /// Stops it where it is and waits for it; the milliseconds it ran. Best effort: where it
-    /// failed (a file mapping cut short, memory the kernel cannot give), pages fault on first
-    /// touch instead, and placing them reports the precise page.
-    fn finish(mut self) -> f64 {
+    /// Stops it where it is and waits for it: what it returned and the milliseconds it ran.
+    fn stop_and_join(&mut self) -> Option<(Result<bool>, f64)> {
         self.stop.store(true, Ordering::Relaxed);
-        let Some(t) = self.thread.take() else {
-            return 0.0;
-        };
-        match t.join() {
-            Ok((Ok(true), ms)) => ms,
-            Ok((Ok(false), ms)) => {
+        self.thread.take()?.join().ok()
+    }
+
+    /// Stops it and waits for it; the milliseconds it ran. Best effort: where it failed (a file
+    /// mapping cut short, memory the kernel cannot give), pages fault on first touch instead,
+    /// and placing them reports the precise page.
+    fn finish(mut self) -> f64 {
+        match self.stop_and_join() {
+            Some((Ok(true), ms)) => ms,
+            Some((Ok(false), ms)) => {
                 tracing::debug!("no MADV_POPULATE_WRITE here: pages fault on first touch");
                 ms
             }
-            Ok((Err(e), ms)) => {
+            Some((Err(e), ms)) => {
                 tracing::warn!(
                     "pre-faulting the destination stopped ({}); pages fault on first touch",
                     crate::shard::error_chain(&e)
                 );
                 ms
             }
-            Err(_) => 0.0,
+            None => 0.0,
         }
     }
 }
 
 impl Drop for Prefault {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.stop_and_join();
     }
 }
 

@@ -53,9 +53,9 @@ pub fn socket_domain_and_type(fd: &impl AsRawFd) -> std::io::Result<(i32, i32)> 
     Ok((get(libc::SO_DOMAIN)?, get(libc::SO_TYPE)?))
 }
 
-/// Reads into `buf` without taking the bytes off `stream` (`MSG_PEEK`), blocking as a read
-/// would (the socket's read timeout applies).
-pub fn peek(stream: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads into `buf` without taking the bytes off `stream` (`MSG_PEEK`, plus `flags`), again
+/// when a signal interrupts it.
+fn recv_peek(stream: &impl AsRawFd, buf: &mut [u8], flags: i32) -> std::io::Result<usize> {
     loop {
         // SAFETY: a valid fd, and a pointer/length pair describing `buf`, which is writable.
         let rc = unsafe {
@@ -63,7 +63,7 @@ pub fn peek(stream: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
                 stream.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                libc::MSG_PEEK,
+                libc::MSG_PEEK | flags,
             )
         };
         if rc >= 0 {
@@ -76,29 +76,18 @@ pub fn peek(stream: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
+/// Reads into `buf` without taking the bytes off `stream` (`MSG_PEEK`), blocking as a read
+/// would (the socket's read timeout applies).
+pub fn peek(stream: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    recv_peek(stream, buf, 0)
+}
+
 /// True when `stream` has ended: a non-blocking peek (`MSG_PEEK | MSG_DONTWAIT`) reads 0 bytes
 /// or fails with anything but "would block". Works for TCP and UNIX stream sockets alike.
 pub fn peek_closed(stream: &impl AsRawFd) -> bool {
-    let mut byte = 0u8;
-    loop {
-        // SAFETY: a valid fd, and a pointer/length pair describing one writable byte.
-        let rc = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if rc >= 0 {
-            return rc == 0;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return false,
-            _ => return true,
-        }
+    match recv_peek(stream, &mut [0u8], libc::MSG_DONTWAIT) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
 }
 

@@ -15,6 +15,22 @@ use kvm_ioctls::VmFd;
 use super::{words_for, DirtyBitmaps, DirtySource};
 use crate::error::{Error, Result};
 
+/// `op`, again while a signal interrupts it (`EINTR`), at most
+/// [`KVM_EINTR_TRIES_MAX`](crate::limits::KVM_EINTR_TRIES_MAX) times in all.
+pub(crate) fn retrying<T>(
+    mut op: impl FnMut() -> std::result::Result<T, kvm_ioctls::Error>,
+) -> std::result::Result<T, kvm_ioctls::Error> {
+    let mut tries = 1;
+    loop {
+        match op() {
+            Err(e) if e.errno() == libc::EINTR && tries < crate::limits::KVM_EINTR_TRIES_MAX => {
+                tries += 1
+            }
+            r => return r,
+        }
+    }
+}
+
 /// One region's KVM memory slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotRegion {
@@ -58,25 +74,14 @@ impl DirtySource for KvmDirtyLog {
                     s.slot, s.region
                 ))
             })?;
-            let mut tries = 0;
-            let words = loop {
-                match self.vm.get_dirty_log(s.slot, s.bytes as usize) {
-                    // A signal interrupted it: nothing was collected, ask again (bounded).
-                    Err(e)
-                        if e.errno() == libc::EINTR
-                            && tries < crate::limits::KVM_EINTR_TRIES_MAX =>
-                    {
-                        tries += 1
-                    }
-                    r => break r,
-                }
-            }
-            .map_err(|e| {
-                Error::io(
-                    format!("KVM_GET_DIRTY_LOG of memory slot {}", s.slot),
-                    std::io::Error::from_raw_os_error(e.errno()),
-                )
-            })?;
+            // Interrupted by a signal, nothing was collected: it asks again.
+            let words =
+                retrying(|| self.vm.get_dirty_log(s.slot, s.bytes as usize)).map_err(|e| {
+                    Error::io(
+                        format!("KVM_GET_DIRTY_LOG of memory slot {}", s.slot),
+                        std::io::Error::from_raw_os_error(e.errno()),
+                    )
+                })?;
             if words.len() != words_for(pages) {
                 return Err(Error::Config(format!(
                     "KVM slot {} ({} bytes) does not match region {} ({pages} pages)",

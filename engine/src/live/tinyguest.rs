@@ -24,9 +24,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::guestcode::{self, Params, CODE_GPA, COUNTER_GPA, PARAMS_GPA, STACK_TOP_GPA};
 use super::Vmm;
-use crate::dirty::kvm::{KvmDirtyLog, SlotRegion};
+use crate::dirty::kvm::{retrying, KvmDirtyLog, SlotRegion};
 use crate::error::{Error, Result};
-use crate::limits::KVM_EINTR_TRIES_MAX;
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
 
@@ -36,19 +35,6 @@ pub const TICK: Duration = Duration::from_millis(1);
 pub const REGS_TAG: u32 = u32::from_le_bytes(*b"regs");
 /// The registers blob: 18 general registers (with `rip` and `rflags`), little-endian u64s.
 const REGS_BLOB_BYTES: usize = 18 * 8;
-
-/// `op`, again while a signal interrupts it (a bounded number of times).
-fn retrying<T>(
-    mut op: impl FnMut() -> std::result::Result<T, kvm_ioctls::Error>,
-) -> std::result::Result<T, kvm_ioctls::Error> {
-    let mut tries = 1;
-    loop {
-        match op() {
-            Err(e) if e.errno() == libc::EINTR && tries < KVM_EINTR_TRIES_MAX => tries += 1,
-            r => return r,
-        }
-    }
-}
 
 fn kvm_error(what: &str, e: kvm_ioctls::Error) -> Error {
     Error::io(what, std::io::Error::from_raw_os_error(e.errno()))
