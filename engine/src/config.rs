@@ -40,35 +40,19 @@ impl fmt::Display for ZeroCopy {
     }
 }
 
-/// How shards are placed on cores.
+/// How shards are placed on cores. Pinned shards follow a NUMA-aware plan
+/// ([`crate::placement`]): near the memory they move, on the allowed cores (or the configured
+/// `cores`), which each node's shards take in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pinning {
-    /// Shard i on the i-th allowed core (wrapping).
+    /// Cores in ascending order: on one node, shard i on the i-th allowed core (wrapping).
     #[default]
     Cores,
-    /// Shard i on the i-th allowed core counted from the last: a receiver sharing a host with
-    /// its sender (loopback) then pairs each sender shard with a receiver shard on another core.
+    /// Cores counted from the last: a receiver sharing a host with its sender (loopback) then
+    /// pairs each sender shard with a receiver shard on another core.
     CoresReversed,
     /// Let the scheduler place threads.
     None,
-}
-
-impl Pinning {
-    /// The core shard `i` runs on, among `cores` (the allowed ones, in order).
-    pub(crate) fn core_for(
-        self,
-        i: usize,
-        cores: &[core_affinity::CoreId],
-    ) -> Option<core_affinity::CoreId> {
-        if cores.is_empty() {
-            return None;
-        }
-        match self {
-            Pinning::None => None,
-            Pinning::Cores => Some(cores[i % cores.len()]),
-            Pinning::CoresReversed => Some(cores[cores.len() - 1 - i % cores.len()]),
-        }
-    }
 }
 
 /// Sender settings.
@@ -78,6 +62,10 @@ pub struct SenderConfig {
     pub channels: u16,
     /// Core placement of shards.
     pub pinning: Pinning,
+    /// The cores shards may be pinned to (`None`: every core this process may run on). A VMM
+    /// leaves out the cores its vCPUs run on. Within them shards are placed NUMA-aware
+    /// ([`crate::placement`]).
+    pub cores: Option<Vec<usize>>,
     /// Zero-copy policy.
     pub zero_copy: ZeroCopy,
     /// TLS 1.3 on every channel (`None`: plaintext).
@@ -149,6 +137,7 @@ impl Default for SenderConfig {
         SenderConfig {
             channels: 2,
             pinning: Pinning::Cores,
+            cores: None,
             zero_copy: ZeroCopy::Auto,
             tls: None,
             psk: None,
@@ -172,6 +161,9 @@ pub struct ReceiverConfig {
     pub channels: Option<u16>,
     /// Core placement of shards.
     pub pinning: Pinning,
+    /// The cores shards may be pinned to (`None`: every core this process may run on); see
+    /// [`SenderConfig::cores`].
+    pub cores: Option<Vec<usize>>,
     /// Milliseconds to wait for a sender to complete its handshakes; `None` waits indefinitely.
     /// Connections that fail their handshake (strangers, wrong version or layout, bad
     /// certificates) are logged and dropped, and the receiver keeps waiting until this deadline.
@@ -216,6 +208,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             channels: None,
             pinning: Pinning::default(),
+            cores: None,
             accept_timeout_ms: None,
             idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
             tls: None,

@@ -79,6 +79,9 @@ pub enum Error {
     /// The caller's configuration or request is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The machine's topology could not be read (hwloc failed, or an XML file is invalid).
+    #[error("topology: {0}")]
+    Topology(String),
     /// The TLS handshake failed (certificate refused, wrong name, expired, alert received).
     #[error("TLS handshake on channel {channel} failed")]
     TlsHandshake {

@@ -65,6 +65,7 @@ pub mod live;
 #[allow(unsafe_code)]
 pub mod memory;
 pub mod pipeline;
+pub mod placement;
 pub mod protocol;
 pub mod receiver;
 pub mod sender;

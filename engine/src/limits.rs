@@ -143,3 +143,11 @@ const _: () = assert!(IDLE_TIMEOUT_MS_MIN <= IDLE_TIMEOUT_MS_DEFAULT);
 const _: () = assert!(IDLE_TIMEOUT_MS_MAX <= u32::MAX as u64);
 const _: () = assert!(IDLE_TIMEOUT_MS_MIN / KEEPALIVE_PER_IDLE >= RING_WAIT_SLICE_MS / 4);
 const _: () = assert!(HANDSHAKES_IN_FLIGHT_MAX >= 2);
+
+/// Pages sampled at most when asking which NUMA node holds guest memory (one `move_pages` call;
+/// 1 TiB is then sampled every 16 MiB).
+pub const NODE_QUERY_SAMPLES_MAX: usize = 65_536;
+
+/// Most CPUs one range of a CPU list (`--cores 0-4095`) may name: the kernel's own `NR_CPUS`
+/// ceiling, so a typo cannot allocate without bound.
+pub const CPUS_MAX: usize = 8192;

@@ -225,6 +225,8 @@ impl Receiver {
     /// Accepts one transfer and receives it until every channel has ended its stream.
     pub fn run(mut self) -> Result<TransferStats> {
         let caps = crate::uring::probe()?;
+        let pin_cores =
+            crate::placement::pin_order(self.config.cores.as_deref(), self.config.pinning)?;
         let abort = self.abort.clone();
         let given = std::mem::take(&mut self.given);
         // Memory known up front is faulted in from now on, while the sender connects.
@@ -264,11 +266,15 @@ impl Receiver {
                 .iter()
                 .map(|r| (r.pages(), r.initially_zero())),
         ));
-        let cores = allowed_cores();
+        // Shards near the destination memory's nodes (where it is faulted in already).
+        let nic = streams.first().and_then(|a| a.stream.interface());
+        let plan = crate::placement::Placement::here(n as u16, pin_cores, &memory, nic, false).plan;
+        tracing::debug!("receiver placement:\n{}", plan.render());
         let mut joins = Vec::with_capacity(n);
         for (i, accepted) in streams.into_iter().enumerate() {
             let Accepted { stream, peer, tls } = accepted;
-            let core = self.config.pinning.core_for(i, &cores);
+            let place = plan.shards[i];
+            let core = place.core.map(|id| core_affinity::CoreId { id });
             let params = RecvShardParams {
                 device_state: self.device_state.0.clone(),
                 channel: i as u16,
@@ -308,6 +314,7 @@ impl Receiver {
                     match result {
                         Ok(mut s) => {
                             s.core = pinned;
+                            s.node = pinned.and(place.node);
                             Ok(s)
                         }
                         Err(e) => Err(shard_abort.fail(e)),

@@ -21,11 +21,12 @@ use crate::limits::{
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::Compression;
+use crate::placement::Placement;
 use crate::protocol::blob::{DeviceBlob, DEVICE_STATE_BYTES_MAX};
 use crate::protocol::handshake::{Hello, Reply, FEATURE_PSK, FEATURE_ZLIB, FEATURE_ZSTD};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{ChunkRuns, SendShard, SendShardParams, ShardEvent, Work};
-use crate::shard::{allowed_cores, catch_panic, pin, Abort};
+use crate::shard::{catch_panic, pin, Abort};
 use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
 use crate::stream::Stream;
 use crate::tls::{client_handshake, TlsClient, TlsSession};
@@ -174,6 +175,8 @@ pub struct Sender {
     placed: Option<u32>,
     /// Reports of rounds not yet placed on every channel: (round, channels that said so).
     placed_reports: Vec<(u32, usize)>,
+    /// Shard placement, and the routing of chunks to the shards of their memory's node.
+    placement: Placement,
 }
 
 impl std::fmt::Debug for Sender {
@@ -254,7 +257,7 @@ impl Sender {
         let bandwidth = BandwidthLimit::new(config.max_bandwidth_bytes_per_s);
         let progress = Arc::new(Progress::default());
         let (events_tx, events) = unbounded();
-        let cores = allowed_cores();
+        let pin_cores = crate::placement::pin_order(config.cores.as_deref(), config.pinning)?;
         // Every channel connects and handshakes (TCP, TLS, hello) on its own thread, in parallel.
         let hello = |i: u16| Hello {
             version: PROTOCOL_VERSION,
@@ -301,6 +304,9 @@ impl Sender {
             abort.watch(&c.stream, None)?;
             streams.push(c);
         }
+        let nic = streams.first().and_then(|c| c.stream.interface());
+        let placement = Placement::here(n, pin_cores, &memory, nic, true);
+        tracing::debug!("sender placement:\n{}", placement.plan.render());
         let mut shards = Vec::with_capacity(streams.len());
         for (i, c) in streams.into_iter().enumerate() {
             let Connected {
@@ -312,7 +318,8 @@ impl Sender {
             let receiver_idle = Duration::from_millis(u64::from(receiver_idle_ms).max(1));
             let keepalive_every = (receiver_idle / KEEPALIVE_PER_IDLE as u32)
                 .max(Duration::from_millis(RING_WAIT_SLICE_MS / 4));
-            let core = config.pinning.core_for(i, &cores);
+            let place = placement.plan.shards[i];
+            let core = place.core.map(|id| core_affinity::CoreId { id });
             let (tx, rx) = bounded(SHARD_QUEUE_ITEMS_MAX);
             let params = SendShardParams {
                 channel: i as u16,
@@ -354,6 +361,7 @@ impl Sender {
                     match result {
                         Ok(mut stats) => {
                             stats.core = pinned;
+                            stats.node = pinned.and(place.node);
                             Ok(stats)
                         }
                         Err(e) => Err(shard_abort.fail(e)),
@@ -381,7 +389,14 @@ impl Sender {
             bandwidth,
             placed: None,
             placed_reports: Vec::new(),
+            placement,
         })
+    }
+
+    /// Where the shards run and which memory each node's shards send: see
+    /// [`crate::placement`].
+    pub fn plan(&self) -> &crate::placement::Plan {
+        &self.placement.plan
     }
 
     /// Live counters for a progress display.
@@ -434,8 +449,21 @@ impl Sender {
         // over another channel (and ordering is exercised, not assumed).
         let mut next = self.round as usize % n;
         for (region, runs) in pack_chunks(runs) {
-            self.dispatch(next, Work::Chunk { region, runs, live })?;
-            next = (next + 1) % n;
+            let first_page = runs.runs().first().map_or(0, |r| r.0);
+            let work = Work::Chunk { region, runs, live };
+            // On a multi-node host a chunk goes to a shard of the node that holds it (taking
+            // turns there), else to the next shard in rotation.
+            let routed = self
+                .placement
+                .channel_for(region, first_page)
+                .map(|(k, list)| list[(k + self.round as usize) % list.len()]);
+            match routed {
+                Some(shard) => self.dispatch(shard, work)?,
+                None => {
+                    self.dispatch(next, work)?;
+                    next = (next + 1) % n;
+                }
+            }
         }
         for i in 0..n {
             self.send_to(i, Work::EndRound)?;

@@ -34,6 +34,8 @@ pub struct ShardStats {
     pub channel: u16,
     /// CPU core the shard was pinned to, if any.
     pub core: Option<usize>,
+    /// NUMA node of that core, if pinned and known.
+    pub node: Option<u32>,
     /// Bytes on the wire (headers and payload).
     pub wire_bytes: u64,
     /// Frames, markers included.

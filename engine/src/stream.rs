@@ -87,7 +87,14 @@ impl Stream {
         }
     }
 
-    /// Who is at the other end, for messages: an address, or `unix:` and the socket's path.
+    /// The network interface this TCP connection leaves through (its local address's
+    /// interface: `lo` on loopback); `None` for a UNIX socket.
+    pub fn interface(&self) -> Option<String> {
+        let local = self.tcp()?.local_addr().ok()?.ip();
+        crate::sys::interface_with_address(local)
+    }
+
+    /// A description of the peer for messages: its address, or the socket's path.
     pub fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s

@@ -214,3 +214,76 @@ pub fn tcp_bytes_received(stream: &impl AsRawFd) -> u64 {
     }
     info.tcpi_bytes_received
 }
+
+/// The NUMA node of each page at `pages` (page-aligned addresses in this process), as
+/// `move_pages(2)` reports it without moving anything: a node number, or a negative errno
+/// (`-ENOENT`: not faulted in yet; `-EFAULT`: not mapped). An error when the call itself fails
+/// (a kernel without NUMA support answers `ENOSYS`).
+pub fn page_nodes(pages: &[*const u8]) -> std::io::Result<Vec<i32>> {
+    let mut status = vec![0i32; pages.len()];
+    // SAFETY: `pages` and `status` hold `pages.len()` entries each; with a null `nodes` the
+    // kernel only reads the addresses (it dereferences nothing in user space) and writes one
+    // int per entry into `status`. pid 0 is this process.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            0,
+            pages.len() as libc::c_ulong,
+            pages.as_ptr(),
+            std::ptr::null::<i32>(),
+            status.as_mut_ptr(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(status)
+}
+
+/// The name of the network interface that holds the local address `addr` (`getifaddrs(3)`),
+/// e.g. the interface a connected socket's `local_addr()` leaves through.
+pub fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut at = list;
+    while !at.is_null() && found.is_none() {
+        // SAFETY: `at` is a node of the list getifaddrs returned, alive until freeifaddrs; its
+        // `ifa_addr` is null or points to a sockaddr of the family it names, and `ifa_name` to a
+        // NUL-terminated string.
+        unsafe {
+            let ifa = &*at;
+            if !ifa.ifa_addr.is_null() {
+                let family = i32::from((*ifa.ifa_addr).sa_family);
+                let here = match family {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        Some(std::net::IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        Some(std::net::IpAddr::from(sin6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                };
+                if here == Some(addr) {
+                    found = Some(
+                        std::ffi::CStr::from_ptr(ifa.ifa_name)
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+            }
+            at = ifa.ifa_next;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once; no reference into it survives.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}

@@ -1,8 +1,10 @@
 //! `pagewire-tune`: what pagewire will find on this host. `probe` (the default) reports each
 //! fact (kernel, cores, NUMA nodes, io_uring, memlock, huge pages, `MADV_POPULATE_WRITE`, CPU
 //! features, kernel TLS, network interfaces, `/dev/kvm`) with what pagewire does about it.
-//! Sweeps and written tuning profiles come with the rest of the placement and tuning issue.
+//! `plan` prints the NUMA-aware shard placement pagewire would use (for this machine, or for
+//! another from its hwloc XML or sysfs copy).
 
+mod plan;
 mod probe;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Each fact about this host and what pagewire does about it (the default).
     Probe,
+    /// The shard placement pagewire would use: NUMA nodes, guest memory's nodes, the NIC.
+    Plan(plan::PlanArgs),
 }
 
 fn main() {
@@ -33,6 +37,12 @@ fn main() {
     }
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Probe) {
+        Command::Plan(a) => {
+            if let Err(e) = plan::run(a, cli.json) {
+                eprintln!("pagewire-tune: {e:#}");
+                std::process::exit(2);
+            }
+        }
         Command::Probe => {
             let findings = probe::probe();
             if cli.json {

@@ -45,3 +45,133 @@ fn probe_json_names_each_finding_and_what_pagewire_does() {
         .iter()
         .any(|f| f["name"] == "transparent huge pages"));
 }
+
+fn tune(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-tune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn plan_for_this_machine_pins_every_channel_to_an_allowed_core() {
+    let out = tune(&["plan", "--channels", "3", "--peer", "127.0.0.1:9", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shards = v["plan"]["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 3);
+    assert!(shards.iter().all(|s| s["core"].is_u64()), "{v}");
+    assert_eq!(v["plan"]["nic"], "lo", "loopback's route leaves through lo");
+    let text = tune(&["plan", "--channels", "2"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("channel   1  core"), "{text}");
+}
+
+#[test]
+fn plan_for_another_machine_from_its_sysfs() {
+    let dir = tempfile::tempdir().unwrap();
+    for (node, list) in [(0, "0-3"), (1, "4-7")] {
+        let d = dir.path().join(format!("devices/system/node/node{node}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("cpulist"), list).unwrap();
+    }
+    let nic = dir.path().join("class/net/ens1f0/device");
+    std::fs::create_dir_all(&nic).unwrap();
+    std::fs::write(nic.join("numa_node"), "1\n").unwrap();
+    let root = dir.path().to_str().unwrap();
+    // Memory unknown: the NIC's node first.
+    let out = tune(&[
+        "plan",
+        "--sysfs",
+        root,
+        "--channels",
+        "2",
+        "--nic",
+        "ens1f0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes: Vec<_> = v["plan"]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["node"].as_u64())
+        .collect();
+    assert_eq!(nodes, [Some(1), Some(1)], "{v}");
+    // Three quarters of the memory on node 0: three of four shards there.
+    let out = tune(&[
+        "plan",
+        "--sysfs",
+        root,
+        "--channels",
+        "4",
+        "--nic",
+        "ens1f0",
+        "--memory",
+        "0:3GiB,1:1GiB",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let on0 = v["plan"]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["node"] == 0)
+        .count();
+    assert_eq!(on0, 3, "{v}");
+    // Mistakes are one clear line and exit status 2.
+    for (args, says) in [
+        (
+            vec!["plan", "--sysfs", root, "--memory", "zero:1GiB"],
+            "not a node number",
+        ),
+        (vec!["plan", "--cores", "3-1"], "not a core list"),
+        (vec!["plan", "--sysfs", "/nonexistent"], "sysfs copy"),
+    ] {
+        let out = tune(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn plan_from_a_hwloc_xml_file() {
+    let xml = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../engine/src/placement/testdata/four-nodes.xml"
+    );
+    let out = tune(&[
+        "plan",
+        "--topology",
+        xml,
+        "--channels",
+        "8",
+        "--nic",
+        "ens1f0",
+        "--json",
+    ]);
+    if cfg!(feature = "hwloc") {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["topology"]["nodes"].as_array().unwrap().len(), 4);
+        assert_eq!(v["plan"]["shards"][0]["node"], 1, "{v}");
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(err.contains("without hwloc"), "{err}");
+    }
+}

@@ -123,7 +123,11 @@ static int migrate_over_fds(uint8_t *low, const pw_options *options, int unix) {
 }
 
 int main(int argc, char **argv) {
-    pw_options options = {.channels = 2, .tls_dir = argc > 1 ? argv[1] : NULL, .idle_timeout_ms = 0};
+    /* PAGEWIRE_CORES: the cores pagewire's shards may use, e.g. "0-3" (a VMM leaves out its vCPUs'). */
+    pw_options options = {.channels = 2,
+                          .tls_dir = argc > 1 ? argv[1] : NULL,
+                          .idle_timeout_ms = 0,
+                          .cores = getenv("PAGEWIRE_CORES")};
     uint8_t *src_low = map(LOW_PAGES * PAGE), *src_high = map(HIGH_PAGES * PAGE);
     uint8_t *dst_low = map(LOW_PAGES * PAGE), *dst_high = map(HIGH_PAGES * PAGE);
     pw_region src_regions[2] = {{0, LOW_PAGES * PAGE, src_low}, {4ull << 30, HIGH_PAGES * PAGE, src_high}};

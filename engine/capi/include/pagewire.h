@@ -64,6 +64,10 @@ typedef struct {
   const char *tls_dir;
   // Milliseconds without progress before giving up on the peer; 0: 30000.
   uint64_t idle_timeout_ms;
+  // The cores shards may be pinned to, as a CPU list ("0-3,8"), or null for every core the
+  // process may run on. Leave out the cores that run vCPUs; within the list shards go near
+  // the memory they move (NUMA) and the NIC.
+  const char *cores;
 } pw_options;
 
 #ifdef __cplusplus

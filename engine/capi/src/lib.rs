@@ -79,6 +79,10 @@ pub struct pw_options {
     pub tls_dir: *const c_char,
     /// Milliseconds without progress before giving up on the peer; 0: 30000.
     pub idle_timeout_ms: u64,
+    /// The cores shards may be pinned to, as a CPU list ("0-3,8"), or null for every core the
+    /// process may run on. Leave out the cores that run vCPUs; within the list shards go near
+    /// the memory they move (NUMA) and the NIC.
+    pub cores: *const c_char,
 }
 
 /// Guest memory described by the caller (see [`pw_memory_new`]).
@@ -160,10 +164,16 @@ unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
 }
 
 /// # Safety
-/// `o` is null or points to a valid `pw_options` whose `tls_dir` is null or NUL-terminated.
-unsafe fn options(o: *const pw_options) -> Result<(u16, Option<String>, u64), Error> {
+/// `o` is null or points to a valid `pw_options` whose `tls_dir` and `cores` are null or
+/// NUL-terminated.
+unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
     if o.is_null() {
-        return Ok((2, None, 30_000));
+        return Ok(Options {
+            channels: 2,
+            tls_dir: None,
+            idle_timeout_ms: 30_000,
+            cores: None,
+        });
     }
     // SAFETY: non-null and valid (caller).
     let o = unsafe { &*o };
@@ -173,13 +183,38 @@ unsafe fn options(o: *const pw_options) -> Result<(u16, Option<String>, u64), Er
         // SAFETY: non-null and NUL-terminated (caller).
         Some(unsafe { text(o.tls_dir, "tls_dir") }?.to_string())
     };
-    let channels = if o.channels == 0 { 2 } else { o.channels };
-    let idle = if o.idle_timeout_ms == 0 {
-        30_000
+    let cores = if o.cores.is_null() {
+        None
     } else {
-        o.idle_timeout_ms
+        // SAFETY: non-null and NUL-terminated (caller).
+        let list = unsafe { text(o.cores, "cores") }?;
+        match pw::placement::parse_cpu_list(list) {
+            Some(cores) if !cores.is_empty() => Some(cores),
+            _ => {
+                return Err(invalid(&format!(
+                    "cores {list:?} is not a CPU list like 0-3,8"
+                )))
+            }
+        }
     };
-    Ok((channels, dir, idle))
+    Ok(Options {
+        channels: if o.channels == 0 { 2 } else { o.channels },
+        tls_dir: dir,
+        idle_timeout_ms: if o.idle_timeout_ms == 0 {
+            30_000
+        } else {
+            o.idle_timeout_ms
+        },
+        cores,
+    })
+}
+
+/// `pw_options` read and defaulted.
+struct Options {
+    channels: u16,
+    tls_dir: Option<String>,
+    idle_timeout_ms: u64,
+    cores: Option<Vec<usize>>,
 }
 
 fn tls_files(dir: &str, side: &str) -> TlsFiles {
@@ -207,14 +242,15 @@ unsafe fn memory_of(memory: *const pw_memory) -> Result<Arc<GuestMemory>, Error>
 /// As for [`options`].
 unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Error> {
     // SAFETY: as the caller promises.
-    let (_, tls_dir, idle) = unsafe { options(opts) }?;
-    let tls = match tls_dir {
+    let o = unsafe { options(opts) }?;
+    let tls = match o.tls_dir {
         Some(d) => Some(TlsServer::new(tls_files(&d, "server").load()?)?),
         None => None,
     };
     Ok(ReceiverConfig {
         tls,
-        idle_timeout_ms: idle,
+        idle_timeout_ms: o.idle_timeout_ms,
+        cores: o.cores,
         ..ReceiverConfig::default()
     })
 }
@@ -225,8 +261,8 @@ unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Err
 /// As for [`options`].
 unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> {
     // SAFETY: as the caller promises.
-    let (channels, tls_dir, idle) = unsafe { options(opts) }?;
-    let tls = match tls_dir {
+    let o = unsafe { options(opts) }?;
+    let tls = match o.tls_dir {
         Some(d) => Some(TlsClient::new(
             tls_files(&d, "client").load()?,
             "localhost",
@@ -234,9 +270,10 @@ unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> 
         None => None,
     };
     Ok(SenderConfig {
-        channels,
+        channels: o.channels,
         tls,
-        idle_timeout_ms: idle,
+        idle_timeout_ms: o.idle_timeout_ms,
+        cores: o.cores,
         ..SenderConfig::default()
     })
 }

@@ -116,15 +116,39 @@ fn the_c_example_migrates_and_verifies() {
         .unwrap()
         .write(certs.path())
         .unwrap();
-    for tls in [None, Some(certs.path())] {
-        let out = Command::new(&exe).args(tls).output().unwrap();
+    // The first allowed core: shards of both sides pinned to it alone.
+    let core = core_affinity::get_core_ids()
+        .and_then(|c| c.first().map(|c| c.id.to_string()))
+        .unwrap_or_else(|| "0".into());
+    for (tls, cores) in [
+        (None, None),
+        (Some(certs.path()), None),
+        (None, Some(core.as_str())),
+    ] {
+        let mut run = Command::new(&exe);
+        run.args(tls);
+        if let Some(c) = cores {
+            run.env("PAGEWIRE_CORES", c);
+        }
+        let out = run.output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.starts_with("verified"),
-            "tls {}: {stdout}{}",
+            "tls {}, cores {cores:?}: {stdout}{}",
             tls.is_some(),
             String::from_utf8_lossy(&out.stderr)
         );
-        eprintln!("tls {}: {}", tls.is_some(), stdout.trim());
+        eprintln!("tls {}, cores {cores:?}: {}", tls.is_some(), stdout.trim());
     }
+    // A core list that is no list is refused with the reason.
+    let out = Command::new(&exe)
+        .env("PAGEWIRE_CORES", "3-1")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success() && all.contains("CPU list"), "{all}");
 }

@@ -177,6 +177,10 @@ struct RecvArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Pin shards only to these cores, e.g. 0-3,8 (leave out the cores that run vCPUs). Within
+    /// them shards go near the memory they move (NUMA) and the NIC. Default: every allowed core.
+    #[arg(long, value_parser = parse_cores, conflicts_with = "no_pin")]
+    cores: Option<Vec<usize>>,
     /// Listen on a non-loopback address with neither TLS nor --psk-file (anyone who can
     /// connect could write the destination memory).
     #[arg(long)]
@@ -205,6 +209,10 @@ struct SendArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Pin shards only to these cores, e.g. 0-3,8 (leave out the cores that run vCPUs). Within
+    /// them shards go near the memory they move (NUMA) and the NIC. Default: every allowed core.
+    #[arg(long, value_parser = parse_cores, conflicts_with = "no_pin")]
+    cores: Option<Vec<usize>>,
     /// Zero-copy sends: auto (try, fall back when the kernel copies), on, off.
     #[arg(long, default_value_t = ZeroCopy::Auto)]
     zero_copy: ZeroCopy,
@@ -267,6 +275,13 @@ fn parse_channels(text: &str) -> Result<u16, String> {
 }
 
 /// An idle timeout within the library's bounds.
+fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
+    match pagewire::placement::parse_cpu_list(text) {
+        Some(list) if !list.is_empty() => Ok(list),
+        _ => Err(format!("{text:?} is not a core list (like 0-3,8,10-11)")),
+    }
+}
+
 fn idle_ms(ms: u64) -> Result<u64> {
     if !(IDLE_TIMEOUT_MS_MIN..=IDLE_TIMEOUT_MS_MAX).contains(&ms) {
         bail!(
@@ -532,6 +547,7 @@ fn recv(a: RecvArgs) -> Result<bool> {
     let config = ReceiverConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
+        cores: a.cores.clone(),
         accept_timeout_ms: a.timeout,
         idle_timeout_ms: idle,
         tls,
@@ -606,6 +622,7 @@ fn send(a: SendArgs) -> Result<bool> {
     let config = SenderConfig {
         channels: a.channels,
         pinning: pinning(a.no_pin, false),
+        cores: a.cores.clone(),
         zero_copy: a.zero_copy,
         tls,
         compression: a.compress.compress,
@@ -1151,9 +1168,10 @@ fn report(
     println!("  per shard:");
     for s in &stats.shards {
         println!(
-            "    channel {:>2}  core {:>4}  {:>8.1} MiB  {:>6} frames  busy {:>7.1} ms  cpu {:>7.1} ms{}",
+            "    channel {:>2}  core {:>4}  node {:>2}  {:>8.1} MiB  {:>6} frames  busy {:>7.1} ms  cpu {:>7.1} ms{}",
             s.channel,
             s.core.map_or("-".to_string(), |c| c.to_string()),
+            s.node.map_or("-".to_string(), |n| n.to_string()),
             s.wire_bytes as f64 / (1 << 20) as f64,
             s.frames,
             s.busy_ms,

@@ -1,0 +1,680 @@
+//! Where shards run: the machine's NUMA topology, the node that holds each part of guest memory,
+//! the node of the NIC that leads to the peer, and the plan that puts them together.
+//!
+//! A page crossing the interconnect between NUMA nodes costs a remote read (sender) or a remote
+//! write (receiver) on top of the kernel's copies, and a NIC's DMA to or from another node's memory
+//! crosses it again. So the sender plans its shards the way a NUMA-aware VMM places vCPUs:
+//! - each node that holds guest memory gets shards in proportion to the memory it holds, on its
+//!   own cores, so a shard reads local memory;
+//! - chunks are routed to a shard of the node that holds them (any shard with room takes a chunk
+//!   when those are full, so one slow node never stalls the transfer);
+//! - where memory's node is unknown (not faulted in, or one node only), shards go to the NIC's
+//!   node first, then to the others;
+//! - no shard is pinned outside the allowed cores (`SenderConfig::cores`): a VMM keeps its vCPU
+//!   cores out of the list.
+//!
+//! The receiver plans the same way with the destination memory's nodes.
+//!
+//! [`plan`] is a pure function of a [`Topology`] and a [`PlanInput`], so it is tested on
+//! synthetic topologies (sysfs trees, and hwloc XML files with the `hwloc` feature). The topology
+//! comes from hwloc (`hwloc` feature, which needs `libhwloc`) or from sysfs, which every Linux
+//! has; both give the same [`Topology`].
+
+#[cfg(feature = "hwloc")]
+mod hwloc;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::limits::{NODE_QUERY_SAMPLES_MAX, PAGE_BYTES};
+use crate::memory::GuestMemory;
+
+/// One NUMA node: its number and the CPUs (logical cores) it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    /// The operating system's node number.
+    pub id: u32,
+    /// The node's CPUs, ascending.
+    pub cpus: Vec<usize>,
+}
+
+/// A network interface and the NUMA node its device sits on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Nic {
+    /// Interface name (`eth0`), as routes and `ip link` name it.
+    pub name: String,
+    /// The node of its PCI device; `None` for virtual interfaces or when the firmware does not say.
+    pub node: Option<u32>,
+}
+
+/// Where the topology was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopologySource {
+    /// hwloc (the `hwloc` feature), from this machine or an XML file.
+    Hwloc,
+    /// `/sys/devices/system/node` and `/sys/class/net` (or a copy of them).
+    Sysfs,
+    /// Nothing could be read: one node holding every allowed core.
+    Assumed,
+}
+
+/// The machine's NUMA nodes and NICs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Topology {
+    /// Nodes by ascending number; at least one.
+    pub nodes: Vec<Node>,
+    /// Network interfaces (loopback excluded), by name.
+    pub nics: Vec<Nic>,
+    /// Where this was read from.
+    pub source: TopologySource,
+}
+
+impl Topology {
+    /// This machine's topology: hwloc's where the `hwloc` feature is on and hwloc loads, else
+    /// sysfs, else one assumed node holding every allowed core.
+    pub fn detect() -> Topology {
+        #[cfg(feature = "hwloc")]
+        match hwloc::this_machine() {
+            Ok(t) => return t,
+            Err(e) => tracing::debug!("hwloc topology unavailable ({e}); reading sysfs"),
+        }
+        Self::from_sysfs(Path::new("/sys")).unwrap_or_else(|_| Self::assumed())
+    }
+
+    /// The topology described by a hwloc XML file (`lstopo --of xml`, `hwloc-gather-topology`):
+    /// plans for another machine, and tests on synthetic ones.
+    #[cfg(feature = "hwloc")]
+    pub fn from_hwloc_xml(path: &Path) -> crate::Result<Topology> {
+        hwloc::from_xml_file(path)
+    }
+
+    /// Reads a sysfs tree rooted at `root` (`/sys`, or a copy made for a test): nodes from
+    /// `devices/system/node/node*/cpulist`, NICs from `class/net/*/device/numa_node`. An error
+    /// when there is no node directory (a kernel without NUMA support).
+    pub fn from_sysfs(root: &Path) -> std::io::Result<Topology> {
+        let mut nodes = Vec::new();
+        for entry in std::fs::read_dir(root.join("devices/system/node"))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_prefix("node").and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let list = std::fs::read_to_string(entry.path().join("cpulist")).unwrap_or_default();
+            let cpus = parse_cpu_list(list.trim()).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: bad cpulist {list:?}", entry.path().display()),
+                )
+            })?;
+            nodes.push(Node { id, cpus });
+        }
+        if nodes.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no NUMA node in sysfs",
+            ));
+        }
+        nodes.sort_by_key(|n| n.id);
+        let mut nics = Vec::new();
+        for entry in std::fs::read_dir(root.join("class/net"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "lo" {
+                continue;
+            }
+            // -1 (no affinity) and unreadable files both mean "unknown".
+            let node = std::fs::read_to_string(entry.path().join("device/numa_node"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .and_then(|n| u32::try_from(n).ok());
+            nics.push(Nic { name, node });
+        }
+        nics.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Topology {
+            nodes,
+            nics,
+            source: TopologySource::Sysfs,
+        })
+    }
+
+    /// One node holding every core this process may run on.
+    pub fn assumed() -> Topology {
+        Topology {
+            nodes: vec![Node {
+                id: 0,
+                cpus: crate::shard::allowed_cores().iter().map(|c| c.id).collect(),
+            }],
+            nics: Vec::new(),
+            source: TopologySource::Assumed,
+        }
+    }
+
+    /// The node that holds `cpu`.
+    pub fn node_of_cpu(&self, cpu: usize) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.cpus.contains(&cpu))
+            .map(|n| n.id)
+    }
+
+    /// The node of the NIC named `name`, when known.
+    pub fn nic_node(&self, name: &str) -> Option<u32> {
+        self.nics.iter().find(|n| n.name == name)?.node
+    }
+}
+
+/// Parses a kernel CPU list (`0-3,8,10-11`; empty is no CPU). `None` when malformed.
+pub fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if a > b || b - a >= crate::limits::CPUS_MAX {
+                    return None;
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Some(cpus)
+}
+
+/// A stretch of guest memory and the node that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct NodeSpan {
+    /// Region index.
+    pub region: u32,
+    /// First page (in the region).
+    pub first_page: u64,
+    /// Pages.
+    pub pages: u64,
+    /// Node of its sampled pages; `None` where they are not faulted in yet.
+    pub node: Option<u32>,
+}
+
+/// Which node holds which part of guest memory, sampled (one page per stride) with
+/// `move_pages(2)`, so a terabyte costs one system call of at most
+/// [`NODE_QUERY_SAMPLES_MAX`] entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryNodes {
+    /// Spans in region and page order, covering every page once.
+    pub spans: Vec<NodeSpan>,
+}
+
+impl MemoryNodes {
+    /// Samples `memory`; with `touch`, reads one byte of each sampled page first, so a mapped
+    /// file's pages are faulted in (page-cache pages are mapped, nothing is allocated). Where
+    /// the query fails (a kernel without NUMA), every span's node is `None`.
+    pub fn query(memory: &GuestMemory, touch: bool) -> MemoryNodes {
+        let total_pages: u64 = memory.regions().iter().map(|r| r.pages()).sum();
+        let huge_pages = (2 << 20) / PAGE_BYTES as u64;
+        let stride = total_pages
+            .div_ceil(NODE_QUERY_SAMPLES_MAX as u64)
+            .max(huge_pages);
+        let mut samples = Vec::new();
+        let mut addrs = Vec::new();
+        for (i, region) in memory.regions().iter().enumerate() {
+            let mut page = 0;
+            while page < region.pages() {
+                if touch {
+                    let mut byte = [0u8];
+                    region.read(page * PAGE_BYTES as u64, &mut byte);
+                    // The byte is unused: keep the read (the fault is the point).
+                    std::hint::black_box(byte);
+                }
+                samples.push((i as u32, page));
+                addrs.push(region.pages_ptr(page, 1).cast_const());
+                page += stride;
+            }
+        }
+        let status = crate::sys::page_nodes(&addrs).unwrap_or_else(|_| vec![-1; addrs.len()]);
+        let mut spans: Vec<NodeSpan> = Vec::new();
+        for (k, &(region, page)) in samples.iter().enumerate() {
+            let region_pages = memory.regions()[region as usize].pages();
+            let pages = stride.min(region_pages - page);
+            let node = u32::try_from(status[k]).ok();
+            match spans.last_mut() {
+                Some(s) if s.region == region && s.node == node => s.pages += pages,
+                _ => spans.push(NodeSpan {
+                    region,
+                    first_page: page,
+                    pages,
+                    node,
+                }),
+            }
+        }
+        MemoryNodes { spans }
+    }
+
+    /// All of `memory` on one node (or unknown): what a one-node machine needs no query for.
+    pub fn uniform(memory: &GuestMemory, node: Option<u32>) -> MemoryNodes {
+        let spans = memory
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| NodeSpan {
+                region: i as u32,
+                first_page: 0,
+                pages: r.pages(),
+                node,
+            })
+            .collect();
+        MemoryNodes { spans }
+    }
+
+    /// The node that holds page `page` of region `region`, as sampled.
+    pub fn node_of(&self, region: u32, page: u64) -> Option<u32> {
+        let i = self
+            .spans
+            .partition_point(|s| (s.region, s.first_page) <= (region, page));
+        let s = self.spans.get(i.checked_sub(1)?)?;
+        (s.region == region && page < s.first_page + s.pages)
+            .then_some(s.node)
+            .flatten()
+    }
+
+    /// Pages per node (nodes with a known location only).
+    pub fn pages_by_node(&self) -> BTreeMap<u32, u64> {
+        let mut out = BTreeMap::new();
+        for s in &self.spans {
+            if let Some(n) = s.node {
+                *out.entry(n).or_insert(0) += s.pages;
+            }
+        }
+        out
+    }
+}
+
+/// What a plan is made from, besides the topology.
+#[derive(Debug, Clone, Default)]
+pub struct PlanInput {
+    /// Shards to place.
+    pub channels: u16,
+    /// Cores shards may run on, in order of preference (the allowed cores, minus any a VMM
+    /// keeps for vCPUs). Empty: no pinning (every shard's core is `None`).
+    pub cores: Vec<usize>,
+    /// Guest pages per node (known locations only).
+    pub memory_pages_by_node: BTreeMap<u32, u64>,
+    /// The interface traffic to the peer leaves through, when known.
+    pub nic: Option<String>,
+}
+
+/// Where one shard runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ShardPlace {
+    /// Channel (shard) index.
+    pub channel: u16,
+    /// The core it is pinned to (`None`: not pinned).
+    pub core: Option<usize>,
+    /// That core's node (`None` when not pinned or the core is in no known node).
+    pub node: Option<u32>,
+}
+
+/// Shard placement: a value that can be printed, compared in tests, and followed by the shards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// One entry per channel, in channel order.
+    pub shards: Vec<ShardPlace>,
+    /// The interface to the peer and its node, when known.
+    pub nic: Option<String>,
+    /// The NIC's node, when known.
+    pub nic_node: Option<u32>,
+    /// Guest pages per node that the plan weighed.
+    pub memory_pages_by_node: BTreeMap<u32, u64>,
+    /// Where the topology came from.
+    pub topology: TopologySource,
+    /// Why the plan looks the way it does, one line each.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// The channels whose shards run on `node`, in channel order.
+    pub fn channels_on(&self, node: u32) -> Vec<usize> {
+        self.shards
+            .iter()
+            .filter(|s| s.node == Some(node))
+            .map(|s| usize::from(s.channel))
+            .collect()
+    }
+
+    /// For each node with shards, its channels: how the sender routes chunks by node.
+    pub fn channels_by_node(&self) -> BTreeMap<u32, Vec<usize>> {
+        let mut out: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for s in &self.shards {
+            if let Some(n) = s.node {
+                out.entry(n).or_default().push(usize::from(s.channel));
+            }
+        }
+        out
+    }
+
+    /// A human-readable table of the plan.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "topology from {}",
+            match self.topology {
+                TopologySource::Hwloc => "hwloc",
+                TopologySource::Sysfs => "sysfs",
+                TopologySource::Assumed => "nowhere (one node assumed)",
+            }
+        );
+        let memory: Vec<String> = self
+            .memory_pages_by_node
+            .iter()
+            .map(|(n, p)| format!("node {n}: {} MiB", (p * PAGE_BYTES as u64) >> 20))
+            .collect();
+        let _ = writeln!(
+            out,
+            "guest memory   {}",
+            if memory.is_empty() {
+                "node unknown".to_string()
+            } else {
+                memory.join(", ")
+            }
+        );
+        let _ = writeln!(
+            out,
+            "NIC            {}",
+            match (&self.nic, self.nic_node) {
+                (Some(n), Some(node)) => format!("{n} on node {node}"),
+                (Some(n), None) => format!("{n} (node unknown)"),
+                _ => "unknown".into(),
+            }
+        );
+        for s in &self.shards {
+            let core = s.core.map_or("-".into(), |c| c.to_string());
+            let node = s.node.map_or("-".into(), |n| n.to_string());
+            let _ = writeln!(
+                out,
+                "channel {:>3}  core {core:>4}  node {node:>3}",
+                s.channel
+            );
+        }
+        for n in &self.notes {
+            let _ = writeln!(out, "note: {n}");
+        }
+        out
+    }
+}
+
+/// Plans `input.channels` shards on `topology`.
+///
+/// Each node with usable cores (allowed cores in it) gets a target share of the channels in
+/// proportion to the guest memory it holds; memory on nodes without usable cores counts for the
+/// NIC's node (else the node with the most usable cores). With no known memory location the
+/// NIC's node is the target; with no NIC either, nodes weigh by their usable cores. Shards are
+/// then dealt one at a time to the node furthest below its target that still has a free core
+/// (ties: the NIC's node, then the lowest number); once every usable core has a shard, cores are
+/// shared in the same order. Within a node, cores are taken in `input.cores` order.
+pub fn plan(topology: &Topology, input: &PlanInput) -> Plan {
+    let nic_node = input.nic.as_deref().and_then(|n| topology.nic_node(n));
+    let mut notes = Vec::new();
+    let done = |shards, notes| Plan {
+        shards,
+        nic: input.nic.clone(),
+        nic_node,
+        memory_pages_by_node: input.memory_pages_by_node.clone(),
+        topology: topology.source,
+        notes,
+    };
+    let n = usize::from(input.channels);
+    if input.cores.is_empty() {
+        notes.push("no cores to pin to: the scheduler places shards".into());
+        let shards = (0..n)
+            .map(|i| ShardPlace {
+                channel: i as u16,
+                core: None,
+                node: None,
+            })
+            .collect();
+        return done(shards, notes);
+    }
+    // Usable cores per node, in the caller's order; cores in no known node form their own group.
+    let mut usable: BTreeMap<Option<u32>, Vec<usize>> = BTreeMap::new();
+    for &c in &input.cores {
+        usable.entry(topology.node_of_cpu(c)).or_default().push(c);
+    }
+    let groups: Vec<Option<u32>> = usable.keys().copied().collect();
+    let mut weight: BTreeMap<Option<u32>, f64> = groups.iter().map(|&g| (g, 0.0)).collect();
+    let fallback = nic_node
+        .filter(|n| usable.contains_key(&Some(*n)))
+        .map(Some)
+        .unwrap_or_else(|| {
+            *groups
+                .iter()
+                .max_by_key(|g| (usable[g].len(), std::cmp::Reverse(**g)))
+                .expect("at least one core")
+        });
+    for (&node, &pages) in &input.memory_pages_by_node {
+        match weight.get_mut(&Some(node)) {
+            Some(w) => *w += pages as f64,
+            None => {
+                *weight.get_mut(&fallback).expect("fallback is a group") += pages as f64;
+                notes.push(format!(
+                    "node {node} holds guest memory but no allowed core: its pages go to shards elsewhere"
+                ));
+            }
+        }
+    }
+    if weight.values().all(|&w| w == 0.0) {
+        match nic_node.filter(|n| usable.contains_key(&Some(*n))) {
+            Some(nn) => {
+                *weight.get_mut(&Some(nn)).expect("usable") = 1.0;
+                notes.push(format!(
+                    "guest memory's node unknown: shards start on the NIC's node {nn}"
+                ));
+            }
+            None => {
+                for (g, w) in weight.iter_mut() {
+                    *w = usable[g].len() as f64;
+                }
+            }
+        }
+    }
+    let total: f64 = weight.values().sum();
+    let target: BTreeMap<Option<u32>, f64> = weight
+        .iter()
+        .map(|(&g, &w)| (g, n as f64 * w / total))
+        .collect();
+    let free_cores: usize = usable.values().map(Vec::len).sum();
+    if n > free_cores {
+        notes.push(format!(
+            "{n} channels on {free_cores} allowed core(s): some cores run two shards"
+        ));
+    }
+    let mut assigned: BTreeMap<Option<u32>, usize> = groups.iter().map(|&g| (g, 0)).collect();
+    let mut shards = Vec::with_capacity(n);
+    for i in 0..n {
+        let all_full = groups.iter().all(|g| assigned[g] >= usable[g].len());
+        let pick = *groups
+            .iter()
+            .filter(|g| all_full || assigned[g] < usable[g].len())
+            .max_by(|a, b| {
+                let deficit = |g: &Option<u32>| {
+                    // Once every core has a shard, share cores evenly: fewest shards per
+                    // core first.
+                    if all_full {
+                        -(assigned[g] as f64 / usable[g].len() as f64)
+                    } else {
+                        target[g] - assigned[g] as f64
+                    }
+                };
+                deficit(a)
+                    .total_cmp(&deficit(b))
+                    .then_with(|| {
+                        (**a == nic_node && nic_node.is_some())
+                            .cmp(&(**b == nic_node && nic_node.is_some()))
+                    })
+                    .then_with(|| b.cmp(a))
+            })
+            .expect("at least one group");
+        let cores = &usable[&pick];
+        let core = cores[assigned[&pick] % cores.len()];
+        *assigned.get_mut(&pick).expect("group") += 1;
+        shards.push(ShardPlace {
+            channel: i as u16,
+            core: Some(core),
+            node: pick,
+        });
+    }
+    done(shards, notes)
+}
+
+/// The interface traffic to `peer` leaves through, by the routing table: a UDP socket is
+/// connected to it (which sends nothing) and its local address looked up.
+pub fn interface_to(peer: std::net::SocketAddr) -> Option<String> {
+    let any: std::net::SocketAddr = if peer.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(peer).ok()?;
+    crate::sys::interface_with_address(socket.local_addr().ok()?.ip())
+}
+
+/// The cores shards may be pinned to, in the order [`plan`] takes them: `wanted` (each must be
+/// a core this process may run on) or every allowed core, reversed for
+/// [`Pinning::CoresReversed`](crate::Pinning::CoresReversed), none for
+/// [`Pinning::None`](crate::Pinning::None).
+pub fn pin_order(wanted: Option<&[usize]>, pinning: crate::Pinning) -> crate::Result<Vec<usize>> {
+    let allowed: Vec<usize> = crate::shard::allowed_cores().iter().map(|c| c.id).collect();
+    let mut cores = match wanted {
+        Some([]) => return Err(crate::Error::Config("the core list is empty".into())),
+        Some(list) => {
+            if let Some(c) = list
+                .iter()
+                .find(|c| !allowed.is_empty() && !allowed.contains(c))
+            {
+                return Err(crate::Error::Config(format!(
+                    "core {c} is not one this process may run on (allowed: {})",
+                    cpu_list_text(&allowed)
+                )));
+            }
+            let mut list = list.to_vec();
+            list.dedup();
+            list
+        }
+        None => allowed,
+    };
+    match pinning {
+        crate::Pinning::Cores => {}
+        crate::Pinning::CoresReversed => cores.reverse(),
+        crate::Pinning::None => cores.clear(),
+    }
+    Ok(cores)
+}
+
+/// Writes CPUs as the kernel does (`0-3,8`).
+pub fn cpu_list_text(cpus: &[usize]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            sorted[i].to_string()
+        } else {
+            format!("{}-{}", sorted[i], sorted[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// A plan for this machine, and the routing of chunks by node that a sender follows.
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    /// The plan the shards are pinned by.
+    pub(crate) plan: Plan,
+    nodes: MemoryNodes,
+    /// Channels per node, when more than one node has shards (else chunks are not routed).
+    by_node: BTreeMap<u32, Vec<usize>>,
+    /// The next channel of each node's list.
+    turn: BTreeMap<u32, usize>,
+}
+
+impl Placement {
+    /// Reads this machine's topology, asks which node holds `memory` (only where there is more
+    /// than one node), and plans `channels` shards on `cores` (see [`pin_order`]).
+    /// `touch`: fault in one page per sample first (a source mapped but not read yet, such as
+    /// a RAM image file: reading maps its page-cache pages and allocates nothing); never for a
+    /// destination, whose untouched pages have no node yet.
+    pub(crate) fn here(
+        channels: u16,
+        cores: Vec<usize>,
+        memory: &GuestMemory,
+        nic: Option<String>,
+        touch: bool,
+    ) -> Placement {
+        let topology = Topology::detect();
+        let nodes = match topology.nodes.as_slice() {
+            [one] => MemoryNodes::uniform(memory, Some(one.id)),
+            _ => MemoryNodes::query(memory, touch),
+        };
+        Self::new(&topology, nodes, channels, cores, nic)
+    }
+
+    /// Plans on `topology` for memory laid out as `nodes`.
+    pub(crate) fn new(
+        topology: &Topology,
+        nodes: MemoryNodes,
+        channels: u16,
+        cores: Vec<usize>,
+        nic: Option<String>,
+    ) -> Placement {
+        let plan = plan(
+            topology,
+            &PlanInput {
+                channels,
+                cores,
+                memory_pages_by_node: nodes.pages_by_node(),
+                nic,
+            },
+        );
+        let by_node = plan.channels_by_node();
+        let by_node = if by_node.len() > 1 {
+            by_node
+        } else {
+            BTreeMap::new()
+        };
+        Placement {
+            plan,
+            nodes,
+            by_node,
+            turn: BTreeMap::new(),
+        }
+    }
+
+    /// The channel that should carry the chunk whose first page is `page` of `region`, taking
+    /// turns among the shards of the node that holds it; `None` when chunks are not routed
+    /// (one node with shards, or the page's node has none).
+    pub(crate) fn channel_for(&mut self, region: u32, page: u64) -> Option<(usize, &[usize])> {
+        let node = self.nodes.node_of(region, page)?;
+        let list = self.by_node.get(&node)?;
+        let turn = self.turn.entry(node).or_insert(0);
+        let k = *turn % list.len();
+        *turn = turn.wrapping_add(1);
+        Some((k, list))
+    }
+}
+
+#[cfg(test)]
+mod tests;
