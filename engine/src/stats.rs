@@ -48,6 +48,11 @@ pub struct ShardStats {
     pub busy_ms: f64,
     /// CPU milliseconds the shard thread used.
     pub cpu_ms: f64,
+    /// Minor page faults the shard thread took during the transfer (first touches of memory
+    /// not faulted in before: a destination not pre-faulted, a RAM image not yet mapped).
+    pub faults_minor: u64,
+    /// Major page faults (waits for I/O: a RAM image on disk not in the page cache).
+    pub faults_major: u64,
     /// Zero-copy sends whose notification arrived.
     pub zc_completed: u64,
     /// Of those, sends the kernel copied anyway (loopback, veth, no NIC support).
@@ -108,6 +113,10 @@ pub struct TransferStats {
     pub cpu_ms: f64,
     /// CPU seconds per GiB of guest memory moved.
     pub cpu_s_per_gib: f64,
+    /// Minor page faults of all shard threads during the transfer.
+    pub page_faults_minor: u64,
+    /// Major page faults of all shard threads during the transfer.
+    pub page_faults_major: u64,
     /// Zero-copy outcomes.
     pub zero_copy: ZeroCopyStats,
     /// Zero-scan implementation used.
@@ -141,6 +150,8 @@ impl TransferStats {
         if moved > 0 {
             self.cpu_s_per_gib = self.cpu_ms / 1e3 / (moved as f64 / (1u64 << 30) as f64);
         }
+        self.page_faults_minor = self.shards.iter().map(|s| s.faults_minor).sum();
+        self.page_faults_major = self.shards.iter().map(|s| s.faults_major).sum();
         self.compressed_frames = self.shards.iter().map(|s| s.compressed_frames).sum();
         self.torn_pages = self.shards.iter().map(|s| s.torn_pages).sum();
         let raw: u64 = self.shards.iter().map(|s| s.compressed_raw_bytes).sum();

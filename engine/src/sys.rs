@@ -15,6 +15,18 @@ pub fn process_cpu_time() -> Duration {
     clock(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
+/// Page faults the calling thread has taken so far: (minor, major). A minor fault maps a page
+/// that needs no I/O (a fresh zeroed page, a page-cache page); a major one waits for I/O.
+pub fn thread_page_faults() -> (u64, u64) {
+    // SAFETY: all-zero is a valid rusage (plain integers and timevals).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage; getrusage only writes it.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return (0, 0);
+    }
+    (usage.ru_minflt as u64, usage.ru_majflt as u64)
+}
+
 fn clock(id: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -159,3 +159,54 @@ fn forced_zero_copy_survives_the_most_fragmented_memory() {
     assert_eq!(sent.zero_pages, region.pages() / 2);
     assert!(sent.zero_copy.completed >= region.pages() / 2);
 }
+
+#[test]
+fn page_faults_are_counted_on_a_destination_not_faulted_in() {
+    if skip_without_uring() {
+        return;
+    }
+    use pagewire::{GuestMemory, ReceiverConfig, Sender};
+    use std::sync::Arc;
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: 64 << 20,
+    }];
+    let src = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+    pagewire::synth::fill(&src, Content::Random, 7);
+    let mut faults = Vec::new();
+    for prefault_first in [false, true] {
+        let dst = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+        if prefault_first {
+            let go = std::sync::atomic::AtomicBool::new(false);
+            if !dst.prefault_in_parallel(2, &go).unwrap() {
+                println!("skipped the pre-faulted half: MADV_POPULATE_WRITE is not supported");
+                break;
+            }
+        }
+        let (addr, rx) = pagewire_tests::start_receiver(
+            dst.clone(),
+            ReceiverConfig {
+                prefault: false,
+                ..ReceiverConfig::default()
+            },
+        );
+        let mut s = Sender::connect(addr, src.clone(), &config(2, ZeroCopy::Off)).unwrap();
+        s.send_all().unwrap();
+        let sent = s.finish().unwrap();
+        let received =
+            pagewire_tests::join_within(rx, std::time::Duration::from_secs(60), "receiver")
+                .unwrap();
+        assert_eq!(src.first_difference(&dst), None);
+        // The shard sums are what the totals say.
+        let sum: u64 = received.shards.iter().map(|s| s.faults_minor).sum();
+        assert_eq!(sum, received.page_faults_minor);
+        assert_eq!(sent.page_faults_major + received.page_faults_major, 0);
+        faults.push(received.page_faults_minor);
+    }
+    // Fresh memory faults on first touch (one fault per 4 KiB page, or per 2 MiB with THP);
+    // memory faulted in before takes none of those.
+    assert!(faults[0] >= 32, "{faults:?}");
+    if let Some(&after) = faults.get(1) {
+        assert!(after < faults[0] / 4, "{faults:?}");
+    }
+}

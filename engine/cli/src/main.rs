@@ -1132,6 +1132,13 @@ fn report(
             ),
         ),
         (
+            "page faults, this side",
+            format!(
+                "{} minor, {} major (shard threads, during the transfer)",
+                stats.page_faults_minor, stats.page_faults_major
+            ),
+        ),
+        (
             "zero-copy sends",
             format!(
                 "{} completed, {} copied by the kernel, {} shard(s) fell back to plain sends",
@@ -1154,6 +1161,10 @@ fn report(
         println!(
             "  {:<24} {:.0} ms ({:.2} CPU-s/GiB)",
             "cpu, receiver", r.cpu_ms, r.cpu_s_per_gib
+        );
+        println!(
+            "  {:<24} {} minor, {} major",
+            "page faults, receiver", r.page_faults_minor, r.page_faults_major
         );
         println!(
             "  {:<24} {}",

@@ -332,6 +332,7 @@ impl SendShard {
 
     fn run_inner(&mut self) -> Result<()> {
         let cpu_start = crate::sys::thread_cpu_time();
+        let faults_start = crate::sys::thread_page_faults();
         let start = Instant::now();
         let mut idle = Duration::ZERO;
         // Records that arrived with the handshake (an early abort, say) come first.
@@ -395,6 +396,9 @@ impl SendShard {
         }
         self.stats.busy_ms = (start.elapsed().saturating_sub(idle)).as_secs_f64() * 1e3;
         self.stats.cpu_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
+        let faults = crate::sys::thread_page_faults();
+        self.stats.faults_minor = faults.0.saturating_sub(faults_start.0);
+        self.stats.faults_major = faults.1.saturating_sub(faults_start.1);
         Ok(())
     }
 
