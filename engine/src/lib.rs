@@ -66,6 +66,7 @@ pub mod live;
 pub mod memory;
 pub mod pipeline;
 pub mod placement;
+pub mod profile;
 pub mod protocol;
 pub mod receiver;
 pub mod sender;

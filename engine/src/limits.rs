@@ -144,6 +144,15 @@ const _: () = assert!(IDLE_TIMEOUT_MS_MAX <= u32::MAX as u64);
 const _: () = assert!(IDLE_TIMEOUT_MS_MIN / KEEPALIVE_PER_IDLE >= RING_WAIT_SLICE_MS / 4);
 const _: () = assert!(HANDSHAKES_IN_FLIGHT_MAX >= 2);
 
+/// Bytes of guest memory `--channels auto` sends over loopback to measure one channel's rate.
+pub const AUTO_SAMPLE_BYTES: usize = 64 << 20;
+
+/// Slices that sample is taken in, spread evenly over guest memory.
+pub const AUTO_SAMPLE_SLICES: usize = 16;
+
+/// `--channels auto` provisions the link's rate times this (a quarter to spare).
+pub const AUTO_LINK_HEADROOM: f64 = 1.25;
+
 /// Pages sampled at most when asking which NUMA node holds guest memory (one `move_pages` call;
 /// 1 TiB is then sampled every 16 MiB).
 pub const NODE_QUERY_SAMPLES_MAX: usize = 65_536;

@@ -117,6 +117,27 @@ impl Receiver {
         Self::listen(addr, Destination::BySender { make, max_bytes }, config)
     }
 
+    /// Like [`bind`](Self::bind), on a listening socket the caller made (socket activation,
+    /// a port management software bound, or one listener kept across transfers: pass a
+    /// [`TcpListener::try_clone`] each time, and a sender that connects between two transfers
+    /// waits in its backlog instead of being refused).
+    pub fn on_listener(
+        listener: TcpListener,
+        memory: Arc<GuestMemory>,
+        config: ReceiverConfig,
+    ) -> Result<Receiver> {
+        if let Some(i) = memory.regions().iter().position(|r| !r.is_writable()) {
+            return Err(Error::Config(format!(
+                "region {i} of the destination is mapped read-only"
+            )));
+        }
+        config.validate()?;
+        let pages = memory.total_pages();
+        let r = Self::listening(listener, Destination::Ready(memory), config)?;
+        crate::stats::add(&r.progress.pages_total, pages);
+        Ok(r)
+    }
+
     fn listen(
         addr: impl ToSocketAddrs + std::fmt::Debug,
         memory: Destination,
@@ -126,6 +147,14 @@ impl Receiver {
         let text = format!("{addr:?}");
         let listener =
             TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))?;
+        Self::listening(listener, memory, config)
+    }
+
+    fn listening(
+        listener: TcpListener,
+        memory: Destination,
+        config: ReceiverConfig,
+    ) -> Result<Receiver> {
         let bound = listener
             .local_addr()
             .map_err(|e| Error::io("reading the listening address", e))?;

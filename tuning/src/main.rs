@@ -2,10 +2,13 @@
 //! fact (kernel, cores, NUMA nodes, io_uring, memlock, huge pages, `MADV_POPULATE_WRITE`, CPU
 //! features, kernel TLS, network interfaces, `/dev/kvm`) with what pagewire does about it.
 //! `plan` prints the NUMA-aware shard placement pagewire would use (for this machine, or for
-//! another from its hwloc XML or sysfs copy).
+//! another from its hwloc XML or sysfs copy). `serve` (destination) and `sweep` (source)
+//! measure channels, zero-copy and compression between two hosts and write the best as a
+//! profile for `pagewire send --profile` and the library ([`pagewire::profile`]).
 
 mod plan;
 mod probe;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +29,11 @@ enum Command {
     Probe,
     /// The shard placement pagewire would use: NUMA nodes, guest memory's nodes, the NIC.
     Plan(plan::PlanArgs),
+    /// On the destination: receive one sweep transfer after another (for `sweep`).
+    Serve(sweep::ServeArgs),
+    /// On the source: measure channels, zero-copy and compression against `serve`, with
+    /// interleaved repetitions, and write the best as a profile (`pagewire send --profile`).
+    Sweep(sweep::SweepArgs),
 }
 
 fn main() {
@@ -37,12 +45,9 @@ fn main() {
     }
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Probe) {
-        Command::Plan(a) => {
-            if let Err(e) = plan::run(a, cli.json) {
-                eprintln!("pagewire-tune: {e:#}");
-                std::process::exit(2);
-            }
-        }
+        Command::Plan(a) => exit_on_error(plan::run(a, cli.json)),
+        Command::Serve(a) => exit_on_error(sweep::serve(a)),
+        Command::Sweep(a) => exit_on_error(sweep::sweep(a, cli.json)),
         Command::Probe => {
             let findings = probe::probe();
             if cli.json {
@@ -58,5 +63,13 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+}
+
+/// Prints an error as one line and exits with status 2.
+fn exit_on_error(result: anyhow::Result<()>) {
+    if let Err(e) = result {
+        eprintln!("pagewire-tune: {e:#}");
+        std::process::exit(2);
     }
 }

@@ -175,3 +175,73 @@ fn plan_from_a_hwloc_xml_file() {
         assert!(err.contains("without hwloc"), "{err}");
     }
 }
+
+#[test]
+fn sweep_against_serve_writes_a_profile_that_loads() {
+    if let Err(e) = pagewire::probe_uring() {
+        println!("skipped: io_uring is not usable here: {e}");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-tune"))
+        .args([
+            "serve",
+            "--listen",
+            &addr,
+            "--size",
+            "8MiB",
+            "--transfers",
+            "4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profile.toml");
+    let sweep = tune(&[
+        "sweep",
+        "--peer",
+        &addr,
+        "--size",
+        "8MiB",
+        "--channels",
+        "1,2",
+        "--zero-copy",
+        "off",
+        "--reps",
+        "2",
+        "--content",
+        "mixed",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let status = serve.wait().unwrap();
+    assert!(
+        sweep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sweep.stderr)
+    );
+    assert!(status.success());
+    let v: serde_json::Value = serde_json::from_slice(&sweep.stdout).unwrap();
+    assert_eq!(v["cells"].as_array().unwrap().len(), 2, "{v}");
+    let profile = pagewire::profile::Profile::load(&out).unwrap();
+    let measured = profile.measured.as_ref().unwrap();
+    assert_eq!((measured.reps, measured.cells.len()), (2, 2));
+    assert!(measured.cells.iter().all(|c| c.gib_per_s > 0.0));
+    assert_eq!(profile.send.zero_copy.as_deref(), Some("off"));
+    assert!(matches!(profile.send.channels, Some(1 | 2)));
+    let mut served = String::new();
+    std::io::Read::read_to_string(&mut serve.stdout.take().unwrap(), &mut served).unwrap();
+    assert_eq!(
+        served.lines().filter(|l| l.contains("GiB/s")).count(),
+        4,
+        "{served}"
+    );
+}

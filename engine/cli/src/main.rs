@@ -18,6 +18,7 @@ use pagewire::limits::{CHANNELS_MAX, IDLE_TIMEOUT_MS_MAX, IDLE_TIMEOUT_MS_MIN};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
 use pagewire::live::{DowntimeLimit, Migration, MigrationHandle, Status, Vmm};
 use pagewire::pipeline::compress::Compression;
+use pagewire::profile::Profile;
 use pagewire::synth::{self, Content};
 use pagewire::tls::{certs, TlsClient, TlsFiles, TlsServer};
 use pagewire::units::{parse_duration_ms, parse_rate, parse_size};
@@ -203,9 +204,15 @@ struct SendArgs {
     /// Source RAM image.
     #[arg(long)]
     from: PathBuf,
-    /// Channels (shards), one per core is a good start.
-    #[arg(long, default_value_t = 2, value_parser = parse_channels)]
-    channels: u16,
+    /// Channels (shards): a count, or auto (the --profile's; without one, measured briefly:
+    /// enough channels for the link's speed at the rate one channel moves this memory here).
+    /// Default: the --profile's, else 2.
+    #[arg(long, value_parser = parse_channel_choice)]
+    channels: Option<ChannelChoice>,
+    /// A tuning profile (`pagewire-tune sweep` writes one): its channels, zero-copy and
+    /// compression, unless given here.
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
@@ -213,9 +220,10 @@ struct SendArgs {
     /// them shards go near the memory they move (NUMA) and the NIC. Default: every allowed core.
     #[arg(long, value_parser = parse_cores, conflicts_with = "no_pin")]
     cores: Option<Vec<usize>>,
-    /// Zero-copy sends: auto (try, fall back when the kernel copies), on, off.
-    #[arg(long, default_value_t = ZeroCopy::Auto)]
-    zero_copy: ZeroCopy,
+    /// Zero-copy sends: auto (try, fall back when the kernel copies), on, off. Default: auto
+    /// (or the --profile's).
+    #[arg(long)]
+    zero_copy: Option<ZeroCopy>,
     #[command(flatten)]
     common: CommonArgs,
     #[command(flatten)]
@@ -230,9 +238,9 @@ struct SendArgs {
 #[derive(Args)]
 struct CompressArgs {
     /// Compression of normal pages: none, zstd, zlib, or auto (zstd while the link is the
-    /// bottleneck).
-    #[arg(long, default_value_t = Compression::None)]
-    compress: Compression,
+    /// bottleneck). Default: none (or a --profile's).
+    #[arg(long)]
+    compress: Option<Compression>,
     /// zstd level (default 1); negative levels are zstd's fast modes. Only with --compress zstd
     /// or auto.
     #[arg(long, allow_negative_numbers = true, value_parser = parse_zstd_level)]
@@ -244,9 +252,14 @@ struct CompressArgs {
 }
 
 impl CompressArgs {
+    /// The compression asked for (none when not given).
+    fn compression(&self) -> Compression {
+        self.compress.unwrap_or(Compression::None)
+    }
+
     /// The zstd level to use, refusing a level that no codec would use.
     fn level(&self) -> Result<i32> {
-        match (self.compress, self.zstd_level) {
+        match (self.compression(), self.zstd_level) {
             (Compression::Zstd | Compression::Auto, Some(l)) => Ok(l),
             (c, Some(_)) => bail!("--zstd-level applies to --compress zstd or auto, not {c}"),
             (_, None) => Ok(pagewire::pipeline::compress::ZSTD_LEVEL_DEFAULT),
@@ -275,6 +288,21 @@ fn parse_channels(text: &str) -> Result<u16, String> {
 }
 
 /// An idle timeout within the library's bounds.
+/// `--channels`: a count or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChannelChoice {
+    Auto,
+    Count(u16),
+}
+
+fn parse_channel_choice(text: &str) -> Result<ChannelChoice, String> {
+    if text == "auto" {
+        Ok(ChannelChoice::Auto)
+    } else {
+        parse_channels(text).map(ChannelChoice::Count)
+    }
+}
+
 fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
     match pagewire::placement::parse_cpu_list(text) {
         Some(list) if !list.is_empty() => Ok(list),
@@ -599,7 +627,6 @@ fn recv(a: RecvArgs) -> Result<bool> {
 fn send(a: SendArgs) -> Result<bool> {
     // Settings first: a bad option or TLS file is reported before any memory is mapped.
     let idle = idle_ms(a.common.idle_timeout)?;
-    let level = a.compress.level()?;
     if a.tls_hostname.is_some() && a.tls.tls_cert.is_none() && a.tls.tls_dir.is_none() {
         bail!("--tls-hostname needs TLS (--tls-dir, or --tls-cert, --tls-key and --tls-ca)");
     }
@@ -619,21 +646,59 @@ fn send(a: SendArgs) -> Result<bool> {
             a.from.display()
         );
     }
-    let config = SenderConfig {
-        channels: a.channels,
+    let mut config = SenderConfig {
         pinning: pinning(a.no_pin, false),
         cores: a.cores.clone(),
-        zero_copy: a.zero_copy,
         tls,
-        compression: a.compress.compress,
-        zstd_level: level,
         max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         idle_timeout_ms: idle,
         psk: a.tls.psk()?,
         ..SenderConfig::default()
     };
+    // A profile first; what is given on the command line wins.
+    let profile = match &a.profile {
+        Some(path) => Some(Profile::load(path)?),
+        None => None,
+    };
+    if let Some(p) = &profile {
+        p.apply(&mut config)?;
+    }
+    if let Some(z) = a.zero_copy {
+        config.zero_copy = z;
+    }
+    if let Some(c) = a.compress.compress {
+        config.compression = c;
+    }
+    if let Some(l) = a.compress.zstd_level {
+        if !matches!(config.compression, Compression::Zstd | Compression::Auto) {
+            bail!(
+                "--zstd-level applies to --compress zstd or auto, not {}",
+                config.compression
+            );
+        }
+        config.zstd_level = l;
+    }
+    let profile_channels = profile.as_ref().and_then(|p| p.send.channels);
+    match (a.channels, profile_channels) {
+        (Some(ChannelChoice::Count(n)), _) => config.channels = n,
+        (_, Some(n)) => config.channels = n,
+        (None, None) => config.channels = 2,
+        (Some(ChannelChoice::Auto), None) => {}
+    }
     config.validate()?;
     let memory = Arc::new(GuestMemory::from_file(&a.from, false)?);
+    if a.channels == Some(ChannelChoice::Auto) && profile_channels.is_none() {
+        let peer = std::net::ToSocketAddrs::to_socket_addrs(a.connect.as_str())
+            .with_context(|| format!("resolving {}", a.connect))?
+            .next()
+            .with_context(|| format!("{} resolves to no address", a.connect))?;
+        let auto = pagewire::profile::auto_channels(&memory, peer, &config)
+            .context("measuring for --channels auto")?;
+        if !a.common.json && !a.common.json_stream {
+            eprintln!("channels auto: {} ({})", auto.channels, auto.reason);
+        }
+        config.channels = auto.channels;
+    }
     let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
     let display = start_display(sender.progress(), "send", a.common.json_stream);
     let result = sender.send_all().and_then(|_| sender.finish());
@@ -675,7 +740,7 @@ fn demo_setup(a: &DemoArgs) -> Result<DemoSetup> {
         pinning: pinning(a.no_pin, false),
         zero_copy: a.zero_copy,
         tls: None,
-        compression: a.compress.compress,
+        compression: a.compress.compression(),
         zstd_level: level,
         max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         idle_timeout_ms: idle,

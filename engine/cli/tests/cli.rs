@@ -171,7 +171,7 @@ fn version_is_printed() {
 
 /// Runs `pagewire recv` (with `recv_extra`) and `pagewire send` of `src` (with `send_extra`)
 /// between two processes over loopback; both must succeed.
-fn send_recv(src: &std::path::Path, recv_extra: &[&str], send_extra: &[&str]) {
+fn send_recv(src: &std::path::Path, recv_extra: &[&str], send_extra: &[&str]) -> serde_json::Value {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -189,7 +189,17 @@ fn send_recv(src: &std::path::Path, recv_extra: &[&str], send_extra: &[&str]) {
     for _ in 0..100 {
         let out = pagewire()
             .args(["send", "--connect", &addr, "--from", src.to_str().unwrap()])
-            .args(["--no-pin", "--channels", "3", "--json"])
+            .args(["--no-pin", "--json"])
+            .args(
+                if send_extra
+                    .iter()
+                    .any(|a| *a == "--channels" || *a == "--profile")
+                {
+                    &[][..]
+                } else {
+                    &["--channels", "3"][..]
+                },
+            )
             .args(send_extra)
             .output()
             .unwrap();
@@ -200,9 +210,10 @@ fn send_recv(src: &std::path::Path, recv_extra: &[&str], send_extra: &[&str]) {
         // The receiver may not be listening yet.
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(sent.is_some(), "the sender never got through");
+    let sent = sent.expect("the sender never got through");
     let status = recv.wait().unwrap();
     assert!(status.success());
+    serde_json::from_slice(&sent.stdout).unwrap()
 }
 
 #[test]
@@ -237,6 +248,28 @@ fn send_and_recv_move_a_file_between_processes() {
         &["--psk-file", key],
     );
     assert_eq!(std::fs::read(&dst2).unwrap(), data);
+    // Settings from a tuning profile, and a flag that overrides one of them.
+    let profile = dir.path().join("profile.toml");
+    std::fs::write(&profile, "[send]\nchannels = 2\nzero_copy = \"off\"\n").unwrap();
+    let p = profile.to_str().unwrap();
+    let dst3 = dir.path().join("profiled.img");
+    let v = send_recv(&src, &["--into", dst3.to_str().unwrap()], &["--profile", p]);
+    assert_eq!(v["channels"], 2, "{v}");
+    assert_eq!(v["zero_copy"]["completed"], 0, "zero-copy off: {v}");
+    let v = send_recv(
+        &src,
+        &["--into", dst3.to_str().unwrap()],
+        &["--profile", p, "--channels", "1"],
+    );
+    assert_eq!(v["channels"], 1, "{v}");
+    // --channels auto without a profile measures, and says what it chose (not in JSON mode).
+    let v = send_recv(
+        &src,
+        &["--into", dst3.to_str().unwrap()],
+        &["--channels", "auto"],
+    );
+    assert!(v["channels"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(std::fs::read(&dst3).unwrap(), data);
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -1,0 +1,366 @@
+//! `pagewire-tune serve` and `pagewire-tune sweep`: measure sender settings against a receiver
+//! and write the best as a tuning profile ([`pagewire::profile`]).
+//!
+//! `serve` is a receiver that takes one transfer after another into the same (pre-faulted)
+//! memory, so every measurement sees warm destination memory. `sweep` sends the same source
+//! memory with each combination of channels, zero-copy and compression, repetitions
+//! interleaved (cell A, B, C, A, B, C, ...) so a drift in the machine or the link spreads over
+//! all cells instead of favouring one. The best cell is the fastest by median; among cells
+//! within [`NEAR_BEST_FRACTION`] of it, the one using the least sender CPU per GiB wins (then
+//! the fewest channels), since a VMM's host has other work for its cores.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pagewire::auth::Psk;
+use pagewire::pipeline::compress::Compression;
+use pagewire::profile::{Cell, Measured, Profile, SendSettings};
+use pagewire::synth::Content;
+use pagewire::{GuestMemory, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, ZeroCopy};
+
+/// Cells within this fraction of the fastest median count as equally fast.
+const NEAR_BEST_FRACTION: f64 = 0.03;
+/// How long a sweep retries connecting while `serve` rebinds between transfers.
+const CONNECT_RETRY_MS: u64 = 10_000;
+/// Pause between connection attempts.
+const CONNECT_RETRY_PAUSE_MS: u64 = 50;
+
+/// `pagewire-tune serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7979.
+    #[arg(long, default_value = "127.0.0.1:7979")]
+    listen: String,
+    /// Destination memory; every sweep against this server must use the same --size.
+    #[arg(long, value_parser = pagewire::units::parse_size, default_value = "1GiB")]
+    size: u64,
+    /// Pre-shared key file (`pagewire psk`): senders must hold it.
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without a key (a trusted benchmark link only).
+    #[arg(long)]
+    insecure: bool,
+    /// Stop after this many transfers (default: until interrupted).
+    #[arg(long)]
+    transfers: Option<u32>,
+}
+
+/// Receives transfers one after another until `transfers` (or forever).
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let psk = a.psk_file.as_deref().map(Psk::from_file).transpose()?;
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: a.size,
+    }];
+    let memory = Arc::new(
+        GuestMemory::anonymous_populated(&spec)
+            .with_context(|| format!("allocating {} bytes of destination memory", a.size))?,
+    );
+    eprintln!(
+        "pagewire-tune serve: {} MiB on {}; run `pagewire-tune sweep --peer HOST:PORT --size {}MiB` on the source",
+        a.size >> 20,
+        a.listen,
+        a.size >> 20
+    );
+    // One listener for every transfer: a sweep that connects while the last transfer winds
+    // down waits in the backlog.
+    let listener = std::net::TcpListener::bind(a.listen.as_str())
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let mut n = 0u32;
+    while a.transfers.is_none_or(|max| n < max) {
+        let receiver = Receiver::on_listener(
+            listener.try_clone()?,
+            memory.clone(),
+            ReceiverConfig {
+                psk: psk.clone(),
+                insecure: a.insecure,
+                // Already faulted in: nothing to overlap.
+                prefault: false,
+                ..ReceiverConfig::default()
+            },
+        )?;
+        n += 1;
+        match receiver.run() {
+            Ok(s) => println!(
+                "transfer {n}: {} channel(s), {:.2} GiB/s, receiver {:.2} CPU-s/GiB",
+                s.channels, s.gib_per_s, s.cpu_s_per_gib
+            ),
+            Err(e) => println!("transfer {n}: failed: {}", pagewire::error_chain(&e)),
+        }
+    }
+    Ok(())
+}
+
+/// `pagewire-tune sweep`.
+#[derive(Args)]
+pub struct SweepArgs {
+    /// The receiver: `pagewire-tune serve` on the destination host.
+    #[arg(long)]
+    peer: String,
+    /// Guest memory per transfer (the server's --size).
+    #[arg(long, value_parser = pagewire::units::parse_size, default_value = "1GiB")]
+    size: u64,
+    /// Memory content: zero, random, mixed, text, blend.
+    #[arg(long, default_value = "blend")]
+    content: String,
+    /// Channel counts (default: 1, 2, 4, ... up to the allowed cores, and the cores).
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<u16>>,
+    /// Zero-copy policies.
+    #[arg(long, value_delimiter = ',', default_value = "auto,off")]
+    zero_copy: Vec<ZeroCopy>,
+    /// Compression modes.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    compress: Vec<Compression>,
+    /// Interleaved repetitions of every cell.
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Pre-shared key file (the server's).
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
+    /// Where to write the profile.
+    #[arg(long, default_value = "pagewire-profile.toml")]
+    out: PathBuf,
+}
+
+struct Combo {
+    channels: u16,
+    zero_copy: ZeroCopy,
+    compress: Compression,
+    /// (GiB/s, sender CPU-s/GiB) per repetition.
+    runs: Vec<(f64, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Channel counts to try by default: powers of two up to the allowed cores, and the cores.
+fn default_channels() -> Vec<u16> {
+    let cores = pagewire::placement::pin_order(None, pagewire::Pinning::Cores)
+        .map_or(1, |c| c.len().max(1))
+        .min(pagewire::limits::CHANNELS_MAX) as u16;
+    let mut out: Vec<u16> = std::iter::successors(Some(1u16), |c| c.checked_mul(2))
+        .take_while(|&c| c <= cores)
+        .collect();
+    if out.last() != Some(&cores) {
+        out.push(cores);
+    }
+    out
+}
+
+fn connect_retrying(
+    peer: &str,
+    memory: &Arc<GuestMemory>,
+    config: &SenderConfig,
+) -> Result<Sender> {
+    let deadline = Instant::now() + Duration::from_millis(CONNECT_RETRY_MS);
+    loop {
+        match Sender::connect(peer, memory.clone(), config) {
+            Ok(s) => return Ok(s),
+            Err(pagewire::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(CONNECT_RETRY_PAUSE_MS));
+            }
+            Err(e) => return Err(anyhow::anyhow!(pagewire::error_chain(&e))).with_context(|| {
+                format!(
+                    "connecting to {peer} (is `pagewire-tune serve` running there with --size?)"
+                )
+            }),
+        }
+    }
+}
+
+/// Measures every cell and writes the profile; prints a table (or JSON).
+pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let content: Content = a
+        .content
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--content: {e}"))?;
+    let psk = a.psk_file.as_deref().map(Psk::from_file).transpose()?;
+    let channels = a.channels.clone().unwrap_or_else(default_channels);
+    let mut combos = Vec::new();
+    for &c in &channels {
+        for &z in &a.zero_copy {
+            for &k in &a.compress {
+                combos.push(Combo {
+                    channels: c,
+                    zero_copy: z,
+                    compress: k,
+                    runs: Vec::new(),
+                });
+            }
+        }
+    }
+    for c in &combos {
+        config_of(c, &psk).validate()?;
+    }
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: a.size,
+    }];
+    let memory = Arc::new(GuestMemory::anonymous_populated(&spec)?);
+    pagewire::synth::fill(&memory, content, 1);
+    let total = combos.len() as u64 * u64::from(a.reps);
+    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} transfers  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    for _ in 0..a.reps {
+        for c in combos.iter_mut() {
+            bar.set_message(format!(
+                "{} ch, zero-copy {}, {}",
+                c.channels, c.zero_copy, c.compress
+            ));
+            let mut sender = connect_retrying(&a.peer, &memory, &config_of(c, &psk))?;
+            sender.send_all()?;
+            let stats = sender.finish()?;
+            c.runs.push((stats.gib_per_s, stats.cpu_s_per_gib));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let cells: Vec<Cell> = combos
+        .iter()
+        .map(|c| {
+            let rates: Vec<f64> = c.runs.iter().map(|r| r.0).collect();
+            // Three decimals: the profile is read by people too.
+            let round = |x: f64| (x * 1e3).round() / 1e3;
+            Cell {
+                channels: c.channels,
+                zero_copy: c.zero_copy.to_string(),
+                compress: c.compress.to_string(),
+                gib_per_s: round(median(rates.clone())),
+                gib_per_s_range: [
+                    round(rates.iter().copied().fold(f64::INFINITY, f64::min)),
+                    round(rates.iter().copied().fold(0.0, f64::max)),
+                ],
+                cpu_s_per_gib: round(median(c.runs.iter().map(|r| r.1).collect())),
+            }
+        })
+        .collect();
+    let best = choose(&cells);
+    let profile = Profile {
+        send: SendSettings {
+            channels: Some(best.channels),
+            zero_copy: Some(best.zero_copy.clone()),
+            compress: Some(best.compress.clone()),
+            zstd_level: None,
+        },
+        measured: Some(Measured {
+            peer: a.peer.clone(),
+            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            size_bytes: a.size,
+            content: a.content.clone(),
+            reps: a.reps,
+            cells: cells.clone(),
+        }),
+    };
+    std::fs::write(&a.out, profile.to_toml())
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "profile": a.out, "best": best, "cells": cells })
+        );
+        return Ok(());
+    }
+    println!("| channels | zero-copy | compress | GiB/s median [min..max] | sender CPU-s/GiB |");
+    println!("|---|---|---|---|---|");
+    for c in &cells {
+        println!(
+            "| {} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.3} |{}",
+            c.channels,
+            c.zero_copy,
+            c.compress,
+            c.gib_per_s,
+            c.gib_per_s_range[0],
+            c.gib_per_s_range[1],
+            c.cpu_s_per_gib,
+            if std::ptr::eq(c, best) { " best" } else { "" }
+        );
+    }
+    println!(
+        "wrote {}: use it with `pagewire send --profile {}` (or --channels auto)",
+        a.out.display(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn config_of(c: &Combo, psk: &Option<Psk>) -> SenderConfig {
+    SenderConfig {
+        channels: c.channels,
+        zero_copy: c.zero_copy,
+        compression: c.compress,
+        psk: psk.clone(),
+        ..SenderConfig::default()
+    }
+}
+
+/// The fastest cell by median; among those within `NEAR_BEST_FRACTION` of it, the least
+/// sender CPU per GiB, then the fewest channels.
+pub fn choose(cells: &[Cell]) -> &Cell {
+    let fastest = cells.iter().map(|c| c.gib_per_s).fold(0.0, f64::max);
+    cells
+        .iter()
+        .filter(|c| c.gib_per_s >= fastest * (1.0 - NEAR_BEST_FRACTION))
+        .min_by(|a, b| {
+            a.cpu_s_per_gib
+                .total_cmp(&b.cpu_s_per_gib)
+                .then(a.channels.cmp(&b.channels))
+        })
+        .unwrap_or(&cells[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(channels: u16, gib_per_s: f64, cpu: f64) -> Cell {
+        Cell {
+            channels,
+            gib_per_s,
+            cpu_s_per_gib: cpu,
+            ..Cell::default()
+        }
+    }
+
+    #[test]
+    fn the_choice_is_the_fastest_then_the_cheapest() {
+        let cells = [cell(1, 2.0, 0.3), cell(2, 3.0, 0.5), cell(4, 3.05, 0.6)];
+        // 2 channels are within 3% of 4 and cost less CPU.
+        assert_eq!(choose(&cells).channels, 2);
+        let cells = [cell(1, 2.0, 0.3), cell(2, 2.5, 0.5), cell(4, 3.05, 0.6)];
+        assert_eq!(choose(&cells).channels, 4);
+        let cells = [cell(2, 3.0, 0.5), cell(4, 3.0, 0.5)];
+        assert_eq!(choose(&cells).channels, 2, "a tie: fewer channels");
+    }
+
+    #[test]
+    fn medians_and_default_channels() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        let d = default_channels();
+        assert_eq!(d[0], 1);
+        assert!(d.windows(2).all(|w| w[0] < w[1]), "{d:?}");
+    }
+}
