@@ -133,6 +133,13 @@ struct Cell {
     qemu: Option<QemuCell>,
     /// pagewire's median throughput over QEMU's.
     pagewire_over_qemu: Option<f64>,
+    /// pagewire between the RAM files QEMU used (`--with-qemu`): its source file to a fresh
+    /// destination file on the same huge-page tmpfs.
+    pagewire_files: Option<Summary>,
+    /// RAM files over QEMU's median throughput.
+    files_over_qemu: Option<f64>,
+    /// RAM files over pagewire's in-memory median throughput on the same content.
+    files_over_memory: Option<f64>,
 }
 
 /// QEMU's side of a cell.
@@ -269,13 +276,14 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     } else {
         0
     };
-    let runs_total = (cells.len() + qemu_cells + a.channels.len()) * a.reps;
+    let runs_total = (cells.len() + 2 * qemu_cells + a.channels.len()) * a.reps;
     let ram = if with_qemu {
         Some(crate::qemu::RamDir::new(a.size)?)
     } else {
         None
     };
     let mut qemu_runs: Vec<Vec<crate::qemu::QemuRun>> = vec![Vec::new(); cells.len()];
+    let mut file_runs: Vec<Vec<Run>> = vec![Vec::new(); cells.len()];
     let bar = ProgressBar::new(runs_total as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -344,6 +352,18 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                 };
                 qemu_runs[i].push(crate::qemu::migrate(ram, src, ch, comp, set)?);
                 bar.inc(1);
+                // pagewire between the same RAM files, right after.
+                bar.set_message(format!(
+                    "pagewire RAM files: {content} ch={ch} tls={t:?} compress={comp}"
+                ));
+                let (fsrc, fdst) = ram.pagewire_files()?;
+                let (run, _) =
+                    pagewire_run(fsrc.clone(), fdst.clone(), ch, zc, a.no_pin, tls, comp)?;
+                if file_runs[i].is_empty() && fsrc.first_difference(&fdst).is_some() {
+                    bail!("the destination RAM file differs from the source in cell {i}");
+                }
+                file_runs[i].push(run);
+                bar.inc(1);
             }
         }
     }
@@ -375,9 +395,21 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
         let pagewire_over_qemu = qemu
             .as_ref()
             .map(|q| s.gib_per_s_median / q.summary.gib_per_s_median);
+        let files = (!file_runs[i].is_empty())
+            .then(|| summarize("pagewire-ram-files", a.size, &file_runs[i]));
+        let files_over_qemu = files
+            .as_ref()
+            .zip(qemu.as_ref())
+            .map(|(f, q)| f.gib_per_s_median / q.summary.gib_per_s_median);
+        let files_over_memory = files
+            .as_ref()
+            .map(|f| f.gib_per_s_median / s.gib_per_s_median);
         out_cells.push(Cell {
             qemu,
             pagewire_over_qemu,
+            pagewire_files: files,
+            files_over_qemu,
+            files_over_memory,
             content: memories[ci].0.name(),
             channels: ch,
             tls: t,
@@ -586,6 +618,33 @@ fn markdown(r: &Results) -> String {
             )),
             cell.pagewire_over_qemu.map_or("-".into(), |r| format!("**{r:.2}**")),
         ));
+    }
+    if r.cells.iter().any(|c| c.pagewire_files.is_some()) {
+        s.push_str("
+RAM file to RAM file on the huge-page tmpfs QEMU's cells use (pagewire: QEMU's source file to a fresh destination file, end to end):
+
+| content | channels | tls | compress | pagewire files GiB/s | pagewire in memory GiB/s | files/in memory | QEMU GiB/s | files/QEMU |
+|---|---|---|---|---|---|---|---|---|
+");
+        for cell in &r.cells {
+            let (Some(f), Some(q)) = (&cell.pagewire_files, &cell.qemu) else {
+                continue;
+            };
+            s.push_str(&format!(
+                "| {} | {} | {:?} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.2} | **{:.2}** |\n",
+                cell.content,
+                cell.channels,
+                cell.tls,
+                cell.compress,
+                f.gib_per_s_median,
+                f.gib_per_s_min,
+                f.gib_per_s_max,
+                cell.pagewire.gib_per_s_median,
+                cell.files_over_memory.unwrap_or(0.0),
+                q.summary.gib_per_s_median,
+                cell.files_over_qemu.unwrap_or(0.0),
+            ));
+        }
     }
     s
 }

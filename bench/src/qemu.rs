@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -58,10 +59,11 @@ pub struct RamDir {
 }
 
 impl RamDir {
-    /// Mounts a tmpfs big enough for two RAM files of `bytes`.
+    /// Mounts a tmpfs big enough for three RAM files of `bytes`.
     pub fn new(bytes: u64) -> Result<RamDir> {
         let dir = tempfile::tempdir()?;
-        let size = format!("huge=always,size={}", 2 * bytes + (64 << 20));
+        // QEMU's source and destination files, and pagewire's destination file.
+        let size = format!("huge=always,size={}", 3 * bytes + (64 << 20));
         let st = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
             .arg(dir.path())
@@ -75,6 +77,26 @@ impl RamDir {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// pagewire between RAM files, as QEMU's cell just ran: the source file QEMU migrated
+    /// (mapped read-only) and a fresh, sparse destination file on the same huge-page tmpfs
+    /// (QEMU's destination file is removed first, to free its memory).
+    pub fn pagewire_files(&self) -> Result<(Arc<GuestMemory>, Arc<GuestMemory>)> {
+        let src = self.path("src.ram");
+        let len = std::fs::metadata(&src)
+            .context("the source RAM file (run QEMU's cell first)")?
+            .len();
+        for stale in ["dst.ram", "pagewire-dst.ram"] {
+            let _ = std::fs::remove_file(self.path(stale));
+        }
+        Ok((
+            Arc::new(GuestMemory::from_file(&src, false)?),
+            Arc::new(GuestMemory::create_file(
+                &self.path("pagewire-dst.ram"),
+                len,
+            )?),
+        ))
     }
 }
 

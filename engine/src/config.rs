@@ -179,11 +179,15 @@ pub struct ReceiverConfig {
     /// Listen on a non-loopback address with neither TLS nor a pre-shared key. Without it such
     /// a receiver refuses to start: anyone who can connect could write its memory.
     pub insecure: bool,
-    /// Fault the destination memory in ahead of the pages (`MADV_POPULATE_WRITE`, one thread per
-    /// allowed core, in the background from when the receiver starts, so usually done before
-    /// the sender connects), as QEMU's `-mem-prealloc` does: otherwise every first touch
-    /// faults on a shard thread, inside the transfer. Never waited for; its time is reported
-    /// as `prefault_ms`. For a destination that must be ready before the transfer starts, call
+    /// Fault a destination given up front in ahead of the pages (`MADV_POPULATE_WRITE`, one
+    /// thread per allowed core), in the background while the receiver waits for the sender's
+    /// channels (from 100 ms after it starts, so a sender that connects at once has every
+    /// core), as QEMU's `-mem-prealloc` does before a migration: otherwise every first touch
+    /// faults on a shard thread, inside the transfer. Never waited for, and stopped once every
+    /// channel is in: from then on it would take cores from the shards and fill in pages that
+    /// only zero pages name (a fresh destination skips those and stays sparse). Its time is
+    /// reported as `prefault_ms`. For a destination that must be wholly faulted in before the
+    /// transfer starts, call
     /// [`GuestMemory::prefault_in_parallel`](crate::GuestMemory::prefault_in_parallel) first.
     pub prefault: bool,
     /// Maximum random delay, in microseconds, before each frame is processed (seeded by

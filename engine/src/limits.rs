@@ -46,9 +46,12 @@ pub const CHANNELS_MAX: usize = 64;
 pub const KVM_EINTR_TRIES_MAX: u32 = 100;
 /// Threads that fault a receiver's destination memory in, at most (one per allowed core).
 pub const PREFAULT_THREADS_MAX: usize = 16;
-/// Bytes one pre-fault call covers before it checks whether to stop (a stop waits at most this
-/// much faulting per thread).
-pub const PREFAULT_STEP_BYTES: u64 = 64 << 20;
+/// Milliseconds a receiver waits for its sender before it starts faulting the destination in
+/// (a sender that connects sooner keeps every core for the transfer).
+pub const PREFAULT_DELAY_MS: u64 = 100;
+/// Bytes one pre-fault call covers before it checks whether to stop: after a stop each thread
+/// faults in at most this much more (8 huge pages, a few milliseconds), while the shards start.
+pub const PREFAULT_STEP_BYTES: u64 = 16 << 20;
 
 /// Regions in one memory layout at most (VMMs use a handful: low RAM, high RAM, hotplug slots).
 pub const REGIONS_MAX: usize = 256;

@@ -22,7 +22,7 @@ use crate::config::ReceiverConfig;
 use crate::error::{Error, Result};
 use crate::limits::{
     CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES,
-    PAGE_BYTES, PREFAULT_THREADS_MAX,
+    PAGE_BYTES, PREFAULT_DELAY_MS, PREFAULT_THREADS_MAX,
 };
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
@@ -259,7 +259,7 @@ impl Receiver {
         let abort = self.abort.clone();
         let given = std::mem::take(&mut self.given);
         // Memory known up front is faulted in from now on, while the sender connects.
-        let mut prefault = match &self.memory {
+        let prefault = match &self.memory {
             Destination::Ready(m) if self.config.prefault => Some(Prefault::start(m)),
             _ => None,
         };
@@ -278,15 +278,19 @@ impl Receiver {
                 match make(layout_bytes) {
                     Ok(m) => {
                         crate::stats::add(&self.progress.pages_total, m.total_pages());
-                        if self.config.prefault {
-                            prefault = Some(Prefault::start(&m));
-                        }
                         m
                     }
                     Err(e) => return Err(abort.fail_and_take(e)),
                 }
             }
         };
+        // The sender is here: pre-faulting stops (each thread ends its current step, without
+        // holding the shards up), so it does not compete with the shards for cores, nor fill in
+        // pages that only zero pages will name (a fresh destination skips those, and stays
+        // sparse). Pages it did not reach fault on first touch.
+        if let Some(p) = &prefault {
+            p.stop();
+        }
         let n = streams.len();
         let barrier = Arc::new(RoundBarrier::new(n));
         let ledger = Arc::new(PageLedger::new(
@@ -570,9 +574,11 @@ impl Receiver {
 }
 
 /// Destination memory being faulted in, in the background (see [`ReceiverConfig::prefault`]),
-/// by one thread per allowed core. Never waited for before pages land: placing a page races
-/// with nothing (both only fault pages in), and a large destination on a slow host must not
-/// hold the sender past its idle bound. Stopped and joined when dropped.
+/// by one thread per allowed core, while the receiver waits for the sender's channels (from
+/// `PREFAULT_DELAY_MS` after it started: a sender that connects at once is not slowed). Never
+/// waited for: it is stopped when they are all in (a large destination on a slow host must not
+/// hold the sender past its idle bound, and once pages flow it would only take cores from the
+/// shards). Stopped and joined when dropped.
 struct Prefault {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<(Result<bool>, f64)>>,
@@ -587,6 +593,15 @@ impl Prefault {
         let thread = std::thread::Builder::new()
             .name("pw-prefault".into())
             .spawn(move || {
+                // A sender already connecting gets the cores to itself: pre-faulting only uses
+                // time the receiver spends waiting.
+                let waited = Instant::now();
+                while waited.elapsed() < Duration::from_millis(PREFAULT_DELAY_MS) {
+                    if stopped.load(Ordering::Relaxed) {
+                        return (Ok(true), 0.0);
+                    }
+                    std::thread::sleep(Duration::from_millis(PREFAULT_DELAY_MS / 20));
+                }
                 let started = Instant::now();
                 let r = memory.prefault_in_parallel(threads, &stopped);
                 (r, started.elapsed().as_secs_f64() * 1e3)
@@ -595,9 +610,14 @@ impl Prefault {
         Prefault { stop, thread }
     }
 
+    /// Asks it to stop (each thread ends its current step), without waiting.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Stops it where it is and waits for it: what it returned and the milliseconds it ran.
     fn stop_and_join(&mut self) -> Option<(Result<bool>, f64)> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop();
         self.thread.take()?.join().ok()
     }
 

@@ -88,9 +88,9 @@ pub struct ZeroCopyStats {
 pub struct TransferStats {
     /// Wall time from the first connection to the end, in milliseconds (`total-time`).
     pub total_time_ms: f64,
-    /// Receiver: milliseconds it spent faulting destination memory in, in the background from
-    /// when it started (see `ReceiverConfig::prefault`); pages it had not reached by then
-    /// faulted on first touch.
+    /// Receiver: milliseconds it spent faulting destination memory in, in the background while
+    /// it waited for the sender's channels (see `ReceiverConfig::prefault`); pages it had not
+    /// reached by then faulted on first touch (`page_faults_minor`).
     pub prefault_ms: f64,
     /// Bytes on the wire, headers included (`transferred`).
     pub transferred_bytes: u64,

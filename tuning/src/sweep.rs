@@ -172,11 +172,13 @@ fn connect_retrying(
             {
                 std::thread::sleep(Duration::from_millis(CONNECT_RETRY_PAUSE_MS));
             }
-            Err(e) => return Err(anyhow::anyhow!(pagewire::error_chain(&e))).with_context(|| {
-                format!(
+            Err(e) => {
+                return Err(anyhow::anyhow!(pagewire::error_chain(&e))).with_context(|| {
+                    format!(
                     "connecting to {peer} (is `pagewire-tune serve` running there with --size?)"
                 )
-            }),
+                })
+            }
         }
     }
 }

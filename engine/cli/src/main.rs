@@ -1167,7 +1167,7 @@ fn report(
         rows.push((
             "pre-fault",
             format!(
-                "{:.1} ms faulting destination memory in, in the background from the start",
+                "{:.1} ms faulting destination memory in, in the background until the sender's channels were in",
                 stats.prefault_ms
             ),
         ));
