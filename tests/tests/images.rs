@@ -147,3 +147,89 @@ fn a_sender_that_fails_tells_the_receiver_why() {
         error_chain(&received)
     );
 }
+
+/// A mounted `tmpfs -o huge=always`, unmounted on drop.
+struct HugeTmpfs(tempfile::TempDir);
+
+impl HugeTmpfs {
+    /// Mounts one, or says why not (not root, no tmpfs huge pages).
+    fn mount() -> Result<HugeTmpfs, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("mounting a tmpfs needs root".into());
+        }
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+            .unwrap_or_default();
+        if thp.contains("[deny]") || thp.contains("[force]") || thp.is_empty() {
+            return Err(format!("tmpfs huge pages are not available ({})", thp.trim()));
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "huge=always,size=64m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("mount -t tmpfs -o huge=always failed".into());
+        }
+        Ok(HugeTmpfs(dir))
+    }
+}
+
+impl Drop for HugeTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// The smaps field `field` (kB) of the mapping that starts at `addr`.
+fn smaps_kb(addr: usize, field: &str) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut in_it = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = usize::from_str_radix(start, 16) {
+                    in_it = start == addr;
+                    continue;
+                }
+            }
+        }
+        if in_it {
+            if let Some(rest) = line.strip_prefix(field) {
+                return rest.trim_start_matches(':').split_whitespace().next()?.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn ram_files_on_a_huge_page_tmpfs_are_mapped_with_huge_pages() {
+    let tmpfs = match HugeTmpfs::mount() {
+        Ok(t) => t,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let path = tmpfs.0.path().join("ram.img");
+    std::fs::write(&path, vec![7u8; 8 << 20]).unwrap();
+    for writable in [false, true] {
+        let memory = GuestMemory::from_file(&path, writable).unwrap();
+        let r = &memory.regions()[0];
+        let addr = r.host_addr() as usize;
+        assert_eq!(addr % (2 << 20), 0, "mapped at {addr:#x}, not 2 MiB aligned");
+        let mut byte = [0u8; 1];
+        for page in (0..r.pages()).step_by(512) {
+            r.read(page * 4096, &mut byte);
+            assert_eq!(byte[0], 7);
+        }
+        // tmpfs pages count as ShmemPmdMapped (FilePmdMapped is for other filesystems).
+        let pmd = smaps_kb(addr, "ShmemPmdMapped").max(smaps_kb(addr, "FilePmdMapped"));
+        assert!(
+            pmd.is_some_and(|kb| kb >= 2048),
+            "touched pages are not mapped by 2 MiB entries (ShmemPmdMapped: {pmd:?} kB)"
+        );
+    }
+}
