@@ -94,15 +94,9 @@ impl Receiver {
         memory: Arc<GuestMemory>,
         config: ReceiverConfig,
     ) -> Result<Receiver> {
-        if let Some(i) = memory.regions().iter().position(|r| !r.is_writable()) {
-            return Err(Error::Config(format!(
-                "region {i} of the destination is mapped read-only"
-            )));
-        }
-        let pages = memory.total_pages();
-        let r = Self::listen(addr, Destination::Ready(memory), config)?;
-        crate::stats::add(&r.progress.pages_total, pages);
-        Ok(r)
+        writable(&memory)?;
+        config.validate()?;
+        Self::on_listener(bind_listener(addr)?, memory, config)
     }
 
     /// Listens on `addr` for a transfer whose size the sender's hello gives: the first sender
@@ -126,11 +120,7 @@ impl Receiver {
         memory: Arc<GuestMemory>,
         config: ReceiverConfig,
     ) -> Result<Receiver> {
-        if let Some(i) = memory.regions().iter().position(|r| !r.is_writable()) {
-            return Err(Error::Config(format!(
-                "region {i} of the destination is mapped read-only"
-            )));
-        }
+        writable(&memory)?;
         config.validate()?;
         let pages = memory.total_pages();
         let r = Self::listening(listener, Destination::Ready(memory), config)?;
@@ -144,10 +134,7 @@ impl Receiver {
         config: ReceiverConfig,
     ) -> Result<Receiver> {
         config.validate()?;
-        let text = format!("{addr:?}");
-        let listener =
-            TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))?;
-        Self::listening(listener, memory, config)
+        Self::listening(bind_listener(addr)?, memory, config)
     }
 
     fn listening(
@@ -571,6 +558,22 @@ impl Receiver {
         let layout_bytes = lock(&acceptor).0.layout_bytes();
         Ok((streams, first_at.unwrap_or(waiting_since), layout_bytes))
     }
+}
+
+/// Refuses a destination with a read-only region.
+fn writable(memory: &GuestMemory) -> Result<()> {
+    match memory.regions().iter().position(|r| !r.is_writable()) {
+        Some(i) => Err(Error::Config(format!(
+            "region {i} of the destination is mapped read-only"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A listening socket on `addr`.
+fn bind_listener(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<TcpListener> {
+    let text = format!("{addr:?}");
+    TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))
 }
 
 /// Destination memory being faulted in, in the background (see [`ReceiverConfig::prefault`]),

@@ -253,6 +253,17 @@ pub fn page_nodes(pages: &[*const u8]) -> std::io::Result<Vec<i32>> {
     Ok(status)
 }
 
+/// Whether the page at `page` (a page-aligned address in this process) is in memory now
+/// (`mincore(2)`): for a file mapping, whether the page cache holds it. False when the call
+/// fails.
+pub fn page_resident(page: *const u8) -> bool {
+    let mut vec = [0u8; 1];
+    // SAFETY: one page from a page-aligned address, and a one-byte vector for it; mincore only
+    // writes the vector (an unmapped address is an error, not a fault).
+    let rc = unsafe { libc::mincore(page.cast_mut().cast(), 4096, vec.as_mut_ptr()) };
+    rc == 0 && vec[0] & 1 != 0
+}
+
 /// The name of the network interface that holds the local address `addr` (`getifaddrs(3)`),
 /// e.g. the interface a connected socket's `local_addr()` leaves through.
 pub fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {

@@ -161,7 +161,10 @@ impl HugeTmpfs {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .unwrap_or_default();
         if thp.contains("[deny]") || thp.contains("[force]") || thp.is_empty() {
-            return Err(format!("tmpfs huge pages are not available ({})", thp.trim()));
+            return Err(format!(
+                "tmpfs huge pages are not available ({})",
+                thp.trim()
+            ));
         }
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let ok = std::process::Command::new("mount")
@@ -178,7 +181,9 @@ impl HugeTmpfs {
 
 impl Drop for HugeTmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
     }
 }
 
@@ -197,7 +202,12 @@ fn smaps_kb(addr: usize, field: &str) -> Option<u64> {
         }
         if in_it {
             if let Some(rest) = line.strip_prefix(field) {
-                return rest.trim_start_matches(':').split_whitespace().next()?.parse().ok();
+                return rest
+                    .trim_start_matches(':')
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok();
             }
         }
     }
@@ -219,7 +229,11 @@ fn ram_files_on_a_huge_page_tmpfs_are_mapped_with_huge_pages() {
         let memory = GuestMemory::from_file(&path, writable).unwrap();
         let r = &memory.regions()[0];
         let addr = r.host_addr() as usize;
-        assert_eq!(addr % (2 << 20), 0, "mapped at {addr:#x}, not 2 MiB aligned");
+        assert_eq!(
+            addr % (2 << 20),
+            0,
+            "mapped at {addr:#x}, not 2 MiB aligned"
+        );
         let mut byte = [0u8; 1];
         for page in (0..r.pages()).step_by(512) {
             r.read(page * 4096, &mut byte);

@@ -211,8 +211,9 @@ pub struct MemoryNodes {
 }
 
 impl MemoryNodes {
-    /// Samples `memory`; with `touch`, reads one byte of each sampled page first, so a mapped
-    /// file's pages are faulted in (page-cache pages are mapped, nothing is allocated). Where
+    /// Samples `memory`; with `touch`, reads one byte of each sampled page that is in memory
+    /// (`mincore`) first, so a mapped file's page-cache pages are mapped (nothing is allocated
+    /// or read from disk). Where
     /// the query fails (a kernel without NUMA), every span's node is `None`.
     pub fn query(memory: &GuestMemory, touch: bool) -> MemoryNodes {
         let total_pages: u64 = memory.regions().iter().map(|r| r.pages()).sum();
@@ -225,7 +226,9 @@ impl MemoryNodes {
         for (i, region) in memory.regions().iter().enumerate() {
             let mut page = 0;
             while page < region.pages() {
-                if touch {
+                // Only pages already in memory are touched: a RAM image on disk is not read
+                // (its pages' node is decided when the transfer reads them anyway).
+                if touch && crate::sys::page_resident(region.pages_ptr(page, 1)) {
                     let mut byte = [0u8];
                     region.read(page * PAGE_BYTES as u64, &mut byte);
                     // The byte is unused: keep the read (the fault is the point).
@@ -614,9 +617,9 @@ pub(crate) struct Placement {
 impl Placement {
     /// Reads this machine's topology, asks which node holds `memory` (only where there is more
     /// than one node), and plans `channels` shards on `cores` (see [`pin_order`]).
-    /// `touch`: fault in one page per sample first (a source mapped but not read yet, such as
-    /// a RAM image file: reading maps its page-cache pages and allocates nothing); never for a
-    /// destination, whose untouched pages have no node yet.
+    /// `touch`: map one page per sample first where it is in memory (a source mapped but not
+    /// read yet, such as a RAM image file); never for a destination, whose untouched pages have
+    /// no node yet.
     pub(crate) fn here(
         channels: u16,
         cores: Vec<usize>,
