@@ -148,7 +148,8 @@ pub struct AutoChannels {
 ///   fill it with a quarter to spare;
 /// - a loopback peer gets half the allowed cores, but two where there are two (the receiver
 ///   runs on the same cores; measured: 8 channels beat 16 on 16 cores, 2 beat 1 on 2);
-/// - a link of unknown speed gets one channel per allowed core;
+/// - a link of unknown speed (virtual NICs report none) gets one channel per allowed core, up
+///   to [`AUTO_UNKNOWN_LINK_CHANNELS`](crate::limits::AUTO_UNKNOWN_LINK_CHANNELS);
 ///
 /// always within the allowed cores (or `config.cores`).
 pub fn auto_channels(
@@ -180,7 +181,8 @@ pub fn auto_channels(
             l * (1u64 << 30) as f64 * 8.0 / 1e9
         ),
         _ => format!(
-            "link speed unknown: one channel per allowed core ({cores}); one channel moves {rate:.2} GiB/s of this memory here"
+            "link speed unknown: one channel per allowed core ({cores}), at most {}; one channel moves {rate:.2} GiB/s of this memory here",
+            crate::limits::AUTO_UNKNOWN_LINK_CHANNELS
         ),
     };
     Ok(AutoChannels {
@@ -199,7 +201,7 @@ fn decide(rate: f64, link: Option<f64>, loopback: bool, cores: usize) -> u16 {
     } else {
         match link {
             Some(l) if rate > 0.0 => (l * crate::limits::AUTO_LINK_HEADROOM / rate).ceil() as usize,
-            _ => cores,
+            _ => cores.min(crate::limits::AUTO_UNKNOWN_LINK_CHANNELS),
         }
     };
     n.clamp(1, cores) as u16
@@ -290,7 +292,8 @@ mod tests {
             "no more than the cores"
         );
         assert_eq!(decide(3.0, Some(gbit(10.0)), false, 16), 1);
-        assert_eq!(decide(3.0, None, false, 16), 16, "unknown link: every core");
+        assert_eq!(decide(3.0, None, false, 4), 4, "unknown link: every core");
+        assert_eq!(decide(3.0, None, false, 64), 8, "but no more than 8");
         assert_eq!(decide(3.0, None, true, 16), 8, "loopback: half");
         assert_eq!(decide(3.0, None, true, 2), 2, "two cores: two channels");
         assert_eq!(decide(3.0, None, true, 1), 1);
