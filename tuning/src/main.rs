@@ -18,7 +18,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Print one JSON object (`{"findings": [{"name", "value", "pagewire"}]}`).
+    /// Print one JSON object: probe `{"findings": [{"name", "value", "pagewire"}]}`, plan
+    /// `{"topology", "plan"}`, sweep `{"profile", "best", "cells"}`.
     #[arg(long, global = true)]
     json: bool,
 }

@@ -158,9 +158,9 @@ pub fn probe() -> Vec<Finding> {
                 .join("; ")
         },
         if nodes.len() > 1 {
-            "shards pin to the first allowed cores; NUMA placement is not built yet"
+            "shards go to the nodes that hold guest memory, on their own cores (`pagewire-tune plan` shows where)"
         } else {
-            "nothing to place"
+            "one node: shard i on the i-th allowed core"
         },
     ));
     match pagewire::probe_uring() {
@@ -290,7 +290,7 @@ pub fn probe() -> Vec<Finding> {
                 .collect::<Vec<_>>()
                 .join("; ")
         },
-        "shards are not yet placed near the NIC",
+        "where guest memory's node is unknown, shards start on the node of the NIC towards the peer",
     ));
     let kvm = std::fs::OpenOptions::new()
         .read(true)

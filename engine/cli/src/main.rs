@@ -238,7 +238,7 @@ struct SendArgs {
 #[derive(Args)]
 struct CompressArgs {
     /// Compression of normal pages: none, zstd, zlib, or auto (zstd while the link is the
-    /// bottleneck). Default: none (or a --profile's).
+    /// bottleneck). Default: none (for `send`, a --profile's).
     #[arg(long)]
     compress: Option<Compression>,
     /// zstd level (default 1); negative levels are zstd's fast modes. Only with --compress zstd
