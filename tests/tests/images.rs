@@ -247,3 +247,110 @@ fn ram_files_on_a_huge_page_tmpfs_are_mapped_with_huge_pages() {
         );
     }
 }
+
+/// Two free 2 MiB huge pages and a hugetlbfs mount, or why not; the page reservation is put
+/// back and the mount undone on drop.
+struct Hugetlbfs {
+    dir: tempfile::TempDir,
+    restore_pages: Option<String>,
+}
+
+impl Hugetlbfs {
+    const NR: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn mount() -> Result<Hugetlbfs, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("reserving huge pages and mounting hugetlbfs need root".into());
+        }
+        let free = |field: &str| -> u64 {
+            std::fs::read_to_string("/proc/meminfo")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let mut restore_pages = None;
+        if free("HugePages_Free:") < 2 {
+            let old = std::fs::read_to_string(Self::NR).map_err(|e| e.to_string())?;
+            let want = old.trim().parse::<u64>().unwrap_or(0) + 2;
+            if std::fs::write(Self::NR, want.to_string()).is_err() {
+                return Err(format!("cannot reserve huge pages in {}", Self::NR));
+            }
+            restore_pages = Some(old);
+        }
+        // From here on, dropping `me` puts the reservation back.
+        let me = Hugetlbfs {
+            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
+            restore_pages,
+        };
+        if free("HugePages_Free:") < 2 {
+            return Err("the kernel could not reserve 2 huge pages".into());
+        }
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
+            .arg(me.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("mount -t hugetlbfs failed".into());
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for Hugetlbfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if let Some(old) = &self.restore_pages {
+            let _ = std::fs::write(Self::NR, old.trim());
+        }
+    }
+}
+
+#[test]
+fn ram_files_on_hugetlbfs_are_destinations_and_sources() {
+    if skip_without_uring() {
+        return;
+    }
+    let fs = match Hugetlbfs::mount() {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: 4 << 20,
+    }];
+    let src = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+    fill(&src, Content::Mixed, 5);
+    let config = SenderConfig {
+        pinning: Pinning::None,
+        ..SenderConfig::default()
+    };
+    // Into a RAM file on hugetlbfs (reserved with fallocate, mapped 2 MiB aligned)...
+    let path = fs.dir.path().join("vm.img");
+    let image = Arc::new(GuestMemory::create_file(&path, 4 << 20).unwrap());
+    assert_eq!(image.regions()[0].host_addr() as usize % (2 << 20), 0);
+    let (addr, rx) = start_receiver(image.clone(), ReceiverConfig::default());
+    let mut s = Sender::connect(addr, src.clone(), &config).unwrap();
+    s.send_all().unwrap();
+    s.finish().unwrap();
+    join_within(rx, LIMIT, "receiver").unwrap();
+    assert_eq!(src.first_difference(&image), None);
+    drop(image);
+    // ...and out of it again.
+    let from = Arc::new(GuestMemory::from_file(&path, false).unwrap());
+    let dst = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+    let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
+    let mut s = Sender::connect(addr, from, &config).unwrap();
+    s.send_all().unwrap();
+    s.finish().unwrap();
+    join_within(rx, LIMIT, "receiver").unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+}
