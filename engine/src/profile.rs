@@ -162,11 +162,8 @@ pub fn auto_channels(
         .len()
         .max(1);
     let link = crate::placement::interface_to(peer).map(|name| {
-        let speed = std::fs::read_to_string(format!("/sys/class/net/{name}/speed"))
-            .ok()
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|&mbit| mbit > 0.0)
-            .map(|mbit| mbit * 1e6 / 8.0 / (1u64 << 30) as f64);
+        let speed = crate::placement::nic_speed_mbit(std::path::Path::new("/sys"), &name)
+            .map(|mbit| mbit as f64 * 1e6 / 8.0 / (1u64 << 30) as f64);
         (name, speed)
     });
     let loopback = peer.ip().is_loopback();

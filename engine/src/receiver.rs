@@ -96,7 +96,7 @@ impl Receiver {
     ) -> Result<Receiver> {
         writable(&memory)?;
         config.validate()?;
-        Self::on_listener(bind_listener(addr)?, memory, config)
+        Self::ready(bind_listener(addr)?, memory, config)
     }
 
     /// Listens on `addr` for a transfer whose size the sender's hello gives: the first sender
@@ -122,6 +122,15 @@ impl Receiver {
     ) -> Result<Receiver> {
         writable(&memory)?;
         config.validate()?;
+        Self::ready(listener, memory, config)
+    }
+
+    /// A receiver into `memory` on `listener`; memory and settings already checked.
+    fn ready(
+        listener: TcpListener,
+        memory: Arc<GuestMemory>,
+        config: ReceiverConfig,
+    ) -> Result<Receiver> {
         let pages = memory.total_pages();
         let r = Self::listening(listener, Destination::Ready(memory), config)?;
         crate::stats::add(&r.progress.pages_total, pages);

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use pagewire::pipeline::zero::ZeroScanner;
+use pagewire::placement::{cpu_list_text, Topology, TopologySource};
 use serde::Serialize;
 
 /// One fact about the host and pagewire's answer to it.
@@ -45,45 +46,6 @@ fn meminfo(field: &str) -> Option<u64> {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
         rest.split_whitespace().next()?.parse().ok()
     })
-}
-
-/// NUMA nodes and their CPU lists (`/sys/devices/system/node`); one node when there is none.
-fn numa_nodes() -> Vec<(u32, String)> {
-    let mut nodes: Vec<(u32, String)> = std::fs::read_dir("/sys/devices/system/node")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let id = name.strip_prefix("node")?.parse().ok()?;
-            Some((id, read(e.path().join("cpulist")).unwrap_or_default()))
-        })
-        .collect();
-    nodes.sort();
-    nodes
-}
-
-/// Network interfaces other than loopback: name, link speed (Mbit/s, when known), NUMA node.
-fn nics() -> Vec<(String, Option<i64>, Option<i64>)> {
-    let mut out: Vec<_> = std::fs::read_dir("/sys/class/net")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name == "lo" {
-                return None;
-            }
-            let p = e.path();
-            let speed = read(p.join("speed"))
-                .and_then(|s| s.parse().ok())
-                .filter(|s: &i64| *s > 0);
-            let node = read(p.join("device/numa_node")).and_then(|s| s.parse().ok());
-            Some((name, speed, node))
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 /// Whether `MADV_POPULATE_WRITE` works here (Linux 5.14+), tried on one anonymous page.
@@ -145,15 +107,17 @@ pub fn probe() -> Vec<Finding> {
             cores.min(pagewire::limits::CHANNELS_MAX)
         ),
     ));
-    let nodes = numa_nodes();
+    // The topology the shards are placed by (sysfs, or hwloc with that feature).
+    let topology = Topology::detect();
+    let nodes = &topology.nodes;
     out.push(finding(
         "NUMA nodes",
-        if nodes.is_empty() {
+        if topology.source == TopologySource::Assumed {
             "1 (no NUMA information)".into()
         } else {
             nodes
                 .iter()
-                .map(|(id, cpus)| format!("node {id}: cpus {cpus}"))
+                .map(|n| format!("node {}: cpus {}", n.id, cpu_list_text(&n.cpus)))
                 .collect::<Vec<_>>()
                 .join("; ")
         },
@@ -272,19 +236,21 @@ pub fn probe() -> Vec<Finding> {
         },
         "not used: records are sealed in userspace (rustls) into the send buffers",
     ));
-    let nics = nics();
     out.push(finding(
         "network interfaces",
-        if nics.is_empty() {
+        if topology.nics.is_empty() {
             "none but loopback".into()
         } else {
-            nics.iter()
-                .map(|(name, speed, node)| {
+            topology
+                .nics
+                .iter()
+                .map(|nic| {
                     format!(
-                        "{name} ({}, node {})",
-                        speed.map_or("speed unknown".into(), |s| format!("{s} Mbit/s")),
-                        node.filter(|n| *n >= 0)
-                            .map_or("unknown".into(), |n| n.to_string())
+                        "{} ({}, node {})",
+                        nic.name,
+                        nic.speed_mbit
+                            .map_or("speed unknown".into(), |s| format!("{s} Mbit/s")),
+                        nic.node.map_or("unknown".into(), |n| n.to_string())
                     )
                 })
                 .collect::<Vec<_>>()

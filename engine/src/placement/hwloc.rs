@@ -17,9 +17,13 @@ fn err(what: impl std::fmt::Display) -> Error {
     Error::Topology(format!("hwloc: {what}"))
 }
 
-/// This machine, as hwloc sees it.
+/// This machine, as hwloc sees it (link speeds from its sysfs, which hwloc does not read).
 pub(super) fn this_machine() -> Result<Topology> {
-    build(hwlocality::Topology::builder())
+    let mut t = build(hwlocality::Topology::builder())?;
+    for nic in &mut t.nics {
+        nic.speed_mbit = super::nic_speed_mbit(Path::new("/sys"), &nic.name);
+    }
+    Ok(t)
 }
 
 /// The machine an XML file describes.
@@ -74,7 +78,11 @@ fn build(builder: TopologyBuilder) -> Result<Topology> {
                     .and_then(|n| u32::try_from(usize::from(n)).ok()),
                 _ => None,
             };
-            Some(Nic { name, node })
+            Some(Nic {
+                name,
+                node,
+                speed_mbit: None,
+            })
         })
         .collect();
     nics.sort_by(|a, b| a.name.cmp(&b.name));

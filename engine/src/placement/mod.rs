@@ -47,6 +47,9 @@ pub struct Nic {
     pub name: String,
     /// The node of its PCI device; `None` for virtual interfaces or when the firmware does not say.
     pub node: Option<u32>,
+    /// Link speed in Mbit/s (`class/net/IF/speed`); `None` when the driver reports none
+    /// (virtual NICs) or the topology describes another machine.
+    pub speed_mbit: Option<u64>,
 }
 
 /// Where the topology was read from.
@@ -132,7 +135,12 @@ impl Topology {
                 .ok()
                 .and_then(|s| s.trim().parse::<i64>().ok())
                 .and_then(|n| u32::try_from(n).ok());
-            nics.push(Nic { name, node });
+            let speed_mbit = nic_speed_mbit(root, &name);
+            nics.push(Nic {
+                name,
+                node,
+                speed_mbit,
+            });
         }
         nics.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Topology {
@@ -166,6 +174,18 @@ impl Topology {
     pub fn nic_node(&self, name: &str) -> Option<u32> {
         self.nics.iter().find(|n| n.name == name)?.node
     }
+}
+
+/// The link speed of interface `name` in the sysfs tree at `root`, in Mbit/s (`None` when the
+/// driver reports none: `-1`, or no file).
+pub(crate) fn nic_speed_mbit(root: &Path, name: &str) -> Option<u64> {
+    std::fs::read_to_string(root.join("class/net").join(name).join("speed"))
+        .ok()?
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|&s| s > 0)
 }
 
 /// Parses a kernel CPU list (`0-3,8,10-11`; empty is no CPU). `None` when malformed.
@@ -670,6 +690,9 @@ impl Placement {
     /// turns among the shards of the node that holds it; `None` when chunks are not routed
     /// (one node with shards, or the page's node has none).
     pub(crate) fn channel_for(&mut self, region: u32, page: u64) -> Option<(usize, &[usize])> {
+        if self.by_node.is_empty() {
+            return None;
+        }
         let node = self.nodes.node_of(region, page)?;
         let list = self.by_node.get(&node)?;
         let turn = self.turn.entry(node).or_insert(0);

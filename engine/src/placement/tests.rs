@@ -17,6 +17,7 @@ fn machine(nodes: u32, cores: usize, nic_node: Option<u32>) -> Topology {
         nics: vec![Nic {
             name: "ens1f0".into(),
             node: nic_node,
+            speed_mbit: None,
         }],
         source: TopologySource::Sysfs,
     }
