@@ -46,6 +46,11 @@ pub const CHANNELS_MAX: usize = 64;
 pub const KVM_EINTR_TRIES_MAX: u32 = 100;
 /// Threads that fault a receiver's destination memory in, at most (one per allowed core).
 pub const PREFAULT_THREADS_MAX: usize = 16;
+/// Milliseconds a hello of another session waits, while a session is being gathered, before
+/// it is refused: time for the accept loop (10 ms slices) to drop a session whose sender gave
+/// up.
+pub const SESSION_SETTLE_MS: u64 = 200;
+
 /// Milliseconds a receiver waits for its sender before it starts faulting the destination in
 /// (a sender that connects sooner keeps every core for the transfer).
 pub const PREFAULT_DELAY_MS: u64 = 100;

@@ -22,7 +22,7 @@ use crate::config::ReceiverConfig;
 use crate::error::{Error, Result};
 use crate::limits::{
     CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES,
-    PAGE_BYTES, PREFAULT_DELAY_MS, PREFAULT_THREADS_MAX,
+    PAGE_BYTES, PREFAULT_DELAY_MS, PREFAULT_THREADS_MAX, SESSION_SETTLE_MS,
 };
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
@@ -446,18 +446,21 @@ impl Receiver {
         let mut first_at: Option<Instant> = None;
         let idle_timeout_ms = u32::try_from(self.config.idle_timeout_ms).unwrap_or(u32::MAX);
         loop {
-            while let Ok((generation, peer, result)) = done_rx.try_recv() {
+            while let Ok((peer, result)) = done_rx.try_recv() {
                 in_flight -= 1;
-                let (hello, stream, session): (Hello, Stream, Option<TlsSession>) = match result {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let text = format!("{peer}: {}", error_chain(&e));
-                        tracing::warn!("dropped a connection that failed its handshake: {text}");
-                        refused = refused.saturating_add(1);
-                        last_refusal = Some(text);
-                        continue;
-                    }
-                };
+                let (hello, stream, session, generation): (Hello, Stream, Option<TlsSession>, u64) =
+                    match result {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let text = format!("{peer}: {}", error_chain(&e));
+                            tracing::warn!(
+                                "dropped a connection that failed its handshake: {text}"
+                            );
+                            refused = refused.saturating_add(1);
+                            last_refusal = Some(text);
+                            continue;
+                        }
+                    };
                 if generation != lock(&acceptor).1 {
                     tracing::warn!("dropped a late channel of an abandoned session from {peer}");
                     continue;
@@ -550,13 +553,12 @@ impl Receiver {
                     let peer = thread_peer;
                     let span = tracing::debug_span!("handshake", %peer, connection = index);
                     let _enter = span.enter();
-                    let generation = lock(&acceptor).1;
                     let auth = Auth {
                         tls: tls.as_ref(),
                         psk: psk.as_ref(),
                     };
                     let result = handshake(stream, &peer, &acceptor, auth, index, idle_timeout_ms);
-                    let _ = done.send((generation, peer, result));
+                    let _ = done.send((peer, result));
                 });
             if let Err(e) = spawned {
                 in_flight -= 1;
@@ -707,7 +709,7 @@ fn handshake(
     auth: Auth<'_>,
     index: u16,
     idle_timeout_ms: u32,
-) -> Result<(Hello, Stream, Option<TlsSession>)> {
+) -> Result<(Hello, Stream, Option<TlsSession>, u64)> {
     let tls = auth.tls;
     stream.configure()?;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
@@ -807,19 +809,45 @@ fn handshake(
             (None, false) => {}
         }
     }
-    if let Err(refusal) = lock(acceptor).0.check(&hello) {
-        let _ = reply(&mut session, Some(refusal));
-        return Err(Error::Refused {
-            channel: hello.channel_index,
-            refusal,
-        });
-    }
+    let generation = match check_settled(acceptor, &hello) {
+        Ok(generation) => generation,
+        Err(refusal) => {
+            let _ = reply(&mut session, Some(refusal));
+            return Err(Error::Refused {
+                channel: hello.channel_index,
+                refusal,
+            });
+        }
+    };
     reply(&mut session, None)?;
     stream
         .set_read_timeout(None)
         .and_then(|()| stream.set_write_timeout(None))
         .map_err(|e| Error::io("clearing handshake timeouts", e))?;
-    Ok((hello, stream, session))
+    Ok((hello, stream, session, generation))
+}
+
+/// Checks `hello` against the session being gathered; on success, the generation of the
+/// session it joined (read under the same lock, so the accept loop can tell a channel of a
+/// session it dropped meanwhile). A hello of another session waits up to
+/// `SESSION_SETTLE_MS` before it is refused: the session being gathered may be one whose
+/// sender just gave up, which the accept loop drops within a wait slice of seeing its closed
+/// channel, and the new sender must then be served, not refused for arriving first.
+fn check_settled(acceptor: &SharedAcceptor, hello: &Hello) -> std::result::Result<u64, Refusal> {
+    let started = Instant::now();
+    loop {
+        let mut a = lock(acceptor);
+        match a.0.check(hello) {
+            Ok(()) => return Ok(a.1),
+            Err(Refusal::SessionMismatch)
+                if started.elapsed() < Duration::from_millis(SESSION_SETTLE_MS) =>
+            {
+                drop(a);
+                std::thread::sleep(Duration::from_millis(SESSION_SETTLE_MS / 20));
+            }
+            Err(refusal) => return Err(refusal),
+        }
+    }
 }
 
 /// The receiver's side of the pre-shared-key handshake: a challenge, the sender's proof.
