@@ -170,6 +170,12 @@ impl Vmm for Guest {
             Guest::Kvm(g) => g.device_state(),
         }
     }
+    fn guest_cpu_time(&self) -> Option<std::time::Duration> {
+        match self {
+            Guest::Software(g) => g.guest_cpu_time(),
+            Guest::Kvm(g) => g.guest_cpu_time(),
+        }
+    }
 }
 
 impl LiveArgs {

@@ -177,6 +177,8 @@ pub struct Sender {
     placed_reports: Vec<(u32, usize)>,
     /// Shard placement, and the routing of chunks to the shards of their memory's node.
     placement: Placement,
+    /// The receiver runs on this host (loopback, a UNIX socket): its shards share the CPUs.
+    receiver_here: bool,
 }
 
 impl std::fmt::Debug for Sender {
@@ -305,6 +307,9 @@ impl Sender {
             streams.push(c);
         }
         let nic = streams.first().and_then(|c| c.stream.interface());
+        let receiver_here = streams
+            .first()
+            .is_some_and(|c| c.stream.peer_on_this_host());
         let placement = Placement::here(n, pin_cores, &memory, nic, true);
         tracing::debug!("sender placement:\n{}", placement.plan.render());
         let mut shards = Vec::with_capacity(streams.len());
@@ -390,6 +395,7 @@ impl Sender {
             placed: None,
             placed_reports: Vec::new(),
             placement,
+            receiver_here,
         })
     }
 
@@ -397,6 +403,17 @@ impl Sender {
     /// [`crate::placement`].
     pub fn plan(&self) -> &crate::placement::Plan {
         &self.placement.plan
+    }
+
+    /// Channels (one shard thread each).
+    pub fn channels(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// True when the receiver runs on this host (a loopback or own address, a UNIX socket),
+    /// so its shards compete with this side's for the same CPUs.
+    pub fn receiver_on_this_host(&self) -> bool {
+        self.receiver_here
     }
 
     /// Live counters for a progress display.

@@ -111,6 +111,18 @@ impl Stream {
         }
     }
 
+    /// True when the peer runs on this host: a UNIX socket, or TCP to a loopback address or to
+    /// this end's own address.
+    pub fn peer_on_this_host(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => match (s.peer_addr(), s.local_addr()) {
+                (Ok(peer), Ok(local)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+                _ => false,
+            },
+            Stream::Unix(_) => true,
+        }
+    }
+
     /// True when this end is on this host only: a UNIX socket, or TCP on a loopback address.
     pub fn is_local(&self) -> Result<bool> {
         match self {

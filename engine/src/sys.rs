@@ -27,6 +27,74 @@ pub fn thread_page_faults() -> (u64, u64) {
     (usage.ru_minflt as u64, usage.ru_majflt as u64)
 }
 
+/// CPU time (user + system) another thread of this process has used, through its pthread
+/// handle (`JoinHandleExt::as_pthread_t`); `None` once the thread has exited or the clock is
+/// not offered.
+pub fn thread_cpu_time_of(thread: libc::pthread_t) -> Option<Duration> {
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: `thread` comes from a JoinHandle that is not joined yet, so the pthread_t is
+    // still valid (an exited, unjoined thread keeps it); `id` is a valid, writable clockid_t.
+    if unsafe { libc::pthread_getcpuclockid(thread, &mut id) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; clock_gettime only writes it.
+    if unsafe { libc::clock_gettime(id, &mut ts) } != 0 {
+        return None;
+    }
+    Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// The host's CPU time so far, all CPUs together, from `/proc/stat` (in `USER_HZ` ticks,
+/// usually 10 ms): busy (user, nice, system, irq, softirq, steal) and total (busy, idle,
+/// iowait), and how many CPUs it counts. `None` where `/proc/stat` cannot be read.
+pub fn host_cpu_ticks() -> Option<HostCpuTicks> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = text.lines();
+    let first = lines.next()?;
+    let f: Vec<u64> = first
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest time is inside user already)
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    let cpus = lines
+        .take_while(|l| l.starts_with("cpu"))
+        .filter(|l| l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as u32;
+    Some(HostCpuTicks {
+        busy,
+        total: busy + at(3) + at(4),
+        cpus: cpus.max(1),
+    })
+}
+
+/// See [`host_cpu_ticks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCpuTicks {
+    /// Ticks the CPUs spent running anything.
+    pub busy: u64,
+    /// Ticks in all (busy, idle, waiting for I/O).
+    pub total: u64,
+    /// CPUs counted.
+    pub cpus: u32,
+}
+
+impl HostCpuTicks {
+    /// CPUs busy on average from `earlier` to `self` (0 to `cpus`); `None` when no tick
+    /// passed.
+    pub fn busy_cpus_since(&self, earlier: &HostCpuTicks) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        (total > 0).then(|| busy.min(total) as f64 / total as f64 * self.cpus as f64)
+    }
+}
+
 fn clock(id: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -309,4 +377,45 @@ pub fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
     // SAFETY: `list` came from getifaddrs and is freed once; no reference into it survives.
     unsafe { libc::freeifaddrs(list) };
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_cpu_ticks_add_up_and_a_busy_thread_shows() {
+        let Some(a) = host_cpu_ticks() else {
+            eprintln!("skipped: /proc/stat cannot be read here");
+            return;
+        };
+        assert!(a.cpus >= 1 && a.busy <= a.total, "{a:?}");
+        // Spin until the host's clock has ticked enough to measure (bounded).
+        let start = std::time::Instant::now();
+        let mut b = a;
+        while b.total < a.total + 20 * u64::from(a.cpus) && start.elapsed() < Duration::from_secs(2)
+        {
+            std::hint::black_box((0..10_000u64).sum::<u64>());
+            b = host_cpu_ticks().unwrap();
+        }
+        let busy = b.busy_cpus_since(&a).expect("ticks passed");
+        assert!(busy > 0.5 && busy <= f64::from(a.cpus), "{busy} of {a:?}");
+        assert_eq!(a.busy_cpus_since(&a), None, "no tick, no figure");
+        // A thread's CPU clock through its handle, while the thread lives.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let s = std::time::Instant::now();
+            while s.elapsed() < Duration::from_millis(30) {
+                std::hint::black_box((0..1000u64).sum::<u64>());
+            }
+            let _ = wait.recv_timeout(Duration::from_secs(5));
+        });
+        use std::os::unix::thread::JoinHandleExt;
+        std::thread::sleep(Duration::from_millis(60));
+        let cpu = thread_cpu_time_of(t.as_pthread_t());
+        release.send(()).unwrap();
+        t.join().unwrap();
+        let cpu = cpu.expect("a live thread has a CPU clock");
+        assert!(cpu >= Duration::from_millis(10), "{cpu:?}");
+    }
 }

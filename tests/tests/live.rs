@@ -136,7 +136,19 @@ fn a_live_migration_converges_and_the_destination_equals_the_source() {
     let s = &report.snapshot;
     assert_eq!(s.status, Status::Completed);
     assert!(report.converged);
-    assert!(s.rounds.len() >= 2, "round 0, then at least the last round");
+    assert!(
+        s.rounds.len() >= 3,
+        "round 0, at least one round of dirty pages, then the last round"
+    );
+    // The live rounds carry what the paused round's estimate counts on: the dirtier's CPU,
+    // the host's CPUs, and the engine's threads here (both sides' shards, over loopback).
+    // (The host's busy CPUs need clock ticks that rounds this short may not see.)
+    for r in &s.rounds[..s.rounds.len() - 1] {
+        assert!(r.guest_cpus.is_some_and(|g| g > 0.0), "{r:?}");
+        assert!(r.host_cpus > 0, "{r:?}");
+        assert_eq!(r.engine_threads, 4, "{r:?}");
+        assert!(r.tail_ms > 0.0 && r.tail_ms < r.ms, "{r:?}");
+    }
     assert!(s.downtime_ms.is_some() && s.transferred > 0 && s.mbps > 0.0);
     assert_eq!(
         s.rounds[0].pages,

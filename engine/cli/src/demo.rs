@@ -219,6 +219,12 @@ impl Vmm for DemoGuest {
             DemoGuest::Software(g) => g.device_state(),
         }
     }
+    fn guest_cpu_time(&self) -> Option<std::time::Duration> {
+        match self {
+            DemoGuest::Kvm(g) => g.guest_cpu_time(),
+            DemoGuest::Software(g) => g.guest_cpu_time(),
+        }
+    }
 }
 
 /// Starts the live demo's guest writing `a.dirty_rate` into `src`: the tiny KVM guest when

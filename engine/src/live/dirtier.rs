@@ -92,6 +92,11 @@ impl SoftwareDirtier {
 }
 
 impl Vmm for SoftwareDirtier {
+    fn guest_cpu_time(&self) -> Option<std::time::Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        crate::sys::thread_cpu_time_of(self.thread.as_ref()?.as_pthread_t())
+    }
+
     fn pause(&mut self) -> Result<()> {
         self.stop();
         Ok(())

@@ -46,6 +46,15 @@ pub trait Vmm {
     fn device_state(&mut self) -> Result<Vec<DeviceBlob>> {
         Ok(Vec::new())
     }
+
+    /// CPU time the guest (its vCPU threads, and whatever else stops at
+    /// [`pause`](Self::pause)) has used so far, where the VMM can tell; `None` (the default)
+    /// when it cannot. The session reads it around each live round: on a host whose CPUs are
+    /// all busy, the paused round gets that CPU back, and the expected downtime counts on it
+    /// (see [`Estimates::after`]).
+    fn guest_cpu_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Where a migration stands (QEMU's `query-migrate` status).
@@ -198,6 +207,46 @@ impl Migration {
     }
 }
 
+/// The guest's and the host's CPU time at a round's start, for the CPU figures of
+/// [`RoundFigures`].
+#[derive(Clone, Copy)]
+struct Load {
+    at: Instant,
+    guest: Option<std::time::Duration>,
+    host: Option<crate::sys::HostCpuTicks>,
+}
+
+/// The fewest `/proc/stat` ticks (all CPUs together, usually 10 ms each) a host figure is
+/// taken from: a round shorter than that is measured together with the round before it.
+const HOST_TICKS_MIN: u64 = 16;
+
+impl Load {
+    fn now(vmm: &dyn Vmm) -> Load {
+        Load {
+            at: Instant::now(),
+            guest: vmm.guest_cpu_time(),
+            host: crate::sys::host_cpu_ticks(),
+        }
+    }
+
+    /// CPUs the guest kept busy, CPUs the host kept busy, and the host's CPUs, from `self` to
+    /// `now`; the host's figure is `None` when too few ticks passed.
+    fn until(&self, now: &Load) -> (Option<f64>, Option<f64>, u32) {
+        let ms = now.at.duration_since(self.at).as_secs_f64() * 1e3;
+        let guest = match (self.guest, now.guest) {
+            (Some(a), Some(b)) if ms > 0.0 => Some(b.saturating_sub(a).as_secs_f64() * 1e3 / ms),
+            _ => None,
+        };
+        let busy = match (self.host, now.host) {
+            (Some(a), Some(b)) if b.total.saturating_sub(a.total) >= HOST_TICKS_MIN => {
+                b.busy_cpus_since(&a)
+            }
+            _ => None,
+        };
+        (guest, busy, now.host.map_or(0, |h| h.cpus))
+    }
+}
+
 /// The state of one [`Migration::run`].
 struct Run {
     snapshot: Arc<Mutex<Snapshot>>,
@@ -257,8 +306,13 @@ impl Run {
             s.dirty_sync_count = 1;
         });
         let mut runs = PageRun::whole(sender.memory());
+        let mut earlier: Option<Load> = None;
+        let engine_threads =
+            sender.channels() as u32 * if sender.receiver_on_this_host() { 2 } else { 1 };
         let expected = loop {
             let before = wire();
+            let load = Load::now(vmm);
+            let since = earlier.replace(load).unwrap_or(load);
             let started = Instant::now();
             let sent = sender.send_live_round(&runs)?;
             // A round counts once the receiver placed it: the socket buffers hold megabytes,
@@ -266,6 +320,13 @@ impl Run {
             // it predicts, look better than they are (measured: predicted 2 ms, paused 50).
             sender.wait_placed(sent.round)?;
             let ms = started.elapsed().as_secs_f64() * 1e3;
+            // The CPU figures of this round, or of this round and the one before where this
+            // one was too short for the host's clock ticks.
+            let end = Load::now(vmm);
+            let (guest_cpus, host_busy_cpus, host_cpus) = match load.until(&end) {
+                (_, None, _) => since.until(&end),
+                figures => figures,
+            };
             bitmaps.clear();
             source.collect(&mut bitmaps)?;
             let dirty = bitmaps.dirty_pages();
@@ -274,7 +335,12 @@ impl Run {
                 pages: sent.pages,
                 wire_bytes: wire() - before,
                 ms,
+                tail_ms: (ms - sent.time_ms).max(0.0),
                 dirtied_pages: dirty,
+                guest_cpus,
+                host_busy_cpus,
+                host_cpus,
+                engine_threads,
             };
             let estimates = Estimates::after(&figures, dirty);
             self.record(figures, wire(), Some(estimates));
@@ -307,12 +373,12 @@ impl Run {
         let before = wire();
         let last = sender.send_round(&runs)?;
         let sent_ms = paused.elapsed().as_secs_f64() * 1e3;
-        let figures = RoundFigures {
+        let mut figures = RoundFigures {
             round: last.round,
             pages: last.pages,
             wire_bytes: wire() - before,
             ms: last.time_ms,
-            dirtied_pages: 0,
+            ..RoundFigures::default()
         };
         let blobs = match vmm.device_state() {
             Ok(b) => b,
@@ -322,6 +388,7 @@ impl Run {
         let device_ms = paused.elapsed().as_secs_f64() * 1e3;
         let transfer = sender.finish()?;
         let downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
+        figures.tail_ms = downtime_ms - device_ms;
         tracing::debug!(
             paused_ms,
             collected_ms,

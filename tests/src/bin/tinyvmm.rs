@@ -109,6 +109,9 @@ impl Vmm for Source {
     fn device_state(&mut self) -> pagewire::Result<Vec<pagewire::protocol::blob::DeviceBlob>> {
         self.0.device_state()
     }
+    fn guest_cpu_time(&self) -> Option<Duration> {
+        self.0.guest_cpu_time()
+    }
 }
 
 fn source(to: &str, tls_dir: &Option<PathBuf>, a: (u32, u32, u64, u64, u16)) -> Result<()> {
