@@ -131,6 +131,17 @@ impl Region {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
     }
 
+    /// The writable range of `len` bytes at `offset`, checked against the mapping, for code
+    /// that writes guest memory through a raw pointer (the TLS direct open). Panics on a
+    /// read-only region or a range outside it.
+    pub(crate) fn range_mut(&self, offset: u64, len: usize) -> GuestRange {
+        self.assert_writable();
+        GuestRange {
+            ptr: self.host_ptr(offset, len as u64),
+            len,
+        }
+    }
+
     /// Writes zeros over `pages` pages from `first_page`. Panics on a read-only region.
     pub fn zero_pages(&self, first_page: u64, pages: u64) {
         self.assert_writable();
@@ -160,6 +171,30 @@ impl Region {
 #[derive(Debug)]
 pub struct GuestMemory {
     regions: Vec<Region>,
+}
+
+/// A range of a writable region's mapping, checked against it when made
+/// ([`Region::range_mut`]): writable through [`as_mut_ptr`](Self::as_mut_ptr) for
+/// [`len`](Self::len) bytes for as long as its [`GuestMemory`] lives. No reference to guest
+/// memory is ever formed from it.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "aws-lc-rs"), allow(dead_code))] // only the aws-lc-rs open writes it
+pub(crate) struct GuestRange {
+    ptr: *mut u8,
+    len: usize,
+}
+
+#[cfg_attr(not(feature = "aws-lc-rs"), allow(dead_code))]
+impl GuestRange {
+    /// The range's first byte.
+    pub(crate) fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Bytes in the range.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
 }
 
 /// Place and size of one region to create.

@@ -68,6 +68,9 @@ pub struct ShardStats {
     pub torn_pages: u64,
     /// Bytes of normal pages in those frames, before compression.
     pub compressed_raw_bytes: u64,
+    /// Receiver, TLS: payload bytes opened straight into destination memory (the rest was
+    /// opened in the staging slot and copied; see `tls::direct`).
+    pub tls_direct_bytes: u64,
     /// Bytes of those frames' payloads after compression.
     pub compressed_bytes: u64,
 }

@@ -158,8 +158,22 @@ fn key_updates_keep_the_stream_readable() {
         receiver_config(Some(p.server)),
     );
     sent.unwrap();
-    received.unwrap();
+    let received = received.unwrap();
     assert_eq!(src.first_difference(&dst), None);
+    // With aws-lc-rs (the default provider, which this crate builds), records of page data
+    // open straight into the
+    // destination pages; only the plaintext that shares a record with a frame's header, and
+    // the record after each key update, go through the staging slot.
+    let direct: u64 = received.shards.iter().map(|s| s.tls_direct_bytes).sum();
+    eprintln!(
+        "{direct} of {} payload bytes opened straight into destination memory",
+        received.normal_bytes
+    );
+    assert!(
+        direct > received.normal_bytes / 2 && direct <= received.normal_bytes,
+        "{direct} of {} bytes opened straight into memory",
+        received.normal_bytes
+    );
 }
 
 /// One channel, 1 MiB, with the given TLS ends (`None`: plaintext on that side).
@@ -293,7 +307,7 @@ fn transfer_through(
 }
 
 #[test]
-fn a_flipped_ciphertext_byte_is_an_authentication_error_and_writes_nothing_from_its_record() {
+fn a_flipped_ciphertext_byte_is_an_authentication_error_and_nothing_past_its_record_is_written() {
     if skip_without_uring() {
         return;
     }
@@ -311,20 +325,33 @@ fn a_flipped_ciphertext_byte_is_an_authentication_error_and_writes_nothing_from_
         error_chain(&r)
     );
     assert!(sent.is_err(), "the sender must not report success");
-    // Every destination byte is either untouched (zero) or the source's byte: nothing from the
-    // forged record (which would decrypt to garbage) reached memory, and the transfer stopped
-    // there (the tail of the memory was never written).
+    // Every destination byte is untouched (zero), the source's byte, or one of the forged
+    // record's: a record is opened straight into its pages before its tag is checked (see
+    // `tls::direct`), so its data may land there as garbage, but no more than one record's
+    // worth (16 KiB), and the transfer stopped there (the tail of the memory was never
+    // written). The transfer fails, so the garbage is never taken for the guest's.
     let region_src = &src.regions()[0];
     let region_dst = &dst.regions()[0];
     let mut a = vec![0u8; 4 << 20];
     let mut b = vec![0u8; 4 << 20];
     region_src.read(0, &mut a);
     region_dst.read(0, &mut b);
-    let foreign = a.iter().zip(&b).filter(|(s, d)| **d != 0 && s != d).count();
-    assert_eq!(foreign, 0, "bytes that are not the source's were written");
+    let foreign: Vec<usize> = (0..a.len())
+        .filter(|&i| b[i] != 0 && a[i] != b[i])
+        .collect();
+    eprintln!(
+        "{} bytes of the forged record reached memory",
+        foreign.len()
+    );
+    if let (Some(first), Some(last)) = (foreign.first(), foreign.last()) {
+        assert!(
+            last - first < 16 * 1024,
+            "bytes that are not the source's were written from {first} to {last}"
+        );
+    }
     let written = b.iter().rposition(|&x| x != 0).unwrap_or(0);
     assert!(
-        written < 300_000,
+        written < 300_000 + 16 * 1024,
         "data past the forged record was placed (up to byte {written})"
     );
 }

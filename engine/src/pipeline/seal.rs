@@ -106,13 +106,26 @@ impl Keys {
     }
 
     fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
-        let seq = self.seq;
-        self.seq = seq.checked_add(1).ok_or(RecordError::SequenceExhausted)?;
+        let n = self.nonce_bytes();
+        self.advance()?;
+        Ok(Nonce::assume_unique_for_key(n))
+    }
+
+    /// The nonce of the next record (the traffic IV XOR the sequence number), not yet used.
+    fn nonce_bytes(&self) -> [u8; 12] {
         let mut n = self.iv;
-        for (b, s) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
+        for (b, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *b ^= s;
         }
-        Ok(Nonce::assume_unique_for_key(n))
+        n
+    }
+
+    fn advance(&mut self) -> Result<(), RecordError> {
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or(RecordError::SequenceExhausted)?;
+        Ok(())
     }
 }
 
@@ -208,6 +221,21 @@ impl RecordSealer {
 /// Opens records of one direction of one connection.
 pub struct RecordOpener {
     keys: Keys,
+    /// The same AES-GCM key, for opening straight into guest memory (aws-lc-rs only; `None`
+    /// for ChaCha20-Poly1305).
+    #[cfg(feature = "aws-lc-rs")]
+    direct: Option<crate::tls::direct::DirectOpener>,
+}
+
+/// What [`RecordOpener::open_direct`] did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// Its data went to the destination: the next record follows.
+    Placed,
+    /// It cannot go there (no direct opener, or it is no unpadded application data record
+    /// of that length): it is untouched and its sequence number unused, so open it in place.
+    /// The destination holds bytes of no meaning.
+    InPlace,
 }
 
 impl std::fmt::Debug for RecordOpener {
@@ -216,6 +244,12 @@ impl std::fmt::Debug for RecordOpener {
             .field("seq", &self.keys.seq)
             .finish()
     }
+}
+
+/// Bytes of data the record whose header starts `bytes` carries when it is not padded (its
+/// ciphertext less the inner content type and the tag), checked.
+pub fn record_data_bytes(bytes: &[u8; RECORD_HEADER_BYTES]) -> Result<usize, RecordError> {
+    Ok(record_len(bytes)? - RECORD_OVERHEAD_BYTES)
 }
 
 /// Total length of the record whose header starts `bytes` (header included), checked.
@@ -238,6 +272,14 @@ impl RecordOpener {
     pub fn new(secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Self, RecordError> {
         Ok(RecordOpener {
             keys: Keys::new(secrets, seq)?,
+            #[cfg(feature = "aws-lc-rs")]
+            direct: match secrets {
+                ConnectionTrafficSecrets::Aes128Gcm { key, .. }
+                | ConnectionTrafficSecrets::Aes256Gcm { key, .. } => {
+                    crate::tls::direct::DirectOpener::aes_gcm(key.as_ref())
+                }
+                _ => None,
+            },
         })
     }
 
@@ -246,7 +288,59 @@ impl RecordOpener {
     pub fn aes128(key: &[u8; 16], iv: [u8; 12], seq: u64) -> Result<Self, RecordError> {
         Ok(RecordOpener {
             keys: Keys::aes128(key, iv, seq)?,
+            #[cfg(feature = "aws-lc-rs")]
+            direct: crate::tls::direct::DirectOpener::aes_gcm(key),
         })
+    }
+
+    /// True when records can be opened straight into guest memory
+    /// ([`open_direct`](Self::open_direct)).
+    pub fn opens_direct(&self) -> bool {
+        #[cfg(feature = "aws-lc-rs")]
+        return self.direct.is_some();
+        #[cfg(not(feature = "aws-lc-rs"))]
+        false
+    }
+
+    /// Opens the complete record in `record` (header included) straight into `dest`, which
+    /// must be as long as the record's data would be without padding
+    /// ([`record_data_bytes`]); see [`crate::tls::direct`] for why writing guest memory before
+    /// the tag is checked is safe. A record that fails authentication is an error; one that
+    /// is no application data (a key update, an alert) or is padded comes back as
+    /// [`Direct::InPlace`], untouched, for [`open_in_place`](Self::open_in_place).
+    pub(crate) fn open_direct(
+        &mut self,
+        record: &[u8],
+        dest: &crate::memory::GuestRange,
+    ) -> Result<Direct, RecordError> {
+        #[cfg(feature = "aws-lc-rs")]
+        if let Some(direct) = self.direct.as_mut() {
+            let mut header = [0u8; RECORD_HEADER_BYTES];
+            header.copy_from_slice(
+                record
+                    .get(..RECORD_HEADER_BYTES)
+                    .ok_or(RecordError::BufferTooSmall)?,
+            );
+            let total = record_len(&header)?;
+            let body = record
+                .get(RECORD_HEADER_BYTES..total)
+                .ok_or(RecordError::BufferTooSmall)?;
+            if body.len() != dest.len() + 1 + TAG_BYTES {
+                return Ok(Direct::InPlace);
+            }
+            let mut content_type = [0u8; 1];
+            let nonce = self.keys.nonce_bytes();
+            if !direct.open(&nonce, &header, body, dest, &mut content_type) {
+                return Err(RecordError::Authentication);
+            }
+            if content_type[0] != CONTENT_APPLICATION_DATA {
+                return Ok(Direct::InPlace);
+            }
+            self.keys.advance()?;
+            return Ok(Direct::Placed);
+        }
+        let _ = (record, dest);
+        Ok(Direct::InPlace)
     }
 
     /// Opens the complete record in `record` (header included) in place. Returns the inner

@@ -17,6 +17,9 @@
 
 #[cfg(any(test, feature = "certs"))]
 pub mod certs;
+#[cfg(feature = "aws-lc-rs")]
+#[allow(unsafe_code)]
+pub(crate) mod direct;
 pub(crate) mod stream;
 
 pub(crate) use stream::{Record, RecordStream};

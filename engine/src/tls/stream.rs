@@ -14,8 +14,8 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::pipeline::seal::{
-    check_key_update, record_len, RecordOpener, CLOSE_NOTIFY_ALERT, CONTENT_ALERT,
-    CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE, RECORD_HEADER_BYTES,
+    check_key_update, record_data_bytes, record_len, Direct, RecordOpener, CLOSE_NOTIFY_ALERT,
+    CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE, RECORD_HEADER_BYTES,
 };
 
 use super::KeySchedule;
@@ -88,6 +88,48 @@ impl RecordStream {
     /// `n` bytes were received into the range [`room`](Self::room) gave.
     pub(crate) fn received(&mut self, n: usize) {
         self.end += n;
+    }
+
+    /// True when this stream can open records straight into guest memory.
+    pub(crate) fn opens_direct(&self) -> bool {
+        self.opener.opens_direct()
+    }
+
+    /// The next record, for a direct open: `None` while its header is not buffered, else its
+    /// data bytes if unpadded and whether it is whole in `buf`.
+    pub(crate) fn peek(&self, buf: &[u8]) -> Result<Option<(usize, bool)>> {
+        if self.buffered() < RECORD_HEADER_BYTES {
+            return Ok(None);
+        }
+        let mut header = [0u8; RECORD_HEADER_BYTES];
+        header.copy_from_slice(&buf[self.start..self.start + RECORD_HEADER_BYTES]);
+        let channel = self.channel;
+        let record = |source| Error::TlsRecord { channel, source };
+        let total = record_len(&header).map_err(record)?;
+        let data = record_data_bytes(&header).map_err(record)?;
+        Ok(Some((data, self.buffered() >= total)))
+    }
+
+    /// Opens the next record, whole in `buf` ([`peek`](Self::peek)), straight into `dest`,
+    /// as long as its unpadded data. On [`Direct::InPlace`] the record is left for
+    /// [`next`](Self::next).
+    pub(crate) fn next_direct(
+        &mut self,
+        buf: &[u8],
+        dest: &crate::memory::GuestRange,
+    ) -> Result<Direct> {
+        let channel = self.channel;
+        let mut header = [0u8; RECORD_HEADER_BYTES];
+        header.copy_from_slice(&buf[self.start..self.start + RECORD_HEADER_BYTES]);
+        let total = record_len(&header).map_err(|source| Error::TlsRecord { channel, source })?;
+        let done = self
+            .opener
+            .open_direct(&buf[self.start..self.start + total], dest)
+            .map_err(|source| Error::TlsRecord { channel, source })?;
+        if done == Direct::Placed {
+            self.start += total;
+        }
+        Ok(done)
     }
 
     /// Opens the next whole record in `buf`, or `None` when more ciphertext is needed.

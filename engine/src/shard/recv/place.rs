@@ -9,8 +9,11 @@
 //!   copy cost the receiver 0.02–0.04 CPU-s/GiB and 1–4% of throughput (`pagewire-bench
 //!   transfer`, 1 GiB random, 1 and 2 channels, interleaved), and a failed frame fails the
 //!   transfer or is resent anyway.
-//! - TLS: records are opened in the staging slot and their plaintext copied to its place (the
-//!   AEAD has checked every byte first; no checksums travel).
+//! - TLS: ciphertext arrives in the staging slot; a record whose data fits the destination
+//!   range is opened straight into the pages (AES-GCM with aws-lc-rs: `tls::direct`, which says
+//!   why that is safe before the tag is checked); the rest (the plaintext that shares a record
+//!   with a frame's header, a key update, ChaCha20 or `ring`) is opened in place and copied.
+//!   No checksums travel: the AEAD checks every byte.
 //! - Compressed: staged, decoded into this shard's buffer, checked there, then copied.
 
 use super::*;

@@ -2,9 +2,12 @@
 //! stream, close_notify, and answering key updates.
 
 use super::*;
+use crate::pipeline::seal::Direct;
 
 impl RecvShard {
-    /// Copies opened plaintext into the destination ranges `bufs`, record by record.
+    /// Opens the records of a payload into the destination ranges `bufs`: straight into the
+    /// pages where a whole record's data fits the range (see [`crate::tls::direct`]), else in
+    /// the staging slot, copying the plaintext over.
     pub(super) fn tls_place(&mut self, bufs: &[Buf]) -> Result<()> {
         for buf in bufs {
             let Buf::Guest {
@@ -17,7 +20,13 @@ impl RecvShard {
             };
             let mut done = 0u64;
             while done < u64::from(len) {
-                let Some(r) = self.tls_plain((u64::from(len) - done) as usize, false)? else {
+                let left = (u64::from(len) - done) as usize;
+                if let Some(n) = self.tls_direct(region, offset + done, left)? {
+                    done += n as u64;
+                    self.stats.tls_direct_bytes += n as u64;
+                    continue;
+                }
+                let Some(r) = self.tls_plain(left, false)? else {
                     return Err(self.cut_short());
                 };
                 let n = r.len() as u64;
@@ -27,6 +36,34 @@ impl RecvShard {
             }
         }
         Ok(())
+    }
+
+    /// Opens the next record straight into `region` at `offset` when it is application data
+    /// of at most `max` bytes, receiving ciphertext until it is whole. `None` when it must go
+    /// through the staging slot instead (plaintext left over from a record that carried a
+    /// frame header, a record longer than the range, a key update, a cipher without a direct
+    /// opener).
+    fn tls_direct(&mut self, region: u32, offset: u64, max: usize) -> Result<Option<usize>> {
+        loop {
+            let staging = self.ring.slot_mut(STAGING_SLOT);
+            let Some(tls) = self.p.tls.as_mut() else {
+                return Ok(None);
+            };
+            if !tls.plain.is_empty() || tls.close_notify || !tls.stream.opens_direct() {
+                return Ok(None);
+            }
+            match tls.stream.peek(staging)? {
+                Some((n, _)) if n == 0 || n > max => return Ok(None),
+                Some((n, true)) => {
+                    let dest = self.p.memory.regions()[region as usize].range_mut(offset, n);
+                    return Ok(match tls.stream.next_direct(staging, &dest)? {
+                        Direct::Placed => Some(n),
+                        Direct::InPlace => None,
+                    });
+                }
+                _ => self.tls_receive(false)?,
+            }
+        }
     }
 
     pub(super) fn cut_short(&self) -> Error {
@@ -67,7 +104,6 @@ impl RecvShard {
     /// end: a close_notify (recorded), or a FIN at a frame boundary when `boundary` allows it.
     pub(super) fn tls_next_record(&mut self, boundary: bool) -> Result<bool> {
         loop {
-            let channel = self.channel;
             let staging = self.ring.slot_mut(STAGING_SLOT);
             let Some(tls) = self.p.tls.as_mut() else {
                 return Ok(false);
@@ -94,28 +130,40 @@ impl RecvShard {
                 }
                 None => {}
             }
-            // Need more ciphertext: make room, then receive whatever is available.
-            let at_boundary = boundary && tls.stream.buffered() == 0;
-            let room = tls.stream.room(staging, RECORD_BYTES_MAX);
-            let buf = Buf::Slab {
-                slot: STAGING_SLOT,
-                offset: room.start as u32,
-                len: room.len() as u32,
-            };
-            let n = self.recv_some(buf)?;
-            if n == 0 {
-                if at_boundary {
-                    return Err(Error::PeerClosed {
-                        channel,
-                        when: "without TLS close_notify (the stream was cut short)",
-                    });
-                }
-                return Err(self.cut_short());
-            }
-            if let Some(tls) = self.p.tls.as_mut() {
-                tls.stream.received(n);
-            }
+            self.tls_receive(boundary)?;
         }
+    }
+
+    /// Receives more ciphertext (whatever is available) into the staging slot, making room
+    /// first. A FIN is an error: before any byte of a frame when `boundary`, a stream cut
+    /// short without close_notify, else one cut in the middle of a frame.
+    fn tls_receive(&mut self, boundary: bool) -> Result<()> {
+        let channel = self.channel;
+        let staging = self.ring.slot_mut(STAGING_SLOT);
+        let Some(tls) = self.p.tls.as_mut() else {
+            return Err(self.cut_short());
+        };
+        let at_boundary = boundary && tls.stream.buffered() == 0;
+        let room = tls.stream.room(staging, RECORD_BYTES_MAX);
+        let buf = Buf::Slab {
+            slot: STAGING_SLOT,
+            offset: room.start as u32,
+            len: room.len() as u32,
+        };
+        let n = self.recv_some(buf)?;
+        if n == 0 {
+            if at_boundary {
+                return Err(Error::PeerClosed {
+                    channel,
+                    when: "without TLS close_notify (the stream was cut short)",
+                });
+            }
+            return Err(self.cut_short());
+        }
+        if let Some(tls) = self.p.tls.as_mut() {
+            tls.stream.received(n);
+        }
+        Ok(())
     }
 
     /// After the end-of-stream frame a TLS channel must close with close_notify: a stream cut
