@@ -131,6 +131,15 @@ impl Region {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
     }
 
+    /// The range of `len` bytes at `offset`, checked against the mapping, for code that reads
+    /// guest memory through a raw pointer (the TLS direct seal). Panics on a range outside it.
+    pub(crate) fn range(&self, offset: u64, len: usize) -> GuestSrc {
+        GuestSrc {
+            ptr: self.host_ptr(offset, len as u64),
+            len,
+        }
+    }
+
     /// The writable range of `len` bytes at `offset`, checked against the mapping, for code
     /// that writes guest memory through a raw pointer (the TLS direct open). Panics on a
     /// read-only region or a range outside it.
@@ -177,6 +186,41 @@ pub struct GuestMemory {
 /// ([`Region::range_mut`]): writable through [`as_mut_ptr`](Self::as_mut_ptr) for
 /// [`len`](Self::len) bytes for as long as its [`GuestMemory`] lives. No reference to guest
 /// memory is ever formed from it.
+/// A range of a region's mapping, checked against it when made ([`Region::range`]):
+/// readable through [`as_ptr`](Self::as_ptr) for [`len`](Self::len) bytes for as long as its
+/// [`GuestMemory`] lives (vCPUs may write it meanwhile: readers get some mix of old and new
+/// bytes). No reference to guest memory is ever formed from it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GuestSrc {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl GuestSrc {
+    /// The range's first byte.
+    #[cfg_attr(not(feature = "aws-lc-rs"), allow(dead_code))]
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    /// Bytes in the range.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies the range into `out`, which must be as long.
+    pub(crate) fn copy_to(&self, out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            self.len,
+            "a copy of a guest range needs its length"
+        );
+        // SAFETY: ptr..ptr+len is inside the mapping while its GuestMemory lives (checked
+        // when made); `out` is a distinct Rust buffer of the same length; raw pointers only.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, out.as_mut_ptr(), self.len) }
+    }
+}
+
 #[derive(Debug)]
 #[cfg_attr(not(feature = "aws-lc-rs"), allow(dead_code))] // only the aws-lc-rs open writes it
 pub(crate) struct GuestRange {

@@ -129,9 +129,40 @@ impl Keys {
     }
 }
 
+/// A piece of a record's plaintext for [`RecordSealer::seal_pieces`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Piece<'a> {
+    /// Bytes of a Rust buffer (a frame header, a compressed payload).
+    Bytes(&'a [u8]),
+    /// Guest memory, read where it is.
+    Guest(crate::memory::GuestSrc),
+}
+
+impl Piece<'_> {
+    /// Bytes in the piece.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Piece::Bytes(b) => b.len(),
+            Piece::Guest(g) => g.len(),
+        }
+    }
+
+    /// Copies the piece into `out` (as long as the piece).
+    pub(crate) fn copy_to(&self, out: &mut [u8]) {
+        match self {
+            Piece::Bytes(b) => out.copy_from_slice(b),
+            Piece::Guest(g) => g.copy_to(out),
+        }
+    }
+}
+
 /// Seals records for one direction of one connection.
 pub struct RecordSealer {
     keys: Keys,
+    /// The same AES-GCM key, for sealing plaintext read where it lies (aws-lc-rs only; `None`
+    /// for ChaCha20-Poly1305).
+    #[cfg(feature = "aws-lc-rs")]
+    direct: Option<crate::tls::direct::DirectSealer>,
 }
 
 impl std::fmt::Debug for RecordSealer {
@@ -147,6 +178,14 @@ impl RecordSealer {
     pub fn new(secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Self, RecordError> {
         Ok(RecordSealer {
             keys: Keys::new(secrets, seq)?,
+            #[cfg(feature = "aws-lc-rs")]
+            direct: match secrets {
+                ConnectionTrafficSecrets::Aes128Gcm { key, .. }
+                | ConnectionTrafficSecrets::Aes256Gcm { key, .. } => {
+                    crate::tls::direct::DirectSealer::aes_gcm(key.as_ref())
+                }
+                _ => None,
+            },
         })
     }
 
@@ -155,7 +194,44 @@ impl RecordSealer {
     pub fn aes128(key: &[u8; 16], iv: [u8; 12], seq: u64) -> Result<Self, RecordError> {
         Ok(RecordSealer {
             keys: Keys::aes128(key, iv, seq)?,
+            #[cfg(feature = "aws-lc-rs")]
+            direct: crate::tls::direct::DirectSealer::aes_gcm(key),
         })
+    }
+
+    /// Seals the plaintext `pieces` (at most [`RECORD_PLAINTEXT_BYTES_MAX`] bytes together)
+    /// into `record` as one record of inner type `content_type`; returns its total length.
+    /// With AES-GCM under aws-lc-rs the encryption reads the pieces where they lie (guest
+    /// memory included) and writes the record: one pass, no copy; otherwise they are copied
+    /// into the record and sealed in place.
+    pub(crate) fn seal_pieces(
+        &mut self,
+        record: &mut [u8],
+        pieces: &[Piece<'_>],
+        content_type: u8,
+    ) -> Result<usize, RecordError> {
+        let len: usize = pieces.iter().map(Piece::len).sum();
+        if len > RECORD_PLAINTEXT_BYTES_MAX || record.len() < len + RECORD_OVERHEAD_BYTES {
+            return Err(RecordError::BufferTooSmall);
+        }
+        #[cfg(feature = "aws-lc-rs")]
+        if let Some(direct) = self.direct.as_mut() {
+            let header = record_header(len);
+            record[..RECORD_HEADER_BYTES].copy_from_slice(&header);
+            let nonce = self.keys.nonce_bytes();
+            let body = &mut record[RECORD_HEADER_BYTES..len + RECORD_OVERHEAD_BYTES];
+            if !direct.seal(&nonce, &header, pieces, content_type, body) {
+                return Err(RecordError::Authentication);
+            }
+            self.keys.advance()?;
+            return Ok(len + RECORD_OVERHEAD_BYTES);
+        }
+        let mut at = RECORD_HEADER_BYTES;
+        for p in pieces {
+            p.copy_to(&mut record[at..at + p.len()]);
+            at += p.len();
+        }
+        self.seal_in_place(record, len, content_type)
     }
 
     /// Records sealed with the current key.
@@ -175,14 +251,7 @@ impl RecordSealer {
         if len > RECORD_PLAINTEXT_BYTES_MAX || record.len() < len + RECORD_OVERHEAD_BYTES {
             return Err(RecordError::BufferTooSmall);
         }
-        let ciphertext = len + 1 + TAG_BYTES;
-        let header = [
-            APPLICATION_DATA,
-            0x03,
-            0x03,
-            (ciphertext >> 8) as u8,
-            ciphertext as u8,
-        ];
+        let header = record_header(len);
         record[..RECORD_HEADER_BYTES].copy_from_slice(&header);
         let body_end = RECORD_HEADER_BYTES + len + 1;
         record[body_end - 1] = content_type;
@@ -244,6 +313,18 @@ impl std::fmt::Debug for RecordOpener {
             .field("seq", &self.keys.seq)
             .finish()
     }
+}
+
+/// The header of a record of `len` bytes of plaintext.
+fn record_header(len: usize) -> [u8; RECORD_HEADER_BYTES] {
+    let ciphertext = len + 1 + TAG_BYTES;
+    [
+        APPLICATION_DATA,
+        0x03,
+        0x03,
+        (ciphertext >> 8) as u8,
+        ciphertext as u8,
+    ]
 }
 
 /// Bytes of data the record whose header starts `bytes` carries when it is not padded (its

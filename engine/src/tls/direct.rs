@@ -33,6 +33,7 @@ use std::ptr::NonNull;
 use aws_lc_sys as sys;
 
 use crate::memory::GuestRange;
+use crate::pipeline::seal::Piece;
 
 /// Bytes of the AES-GCM tag.
 const TAG_BYTES: usize = 16;
@@ -162,6 +163,131 @@ impl Drop for DirectOpener {
     }
 }
 
+/// One direction's AES-GCM key, for sealing records whose plaintext is read where it lies
+/// (guest memory, a header buffer): the encryption is the only pass over the data, with no
+/// copy into the record first. The same streaming interface as [`DirectOpener`].
+pub struct DirectSealer {
+    ctx: NonNull<sys::EVP_CIPHER_CTX>,
+}
+
+// SAFETY: as for DirectOpener: owned alone, used through `&mut self`, no thread-local state.
+unsafe impl Send for DirectSealer {}
+
+impl std::fmt::Debug for DirectSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectSealer")
+    }
+}
+
+impl DirectSealer {
+    /// A sealer for AES-GCM with `key` (16 or 32 bytes); `None` otherwise.
+    pub fn aes_gcm(key: &[u8]) -> Option<DirectSealer> {
+        let cipher = match key.len() {
+            // SAFETY: returns a pointer to a static cipher description; no arguments.
+            16 => unsafe { sys::EVP_aes_128_gcm() },
+            // SAFETY: as above.
+            32 => unsafe { sys::EVP_aes_256_gcm() },
+            _ => return None,
+        };
+        // SAFETY: a fresh context or null; ownership passes to `DirectSealer`, freed in Drop.
+        let ctx = NonNull::new(unsafe { sys::EVP_CIPHER_CTX_new() })?;
+        let sealer = DirectSealer { ctx };
+        // SAFETY: as in DirectOpener::aes_gcm, for encryption.
+        let ok = unsafe {
+            sys::EVP_EncryptInit_ex(
+                ctx.as_ptr(),
+                cipher,
+                std::ptr::null_mut(),
+                key.as_ptr(),
+                std::ptr::null(),
+            )
+        };
+        (ok == 1).then_some(sealer)
+    }
+
+    /// Seals the plaintext `pieces` followed by the inner `content_type` byte with `nonce`
+    /// over `aad` into `out`: ciphertext, then the tag. Returns false when AWS-LC fails.
+    ///
+    /// Panics unless `out.len()` is the pieces' length + 1 + 16.
+    pub fn seal(
+        &mut self,
+        nonce: &[u8; NONCE_BYTES],
+        aad: &[u8],
+        pieces: &[Piece<'_>],
+        content_type: u8,
+        out: &mut [u8],
+    ) -> bool {
+        let plain: usize = pieces.iter().map(Piece::len).sum();
+        assert_eq!(
+            out.len(),
+            plain + 1 + TAG_BYTES,
+            "a sealed record is its plaintext, a content type and a tag"
+        );
+        let ctx = self.ctx.as_ptr();
+        let mut n: std::ffi::c_int = 0;
+        let ct = [content_type];
+        // Every call below: `ctx` is valid and keyed (`aes_gcm`). Inputs are Rust slices of
+        // their lengths, or guest ranges readable for theirs (GuestSrc's invariant; a vCPU
+        // may write them meanwhile, and the record then seals whatever bytes were read, as
+        // the copy it replaces did). Each output is the next `len` bytes of `out`, within it
+        // (asserted above), and GCM writes exactly as many bytes as it reads; `out` is a
+        // Rust buffer disjoint from every input.
+        // SAFETY: see the paragraph above; each FFI call gets only the pointers it names.
+        unsafe {
+            if sys::EVP_EncryptInit_ex(
+                ctx,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                nonce.as_ptr(),
+            ) != 1
+            {
+                return false;
+            }
+            let aad_len = aad.len() as std::ffi::c_int;
+            if sys::EVP_EncryptUpdate(ctx, std::ptr::null_mut(), &mut n, aad.as_ptr(), aad_len) != 1
+            {
+                return false;
+            }
+            let mut at = 0usize;
+            let inputs = pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Bytes(b) => (b.as_ptr(), b.len()),
+                    Piece::Guest(g) => (g.as_ptr(), g.len()),
+                })
+                .chain(std::iter::once((ct.as_ptr(), 1)));
+            for (input, len) in inputs {
+                if len == 0 {
+                    continue;
+                }
+                let out_ptr = out.as_mut_ptr().add(at);
+                let l = len as std::ffi::c_int;
+                if sys::EVP_EncryptUpdate(ctx, out_ptr, &mut n, input, l) != 1 || n != l {
+                    return false;
+                }
+                at += len;
+            }
+            if sys::EVP_EncryptFinal_ex(ctx, out.as_mut_ptr().add(at), &mut n) != 1 || n != 0 {
+                return false;
+            }
+            sys::EVP_CIPHER_CTX_ctrl(
+                ctx,
+                sys::EVP_CTRL_GCM_GET_TAG as std::ffi::c_int,
+                TAG_BYTES as std::ffi::c_int,
+                out.as_mut_ptr().add(at).cast(),
+            ) == 1
+        }
+    }
+}
+
+impl Drop for DirectSealer {
+    fn drop(&mut self) {
+        // SAFETY: `ctx` came from EVP_CIPHER_CTX_new and is freed once, here.
+        unsafe { sys::EVP_CIPHER_CTX_free(self.ctx.as_ptr()) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +329,43 @@ mod tests {
                 back[100 + plain.len()..].iter().all(|&b| b == 0xAA),
                 "nothing after, not even the content type"
             );
+        }
+    }
+
+    #[test]
+    fn a_gathered_seal_is_the_aead_seal_of_the_pieces_together() {
+        for key in [vec![9u8; 16], vec![3u8; 32]] {
+            let alg = if key.len() == 16 {
+                &AES_128_GCM
+            } else {
+                &AES_256_GCM
+            };
+            let memory = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 8192 }]).unwrap();
+            let region = &memory.regions()[0];
+            let page: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 5) as u8).collect();
+            region.write(0, &page);
+            let header = [1u8, 2, 3, 4, 5, 6, 7];
+            let pieces = [
+                Piece::Bytes(&header),
+                Piece::Guest(region.range(100, 3000)),
+                Piece::Bytes(&[]),
+                Piece::Guest(region.range(5000, 2000)),
+            ];
+            let mut plain = header.to_vec();
+            plain.extend_from_slice(&page[100..3100]);
+            plain.extend_from_slice(&page[5000..7000]);
+            plain.push(0x17);
+            let want = sealed(alg, &key, &plain);
+            let mut out = vec![0u8; want.len()];
+            let mut s = DirectSealer::aes_gcm(&key).unwrap();
+            assert!(s.seal(&[7; 12], &[1, 2, 3, 4, 5], &pieces, 0x17, &mut out));
+            assert_eq!(out, want);
+            // And the opener opens it.
+            let dest_memory = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 8192 }]).unwrap();
+            let dest = dest_memory.regions()[0].range_mut(0, plain.len() - 1);
+            let mut tail = [0u8; 1];
+            let mut o = DirectOpener::aes_gcm(&key).unwrap();
+            assert!(o.open(&[7; 12], &[1, 2, 3, 4, 5], &out, &dest, &mut tail));
         }
     }
 
