@@ -383,6 +383,25 @@ impl RecordOpener {
         false
     }
 
+    /// Opens the complete record in `record` (header included) straight into `region` at
+    /// `offset`, for as many bytes as the record's data would be without padding; see
+    /// [`open_direct`](Self::open_direct). Panics when that range is outside the region or
+    /// the region is read-only (the caller checks its ranges, as the receiver does against
+    /// the frame it placed).
+    pub fn open_into(
+        &mut self,
+        record: &[u8],
+        region: &crate::memory::Region,
+        offset: u64,
+    ) -> Result<Direct, RecordError> {
+        let header: &[u8; RECORD_HEADER_BYTES] = record
+            .get(..RECORD_HEADER_BYTES)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(RecordError::BufferTooSmall)?;
+        let data = record_data_bytes(header)?;
+        self.open_direct(record, &region.range_mut(offset, data))
+    }
+
     /// Opens the complete record in `record` (header included) straight into `dest`, which
     /// must be as long as the record's data would be without padding
     /// ([`record_data_bytes`]); see [`crate::tls::direct`] for why writing guest memory before
@@ -610,5 +629,131 @@ mod tests {
             Err(RecordError::TooLong(_))
         ));
         assert_eq!(record_len(&[0x17, 3, 3, 0, 17]), Ok(22));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Sealing gathered pieces (buffers and guest ranges) gives the records that copying
+        /// them in and sealing in place gives, and opening into guest memory gives what opening
+        /// in place gives, with the sequence numbers in step.
+        #[test]
+        fn gathered_and_direct_records_match_the_in_place_ones(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..40_000),
+            cuts in proptest::collection::vec((0usize..40_000, proptest::prelude::any::<bool>()), 0..12),
+            aes128 in proptest::prelude::any::<bool>(),
+        ) {
+            use crate::memory::{GuestMemory, RegionSpec};
+            let sealer = || if aes128 {
+                RecordSealer::aes128(&[3; 16], [4; 12], 5).unwrap()
+            } else {
+                RecordSealer::new(&secrets(8), 5).unwrap()
+            };
+            let opener = || if aes128 {
+                RecordOpener::aes128(&[3; 16], [4; 12], 5).unwrap()
+            } else {
+                RecordOpener::new(&secrets(8), 5).unwrap()
+            };
+            let memory = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 40_960 }]).unwrap();
+            let region = &memory.regions()[0];
+            region.write(0, &data);
+            // Pieces: cut points over the data, each piece from memory or from the buffer.
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.0 % data.len()).collect();
+            points.push(0);
+            points.push(data.len());
+            points.sort_unstable();
+            points.dedup();
+            let (mut gathered, mut copied) = (sealer(), sealer());
+            let (mut opener_direct, mut opener_in_place) = (opener(), opener());
+            let dest = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 40_960 }]).unwrap();
+            let mut start = 0;
+            let mut out_at = 0u64;
+            while start < data.len() {
+                let end = (start + RECORD_PLAINTEXT_BYTES_MAX).min(data.len());
+                let mut pieces = Vec::new();
+                let mut at = start;
+                for (i, w) in points.windows(2).enumerate() {
+                    let (a, b) = (w[0].max(start), w[1].min(end));
+                    if a >= b {
+                        continue;
+                    }
+                    pieces.push(if cuts.get(i).is_some_and(|c| c.1) {
+                        Piece::Guest(region.range(a as u64, b - a))
+                    } else {
+                        Piece::Bytes(&data[a..b])
+                    });
+                    at = b;
+                }
+                proptest::prop_assert_eq!(at, end);
+                let mut a = vec![0u8; RECORD_BYTES_MAX];
+                let mut b = vec![0u8; RECORD_BYTES_MAX];
+                let na = gathered.seal_pieces(&mut a, &pieces, CONTENT_APPLICATION_DATA).unwrap();
+                b[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + end - start]
+                    .copy_from_slice(&data[start..end]);
+                let nb = copied.seal_in_place(&mut b, end - start, CONTENT_APPLICATION_DATA).unwrap();
+                proptest::prop_assert_eq!(&a[..na], &b[..nb]);
+                let got = opener_direct.open_into(&a[..na], &dest.regions()[0], out_at).unwrap();
+                if opener_direct.opens_direct() {
+                    proptest::prop_assert_eq!(got, Direct::Placed);
+                } else {
+                    // `ring`: no direct open; the record is left for the in-place one.
+                    proptest::prop_assert_eq!(got, Direct::InPlace);
+                    let mut c = a[..na].to_vec();
+                    let (_, r) = opener_direct.open_in_place(&mut c).unwrap();
+                    dest.regions()[0].write(out_at, &c[r]);
+                }
+                let (ty, r) = opener_in_place.open_in_place(&mut b[..nb]).unwrap();
+                proptest::prop_assert_eq!(ty, CONTENT_APPLICATION_DATA);
+                proptest::prop_assert_eq!(&b[r], &data[start..end]);
+                out_at += (end - start) as u64;
+                start = end;
+            }
+            let mut back = vec![0u8; data.len()];
+            dest.regions()[0].read(0, &mut back);
+            proptest::prop_assert_eq!(back, data);
+        }
+    }
+
+    #[test]
+    fn a_key_update_goes_in_place_and_the_sequence_stays() {
+        use crate::memory::{GuestMemory, RegionSpec};
+        let mut sealer = RecordSealer::new(&secrets(2), 0).unwrap();
+        let mut opener = RecordOpener::new(&secrets(2), 0).unwrap();
+        if !opener.opens_direct() {
+            eprintln!("skipped: this crypto provider opens records in place only");
+            return;
+        }
+        let mut wire = vec![0u8; 4 * RECORD_BYTES_MAX];
+        let mut n = sealer
+            .seal(&KEY_UPDATE_MESSAGE, CONTENT_HANDSHAKE, &mut wire)
+            .unwrap();
+        let second = n;
+        n += sealer
+            .seal(b"after", CONTENT_APPLICATION_DATA, &mut wire[n..])
+            .unwrap();
+        let dest = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 4096 }]).unwrap();
+        let region = &dest.regions()[0];
+        // The key update is no data: it comes back for the in-place open, sequence unused.
+        assert_eq!(
+            opener.open_into(&wire[..second], region, 0).unwrap(),
+            Direct::InPlace
+        );
+        let (ty, _) = opener.open_in_place(&mut wire[..second]).unwrap();
+        assert_eq!(ty, CONTENT_HANDSHAKE);
+        assert_eq!(
+            opener.open_into(&wire[second..n], region, 0).unwrap(),
+            Direct::Placed
+        );
+        let mut back = [0u8; 5];
+        region.read(0, &mut back);
+        assert_eq!(&back, b"after");
+        // A corrupted record is an error, not a fallback.
+        let mut bad = wire[second..n].to_vec();
+        bad[7] ^= 1;
+        let mut fresh = RecordOpener::new(&secrets(2), 1).unwrap();
+        assert_eq!(
+            fresh.open_into(&bad, region, 0),
+            Err(RecordError::Authentication)
+        );
     }
 }
