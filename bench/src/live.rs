@@ -24,9 +24,8 @@ use anyhow::{bail, Context, Result};
 use pagewire::dirty::{DirtySource, SharedBitmap};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
 use pagewire::live::guestcode::{Params, WORKING_SET_GPA};
-use pagewire::live::tinyguest::TinyGuest;
-use pagewire::live::{DowntimeLimit, Migration, Vmm};
-use pagewire::protocol::blob::DeviceBlob;
+use pagewire::live::tinyguest::{AnyGuest as Guest, TinyGuest};
+use pagewire::live::{DowntimeLimit, Migration};
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
@@ -149,33 +148,6 @@ struct Run {
     guest_pages_per_s: Option<f64>,
     /// pagewire's rounds (empty for QEMU).
     round_figures: Vec<pagewire::live::RoundFigures>,
-}
-
-/// The source's guest in one run.
-enum Guest {
-    Software(SoftwareDirtier),
-    Kvm(TinyGuest),
-}
-
-impl Vmm for Guest {
-    fn pause(&mut self) -> pagewire::Result<()> {
-        match self {
-            Guest::Software(g) => g.pause(),
-            Guest::Kvm(g) => g.pause(),
-        }
-    }
-    fn device_state(&mut self) -> pagewire::Result<Vec<DeviceBlob>> {
-        match self {
-            Guest::Software(g) => g.device_state(),
-            Guest::Kvm(g) => g.device_state(),
-        }
-    }
-    fn guest_cpu_time(&self) -> Option<std::time::Duration> {
-        match self {
-            Guest::Software(g) => g.guest_cpu_time(),
-            Guest::Kvm(g) => g.guest_cpu_time(),
-        }
-    }
 }
 
 impl LiveArgs {

@@ -16,8 +16,9 @@
 //! ```
 //!
 //! Layers: [`protocol`] is sans-IO (bytes in, events out); `uring` is the only code that
-//! talks to io_uring; [`memory`] is the only code that touches guest memory; the shards tie them
-//! together. `unsafe` is denied everywhere else.
+//! talks to io_uring; [`memory`] is the only code that forms pointers to guest memory (and
+//! `tls::direct` hands its checked ranges to AES-GCM); the shards tie them together. `unsafe`
+//! is denied everywhere else.
 //!
 //! ```no_run
 //! use std::sync::Arc;

@@ -3,6 +3,7 @@
 //! `/dev/kvm` cannot run one).
 
 use super::*;
+use pagewire::live::tinyguest::AnyGuest;
 
 /// What both demos share: source and destination memory, the receiver running on a thread,
 /// and the sender's settings (with the run's TLS certificates or key).
@@ -200,39 +201,12 @@ pub(super) fn demo(a: DemoArgs) -> Result<bool> {
     Ok(verified)
 }
 
-/// The live demo's guest: the tiny KVM guest, or a software dirtier where KVM cannot run one.
-enum DemoGuest {
-    Kvm(pagewire::live::tinyguest::TinyGuest),
-    Software(SoftwareDirtier),
-}
-
-impl Vmm for DemoGuest {
-    fn pause(&mut self) -> pagewire::Result<()> {
-        match self {
-            DemoGuest::Kvm(g) => g.pause(),
-            DemoGuest::Software(g) => g.pause(),
-        }
-    }
-    fn device_state(&mut self) -> pagewire::Result<Vec<pagewire::protocol::blob::DeviceBlob>> {
-        match self {
-            DemoGuest::Kvm(g) => g.device_state(),
-            DemoGuest::Software(g) => g.device_state(),
-        }
-    }
-    fn guest_cpu_time(&self) -> Option<std::time::Duration> {
-        match self {
-            DemoGuest::Kvm(g) => g.guest_cpu_time(),
-            DemoGuest::Software(g) => g.guest_cpu_time(),
-        }
-    }
-}
-
 /// Starts the live demo's guest writing `a.dirty_rate` into `src`: the tiny KVM guest when
 /// `/dev/kvm` runs it, else a software dirtier over an eighth of the memory.
 fn demo_guest(
     a: &DemoArgs,
     d: &DemoSetup,
-) -> Result<(DemoGuest, Box<dyn pagewire::dirty::DirtySource>, String)> {
+) -> Result<(AnyGuest, Box<dyn pagewire::dirty::DirtySource>, String)> {
     use pagewire::live::guestcode::{Params, WORKING_SET_GPA};
     use pagewire::live::tinyguest::{self, TinyGuest};
     let region_bytes = d.src.regions()[0].len();
@@ -249,7 +223,7 @@ fn demo_guest(
                 params.bytes_per_s() as f64 / 1e6,
                 (u64::from(params.working_set_pages) * 4096) >> 20
             );
-            Ok((DemoGuest::Kvm(guest), dirty, what))
+            Ok((AnyGuest::Kvm(guest), dirty, what))
         }
         probed => {
             let why = probed.err().unwrap_or_else(|| {
@@ -274,7 +248,7 @@ fn demo_guest(
                 a.dirty_rate as f64 / 1e6,
                 (pages * 4096) >> 20
             );
-            Ok((DemoGuest::Software(guest), Box::new(bitmap), what))
+            Ok((AnyGuest::Software(guest), Box::new(bitmap), what))
         }
     }
 }

@@ -320,3 +320,36 @@ pub fn probe() -> std::result::Result<(), String> {
         .and_then(|k| retrying(|| k.create_vm()).map(drop))
         .map_err(|e| format!("/dev/kvm cannot create a VM here: {e}"))
 }
+
+/// A source guest for demos and benchmarks: the tiny KVM guest where `/dev/kvm` runs it
+/// ([`probe`]), else a software dirtier. Either is the migration's [`Vmm`].
+#[derive(Debug)]
+pub enum AnyGuest {
+    /// The tiny KVM guest.
+    Kvm(TinyGuest),
+    /// A thread writing pages (see [`crate::live::dirtier`]).
+    Software(crate::live::dirtier::SoftwareDirtier),
+}
+
+impl Vmm for AnyGuest {
+    fn pause(&mut self) -> Result<()> {
+        match self {
+            AnyGuest::Kvm(g) => g.pause(),
+            AnyGuest::Software(g) => g.pause(),
+        }
+    }
+
+    fn device_state(&mut self) -> Result<Vec<DeviceBlob>> {
+        match self {
+            AnyGuest::Kvm(g) => g.device_state(),
+            AnyGuest::Software(g) => g.device_state(),
+        }
+    }
+
+    fn guest_cpu_time(&self) -> Option<std::time::Duration> {
+        match self {
+            AnyGuest::Kvm(g) => g.guest_cpu_time(),
+            AnyGuest::Software(g) => g.guest_cpu_time(),
+        }
+    }
+}
