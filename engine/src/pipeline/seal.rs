@@ -296,7 +296,7 @@ pub struct RecordOpener {
     direct: Option<crate::tls::direct::DirectOpener>,
 }
 
-/// What [`RecordOpener::open_direct`] did with a record.
+/// What [`RecordOpener::open_into`] did with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direct {
     /// Its data went to the destination: the next record follows.
@@ -375,7 +375,7 @@ impl RecordOpener {
     }
 
     /// True when records can be opened straight into guest memory
-    /// ([`open_direct`](Self::open_direct)).
+    /// ([`open_into`](Self::open_into)).
     pub fn opens_direct(&self) -> bool {
         #[cfg(feature = "aws-lc-rs")]
         return self.direct.is_some();
@@ -384,10 +384,13 @@ impl RecordOpener {
     }
 
     /// Opens the complete record in `record` (header included) straight into `region` at
-    /// `offset`, for as many bytes as the record's data would be without padding; see
-    /// [`open_direct`](Self::open_direct). Panics when that range is outside the region or
-    /// the region is read-only (the caller checks its ranges, as the receiver does against
-    /// the frame it placed).
+    /// `offset`, for as many bytes as the record's data would be without padding (see
+    /// `tls::direct` for why writing guest memory before the tag is checked is safe). A record
+    /// that fails authentication is an error; one that is no application data (a key update,
+    /// an alert) or is padded comes back as [`Direct::InPlace`], untouched and its sequence
+    /// number unused, for [`open_in_place`](Self::open_in_place). Panics when that range is
+    /// outside the region or the region is read-only (the caller checks its ranges, as the
+    /// receiver does against the frame it placed).
     pub fn open_into(
         &mut self,
         record: &[u8],

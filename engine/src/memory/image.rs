@@ -1,0 +1,160 @@
+//! RAM images received into files: a new one under a temporary name until it is complete, an
+//! existing one (a VMM's) marked incomplete while it is written.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use super::GuestMemory;
+use crate::error::{Error, Result};
+
+/// Reserves `len` bytes of disk (or tmpfs) space for `file`, extending it to `len`.
+pub(crate) fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let signed = libc::off_t::try_from(len)
+        .map_err(|_| Error::Config(format!("{len} bytes is too large for a file")))?;
+    // SAFETY: a valid open fd and a byte range; posix_fallocate touches no user memory.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, signed) };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("reserving {len} bytes for {}", path.display()),
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    Ok(())
+}
+
+/// A RAM image being received, which cannot be mistaken for a complete one if the transfer
+/// fails. A new image is written under a temporary name in the same directory
+/// (`.NAME.pagewire-partial`), with its space reserved up front, and renamed into place by
+/// [`commit`](Self::commit) only after the transfer succeeded and the data reached the file
+/// (`msync`); a failed or abandoned one is removed. An existing image (a VMM's) is written in
+/// place, so it gets a marker file beside it (`NAME.pagewire-incomplete`) for the duration,
+/// left behind with the reason on failure.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: std::path::PathBuf,
+    /// The temporary name of a new image.
+    temp: Option<std::path::PathBuf>,
+    /// The marker beside an existing image.
+    marker: Option<std::path::PathBuf>,
+    memory: std::sync::Arc<GuestMemory>,
+    settled: bool,
+}
+
+impl ImageFile {
+    /// A new image of `len` bytes at `path` (which must not exist yet).
+    pub fn create(path: &Path, len: u64) -> Result<Self> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::Config(format!("{} names no file", path.display())))?;
+        let temp = path.with_file_name(format!(".{}.pagewire-partial", name.to_string_lossy()));
+        let memory = GuestMemory::create_file(&temp, len).inspect_err(|_| {
+            let _ = std::fs::remove_file(&temp);
+        })?;
+        Ok(ImageFile {
+            path: path.to_path_buf(),
+            temp: Some(temp),
+            marker: None,
+            memory: std::sync::Arc::new(memory),
+            settled: false,
+        })
+    }
+
+    /// An existing image at `path`, written in place. Holes in a sparse file are reserved first.
+    pub fn open_existing(path: &Path) -> Result<Self> {
+        let marker = {
+            let mut m = path.as_os_str().to_owned();
+            m.push(".pagewire-incomplete");
+            std::path::PathBuf::from(m)
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
+            .len();
+        reserve(&file, path, len)?;
+        std::fs::write(
+            &marker,
+            format!(
+                "pagewire is receiving into {}; until this file is gone the image is not complete\n",
+                path.display()
+            ),
+        )
+        .map_err(|e| Error::io(format!("writing the marker {}", marker.display()), e))?;
+        let memory = GuestMemory::map_file(&file, path, true).inspect_err(|_| {
+            let _ = std::fs::remove_file(&marker);
+        })?;
+        Ok(ImageFile {
+            path: path.to_path_buf(),
+            temp: None,
+            marker: Some(marker),
+            memory: std::sync::Arc::new(memory),
+            settled: false,
+        })
+    }
+
+    /// The image's memory, to receive into.
+    pub fn memory(&self) -> std::sync::Arc<GuestMemory> {
+        self.memory.clone()
+    }
+
+    /// After a successful transfer: flushes the image to its file, then gives it its name (or
+    /// removes the marker).
+    pub fn commit(mut self) -> Result<()> {
+        self.memory.sync()?;
+        if let Some(temp) = &self.temp {
+            std::fs::rename(temp, &self.path).map_err(|e| {
+                Error::io(
+                    format!("renaming {} to {}", temp.display(), self.path.display()),
+                    e,
+                )
+            })?;
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        if let Some(marker) = &self.marker {
+            std::fs::remove_file(marker)
+                .map_err(|e| Error::io(format!("removing the marker {}", marker.display()), e))?;
+        }
+        self.settled = true;
+        Ok(())
+    }
+
+    /// After a failed transfer: removes a new image, or records `reason` in the marker beside an
+    /// existing one.
+    pub fn fail(mut self, reason: &str) {
+        self.abandon(reason);
+    }
+
+    fn abandon(&mut self, reason: &str) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        if let Some(temp) = &self.temp {
+            let _ = std::fs::remove_file(temp);
+        }
+        if let Some(marker) = &self.marker {
+            let _ = std::fs::write(
+                marker,
+                format!(
+                    "pagewire failed to receive {}: {reason}\nThe image is NOT complete.\n",
+                    self.path.display()
+                ),
+            );
+        }
+    }
+}
+
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        self.abandon("the transfer did not complete");
+    }
+}

@@ -1,0 +1,157 @@
+//! Unit tests of guest memory: layouts, mappings, images.
+use super::*;
+
+#[test]
+fn layouts_are_validated() {
+    let spec = |gpa, len| RegionSpec { gpa, len };
+    assert!(GuestMemory::anonymous(&[]).is_err());
+    assert!(GuestMemory::anonymous(&[spec(0, 100)]).is_err());
+    assert!(GuestMemory::anonymous(&[spec(0, 8192), spec(4096, 4096)]).is_err());
+    let m = GuestMemory::anonymous(&[spec(0, 8192), spec(1 << 20, 4096)]).unwrap();
+    assert_eq!(m.total_pages(), 3);
+    assert_eq!(m.region_pages(), vec![2, 1]);
+}
+
+#[test]
+fn read_write_and_compare() {
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: 4 * 4096,
+    }];
+    let a = GuestMemory::anonymous(&spec).unwrap();
+    let b = GuestMemory::anonymous(&spec).unwrap();
+    assert_eq!(a.first_difference(&b), None);
+    a.regions()[0].write(3 * 4096 + 5, b"hello");
+    assert_eq!(a.first_difference(&b), Some((0, 3)));
+    let mut out = [0u8; 5];
+    a.regions()[0].read(3 * 4096 + 5, &mut out);
+    assert_eq!(&out, b"hello");
+    a.regions()[0].zero_pages(3, 1);
+    assert_eq!(a.first_difference(&b), None);
+}
+
+/// Pages of `r` resident now (`mincore`).
+fn resident_pages(r: &Region) -> usize {
+    let pages = r.pages() as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the region's mapping covers `len` bytes from its page-aligned start, and
+    // `vec` has one byte per page of it.
+    let rc = unsafe { libc::mincore(r.host.as_ptr().cast(), r.len as usize, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|b| **b & 1 != 0).count()
+}
+
+#[test]
+fn prefaulting_faults_memory_in_and_keeps_its_contents() {
+    let spec = [
+        RegionSpec {
+            gpa: 0,
+            len: 24 << 20,
+        },
+        RegionSpec {
+            gpa: 1 << 30,
+            len: (40 << 20) + 4096,
+        },
+    ];
+    let m = GuestMemory::anonymous(&spec).unwrap();
+    m.regions()[0].write(5 * 4096, b"kept");
+    m.regions()[1].write((40 << 20) - 3, b"kept too");
+    assert!(resident_pages(&m.regions()[1]) < 1000);
+    let go = AtomicBool::new(false);
+    if !m.prefault_in_parallel(3, &go).unwrap() {
+        eprintln!("skipped: no MADV_POPULATE_WRITE on this kernel (5.14+)");
+        return;
+    }
+    for r in m.regions() {
+        assert_eq!(
+            resident_pages(r) as u64,
+            r.pages(),
+            "every page is resident"
+        );
+    }
+    let mut b = [0u8; 8];
+    m.regions()[0].read(5 * 4096, &mut b[..4]);
+    assert_eq!(&b[..4], b"kept");
+    m.regions()[1].read((40 << 20) - 3, &mut b);
+    assert_eq!(&b, b"kept too");
+    // Parts split the memory between them: any part count covers it all, once.
+    for parts in [1, 2, 7, 64] {
+        for part in 0..parts {
+            assert!(m.prefault(part, parts, &go).unwrap());
+        }
+    }
+    // Stopped before it starts, it touches nothing.
+    let fresh = GuestMemory::anonymous(&spec).unwrap();
+    assert!(fresh
+        .prefault_in_parallel(2, &AtomicBool::new(true))
+        .unwrap());
+    assert_eq!(resident_pages(&fresh.regions()[1]), 0);
+}
+
+#[test]
+fn a_truncated_file_mapping_faults_into_an_error_not_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ram.img");
+    let image = ImageFile::create(&path, 8 * 4096).unwrap();
+    let memory = image.memory();
+    let region = &memory.regions()[0];
+    region.write(0, b"before");
+    assert!(memory.take_fault().is_ok());
+    // Someone truncates the file under the mapping: touching page 5 would be SIGBUS.
+    let temp = dir.path().join(".ram.img.pagewire-partial");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&temp)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    region.write(5 * 4096 + 7, b"after");
+    let scanner = ZeroScanner::detect();
+    let _ = region.page_is_zero(&scanner, 6);
+    match memory.take_fault() {
+        Err(Error::MemoryFault { region: 0, page: 5 }) => {}
+        other => panic!("expected a fault at page 5, got {other:?}"),
+    }
+    // The second fault (page 6) happened after the first was recorded; once taken, the
+    // guard reports nothing more until the next one.
+    assert!(memory.take_fault().is_ok());
+    drop(memory);
+    image.fail("test");
+    assert!(
+        !temp.exists() && !path.exists(),
+        "a failed new image is removed"
+    );
+}
+
+#[test]
+fn images_get_their_name_only_when_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.img");
+    let image = ImageFile::create(&path, 4 * 4096).unwrap();
+    image.memory().regions()[0].write(4096, b"data");
+    assert!(!path.exists(), "an image in progress has a temporary name");
+    image.commit().unwrap();
+    assert_eq!(&std::fs::read(&path).unwrap()[4096..4100], b"data");
+    // An existing image gets a marker while in progress, and keeps it (with the reason)
+    // when the transfer fails.
+    let marker = dir.path().join("new.img.pagewire-incomplete");
+    let image = ImageFile::open_existing(&path).unwrap();
+    assert!(marker.exists());
+    image.fail("the sender vanished");
+    let text = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        text.contains("the sender vanished") && text.contains("NOT complete"),
+        "{text}"
+    );
+    std::fs::remove_file(&marker).unwrap();
+    let image = ImageFile::open_existing(&path).unwrap();
+    image.commit().unwrap();
+    assert!(!marker.exists());
+}
+
+#[test]
+#[should_panic(expected = "outside region")]
+fn out_of_bounds_access_panics_instead_of_writing() {
+    let a = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 4096 }]).unwrap();
+    a.regions()[0].write(4095, b"xy");
+}
