@@ -315,6 +315,20 @@ impl std::fmt::Debug for RecordOpener {
     }
 }
 
+/// The header of the record at the start of `record` and the record's total length, checked,
+/// the whole record being there.
+fn whole_record(record: &[u8]) -> Result<([u8; RECORD_HEADER_BYTES], usize), RecordError> {
+    let header: [u8; RECORD_HEADER_BYTES] = record
+        .get(..RECORD_HEADER_BYTES)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(RecordError::BufferTooSmall)?;
+    let total = record_len(&header)?;
+    if record.len() < total {
+        return Err(RecordError::BufferTooSmall);
+    }
+    Ok((header, total))
+}
+
 /// The header of a record of `len` bytes of plaintext.
 fn record_header(len: usize) -> [u8; RECORD_HEADER_BYTES] {
     let ciphertext = len + 1 + TAG_BYTES;
@@ -397,11 +411,8 @@ impl RecordOpener {
         region: &crate::memory::Region,
         offset: u64,
     ) -> Result<Direct, RecordError> {
-        let header: &[u8; RECORD_HEADER_BYTES] = record
-            .get(..RECORD_HEADER_BYTES)
-            .and_then(|h| h.try_into().ok())
-            .ok_or(RecordError::BufferTooSmall)?;
-        let data = record_data_bytes(header)?;
+        let (header, _) = whole_record(record)?;
+        let data = record_data_bytes(&header)?;
         self.open_direct(record, &region.range_mut(offset, data))
     }
 
@@ -418,16 +429,8 @@ impl RecordOpener {
     ) -> Result<Direct, RecordError> {
         #[cfg(feature = "aws-lc-rs")]
         if let Some(direct) = self.direct.as_mut() {
-            let mut header = [0u8; RECORD_HEADER_BYTES];
-            header.copy_from_slice(
-                record
-                    .get(..RECORD_HEADER_BYTES)
-                    .ok_or(RecordError::BufferTooSmall)?,
-            );
-            let total = record_len(&header)?;
-            let body = record
-                .get(RECORD_HEADER_BYTES..total)
-                .ok_or(RecordError::BufferTooSmall)?;
+            let (header, total) = whole_record(record)?;
+            let body = &record[RECORD_HEADER_BYTES..total];
             if body.len() != dest.len() + 1 + TAG_BYTES {
                 return Ok(Direct::InPlace);
             }
@@ -453,16 +456,8 @@ impl RecordOpener {
         &mut self,
         record: &mut [u8],
     ) -> Result<(u8, std::ops::Range<usize>), RecordError> {
-        let mut header = [0u8; RECORD_HEADER_BYTES];
-        header.copy_from_slice(
-            record
-                .get(..RECORD_HEADER_BYTES)
-                .ok_or(RecordError::BufferTooSmall)?,
-        );
-        let total = record_len(&header)?;
-        let body = record
-            .get_mut(RECORD_HEADER_BYTES..total)
-            .ok_or(RecordError::BufferTooSmall)?;
+        let (header, total) = whole_record(record)?;
+        let body = &mut record[RECORD_HEADER_BYTES..total];
         let nonce = self.keys.next_nonce()?;
         let plain = self
             .keys

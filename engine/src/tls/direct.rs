@@ -40,14 +40,58 @@ const TAG_BYTES: usize = 16;
 /// Bytes of the AES-GCM nonce.
 const NONCE_BYTES: usize = 12;
 
-/// One direction's AES-GCM key, for opening records straight into guest memory.
-pub struct DirectOpener {
-    ctx: NonNull<sys::EVP_CIPHER_CTX>,
+/// An AWS-LC cipher context keyed for AES-GCM, one direction: owned, freed on drop.
+struct GcmCtx(NonNull<sys::EVP_CIPHER_CTX>);
+
+// SAFETY: the EVP_CIPHER_CTX is owned by this value alone and used only through `&mut` of its
+// owner; AWS-LC contexts hold no thread-local state, so moving one to another thread is fine.
+unsafe impl Send for GcmCtx {}
+
+impl GcmCtx {
+    /// A context for AES-GCM with `key` (16 bytes: AES-128, 32: AES-256), for encrypting or
+    /// decrypting; `None` for any other key length or when AWS-LC refuses.
+    fn new(key: &[u8], encrypt: bool) -> Option<GcmCtx> {
+        let cipher = match key.len() {
+            // SAFETY: returns a pointer to a static cipher description; no arguments.
+            16 => unsafe { sys::EVP_aes_128_gcm() },
+            // SAFETY: as above.
+            32 => unsafe { sys::EVP_aes_256_gcm() },
+            _ => return None,
+        };
+        // SAFETY: a fresh context or null; ownership passes to `GcmCtx`, freed in Drop.
+        let ctx = GcmCtx(NonNull::new(unsafe { sys::EVP_CIPHER_CTX_new() })?);
+        // SAFETY: `ctx` is a valid context; `cipher` a static cipher; `key` is `key.len()`
+        // readable bytes, the length the cipher takes; null engine and IV are allowed (the
+        // IV is set per record).
+        let ok = unsafe {
+            let init = if encrypt {
+                sys::EVP_EncryptInit_ex
+            } else {
+                sys::EVP_DecryptInit_ex
+            };
+            init(
+                ctx.0.as_ptr(),
+                cipher,
+                std::ptr::null_mut(),
+                key.as_ptr(),
+                std::ptr::null(),
+            )
+        };
+        (ok == 1).then_some(ctx)
+    }
 }
 
-// SAFETY: the EVP_CIPHER_CTX is owned by this value alone and used only through `&mut self`;
-// AWS-LC contexts hold no thread-local state, so moving one to another thread is fine.
-unsafe impl Send for DirectOpener {}
+impl Drop for GcmCtx {
+    fn drop(&mut self) {
+        // SAFETY: the context came from EVP_CIPHER_CTX_new and is freed once, here.
+        unsafe { sys::EVP_CIPHER_CTX_free(self.0.as_ptr()) }
+    }
+}
+
+/// One direction's AES-GCM key, for opening records straight into guest memory.
+pub struct DirectOpener {
+    ctx: GcmCtx,
+}
 
 impl std::fmt::Debug for DirectOpener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,29 +103,9 @@ impl DirectOpener {
     /// An opener for AES-GCM with `key` (16 bytes: AES-128, 32: AES-256); `None` for any
     /// other key length or when AWS-LC refuses.
     pub fn aes_gcm(key: &[u8]) -> Option<DirectOpener> {
-        let cipher = match key.len() {
-            // SAFETY: returns a pointer to a static cipher description; no arguments.
-            16 => unsafe { sys::EVP_aes_128_gcm() },
-            // SAFETY: as above.
-            32 => unsafe { sys::EVP_aes_256_gcm() },
-            _ => return None,
-        };
-        // SAFETY: a fresh context or null; ownership passes to `DirectOpener`, freed in Drop.
-        let ctx = NonNull::new(unsafe { sys::EVP_CIPHER_CTX_new() })?;
-        let opener = DirectOpener { ctx };
-        // SAFETY: `ctx` is a valid context; `cipher` a static cipher; `key` is `key.len()`
-        // readable bytes, the length the cipher takes; null engine and IV are allowed (the
-        // IV is set per record).
-        let ok = unsafe {
-            sys::EVP_DecryptInit_ex(
-                ctx.as_ptr(),
-                cipher,
-                std::ptr::null_mut(),
-                key.as_ptr(),
-                std::ptr::null(),
-            )
-        };
-        (ok == 1).then_some(opener)
+        Some(DirectOpener {
+            ctx: GcmCtx::new(key, false)?,
+        })
     }
 
     /// Opens one record body (`ciphertext || tag`) sealed with `nonce` over `aad` (the record
@@ -105,7 +129,7 @@ impl DirectOpener {
         );
         let (ciphertext, tag) = body.split_at(body.len() - TAG_BYTES);
         let (to_dest, to_tail) = ciphertext.split_at(dest.len());
-        let ctx = self.ctx.as_ptr();
+        let ctx = self.ctx.0.as_ptr();
         let mut tag = <[u8; TAG_BYTES]>::try_from(tag).expect("split at TAG_BYTES");
         let mut n: std::ffi::c_int = 0;
         let mut scratch = [0u8; 32];
@@ -156,22 +180,12 @@ impl DirectOpener {
     }
 }
 
-impl Drop for DirectOpener {
-    fn drop(&mut self) {
-        // SAFETY: `ctx` came from EVP_CIPHER_CTX_new and is freed once, here.
-        unsafe { sys::EVP_CIPHER_CTX_free(self.ctx.as_ptr()) }
-    }
-}
-
 /// One direction's AES-GCM key, for sealing records whose plaintext is read where it lies
 /// (guest memory, a header buffer): the encryption is the only pass over the data, with no
 /// copy into the record first. The same streaming interface as [`DirectOpener`].
 pub struct DirectSealer {
-    ctx: NonNull<sys::EVP_CIPHER_CTX>,
+    ctx: GcmCtx,
 }
-
-// SAFETY: as for DirectOpener: owned alone, used through `&mut self`, no thread-local state.
-unsafe impl Send for DirectSealer {}
 
 impl std::fmt::Debug for DirectSealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -182,27 +196,9 @@ impl std::fmt::Debug for DirectSealer {
 impl DirectSealer {
     /// A sealer for AES-GCM with `key` (16 or 32 bytes); `None` otherwise.
     pub fn aes_gcm(key: &[u8]) -> Option<DirectSealer> {
-        let cipher = match key.len() {
-            // SAFETY: returns a pointer to a static cipher description; no arguments.
-            16 => unsafe { sys::EVP_aes_128_gcm() },
-            // SAFETY: as above.
-            32 => unsafe { sys::EVP_aes_256_gcm() },
-            _ => return None,
-        };
-        // SAFETY: a fresh context or null; ownership passes to `DirectSealer`, freed in Drop.
-        let ctx = NonNull::new(unsafe { sys::EVP_CIPHER_CTX_new() })?;
-        let sealer = DirectSealer { ctx };
-        // SAFETY: as in DirectOpener::aes_gcm, for encryption.
-        let ok = unsafe {
-            sys::EVP_EncryptInit_ex(
-                ctx.as_ptr(),
-                cipher,
-                std::ptr::null_mut(),
-                key.as_ptr(),
-                std::ptr::null(),
-            )
-        };
-        (ok == 1).then_some(sealer)
+        Some(DirectSealer {
+            ctx: GcmCtx::new(key, true)?,
+        })
     }
 
     /// Seals the plaintext `pieces` followed by the inner `content_type` byte with `nonce`
@@ -223,7 +219,7 @@ impl DirectSealer {
             plain + 1 + TAG_BYTES,
             "a sealed record is its plaintext, a content type and a tag"
         );
-        let ctx = self.ctx.as_ptr();
+        let ctx = self.ctx.0.as_ptr();
         let mut n: std::ffi::c_int = 0;
         let ct = [content_type];
         // Every call below: `ctx` is valid and keyed (`aes_gcm`). Inputs are Rust slices of
@@ -278,13 +274,6 @@ impl DirectSealer {
                 out.as_mut_ptr().add(at).cast(),
             ) == 1
         }
-    }
-}
-
-impl Drop for DirectSealer {
-    fn drop(&mut self) {
-        // SAFETY: `ctx` came from EVP_CIPHER_CTX_new and is freed once, here.
-        unsafe { sys::EVP_CIPHER_CTX_free(self.ctx.as_ptr()) }
     }
 }
 
