@@ -8,7 +8,7 @@
 //! of the union once ([`DirtyBitmaps::runs`], built on [`bitmap_to_runs`]).
 //!
 //! Sources here: [`SharedBitmap`] (a VMM marks pages from any thread; also the software source
-//! of tests), [`Union`], and with the `kvm` feature [`kvm::KvmDirtyLog`].
+//! of tests), [`Union`], and with the `kvm` feature `kvm::KvmDirtyLog`.
 
 #![forbid(unsafe_code)]
 

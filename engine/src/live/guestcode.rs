@@ -1,4 +1,4 @@
-//! The tiny guest's code, shared by pagewire's tiny VMM ([`super::tinyguest`], the `kvm`
+//! The tiny guest's code, shared by pagewire's tiny VMM (`live::tinyguest`, the `kvm`
 //! feature) and QEMU (which boots [`firmware`] with `-bios`), so that both engines migrate a
 //! guest that runs the same instructions (the source is `guestcode.S` beside this file).
 //!
