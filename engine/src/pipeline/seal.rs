@@ -179,13 +179,7 @@ impl RecordSealer {
         Ok(RecordSealer {
             keys: Keys::new(secrets, seq)?,
             #[cfg(feature = "aws-lc-rs")]
-            direct: match secrets {
-                ConnectionTrafficSecrets::Aes128Gcm { key, .. }
-                | ConnectionTrafficSecrets::Aes256Gcm { key, .. } => {
-                    crate::tls::direct::DirectSealer::aes_gcm(key.as_ref())
-                }
-                _ => None,
-            },
+            direct: aes_gcm_key(secrets).and_then(crate::tls::direct::DirectSealer::aes_gcm),
         })
     }
 
@@ -315,6 +309,17 @@ impl std::fmt::Debug for RecordOpener {
     }
 }
 
+/// The key of AES-GCM traffic secrets (the suites `tls::direct` seals and opens); `None` for
+/// ChaCha20-Poly1305.
+#[cfg(feature = "aws-lc-rs")]
+fn aes_gcm_key(secrets: &ConnectionTrafficSecrets) -> Option<&[u8]> {
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, .. }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, .. } => Some(key.as_ref()),
+        _ => None,
+    }
+}
+
 /// The header of the record at the start of `record` and the record's total length, checked,
 /// the whole record being there.
 fn whole_record(record: &[u8]) -> Result<([u8; RECORD_HEADER_BYTES], usize), RecordError> {
@@ -368,13 +373,7 @@ impl RecordOpener {
         Ok(RecordOpener {
             keys: Keys::new(secrets, seq)?,
             #[cfg(feature = "aws-lc-rs")]
-            direct: match secrets {
-                ConnectionTrafficSecrets::Aes128Gcm { key, .. }
-                | ConnectionTrafficSecrets::Aes256Gcm { key, .. } => {
-                    crate::tls::direct::DirectOpener::aes_gcm(key.as_ref())
-                }
-                _ => None,
-            },
+            direct: aes_gcm_key(secrets).and_then(crate::tls::direct::DirectOpener::aes_gcm),
         })
     }
 

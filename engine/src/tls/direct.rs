@@ -41,7 +41,11 @@ const TAG_BYTES: usize = 16;
 const NONCE_BYTES: usize = 12;
 
 /// An AWS-LC cipher context keyed for AES-GCM, one direction: owned, freed on drop.
-struct GcmCtx(NonNull<sys::EVP_CIPHER_CTX>);
+#[derive(Debug)]
+struct GcmCtx {
+    ctx: NonNull<sys::EVP_CIPHER_CTX>,
+    encrypt: bool,
+}
 
 // SAFETY: the EVP_CIPHER_CTX is owned by this value alone and used only through `&mut` of its
 // owner; AWS-LC contexts hold no thread-local state, so moving one to another thread is fine.
@@ -59,7 +63,11 @@ impl GcmCtx {
             _ => return None,
         };
         // SAFETY: a fresh context or null; ownership passes to `GcmCtx`, freed in Drop.
-        let ctx = GcmCtx(NonNull::new(unsafe { sys::EVP_CIPHER_CTX_new() })?);
+        let fresh = unsafe { sys::EVP_CIPHER_CTX_new() };
+        let ctx = GcmCtx {
+            ctx: NonNull::new(fresh)?,
+            encrypt,
+        };
         // SAFETY: `ctx` is a valid context; `cipher` a static cipher; `key` is `key.len()`
         // readable bytes, the length the cipher takes; null engine and IV are allowed (the
         // IV is set per record).
@@ -70,7 +78,7 @@ impl GcmCtx {
                 sys::EVP_DecryptInit_ex
             };
             init(
-                ctx.0.as_ptr(),
+                ctx.ctx.as_ptr(),
                 cipher,
                 std::ptr::null_mut(),
                 key.as_ptr(),
@@ -79,24 +87,65 @@ impl GcmCtx {
         };
         (ok == 1).then_some(ctx)
     }
+
+    /// Starts a record: sets its `nonce` and feeds the additional data `aad` (the record
+    /// header). Returns the context pointer for the record's updates, or `None` when AWS-LC
+    /// fails.
+    fn begin(&mut self, nonce: &[u8; NONCE_BYTES], aad: &[u8]) -> Option<*mut sys::EVP_CIPHER_CTX> {
+        let ctx = self.ctx.as_ptr();
+        let mut n: std::ffi::c_int = 0;
+        let aad_len = aad.len() as std::ffi::c_int;
+        // SAFETY: `ctx` is valid and keyed (`new`); null cipher, engine and key keep the key
+        // and set only the 12-byte IV `nonce`; the AAD update reads `aad.len()` bytes of
+        // `aad` and writes no output (null out).
+        let ok = unsafe {
+            if self.encrypt {
+                sys::EVP_EncryptInit_ex(
+                    ctx,
+                    std::ptr::null(),
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    nonce.as_ptr(),
+                ) == 1
+                    && sys::EVP_EncryptUpdate(
+                        ctx,
+                        std::ptr::null_mut(),
+                        &mut n,
+                        aad.as_ptr(),
+                        aad_len,
+                    ) == 1
+            } else {
+                sys::EVP_DecryptInit_ex(
+                    ctx,
+                    std::ptr::null(),
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    nonce.as_ptr(),
+                ) == 1
+                    && sys::EVP_DecryptUpdate(
+                        ctx,
+                        std::ptr::null_mut(),
+                        &mut n,
+                        aad.as_ptr(),
+                        aad_len,
+                    ) == 1
+            }
+        };
+        ok.then_some(ctx)
+    }
 }
 
 impl Drop for GcmCtx {
     fn drop(&mut self) {
         // SAFETY: the context came from EVP_CIPHER_CTX_new and is freed once, here.
-        unsafe { sys::EVP_CIPHER_CTX_free(self.0.as_ptr()) }
+        unsafe { sys::EVP_CIPHER_CTX_free(self.ctx.as_ptr()) }
     }
 }
 
 /// One direction's AES-GCM key, for opening records straight into guest memory.
+#[derive(Debug)]
 pub struct DirectOpener {
     ctx: GcmCtx,
-}
-
-impl std::fmt::Debug for DirectOpener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DirectOpener")
-    }
 }
 
 impl DirectOpener {
@@ -129,11 +178,13 @@ impl DirectOpener {
         );
         let (ciphertext, tag) = body.split_at(body.len() - TAG_BYTES);
         let (to_dest, to_tail) = ciphertext.split_at(dest.len());
-        let ctx = self.ctx.0.as_ptr();
         let mut tag = <[u8; TAG_BYTES]>::try_from(tag).expect("split at TAG_BYTES");
+        let Some(ctx) = self.ctx.begin(nonce, aad) else {
+            return false;
+        };
         let mut n: std::ffi::c_int = 0;
         let mut scratch = [0u8; 32];
-        // Every call below: `ctx` is valid and keyed (`aes_gcm`). Inputs are slices
+        // Every call below: `ctx` is valid, keyed and started (`begin`). Inputs are slices
         // of the stated lengths. Outputs: `dest` is writable for `dest.len()` bytes for as
         // long as its GuestMemory lives (GuestRange's invariant, checked against the
         // mapping when it was made), and disjoint from `body` (a shard's staging slot);
@@ -141,21 +192,6 @@ impl DirectOpener {
         // reads, and the final call writes none (`scratch` is there for the API).
         // SAFETY: see the paragraph above; each FFI call gets only the pointers it names.
         unsafe {
-            if sys::EVP_DecryptInit_ex(
-                ctx,
-                std::ptr::null(),
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                nonce.as_ptr(),
-            ) != 1
-            {
-                return false;
-            }
-            let aad_len = aad.len() as std::ffi::c_int;
-            if sys::EVP_DecryptUpdate(ctx, std::ptr::null_mut(), &mut n, aad.as_ptr(), aad_len) != 1
-            {
-                return false;
-            }
             let parts = [(dest.as_mut_ptr(), to_dest), (tail.as_mut_ptr(), to_tail)];
             for (out, input) in parts {
                 if input.is_empty() {
@@ -183,14 +219,9 @@ impl DirectOpener {
 /// One direction's AES-GCM key, for sealing records whose plaintext is read where it lies
 /// (guest memory, a header buffer): the encryption is the only pass over the data, with no
 /// copy into the record first. The same streaming interface as [`DirectOpener`].
+#[derive(Debug)]
 pub struct DirectSealer {
     ctx: GcmCtx,
-}
-
-impl std::fmt::Debug for DirectSealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DirectSealer")
-    }
 }
 
 impl DirectSealer {
@@ -219,10 +250,12 @@ impl DirectSealer {
             plain + 1 + TAG_BYTES,
             "a sealed record is its plaintext, a content type and a tag"
         );
-        let ctx = self.ctx.0.as_ptr();
+        let Some(ctx) = self.ctx.begin(nonce, aad) else {
+            return false;
+        };
         let mut n: std::ffi::c_int = 0;
         let ct = [content_type];
-        // Every call below: `ctx` is valid and keyed (`aes_gcm`). Inputs are Rust slices of
+        // Every call below: `ctx` is valid, keyed and started (`begin`). Inputs are Rust slices of
         // their lengths, or guest ranges readable for theirs (GuestSrc's invariant; a vCPU
         // may write them meanwhile, and the record then seals whatever bytes were read, as
         // the copy it replaces did). Each output is the next `len` bytes of `out`, within it
@@ -230,21 +263,6 @@ impl DirectSealer {
         // Rust buffer disjoint from every input.
         // SAFETY: see the paragraph above; each FFI call gets only the pointers it names.
         unsafe {
-            if sys::EVP_EncryptInit_ex(
-                ctx,
-                std::ptr::null(),
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                nonce.as_ptr(),
-            ) != 1
-            {
-                return false;
-            }
-            let aad_len = aad.len() as std::ffi::c_int;
-            if sys::EVP_EncryptUpdate(ctx, std::ptr::null_mut(), &mut n, aad.as_ptr(), aad_len) != 1
-            {
-                return false;
-            }
             let mut at = 0usize;
             let inputs = pieces
                 .iter()
