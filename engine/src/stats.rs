@@ -73,6 +73,11 @@ pub struct ShardStats {
     pub tls_direct_bytes: u64,
     /// Bytes of those frames' payloads after compression.
     pub compressed_bytes: u64,
+    /// Sender: when the receiver's `Done` arrived on this channel, the moment the destination
+    /// was known to hold every page, verified (before the connection's close and this shard's
+    /// teardown). Not serialised: an instant means nothing outside this process.
+    #[serde(skip)]
+    pub confirmed_at: Option<std::time::Instant>,
 }
 
 /// Zero-copy totals over all shards.

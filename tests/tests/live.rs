@@ -150,6 +150,16 @@ fn a_live_migration_converges_and_the_destination_equals_the_source() {
         assert!(r.tail_ms > 0.0 && r.tail_ms < r.ms, "{r:?}");
     }
     assert!(s.downtime_ms.is_some() && s.transferred > 0 && s.mbps > 0.0);
+    // The downtime ends at the destination's confirmation, which every channel records.
+    assert!(
+        report
+            .transfer
+            .shards
+            .iter()
+            .all(|c| c.confirmed_at.is_some()),
+        "{:?}",
+        report.transfer.shards
+    );
     assert_eq!(
         s.rounds[0].pages,
         MEMORY_BYTES / 4096,

@@ -86,6 +86,8 @@ impl SoftwareDirtier {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            // Wakes it from its pacing wait, so a pause does not wait out a slice.
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -124,7 +126,7 @@ fn dirty(
     while !stop.load(Ordering::Acquire) {
         let due = (started.elapsed().as_secs_f64() * per_s) as u64;
         if done >= due {
-            std::thread::sleep(Duration::from_millis(PACE_SLICE_MS));
+            std::thread::park_timeout(Duration::from_millis(PACE_SLICE_MS));
             continue;
         }
         // xorshift64: which page; the value written is the write's number, so every write

@@ -87,7 +87,8 @@ pub struct Snapshot {
     pub total_time_ms: f64,
     /// The last estimate of the downtime, in milliseconds.
     pub expected_downtime_ms: f64,
-    /// Measured downtime, once the migration completed.
+    /// Measured downtime, once the migration completed: from the pause until every channel
+    /// had the destination's confirmation that it holds every page, verified.
     pub downtime_ms: Option<f64>,
     /// Bytes put on the wire so far.
     pub transferred: u64,
@@ -387,14 +388,27 @@ impl Run {
         sender.send_device_state(&blobs)?;
         let device_ms = paused.elapsed().as_secs_f64() * 1e3;
         let transfer = sender.finish()?;
-        let downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
-        figures.tail_ms = downtime_ms - device_ms;
+        let finished_ms = paused.elapsed().as_secs_f64() * 1e3;
+        // The downtime ends when every channel has the destination's confirmation that it
+        // holds every page, verified: from then on the destination may resume the guest. The
+        // source's own teardown after that (TLS close_notify, its rings) is not downtime.
+        let confirmed = transfer
+            .shards
+            .iter()
+            .map(|s| s.confirmed_at)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|all| all.into_iter().max());
+        let downtime_ms = confirmed.map_or(finished_ms, |c| {
+            c.saturating_duration_since(paused).as_secs_f64() * 1e3
+        });
+        figures.tail_ms = (downtime_ms - device_ms).max(0.0);
         tracing::debug!(
             paused_ms,
             collected_ms,
             sent_ms,
             device_ms,
             confirmed_ms = downtime_ms,
+            finished_ms,
             "downtime, cumulative from the pause"
         );
         self.record(figures, wire(), None);

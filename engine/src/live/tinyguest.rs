@@ -7,7 +7,8 @@
 //! exits as MMIO writes, which this VMM ignores: it has no in-kernel LAPIC and paces the guest
 //! itself. QEMU boots the same code as its firmware, so the two engines can be compared on the
 //! same guest. [`TinyGuest`] is the source side
-//! ([`Vmm`]: pausing stops the vCPU at its next halt; its registers are the device state) and
+//! ([`Vmm`]: pausing stops the vCPU at its next halt, waking it if it waits for a tick; its
+//! registers are the device state) and
 //! [`TinyGuest::resume`] the destination side.
 //!
 //! Unmodified Linux guests do not boot under every nested KVM; this guest needs nothing but
@@ -132,8 +133,13 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
                 // missed while the thread was not running are lost, not caught up, so a starved
                 // guest writes less, as it would there.
                 next = (next + TICK).max(Instant::now());
-                if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
+                // Parked, not asleep, so that `stop` wakes it at once: a pause waits for the
+                // burst under way, not for the next tick too (measured: 0.4–2 ms otherwise).
+                while let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    std::thread::park_timeout(wait);
                 }
             }
             Ok(vcpu)
@@ -215,12 +221,14 @@ impl TinyGuest {
         counter(&self.memory)
     }
 
-    /// Stops the vCPU (at its next halt, within a tick) and keeps it for its registers.
+    /// Stops the vCPU (at once between ticks, else when the burst under way ends) and keeps it
+    /// for its registers.
     pub fn stop(&mut self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
+        thread.thread().unpark();
         let vcpu = thread
             .join()
             .map_err(|_| Error::Internal("the vCPU thread panicked".into()))??;

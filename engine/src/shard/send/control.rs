@@ -91,6 +91,9 @@ impl SendShard {
 
     pub(super) fn on_control_message(&mut self, msg: Control) -> Result<()> {
         let verdict = self.m.on_control(msg);
+        if self.stats.confirmed_at.is_none() && self.m.confirmation() == Confirmation::Done {
+            self.stats.confirmed_at = Some(Instant::now());
+        }
         if let Some(event) = verdict.map_err(|f| self.fault(f))? {
             // The coordinator may be gone if the transfer is being torn down.
             let _ = self.events.send(event);
