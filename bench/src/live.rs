@@ -31,6 +31,8 @@ use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
 
+use crate::median;
+
 /// Arguments of `pagewire-bench live`.
 #[derive(clap::Args)]
 pub struct LiveArgs {
@@ -288,15 +290,6 @@ fn one(
         (Ok(_), Err(e)) => return Err(e).context("the receiver failed"),
     }
     Ok(run)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 /// The QEMU run of one cell, as a [`Run`].

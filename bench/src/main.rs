@@ -194,20 +194,26 @@ struct Summary {
     receiver_cpu_s_per_gib: f64,
 }
 
+/// The median of `v` (sorted in place): the mean of the two middle values for an even count,
+/// so two repetitions report their mean, not the faster one. NaN when empty.
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn summarize(engine: &'static str, bytes: u64, runs: &[Run]) -> Summary {
     let gib = bytes as f64 / (1u64 << 30) as f64;
     let mut rates: Vec<f64> = runs.iter().map(|r| gib / r.seconds).collect();
-    rates.sort_by(f64::total_cmp);
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let mut s: Vec<f64> = runs.iter().map(|r| r.sender_cpu_s / gib).collect();
     let mut r: Vec<f64> = runs.iter().map(|r| r.receiver_cpu_s / gib).collect();
     Summary {
         engine,
         bytes,
-        gib_per_s_median: rates[rates.len() / 2],
+        gib_per_s_median: median(&mut rates),
         gib_per_s_min: rates[0],
         gib_per_s_max: rates[rates.len() - 1],
         sender_cpu_s_per_gib: median(&mut s),
@@ -980,5 +986,18 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0]), 2.5);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
     }
 }

@@ -7,7 +7,7 @@
 //! exits as MMIO writes, which this VMM ignores: it has no in-kernel LAPIC and paces the guest
 //! itself. QEMU boots the same code as its firmware, so the two engines can be compared on the
 //! same guest. [`TinyGuest`] is the source side
-//! ([`Vmm`]: pausing stops the vCPU at its next halt, waking it if it waits for a tick; its
+//! ([`Vmm`]: pausing kicks the vCPU out of `KVM_RUN` with a signal, as real VMMs do; its
 //! registers are the device state) and
 //! [`TinyGuest::resume`] the destination side.
 //!
@@ -111,6 +111,57 @@ fn vm(memory: &GuestMemory, memory_bytes_min: u64) -> Result<(Arc<VmFd>, VcpuFd)
     Ok((Arc::new(vm), vcpu))
 }
 
+/// How long a pause kicks the vCPU thread before it simply waits for it (a guest's burst ends
+/// within a few ticks anyway).
+const KICK_WAIT_MAX: Duration = Duration::from_millis(100);
+/// Between two kicks of the vCPU thread.
+const KICK_RETRY: Duration = Duration::from_micros(50);
+
+/// The signal that kicks the vCPU thread out of `KVM_RUN` (the first real-time signal, as
+/// Firecracker's vCPU kick; QEMU's `SIG_IPI` is the same idea), its do-nothing handler
+/// installed once per process; `None` where that failed.
+fn kick_signal() -> Option<libc::c_int> {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    static SIGNAL: std::sync::OnceLock<Option<libc::c_int>> = std::sync::OnceLock::new();
+    *SIGNAL.get_or_init(|| {
+        let signal = vmm_sys_util::signal::SIGRTMIN();
+        match vmm_sys_util::signal::register_signal_handler(signal, on_kick) {
+            Ok(()) => Some(signal),
+            Err(e) => {
+                tracing::warn!(%e, "no vCPU kick signal: a pause waits for the guest's burst");
+                None
+            }
+        }
+    })
+}
+
+/// Kicks a vCPU thread whose stop flag is set until it has left its loop. A pause must not wait
+/// for the guest: a burst at a high dirty rate keeps the vCPU in `KVM_RUN` for milliseconds
+/// (measured on 16 cores: pauses of up to 6 ms at 3200 MiB/s). The signal makes `KVM_RUN`
+/// return `EINTR` at an instruction boundary, and the loop then sees the flag. A kick that
+/// lands just before the thread enters `KVM_RUN` is lost, so it is sent again until the thread
+/// is out.
+fn kick_until_out<T>(thread: &JoinHandle<T>) {
+    use vmm_sys_util::signal::Killable;
+    let Some(signal) = kick_signal() else {
+        return;
+    };
+
+    let deadline = Instant::now() + KICK_WAIT_MAX;
+    let mut next_kick = Instant::now();
+    // Yields rather than sleeps between looks: on a busy host a sleep's wake-up alone took
+    // ~0.2 ms, and the vCPU thread may need this CPU to leave.
+    while !thread.is_finished() && Instant::now() < deadline {
+        if Instant::now() >= next_kick {
+            if thread.kill(signal).is_err() {
+                return;
+            }
+            next_kick = Instant::now() + KICK_RETRY;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// The vCPU thread: runs the guest tick by tick until `stop`, then hands the vCPU back.
 fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result<VcpuFd>>> {
     std::thread::Builder::new()
@@ -119,7 +170,7 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
             let mut next = Instant::now();
             while !stop.load(Ordering::Acquire) {
                 let exit = match vcpu.run() {
-                    // A signal interrupted the run: run again.
+                    // A signal interrupted the run (a pause kicks it so): the flag decides.
                     Err(e) if e.errno() == libc::EINTR => continue,
                     r => r.map_err(|e| kvm_error("running the vCPU", e))?,
                 };
@@ -221,14 +272,14 @@ impl TinyGuest {
         counter(&self.memory)
     }
 
-    /// Stops the vCPU (at once between ticks, else when the burst under way ends) and keeps it
-    /// for its registers.
+    /// Stops the vCPU at once, mid-burst if need be, and keeps it for its registers.
     pub fn stop(&mut self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
         thread.thread().unpark();
+        kick_until_out(&thread);
         let vcpu = thread
             .join()
             .map_err(|_| Error::Internal("the vCPU thread panicked".into()))??;

@@ -312,9 +312,17 @@ pub(crate) struct SendShard {
     body: Box<[u8; BODY_BYTES_MAX]>,
 }
 
+/// Where an idle shard waits: on its work queue, where new work wakes it at once and the ring
+/// is looked at after the slice; or on its ring, where a completion (the receiver's next
+/// control message) wakes it at once and the queue is looked at after the slice.
+#[derive(Debug, Clone, Copy)]
+enum IdleWait {
+    Queue(Duration),
+    Ring(Duration),
+}
+
 impl SendShard {
-    /// Runs until the receiver confirms the end of the stream, or an error.
-    /// Runs the shard to the end of the stream. On failure the abort latch is raised here, while
+    /// Runs the shard to the end of the stream, until the receiver confirms it. On failure the abort latch is raised here, while
     /// this shard's ring and socket are still open, so a receiver can still tell the peer why.
     pub(crate) fn run(mut self) -> Result<ShardStats> {
         match self.run_inner() {
@@ -377,17 +385,22 @@ impl SendShard {
             // chunk or the end of the stream would wait for them (measured: a live migration's
             // downtime grew from ~3 ms to ~50 ms). Wait on the work queue then, entering the
             // ring every millisecond for them.
-            // Likewise a round's RoundPlaced: it arrives on the ring, and a live migration
-            // measures every round up to it (measured: a wait on the work queue alone added a
-            // whole wait slice, 100 ms, to every round).
+            // A round's RoundPlaced is the other way round: it arrives on the ring, and a live
+            // migration measures every round up to it, and waits for it before the next round
+            // comes. Wait on the ring then, looking at the queue every millisecond (measured: a
+            // wait on the work queue alone added a whole wait slice, 100 ms, to every round;
+            // polling the ring every millisecond still added ~1 ms to every round's tail).
             let notifications_only = self.chain_outstanding == 0 && self.sends_in_flight() > 0;
             let can_take_work =
                 self.m.may_build() && self.ready.is_empty() && self.free_slot().is_some();
             if can_take_work && (self.sends_in_flight() == 0 || notifications_only) {
-                let wait = if notifications_only || self.m.placement_pending() {
-                    Duration::from_millis(NOTIFICATION_POLL_MS)
+                let poll = Duration::from_millis(NOTIFICATION_POLL_MS);
+                let wait = if self.m.placement_pending() {
+                    IdleWait::Ring(poll)
+                } else if notifications_only {
+                    IdleWait::Queue(poll)
                 } else {
-                    slice
+                    IdleWait::Queue(slice)
                 };
                 idle += self.wait_for_work(wait)?;
             } else if self.ring.submit_and_wait(1, slice)? == Wait::TimedOut {
@@ -402,9 +415,9 @@ impl SendShard {
         Ok(())
     }
 
-    /// Nothing in flight and nothing to build: waits up to `slice` for work, or sends a
-    /// keepalive when one is due. Returns the time spent idle.
-    fn wait_for_work(&mut self, slice: Duration) -> Result<Duration> {
+    /// Nothing to send and nothing to build: waits as `wait` says for work or the ring, or
+    /// sends a keepalive when one is due. Returns the time spent idle.
+    fn wait_for_work(&mut self, wait: IdleWait) -> Result<Duration> {
         let waited = Instant::now();
         let keepalive_in = self.m.keepalive_in(waited);
         if keepalive_in.is_zero() {
@@ -412,14 +425,24 @@ impl SendShard {
             self.fill(Some(Work::Keepalive))?;
             return Ok(Duration::ZERO);
         }
-        match self.work.recv_timeout(slice.min(keepalive_in)) {
-            Ok(work) => self.fill(Some(work))?,
-            Err(RecvTimeoutError::Timeout) => {
-                // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a closed
-                // connection is only posted when this thread asks for events.
-                self.ring.submit_and_wait(1, Duration::from_millis(1))?;
-            }
-            Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
+        match wait {
+            IdleWait::Queue(slice) => match self.work.recv_timeout(slice.min(keepalive_in)) {
+                Ok(work) => self.fill(Some(work))?,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a closed
+                    // connection is only posted when this thread asks for events.
+                    self.ring.submit_and_wait(1, Duration::from_millis(1))?;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
+            },
+            IdleWait::Ring(slice) => match self.work.try_recv() {
+                Ok(work) => self.fill(Some(work))?,
+                Err(TryRecvError::Empty) => {
+                    // The control receive is posted: the receiver's next message ends this.
+                    self.ring.submit_and_wait(1, slice.min(keepalive_in))?;
+                }
+                Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
+            },
         }
         self.m.progressed(Instant::now());
         Ok(waited.elapsed())
