@@ -6,10 +6,10 @@
 //! periodic LAPIC timer); the guest writes its burst of pages and halts again. Its LAPIC setup
 //! exits as MMIO writes, which this VMM ignores: it has no in-kernel LAPIC and paces the guest
 //! itself. QEMU boots the same code as its firmware, so the two engines can be compared on the
-//! same guest. [`TinyGuest`] is the source side
-//! ([`Vmm`]: pausing kicks the vCPU out of `KVM_RUN` with a signal, as real VMMs do; its
-//! registers are the device state) and
-//! [`TinyGuest::resume`] the destination side.
+//! same guest. [`TinyGuest`] is the source side ([`Vmm`]: pausing kicks the vCPU out of
+//! `KVM_RUN` with a signal, as real VMMs do, so the pause does not wait for the guest; its
+//! registers are the device state) and [`TinyGuest::resume`] the destination side. The kick
+//! installs a do-nothing handler for the first real-time signal, once per process.
 //!
 //! Unmodified Linux guests do not boot under every nested KVM; this guest needs nothing but
 //! flat protected mode, so it runs wherever `/dev/kvm` creates a VM.
@@ -184,8 +184,9 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
                 // missed while the thread was not running are lost, not caught up, so a starved
                 // guest writes less, as it would there.
                 next = (next + TICK).max(Instant::now());
-                // Parked, not asleep, so that `stop` wakes it at once: a pause waits for the
-                // burst under way, not for the next tick too (measured: 0.4–2 ms otherwise).
+                // Parked, not asleep, so that `stop` wakes it at once (a burst under way is
+                // kicked out of KVM_RUN, see `kick_until_out`); a sleep made a pause wait out
+                // the tick (measured: 0.4–2 ms).
                 while let Some(wait) = next.checked_duration_since(Instant::now()) {
                     if stop.load(Ordering::Acquire) {
                         break;
