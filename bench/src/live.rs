@@ -31,7 +31,7 @@ use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
 
-use crate::median;
+use crate::measure::median;
 
 /// Arguments of `pagewire-bench live`.
 #[derive(clap::Args)]

@@ -22,7 +22,7 @@ use pagewire::tls::{certs, TlsClient, TlsServer};
 use pagewire::{GuestMemory, RegionSpec, ZeroCopy};
 use serde::Serialize;
 
-use crate::{pagewire_run, raw_tcp, summarize, Run, Summary};
+use crate::measure::{pagewire_run, raw_tcp, summarize, Run, Summary};
 
 /// Options of one matrix run.
 #[derive(clap::Args)]
@@ -426,7 +426,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
         });
     }
     let results = Results {
-        machine: crate::machine(),
+        machine: crate::measure::machine(),
         peer: a.peer.clone(),
         size_bytes: a.size,
         reps: a.reps,
@@ -561,7 +561,7 @@ fn measure_ceilings(
 /// Every allowed core copies its slice of `src` into a 64 MiB buffer of its own (written before
 /// timing), as the one-core memcpy ceiling does, all at once: (cores, GiB/s in all).
 fn memcpy_all_cores(src: &pagewire::Region) -> Result<(usize, f64)> {
-    let cores = crate::cores(false);
+    let cores = crate::measure::cores(false);
     let n = cores.len().max(1);
     let slice = (src.len() / n as u64) & !4095;
     let barrier = std::sync::Barrier::new(n + 1);
@@ -570,7 +570,7 @@ fn memcpy_all_cores(src: &pagewire::Region) -> Result<(usize, f64)> {
             .map(|i| {
                 let (barrier, cores) = (&barrier, &cores);
                 scope.spawn(move || {
-                    crate::pin(cores, i, false);
+                    crate::measure::pin(cores, i, false);
                     let mut buf = vec![1u8; (64 << 20).min(slice as usize).max(4096)];
                     barrier.wait();
                     let t = Instant::now();

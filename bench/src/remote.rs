@@ -20,7 +20,7 @@ use pagewire::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{raw_recv_share, raw_send_share, share, Run};
+use crate::measure::{raw_recv_share, raw_send_share, share, Run};
 
 /// Seconds the server waits for the data of one measurement.
 const MEASUREMENT_TIMEOUT_S: u64 = 300;

@@ -332,7 +332,7 @@ pub fn run_bench(
         }
     }
     let report = Report {
-        machine: crate::machine(),
+        machine: crate::measure::machine(),
         cells,
         zstd_speedup,
         auto_over_best,

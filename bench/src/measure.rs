@@ -1,0 +1,349 @@
+//! Measurement primitives the benchmarks share: timed runs and their summaries, raw TCP over
+//! the same memory as pagewire, a pagewire transfer end to end, a one-core scan, pinning, and
+//! the machine's description.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use pagewire::pipeline::compress::Compression;
+use pagewire::pipeline::zero::ZeroScanner;
+use pagewire::sys::thread_cpu_time;
+use pagewire::tls::{TlsClient, TlsServer};
+use pagewire::{GuestMemory, Pinning, Receiver, ReceiverConfig, Sender, SenderConfig, ZeroCopy};
+use serde::Serialize;
+
+/// One timed run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Run {
+    pub(crate) seconds: f64,
+    pub(crate) sender_cpu_s: f64,
+    pub(crate) receiver_cpu_s: f64,
+}
+
+/// Median and spread of several runs of one engine.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Summary {
+    pub(crate) engine: &'static str,
+    pub(crate) bytes: u64,
+    pub(crate) gib_per_s_median: f64,
+    pub(crate) gib_per_s_min: f64,
+    pub(crate) gib_per_s_max: f64,
+    pub(crate) sender_cpu_s_per_gib: f64,
+    pub(crate) receiver_cpu_s_per_gib: f64,
+}
+
+/// The median of `v` (sorted in place): the mean of the two middle values for an even count,
+/// so two repetitions report their mean, not the faster one. NaN when empty.
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+pub(crate) fn summarize(engine: &'static str, bytes: u64, runs: &[Run]) -> Summary {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let mut rates: Vec<f64> = runs.iter().map(|r| gib / r.seconds).collect();
+    let mut s: Vec<f64> = runs.iter().map(|r| r.sender_cpu_s / gib).collect();
+    let mut r: Vec<f64> = runs.iter().map(|r| r.receiver_cpu_s / gib).collect();
+    Summary {
+        engine,
+        bytes,
+        gib_per_s_median: median(&mut rates),
+        gib_per_s_min: rates[0],
+        gib_per_s_max: rates[rates.len() - 1],
+        sender_cpu_s_per_gib: median(&mut s),
+        receiver_cpu_s_per_gib: median(&mut r),
+    }
+}
+
+pub(crate) fn cores(no_pin: bool) -> Vec<core_affinity::CoreId> {
+    if no_pin {
+        Vec::new()
+    } else {
+        core_affinity::get_core_ids().unwrap_or_default()
+    }
+}
+
+pub(crate) fn pin(cores: &[core_affinity::CoreId], i: usize, reversed: bool) {
+    if cores.is_empty() {
+        return;
+    }
+    let k = i % cores.len();
+    let core = if reversed {
+        cores[cores.len() - 1 - k]
+    } else {
+        cores[k]
+    };
+    core_affinity::set_for_current(core);
+}
+
+/// Byte range of stream `i` of `streams` over `total` bytes (the last takes the remainder).
+pub(crate) fn share(total: usize, streams: usize, i: usize) -> (usize, usize) {
+    let each = total / streams;
+    let len = if i == streams - 1 {
+        total - i * each
+    } else {
+        each
+    };
+    (i * each, len)
+}
+
+/// Sends `len` bytes from `src_addr + offset` over `stream` in 1 MiB blocking writes; returns the
+/// thread's CPU seconds. `src_addr` is the host address of a mapping that outlives the call.
+pub(crate) fn raw_send_share(
+    stream: &TcpStream,
+    src_addr: usize,
+    offset: usize,
+    len: usize,
+) -> Result<f64> {
+    const WRITE_BYTES: usize = 1 << 20;
+    let cpu = thread_cpu_time();
+    let mut done = 0;
+    while done < len {
+        let n = WRITE_BYTES.min(len - done);
+        // SAFETY: the caller's mapping covers src_addr + offset .. + len and outlives the call;
+        // the kernel only reads it.
+        let rc = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                (src_addr + offset + done) as *const libc::c_void,
+                n,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if rc <= 0 {
+            bail!("raw send failed: {}", std::io::Error::last_os_error());
+        }
+        done += rc as usize;
+    }
+    Ok((thread_cpu_time() - cpu).as_secs_f64())
+}
+
+/// Receives `len` bytes into `dst_addr + offset` with `MSG_WAITALL`; returns CPU seconds.
+pub(crate) fn raw_recv_share(
+    stream: &TcpStream,
+    dst_addr: usize,
+    offset: usize,
+    len: usize,
+) -> Result<f64> {
+    let cpu = thread_cpu_time();
+    let mut done = 0;
+    while done < len {
+        // SAFETY: the caller's mapping covers dst_addr + offset .. + len and outlives the call;
+        // each stream writes a disjoint range.
+        let rc = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (dst_addr + offset + done) as *mut libc::c_void,
+                len - done,
+                libc::MSG_WAITALL,
+            )
+        };
+        if rc <= 0 {
+            bail!("raw recv ended early: {}", std::io::Error::last_os_error());
+        }
+        done += rc as usize;
+    }
+    Ok((thread_cpu_time() - cpu).as_secs_f64())
+}
+
+/// (a) raw TCP: stream i moves bytes [i*share, (i+1)*share) of the single region, from the
+/// source mapping straight into the same range of the destination mapping.
+pub(crate) fn raw_tcp(
+    src: &GuestMemory,
+    dst: &GuestMemory,
+    channels: usize,
+    no_pin: bool,
+) -> Result<Run> {
+    let total = src.regions()[0].len() as usize;
+    let src_addr = src.regions()[0].host_addr() as usize;
+    let dst_addr = dst.regions()[0].host_addr() as usize;
+    let cores = cores(no_pin);
+    let start = Instant::now();
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut pairs = Vec::with_capacity(channels);
+    for _ in 0..channels {
+        let client = TcpStream::connect(addr)?;
+        let (server, _) = listener.accept()?;
+        pairs.push((client, server));
+    }
+    let mut threads = Vec::with_capacity(2 * channels);
+    for (i, (client, server)) in pairs.into_iter().enumerate() {
+        let (offset, len) = share(total, channels, i);
+        let c = cores.clone();
+        threads.push(std::thread::spawn(move || -> Result<(bool, f64)> {
+            pin(&c, i, false);
+            Ok((true, raw_send_share(&client, src_addr, offset, len)?))
+        }));
+        let c = cores.clone();
+        threads.push(std::thread::spawn(move || -> Result<(bool, f64)> {
+            pin(&c, i, true);
+            Ok((false, raw_recv_share(&server, dst_addr, offset, len)?))
+        }));
+    }
+    let (mut sender_cpu, mut receiver_cpu) = (0.0, 0.0);
+    for t in threads {
+        let (is_sender, cpu) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a raw TCP thread panicked"))??;
+        if is_sender {
+            sender_cpu += cpu;
+        } else {
+            receiver_cpu += cpu;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    if src.first_difference(dst).is_some() {
+        bail!("raw TCP destination differs from the source");
+    }
+    Ok(Run {
+        seconds,
+        sender_cpu_s: sender_cpu,
+        receiver_cpu_s: receiver_cpu,
+    })
+}
+
+/// (b) pagewire over loopback, end to end: from connect until the receiver confirmed every page.
+/// How a benchmarked pagewire transfer protects its channels.
+#[derive(Clone, Copy)]
+pub(crate) enum Security<'a> {
+    /// Plaintext (payload checksums only).
+    Plain,
+    /// TLS 1.3 with these certificates.
+    Tls(&'a (TlsClient, TlsServer)),
+    /// A pre-shared key.
+    Psk(&'a pagewire::auth::Psk),
+}
+
+impl<'a> From<Option<&'a (TlsClient, TlsServer)>> for Security<'a> {
+    fn from(tls: Option<&'a (TlsClient, TlsServer)>) -> Self {
+        tls.map_or(Security::Plain, Security::Tls)
+    }
+}
+
+pub(crate) fn pagewire_run<'a>(
+    src: Arc<GuestMemory>,
+    dst: Arc<GuestMemory>,
+    channels: u16,
+    zero_copy: ZeroCopy,
+    no_pin: bool,
+    security: impl Into<Security<'a>>,
+    compression: Compression,
+) -> Result<(Run, pagewire::TransferStats)> {
+    let security = security.into();
+    let (tls, psk) = match security {
+        Security::Plain => (None, None),
+        Security::Tls(t) => (Some(t), None),
+        Security::Psk(k) => (None, Some(k.clone())),
+    };
+    let (send_pin, recv_pin) = if no_pin {
+        (Pinning::None, Pinning::None)
+    } else {
+        (Pinning::Cores, Pinning::CoresReversed)
+    };
+    let receiver = Receiver::bind(
+        "127.0.0.1:0",
+        dst,
+        ReceiverConfig {
+            pinning: recv_pin,
+            accept_timeout_ms: Some(30_000),
+            tls: tls.map(|t| t.1.clone()),
+            psk: psk.clone(),
+            ..ReceiverConfig::default()
+        },
+    )?;
+    let addr = receiver.local_addr()?;
+    let start = Instant::now();
+    let rx = std::thread::spawn(move || receiver.run());
+    let config = SenderConfig {
+        channels,
+        pinning: send_pin,
+        zero_copy,
+        tls: tls.map(|t| t.0.clone()),
+        psk,
+        compression,
+        ..SenderConfig::default()
+    };
+    let mut sender = Sender::connect(addr, src, &config)?;
+    sender.send_all()?;
+    let sent = sender.finish()?;
+    let received = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((
+        Run {
+            seconds,
+            sender_cpu_s: sent.cpu_ms / 1e3,
+            receiver_cpu_s: received.cpu_ms / 1e3,
+        },
+        sent,
+    ))
+}
+
+/// (c) one core reads the whole buffer through the zero scanner.
+pub(crate) fn scan_run(mem: &GuestMemory) -> Run {
+    let scanner = ZeroScanner::detect();
+    let cpu = thread_cpu_time();
+    let start = Instant::now();
+    let mut zero = 0u64;
+    for r in mem.regions() {
+        for p in 0..r.pages() {
+            zero += u64::from(r.page_is_zero(&scanner, p));
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    assert_eq!(zero, mem.total_pages(), "zero memory must scan as zero");
+    Run {
+        seconds,
+        sender_cpu_s: (thread_cpu_time() - cpu).as_secs_f64(),
+        receiver_cpu_s: 0.0,
+    }
+}
+
+pub(crate) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / (1u64 << 20) as f64);
+    format!("{cpu}, {cores} cores, {memory_gib:.0} GiB memory, Linux {kernel}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0]), 2.5);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+}
