@@ -10,33 +10,28 @@
 //! stray or hostile connection must not cancel a migration. Its deadline error names the last
 //! refusal, so a misconfigured sender is still visible on this side.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::auth::Psk;
 use crate::config::ReceiverConfig;
 use crate::error::{Error, Result};
-use crate::limits::{
-    CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, HANDSHAKE_TIMEOUT_MS, HELLO_BYTES,
-    PAGE_BYTES, PREFAULT_DELAY_MS, PREFAULT_THREADS_MAX, SESSION_SETTLE_MS,
-};
+use crate::limits::{CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, PAGE_BYTES};
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
-use crate::protocol::handshake::{
-    Acceptor, Expectation, Hello, Refusal, Reply, FEATURES_KNOWN, FEATURE_PSK,
-};
+use crate::protocol::handshake::{Acceptor, Expectation, Hello, FEATURES_KNOWN};
 use crate::protocol::ledger::PageLedger;
-use crate::protocol::PROTOCOL_VERSION;
 use crate::sender::Canceller;
 use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
-use crate::shard::{allowed_cores, catch_panic, error_chain, pin, Abort, RoundBarrier};
+use crate::shard::{catch_panic, error_chain, pin, Abort, RoundBarrier};
 use crate::stats::{Progress, TransferStats};
 use crate::stream::Stream;
-use crate::tls::{server_handshake, TlsServer, TlsSession};
+use crate::tls::TlsSession;
+
+mod handshake;
+mod prefault;
+use handshake::{handshake, lock, Accepted, Auth};
+use prefault::Prefault;
 
 /// Makes the destination once the sender's hello says how large it is.
 pub type MakeDestination = Box<dyn FnOnce(u64) -> Result<Arc<GuestMemory>> + Send>;
@@ -587,82 +582,6 @@ fn bind_listener(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<TcpListen
     TcpListener::bind(addr).map_err(|e| Error::io(format!("listening on {text}"), e))
 }
 
-/// Destination memory being faulted in, in the background (see [`ReceiverConfig::prefault`]),
-/// by one thread per allowed core, while the receiver waits for the sender's channels (from
-/// `PREFAULT_DELAY_MS` after it started: a sender that connects at once is not slowed). Never
-/// waited for: it is stopped when they are all in (a large destination on a slow host must not
-/// hold the sender past its idle bound, and once pages flow it would only take cores from the
-/// shards). Stopped and joined when dropped.
-struct Prefault {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(Result<bool>, f64)>>,
-}
-
-impl Prefault {
-    fn start(memory: &Arc<GuestMemory>) -> Prefault {
-        let threads = allowed_cores().len().clamp(1, PREFAULT_THREADS_MAX);
-        let memory = memory.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("pw-prefault".into())
-            .spawn(move || {
-                // A sender already connecting gets the cores to itself: pre-faulting only uses
-                // time the receiver spends waiting.
-                let waited = Instant::now();
-                while waited.elapsed() < Duration::from_millis(PREFAULT_DELAY_MS) {
-                    if stopped.load(Ordering::Relaxed) {
-                        return (Ok(true), 0.0);
-                    }
-                    std::thread::sleep(Duration::from_millis(PREFAULT_DELAY_MS / 20));
-                }
-                let started = Instant::now();
-                let r = memory.prefault_in_parallel(threads, &stopped);
-                (r, started.elapsed().as_secs_f64() * 1e3)
-            })
-            .ok();
-        Prefault { stop, thread }
-    }
-
-    /// Asks it to stop (each thread ends its current step), without waiting.
-    fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-
-    /// Stops it where it is and waits for it: what it returned and the milliseconds it ran.
-    fn stop_and_join(&mut self) -> Option<(Result<bool>, f64)> {
-        self.stop();
-        self.thread.take()?.join().ok()
-    }
-
-    /// Stops it and waits for it; the milliseconds it ran. Best effort: where it failed (a file
-    /// mapping cut short, memory the kernel cannot give), pages fault on first touch instead,
-    /// and placing them reports the precise page.
-    fn finish(mut self) -> f64 {
-        match self.stop_and_join() {
-            Some((Ok(true), ms)) => ms,
-            Some((Ok(false), ms)) => {
-                tracing::debug!("no MADV_POPULATE_WRITE here: pages fault on first touch");
-                ms
-            }
-            Some((Err(e), ms)) => {
-                tracing::warn!(
-                    "pre-faulting the destination stopped ({}); pages fault on first touch",
-                    crate::shard::error_chain(&e)
-                );
-                ms
-            }
-            None => 0.0,
-        }
-    }
-}
-
-impl Drop for Prefault {
-    fn drop(&mut self) {
-        let _ = self.stop_and_join();
-    }
-}
-
 /// Errors of `accept` that concern one connection (or a momentary shortage), not the listener.
 fn is_transient_accept_error(e: &std::io::Error) -> bool {
     matches!(
@@ -678,223 +597,4 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
                 | libc::EINTR
         )
     )
-}
-
-/// One accepted channel, ready for its shard.
-struct Accepted {
-    stream: Stream,
-    peer: usize,
-    tls: Option<TlsRx>,
-}
-
-type SharedAcceptor = Mutex<(Acceptor, u64)>;
-
-fn lock(acceptor: &SharedAcceptor) -> std::sync::MutexGuard<'_, (Acceptor, u64)> {
-    acceptor.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Runs one connection's handshakes: TLS when configured (after checking the peer speaks it),
-/// then the hello. A refusal is answered and returned as the error.
-/// How a receiver authenticates senders.
-#[derive(Clone, Copy)]
-struct Auth<'a> {
-    tls: Option<&'a TlsServer>,
-    psk: Option<&'a Psk>,
-}
-
-fn handshake(
-    stream: Stream,
-    peer: &str,
-    acceptor: &SharedAcceptor,
-    auth: Auth<'_>,
-    index: u16,
-    idle_timeout_ms: u32,
-) -> Result<(Hello, Stream, Option<TlsSession>, u64)> {
-    let tls = auth.tls;
-    stream.configure()?;
-    let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| Error::io("setting handshake timeouts", e))?;
-    let plain_reply = |refusal: Option<Refusal>| {
-        let r = Reply {
-            version: PROTOCOL_VERSION,
-            refusal,
-            idle_timeout_ms: 0,
-        };
-        (&stream).write_all(&r.encode())
-    };
-    // The first byte tells TLS (a handshake record, 0x16) from plaintext pagewire ('P').
-    let mut first = [0u8; 1];
-    let peeked = stream
-        .peek(&mut first)
-        .map_err(|e| Error::io(format!("reading the handshake from {peer}"), e))?;
-    if peeked == 0 {
-        return Err(Error::PeerClosed {
-            channel: index,
-            when: "before its handshake",
-        });
-    }
-    let mut session = None;
-    let hello = match tls {
-        Some(tls) => {
-            if first[0] == b'P' {
-                let _ = plain_reply(Some(Refusal::TlsRequired));
-                return Err(Error::TlsMismatch(format!(
-                    "the sender at {peer} speaks plaintext pagewire, but this receiver requires TLS"
-                )));
-            }
-            let mut s = server_handshake(&stream, tls, index)?;
-            let plain = s.read_message(&stream, index)?;
-            let hello = Hello::decode(&plain).map_err(|source| Error::BadHello {
-                peer: peer.to_string(),
-                source,
-            });
-            session = Some(s);
-            hello
-        }
-        None => {
-            if first[0] == 0x16 {
-                let _ = plain_reply(Some(Refusal::Malformed));
-                return Err(Error::TlsMismatch(format!(
-                    "the sender at {peer} started a TLS handshake, but this receiver runs without TLS (give it --tls-cert, --tls-key and --tls-ca)"
-                )));
-            }
-            read_plain_hello(&stream, peer)
-        }
-    };
-    let reply = |session: &mut Option<TlsSession>, refusal: Option<Refusal>| -> Result<()> {
-        let r = Reply {
-            version: PROTOCOL_VERSION,
-            refusal,
-            idle_timeout_ms: if refusal.is_none() {
-                idle_timeout_ms
-            } else {
-                0
-            },
-        }
-        .encode();
-        match session {
-            Some(s) => s.write_message(&stream, &r),
-            None => (&stream)
-                .write_all(&r)
-                .map_err(|e| Error::io(format!("answering the handshake of {peer}"), e)),
-        }
-    };
-    let hello = match hello {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = reply(&mut session, Some(Refusal::Malformed));
-            return Err(e);
-        }
-    };
-    // Without TLS, a pre-shared key: the sender must prove it holds it before anything else.
-    if session.is_none() {
-        let offered = hello.features & FEATURE_PSK != 0;
-        let refuse = |refusal| {
-            let _ = plain_reply(Some(refusal));
-            Err(Error::Refused {
-                channel: hello.channel_index,
-                refusal,
-            })
-        };
-        match (auth.psk, offered) {
-            (Some(psk), true) => match psk_challenge(&stream, &hello, psk)? {
-                Some(s) => session = Some(s),
-                None => return refuse(Refusal::PskMismatch),
-            },
-            (Some(_), false) => return refuse(Refusal::PskRequired),
-            (None, true) => return refuse(Refusal::PskUnsupported),
-            (None, false) => {}
-        }
-    }
-    let generation = match check_settled(acceptor, &hello) {
-        Ok(generation) => generation,
-        Err(refusal) => {
-            let _ = reply(&mut session, Some(refusal));
-            return Err(Error::Refused {
-                channel: hello.channel_index,
-                refusal,
-            });
-        }
-    };
-    reply(&mut session, None)?;
-    stream
-        .set_read_timeout(None)
-        .and_then(|()| stream.set_write_timeout(None))
-        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
-    Ok((hello, stream, session, generation))
-}
-
-/// Checks `hello` against the session being gathered; on success, the generation of the
-/// session it joined (read under the same lock, so the accept loop can tell a channel of a
-/// session it dropped meanwhile). A hello of another session waits up to
-/// `SESSION_SETTLE_MS` before it is refused: the session being gathered may be one whose
-/// sender just gave up, which the accept loop drops within a wait slice of seeing its closed
-/// channel, and the new sender must then be served, not refused for arriving first.
-fn check_settled(acceptor: &SharedAcceptor, hello: &Hello) -> std::result::Result<u64, Refusal> {
-    let started = Instant::now();
-    loop {
-        let mut a = lock(acceptor);
-        match a.0.check(hello) {
-            Ok(()) => return Ok(a.1),
-            Err(Refusal::SessionMismatch)
-                if started.elapsed() < Duration::from_millis(SESSION_SETTLE_MS) =>
-            {
-                drop(a);
-                std::thread::sleep(Duration::from_millis(SESSION_SETTLE_MS / 20));
-            }
-            Err(refusal) => return Err(refusal),
-        }
-    }
-}
-
-/// The receiver's side of the pre-shared-key handshake: a challenge, the sender's proof.
-/// Returns the channel's record state, or `None` when the proof is wrong.
-fn psk_challenge(stream: &Stream, hello: &Hello, psk: &Psk) -> Result<Option<TlsSession>> {
-    let bytes = hello.encode();
-    let (challenge, nonce) = psk.challenge(&bytes);
-    (&*stream)
-        .write_all(&challenge)
-        .map_err(|e| Error::io("sending the key challenge", e))?;
-    let mut proof = [0u8; crate::auth::PROOF_BYTES];
-    (&*stream)
-        .read_exact(&mut proof)
-        .map_err(|e| Error::io("reading the sender's key proof", e))?;
-    if !psk.check_proof(&bytes, &nonce, &proof) {
-        return Ok(None);
-    }
-    // This side sends what the sender receives, and the other way round.
-    let (to_us, to_them) = psk.traffic(&bytes, &nonce);
-    Ok(Some(crate::tls::psk_session(to_them, to_us, Vec::new())?))
-}
-
-/// Reads a plaintext hello, failing fast on a peer that is clearly not pagewire.
-fn read_plain_hello(stream: &Stream, peer: &str) -> Result<Hello> {
-    let mut buf = [0u8; HELLO_BYTES];
-    let mut got = 0;
-    while got < HELLO_BYTES {
-        match (&*stream).read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(k) => {
-                got += k;
-                if got >= 8
-                    && Hello::decode(&buf[..got]).is_err_and(|e| {
-                        matches!(e, crate::protocol::ProtocolError::BadMagic { .. })
-                    })
-                {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::io(format!("reading the handshake from {peer}"), e));
-            }
-        }
-    }
-    Hello::decode(&buf[..got]).map_err(|source| Error::BadHello {
-        peer: peer.to_string(),
-        source,
-    })
 }

@@ -1,0 +1,146 @@
+//! One channel's handshakes on the sender's side: TLS or the pre-shared key's challenge, then
+//! the hello and the receiver's reply.
+
+use std::time::Duration;
+
+use crate::auth::Psk;
+use crate::error::{Error, Result};
+use crate::limits::HANDSHAKE_TIMEOUT_MS;
+use crate::protocol::handshake::{Hello, Reply};
+use crate::stream::Stream;
+use crate::tls::{client_handshake, TlsClient, TlsSession};
+
+/// One connected, accepted channel.
+pub(super) struct Connected {
+    pub(super) stream: Stream,
+    pub(super) tls: Option<TlsSession>,
+    /// The receiver's idle bound, from its reply.
+    pub(super) receiver_idle_ms: u32,
+}
+
+/// Connects one channel and runs its handshakes (TLS when configured, then the hello).
+pub(super) fn handshake(
+    stream: Stream,
+    hello: &Hello,
+    tls: Option<&TlsClient>,
+    psk: Option<&Psk>,
+) -> Result<Connected> {
+    let i = hello.channel_index;
+    let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+    stream.configure()?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| Error::io("setting handshake timeouts", e))?;
+    let mut session = match tls {
+        Some(t) => Some(client_handshake(&stream, t, i)?),
+        None => None,
+    };
+    let reply = match (session.as_mut(), psk) {
+        (Some(s), _) => {
+            s.write_message(&stream, &hello.encode())?;
+            let plain = s.read_message(&stream, i)?;
+            Reply::decode(&plain).map_err(|source| Error::Protocol { channel: i, source })?
+        }
+        (None, Some(psk)) => match psk_handshake(&stream, hello, psk)? {
+            Ok(s) => {
+                let s = session.insert(s);
+                let plain = s.read_message(&stream, i)?;
+                Reply::decode(&plain).map_err(|source| Error::Protocol { channel: i, source })?
+            }
+            Err(refused) => refused,
+        },
+        (None, None) => plain_reply(&stream, hello)?,
+    };
+    if let Some(refusal) = reply.refusal {
+        return Err(Error::Refused {
+            channel: i,
+            refusal,
+        });
+    }
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(|e| Error::io("clearing handshake timeouts", e))?;
+    Ok(Connected {
+        stream,
+        tls: session,
+        receiver_idle_ms: reply.idle_timeout_ms,
+    })
+}
+
+/// The sender's side of the pre-shared-key handshake: the hello, the receiver's challenge
+/// (checked: does it hold the key?), our proof. Returns the channel's record state, or the
+/// receiver's plain reply when it refused the hello outright.
+pub(super) fn psk_handshake(
+    stream: &Stream,
+    hello: &Hello,
+    psk: &Psk,
+) -> Result<std::result::Result<TlsSession, Reply>> {
+    use std::io::{Read, Write};
+    let i = hello.channel_index;
+    let bytes = hello.encode();
+    let io = |what: &str, e| Error::io(format!("{what} on channel {i}"), e);
+    (&*stream)
+        .write_all(&bytes)
+        .map_err(|e| io("sending the handshake", e))?;
+    let mut challenge = [0u8; crate::auth::CHALLENGE_BYTES];
+    (&*stream)
+        .read_exact(&mut challenge[..8])
+        .map_err(|e| io("reading the receiver's challenge", e))?;
+    if challenge[..8] == *b"PAGEWIRE" {
+        // A plain reply: the receiver refused the hello before any challenge.
+        let mut reply = [0u8; 16];
+        reply[..8].copy_from_slice(&challenge[..8]);
+        (&*stream)
+            .read_exact(&mut reply[8..])
+            .map_err(|e| io("reading the receiver's reply", e))?;
+        return Ok(Err(
+            Reply::decode(&reply).map_err(|source| Error::Protocol { channel: i, source })?
+        ));
+    }
+    (&*stream)
+        .read_exact(&mut challenge[8..])
+        .map_err(|e| io("reading the receiver's challenge", e))?;
+    let (proof, nonce) = psk
+        .answer(&bytes, &challenge)
+        .map_err(|source| Error::Auth { channel: i, source })?;
+    (&*stream)
+        .write_all(&proof)
+        .map_err(|e| io("sending the key proof", e))?;
+    let (tx, rx) = psk.traffic(&bytes, &nonce);
+    Ok(Ok(crate::tls::psk_session(tx, rx, Vec::new())?))
+}
+
+/// Sends the hello in plaintext and reads the reply.
+pub(super) fn plain_reply(stream: &Stream, hello: &Hello) -> Result<Reply> {
+    use std::io::{Read, Write};
+    let i = hello.channel_index;
+    (&*stream)
+        .write_all(&hello.encode())
+        .map_err(|e| Error::io(format!("sending the handshake on channel {i}"), e))?;
+    let mut reply = [0u8; 16];
+    let mut got = 0;
+    while got < reply.len() {
+        match (&*stream).read(&mut reply[got..]) {
+            Ok(0) => {
+                // A receiver may close right after its refusal; what we have may still say why.
+                break;
+            }
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading the receiver's handshake reply on channel {i}"),
+                    e,
+                ))
+            }
+        }
+    }
+    if (got >= 1 && reply[0] == 0x15) || reply[..got.min(2)] == [0x16, 0x03] {
+        return Err(Error::TlsMismatch(format!(
+            "the receiver answered channel {i} with TLS: it requires TLS (give this sender --tls-cert, --tls-key and --tls-ca)"
+        )));
+    }
+    Reply::decode(&reply[..got]).map_err(|source| Error::Protocol { channel: i, source })
+}
