@@ -146,7 +146,6 @@ fn kick_until_out<T>(thread: &JoinHandle<T>) {
     let Some(signal) = kick_signal() else {
         return;
     };
-
     let deadline = Instant::now() + KICK_WAIT_MAX;
     let mut next_kick = Instant::now();
     // Yields rather than sleeps between looks: on a busy host a sleep's wake-up alone took

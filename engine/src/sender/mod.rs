@@ -484,7 +484,7 @@ impl Sender {
             }
         }
         for i in 0..n {
-            self.send_to(i, Work::EndRound)?;
+            self.send_to(i, Work::EndRound { live })?;
         }
         let mut sent = 0;
         while sent < n {

@@ -29,7 +29,8 @@ impl SendShard {
                 self.m.begin_pages(&mut self.frame, region, live, now);
                 self.scan_chunk(slot, &runs)?
             }
-            Work::EndRound => {
+            Work::EndRound { live } => {
+                self.awaited_round = live;
                 s.marker = self.m.end_round(&mut self.frame, now);
                 0
             }

@@ -132,8 +132,10 @@ pub(crate) enum Work {
         runs: ChunkRuns,
         live: bool,
     },
-    /// End the current round on this channel.
-    EndRound,
+    /// End the current round on this channel. `live`: a pre-copy round, whose `RoundPlaced`
+    /// the coordinator waits for before it sends anything more, so the shard watches its ring
+    /// for it rather than its queue.
+    EndRound { live: bool },
     /// End the stream and wait for the receiver's confirmation.
     Finish,
     /// Tell the receiver this channel is alive (the shard makes these itself when idle).
@@ -308,6 +310,8 @@ pub(crate) struct SendShard {
     pace: crate::sender::BandwidthLimit,
     channels: u16,
     pace_until: Instant,
+    /// The last round ended here was live: the coordinator waits for its `RoundPlaced`.
+    awaited_round: bool,
     /// The body of an abort or device state frame being built.
     body: Box<[u8; BODY_BYTES_MAX]>,
 }
@@ -322,8 +326,9 @@ enum IdleWait {
 }
 
 impl SendShard {
-    /// Runs the shard to the end of the stream, until the receiver confirms it. On failure the abort latch is raised here, while
-    /// this shard's ring and socket are still open, so a receiver can still tell the peer why.
+    /// Runs the shard to the end of the stream, until the receiver confirms it. On failure the
+    /// abort latch is raised here, while this shard's ring and socket are still open, so a
+    /// receiver can still tell the peer why.
     pub(crate) fn run(mut self) -> Result<ShardStats> {
         match self.run_inner() {
             Ok(()) => Ok(std::mem::take(&mut self.stats)),
@@ -385,17 +390,19 @@ impl SendShard {
             // chunk or the end of the stream would wait for them (measured: a live migration's
             // downtime grew from ~3 ms to ~50 ms). Wait on the work queue then, entering the
             // ring every millisecond for them.
-            // A round's RoundPlaced is the other way round: it arrives on the ring, and a live
-            // migration measures every round up to it, and waits for it before the next round
-            // comes. Wait on the ring then, looking at the queue every millisecond (measured: a
-            // wait on the work queue alone added a whole wait slice, 100 ms, to every round;
-            // polling the ring every millisecond still added ~1 ms to every round's tail).
+            // A live round's RoundPlaced is the other way round: it arrives on the ring, and a
+            // live migration measures every round up to it, and waits for it before the next
+            // round comes. Wait on the ring then, looking at the queue every millisecond
+            // (measured: a wait on the work queue alone added a whole wait slice, 100 ms, to
+            // every round; polling the ring every millisecond still added ~1 ms to every
+            // round's tail). After the last round the coordinator does not wait: the device
+            // state and the end of the stream follow at once, on the queue.
             let notifications_only = self.chain_outstanding == 0 && self.sends_in_flight() > 0;
             let can_take_work =
                 self.m.may_build() && self.ready.is_empty() && self.free_slot().is_some();
             if can_take_work && (self.sends_in_flight() == 0 || notifications_only) {
                 let poll = Duration::from_millis(NOTIFICATION_POLL_MS);
-                let wait = if self.m.placement_pending() {
+                let wait = if self.awaited_round && self.m.placement_pending() {
                     IdleWait::Ring(poll)
                 } else if notifications_only {
                     IdleWait::Queue(poll)

@@ -112,6 +112,7 @@ impl SendShard {
             pace: p.pace,
             channels: p.channels,
             pace_until: Instant::now(),
+            awaited_round: false,
             body: Box::new([0; BODY_BYTES_MAX]),
         })
     }
