@@ -412,3 +412,67 @@ impl Vmm for AnyGuest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::RegionSpec;
+
+    /// The guest's `rip` after a `hlt` exit: just past its one `sti; hlt`.
+    fn rip_after_hlt() -> u64 {
+        let code = guestcode::code();
+        let at = code
+            .windows(2)
+            .position(|w| w == [0xfb, 0xf4])
+            .expect("the guest code has its sti; hlt");
+        CODE_GPA + at as u64 + 2
+    }
+
+    fn rip(blobs: &[DeviceBlob]) -> u64 {
+        let b = &blobs[0].bytes[16 * 8..17 * 8];
+        u64::from_le_bytes(b.try_into().expect("8 bytes"))
+    }
+
+    /// A burst far longer than a tick keeps the vCPU inside `KVM_RUN`: a pause must kick it
+    /// out there (so it stops mid-burst, not at its next `hlt`), and the guest resumed from
+    /// those registers must count on. Without the kick every pause would wait for the burst
+    /// to end and find the vCPU just past its `hlt`.
+    #[test]
+    fn a_pause_stops_the_vcpu_mid_burst_and_the_guest_resumes_from_there() {
+        if let Err(why) = probe() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+        let params = Params {
+            burst: 16 << 10,
+            working_set_pages: 16 << 10,
+        };
+        let memory = Arc::new(
+            GuestMemory::anonymous(&[RegionSpec {
+                gpa: 0,
+                len: params.memory_bytes_min(),
+            }])
+            .unwrap(),
+        );
+        let mut guest = TinyGuest::start(memory.clone(), params).unwrap();
+        let mut mid_burst = 0;
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(20));
+            guest.pause().unwrap();
+            let paused_at = guest.counter_at_pause.unwrap();
+            let blobs = guest.device_state().unwrap();
+            mid_burst += usize::from(rip(&blobs) != rip_after_hlt());
+            drop(guest);
+            guest = TinyGuest::resume(memory.clone(), &blobs).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while guest.counter() <= paused_at && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(guest.counter() > paused_at, "the resumed guest counts on");
+        }
+        assert!(
+            mid_burst >= 3,
+            "only {mid_burst} of 5 pauses stopped the vCPU inside its burst"
+        );
+    }
+}

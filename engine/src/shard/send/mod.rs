@@ -319,10 +319,26 @@ pub(crate) struct SendShard {
 /// Where an idle shard waits: on its work queue, where new work wakes it at once and the ring
 /// is looked at after the slice; or on its ring, where a completion (the receiver's next
 /// control message) wakes it at once and the queue is looked at after the slice.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IdleWait {
     Queue(Duration),
     Ring(Duration),
+}
+
+impl IdleWait {
+    /// Where to wait: on the ring while the coordinator waits for a live round's
+    /// `RoundPlaced`; on the queue otherwise, looking at the ring every millisecond while
+    /// zero-copy notifications are due, else after `slice`.
+    fn choose(placement_awaited: bool, notifications_only: bool, slice: Duration) -> IdleWait {
+        let poll = Duration::from_millis(NOTIFICATION_POLL_MS);
+        if placement_awaited {
+            IdleWait::Ring(poll)
+        } else if notifications_only {
+            IdleWait::Queue(poll)
+        } else {
+            IdleWait::Queue(slice)
+        }
+    }
 }
 
 impl SendShard {
@@ -401,14 +417,11 @@ impl SendShard {
             let can_take_work =
                 self.m.may_build() && self.ready.is_empty() && self.free_slot().is_some();
             if can_take_work && (self.sends_in_flight() == 0 || notifications_only) {
-                let poll = Duration::from_millis(NOTIFICATION_POLL_MS);
-                let wait = if self.awaited_round && self.m.placement_pending() {
-                    IdleWait::Ring(poll)
-                } else if notifications_only {
-                    IdleWait::Queue(poll)
-                } else {
-                    IdleWait::Queue(slice)
-                };
+                let wait = IdleWait::choose(
+                    self.awaited_round && self.m.placement_pending(),
+                    notifications_only,
+                    slice,
+                );
                 idle += self.wait_for_work(wait)?;
             } else if self.ring.submit_and_wait(1, slice)? == Wait::TimedOut {
                 self.check_idle()?;
@@ -527,5 +540,28 @@ impl SendShard {
             self.build(slot, work)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_shard_waits_on_its_ring_only_for_an_awaited_round() {
+        let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
+        let poll = Duration::from_millis(NOTIFICATION_POLL_MS);
+        // A live round's RoundPlaced arrives on the ring, and nothing comes on the queue
+        // before it: wait there.
+        assert_eq!(IdleWait::choose(true, false, slice), IdleWait::Ring(poll));
+        assert_eq!(IdleWait::choose(true, true, slice), IdleWait::Ring(poll));
+        // After the last round (or any round nobody waits for) the next work comes on the
+        // queue at once: the device state, the end of the stream.
+        assert_eq!(
+            IdleWait::choose(false, false, slice),
+            IdleWait::Queue(slice)
+        );
+        // Zero-copy notifications alone must not keep new work waiting.
+        assert_eq!(IdleWait::choose(false, true, slice), IdleWait::Queue(poll));
     }
 }
