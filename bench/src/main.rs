@@ -19,7 +19,6 @@ mod transfer;
 use clap::{Parser, Subcommand};
 use pagewire::synth::Content;
 
-
 #[derive(Parser)]
 #[command(
     name = "pagewire-bench",
