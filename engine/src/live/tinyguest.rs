@@ -437,7 +437,7 @@ mod tests {
     }
 
     /// A burst of 2^30 stores (over a small working set) keeps the vCPU inside `KVM_RUN` for
-    /// a second or more on any host (for hours where nested KVM emulates the guest): a pause
+    /// a second or more on any host (minutes where nested KVM emulates the guest): a pause
     /// must kick it out there, mid-burst, not at its next `hlt`, and the guest resumed from
     /// those registers must count on. Without the kick a pause waits out the burst: the
     /// pause runs on a helper thread, and the test fails when it has not returned after
