@@ -106,6 +106,8 @@ pub enum Waiting {
     Data,
     /// The receiver to confirm the end.
     Confirmation,
+    /// The receiver to report an ended round placed.
+    Placement,
 }
 
 impl fmt::Display for Waiting {
@@ -113,6 +115,7 @@ impl fmt::Display for Waiting {
         f.write_str(match self {
             Waiting::Data => "waiting for the receiver to take data",
             Waiting::Confirmation => "waiting for the receiver to confirm the end",
+            Waiting::Placement => "waiting for the receiver to report a round placed",
         })
     }
 }
@@ -133,6 +136,11 @@ pub struct SenderMachine {
     last_frame_at: Instant,
     last_progress: Instant,
     last_seen_pages: u64,
+    /// When the last round ended here, or pages last moved on any channel since, whichever is
+    /// later: a pending `RoundPlaced` is owed within the idle bound of this. (Keepalives, which
+    /// count as progress otherwise, do not move it: they show our side alive, not the
+    /// receiver.)
+    placement_clock: Instant,
 }
 
 impl SenderMachine {
@@ -152,6 +160,7 @@ impl SenderMachine {
             last_frame_at: now,
             last_progress: now,
             last_seen_pages: 0,
+            placement_clock: now,
         }
     }
 
@@ -201,6 +210,7 @@ impl SenderMachine {
     /// Fills `frame` with the end of the current round, and moves to the next.
     pub fn end_round(&mut self, frame: &mut Frame, now: Instant) -> Marker {
         self.built(now);
+        self.placement_clock = now;
         let round = self.numbering.round();
         self.numbering.end_round(frame);
         Marker::EndOfRound(round)
@@ -335,6 +345,16 @@ impl SenderMachine {
         if pages_moved != self.last_seen_pages {
             self.last_seen_pages = pages_moved;
             self.last_progress = now;
+            self.placement_clock = self.placement_clock.max(now);
+        }
+        if self.outgoing != Outgoing::EndSent && self.placement_pending() {
+            let ms = now
+                .saturating_duration_since(self.placement_clock)
+                .as_millis() as u64;
+            if ms >= self.idle.as_millis() as u64 {
+                let waiting = Waiting::Placement;
+                return Err(SenderFault::Idle { waiting, ms });
+            }
         }
         let ms = now
             .saturating_duration_since(self.last_progress)
@@ -342,6 +362,8 @@ impl SenderMachine {
         if ms >= self.idle.as_millis() as u64 {
             let waiting = if self.outgoing == Outgoing::EndSent {
                 Waiting::Confirmation
+            } else if self.placement_pending() {
+                Waiting::Placement
             } else {
                 Waiting::Data
             };
@@ -469,10 +491,28 @@ mod tests {
                 ..
             })
         ));
+        // A round ended and sent, its RoundPlaced not come: that is what the channel waits for,
+        // within the idle bound of the round's end, whatever keepalives made progress since.
+        let marker = m.end_round(&mut f, t + IDLE * 2);
+        m.handed(marker);
+        m.progressed(t + IDLE * 3);
+        m.check_idle(t + IDLE * 2 + IDLE / 2, 7).unwrap();
+        assert!(matches!(
+            m.check_idle(t + IDLE * 3, 7),
+            Err(SenderFault::Idle {
+                waiting: Waiting::Placement,
+                ..
+            })
+        ));
+        // Pages moving on another channel (this one waits at the receiver's barrier) hold it
+        // off, as for data.
+        m.check_idle(t + IDLE * 3, 8).unwrap();
+        m.on_control(Control::RoundPlaced { round: 0 }).unwrap();
+        m.check_idle(t + IDLE * 3 + IDLE / 2, 8).unwrap();
         let end = m.end_stream(&mut f, t);
         m.handed(end);
         assert!(matches!(
-            m.check_idle(t + IDLE * 3, 7),
+            m.check_idle(t + IDLE * 5, 8),
             Err(SenderFault::Idle {
                 waiting: Waiting::Confirmation,
                 ..

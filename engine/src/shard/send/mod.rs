@@ -455,16 +455,27 @@ impl SendShard {
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
             },
-            IdleWait::Ring(slice) => match self.work.try_recv() {
-                Ok(work) => self.fill(Some(work))?,
-                Err(TryRecvError::Empty) => {
-                    // The control receive is posted: the receiver's next message ends this.
-                    self.ring.submit_and_wait(1, slice.min(keepalive_in))?;
+            IdleWait::Ring(slice) => {
+                match self.work.try_recv() {
+                    Ok(work) => self.fill(Some(work))?,
+                    Err(TryRecvError::Empty) => {
+                        // The control receive is posted: the receiver's next message ends this.
+                        self.ring.submit_and_wait(1, slice.min(keepalive_in))?;
+                    }
+                    Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
                 }
-                Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
-            },
+            }
         }
-        self.m.progressed(Instant::now());
+        if let IdleWait::Queue(_) = wait {
+            // Waiting on our own coordinator is not the peer's fault.
+            self.m.progressed(Instant::now());
+        }
+        if self.m.placement_pending() {
+            // A round's RoundPlaced is the receiver's to send, so that wait is bounded: a
+            // receiver that took the whole round into its socket buffer and then hung (stopped,
+            // say) would otherwise hold a live migration for ever.
+            self.check_idle()?;
+        }
         Ok(waited.elapsed())
     }
 
