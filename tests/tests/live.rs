@@ -1,7 +1,8 @@
 //! Live migration sessions over loopback with a software dirtier writing the source while rounds
 //! run: the destination equals the source after the last round (and a dropped last round is
-//! caught by that comparison), a policy that gives up fails both sides with its reason, and a
-//! cancel from another thread ends both sides within a second.
+//! caught by that comparison), a policy that gives up fails both sides with its reason, a
+//! cancel from another thread ends both sides within a second, and a round the receiver never
+//! reports placed fails the sender within its idle bound.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -17,7 +18,8 @@ use pagewire::synth::{fill, Content};
 use pagewire::tls::certs::{self, CertOptions};
 use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{
-    Error, GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig,
+    Error, GuestMemory, PageRun, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender,
+    SenderConfig,
 };
 use pagewire_tests::{join_within, skip_without_uring};
 
@@ -277,6 +279,102 @@ fn a_policy_that_gives_up_fails_both_sides_with_its_reason() {
     assert!(r.to_string().contains("not converging"), "receiver: {r}");
     let s = handle.snapshot();
     assert_eq!((s.status, s.rounds.len()), (Status::Failed, 3));
+}
+
+/// Forwards a channel both ways until `mute` is set; from then on the receiver's messages are
+/// read and dropped, while the sender's bytes still reach the receiver: a receiver that took
+/// everything and then hung, as far as the sender can tell.
+fn muting_proxy(server: std::net::SocketAddr, mute: Arc<AtomicBool>) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((client, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(upstream) = TcpStream::connect(server) else {
+            return;
+        };
+        let (mut c_read, mut u_write) =
+            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        let (mut u_read, mut c_write) = (upstream, client);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = u_read.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if !mute.load(Ordering::Acquire) && c_write.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = c_read.read(&mut buf) {
+            if n == 0 || u_write.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_round_never_reported_placed_fails_the_sender_within_its_idle_bound() {
+    if skip_without_uring() {
+        return;
+    }
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: MEMORY_BYTES,
+    }];
+    let src = Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    fill(&src, Content::Mixed, 7);
+    let dst = Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    let receiver = Receiver::bind(
+        "127.0.0.1:0",
+        dst,
+        ReceiverConfig {
+            pinning: Pinning::None,
+            idle_timeout_ms: 20_000,
+            ..ReceiverConfig::default()
+        },
+    )
+    .unwrap();
+    let mute = Arc::new(AtomicBool::new(false));
+    let proxy = muting_proxy(receiver.local_addr().unwrap(), mute.clone());
+    let canceller = receiver.canceller();
+    let receiver = std::thread::spawn(move || receiver.run());
+    let mut sender = Sender::connect(
+        proxy,
+        src.clone(),
+        &SenderConfig {
+            channels: 1,
+            pinning: Pinning::None,
+            idle_timeout_ms: 1_000,
+            ..SenderConfig::default()
+        },
+    )
+    .unwrap();
+    let round = sender.send_live_round(&PageRun::whole(&src)).unwrap();
+    sender.wait_placed(round.round).unwrap();
+    // A small round fits the socket buffers whole: every send completes, and only the
+    // receiver's RoundPlaced, which the proxy now drops, can end the wait.
+    mute.store(true, Ordering::Release);
+    let small = [PageRun {
+        region: 0,
+        first_page: 0,
+        pages: 16,
+    }];
+    let waiter = std::thread::spawn(move || {
+        let round = sender.send_live_round(&small)?;
+        sender.wait_placed(round.round)
+    });
+    let err = join_within(waiter, Duration::from_secs(15), "the sender").unwrap_err();
+    assert!(err.to_string().contains("report a round placed"), "{err}");
+    canceller.cancel();
+    let _ = join_within(receiver, Duration::from_secs(10), "receiver");
 }
 
 #[test]
