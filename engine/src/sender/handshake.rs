@@ -1,5 +1,5 @@
-//! One channel's handshakes on the sender's side: TLS or the pre-shared key's challenge, then
-//! the hello and the receiver's reply.
+//! The channels' handshakes on the sender's side, all channels in parallel. Per channel: TLS or
+//! the pre-shared key's challenge, then the hello and the receiver's reply.
 
 use std::time::Duration;
 
@@ -16,6 +16,39 @@ pub(super) struct Connected {
     pub(super) tls: Option<TlsSession>,
     /// The receiver's idle bound, from its reply.
     pub(super) receiver_idle_ms: u32,
+}
+
+/// Connects all `n` channels and runs their handshakes, each on its own thread, in parallel:
+/// `open(i)` gives channel `i`'s stream and `hello(i)` its hello. One result per channel, in
+/// channel order; a handshake thread that panicked is an error, not a panic here.
+pub(super) fn connect_all(
+    n: u16,
+    hello: impl Fn(u16) -> Hello,
+    tls: Option<&TlsClient>,
+    psk: Option<&Psk>,
+    open: impl Fn(u16) -> Result<Stream> + Sync,
+) -> Vec<Result<Connected>> {
+    std::thread::scope(|scope| {
+        let joins: Vec<_> = (0..n)
+            .map(|i| {
+                let h = hello(i);
+                let open = &open;
+                scope.spawn(move || handshake(open(i)?, &h, tls, psk))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| {
+                j.join().unwrap_or_else(|_| {
+                    Err(Error::ShardPanicked {
+                        side: "sender",
+                        channel: u16::MAX,
+                        message: "a handshake thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    })
 }
 
 /// Connects one channel and runs its handshakes (TLS when configured, then the hello).

@@ -30,7 +30,7 @@ use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
 use crate::stream::Stream;
 
 mod handshake;
-use handshake::{handshake, Connected};
+use handshake::{connect_all, Connected};
 
 /// Consecutive pages of one region to send in a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +199,37 @@ fn resolve(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<SocketAddr> {
         .ok_or_else(|| Error::Config(format!("{text} resolves to no address")))
 }
 
+/// Starts channel `params.channel`'s shard thread: pinned to `core` when there is one, its
+/// statistics saying where it ran; a failure (a panic included) raises the shared abort.
+fn spawn_shard(
+    params: SendShardParams,
+    stream: Stream,
+    place: crate::placement::ShardPlace,
+    core: Option<core_affinity::CoreId>,
+    abort: Arc<Abort>,
+) -> Result<JoinHandle<Result<ShardStats>>> {
+    let i = params.channel;
+    std::thread::Builder::new()
+        .name(format!("pw-send-{i}"))
+        .spawn(move || {
+            let span = tracing::debug_span!("send_shard", channel = i);
+            let _enter = span.enter();
+            let pinned = pin(core);
+            let result = catch_panic("sender", i, || {
+                SendShard::new(params, stream).and_then(SendShard::run)
+            });
+            match result {
+                Ok(mut stats) => {
+                    stats.core = pinned;
+                    stats.node = pinned.and(place.node);
+                    Ok(stats)
+                }
+                Err(e) => Err(abort.fail(e)),
+            }
+        })
+        .map_err(|e| Error::io("starting a sender shard thread", e))
+}
+
 impl Sender {
     /// Connects `config.channels` channels to the receiver at `addr`, handshakes each, and starts
     /// the shards.
@@ -261,7 +292,6 @@ impl Sender {
         let progress = Arc::new(Progress::default());
         let (events_tx, events) = unbounded();
         let pin_cores = crate::placement::pin_order(config.cores.as_deref(), config.pinning)?;
-        // Every channel connects and handshakes (TCP, TLS, hello) on its own thread, in parallel.
         let hello = |i: u16| Hello {
             version: PROTOCOL_VERSION,
             channel_index: i,
@@ -278,29 +308,7 @@ impl Sender {
             region_count: memory.regions().len() as u32,
             nonce: rand::random(),
         };
-        let connected: Vec<Result<Connected>> = std::thread::scope(|scope| {
-            let joins: Vec<_> = (0..n)
-                .map(|i| {
-                    let h = hello(i);
-                    let tls = config.tls.as_ref();
-                    let psk = config.psk.as_ref();
-                    let open = &open;
-                    scope.spawn(move || handshake(open(i)?, &h, tls, psk))
-                })
-                .collect();
-            joins
-                .into_iter()
-                .map(|j| {
-                    j.join().unwrap_or_else(|_| {
-                        Err(Error::ShardPanicked {
-                            side: "sender",
-                            channel: u16::MAX,
-                            message: "a handshake thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
+        let connected = connect_all(n, hello, config.tls.as_ref(), config.psk.as_ref(), open);
         let mut streams = Vec::with_capacity(usize::from(n));
         for c in connected {
             let c = c?;
@@ -354,26 +362,7 @@ impl Sender {
                 #[cfg(not(feature = "faults"))]
                 faults: crate::shard::RingFaults,
             };
-            let shard_abort = abort.clone();
-            let join = std::thread::Builder::new()
-                .name(format!("pw-send-{i}"))
-                .spawn(move || {
-                    let span = tracing::debug_span!("send_shard", channel = i);
-                    let _enter = span.enter();
-                    let pinned = pin(core);
-                    let result = catch_panic("sender", i as u16, || {
-                        SendShard::new(params, stream).and_then(SendShard::run)
-                    });
-                    match result {
-                        Ok(mut stats) => {
-                            stats.core = pinned;
-                            stats.node = pinned.and(place.node);
-                            Ok(stats)
-                        }
-                        Err(e) => Err(shard_abort.fail(e)),
-                    }
-                })
-                .map_err(|e| Error::io("starting a sender shard thread", e))?;
+            let join = spawn_shard(params, stream, place, core, abort.clone())?;
             shards.push(Shard {
                 tx,
                 join: Some(join),
