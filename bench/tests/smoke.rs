@@ -214,6 +214,27 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be combined with --peer"));
+    // Refused before anything runs: no connection to the (unreachable) peer is tried first.
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .args([
+            "matrix",
+            "--size",
+            "8MiB",
+            "--live",
+            "100MB",
+            "--peer",
+            "192.0.2.9:7700",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--live runs both sides on this host"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.

@@ -1,0 +1,511 @@
+//! `pagewire-bench matrix`: every combination of the chosen axes, repeated and interleaved
+//! (A B A B, because these machines drift), with the machine's ceilings measured in the same run:
+//! raw TCP with the same streams and bytes, a one-core DRAM read scan and memcpy, one-core AEAD,
+//! pagewire-seal and rustls-encrypt rates, and a one-core zstd rate. Writes `results.json`,
+//! `results.csv`, `report.md` and three SVG plots (throughput, CPU-s/GiB and the ratio to raw TCP,
+//! by channel count) to `--out`.
+//!
+//! Each cell's throughput is end to end: from the sender's connect until the receiver has
+//! confirmed every page, into a pre-faulted destination (faults are not measured).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::pipeline::compress::Compression;
+use pagewire::synth::{fill, Content};
+use pagewire::tls::{certs, TlsClient, TlsServer};
+use pagewire::{GuestMemory, RegionSpec, ZeroCopy};
+use serde::Serialize;
+
+use crate::measure::{pagewire_run, raw_tcp, summarize, Run, Summary};
+
+mod ceilings;
+mod report;
+use ceilings::Ceilings;
+use report::{markdown, write_results};
+
+/// Options of one matrix run.
+#[derive(clap::Args)]
+pub struct MatrixArgs {
+    /// A short preset (well under a minute on a 2-core machine): 512 MiB, channels 1,2, 3 reps,
+    /// the other axes as given.
+    #[arg(long)]
+    quick: bool,
+    /// Guest memory per cell.
+    #[arg(long, default_value = "2GiB", value_parser = pagewire::units::parse_size)]
+    size: u64,
+    /// Channel counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    channels: Vec<u16>,
+    /// Memory contents: zero, random, mixed, text, blend, or file:PATH (a RAM image; the run then
+    /// takes its size from the file).
+    #[arg(long, value_delimiter = ',', default_value = "zero,random,mixed,text", value_parser = parse_content)]
+    content: Vec<ContentSpec>,
+    /// TLS: off, on.
+    #[arg(long, value_delimiter = ',', default_value = "off")]
+    tls: Vec<OnOff>,
+    /// Compression: none, zstd, zlib, auto.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    compress: Vec<Compression>,
+    /// Zero-copy policy: auto, on, off.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    zero_copy: Vec<ZeroCopy>,
+    /// Repetitions of every cell (interleaved).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Directory for results.json, results.csv and report.md.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Print the results as one JSON object on stdout too.
+    #[arg(long)]
+    json: bool,
+    /// Do not pin threads.
+    #[arg(long)]
+    no_pin: bool,
+    /// Run QEMU's multifd migration of the same content side by side (same channels, TLS and
+    /// compression; needs qemu-system-x86, /dev/kvm and root, skipped with a reason otherwise).
+    #[arg(long)]
+    with_qemu: bool,
+    /// Live rows after the static cells: migrations of a running guest (the tiny KVM guest, or
+    /// the software dirtier without /dev/kvm) at these dirty rates × the channels × TLS, with
+    /// QEMU side by side under --with-qemu. Written to `live.json` in --out (see `pagewire-bench
+    /// live` for more settings).
+    #[arg(long, value_delimiter = ',', value_parser = pagewire::units::parse_rate)]
+    live: Vec<u64>,
+    /// The live rows' working set (default: a quarter of memory).
+    #[arg(long, value_parser = pagewire::units::parse_size)]
+    live_working_set: Option<u64>,
+    /// Run against `pagewire-bench serve` on another host (HOST:PORT of its control listener):
+    /// receivers, raw TCP included, run there, across the real network.
+    #[arg(long)]
+    peer: Option<String>,
+}
+
+/// An on/off axis value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    /// Off.
+    Off,
+    /// On.
+    On,
+}
+
+/// A content axis value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentSpec {
+    /// Generated, seeded.
+    Synthetic(Content),
+    /// A RAM image read from a file.
+    File(PathBuf),
+}
+
+impl ContentSpec {
+    fn name(&self) -> String {
+        match self {
+            ContentSpec::Synthetic(c) => c.name().to_string(),
+            ContentSpec::File(p) => format!("file:{}", p.display()),
+        }
+    }
+}
+
+fn parse_content(text: &str) -> Result<ContentSpec, String> {
+    match text.strip_prefix("file:") {
+        Some(path) => Ok(ContentSpec::File(PathBuf::from(path))),
+        None => text.parse().map(ContentSpec::Synthetic),
+    }
+}
+
+/// One cell of the matrix, with its repetitions summarized.
+#[derive(Debug, Clone, Serialize)]
+struct Cell {
+    content: String,
+    channels: u16,
+    tls: OnOff,
+    compress: Compression,
+    zero_copy: ZeroCopy,
+    pagewire: Summary,
+    raw_tcp_gib_per_s: f64,
+    pagewire_over_raw_tcp: f64,
+    wire_bytes: u64,
+    zero_copy_copied_by_kernel: bool,
+    /// QEMU multifd on the same memory and settings (`--with-qemu`), its own counters.
+    qemu: Option<QemuCell>,
+    /// pagewire's median throughput over QEMU's.
+    pagewire_over_qemu: Option<f64>,
+    /// pagewire between the RAM files QEMU used (`--with-qemu`): its source file to a fresh
+    /// destination file on the same huge-page tmpfs.
+    pagewire_files: Option<Summary>,
+    /// RAM files over QEMU's median throughput.
+    files_over_qemu: Option<f64>,
+    /// RAM files over pagewire's in-memory median throughput on the same content.
+    files_over_memory: Option<f64>,
+}
+
+/// QEMU's side of a cell.
+#[derive(Debug, Clone, Serialize)]
+struct QemuCell {
+    summary: Summary,
+    transferred: u64,
+    duplicate: u64,
+    normal: u64,
+}
+
+#[derive(Serialize)]
+struct Results {
+    machine: String,
+    /// The destination, when it was another host.
+    peer: Option<String>,
+    size_bytes: u64,
+    reps: usize,
+    ceilings: Ceilings,
+    cells: Vec<Cell>,
+}
+
+/// Runs the matrix.
+/// Checks the options against each other and applies the presets, before anything is measured:
+/// `--quick`, and a RAM image's size for every cell. Returns whether the QEMU rows run (said on
+/// stderr when `--with-qemu` cannot).
+fn settle(a: &mut MatrixArgs) -> Result<bool> {
+    if a.with_qemu && a.peer.is_some() {
+        bail!("--with-qemu runs both QEMUs on this host: it cannot be combined with --peer");
+    }
+    if !a.live.is_empty() && a.peer.is_some() {
+        bail!("--live runs both sides on this host: it cannot be combined with --peer");
+    }
+    if a.quick {
+        a.size = 512 << 20;
+        a.channels = vec![1, 2];
+        a.reps = 3;
+    }
+    if a.reps == 0 || a.channels.is_empty() || a.content.is_empty() {
+        bail!("--reps, --channels and --content need at least one value");
+    }
+    // A RAM image sets the size of every cell, so all engines and contents move the same bytes.
+    let files: Vec<&PathBuf> = a
+        .content
+        .iter()
+        .filter_map(|c| match c {
+            ContentSpec::File(p) => Some(p),
+            ContentSpec::Synthetic(_) => None,
+        })
+        .collect();
+    if let Some(first) = files.first() {
+        let len = std::fs::metadata(first)
+            .with_context(|| format!("reading the size of {}", first.display()))?
+            .len();
+        for f in &files[1..] {
+            if std::fs::metadata(f).map(|m| m.len()).ok() != Some(len) {
+                bail!("RAM images given with --content file: must all have the same size");
+            }
+        }
+        if len == 0 || len % 4096 != 0 {
+            bail!(
+                "{} is {len} bytes; a RAM image must be a positive multiple of 4096 bytes",
+                first.display()
+            );
+        }
+        a.size = len;
+    }
+    Ok(a.with_qemu
+        && match crate::qemu::unavailable() {
+            Some(why) => {
+                eprintln!("SKIPPED: the QEMU rows: {why}");
+                false
+            }
+            None => true,
+        })
+}
+
+/// One cell's axes: content (index into the memories), channels, TLS, compression, zero-copy.
+type CellKey = (usize, u16, OnOff, Compression, ZeroCopy);
+
+/// What the repetitions of one cell measured.
+#[derive(Default)]
+struct CellRuns {
+    /// pagewire, memory to memory.
+    pagewire: Vec<Run>,
+    /// QEMU multifd on the same memory (with `--with-qemu`).
+    qemu: Vec<crate::qemu::QemuRun>,
+    /// pagewire between the same RAM files as QEMU (with `--with-qemu`).
+    files: Vec<Run>,
+    /// Bytes on the wire in the last pagewire run.
+    wire_bytes: u64,
+    /// Some zero-copy send went out from our pages instead of being copied by the kernel.
+    sent_zero_copy: bool,
+}
+
+impl CellRuns {
+    fn note(&mut self, run: Run, stats: &pagewire::TransferStats) {
+        self.pagewire.push(run);
+        self.wire_bytes = stats.transferred_bytes;
+        self.sent_zero_copy |= stats.zero_copy.completed != stats.zero_copy.copied;
+    }
+}
+
+/// Runs the matrix: see the module docs.
+pub fn run(mut a: MatrixArgs) -> Result<()> {
+    let with_qemu = settle(&mut a)?;
+    pagewire::probe_uring().context("pagewire needs io_uring")?;
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: a.size,
+    }];
+
+    // Certificates when a TLS axis is on.
+    let cert_dir = tempfile::tempdir()?;
+    let pki = if a.tls.contains(&OnOff::On) {
+        let set = certs::generate(&certs::CertOptions::default())?;
+        set.write(cert_dir.path())?;
+        Some((
+            TlsClient::new(certs::client_files(cert_dir.path()).load()?, "localhost")?,
+            TlsServer::new(certs::server_files(cert_dir.path()).load()?)?,
+            set,
+        ))
+    } else {
+        None
+    };
+    let local_pki = pki.as_ref().map(|p| (p.0.clone(), p.1.clone()));
+    // Two hosts: the destination runs `pagewire-bench serve`; every receiver is started there.
+    let mut peer = match &a.peer {
+        Some(addr) => Some(crate::remote::Peer::connect(addr)?),
+        None => None,
+    };
+
+    // Memory, generated once per content and shared by every engine.
+    let mut memories = Vec::new();
+    for c in &a.content {
+        let m = Arc::new(GuestMemory::anonymous(&spec)?);
+        match c {
+            ContentSpec::Synthetic(content) => fill(&m, *content, 11),
+            ContentSpec::File(path) => load_image(&m, path)?,
+        }
+        memories.push((c.clone(), m));
+    }
+
+    // Every cell, in a fixed order that each repetition walks through (interleaving).
+    let mut cells: Vec<CellKey> = Vec::new();
+    for (ci, _) in memories.iter().enumerate() {
+        for &ch in &a.channels {
+            for &t in &a.tls {
+                for &comp in &a.compress {
+                    for &zc in &a.zero_copy {
+                        cells.push((ci, ch, t, comp, zc));
+                    }
+                }
+            }
+        }
+    }
+    let qemu_cells = if with_qemu {
+        cells.iter().filter(|c| c.3 != Compression::Auto).count()
+    } else {
+        0
+    };
+    let runs_total = (cells.len() + 2 * qemu_cells + a.channels.len()) * a.reps;
+    let ram = if with_qemu {
+        Some(crate::qemu::RamDir::new(a.size)?)
+    } else {
+        None
+    };
+    let bar = ProgressBar::new(runs_total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} eta {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix("matrix");
+    let mut measured: Vec<CellRuns> = cells.iter().map(|_| CellRuns::default()).collect();
+    let mut raw: Vec<Vec<Run>> = vec![Vec::new(); a.channels.len()];
+    for _rep in 0..a.reps {
+        for (k, &ch) in a.channels.iter().enumerate() {
+            bar.set_message(format!("raw TCP, {ch} stream(s)"));
+            let run = match peer.as_mut() {
+                Some(p) => p.raw(&memories[0].1, ch)?,
+                None => {
+                    let dst = GuestMemory::anonymous_populated(&spec)?;
+                    raw_tcp(&memories[0].1, &dst, usize::from(ch), a.no_pin)?
+                }
+            };
+            raw[k].push(run);
+            bar.inc(1);
+        }
+        for (i, &(ci, ch, t, comp, zc)) in cells.iter().enumerate() {
+            let (content, src) = &memories[ci];
+            let content = content.name();
+            let m = &mut measured[i];
+            bar.set_message(format!(
+                "{content} ch={ch} tls={t:?} compress={comp} zero-copy={zc}"
+            ));
+            if let Some(p) = peer.as_mut() {
+                // Remote cells: the receiver's confirmation says every page was placed; the
+                // bytes themselves stay on the other host.
+                let tls = if t == OnOff::On { pki.as_ref() } else { None };
+                let (run, stats) = p.pagewire(src.clone(), ch, zc, tls, comp)?;
+                m.note(run, &stats);
+                bar.inc(1);
+                continue;
+            }
+            let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
+            let tls = if t == OnOff::On {
+                local_pki.as_ref()
+            } else {
+                None
+            };
+            let (run, stats) = pagewire_run(src.clone(), dst.clone(), ch, zc, a.no_pin, tls, comp)?;
+            if m.pagewire.is_empty() && src.first_difference(&dst).is_some() {
+                bail!("destination differs from the source in cell {i}");
+            }
+            m.note(run, &stats);
+            bar.inc(1);
+            // QEMU multifd on the same memory with the same settings, right after (A B A B).
+            if let (Some(ram), true) = (ram.as_ref(), comp != Compression::Auto) {
+                bar.set_message(format!(
+                    "QEMU multifd: {content} ch={ch} tls={t:?} compress={comp}"
+                ));
+                let set = if t == OnOff::On {
+                    pki.as_ref().map(|p| &p.2)
+                } else {
+                    None
+                };
+                m.qemu.push(crate::qemu::migrate(ram, src, ch, comp, set)?);
+                bar.inc(1);
+                // pagewire between the same RAM files, right after.
+                bar.set_message(format!(
+                    "pagewire RAM files: {content} ch={ch} tls={t:?} compress={comp}"
+                ));
+                let (fsrc, fdst) = ram.pagewire_files()?;
+                let (run, _) =
+                    pagewire_run(fsrc.clone(), fdst.clone(), ch, zc, a.no_pin, tls, comp)?;
+                if m.files.is_empty() && fsrc.first_difference(&fdst).is_some() {
+                    bail!("the destination RAM file differs from the source in cell {i}");
+                }
+                m.files.push(run);
+                bar.inc(1);
+            }
+        }
+    }
+    bar.set_message("one-core ceilings");
+    let ceilings = ceilings::measure(&a, &memories, &raw)?;
+    bar.finish_and_clear();
+
+    let out_cells = cells
+        .iter()
+        .zip(&measured)
+        .map(|(&key, m)| {
+            let k = a.channels.iter().position(|&c| c == key.1).unwrap_or(0);
+            let raw_med = ceilings.raw_tcp_gib_s_by_channels[k].1;
+            cell(a.size, memories[key.0].0.name(), key, m, raw_med)
+        })
+        .collect();
+    let results = Results {
+        machine: crate::measure::machine(),
+        peer: a.peer.clone(),
+        size_bytes: a.size,
+        reps: a.reps,
+        ceilings,
+        cells: out_cells,
+    };
+    write_results(&a.out, &results)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", markdown(&results));
+        println!(
+            "\nwrote results.json, results.csv, report.md, throughput.svg, cpu.svg and ratio.svg to {}",
+            a.out.display()
+        );
+    }
+    if !a.live.is_empty() {
+        let tls = a
+            .tls
+            .iter()
+            .map(|t| match t {
+                OnOff::Off => "off".to_string(),
+                OnOff::On => "on".to_string(),
+            })
+            .collect();
+        crate::live::run(crate::live::LiveArgs::for_matrix(
+            a.size,
+            a.live.clone(),
+            a.live_working_set,
+            a.channels.clone(),
+            tls,
+            a.reps,
+            with_qemu,
+            a.out.join("live.json"),
+        ))?;
+    }
+    Ok(())
+}
+
+/// One cell's row: its medians, and its ratios to raw TCP (`raw_med` GiB/s with the same
+/// streams), to QEMU and between RAM files and memory where those ran.
+fn cell(size: u64, content: String, key: CellKey, m: &CellRuns, raw_med: f64) -> Cell {
+    let (_, ch, t, comp, zc) = key;
+    let s = summarize("pagewire", size, &m.pagewire);
+    let qemu = m.qemu.last().map(|last| {
+        let as_runs: Vec<Run> = m
+            .qemu
+            .iter()
+            .map(|q| Run {
+                seconds: q.seconds,
+                sender_cpu_s: q.source_cpu_s,
+                receiver_cpu_s: q.destination_cpu_s,
+            })
+            .collect();
+        QemuCell {
+            summary: summarize("qemu-multifd", size, &as_runs),
+            transferred: last.transferred,
+            duplicate: last.duplicate,
+            normal: last.normal,
+        }
+    });
+    let pagewire_over_qemu = qemu
+        .as_ref()
+        .map(|q| s.gib_per_s_median / q.summary.gib_per_s_median);
+    let files = (!m.files.is_empty()).then(|| summarize("pagewire-ram-files", size, &m.files));
+    let files_over_qemu = files
+        .as_ref()
+        .zip(qemu.as_ref())
+        .map(|(f, q)| f.gib_per_s_median / q.summary.gib_per_s_median);
+    let files_over_memory = files
+        .as_ref()
+        .map(|f| f.gib_per_s_median / s.gib_per_s_median);
+    Cell {
+        qemu,
+        pagewire_over_qemu,
+        pagewire_files: files,
+        files_over_qemu,
+        files_over_memory,
+        content,
+        channels: ch,
+        tls: t,
+        compress: comp,
+        zero_copy: zc,
+        pagewire_over_raw_tcp: s.gib_per_s_median / raw_med,
+        raw_tcp_gib_per_s: raw_med,
+        pagewire: s,
+        wire_bytes: m.wire_bytes,
+        zero_copy_copied_by_kernel: !m.sent_zero_copy,
+    }
+}
+
+/// Copies the RAM image at `path` into `m` (region 0, same size).
+fn load_image(m: &GuestMemory, path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let region = &m.regions()[0];
+    let mut buf = vec![0u8; 8 << 20];
+    let mut at = 0u64;
+    while at < region.len() {
+        let n = (buf.len() as u64).min(region.len() - at) as usize;
+        f.read_exact(&mut buf[..n])
+            .with_context(|| format!("reading {}", path.display()))?;
+        region.write(at, &buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
+}
