@@ -18,7 +18,7 @@
 //!
 //! The handshake still runs over the real loopback connection; both ends of it find their
 //! link in a registry keyed by the connection's two addresses, and the connection itself
-//! carries nothing after the handshake. Faults come from the [`super::FaultRing`] on top.
+//! carries nothing after the handshake. Faults come from the [`super::ring::FaultRing`] on top.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
