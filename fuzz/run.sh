@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-60}
-targets=${TARGETS:-"frame_header run_validation handshake control receiver_stream decompress tls_records tls_direct"}
+targets=${TARGETS:-"frame_header run_validation handshake control receiver_stream sender_machine decompress tls_records tls_direct"}
 mkdir -p work
 summary=${SUMMARY:-work/summary.md}
 echo "| target | seconds | executions | exec/s | coverage (cov) | features (ft) | corpus | result |" > "$summary"
