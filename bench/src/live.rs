@@ -73,6 +73,11 @@ pub struct LiveArgs {
     /// Also migrate the same KVM guest with QEMU multifd, side by side (implies `--guest kvm`).
     #[arg(long)]
     with_qemu: bool,
+    /// After the grid, per channels × TLS: one session sends the same round this many times
+    /// at each of three sizes, with no guest running, to show how much an identical round's
+    /// time varies on this machine (0: skip).
+    #[arg(long, default_value_t = 6)]
+    repeat_rounds: usize,
     /// Also write the results (summary and runs) as JSON to this file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -116,6 +121,7 @@ impl LiveArgs {
             working_set,
             warmup_ms: 200,
             with_qemu: with_qemu && guest == GuestKind::Kvm,
+            repeat_rounds: 0,
             out: Some(out),
             json: false,
         }
@@ -396,6 +402,18 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
             }
         }
     }
+    let mut repeats = Vec::new();
+    if a.repeat_rounds > 0 {
+        for &channels in &a.channels {
+            for t in &a.tls {
+                let on = t == "on";
+                if !a.json {
+                    eprintln!("the same round repeated: {channels} ch, tls {t}");
+                }
+                repeats.extend(repeated_rounds(&a, on.then_some(&tls), channels)?);
+            }
+        }
+    }
     let engines: Vec<&'static str> = if a.with_qemu {
         vec!["pagewire", "qemu"]
     } else {
@@ -405,7 +423,8 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         .iter()
         .map(|e| summary(&a, runs.iter().filter(|r| r.engine == *e).collect(), e))
         .collect();
-    let results = serde_json::json!({ "summary": summaries, "runs": runs });
+    let results =
+        serde_json::json!({ "summary": summaries, "runs": runs, "repeated_rounds": repeats });
     if let Some(path) = &a.out {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -452,6 +471,28 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
             }
         }
     }
+    if !repeats.is_empty() {
+        println!();
+        println!("The same round sent {} times in one session, no guest running (sent and reported placed):", a.repeat_rounds);
+        println!();
+        println!(
+            "| channels | TLS | pages | median ms | min ms | max ms | within 25% of the median |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for r in &repeats {
+            println!(
+                "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} of {} |",
+                r.channels,
+                if r.tls { "on" } else { "off" },
+                r.pages,
+                r.median_ms,
+                r.ms.iter().copied().fold(f64::INFINITY, f64::min),
+                r.ms.iter().copied().fold(0.0, f64::max),
+                r.within_25_percent,
+                r.ms.len()
+            );
+        }
+    }
     println!();
     for (e, s) in engines.iter().zip(&summaries) {
         println!(
@@ -482,6 +523,100 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Page counts of the repeated round: the last rounds of the grids span about these.
+const REPEAT_PAGES: [u64; 3] = [4096, 16384, 65536];
+
+/// One size of the repeated round (see [`repeated_rounds`]).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Repeat {
+    channels: u16,
+    tls: bool,
+    pages: u64,
+    /// Each repetition: from the round's start until the receiver reported it placed, ms.
+    ms: Vec<f64>,
+    median_ms: f64,
+    /// Repetitions whose time the median is within 25% of (as the estimate is judged).
+    within_25_percent: usize,
+}
+
+/// The same round, sent again and again in one session with no guest running: the pages of the
+/// working set's start, `REPEAT_PAGES` at a time, each size `a.repeat_rounds` times in turn. A
+/// last round is such a round (its guest is paused), so how much an identical round's time
+/// varies here bounds how close any estimate made before it can come.
+fn repeated_rounds(
+    a: &LiveArgs,
+    tls: Option<&(TlsServer, TlsClient)>,
+    channels: u16,
+) -> Result<Vec<Repeat>> {
+    let (src, specs) = initial_memory(a)?;
+    let src = Arc::new(src);
+    let dst = Arc::new(GuestMemory::anonymous_populated(&specs)?);
+    let receiver = Receiver::bind(
+        "127.0.0.1:0",
+        dst.clone(),
+        ReceiverConfig {
+            pinning: Pinning::None,
+            tls: tls.map(|t| t.0.clone()),
+            ..ReceiverConfig::default()
+        },
+    )?;
+    let addr = receiver.local_addr()?;
+    let rx = std::thread::spawn(move || receiver.run());
+    let mut sender = Sender::connect(
+        addr,
+        src.clone(),
+        &SenderConfig {
+            channels,
+            pinning: Pinning::None,
+            tls: tls.map(|t| t.1.clone()),
+            ..SenderConfig::default()
+        },
+    )?;
+    sender.send_all()?;
+    let total_pages = a.size / 4096;
+    let first_page = (WORKING_SET_GPA / 4096).min(total_pages / 2);
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); REPEAT_PAGES.len()];
+    for _ in 0..a.repeat_rounds {
+        for (k, &pages) in REPEAT_PAGES.iter().enumerate() {
+            let run = pagewire::PageRun {
+                region: 0,
+                first_page,
+                pages: pages.min(total_pages - first_page),
+            };
+            let started = Instant::now();
+            let round = sender.send_live_round(&[run])?.round;
+            sender.wait_placed(round)?;
+            times[k].push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    sender.finish()?;
+    rx.join()
+        .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+    if src.first_difference(&dst).is_some() {
+        bail!("the destination differs from the source after the repeated rounds");
+    }
+    Ok(REPEAT_PAGES
+        .iter()
+        .zip(times)
+        .map(|(&pages, ms)| {
+            let median_ms = median(&mut ms.clone());
+            // As the estimate is judged: an estimate that always said the median.
+            let within_25_percent = ms
+                .iter()
+                .filter(|&&t| (median_ms - t).abs() <= 0.25 * t)
+                .count();
+            Repeat {
+                channels,
+                tls: tls.is_some(),
+                pages,
+                ms,
+                median_ms,
+                within_25_percent,
+            }
+        })
+        .collect())
 }
 
 /// One engine's summary: convergence, downtime against the limit, the estimate's error, and
