@@ -83,6 +83,10 @@ pub struct SenderConfig {
     /// Milliseconds without progress (sends not taken, no confirmation) before the sender gives
     /// up on the receiver.
     pub idle_timeout_ms: u64,
+    /// The TCP congestion control algorithm of every channel (`TCP_CONGESTION`, e.g. `cubic`,
+    /// `bbr`); `None`: the host's default, as QEMU's channels get. It decides how the sender's
+    /// data goes out; see the README's measurements for what it changed on loopback.
+    pub congestion: Option<String>,
     /// Records sealed with one TLS key before a key update. Lowered only by tests.
     #[doc(hidden)]
     pub tls_records_per_key: u64,
@@ -116,7 +120,33 @@ impl SenderConfig {
                 "choose TLS or a pre-shared key, not both (TLS already authenticates)".into(),
             );
         }
+        if let Some(name) = &self.congestion {
+            check_congestion(name)?;
+        }
         check_idle_timeout(self.idle_timeout_ms)
+    }
+}
+
+/// Checks a TCP congestion control name: one the kernel offers now, where `/proc` says which
+/// (an algorithm built as a module is offered once loaded: `modprobe tcp_<name>`).
+pub fn check_congestion(name: &str) -> crate::Result<()> {
+    let plausible = !name.is_empty()
+        && name.len() < 16
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !plausible {
+        return Err(crate::Error::Config(format!(
+            "{name:?} is not a TCP congestion control name (such as cubic or bbr)"
+        )));
+    }
+    match crate::sys::host_congestion() {
+        Some((_, offered)) if !offered.iter().any(|o| o == name) => {
+            Err(crate::Error::Config(format!(
+                "TCP congestion control {name:?} is not offered by this kernel now (offered: {}; \
+                 one built as a module is offered once loaded)",
+                offered.join(", ")
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -145,6 +175,7 @@ impl Default for SenderConfig {
             zstd_level: crate::pipeline::compress::ZSTD_LEVEL_DEFAULT,
             max_bandwidth_bytes_per_s: None,
             idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
+            congestion: None,
             tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
             #[cfg(feature = "faults")]
             fault_seed: None,

@@ -137,6 +137,9 @@ pub struct TransferStats {
     pub compression_ratio: f64,
     /// Whether rings ran with DEFER_TASKRUN.
     pub defer_taskrun: bool,
+    /// Sender: the TCP congestion control algorithm its channels used (`None` over UNIX
+    /// sockets, and on the receiver).
+    pub congestion: Option<String>,
     /// Per-shard figures.
     pub shards: Vec<ShardStats>,
 }

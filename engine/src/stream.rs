@@ -79,6 +79,27 @@ impl Stream {
             .map_err(|e| Error::io("setting TCP_USER_TIMEOUT", e))
     }
 
+    /// Sets this TCP connection's congestion control algorithm (nothing for a UNIX socket). An
+    /// error names the algorithms the kernel offers.
+    pub(crate) fn set_congestion(&self, name: &str) -> Result<()> {
+        let Stream::Tcp(s) = self else {
+            return Ok(());
+        };
+        crate::sys::set_tcp_congestion(s, name).map_err(|e| {
+            let offered = crate::sys::host_congestion()
+                .map_or_else(|| "unknown".into(), |(_, all)| all.join(", "));
+            Error::Config(format!(
+                "TCP congestion control {name:?} cannot be used here ({e}; this kernel offers: \
+                 {offered})"
+            ))
+        })
+    }
+
+    /// The congestion control algorithm this TCP connection uses (`None` for a UNIX socket).
+    pub fn congestion(&self) -> Option<String> {
+        crate::sys::tcp_congestion(self.tcp()?)
+    }
+
     /// The TCP connection, if this is one.
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {

@@ -210,6 +210,66 @@ fn setsockopt_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) -> s
     }
 }
 
+/// Where the kernel lists the congestion control algorithms it has (Linux).
+const CONGESTION_AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+/// Where the kernel names the algorithm new TCP sockets get.
+const CONGESTION_DEFAULT: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
+/// Sets the TCP congestion control algorithm of one socket (`TCP_CONGESTION`). The kernel
+/// refuses a name it does not have (`ENOENT`) and, for a process without `CAP_NET_ADMIN`, one
+/// not listed in `tcp_allowed_congestion_control` (`EPERM`).
+pub fn set_tcp_congestion(stream: &impl AsRawFd, name: &str) -> std::io::Result<()> {
+    // SAFETY: a valid fd, and a pointer/length pair describing `name`'s bytes (the kernel
+    // copies at most TCP_CA_NAME_MAX of them and needs no terminator).
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The congestion control algorithm a TCP socket uses; `None` when the kernel does not say.
+pub fn tcp_congestion(stream: &impl AsRawFd) -> Option<String> {
+    let mut buf = [0u8; 32];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: a valid fd, and a buffer/length pair the kernel fills with at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let name = &buf[..(len as usize).min(buf.len())];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned()).filter(|n| !n.is_empty())
+}
+
+/// The host's TCP congestion control: the default new sockets get, and every algorithm the
+/// kernel offers now; `None` where `/proc` does not say.
+pub fn host_congestion() -> Option<(String, Vec<String>)> {
+    let default = std::fs::read_to_string(CONGESTION_DEFAULT).ok()?;
+    let available = std::fs::read_to_string(CONGESTION_AVAILABLE).ok()?;
+    Some((
+        default.trim().to_string(),
+        available.split_whitespace().map(str::to_string).collect(),
+    ))
+}
+
 /// Turns on TCP keepalive probing after `idle_s` seconds of silence, every `interval_s`, giving
 /// up after `count` unanswered probes: a receiver waiting for its next frame notices a sender
 /// host that vanished without a FIN.

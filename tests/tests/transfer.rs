@@ -210,3 +210,46 @@ fn page_faults_are_counted_on_a_destination_not_faulted_in() {
         assert!(after < faults[0] / 4, "{faults:?}");
     }
 }
+
+/// The channels take the congestion control asked for, and say which they used; without one,
+/// the host's default. A name the kernel does not offer is refused before anything connects.
+#[test]
+fn the_congestion_control_asked_for_is_used_and_reported() {
+    if skip_without_uring() {
+        return;
+    }
+    let Some((default, offered)) = pagewire::sys::host_congestion() else {
+        println!("SKIPPED: /proc does not list TCP congestion control algorithms");
+        return;
+    };
+    // Reno is part of the TCP core: every kernel has it.
+    assert!(offered.iter().any(|a| a == "reno"), "{offered:?}");
+    let layout = [RegionSpec {
+        gpa: 0,
+        len: 4 << 20,
+    }];
+    for (asked, want) in [(Some("reno"), "reno"), (None, default.as_str())] {
+        let c = SenderConfig {
+            congestion: asked.map(str::to_string),
+            ..config(2, ZeroCopy::Auto)
+        };
+        let (src, dst, sent, _) = migrate_once(&layout, Content::Random, &c);
+        assert_eq!(src.first_difference(&dst), None);
+        assert_eq!(
+            sent.congestion.as_deref(),
+            Some(want),
+            "asked for {asked:?}"
+        );
+    }
+    // Refused by validation: nothing listens on port 1, so a connect would fail otherwise.
+    let memory = std::sync::Arc::new(pagewire::GuestMemory::anonymous(&layout).unwrap());
+    let c = SenderConfig {
+        congestion: Some("no_such_cc".into()),
+        ..config(1, ZeroCopy::Auto)
+    };
+    let err = pagewire::Sender::connect("127.0.0.1:1", memory, &c).unwrap_err();
+    assert!(
+        matches!(err, pagewire::Error::Config(_)) && err.to_string().contains("no_such_cc"),
+        "{err}"
+    );
+}

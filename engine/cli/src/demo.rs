@@ -41,6 +41,7 @@ fn demo_setup(a: &DemoArgs) -> Result<DemoSetup> {
         zstd_level: level,
         max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         idle_timeout_ms: idle,
+        congestion: a.compress.congestion.clone(),
         ..SenderConfig::default()
     };
     config.validate()?;

@@ -255,6 +255,10 @@ struct CompressArgs {
     /// (per second; plain numbers are bytes). Unlimited by default.
     #[arg(long, value_parser = parse_rate)]
     max_bandwidth: Option<u64>,
+    /// TCP congestion control of the channels, e.g. cubic or bbr (one this kernel offers:
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control). Default: the host's.
+    #[arg(long)]
+    congestion: Option<String>,
 }
 
 impl CompressArgs {
@@ -578,6 +582,7 @@ fn send(a: SendArgs) -> Result<bool> {
         tls,
         max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         idle_timeout_ms: idle,
+        congestion: a.compress.congestion.clone(),
         psk: a.tls.psk()?,
         ..SenderConfig::default()
     };

@@ -171,6 +171,10 @@ pub(super) fn report(
         ),
         ("zero scan", stats.zero_scan.to_string()),
         (
+            "tcp congestion control",
+            stats.congestion.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
             "compressed frames",
             format!(
                 "{} (ratio {:.2})",

@@ -19,13 +19,14 @@ pub(super) struct Connected {
 }
 
 /// Connects all `n` channels and runs their handshakes, each on its own thread, in parallel:
-/// `open(i)` gives channel `i`'s stream and `hello(i)` its hello. One result per channel, in
+/// `open(i)` gives channel `i`'s stream, which gets the `congestion` control algorithm when
+/// one is set, and `hello(i)` its hello. One result per channel, in
 /// channel order; a handshake thread that panicked is an error, not a panic here.
 pub(super) fn connect_all(
     n: u16,
     hello: impl Fn(u16) -> Hello,
-    tls: Option<&TlsClient>,
-    psk: Option<&Psk>,
+    (tls, psk): (Option<&TlsClient>, Option<&Psk>),
+    congestion: Option<&str>,
     open: impl Fn(u16) -> Result<Stream> + Sync,
 ) -> Vec<Result<Connected>> {
     std::thread::scope(|scope| {
@@ -33,7 +34,13 @@ pub(super) fn connect_all(
             .map(|i| {
                 let h = hello(i);
                 let open = &open;
-                scope.spawn(move || handshake(open(i)?, &h, tls, psk))
+                scope.spawn(move || {
+                    let stream = open(i)?;
+                    if let Some(name) = congestion {
+                        stream.set_congestion(name)?;
+                    }
+                    handshake(stream, &h, tls, psk)
+                })
             })
             .collect();
         joins

@@ -180,6 +180,8 @@ pub struct Sender {
     placement: Placement,
     /// The receiver runs on this host (loopback, a UNIX socket): its shards share the CPUs.
     receiver_here: bool,
+    /// The congestion control algorithm of the channels (the first one's, as the kernel says).
+    congestion: Option<String>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -308,7 +310,13 @@ impl Sender {
             region_count: memory.regions().len() as u32,
             nonce: rand::random(),
         };
-        let connected = connect_all(n, hello, config.tls.as_ref(), config.psk.as_ref(), open);
+        let connected = connect_all(
+            n,
+            hello,
+            (config.tls.as_ref(), config.psk.as_ref()),
+            config.congestion.as_deref(),
+            open,
+        );
         let mut streams = Vec::with_capacity(usize::from(n));
         for c in connected {
             let c = c?;
@@ -316,6 +324,7 @@ impl Sender {
             streams.push(c);
         }
         let nic = streams.first().and_then(|c| c.stream.interface());
+        let congestion = streams.first().and_then(|c| c.stream.congestion());
         let receiver_here = streams
             .first()
             .is_some_and(|c| c.stream.peer_on_this_host());
@@ -386,6 +395,7 @@ impl Sender {
             placed_reports: Vec::new(),
             placement,
             receiver_here,
+            congestion,
         })
     }
 
@@ -550,6 +560,7 @@ impl Sender {
             rounds: self.round,
             zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
             defer_taskrun: self.defer_taskrun,
+            congestion: self.congestion.clone(),
             ..TransferStats::default()
         };
         for (r, shard) in results.into_iter().zip(&self.shards) {
