@@ -73,6 +73,10 @@ pub struct LiveArgs {
     /// Also migrate the same KVM guest with QEMU multifd, side by side (implies `--guest kvm`).
     #[arg(long)]
     with_qemu: bool,
+    /// TCP congestion control of pagewire's channels (one this kernel offers); default: the
+    /// host's, which QEMU's channels always get.
+    #[arg(long)]
+    congestion: Option<String>,
     /// After the grid, per channels × TLS: one session sends the same round this many times
     /// at each of three sizes, with no guest running, to show how much an identical round's
     /// time varies on this machine (0: skip).
@@ -99,6 +103,7 @@ impl LiveArgs {
         tls: Vec<String>,
         reps: usize,
         with_qemu: bool,
+        congestion: Option<String>,
         out: std::path::PathBuf,
     ) -> LiveArgs {
         let guest = match pagewire::live::tinyguest::probe() {
@@ -121,6 +126,7 @@ impl LiveArgs {
             working_set,
             warmup_ms: 200,
             with_qemu: with_qemu && guest == GuestKind::Kvm,
+            congestion,
             repeat_rounds: 0,
             out: Some(out),
             json: false,
@@ -210,6 +216,7 @@ fn one(
             channels,
             pinning: Pinning::None,
             tls: tls.map(|t| t.1.clone()),
+            congestion: a.congestion.clone(),
             ..SenderConfig::default()
         },
     )?;
@@ -341,6 +348,10 @@ fn one_qemu(
 
 /// Runs the grid (see the module docs).
 pub fn run(mut a: LiveArgs) -> Result<()> {
+    if let Some(name) = &a.congestion {
+        pagewire::config::check_congestion(name)?;
+    }
+    crate::qemu::check_congestion(a.with_qemu, a.congestion.as_deref())?;
     if a.with_qemu {
         if let Some(why) = crate::qemu::unavailable() {
             bail!("--with-qemu: {why}");
@@ -571,6 +582,7 @@ fn repeated_rounds(
             channels,
             pinning: Pinning::None,
             tls: tls.map(|t| t.1.clone()),
+            congestion: a.congestion.clone(),
             ..SenderConfig::default()
         },
     )?;

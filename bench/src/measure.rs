@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use pagewire::pipeline::compress::Compression;
 use pagewire::pipeline::zero::ZeroScanner;
 use pagewire::sys::thread_cpu_time;
@@ -59,6 +59,28 @@ pub(crate) fn summarize(engine: &'static str, bytes: u64, runs: &[Run]) -> Summa
         gib_per_s_max: rates[rates.len() - 1],
         sender_cpu_s_per_gib: median(&mut s),
         receiver_cpu_s_per_gib: median(&mut r),
+    }
+}
+
+/// How the benchmarks set up their TCP connections, raw TCP's and pagewire's alike.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Net {
+    /// Do not pin threads (applies to both engines).
+    #[arg(long)]
+    pub no_pin: bool,
+    /// TCP congestion control of the data connections, raw TCP's and pagewire's alike (one
+    /// this kernel offers, e.g. cubic or bbr). Default: the host's, as QEMU's connections get.
+    #[arg(long)]
+    pub congestion: Option<String>,
+}
+
+impl Net {
+    /// Checks the congestion control name before anything runs.
+    pub(crate) fn check(&self) -> Result<()> {
+        if let Some(name) = &self.congestion {
+            pagewire::config::check_congestion(name)?;
+        }
+        Ok(())
     }
 }
 
@@ -159,18 +181,22 @@ pub(crate) fn raw_tcp(
     src: &GuestMemory,
     dst: &GuestMemory,
     channels: usize,
-    no_pin: bool,
+    net: &Net,
 ) -> Result<Run> {
     let total = src.regions()[0].len() as usize;
     let src_addr = src.regions()[0].host_addr() as usize;
     let dst_addr = dst.regions()[0].host_addr() as usize;
-    let cores = cores(no_pin);
+    let cores = cores(net.no_pin);
     let start = Instant::now();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let mut pairs = Vec::with_capacity(channels);
     for _ in 0..channels {
         let client = TcpStream::connect(addr)?;
+        if let Some(name) = &net.congestion {
+            pagewire::sys::set_tcp_congestion(&client, name)
+                .with_context(|| format!("setting TCP congestion control {name}"))?;
+        }
         let (server, _) = listener.accept()?;
         pairs.push((client, server));
     }
@@ -233,7 +259,7 @@ pub(crate) fn pagewire_run<'a>(
     dst: Arc<GuestMemory>,
     channels: u16,
     zero_copy: ZeroCopy,
-    no_pin: bool,
+    net: &Net,
     security: impl Into<Security<'a>>,
     compression: Compression,
 ) -> Result<(Run, pagewire::TransferStats)> {
@@ -243,7 +269,7 @@ pub(crate) fn pagewire_run<'a>(
         Security::Tls(t) => (Some(t), None),
         Security::Psk(k) => (None, Some(k.clone())),
     };
-    let (send_pin, recv_pin) = if no_pin {
+    let (send_pin, recv_pin) = if net.no_pin {
         (Pinning::None, Pinning::None)
     } else {
         (Pinning::Cores, Pinning::CoresReversed)
@@ -266,6 +292,7 @@ pub(crate) fn pagewire_run<'a>(
         channels,
         pinning: send_pin,
         zero_copy,
+        congestion: net.congestion.clone(),
         tls: tls.map(|t| t.0.clone()),
         psk,
         compression,
@@ -332,7 +359,10 @@ pub(crate) fn machine() -> String {
                 .and_then(|kib| kib.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / (1u64 << 20) as f64);
-    format!("{cpu}, {cores} cores, {memory_gib:.0} GiB memory, Linux {kernel}")
+    let congestion = pagewire::sys::host_congestion().map_or("unknown".into(), |(d, _)| d);
+    format!(
+        "{cpu}, {cores} cores, {memory_gib:.0} GiB memory, Linux {kernel}, TCP congestion control {congestion} by default"
+    )
 }
 
 #[cfg(test)]

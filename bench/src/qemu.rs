@@ -594,3 +594,21 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
     }
     Ok(n)
 }
+
+/// QEMU's channels get the host's default TCP congestion control (QEMU has no setting for
+/// it), so a comparison side by side under another one is refused, saying how to run one.
+pub(crate) fn check_congestion(with_qemu: bool, congestion: Option<&str>) -> Result<()> {
+    let Some(name) = congestion.filter(|_| with_qemu) else {
+        return Ok(());
+    };
+    let default = pagewire::sys::host_congestion().map(|(d, _)| d);
+    if default.as_deref() != Some(name) {
+        bail!(
+            "--congestion {name} with --with-qemu: QEMU's channels use the host's default ({}); \
+             to compare both under {name}, set it for the host instead (sysctl \
+             net.ipv4.tcp_congestion_control={name})",
+            default.as_deref().unwrap_or("unknown")
+        );
+    }
+    Ok(())
+}

@@ -20,9 +20,8 @@ pub(crate) struct TlsBenchArgs {
     /// Repetitions of each transfer (interleaved plain, TLS).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Do not pin threads.
-    #[arg(long)]
-    no_pin: bool,
+    #[command(flatten)]
+    net: crate::measure::Net,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -53,6 +52,7 @@ pub(crate) fn run(a: TlsBenchArgs) -> Result<()> {
     if a.reps == 0 {
         bail!("--reps must be positive");
     }
+    a.net.check()?;
     pagewire::probe_uring().context("pagewire needs io_uring")?;
     let say = |s: &str| {
         if !a.json {
@@ -89,7 +89,7 @@ pub(crate) fn run(a: TlsBenchArgs) -> Result<()> {
                     dst.clone(),
                     channels,
                     ZeroCopy::Auto,
-                    a.no_pin,
+                    &a.net,
                     security,
                     Compression::None,
                 )?;

@@ -40,9 +40,8 @@ pub(crate) struct TransferArgs {
     /// Zero-copy policy for pagewire.
     #[arg(long, default_value_t = ZeroCopy::Auto)]
     zero_copy: ZeroCopy,
-    /// Do not pin threads (applies to both engines).
-    #[arg(long)]
-    no_pin: bool,
+    #[command(flatten)]
+    net: crate::measure::Net,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -67,6 +66,7 @@ pub(crate) fn run(a: TransferArgs) -> Result<()> {
     if a.reps == 0 || a.channels == 0 {
         bail!("--reps and --channels must be positive");
     }
+    a.net.check()?;
     pagewire::probe_uring().context("pagewire needs io_uring")?;
     let say = |s: &str| {
         if !a.json {
@@ -86,7 +86,7 @@ pub(crate) fn run(a: TransferArgs) -> Result<()> {
     for rep in 0..a.reps {
         // A B A B: drift hits both engines alike.
         let dst = GuestMemory::anonymous_populated(&spec)?;
-        raw.push(raw_tcp(&src, &dst, usize::from(a.channels), a.no_pin)?);
+        raw.push(raw_tcp(&src, &dst, usize::from(a.channels), &a.net)?);
         drop(dst);
         let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
         let (run, stats) = pagewire_run(
@@ -94,7 +94,7 @@ pub(crate) fn run(a: TransferArgs) -> Result<()> {
             dst.clone(),
             a.channels,
             a.zero_copy,
-            a.no_pin,
+            &a.net,
             None,
             Compression::None,
         )?;
@@ -130,7 +130,7 @@ pub(crate) fn run(a: TransferArgs) -> Result<()> {
                 dst,
                 a.channels,
                 a.zero_copy,
-                a.no_pin,
+                &a.net,
                 None,
                 Compression::None,
             )?

@@ -258,6 +258,23 @@ pub fn probe() -> Vec<Finding> {
         },
         "where guest memory's node is unknown, shards start on the node of the NIC towards the peer",
     ));
+    out.push(match pagewire::sys::host_congestion() {
+        Some((default, offered)) => finding(
+            "TCP congestion control",
+            format!("{default} by default (offered: {})", offered.join(", ")),
+            if default == "bbr" {
+                "channels use the host's default unless --congestion says; bbr paces every \
+                 connection, so on short links compare with --congestion cubic"
+            } else {
+                "channels use the host's default unless --congestion says"
+            },
+        ),
+        None => finding(
+            "TCP congestion control",
+            "unknown",
+            "channels use the host's default unless --congestion says",
+        ),
+    });
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -298,6 +315,7 @@ mod tests {
             "CPU features",
             "kernel TLS",
             "network interfaces",
+            "TCP congestion control",
         ] {
             let f = found
                 .iter()

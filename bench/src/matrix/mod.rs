@@ -61,9 +61,8 @@ pub struct MatrixArgs {
     /// Print the results as one JSON object on stdout too.
     #[arg(long)]
     json: bool,
-    /// Do not pin threads.
-    #[arg(long)]
-    no_pin: bool,
+    #[command(flatten)]
+    net: crate::measure::Net,
     /// Run QEMU's multifd migration of the same content side by side (same channels, TLS and
     /// compression; needs qemu-system-x86, /dev/kvm and root, skipped with a reason otherwise).
     #[arg(long)]
@@ -175,6 +174,13 @@ fn settle(a: &mut MatrixArgs) -> Result<bool> {
     if !a.live.is_empty() && a.peer.is_some() {
         bail!("--live runs both sides on this host: it cannot be combined with --peer");
     }
+    a.net.check()?;
+    if a.net.congestion.is_some() && a.peer.is_some() {
+        bail!(
+            "--congestion applies to connections on this host: it cannot be combined with --peer"
+        );
+    }
+    crate::qemu::check_congestion(a.with_qemu, a.net.congestion.as_deref())?;
     if a.quick {
         a.size = 512 << 20;
         a.channels = vec![1, 2];
@@ -326,7 +332,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                 Some(p) => p.raw(&memories[0].1, ch)?,
                 None => {
                     let dst = GuestMemory::anonymous_populated(&spec)?;
-                    raw_tcp(&memories[0].1, &dst, usize::from(ch), a.no_pin)?
+                    raw_tcp(&memories[0].1, &dst, usize::from(ch), &a.net)?
                 }
             };
             raw[k].push(run);
@@ -354,7 +360,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             } else {
                 None
             };
-            let (run, stats) = pagewire_run(src.clone(), dst.clone(), ch, zc, a.no_pin, tls, comp)?;
+            let (run, stats) = pagewire_run(src.clone(), dst.clone(), ch, zc, &a.net, tls, comp)?;
             if m.pagewire.is_empty() && src.first_difference(&dst).is_some() {
                 bail!("destination differs from the source in cell {i}");
             }
@@ -377,8 +383,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                     "pagewire RAM files: {content} ch={ch} tls={t:?} compress={comp}"
                 ));
                 let (fsrc, fdst) = ram.pagewire_files()?;
-                let (run, _) =
-                    pagewire_run(fsrc.clone(), fdst.clone(), ch, zc, a.no_pin, tls, comp)?;
+                let (run, _) = pagewire_run(fsrc.clone(), fdst.clone(), ch, zc, &a.net, tls, comp)?;
                 if m.files.is_empty() && fsrc.first_difference(&fdst).is_some() {
                     bail!("the destination RAM file differs from the source in cell {i}");
                 }
@@ -435,6 +440,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             tls,
             a.reps,
             with_qemu,
+            a.net.congestion.clone(),
             a.out.join("live.json"),
         ))?;
     }
