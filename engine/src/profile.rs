@@ -51,6 +51,9 @@ pub struct SendSettings {
     /// zstd level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zstd_level: Option<i32>,
+    /// TCP congestion control of the channels (`cubic`, `bbr`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<String>,
 }
 
 /// The measurements behind a profile.
@@ -79,6 +82,9 @@ pub struct Cell {
     pub zero_copy: String,
     /// Compression.
     pub compress: String,
+    /// TCP congestion control (empty in profiles written before it was measured).
+    #[serde(default)]
+    pub congestion: String,
     /// Median throughput, GiB of guest memory per second.
     pub gib_per_s: f64,
     /// Slowest and fastest repetition.
@@ -120,6 +126,9 @@ impl Profile {
         }
         if let Some(l) = s.zstd_level {
             config.zstd_level = l;
+        }
+        if let Some(c) = &s.congestion {
+            config.congestion = Some(c.clone());
         }
         config.validate()
     }
@@ -338,6 +347,7 @@ mod tests {
                 zero_copy: Some("off".into()),
                 compress: Some("zstd".into()),
                 zstd_level: Some(3),
+                congestion: Some("reno".into()),
             },
             measured: Some(Measured {
                 peer: "10.0.0.2:7979".into(),
@@ -349,6 +359,7 @@ mod tests {
                     channels: 4,
                     zero_copy: "off".into(),
                     compress: "zstd".into(),
+                    congestion: "reno".into(),
                     gib_per_s: 2.5,
                     gib_per_s_range: [2.4, 2.6],
                     cpu_s_per_gib: 0.4,
@@ -371,6 +382,7 @@ mod tests {
             (c.channels, c.zero_copy, c.compression, c.zstd_level),
             (4, ZeroCopy::Off, Compression::Zstd, 3)
         );
+        assert_eq!(c.congestion.as_deref(), Some("reno"));
     }
 
     #[test]
@@ -387,6 +399,10 @@ mod tests {
             ("[send]\nzero_copy = \"sometimes\"\n", "zero-copy mode"),
             ("[send]\nchanels = 2\n", "unknown field"),
             ("[send]\ncompress = \"lz4\"\n", "lz4"),
+            (
+                "[send]\ncongestion = \"no such\"\n",
+                "congestion control name",
+            ),
             ("not toml", "profile"),
         ] {
             std::fs::write(&path, text).unwrap();

@@ -3,7 +3,8 @@
 //!
 //! `serve` is a receiver that takes one transfer after another into the same (pre-faulted)
 //! memory, so every measurement sees warm destination memory. `sweep` sends the same source
-//! memory with each combination of channels, zero-copy and compression, repetitions
+//! memory with each combination of channels, zero-copy, compression and TCP congestion control
+//! (the host's default, cubic and bbr by default: on short links they differ), repetitions
 //! interleaved (cell A, B, C, A, B, C, ...) so a drift in the machine or the link spreads over
 //! all cells instead of favouring one. The best cell is the fastest by median; among cells
 //! within [`NEAR_BEST_FRACTION`] of it, the one using the least sender CPU per GiB wins (then
@@ -115,6 +116,10 @@ pub struct SweepArgs {
     /// Compression modes.
     #[arg(long, value_delimiter = ',', default_value = "none")]
     compress: Vec<Compression>,
+    /// TCP congestion control algorithms (default: the host's default, and cubic and bbr where
+    /// this kernel offers them).
+    #[arg(long, value_delimiter = ',')]
+    congestion: Option<Vec<String>>,
     /// Interleaved repetitions of every cell.
     #[arg(long, default_value_t = 3)]
     reps: u32,
@@ -130,6 +135,7 @@ struct Combo {
     channels: u16,
     zero_copy: ZeroCopy,
     compress: Compression,
+    congestion: String,
     /// (GiB/s, sender CPU-s/GiB) per repetition.
     runs: Vec<(f64, f64)>,
 }
@@ -141,6 +147,21 @@ fn median(mut v: Vec<f64>) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// Congestion control algorithms to try by default: the host's default, then cubic and bbr
+/// where offered (none where the kernel does not say: the host's default, unnamed).
+fn default_congestion() -> Vec<String> {
+    let Some((default, offered)) = pagewire::sys::host_congestion() else {
+        return Vec::new();
+    };
+    let mut out = vec![default];
+    for name in ["cubic", "bbr"] {
+        if offered.iter().any(|o| o == name) && !out.iter().any(|o| o == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
 }
 
 /// Channel counts to try by default: powers of two up to the allowed cores, and the cores.
@@ -194,16 +215,26 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--content: {e}"))?;
     let psk = a.psk_file.as_deref().map(Psk::from_file).transpose()?;
     let channels = a.channels.clone().unwrap_or_else(default_channels);
+    let congestion = a.congestion.clone().unwrap_or_else(default_congestion);
+    // An empty list (a kernel that does not say): the host's default, unnamed.
+    let congestion: Vec<String> = if congestion.is_empty() {
+        vec![String::new()]
+    } else {
+        congestion
+    };
     let mut combos = Vec::new();
     for &c in &channels {
         for &z in &a.zero_copy {
             for &k in &a.compress {
-                combos.push(Combo {
-                    channels: c,
-                    zero_copy: z,
-                    compress: k,
-                    runs: Vec::new(),
-                });
+                for cc in &congestion {
+                    combos.push(Combo {
+                        channels: c,
+                        zero_copy: z,
+                        compress: k,
+                        congestion: cc.clone(),
+                        runs: Vec::new(),
+                    });
+                }
             }
         }
     }
@@ -229,8 +260,8 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
     for _ in 0..a.reps {
         for c in combos.iter_mut() {
             bar.set_message(format!(
-                "{} ch, zero-copy {}, {}",
-                c.channels, c.zero_copy, c.compress
+                "{} ch, zero-copy {}, {}, {}",
+                c.channels, c.zero_copy, c.compress, c.congestion
             ));
             let mut sender = connect_retrying(&a.peer, &memory, &config_of(c, &psk))?;
             sender.send_all()?;
@@ -250,6 +281,7 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
                 channels: c.channels,
                 zero_copy: c.zero_copy.to_string(),
                 compress: c.compress.to_string(),
+                congestion: c.congestion.clone(),
                 gib_per_s: round(median(rates.clone())),
                 gib_per_s_range: [
                     round(rates.iter().copied().fold(f64::INFINITY, f64::min)),
@@ -266,6 +298,7 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
             zero_copy: Some(best.zero_copy.clone()),
             compress: Some(best.compress.clone()),
             zstd_level: None,
+            congestion: Some(best.congestion.clone()).filter(|c| !c.is_empty()),
         },
         measured: Some(Measured {
             peer: a.peer.clone(),
@@ -285,14 +318,19 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    println!("| channels | zero-copy | compress | GiB/s median [min..max] | sender CPU-s/GiB |");
-    println!("|---|---|---|---|---|");
+    println!("| channels | zero-copy | compress | congestion | GiB/s median [min..max] | sender CPU-s/GiB |");
+    println!("|---|---|---|---|---|---|");
     for c in &cells {
         println!(
-            "| {} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.3} |{}",
+            "| {} | {} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.3} |{}",
             c.channels,
             c.zero_copy,
             c.compress,
+            if c.congestion.is_empty() {
+                "default"
+            } else {
+                &c.congestion
+            },
             c.gib_per_s,
             c.gib_per_s_range[0],
             c.gib_per_s_range[1],
@@ -313,6 +351,7 @@ fn config_of(c: &Combo, psk: &Option<Psk>) -> SenderConfig {
         channels: c.channels,
         zero_copy: c.zero_copy,
         compression: c.compress,
+        congestion: Some(c.congestion.clone()).filter(|c| !c.is_empty()),
         psk: psk.clone(),
         ..SenderConfig::default()
     }

@@ -214,6 +214,8 @@ fn sweep_against_serve_writes_a_profile_that_loads() {
         "1,2",
         "--zero-copy",
         "off",
+        "--congestion",
+        "reno",
         "--reps",
         "2",
         "--content",
@@ -236,6 +238,9 @@ fn sweep_against_serve_writes_a_profile_that_loads() {
     assert_eq!((measured.reps, measured.cells.len()), (2, 2));
     assert!(measured.cells.iter().all(|c| c.gib_per_s > 0.0));
     assert_eq!(profile.send.zero_copy.as_deref(), Some("off"));
+    // Reno is part of every kernel's TCP: the chosen algorithm is the one measured.
+    assert_eq!(profile.send.congestion.as_deref(), Some("reno"));
+    assert!(measured.cells.iter().all(|c| c.congestion == "reno"));
     assert!(matches!(profile.send.channels, Some(1 | 2)));
     let mut served = String::new();
     std::io::Read::read_to_string(&mut serve.stdout.take().unwrap(), &mut served).unwrap();
