@@ -189,12 +189,16 @@ fn initial_memory(a: &LiveArgs) -> Result<(GuestMemory, [RegionSpec; 1])> {
     Ok((src, specs))
 }
 
-fn one(
-    a: &LiveArgs,
-    tls: Option<&(TlsServer, TlsClient)>,
-    dirty_rate: u64,
-    channels: u16,
-) -> Result<Run> {
+/// A sender and a receiver over loopback, each side's memory the run's initial memory (the
+/// destination's faulted in), set up as every pagewire run here is.
+struct Session {
+    src: Arc<GuestMemory>,
+    dst: Arc<GuestMemory>,
+    sender: Sender,
+    receiver: std::thread::JoinHandle<pagewire::Result<pagewire::TransferStats>>,
+}
+
+fn session(a: &LiveArgs, tls: Option<&(TlsServer, TlsClient)>, channels: u16) -> Result<Session> {
     let (src, specs) = initial_memory(a)?;
     let src = Arc::new(src);
     let dst = Arc::new(GuestMemory::anonymous_populated(&specs)?);
@@ -220,6 +224,26 @@ fn one(
             ..SenderConfig::default()
         },
     )?;
+    Ok(Session {
+        src,
+        dst,
+        sender,
+        receiver: rx,
+    })
+}
+
+fn one(
+    a: &LiveArgs,
+    tls: Option<&(TlsServer, TlsClient)>,
+    dirty_rate: u64,
+    channels: u16,
+) -> Result<Run> {
+    let Session {
+        src,
+        dst,
+        sender,
+        receiver: rx,
+    } = session(a, tls, channels)?;
     let (mut guest, dirty): (Guest, Box<dyn DirtySource>) = match a.guest {
         GuestKind::Software => {
             let bitmap = Arc::new(SharedBitmap::new(&src));
@@ -561,31 +585,12 @@ fn repeated_rounds(
     tls: Option<&(TlsServer, TlsClient)>,
     channels: u16,
 ) -> Result<Vec<Repeat>> {
-    let (src, specs) = initial_memory(a)?;
-    let src = Arc::new(src);
-    let dst = Arc::new(GuestMemory::anonymous_populated(&specs)?);
-    let receiver = Receiver::bind(
-        "127.0.0.1:0",
-        dst.clone(),
-        ReceiverConfig {
-            pinning: Pinning::None,
-            tls: tls.map(|t| t.0.clone()),
-            ..ReceiverConfig::default()
-        },
-    )?;
-    let addr = receiver.local_addr()?;
-    let rx = std::thread::spawn(move || receiver.run());
-    let mut sender = Sender::connect(
-        addr,
-        src.clone(),
-        &SenderConfig {
-            channels,
-            pinning: Pinning::None,
-            tls: tls.map(|t| t.1.clone()),
-            congestion: a.congestion.clone(),
-            ..SenderConfig::default()
-        },
-    )?;
+    let Session {
+        src,
+        dst,
+        mut sender,
+        receiver: rx,
+    } = session(a, tls, channels)?;
     sender.send_all()?;
     let total_pages = a.size / 4096;
     let first_page = (WORKING_SET_GPA / 4096).min(total_pages / 2);
