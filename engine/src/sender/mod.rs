@@ -3,7 +3,6 @@
 //! the round protocol. Control plane only: it never touches a page.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,69 +23,23 @@ use crate::placement::Placement;
 use crate::protocol::blob::{DeviceBlob, DEVICE_STATE_BYTES_MAX};
 use crate::protocol::handshake::{Hello, FEATURE_PSK, FEATURE_ZLIB, FEATURE_ZSTD};
 use crate::protocol::PROTOCOL_VERSION;
-use crate::shard::send::{ChunkRuns, SendShard, SendShardParams, ShardEvent, Work};
+use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
 use crate::shard::{catch_panic, pin, Abort};
 use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
 use crate::stream::Stream;
 
+mod handles;
 mod handshake;
+mod runs;
+pub use handles::{BandwidthLimit, Canceller};
 use handshake::{connect_all, Connected};
-
-/// Consecutive pages of one region to send in a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageRun {
-    /// Region index in the layout.
-    pub region: u32,
-    /// First page (index within the region).
-    pub first_page: u64,
-    /// Number of pages.
-    pub pages: u64,
-}
-
-impl PageRun {
-    /// One run per region covering all of `memory` (round 0 of a live migration).
-    pub fn whole(memory: &GuestMemory) -> Vec<PageRun> {
-        memory
-            .regions()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| PageRun {
-                region: i as u32,
-                first_page: 0,
-                pages: r.pages(),
-            })
-            .collect()
-    }
-}
+pub use runs::PageRun;
+use runs::{check_runs, pack_chunks};
 
 struct Shard {
     tx: Tx<Work>,
     join: Option<JoinHandle<Result<ShardStats>>>,
     core: Option<usize>,
-}
-
-/// `runs` (sorted, disjoint) packed into chunks of one region each, of up to
-/// `CHUNK_PAGES_MAX` pages and `CHUNK_RUNS_MAX` runs: long runs split, scattered ones shared.
-fn pack_chunks(runs: &[PageRun]) -> impl Iterator<Item = (u32, ChunkRuns)> + '_ {
-    let mut pending = runs.iter().map(|r| (r.region, r.first_page, r.pages));
-    let mut carry: Option<(u32, u64, u64)> = None;
-    std::iter::from_fn(move || {
-        let mut chunk = ChunkRuns::new();
-        let mut region = None;
-        while let Some((r, first, pages)) = carry.take().or_else(|| pending.next()) {
-            if region.is_some_and(|c| c != r) || chunk.room() == 0 {
-                carry = Some((r, first, pages));
-                break;
-            }
-            region = Some(r);
-            let n = pages.min(u64::from(chunk.room())) as u32;
-            chunk.push(first, n);
-            if u64::from(n) < pages {
-                carry = Some((r, first + u64::from(n), pages - u64::from(n)));
-            }
-        }
-        region.map(|r| (r, chunk))
-    })
 }
 
 fn device_chunk(tag: u32, total: u64, last: bool, bytes: &[u8]) -> Work {
@@ -95,65 +48,6 @@ fn device_chunk(tag: u32, total: u64, last: bool, bytes: &[u8]) -> Work {
         total,
         last,
         chunk: bytes.into(),
-    }
-}
-
-/// The sender's bandwidth limit (`max_bandwidth_bytes_per_s`), changeable while it runs: every
-/// shard reads it before each chain of sends and paces its share (the limit over the channel
-/// count), so a change applies within a chain (at most `CHAIN_FRAMES_MAX` frames).
-#[derive(Debug, Clone, Default)]
-pub struct BandwidthLimit(Arc<AtomicU64>);
-
-impl BandwidthLimit {
-    /// A limit of `bytes_per_s` for the whole transfer (`None`: as fast as it goes).
-    pub fn new(bytes_per_s: Option<u64>) -> Self {
-        let limit = BandwidthLimit::default();
-        limit.set(bytes_per_s);
-        limit
-    }
-
-    /// Changes the limit (`None`, or zero, lifts it).
-    pub fn set(&self, bytes_per_s: Option<u64>) {
-        self.0.store(bytes_per_s.unwrap_or(0), Ordering::Relaxed);
-    }
-
-    /// The limit now.
-    pub fn get(&self) -> Option<u64> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            b => Some(b),
-        }
-    }
-}
-
-/// Cancels a transfer from another thread: the shards see it within a ring wait slice
-/// (`RING_WAIT_SLICE_MS`), tell the peer why ("cancelled") and close; the side's current or
-/// next call returns [`Error::Cancelled`]. From [`Sender::canceller`] or
-/// [`Receiver::canceller`](crate::Receiver::canceller).
-#[derive(Clone)]
-pub struct Canceller {
-    abort: Arc<Abort>,
-}
-
-impl std::fmt::Debug for Canceller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Canceller")
-    }
-}
-
-impl Canceller {
-    pub(crate) fn new(abort: Arc<Abort>) -> Self {
-        Canceller { abort }
-    }
-
-    /// Cancels the transfer (a no-op once it has ended or failed).
-    pub fn cancel(&self) {
-        self.abort.fail(Error::Cancelled);
-    }
-
-    /// True once cancelled (or failed otherwise).
-    pub fn is_cancelled(&self) -> bool {
-        self.abort.is_raised()
     }
 }
 
@@ -459,7 +353,7 @@ impl Sender {
         }
         let started = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
-        let pages = self.check_runs(runs)?;
+        let pages = check_runs(&self.memory, runs)?;
         crate::stats::add(&self.progress.pages_total, pages);
         let n = self.shards.len();
         // Rotate the first shard per round, so a page resent in the next round usually travels
@@ -592,9 +486,7 @@ impl Sender {
 
     /// A handle that cancels this transfer from any thread (see [`Canceller`]).
     pub fn canceller(&self) -> Canceller {
-        Canceller {
-            abort: self.abort.clone(),
-        }
+        Canceller::new(self.abort.clone())
     }
 
     /// Per-round figures so far.
@@ -642,42 +534,6 @@ impl Sender {
             }
         }
         Ok(())
-    }
-
-    fn check_runs(&self, runs: &[PageRun]) -> Result<u64> {
-        let regions = self.memory.regions();
-        let mut total = 0u64;
-        let mut last: Option<(u32, u64)> = None;
-        for run in runs {
-            let Some(region) = regions.get(run.region as usize) else {
-                return Err(Error::Config(format!(
-                    "page run names region {} but the layout has {}",
-                    run.region,
-                    regions.len()
-                )));
-            };
-            let end = run.first_page.checked_add(run.pages);
-            if run.pages == 0 || end.is_none_or(|e| e > region.pages()) {
-                return Err(Error::Config(format!(
-                    "page run {}+{} is empty or outside region {} ({} pages)",
-                    run.first_page,
-                    run.pages,
-                    run.region,
-                    region.pages()
-                )));
-            }
-            if let Some((r, e)) = last {
-                if (run.region, run.first_page) < (r, e) {
-                    return Err(Error::Config(format!(
-                        "page runs must be sorted and disjoint: region {} page {} comes after region {r} page {e}",
-                        run.region, run.first_page
-                    )));
-                }
-            }
-            last = Some((run.region, run.first_page + run.pages));
-            total += run.pages;
-        }
-        Ok(total)
     }
 
     /// Queues `work` on shard `first`, or on any other shard with room, or waits for `first`.

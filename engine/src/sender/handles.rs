@@ -1,0 +1,66 @@
+//! Handles a caller keeps while a transfer runs: its bandwidth limit and its cancellation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::shard::Abort;
+
+/// The sender's bandwidth limit (`max_bandwidth_bytes_per_s`), changeable while it runs: every
+/// shard reads it before each chain of sends and paces its share (the limit over the channel
+/// count), so a change applies within a chain (at most `CHAIN_FRAMES_MAX` frames).
+#[derive(Debug, Clone, Default)]
+pub struct BandwidthLimit(Arc<AtomicU64>);
+
+impl BandwidthLimit {
+    /// A limit of `bytes_per_s` for the whole transfer (`None`: as fast as it goes).
+    pub fn new(bytes_per_s: Option<u64>) -> Self {
+        let limit = BandwidthLimit::default();
+        limit.set(bytes_per_s);
+        limit
+    }
+
+    /// Changes the limit (`None`, or zero, lifts it).
+    pub fn set(&self, bytes_per_s: Option<u64>) {
+        self.0.store(bytes_per_s.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The limit now.
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(b),
+        }
+    }
+}
+
+/// Cancels a transfer from another thread: the shards see it within a ring wait slice
+/// (`RING_WAIT_SLICE_MS`), tell the peer why ("cancelled") and close; the side's current or
+/// next call returns [`Error::Cancelled`]. From [`Sender::canceller`](crate::Sender::canceller) or
+/// [`Receiver::canceller`](crate::Receiver::canceller).
+#[derive(Clone)]
+pub struct Canceller {
+    abort: Arc<Abort>,
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Canceller")
+    }
+}
+
+impl Canceller {
+    pub(crate) fn new(abort: Arc<Abort>) -> Self {
+        Canceller { abort }
+    }
+
+    /// Cancels the transfer (a no-op once it has ended or failed).
+    pub fn cancel(&self) {
+        self.abort.fail(Error::Cancelled);
+    }
+
+    /// True once cancelled (or failed otherwise).
+    pub fn is_cancelled(&self) -> bool {
+        self.abort.is_raised()
+    }
+}
