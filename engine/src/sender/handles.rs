@@ -36,7 +36,8 @@ impl BandwidthLimit {
 
 /// Cancels a transfer from another thread: the shards see it within a ring wait slice
 /// (`RING_WAIT_SLICE_MS`), tell the peer why ("cancelled") and close; the side's current or
-/// next call returns [`Error::Cancelled`]. From [`Sender::canceller`](crate::Sender::canceller) or
+/// next call returns [`Error::Cancelled`]. From
+/// [`Sender::canceller`](crate::Sender::canceller) or
 /// [`Receiver::canceller`](crate::Receiver::canceller).
 #[derive(Clone)]
 pub struct Canceller {
