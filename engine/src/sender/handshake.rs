@@ -19,9 +19,9 @@ pub(super) struct Connected {
 }
 
 /// Connects all `n` channels and runs their handshakes, each on its own thread, in parallel:
-/// `open(i)` gives channel `i`'s stream, which gets the `congestion` control algorithm when
-/// one is set, and `hello(i)` its hello. One result per channel, in
-/// channel order; a handshake thread that panicked is an error, not a panic here.
+/// `open(i)` gives channel `i`'s stream, which gets the `congestion` control algorithm when one
+/// is set, and `hello(i)` its hello. One result per channel, in channel order; a handshake
+/// thread that panicked is an error, not a panic here.
 pub(super) fn connect_all(
     n: u16,
     hello: impl Fn(u16) -> Hello,
