@@ -123,11 +123,13 @@ static int migrate_over_fds(uint8_t *low, const pw_options *options, int unix) {
 }
 
 int main(int argc, char **argv) {
-    /* PAGEWIRE_CORES: the cores pagewire's shards may use, e.g. "0-3" (a VMM leaves out its vCPUs'). */
+    /* PAGEWIRE_CORES: the cores pagewire's shards may use, e.g. "0-3" (a VMM leaves out its vCPUs').
+     * PAGEWIRE_CONGESTION: the sender's TCP congestion control, e.g. "cubic" (default: the host's). */
     pw_options options = {.channels = 2,
                           .tls_dir = argc > 1 ? argv[1] : NULL,
                           .idle_timeout_ms = 0,
-                          .cores = getenv("PAGEWIRE_CORES")};
+                          .cores = getenv("PAGEWIRE_CORES"),
+                          .congestion = getenv("PAGEWIRE_CONGESTION")};
     uint8_t *src_low = map(LOW_PAGES * PAGE), *src_high = map(HIGH_PAGES * PAGE);
     uint8_t *dst_low = map(LOW_PAGES * PAGE), *dst_high = map(HIGH_PAGES * PAGE);
     pw_region src_regions[2] = {{0, LOW_PAGES * PAGE, src_low}, {4ull << 30, HIGH_PAGES * PAGE, src_high}};

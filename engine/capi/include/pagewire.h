@@ -68,6 +68,9 @@ typedef struct {
   // process may run on. Leave out the cores that run vCPUs; within the list shards go near
   // the memory they move (NUMA) and the NIC.
   const char *cores;
+  // A sender's TCP congestion control ("cubic", "bbr", one the kernel offers), or null for
+  // the host's default.
+  const char *congestion;
 } pw_options;
 
 #ifdef __cplusplus

@@ -83,6 +83,9 @@ pub struct pw_options {
     /// process may run on. Leave out the cores that run vCPUs; within the list shards go near
     /// the memory they move (NUMA) and the NIC.
     pub cores: *const c_char,
+    /// A sender's TCP congestion control ("cubic", "bbr", one the kernel offers), or null for
+    /// the host's default.
+    pub congestion: *const c_char,
 }
 
 /// Guest memory described by the caller (see [`pw_memory_new`]).
@@ -164,8 +167,8 @@ unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
 }
 
 /// # Safety
-/// `o` is null or points to a valid `pw_options` whose `tls_dir` and `cores` are null or
-/// NUL-terminated.
+/// `o` is null or points to a valid `pw_options` whose `tls_dir`, `cores` and `congestion` are
+/// null or NUL-terminated.
 unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
     if o.is_null() {
         return Ok(Options {
@@ -173,6 +176,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
             tls_dir: None,
             idle_timeout_ms: 30_000,
             cores: None,
+            congestion: None,
         });
     }
     // SAFETY: non-null and valid (caller).
@@ -197,6 +201,12 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
             }
         }
     };
+    let congestion = if o.congestion.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        Some(unsafe { text(o.congestion, "congestion") }?.to_string())
+    };
     Ok(Options {
         channels: if o.channels == 0 { 2 } else { o.channels },
         tls_dir: dir,
@@ -206,6 +216,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
             o.idle_timeout_ms
         },
         cores,
+        congestion,
     })
 }
 
@@ -215,6 +226,7 @@ struct Options {
     tls_dir: Option<String>,
     idle_timeout_ms: u64,
     cores: Option<Vec<usize>>,
+    congestion: Option<String>,
 }
 
 fn tls_files(dir: &str, side: &str) -> TlsFiles {
@@ -274,6 +286,7 @@ unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> 
         tls,
         idle_timeout_ms: o.idle_timeout_ms,
         cores: o.cores,
+        congestion: o.congestion,
         ..SenderConfig::default()
     })
 }

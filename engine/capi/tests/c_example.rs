@@ -151,4 +151,21 @@ fn the_c_example_migrates_and_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!out.status.success() && all.contains("CPU list"), "{all}");
+    // The sender's congestion control: reno is in every kernel; a name none offers is refused.
+    for (name, works) in [("reno", true), ("no_such_cc", false)] {
+        let out = Command::new(&exe)
+            .env("PAGEWIRE_CONGESTION", name)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if works {
+            assert!(out.status.success() && all.starts_with("verified"), "{all}");
+        } else {
+            assert!(!out.status.success() && all.contains(name), "{all}");
+        }
+    }
 }
