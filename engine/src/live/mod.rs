@@ -265,8 +265,9 @@ impl Run {
     }
 
     /// Records a finished round and the state after it.
-    fn record(&mut self, figures: RoundFigures, transferred: u64, estimates: Option<Estimates>) {
-        self.rounds.push(figures);
+    /// Publishes the rounds so far (the last one just pushed) in the snapshot, with the
+    /// estimates made after it, if any.
+    fn record(&mut self, transferred: u64, estimates: Option<Estimates>) {
         let elapsed_ms = self.elapsed_ms();
         let rounds = self.rounds.clone();
         self.update(|s| {
@@ -343,8 +344,9 @@ impl Run {
                 host_cpus,
                 engine_threads,
             };
-            let estimates = Estimates::after(&figures, dirty);
-            self.record(figures, wire(), Some(estimates));
+            self.rounds.push(figures);
+            let estimates = Estimates::after(&self.rounds, dirty);
+            self.record(wire(), Some(estimates));
             let view = PolicyView {
                 rounds: &self.rounds,
                 estimates,
@@ -411,7 +413,8 @@ impl Run {
             finished_ms,
             "downtime, cumulative from the pause"
         );
-        self.record(figures, wire(), None);
+        self.rounds.push(figures);
+        self.record(wire(), None);
         self.update(|s| {
             s.status = Status::Completed;
             s.downtime_ms = Some(downtime_ms);
