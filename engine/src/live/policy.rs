@@ -156,7 +156,7 @@ impl Estimates {
     /// a scheduler tick), and the last round runs with the guest paused. Computed both ways
     /// from the same runs' figures (two-core `live` grids of 32 runs): with the last round's
     /// own tail, 365 of 479 runs over 15 grids before this change were within 25%, with the
-    /// shortest 384; over 5 grids after it, 129 and 127 of 160 (under bbr 104 and 102, one of
+    /// shortest 384; over 5 grids after it, 127 and 129 of 160 (under bbr 104 and 102, one of
     /// those grids beside QEMU, where it lost 2; under cubic 23 and 27).
     pub fn after(rounds: &[RoundFigures], remaining_pages: u64) -> Estimates {
         let fallback = RoundFigures::default();
