@@ -264,8 +264,7 @@ impl Run {
         self.start.elapsed().as_secs_f64() * 1e3
     }
 
-    /// Records a finished round and the state after it.
-    /// Publishes the rounds so far (the last one just pushed) in the snapshot, with the
+    /// Publishes the rounds so far (a finished one just pushed) in the snapshot, with the
     /// estimates made after it, if any.
     fn record(&mut self, transferred: u64, estimates: Option<Estimates>) {
         let elapsed_ms = self.elapsed_ms();
