@@ -87,6 +87,17 @@ pub struct SenderConfig {
     /// `bbr`); `None`: the host's default, as QEMU's channels get. It decides how the sender's
     /// data goes out; see the README's measurements for what it changed on loopback.
     pub congestion: Option<String>,
+    /// A checksum (XXH3-64) of every page in every plaintext frame, checked by the receiver
+    /// before it counts the page placed (on by default). Under TLS or a pre-shared key the
+    /// records' AEAD covers the pages and frames carry none, so it applies to plaintext only.
+    ///
+    /// Off, a plaintext transfer's pages are covered by TCP's 16-bit checksum alone, as QEMU's
+    /// multifd channels are, and the receiver must consent
+    /// ([`ReceiverConfig::accept_unchecked_pages`]). The checksums cost CPU on both sides: on
+    /// a 2-core loopback, where the CPU is the link, 21–28% of plain throughput (README,
+    /// "Trust"). Pages a vCPU tears during a live round then go uncaught until the dirty log
+    /// resends them, which it does; the paused round is whole.
+    pub page_checksums: bool,
     /// Records sealed with one TLS key before a key update. Lowered only by tests.
     #[doc(hidden)]
     pub tls_records_per_key: u64,
@@ -123,9 +134,17 @@ impl SenderConfig {
         if let Some(name) = &self.congestion {
             check_congestion(name)?;
         }
+        if !self.page_checksums && (self.tls.is_some() || self.psk.is_some()) {
+            return bad(PAGE_CHECKSUMS_PLAINTEXT_ONLY.into());
+        }
         check_idle_timeout(self.idle_timeout_ms)
     }
 }
+
+/// Why turning page checksums off (or accepting pages without them) is refused with TLS or a
+/// pre-shared key.
+const PAGE_CHECKSUMS_PLAINTEXT_ONLY: &str = "page checksums apply to plaintext only: under TLS \
+     or a pre-shared key every record is authenticated and frames carry none";
 
 /// Checks a TCP congestion control name: one the kernel offers now, where `/proc` says which
 /// (an algorithm built as a module is offered once loaded: `modprobe tcp_<name>`).
@@ -176,6 +195,7 @@ impl Default for SenderConfig {
             max_bandwidth_bytes_per_s: None,
             idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
             congestion: None,
+            page_checksums: true,
             tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
             #[cfg(feature = "faults")]
             fault_seed: None,
@@ -210,6 +230,12 @@ pub struct ReceiverConfig {
     /// Listen on a non-loopback address with neither TLS nor a pre-shared key. Without it such
     /// a receiver refuses to start: anyone who can connect could write its memory.
     pub insecure: bool,
+    /// Accept a plaintext sender whose frames carry no page checksums
+    /// ([`SenderConfig::page_checksums`] off); without it such a sender is refused
+    /// ([`Refusal::ChecksumsRequired`](crate::protocol::handshake::Refusal::ChecksumsRequired)).
+    /// Its pages are then checked by TCP's checksum only, and the final confirmation means
+    /// every page was placed, not that every page was verified.
+    pub accept_unchecked_pages: bool,
     /// Fault a destination given up front in ahead of the pages (`MADV_POPULATE_WRITE`, one
     /// thread per allowed core), in the background while the receiver waits for the sender's
     /// channels (from 100 ms after it starts, so a sender that connects at once has every
@@ -249,6 +275,7 @@ impl Default for ReceiverConfig {
             tls: None,
             psk: None,
             insecure: false,
+            accept_unchecked_pages: false,
             prefault: true,
             #[cfg(feature = "faults")]
             fault_frame_delay_max_us: 0,
@@ -278,6 +305,49 @@ impl ReceiverConfig {
                 "choose TLS or a pre-shared key, not both (TLS already authenticates)".into(),
             ));
         }
+        if self.accept_unchecked_pages && (self.tls.is_some() || self.psk.is_some()) {
+            return Err(crate::Error::Config(PAGE_CHECKSUMS_PLAINTEXT_ONLY.into()));
+        }
         check_idle_timeout(self.idle_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_checksums_can_be_turned_off_for_plaintext_only() {
+        let plain = SenderConfig {
+            page_checksums: false,
+            ..SenderConfig::default()
+        };
+        assert!(plain.validate().is_ok());
+        let keyed = SenderConfig {
+            psk: Some(crate::auth::Psk::generate()),
+            ..plain.clone()
+        };
+        let err = keyed.validate().unwrap_err().to_string();
+        assert!(err.contains("plaintext only"), "{err}");
+        assert!(SenderConfig {
+            page_checksums: true,
+            ..keyed
+        }
+        .validate()
+        .is_ok());
+
+        let receiver = ReceiverConfig {
+            accept_unchecked_pages: true,
+            ..ReceiverConfig::default()
+        };
+        assert!(receiver.validate().is_ok());
+        let err = ReceiverConfig {
+            psk: Some(crate::auth::Psk::generate()),
+            ..receiver
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("plaintext only"), "{err}");
     }
 }

@@ -68,6 +68,9 @@ pub struct ShardStats {
     pub torn_pages: u64,
     /// Bytes of normal pages in those frames, before compression.
     pub compressed_raw_bytes: u64,
+    /// Plaintext without page checksums: this channel's pages were covered by TCP's checksum
+    /// only ([`crate::SenderConfig::page_checksums`] off).
+    pub unchecked_pages: bool,
     /// Receiver, TLS: payload bytes opened straight into destination memory (the rest was
     /// opened in the staging slot and copied; see `tls::direct`).
     pub tls_direct_bytes: u64,
@@ -133,6 +136,10 @@ pub struct TransferStats {
     pub compressed_frames: u64,
     /// Receiver: pages of live rounds refused by their checksum (torn, resent later).
     pub torn_pages: u64,
+    /// Plaintext pages travelled without page checksums, covered by TCP's checksum only
+    /// ([`crate::SenderConfig::page_checksums`] off): the receiver placed every page but could
+    /// not verify them. False when every page was checked (a checksum, or TLS's AEAD).
+    pub unchecked_pages: bool,
     /// Normal bytes / compressed bytes over the compressed frames (1.0 when none were).
     pub compression_ratio: f64,
     /// Whether rings ran with DEFER_TASKRUN.
@@ -165,6 +172,7 @@ impl TransferStats {
         self.page_faults_major = self.shards.iter().map(|s| s.faults_major).sum();
         self.compressed_frames = self.shards.iter().map(|s| s.compressed_frames).sum();
         self.torn_pages = self.shards.iter().map(|s| s.torn_pages).sum();
+        self.unchecked_pages = self.shards.iter().any(|s| s.unchecked_pages);
         let raw: u64 = self.shards.iter().map(|s| s.compressed_raw_bytes).sum();
         let packed: u64 = self.shards.iter().map(|s| s.compressed_bytes).sum();
         self.compression_ratio = if packed > 0 {

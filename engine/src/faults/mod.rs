@@ -90,8 +90,9 @@ fn cause(e: &crate::Error) -> &'static str {
     }
 }
 
-/// Runs one transfer with faults from `seed` on both sides (1–4 channels, 1–3 rounds, all
-/// drawn from the seed) and checks it (see the module docs).
+/// Runs one transfer with faults from `seed` on both sides (1–4 channels, 1–3 rounds, page
+/// checksums off in a quarter of the plaintext runs, all drawn from the seed) and checks it
+/// (see the module docs).
 pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome, Violation> {
     use crate::synth::{fill, Content};
     use crate::{
@@ -101,6 +102,8 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
     let channels = 1 + r.below(4) as u16;
     let rounds = 1 + r.below(3);
     let pages = 64 + r.below(448);
+    // A quarter of the plaintext runs send pages without checksums.
+    let page_checksums = options.tls.is_some() || r.below(4) != 0;
     let specs = [RegionSpec {
         gpa: 0,
         len: pages * crate::limits::PAGE_BYTES as u64,
@@ -125,6 +128,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
             fault_seed: seed,
             fault_ring: true,
             simulated: options.simulated,
+            accept_unchecked_pages: !page_checksums,
             ..ReceiverConfig::default()
         },
     )
@@ -148,6 +152,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
                 tls_records_per_key: 40,
                 fault_seed: Some(seed),
                 simulated,
+                page_checksums,
                 ..SenderConfig::default()
             },
         )?;

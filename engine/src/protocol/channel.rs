@@ -93,7 +93,9 @@ pub struct ReceiverChannel {
 impl ReceiverChannel {
     /// A channel receiving into a layout whose regions have `region_pages` pages each.
     /// Plaintext channels set `require_checksum`: every frame with a payload must carry its
-    /// checksum (under TLS the record AEAD covers the payload instead).
+    /// checksum (under TLS the record AEAD covers the payload instead; a plaintext sender that
+    /// announced [`FEATURE_UNCHECKED_PAGES`](super::handshake::FEATURE_UNCHECKED_PAGES), and
+    /// was accepted, sends none).
     pub fn new(region_pages: &[u64], require_checksum: bool) -> Self {
         ReceiverChannel {
             region_pages: region_pages.into(),

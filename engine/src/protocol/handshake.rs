@@ -29,8 +29,14 @@ pub const FEATURE_ZSTD: u32 = 1 << 0;
 pub const FEATURE_ZLIB: u32 = 1 << 1;
 /// Feature bit: the sender authenticates with a pre-shared key; a challenge follows the hello.
 pub const FEATURE_PSK: u32 = 1 << 2;
+/// Feature bit: the sender's plaintext frames carry no page checksums
+/// ([`SenderConfig::page_checksums`](crate::SenderConfig::page_checksums) off), so its pages are
+/// covered by TCP's checksum only. A receiver accepts it only when told to
+/// ([`ReceiverConfig::accept_unchecked_pages`](crate::ReceiverConfig::accept_unchecked_pages));
+/// otherwise it refuses with [`Refusal::ChecksumsRequired`].
+pub const FEATURE_UNCHECKED_PAGES: u32 = 1 << 3;
 /// Feature bits a receiver understands. (TLS needs none: it is visible before the hello.)
-pub const FEATURES_KNOWN: u32 = FEATURE_ZSTD | FEATURE_ZLIB | FEATURE_PSK;
+pub const FEATURES_KNOWN: u32 = FEATURE_ZSTD | FEATURE_ZLIB | FEATURE_PSK | FEATURE_UNCHECKED_PAGES;
 
 /// The sender's opening message on each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +190,9 @@ pub enum Refusal {
     PskUnsupported,
     /// The sender's proof did not match: it holds another key.
     PskMismatch,
+    /// The sender sends pages without checksums ([`FEATURE_UNCHECKED_PAGES`]) and the receiver
+    /// was not told to accept them.
+    ChecksumsRequired,
 }
 
 impl Refusal {
@@ -203,6 +212,7 @@ impl Refusal {
             Refusal::PskRequired => (11, 0),
             Refusal::PskUnsupported => (12, 0),
             Refusal::PskMismatch => (13, 0),
+            Refusal::ChecksumsRequired => (14, 0),
         }
     }
 
@@ -227,6 +237,7 @@ impl Refusal {
             11 => Refusal::PskRequired,
             12 => Refusal::PskUnsupported,
             13 => Refusal::PskMismatch,
+            14 => Refusal::ChecksumsRequired,
             _ => Refusal::Malformed,
         }
     }
@@ -278,6 +289,12 @@ impl fmt::Display for Refusal {
             Refusal::PskMismatch => write!(
                 f,
                 "the sender's pre-shared key differs from the receiver's"
+            ),
+            Refusal::ChecksumsRequired => write!(
+                f,
+                "this sender sends pages without checksums, and the receiver requires them (start \
+                 the receiver with --accept-unchecked-pages, or the sender without \
+                 --no-page-checksums)"
             ),
         }
     }
@@ -422,6 +439,9 @@ impl Acceptor {
                 expected_mib: (self.layout.1 >> 20) as u32,
             });
         }
+        if hello.features & FEATURE_UNCHECKED_PAGES & !e.features != 0 {
+            return Err(Refusal::ChecksumsRequired);
+        }
         if hello.features & !e.features != 0 {
             return Err(Refusal::FeatureUnsupported {
                 accepted: e.features,
@@ -548,6 +568,10 @@ mod tests {
             Refusal::LayoutMismatch { expected_mib: 64 },
             Refusal::FeatureUnsupported { accepted: 0 },
             Refusal::TlsRequired,
+            Refusal::PskRequired,
+            Refusal::PskUnsupported,
+            Refusal::PskMismatch,
+            Refusal::ChecksumsRequired,
         ];
         for r in all.into_iter().map(Some).chain([None]) {
             let reply = Reply {
@@ -611,6 +635,31 @@ mod tests {
             fixed.check(&hello(0)),
             Err(Refusal::ChannelCountMismatch { expected: 4 })
         ));
+    }
+
+    #[test]
+    fn unchecked_pages_need_the_receivers_consent() {
+        let unchecked = Hello {
+            features: FEATURE_UNCHECKED_PAGES | FEATURE_ZSTD,
+            ..hello(0)
+        };
+        let mut strict = Acceptor::new(Expectation {
+            features: FEATURES_KNOWN & !FEATURE_UNCHECKED_PAGES,
+            ..expect()
+        });
+        assert_eq!(strict.check(&unchecked), Err(Refusal::ChecksumsRequired));
+        assert_eq!(
+            strict.check(&Hello {
+                features: FEATURE_ZSTD,
+                ..hello(0)
+            }),
+            Ok(())
+        );
+        let mut consenting = Acceptor::new(Expectation {
+            features: FEATURES_KNOWN,
+            ..expect()
+        });
+        assert_eq!(consenting.check(&unchecked), Ok(()));
     }
 
     #[test]

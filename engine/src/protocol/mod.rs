@@ -57,8 +57,10 @@
 //!  page checksum: XXH3-64 u64 of one normal page's 4096 bytes, in payload order
 //! ```
 //! The CRC32C covers bytes 0..28, the runs and the checksums, so a garbled header is refused
-//! before anything is written. Plaintext senders always send page checksums and the receiver
-//! checks every page before it counts as placed: a raw payload is received straight into
+//! before anything is written. Plaintext senders send page checksums (unless the hello
+//! announced [`FEATURE_UNCHECKED_PAGES`](handshake::FEATURE_UNCHECKED_PAGES) and the receiver
+//! accepted it: then TCP's checksum alone covers the pages) and the receiver checks every page
+//! before it counts as placed: a raw payload is received straight into
 //! destination memory and checked there, a compressed one after decoding and before a byte of
 //! it is placed. A mismatch fails the transfer naming the region and page, unless the frame is
 //! marked *live* (sent while vCPUs run): a vCPU may then have torn the page under the send,

@@ -18,6 +18,9 @@ pub(super) struct Accepted {
     pub(super) stream: Stream,
     pub(super) peer: usize,
     pub(super) tls: Option<TlsRx>,
+    /// The sender's frames carry page checksums (plaintext without
+    /// [`FEATURE_UNCHECKED_PAGES`](crate::protocol::handshake::FEATURE_UNCHECKED_PAGES)).
+    pub(super) page_checksums: bool,
 }
 
 pub(super) type SharedAcceptor = Mutex<(Acceptor, u64)>;

@@ -19,7 +19,9 @@ use crate::error::{Error, Result};
 use crate::limits::{CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, PAGE_BYTES};
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
-use crate::protocol::handshake::{Acceptor, Expectation, Hello, FEATURES_KNOWN};
+use crate::protocol::handshake::{
+    Acceptor, Expectation, Hello, FEATURES_KNOWN, FEATURE_UNCHECKED_PAGES,
+};
 use crate::protocol::ledger::PageLedger;
 use crate::sender::Canceller;
 use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
@@ -296,7 +298,12 @@ impl Receiver {
         tracing::debug!("receiver placement:\n{}", plan.render());
         let mut joins = Vec::with_capacity(n);
         for (i, accepted) in streams.into_iter().enumerate() {
-            let Accepted { stream, peer, tls } = accepted;
+            let Accepted {
+                stream,
+                peer,
+                tls,
+                page_checksums,
+            } = accepted;
             let place = plan.shards[i];
             let core = place.core.map(|id| core_affinity::CoreId { id });
             let params = RecvShardParams {
@@ -310,6 +317,7 @@ impl Receiver {
                 progress: self.progress.clone(),
                 peer,
                 tls,
+                page_checksums,
                 #[cfg(feature = "faults")]
                 delay: FrameDelay {
                     max_us: self.config.fault_frame_delay_max_us,
@@ -424,7 +432,11 @@ impl Receiver {
             page_bytes: PAGE_BYTES as u32,
             layout_digest,
             layout_bytes,
-            features: FEATURES_KNOWN,
+            features: if self.config.accept_unchecked_pages {
+                FEATURES_KNOWN
+            } else {
+                FEATURES_KNOWN & !FEATURE_UNCHECKED_PAGES
+            },
             take_layout,
         };
         // The acceptor and the generation of the session it is gathering, under one lock: a
@@ -472,10 +484,12 @@ impl Receiver {
                     None => (None, None),
                 };
                 let peer = abort.watch(&stream, sealer)?;
+                let page_checksums = rx.is_none() && hello.features & FEATURE_UNCHECKED_PAGES == 0;
                 slots[usize::from(hello.channel_index)] = Some(Accepted {
                     stream,
                     peer,
                     tls: rx,
+                    page_checksums,
                 });
                 first_at.get_or_insert_with(Instant::now);
                 finished += 1;

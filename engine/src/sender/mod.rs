@@ -21,7 +21,9 @@ use crate::memory::GuestMemory;
 use crate::pipeline::compress::Compression;
 use crate::placement::Placement;
 use crate::protocol::blob::{DeviceBlob, DEVICE_STATE_BYTES_MAX};
-use crate::protocol::handshake::{Hello, FEATURE_PSK, FEATURE_ZLIB, FEATURE_ZSTD};
+use crate::protocol::handshake::{
+    Hello, FEATURE_PSK, FEATURE_UNCHECKED_PAGES, FEATURE_ZLIB, FEATURE_ZSTD,
+};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
 use crate::shard::{catch_panic, pin, Abort};
@@ -198,7 +200,12 @@ impl Sender {
                 Compression::None => 0,
                 Compression::Zstd | Compression::Auto => FEATURE_ZSTD,
                 Compression::Zlib => FEATURE_ZLIB,
-            } | if config.psk.is_some() { FEATURE_PSK } else { 0 },
+            } | if config.psk.is_some() { FEATURE_PSK } else { 0 }
+                | if config.page_checksums || config.tls.is_some() || config.psk.is_some() {
+                    0
+                } else {
+                    FEATURE_UNCHECKED_PAGES
+                },
             layout_digest: memory.layout_digest(),
             layout_bytes: memory.total_bytes(),
             region_count: memory.regions().len() as u32,
@@ -250,6 +257,7 @@ impl Sender {
                 tls_records_per_key: config
                     .tls_records_per_key
                     .clamp(1, crate::tls::RECORDS_PER_KEY_MAX),
+                page_checksums: config.page_checksums,
                 compression: config.compression,
                 zstd_level: config.zstd_level,
                 // Each shard paces its share of the total.

@@ -94,6 +94,9 @@ pub(crate) struct RecvShardParams {
     /// This channel's id in the abort latch (which seals its control messages under TLS).
     pub peer: usize,
     pub tls: Option<TlsRx>,
+    /// The channel's frames must carry page checksums (plaintext, unless the sender announced
+    /// it sends none and the receiver accepted that).
+    pub page_checksums: bool,
     pub delay: FrameDelay,
     /// Where completed device state blobs go (every channel's, in channel order of arrival).
     pub device_state: Arc<Mutex<Vec<DeviceBlob>>>,
@@ -154,7 +157,7 @@ impl RecvShard {
             scanner: ZeroScanner::detect(),
             hash: Xxh3::detect(),
             frame: Box::default(),
-            reader: FrameReader::new(&p.memory.region_pages(), p.tls.is_none()),
+            reader: FrameReader::new(&p.memory.region_pages(), p.page_checksums),
             bufs: Vec::with_capacity(FRAME_RUNS_MAX),
             decompressor: Decompressor::new()
                 .map_err(|e| Error::io("creating a zstd decompression context", e))?,
@@ -166,6 +169,7 @@ impl RecvShard {
             unpacked: vec![0; FRAME_PAYLOAD_BYTES_MAX],
             stats: ShardStats {
                 channel: p.channel,
+                unchecked_pages: !p.page_checksums && p.tls.is_none(),
                 ..ShardStats::default()
             },
             rng: p.delay.seed ^ (u64::from(p.channel) << 32) | 1,

@@ -125,9 +125,10 @@ impl SendShard {
             Compression::Auto if self.auto.compress_next() => Codec::Zstd,
             Compression::Auto => Codec::Raw,
         };
-        // One checksum per normal page (plaintext only: under TLS the AEAD covers the payload),
-        // over the copy the compressor reads when there is one, else over guest memory.
-        let checksums = self.tls.is_none() && normal > 0;
+        // One checksum per normal page (plaintext only: under TLS the AEAD covers the payload;
+        // none where the sender turned them off), over the copy the compressor reads when
+        // there is one, else over guest memory.
+        let checksums = self.page_checksums && normal > 0;
         if checksums {
             frame.begin_checksums();
         }

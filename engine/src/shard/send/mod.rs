@@ -258,6 +258,8 @@ pub(crate) struct SendShardParams {
     pub tls: Option<TlsSession>,
     /// Records per TLS key before a key update.
     pub tls_records_per_key: u64,
+    /// Plaintext frames carry a checksum per page ([`crate::SenderConfig::page_checksums`]).
+    pub page_checksums: bool,
     /// What to do with normal pages.
     pub compression: Compression,
     /// zstd level (checked by the coordinator).
@@ -278,6 +280,8 @@ pub(crate) struct SendShard {
     memory: Arc<GuestMemory>,
     scanner: ZeroScanner,
     hash: Xxh3,
+    /// Frames carry a checksum per normal page: plaintext, unless the sender turned them off.
+    page_checksums: bool,
     /// The channel's life: numbering, rounds, the end, the receiver's confirmation, timers.
     m: SenderMachine,
     frame: Box<Frame>,

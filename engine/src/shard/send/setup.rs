@@ -69,6 +69,7 @@ impl SendShard {
             channel: p.channel,
             // Registered just above, or not at all yet.
             fixed_buffers: p.zero_copy == ZeroCopy::On && p.tls.is_none(),
+            unchecked_pages: !p.page_checksums && p.tls.is_none(),
             ..ShardStats::default()
         };
         Ok(SendShard {
@@ -77,6 +78,7 @@ impl SendShard {
             memory: p.memory,
             scanner: ZeroScanner::detect(),
             hash: Xxh3::detect(),
+            page_checksums: p.page_checksums && p.tls.is_none(),
             m: SenderMachine::new(p.tls.is_some(), p.idle, p.keepalive_every, Instant::now()),
             frame: Box::default(),
             slots,
