@@ -42,6 +42,7 @@ fn demo_setup(a: &DemoArgs) -> Result<DemoSetup> {
         max_bandwidth_bytes_per_s: a.compress.max_bandwidth,
         idle_timeout_ms: idle,
         congestion: a.compress.congestion.clone(),
+        page_checksums: !a.no_page_checksums,
         ..SenderConfig::default()
     };
     config.validate()?;
@@ -123,6 +124,7 @@ fn demo_setup(a: &DemoArgs) -> Result<DemoSetup> {
             idle_timeout_ms: idle,
             tls: server_tls,
             psk: psk.clone(),
+            accept_unchecked_pages: a.no_page_checksums,
             ..ReceiverConfig::default()
         },
     )?;

@@ -192,6 +192,11 @@ struct RecvArgs {
     /// connect could write the destination memory).
     #[arg(long)]
     insecure: bool,
+    /// Accept a plaintext sender that sends pages without checksums (its --no-page-checksums):
+    /// pages are then covered by TCP's checksum only, and success means every page was
+    /// placed, not verified. Without it such a sender is refused.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_dir", "psk_file"])]
+    accept_unchecked_pages: bool,
     /// How long to wait for a sender to complete its handshake, e.g. 60s (default: forever).
     /// Connections that fail theirs are logged and dropped meanwhile.
     #[arg(long, value_parser = parse_duration_ms)]
@@ -230,6 +235,11 @@ struct SendArgs {
     /// (or the --profile's).
     #[arg(long)]
     zero_copy: Option<ZeroCopy>,
+    /// Plaintext only: send pages without their checksums, covered by TCP's checksum alone (as
+    /// QEMU's multifd sends them). Saves CPU on both sides where the CPU, not the link, is the
+    /// bound; the receiver must run with --accept-unchecked-pages.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_dir", "psk_file"])]
+    no_page_checksums: bool,
     #[command(flatten)]
     common: CommonArgs,
     #[command(flatten)]
@@ -356,6 +366,10 @@ struct DemoArgs {
     /// Authenticate and protect every channel with a pre-shared key generated for the run.
     #[arg(long)]
     psk: bool,
+    /// Send plaintext pages without checksums (the receiver accepts them), as QEMU's multifd
+    /// does: see `pagewire send --no-page-checksums`.
+    #[arg(long, conflicts_with_all = ["tls", "psk"])]
+    no_page_checksums: bool,
     /// Migrate a running guest live: the tiny KVM guest (or, where /dev/kvm cannot run one, a
     /// software dirtier, which the demo says) writes memory while pre-copy rounds run, until
     /// the rest fits the downtime limit and the guest is paused for the last round.
@@ -511,6 +525,7 @@ fn recv(a: RecvArgs) -> Result<bool> {
         tls,
         psk: a.tls.psk()?,
         insecure: a.insecure,
+        accept_unchecked_pages: a.accept_unchecked_pages,
         ..ReceiverConfig::default()
     };
     let receiver = match memory {
@@ -584,6 +599,7 @@ fn send(a: SendArgs) -> Result<bool> {
         idle_timeout_ms: idle,
         congestion: a.compress.congestion.clone(),
         psk: a.tls.psk()?,
+        page_checksums: !a.no_page_checksums,
         ..SenderConfig::default()
     };
     // A profile first; what is given on the command line wins.

@@ -182,6 +182,12 @@ pub(super) fn report(
             ),
         ),
     ]);
+    if stats.unchecked_pages {
+        rows.push((
+            "page checksums",
+            "off: plaintext pages were covered by TCP's checksum only".into(),
+        ));
+    }
     for (k, v) in rows {
         println!("  {k:<24} {v}");
     }

@@ -60,8 +60,27 @@ fn demo_json_reports_a_verified_transfer() {
 
 #[test]
 fn bad_input_fails_with_a_message_and_no_panic() {
-    let cases: [&[&str]; 14] = [
+    let cases: [&[&str]; 17] = [
         &["demo", "--size", "12parsecs"],
+        &["demo", "--tls", "--no-page-checksums"],
+        &[
+            "send",
+            "--connect",
+            "127.0.0.1:9",
+            "--from",
+            "/dev/null",
+            "--psk-file",
+            "/dev/null",
+            "--no-page-checksums",
+        ],
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            "/tmp",
+            "--accept-unchecked-pages",
+        ],
         &["demo", "--size", "100"],
         &["demo", "--channels", "0"],
         &["demo", "--channels", "1000"],
@@ -248,6 +267,15 @@ fn send_and_recv_move_a_file_between_processes() {
         &["--psk-file", key],
     );
     assert_eq!(std::fs::read(&dst2).unwrap(), data);
+    // Plaintext pages without checksums, which the receiver must accept.
+    let dst4 = dir.path().join("unchecked.img");
+    let v = send_recv(
+        &src,
+        &["--into", dst4.to_str().unwrap(), "--accept-unchecked-pages"],
+        &["--no-page-checksums"],
+    );
+    assert_eq!(v["unchecked_pages"], true, "{v}");
+    assert_eq!(std::fs::read(&dst4).unwrap(), data);
     // Settings from a tuning profile, and a flag that overrides one of them.
     let profile = dir.path().join("profile.toml");
     std::fs::write(&profile, "[send]\nchannels = 2\nzero_copy = \"off\"\n").unwrap();
