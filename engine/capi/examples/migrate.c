@@ -124,12 +124,18 @@ static int migrate_over_fds(uint8_t *low, const pw_options *options, int unix) {
 
 int main(int argc, char **argv) {
     /* PAGEWIRE_CORES: the cores pagewire's shards may use, e.g. "0-3" (a VMM leaves out its vCPUs').
-     * PAGEWIRE_CONGESTION: the sender's TCP congestion control, e.g. "cubic" (default: the host's). */
+     * PAGEWIRE_CONGESTION: the sender's TCP congestion control, e.g. "cubic" (default: the host's).
+     * PAGEWIRE_UNCHECKED_PAGES: "1" sends plaintext pages without checksums and accepts them;
+     * "sender" only sends them so, which the receiver refuses. */
+    const char *unchecked = getenv("PAGEWIRE_UNCHECKED_PAGES");
     pw_options options = {.channels = 2,
                           .tls_dir = argc > 1 ? argv[1] : NULL,
                           .idle_timeout_ms = 0,
                           .cores = getenv("PAGEWIRE_CORES"),
-                          .congestion = getenv("PAGEWIRE_CONGESTION")};
+                          .congestion = getenv("PAGEWIRE_CONGESTION"),
+                          .unchecked_pages = unchecked != NULL && strcmp(unchecked, "sender") != 0};
+    pw_options send_options = options;
+    send_options.unchecked_pages = unchecked != NULL;
     uint8_t *src_low = map(LOW_PAGES * PAGE), *src_high = map(HIGH_PAGES * PAGE);
     uint8_t *dst_low = map(LOW_PAGES * PAGE), *dst_high = map(HIGH_PAGES * PAGE);
     pw_region src_regions[2] = {{0, LOW_PAGES * PAGE, src_low}, {4ull << 30, HIGH_PAGES * PAGE, src_high}};
@@ -148,7 +154,7 @@ int main(int argc, char **argv) {
     pthread_create(&thread, NULL, receive, receiver);
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
-    if (!check(pw_sender_connect(addr, src, &options, &sender), "pw_sender_connect"))
+    if (!check(pw_sender_connect(addr, src, &send_options, &sender), "pw_sender_connect"))
         return 1;
 
     uint64_t low_bits[LOW_PAGES / 64], high_bits[HIGH_PAGES / 64];

@@ -71,6 +71,10 @@ typedef struct {
   // A sender's TCP congestion control ("cubic", "bbr", one the kernel offers), or null for
   // the host's default.
   const char *congestion;
+  // Plaintext only. Nonzero on a sender: pages go without their checksums, covered by TCP's
+  // checksum alone (as QEMU's multifd sends them), which saves CPU on both sides. Nonzero on
+  // a receiver: such a sender is accepted (otherwise it is refused). 0: page checksums.
+  uint8_t unchecked_pages;
 } pw_options;
 
 #ifdef __cplusplus

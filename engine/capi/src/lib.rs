@@ -86,6 +86,10 @@ pub struct pw_options {
     /// A sender's TCP congestion control ("cubic", "bbr", one the kernel offers), or null for
     /// the host's default.
     pub congestion: *const c_char,
+    /// Plaintext only. Nonzero on a sender: pages go without their checksums, covered by TCP's
+    /// checksum alone (as QEMU's multifd sends them), which saves CPU on both sides. Nonzero on
+    /// a receiver: such a sender is accepted (otherwise it is refused). 0: page checksums.
+    pub unchecked_pages: u8,
 }
 
 /// Guest memory described by the caller (see [`pw_memory_new`]).
@@ -177,6 +181,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
             idle_timeout_ms: 30_000,
             cores: None,
             congestion: None,
+            unchecked_pages: false,
         });
     }
     // SAFETY: non-null and valid (caller).
@@ -217,6 +222,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         },
         cores,
         congestion,
+        unchecked_pages: o.unchecked_pages != 0,
     })
 }
 
@@ -227,6 +233,7 @@ struct Options {
     idle_timeout_ms: u64,
     cores: Option<Vec<usize>>,
     congestion: Option<String>,
+    unchecked_pages: bool,
 }
 
 fn tls_files(dir: &str, side: &str) -> TlsFiles {
@@ -263,6 +270,7 @@ unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Err
         tls,
         idle_timeout_ms: o.idle_timeout_ms,
         cores: o.cores,
+        accept_unchecked_pages: o.unchecked_pages,
         ..ReceiverConfig::default()
     })
 }
@@ -287,6 +295,7 @@ unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> 
         idle_timeout_ms: o.idle_timeout_ms,
         cores: o.cores,
         congestion: o.congestion,
+        page_checksums: !o.unchecked_pages,
         ..SenderConfig::default()
     })
 }

@@ -148,6 +148,11 @@ fn the_c_example_migrates_and_verifies() {
     assert!(ok && all.starts_with("verified"), "{all}");
     let (ok, all) = run_with(&exe, "PAGEWIRE_CONGESTION", "no_such_cc");
     assert!(!ok && all.contains("no_such_cc"), "{all}");
+    // Pages without checksums: accepted where the receiver agrees, refused where it does not.
+    let (ok, all) = run_with(&exe, "PAGEWIRE_UNCHECKED_PAGES", "1");
+    assert!(ok && all.starts_with("verified"), "{all}");
+    let (ok, all) = run_with(&exe, "PAGEWIRE_UNCHECKED_PAGES", "sender");
+    assert!(!ok && all.contains("without checksums"), "{all}");
 }
 
 /// Runs the example with one environment variable set: whether it succeeded, and its standard
