@@ -242,6 +242,9 @@ pub(crate) fn raw_tcp(
 pub(crate) enum Security<'a> {
     /// Plaintext (payload checksums only).
     Plain,
+    /// Plaintext without page checksums (`SenderConfig::page_checksums` off, the receiver
+    /// consenting): TCP's checksum only, as QEMU's multifd.
+    PlainUnchecked,
     /// TLS 1.3 with these certificates.
     Tls(&'a (TlsClient, TlsServer)),
     /// A pre-shared key.
@@ -264,8 +267,9 @@ pub(crate) fn pagewire_run<'a>(
     compression: Compression,
 ) -> Result<(Run, pagewire::TransferStats)> {
     let security = security.into();
+    let unchecked = matches!(security, Security::PlainUnchecked);
     let (tls, psk) = match security {
-        Security::Plain => (None, None),
+        Security::Plain | Security::PlainUnchecked => (None, None),
         Security::Tls(t) => (Some(t), None),
         Security::Psk(k) => (None, Some(k.clone())),
     };
@@ -282,6 +286,7 @@ pub(crate) fn pagewire_run<'a>(
             accept_timeout_ms: Some(30_000),
             tls: tls.map(|t| t.1.clone()),
             psk: psk.clone(),
+            accept_unchecked_pages: unchecked,
             ..ReceiverConfig::default()
         },
     )?;
@@ -296,6 +301,7 @@ pub(crate) fn pagewire_run<'a>(
         tls: tls.map(|t| t.0.clone()),
         psk,
         compression,
+        page_checksums: !unchecked,
         ..SenderConfig::default()
     };
     let mut sender = Sender::connect(addr, src, &config)?;

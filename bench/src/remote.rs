@@ -36,8 +36,14 @@ struct Pems {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 enum Request {
-    /// Start a pagewire receiver of `size` bytes.
-    Recv { size: u64, tls: Option<Pems> },
+    /// Start a pagewire receiver of `size` bytes; `unchecked_pages`: accept plaintext pages
+    /// without checksums.
+    Recv {
+        size: u64,
+        tls: Option<Pems>,
+        #[serde(default)]
+        unchecked_pages: bool,
+    },
     /// Accept `streams` raw TCP streams carrying `size` bytes in all.
     Raw { size: u64, streams: u16 },
 }
@@ -89,7 +95,11 @@ fn session(control: TcpStream, ip: IpAddr) -> Result<()> {
     let mut reader = BufReader::new(control);
     while let Some(request) = read_line::<Request>(&mut reader)? {
         let result = match request {
-            Request::Recv { size, tls } => serve_pagewire(&mut writer, ip, size, tls),
+            Request::Recv {
+                size,
+                tls,
+                unchecked_pages,
+            } => serve_pagewire(&mut writer, ip, size, tls, unchecked_pages),
             Request::Raw { size, streams } => serve_raw(&mut writer, ip, size, streams),
         };
         let reply = match result {
@@ -108,6 +118,7 @@ fn serve_pagewire(
     ip: IpAddr,
     size: u64,
     tls: Option<Pems>,
+    unchecked_pages: bool,
 ) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let tls = match tls {
@@ -132,6 +143,7 @@ fn serve_pagewire(
             // A benchmark peer measures plaintext too, on the link the operator chose.
             insecure: tls.is_none(),
             tls,
+            accept_unchecked_pages: unchecked_pages,
             ..ReceiverConfig::default()
         },
     )?;
@@ -216,7 +228,8 @@ impl Peer {
         }
     }
 
-    /// One pagewire transfer of `src` to the server.
+    /// One pagewire transfer of `src` to the server (plaintext pages without checksums unless
+    /// `page_checksums`).
     pub fn pagewire(
         &mut self,
         src: Arc<GuestMemory>,
@@ -224,6 +237,7 @@ impl Peer {
         zero_copy: ZeroCopy,
         tls: Option<&(TlsClient, TlsServer, certs::CertSet)>,
         compression: Compression,
+        page_checksums: bool,
     ) -> Result<(Run, pagewire::TransferStats)> {
         let pems = tls.map(|t| Pems {
             cert: t.2.server_cert.clone(),
@@ -235,6 +249,7 @@ impl Peer {
             &Request::Recv {
                 size: src.total_bytes(),
                 tls: pems,
+                unchecked_pages: !page_checksums,
             },
         )?;
         let addr = self.expect_port()?;
@@ -243,6 +258,7 @@ impl Peer {
             zero_copy,
             tls: tls.map(|t| t.0.clone()),
             compression,
+            page_checksums,
             ..SenderConfig::default()
         };
         let start = Instant::now();

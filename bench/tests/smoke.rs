@@ -129,6 +129,8 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
             "off,on",
             "--compress",
             "none,zstd",
+            "--page-checksums",
+            "on,off",
             "--reps",
             "1",
             "--no-pin",
@@ -144,7 +146,12 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["cells"].as_array().unwrap().len(), 2 * 2 * 2 * 2);
+    // Contents × channels × (plaintext: compressions × checksums on/off; TLS: compressions).
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2 * 2 * (2 * 2 + 2));
+    let unchecked = cells.iter().filter(|c| c["page_checksums"] == "off");
+    assert!(unchecked.clone().all(|c| c["tls"] == "off"));
+    assert_eq!(unchecked.count(), 2 * 2 * 2);
     for c in v["cells"].as_array().unwrap() {
         assert!(
             c["pagewire"]["gib_per_s_median"].as_f64().unwrap() > 0.0,
@@ -164,7 +171,7 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
         assert!(dir.path().join(f).exists(), "{f} missing");
     }
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 16);
+    assert_eq!(csv.lines().count(), 1 + 24);
 
     // A real RAM image as content: the run takes its size from the file.
     let image = dir.path().join("ram.img");
@@ -313,7 +320,8 @@ fn matrix_runs_across_two_hosts_in_network_namespaces() {
                 "192.0.2.2:7700",
             ])
             .args(["--size", "8MiB", "--channels", "1,2", "--content", "random"])
-            .args(["--tls", "off,on", "--reps", "1", "--json", "--out"])
+            .args(["--tls", "off,on", "--page-checksums", "on,off"])
+            .args(["--reps", "1", "--json", "--out"])
             .arg(dir.path())
             .output()
             .unwrap();
@@ -334,7 +342,8 @@ fn matrix_runs_across_two_hosts_in_network_namespaces() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["peer"], "192.0.2.2:7700");
-    assert_eq!(v["cells"].as_array().unwrap().len(), 4);
+    // Channels × (plaintext with and without page checksums, TLS).
+    assert_eq!(v["cells"].as_array().unwrap().len(), 2 * 3);
     for c in v["cells"].as_array().unwrap() {
         assert!(
             c["pagewire"]["gib_per_s_median"].as_f64().unwrap() > 0.0,

@@ -19,7 +19,7 @@ use pagewire::tls::{certs, TlsClient, TlsServer};
 use pagewire::{GuestMemory, RegionSpec, ZeroCopy};
 use serde::Serialize;
 
-use crate::measure::{pagewire_run, raw_tcp, summarize, Run, Summary};
+use crate::measure::{pagewire_run, raw_tcp, summarize, Run, Security, Summary};
 
 mod ceilings;
 mod report;
@@ -52,6 +52,11 @@ pub struct MatrixArgs {
     /// Zero-copy policy: auto, on, off.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     zero_copy: Vec<ZeroCopy>,
+    /// Page checksums of plaintext cells: on (the default), off (`pagewire send
+    /// --no-page-checksums`: TCP's checksum only, as QEMU's multifd). TLS cells are covered by
+    /// their AEAD and run once. QEMU runs once per cell either way, and both rows show it.
+    #[arg(long, value_delimiter = ',', default_value = "on")]
+    page_checksums: Vec<OnOff>,
     /// Repetitions of every cell (interleaved).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -125,6 +130,8 @@ struct Cell {
     tls: OnOff,
     compress: Compression,
     zero_copy: ZeroCopy,
+    /// Page checksums on plaintext channels (TLS cells: on, their AEAD checks every page).
+    page_checksums: OnOff,
     pagewire: Summary,
     raw_tcp_gib_per_s: f64,
     pagewire_over_raw_tcp: f64,
@@ -225,8 +232,9 @@ fn settle(a: &mut MatrixArgs) -> Result<bool> {
         })
 }
 
-/// One cell's axes: content (index into the memories), channels, TLS, compression, zero-copy.
-type CellKey = (usize, u16, OnOff, Compression, ZeroCopy);
+/// One cell's axes: content (index into the memories), channels, TLS, compression, zero-copy,
+/// page checksums.
+type CellKey = (usize, u16, OnOff, Compression, ZeroCopy, OnOff);
 
 /// What the repetitions of one cell measured.
 #[derive(Default)]
@@ -298,14 +306,35 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             for &t in &a.tls {
                 for &comp in &a.compress {
                     for &zc in &a.zero_copy {
-                        cells.push((ci, ch, t, comp, zc));
+                        for &pc in &a.page_checksums {
+                            // TLS checks every page with its AEAD: one cell.
+                            let pc = if t == OnOff::On { OnOff::On } else { pc };
+                            if !cells.contains(&(ci, ch, t, comp, zc, pc)) {
+                                cells.push((ci, ch, t, comp, zc, pc));
+                            }
+                        }
                     }
                 }
             }
         }
     }
+    // QEMU (and pagewire between its RAM files) runs once per cell apart from the checksum
+    // axis: in the first cell of each such group, whose runs the others show too.
+    let qemu_owner: Vec<usize> = cells
+        .iter()
+        .map(|c| {
+            cells
+                .iter()
+                .position(|o| (o.0, o.1, o.2, o.3, o.4) == (c.0, c.1, c.2, c.3, c.4))
+                .unwrap_or(0)
+        })
+        .collect();
     let qemu_cells = if with_qemu {
-        cells.iter().filter(|c| c.3 != Compression::Auto).count()
+        cells
+            .iter()
+            .enumerate()
+            .filter(|&(i, c)| c.3 != Compression::Auto && qemu_owner[i] == i)
+            .count()
     } else {
         0
     };
@@ -338,36 +367,41 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             raw[k].push(run);
             bar.inc(1);
         }
-        for (i, &(ci, ch, t, comp, zc)) in cells.iter().enumerate() {
+        for (i, &(ci, ch, t, comp, zc, pc)) in cells.iter().enumerate() {
             let (content, src) = &memories[ci];
             let content = content.name();
             let m = &mut measured[i];
             bar.set_message(format!(
-                "{content} ch={ch} tls={t:?} compress={comp} zero-copy={zc}"
+                "{content} ch={ch} tls={t:?} compress={comp} zero-copy={zc} checksums={pc:?}"
             ));
+            let checksums = pc == OnOff::On;
             if let Some(p) = peer.as_mut() {
                 // Remote cells: the receiver's confirmation says every page was placed; the
                 // bytes themselves stay on the other host.
                 let tls = if t == OnOff::On { pki.as_ref() } else { None };
-                let (run, stats) = p.pagewire(src.clone(), ch, zc, tls, comp)?;
+                let (run, stats) = p.pagewire(src.clone(), ch, zc, tls, comp, checksums)?;
                 m.note(run, &stats);
                 bar.inc(1);
                 continue;
             }
             let dst = Arc::new(GuestMemory::anonymous_populated(&spec)?);
-            let tls = if t == OnOff::On {
-                local_pki.as_ref()
-            } else {
-                None
+            let security = match (t, checksums) {
+                (OnOff::On, _) => local_pki.as_ref().map_or(Security::Plain, Security::Tls),
+                (OnOff::Off, true) => Security::Plain,
+                (OnOff::Off, false) => Security::PlainUnchecked,
             };
-            let (run, stats) = pagewire_run(src.clone(), dst.clone(), ch, zc, &a.net, tls, comp)?;
+            let (run, stats) =
+                pagewire_run(src.clone(), dst.clone(), ch, zc, &a.net, security, comp)?;
             if m.pagewire.is_empty() && src.first_difference(&dst).is_some() {
                 bail!("destination differs from the source in cell {i}");
             }
             m.note(run, &stats);
             bar.inc(1);
             // QEMU multifd on the same memory with the same settings, right after (A B A B).
-            if let (Some(ram), true) = (ram.as_ref(), comp != Compression::Auto) {
+            if let (Some(ram), true) = (
+                ram.as_ref(),
+                comp != Compression::Auto && qemu_owner[i] == i,
+            ) {
                 bar.set_message(format!(
                     "QEMU multifd: {content} ch={ch} tls={t:?} compress={comp}"
                 ));
@@ -383,7 +417,8 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                     "pagewire RAM files: {content} ch={ch} tls={t:?} compress={comp}"
                 ));
                 let (fsrc, fdst) = ram.pagewire_files()?;
-                let (run, _) = pagewire_run(fsrc.clone(), fdst.clone(), ch, zc, &a.net, tls, comp)?;
+                let (run, _) =
+                    pagewire_run(fsrc.clone(), fdst.clone(), ch, zc, &a.net, security, comp)?;
                 if m.files.is_empty() && fsrc.first_difference(&fdst).is_some() {
                     bail!("the destination RAM file differs from the source in cell {i}");
                 }
@@ -398,11 +433,19 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
 
     let out_cells = cells
         .iter()
-        .zip(&measured)
-        .map(|(&key, m)| {
+        .enumerate()
+        .map(|(i, &key)| {
             let k = a.channels.iter().position(|&c| c == key.1).unwrap_or(0);
             let raw_med = ceilings.raw_tcp_gib_s_by_channels[k].1;
-            cell(a.size, memories[key.0].0.name(), key, m, raw_med)
+            let qemu = &measured[qemu_owner[i]].qemu;
+            cell(
+                a.size,
+                memories[key.0].0.name(),
+                key,
+                &measured[i],
+                qemu,
+                raw_med,
+            )
         })
         .collect();
     let results = Results {
@@ -449,12 +492,20 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
 
 /// One cell's row: its medians, and its ratios to raw TCP (`raw_med` GiB/s with the same
 /// streams), to QEMU and between RAM files and memory where those ran.
-fn cell(size: u64, content: String, key: CellKey, m: &CellRuns, raw_med: f64) -> Cell {
-    let (_, ch, t, comp, zc) = key;
+/// `qemu`: QEMU's runs for the cell's settings (measured once per cell apart from the checksum
+/// axis).
+fn cell(
+    size: u64,
+    content: String,
+    key: CellKey,
+    m: &CellRuns,
+    qemu: &[crate::qemu::QemuRun],
+    raw_med: f64,
+) -> Cell {
+    let (_, ch, t, comp, zc, pc) = key;
     let s = summarize("pagewire", size, &m.pagewire);
-    let qemu = m.qemu.last().map(|last| {
-        let as_runs: Vec<Run> = m
-            .qemu
+    let qemu = qemu.last().map(|last| {
+        let as_runs: Vec<Run> = qemu
             .iter()
             .map(|q| Run {
                 seconds: q.seconds,
@@ -491,6 +542,7 @@ fn cell(size: u64, content: String, key: CellKey, m: &CellRuns, raw_med: f64) ->
         tls: t,
         compress: comp,
         zero_copy: zc,
+        page_checksums: pc,
         pagewire_over_raw_tcp: s.gib_per_s_median / raw_med,
         raw_tcp_gib_per_s: raw_med,
         pagewire: s,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{Cell, Results};
+use super::{Cell, OnOff, Results};
 
 pub(super) fn markdown(r: &Results) -> String {
     let mut s = String::new();
@@ -32,15 +32,16 @@ pub(super) fn markdown(r: &Results) -> String {
     ] {
         s.push_str(&format!("| {k} | {v:.2} |\n"));
     }
-    s.push_str("\n| content | channels | tls | compress | zero-copy | pagewire GiB/s | raw TCP GiB/s | pagewire/raw | send/recv CPU-s per GiB | wire MiB | kernel copied ZC | QEMU GiB/s | QEMU src/dst CPU-s per GiB | pagewire/QEMU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("\n| content | channels | tls | compress | zero-copy | page checksums | pagewire GiB/s | raw TCP GiB/s | pagewire/raw | send/recv CPU-s per GiB | wire MiB | kernel copied ZC | QEMU GiB/s | QEMU src/dst CPU-s per GiB | pagewire/QEMU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for cell in &r.cells {
         s.push_str(&format!(
-            "| {} | {} | {:?} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.3}/{:.3} | {:.1} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:?} | {} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.3}/{:.3} | {:.1} | {} | {} | {} | {} |\n",
             cell.content,
             cell.channels,
             cell.tls,
             cell.compress,
             cell.zero_copy,
+            checksums(cell),
             cell.pagewire.gib_per_s_median,
             cell.pagewire.gib_per_s_min,
             cell.pagewire.gib_per_s_max,
@@ -65,19 +66,20 @@ pub(super) fn markdown(r: &Results) -> String {
         s.push_str("
 RAM file to RAM file on the huge-page tmpfs QEMU's cells use (pagewire: QEMU's source file to a fresh destination file, end to end):
 
-| content | channels | tls | compress | pagewire files GiB/s | pagewire in memory GiB/s | files/in memory | QEMU GiB/s | files/QEMU |
-|---|---|---|---|---|---|---|---|---|
+| content | channels | tls | compress | page checksums | pagewire files GiB/s | pagewire in memory GiB/s | files/in memory | QEMU GiB/s | files/QEMU |
+|---|---|---|---|---|---|---|---|---|---|
 ");
         for cell in &r.cells {
             let (Some(f), Some(q)) = (&cell.pagewire_files, &cell.qemu) else {
                 continue;
             };
             s.push_str(&format!(
-                "| {} | {} | {:?} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.2} | **{:.2}** |\n",
+                "| {} | {} | {:?} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.2} | {:.2} | {:.2} | **{:.2}** |\n",
                 cell.content,
                 cell.channels,
                 cell.tls,
                 cell.compress,
+                checksums(cell),
                 f.gib_per_s_median,
                 f.gib_per_s_min,
                 f.gib_per_s_max,
@@ -160,9 +162,26 @@ fn plots(r: &Results) -> Vec<(&'static str, String)> {
 
 fn key(c: &Cell) -> String {
     format!(
-        "{} tls={:?} {} zc={}",
-        c.content, c.tls, c.compress, c.zero_copy
+        "{} tls={:?} {} zc={}{}",
+        c.content,
+        c.tls,
+        c.compress,
+        c.zero_copy,
+        if c.page_checksums == OnOff::Off {
+            " unchecked"
+        } else {
+            ""
+        }
     )
+}
+
+/// A cell's page checksums as the table shows them: TLS cells are checked by their AEAD.
+fn checksums(c: &Cell) -> &'static str {
+    match (c.tls, c.page_checksums) {
+        (OnOff::On, _) => "AEAD",
+        (OnOff::Off, OnOff::On) => "on",
+        (OnOff::Off, OnOff::Off) => "off",
+    }
 }
 
 pub(super) fn write_results(dir: &Path, r: &Results) -> Result<()> {
@@ -175,17 +194,18 @@ pub(super) fn write_results(dir: &Path, r: &Results) -> Result<()> {
     let mut csv = std::fs::File::create(dir.join("results.csv"))?;
     writeln!(
         csv,
-        "content,channels,tls,compress,zero_copy,gib_per_s_median,gib_per_s_min,gib_per_s_max,raw_tcp_gib_per_s,pagewire_over_raw_tcp,sender_cpu_s_per_gib,receiver_cpu_s_per_gib,wire_bytes"
+        "content,channels,tls,compress,zero_copy,page_checksums,gib_per_s_median,gib_per_s_min,gib_per_s_max,raw_tcp_gib_per_s,pagewire_over_raw_tcp,sender_cpu_s_per_gib,receiver_cpu_s_per_gib,wire_bytes"
     )?;
     for c in &r.cells {
         writeln!(
             csv,
-            "{},{},{:?},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{}",
+            "{},{},{:?},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{}",
             c.content,
             c.channels,
             c.tls,
             c.compress,
             c.zero_copy,
+            checksums(c),
             c.pagewire.gib_per_s_median,
             c.pagewire.gib_per_s_min,
             c.pagewire.gib_per_s_max,
