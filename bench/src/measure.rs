@@ -5,7 +5,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pagewire::pipeline::compress::Compression;
@@ -176,7 +176,8 @@ pub(crate) fn raw_recv_share(
 }
 
 /// (a) raw TCP: stream i moves bytes [i*share, (i+1)*share) of the single region, from the
-/// source mapping straight into the same range of the destination mapping.
+/// source mapping straight into the same range of the destination mapping, once the host is
+/// settled ([`settle`]).
 pub(crate) fn raw_tcp(
     src: &GuestMemory,
     dst: &GuestMemory,
@@ -187,6 +188,7 @@ pub(crate) fn raw_tcp(
     let src_addr = src.regions()[0].host_addr() as usize;
     let dst_addr = dst.regions()[0].host_addr() as usize;
     let cores = cores(net.no_pin);
+    settle(src, dst);
     let start = Instant::now();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -236,7 +238,6 @@ pub(crate) fn raw_tcp(
     })
 }
 
-/// (b) pagewire over loopback, end to end: from connect until the receiver confirmed every page.
 /// How a benchmarked pagewire transfer protects its channels.
 #[derive(Clone, Copy)]
 pub(crate) enum Security<'a> {
@@ -257,6 +258,8 @@ impl<'a> From<Option<&'a (TlsClient, TlsServer)>> for Security<'a> {
     }
 }
 
+/// (b) pagewire over loopback, end to end: from connect until the receiver confirmed every
+/// page. Like (a), it settles the host first ([`settle`]).
 pub(crate) fn pagewire_run<'a>(
     src: Arc<GuestMemory>,
     dst: Arc<GuestMemory>,
@@ -267,6 +270,7 @@ pub(crate) fn pagewire_run<'a>(
     compression: Compression,
 ) -> Result<(Run, pagewire::TransferStats)> {
     let security = security.into();
+    settle(&src, &dst);
     let unchecked = matches!(security, Security::PlainUnchecked);
     let (tls, psk) = match security {
         Security::Plain | Security::PlainUnchecked => (None, None),
@@ -371,9 +375,75 @@ pub(crate) fn machine() -> String {
     )
 }
 
+/// The host counts as quiet below this many busy CPUs (all of them together) over one window
+/// of [`QUIET_WINDOW_MS`].
+const QUIET_BUSY_CPUS_MAX: f64 = 0.1;
+/// Milliseconds of one look at the host's load while waiting for quiet.
+const QUIET_WINDOW_MS: u64 = 200;
+/// The longest wait for a quiet host before a measurement starts anyway.
+pub(crate) const QUIET_WAIT_MS_MAX: u64 = 10_000;
+
+/// Readies the host for a timed run between `src` and `dst`, so that what ran before does not
+/// weigh on it: waits for a quiet host ([`wait_quiet`]), then reads 8 bytes of every page of
+/// both memories ([`touch`]).
+pub(crate) fn settle(src: &GuestMemory, dst: &GuestMemory) {
+    wait_quiet(QUIET_WAIT_MS_MAX);
+    touch(src);
+    touch(dst);
+}
+
+/// Reads 8 bytes of every page of `mem`.
+///
+/// On this nested host, after a KVM guest's process exits (QEMU's, in `matrix --with-qemu`), the
+/// first pass over *any* memory runs at about 60% of the speed of the next one, whatever the
+/// wait in between: a one-core scan of 2 GiB of zero pages measured 8.5–10.0 GiB/s right after
+/// QEMU's run and 13.6–13.8 GiB/s on the pass after it (5 s of waiting did not help). One 8-byte
+/// read per page, 50–110 ms for 2 GiB, is enough: the scan after it ran at 13.6–14.0. Without
+/// it, the pagewire cell measured right after a QEMU run lost 10–25% (2 GiB of zero pages at
+/// 1 channel: 7.0–8.4 GiB/s against 9.1–9.2 in the cell before it), and in earlier versions of
+/// the matrix every pagewire cell but the first ran right after one. A running migration's
+/// guest memory is in use all along, so this is the state it moves memory in.
+pub(crate) fn touch(mem: &GuestMemory) {
+    let mut word = [0u8; 8];
+    for r in mem.regions() {
+        for page in 0..r.pages() {
+            r.read(page * 4096, &mut word);
+            std::hint::black_box(&word);
+        }
+    }
+}
+
+/// Waits until the host is quiet (under [`QUIET_BUSY_CPUS_MAX`] busy CPUs for a window of
+/// [`QUIET_WINDOW_MS`]), at most `max_ms`, and returns how long it waited.
+///
+/// A guard against work a run leaves behind (a process exiting, kernel workers freeing its
+/// memory) sharing the cores with the next measurement; on a quiet host it costs one window.
+/// (It did not explain the slow run after QEMU's: that was the first pass over memory, see
+/// [`touch`].) Without `/proc/stat` it does not wait.
+pub(crate) fn wait_quiet(max_ms: u64) -> Duration {
+    let start = Instant::now();
+    let Some(mut before) = pagewire::sys::host_cpu_ticks() else {
+        return Duration::ZERO;
+    };
+    while start.elapsed() < Duration::from_millis(max_ms) {
+        std::thread::sleep(Duration::from_millis(QUIET_WINDOW_MS));
+        let Some(now) = pagewire::sys::host_cpu_ticks() else {
+            break;
+        };
+        if now
+            .busy_cpus_since(&before)
+            .is_some_and(|busy| busy < QUIET_BUSY_CPUS_MAX)
+        {
+            break;
+        }
+        before = now;
+    }
+    start.elapsed()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, wait_quiet};
 
     #[test]
     fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
@@ -381,5 +451,16 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0]), 2.5);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn waiting_for_a_quiet_host_keeps_its_bound() {
+        // However busy the host (other tests run beside this one), the wait ends within its
+        // bound and one window.
+        let waited = wait_quiet(300);
+        assert!(
+            waited < std::time::Duration::from_millis(300 + 2 * 200),
+            "{waited:?}"
+        );
     }
 }

@@ -379,6 +379,7 @@ pub fn migrate(
 ) -> Result<QemuRun> {
     let bios = ram.path("hlt.bin");
     let mut pair = Pair::start(ram, src, &bios, channels, compression, tls, json!({}))?;
+    crate::measure::wait_quiet(crate::measure::QUIET_WAIT_MS_MAX);
     let (src_cpu0, dst_cpu0) = (pair.src.cpu_s(), pair.dst.cpu_s());
     pair.src.cmd(
         "migrate",

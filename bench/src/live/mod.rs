@@ -241,6 +241,8 @@ fn one(
     dirty_rate: u64,
     channels: u16,
 ) -> Result<Run> {
+    // What the run before left behind (QEMU's exit, freed memory) finishes first.
+    crate::measure::wait_quiet(crate::measure::QUIET_WAIT_MS_MAX);
     let Session {
         src,
         dst,
@@ -340,6 +342,7 @@ fn one_qemu(
     dirty_rate: u64,
     channels: u16,
 ) -> Result<Run> {
+    crate::measure::wait_quiet(crate::measure::QUIET_WAIT_MS_MAX);
     // The same initial memory as pagewire's runs; QEMU's firmware loads the guest over it.
     let (src, _) = initial_memory(a)?;
     let q = crate::qemu::migrate_live(
