@@ -46,6 +46,11 @@ pub fn join_within<T>(handle: JoinHandle<T>, limit: Duration, what: &str) -> T {
     handle.join().expect("thread panicked")
 }
 
+/// Anonymous guest memory: one region of `len` bytes at guest-physical 0.
+pub fn memory(len: u64) -> Arc<GuestMemory> {
+    Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).expect("anonymous memory"))
+}
+
 /// Starts a receiver into `dst` on loopback; returns its address and its thread.
 pub fn start_receiver(
     dst: Arc<GuestMemory>,

@@ -9,16 +9,13 @@ use std::time::Duration;
 use pagewire::pipeline::compress::Compression;
 use pagewire::synth::{fill, Content};
 use pagewire::{
-    error_chain, Error, GuestMemory, Pinning, ReceiverConfig, RegionSpec, Sender, SenderConfig,
-    TransferStats,
+    error_chain, Error, GuestMemory, Pinning, ReceiverConfig, Sender, SenderConfig, TransferStats,
 };
-use pagewire_tests::{join_within, skip_without_uring, start_receiver, tampering_proxy, Tamper};
+use pagewire_tests::{
+    join_within, memory, skip_without_uring, start_receiver, tampering_proxy, Tamper,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn memory(len: u64) -> Arc<GuestMemory> {
-    Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap())
-}
 
 fn unchecked(channels: u16) -> SenderConfig {
     SenderConfig {

@@ -14,16 +14,10 @@ use pagewire::protocol::{Frame, SenderChannel, PROTOCOL_VERSION};
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs::{self, CertOptions};
 use pagewire::tls::{TlsClient, TlsServer};
-use pagewire::{
-    error_chain, Error, GuestMemory, Pinning, ReceiverConfig, RegionSpec, Sender, SenderConfig,
-};
-use pagewire_tests::{join_within, skip_without_uring, start_receiver};
+use pagewire::{error_chain, Error, GuestMemory, Pinning, ReceiverConfig, Sender, SenderConfig};
+use pagewire_tests::{join_within, memory, skip_without_uring, start_receiver};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn memory(len: u64) -> Arc<GuestMemory> {
-    Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap())
-}
 
 #[test]
 fn both_codecs_round_trip_with_and_without_tls() {

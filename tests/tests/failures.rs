@@ -5,23 +5,16 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::protocol::control::Control;
 use pagewire::protocol::handshake::{layout_digest, Hello, Refusal, Reply};
 use pagewire::protocol::{Frame, FrameKind, SenderChannel, PROTOCOL_VERSION};
 use pagewire::synth::{fill, Content};
-use pagewire::{
-    error_chain, Error, GuestMemory, Pinning, ReceiverConfig, RegionSpec, Sender, SenderConfig,
-};
-use pagewire_tests::{join_within, skip_without_uring, start_receiver};
+use pagewire::{error_chain, Error, Pinning, ReceiverConfig, Sender, SenderConfig};
+use pagewire_tests::{join_within, memory, skip_without_uring, start_receiver};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn memory(len: u64) -> Arc<GuestMemory> {
-    Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap())
-}
 
 fn sender_config(channels: u16) -> SenderConfig {
     SenderConfig {

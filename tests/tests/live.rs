@@ -131,6 +131,18 @@ fn dirtier(
     .unwrap()
 }
 
+/// A migration of `sender`'s memory driven by `bitmap`, stopping once 50 ms of downtime fit.
+fn within_50_ms(sender: Sender, bitmap: &Arc<SharedBitmap>) -> Migration {
+    Migration::new(
+        sender,
+        Box::new(bitmap.clone()),
+        Box::new(DowntimeLimit {
+            downtime_limit_ms: 50,
+            ..DowntimeLimit::default()
+        }),
+    )
+}
+
 #[test]
 fn a_live_migration_converges_and_the_destination_equals_the_source() {
     if skip_without_uring() {
@@ -139,14 +151,7 @@ fn a_live_migration_converges_and_the_destination_equals_the_source() {
     let p = connect(2);
     let bitmap = Arc::new(SharedBitmap::new(&p.src));
     let mut guest = dirtier(&p.src, &bitmap, 40 << 20);
-    let migration = Migration::new(
-        p.sender,
-        Box::new(bitmap.clone()),
-        Box::new(DowntimeLimit {
-            downtime_limit_ms: 50,
-            ..DowntimeLimit::default()
-        }),
-    );
+    let migration = within_50_ms(p.sender, &bitmap);
     let handle = migration.handle();
     let report = migration.run(&mut guest).unwrap();
     join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
@@ -203,14 +208,7 @@ fn a_live_migration_without_page_checksums_ends_with_the_paused_source() {
     let p = connect_through(2, false, |addr| addr, None, false);
     let bitmap = Arc::new(SharedBitmap::new(&p.src));
     let mut guest = dirtier(&p.src, &bitmap, 40 << 20);
-    let migration = Migration::new(
-        p.sender,
-        Box::new(bitmap.clone()),
-        Box::new(DowntimeLimit {
-            downtime_limit_ms: 50,
-            ..DowntimeLimit::default()
-        }),
-    );
+    let migration = within_50_ms(p.sender, &bitmap);
     let report = migration.run(&mut guest).unwrap();
     let received = join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
     assert!(guest.writes() > 0, "the guest wrote while rounds ran");

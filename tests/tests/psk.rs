@@ -13,16 +13,13 @@ use pagewire::protocol::handshake::{layout_digest, Hello, Refusal, Reply};
 use pagewire::protocol::{Frame, SenderChannel, PROTOCOL_VERSION};
 use pagewire::synth::{fill, Content};
 use pagewire::{
-    error_chain, Error, GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender,
-    SenderConfig,
+    error_chain, Error, GuestMemory, Pinning, Receiver, ReceiverConfig, Sender, SenderConfig,
 };
-use pagewire_tests::{join_within, skip_without_uring, start_receiver, tampering_proxy, Tamper};
+use pagewire_tests::{
+    join_within, memory, skip_without_uring, start_receiver, tampering_proxy, Tamper,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn memory(len: u64) -> Arc<GuestMemory> {
-    Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap())
-}
 
 fn sender(channels: u16, psk: Option<Psk>) -> SenderConfig {
     SenderConfig {

@@ -5,7 +5,6 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::protocol::handshake::{layout_digest, Hello};
@@ -13,16 +12,10 @@ use pagewire::protocol::PROTOCOL_VERSION;
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs::{self, CertOptions, CertSet};
 use pagewire::tls::{TlsClient, TlsServer};
-use pagewire::{
-    error_chain, GuestMemory, PageRun, Pinning, ReceiverConfig, RegionSpec, Sender, SenderConfig,
-};
-use pagewire_tests::{join_within, skip_without_uring, start_receiver};
+use pagewire::{error_chain, PageRun, Pinning, ReceiverConfig, Sender, SenderConfig};
+use pagewire_tests::{join_within, memory, skip_without_uring, start_receiver};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn memory(len: u64) -> Arc<GuestMemory> {
-    Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap())
-}
 
 fn tls_pair(set: &CertSet) -> (tempfile::TempDir, TlsServer, TlsClient) {
     let dir = tempfile::tempdir().unwrap();
