@@ -51,6 +51,18 @@ pub fn memory(len: u64) -> Arc<GuestMemory> {
     Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).expect("anonymous memory"))
 }
 
+/// Connects to the receiver at `addr`, sends all of `src` in one round and finishes: the
+/// sender's statistics, or its error.
+pub fn send_all_to(
+    addr: SocketAddr,
+    src: Arc<GuestMemory>,
+    config: &SenderConfig,
+) -> pagewire::Result<TransferStats> {
+    let mut s = Sender::connect(addr, src, config)?;
+    s.send_all()?;
+    s.finish()
+}
+
 /// Starts a receiver into `dst` on loopback; returns its address and its thread.
 pub fn start_receiver(
     dst: Arc<GuestMemory>,

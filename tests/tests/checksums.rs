@@ -3,16 +3,13 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::pipeline::compress::Compression;
 use pagewire::synth::{fill, Content};
-use pagewire::{
-    error_chain, Error, GuestMemory, Pinning, ReceiverConfig, Sender, SenderConfig, TransferStats,
-};
+use pagewire::{error_chain, Error, Pinning, ReceiverConfig, SenderConfig};
 use pagewire_tests::{
-    join_within, memory, skip_without_uring, start_receiver, tampering_proxy, Tamper,
+    join_within, memory, send_all_to, skip_without_uring, start_receiver, tampering_proxy, Tamper,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -34,16 +31,6 @@ fn consenting() -> ReceiverConfig {
     }
 }
 
-fn migrate(
-    src: Arc<GuestMemory>,
-    config: SenderConfig,
-    addr: std::net::SocketAddr,
-) -> pagewire::Result<TransferStats> {
-    let mut s = Sender::connect(addr, src, &config)?;
-    s.send_all()?;
-    s.finish()
-}
-
 #[test]
 fn unchecked_pages_arrive_whole_where_the_receiver_consents_and_are_reported() {
     if skip_without_uring() {
@@ -58,7 +45,7 @@ fn unchecked_pages_arrive_whole_where_the_receiver_consents_and_are_reported() {
             compression,
             ..unchecked(2)
         };
-        let sent = migrate(src.clone(), config, addr).unwrap();
+        let sent = send_all_to(addr, src.clone(), &config).unwrap();
         let received = join_within(rx, LIMIT, "receiver").unwrap();
         assert_eq!(src.first_difference(&dst), None, "{compression}");
         assert!(sent.unchecked_pages && received.unchecked_pages);
@@ -69,13 +56,13 @@ fn unchecked_pages_arrive_whole_where_the_receiver_consents_and_are_reported() {
     fill(&src, Content::Random, 12);
     let dst = memory(4 << 20);
     let (addr, rx) = start_receiver(dst.clone(), consenting());
-    let sent = migrate(
+    let sent = send_all_to(
+        addr,
         src.clone(),
-        SenderConfig {
+        &SenderConfig {
             page_checksums: true,
             ..unchecked(1)
         },
-        addr,
     )
     .unwrap();
     let received = join_within(rx, LIMIT, "receiver").unwrap();
@@ -96,7 +83,7 @@ fn a_receiver_refuses_unchecked_pages_unless_told_and_keeps_waiting() {
             ..ReceiverConfig::default()
         },
     );
-    let err = migrate(memory(1 << 20), unchecked(1), addr).unwrap_err();
+    let err = send_all_to(addr, memory(1 << 20), &unchecked(1)).unwrap_err();
     assert!(
         matches!(err, Error::Refused { .. })
             && error_chain(&err).contains("--accept-unchecked-pages"),
@@ -131,7 +118,7 @@ fn without_checksums_a_flipped_payload_bit_goes_unnoticed_and_the_report_says_so
         addr,
         Tamper::Flip(pagewire::limits::HELLO_BYTES + header + 3 * 4096 + 100),
     );
-    let sent = migrate(src.clone(), unchecked(1), proxy).unwrap();
+    let sent = send_all_to(proxy, src.clone(), &unchecked(1)).unwrap();
     let received = join_within(rx, LIMIT, "receiver").unwrap();
     assert!(sent.unchecked_pages && received.unchecked_pages);
     assert_eq!(src.first_difference(&dst), Some((0, 3)));

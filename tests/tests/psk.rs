@@ -5,18 +5,15 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::auth::Psk;
 use pagewire::protocol::handshake::{layout_digest, Hello, Refusal, Reply};
 use pagewire::protocol::{Frame, SenderChannel, PROTOCOL_VERSION};
 use pagewire::synth::{fill, Content};
-use pagewire::{
-    error_chain, Error, GuestMemory, Pinning, Receiver, ReceiverConfig, Sender, SenderConfig,
-};
+use pagewire::{error_chain, Error, Pinning, Receiver, ReceiverConfig, SenderConfig};
 use pagewire_tests::{
-    join_within, memory, skip_without_uring, start_receiver, tampering_proxy, Tamper,
+    join_within, memory, send_all_to, skip_without_uring, start_receiver, tampering_proxy, Tamper,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -38,16 +35,6 @@ fn receiver(psk: Option<Psk>) -> ReceiverConfig {
     }
 }
 
-fn migrate(
-    src: Arc<GuestMemory>,
-    config: SenderConfig,
-    addr: std::net::SocketAddr,
-) -> pagewire::Result<pagewire::TransferStats> {
-    let mut s = Sender::connect(addr, src, &config)?;
-    s.send_all()?;
-    s.finish()
-}
-
 #[test]
 fn a_pre_shared_key_transfer_round_trips_with_key_updates() {
     if skip_without_uring() {
@@ -63,7 +50,7 @@ fn a_pre_shared_key_transfer_round_trips_with_key_updates() {
         tls_records_per_key: 50,
         ..sender(2, Some(key))
     };
-    migrate(src.clone(), config, addr).unwrap();
+    send_all_to(addr, src.clone(), &config).unwrap();
     join_within(rx, LIMIT, "receiver").unwrap();
     assert_eq!(src.first_difference(&dst), None);
 }
@@ -80,7 +67,7 @@ fn a_sender_with_another_key_is_refused_and_the_receiver_keeps_waiting() {
             ..receiver(Some(Psk::generate()))
         },
     );
-    let err = migrate(memory(1 << 20), sender(1, Some(Psk::generate())), addr).unwrap_err();
+    let err = send_all_to(addr, memory(1 << 20), &sender(1, Some(Psk::generate()))).unwrap_err();
     assert!(
         matches!(err, Error::Auth { .. }) && error_chain(&err).contains("key differs"),
         "{}",
@@ -164,7 +151,7 @@ fn an_unauthenticated_write_into_page_0_is_refused_and_the_real_sender_still_mig
     // The real sender is not harmed.
     let src = memory(len);
     fill(&src, Content::Random, 2);
-    migrate(src.clone(), sender(1, Some(key)), addr).unwrap();
+    send_all_to(addr, src.clone(), &sender(1, Some(key))).unwrap();
     join_within(rx, LIMIT, "receiver").unwrap();
     assert_eq!(src.first_difference(&dst), None);
 }
@@ -181,7 +168,7 @@ fn a_flipped_bit_under_a_pre_shared_key_is_refused_on_both_sides() {
     let (addr, rx) = start_receiver(dst, receiver(Some(key.clone())));
     // Hello 96, proof 40, then records: flip a byte well inside the first frame's records.
     let proxy = tampering_proxy(addr, Tamper::Flip(96 + 40 + 200 + 9000));
-    let sent = migrate(src, sender(1, Some(key)), proxy).unwrap_err();
+    let sent = send_all_to(proxy, src, &sender(1, Some(key))).unwrap_err();
     let received = join_within(rx, LIMIT, "receiver").unwrap_err();
     assert!(
         error_chain(&received).contains("failed authentication"),
