@@ -181,6 +181,12 @@ int main(int argc, char **argv) {
             return 1;
     }
     const char state[] = "rip=0x1000 rflags=0x2 (a vCPU's registers, say)";
+    pw_stats sent, got;
+    /* Statistics come once the transfer is over; before, the call says so. */
+    if (pw_sender_stats(sender, &sent) != PW_STATUS_INVALID) {
+        fprintf(stderr, "statistics before the end were not refused\n");
+        return 1;
+    }
     if (!check(pw_sender_send_device_state(sender, BLOB_TAG, (const uint8_t *)state, sizeof state),
                "pw_sender_send_device_state") ||
         !check(pw_sender_finish(sender), "pw_sender_finish"))
@@ -190,6 +196,24 @@ int main(int argc, char **argv) {
     if (!check(*received, "pw_receiver_run"))
         return 1;
     free(received);
+    if (!check(pw_sender_stats(sender, &sent), "pw_sender_stats") ||
+        !check(pw_receiver_stats(receiver, &got), "pw_receiver_stats"))
+        return 1;
+    /* Round 0 names every page; both sides count the same pages, and say whether they were
+     * checked. */
+    if (sent.rounds != 3 || sent.normal_pages + sent.zero_pages < LOW_PAGES + HIGH_PAGES ||
+        got.normal_pages != sent.normal_pages || got.zero_pages != sent.zero_pages ||
+        sent.transferred_bytes == 0 || sent.unchecked_pages != (unchecked != NULL) ||
+        got.unchecked_pages != sent.unchecked_pages) {
+        fprintf(stderr,
+                "statistics disagree: sent %u rounds, %llu + %llu pages, %llu bytes, unchecked %u; "
+                "received %llu + %llu pages, unchecked %u\n",
+                sent.rounds, (unsigned long long)sent.normal_pages,
+                (unsigned long long)sent.zero_pages, (unsigned long long)sent.transferred_bytes,
+                sent.unchecked_pages, (unsigned long long)got.normal_pages,
+                (unsigned long long)got.zero_pages, got.unchecked_pages);
+        return 1;
+    }
 
     if (memcmp(src_low, dst_low, LOW_PAGES * PAGE) || memcmp(src_high, dst_high, HIGH_PAGES * PAGE)) {
         fprintf(stderr, "the destination differs from the source\n");
@@ -221,8 +245,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "the migration over handed-in UNIX socketpairs failed\n");
         return 1;
     }
-    printf("verified: %u + %u pages in 3 rounds and a %zu-byte blob, then again over handed-in TCP "
-           "and UNIX descriptors (libpagewire %s)\n",
-           LOW_PAGES, HIGH_PAGES, len, pw_version());
+    printf("verified: %u + %u pages in 3 rounds (%llu sent with their contents, %llu as zero pages, "
+           "%llu bytes on the wire) and a %zu-byte blob, then again over handed-in TCP and UNIX "
+           "descriptors (libpagewire %s)\n",
+           LOW_PAGES, HIGH_PAGES, (unsigned long long)sent.normal_pages,
+           (unsigned long long)sent.zero_pages, (unsigned long long)sent.transferred_bytes, len,
+           pw_version());
     return 0;
 }

@@ -38,10 +38,10 @@ typedef enum {
 // Guest memory described by the caller (see [`pw_memory_new`]).
 typedef struct pw_memory pw_memory;
 
-// A bound receiver, then the blobs of the transfer it received.
+// A bound receiver, then the blobs and statistics of the transfer it received.
 typedef struct pw_receiver pw_receiver;
 
-// A connected sender.
+// A connected sender, then its statistics once finished.
 typedef struct pw_sender pw_sender;
 
 // One region of guest memory the caller has mapped: `len` bytes (a multiple of 4096) at
@@ -76,6 +76,32 @@ typedef struct {
   // a receiver: such a sender is accepted (otherwise it is refused). 0: page checksums.
   uint8_t unchecked_pages;
 } pw_options;
+
+// What one side of a finished transfer measured (see [`pw_sender_stats`] and
+// [`pw_receiver_stats`]); the names in parentheses are QEMU's `query-migrate` counters.
+typedef struct {
+  // Milliseconds from the start of the transfer to its end (`total-time`).
+  double total_time_ms;
+  // Bytes on the wire, headers included (`transferred`).
+  uint64_t transferred_bytes;
+  // Pages sent with their contents (`normal`).
+  uint64_t normal_pages;
+  // Zero pages, each sent as a header entry only (`duplicate`).
+  uint64_t zero_pages;
+  // Guest memory moved per second, in megabits, zero pages included (`mbps`).
+  double mbps;
+  // CPU milliseconds this side used.
+  double cpu_ms;
+  // Rounds completed.
+  uint32_t rounds;
+  // Channels used.
+  uint16_t channels;
+  // Nonzero: plaintext pages travelled without checksums, covered by TCP's checksum only
+  // (`pw_options.unchecked_pages`).
+  uint8_t unchecked_pages;
+  // Receiver: pages of live rounds that arrived torn and were left for a later round.
+  uint64_t torn_pages;
+} pw_stats;
 
 #ifdef __cplusplus
 extern "C" {
@@ -217,6 +243,18 @@ pw_status pw_sender_send_device_state(pw_sender *sender,
 // # Safety
 // `sender` from [`pw_sender_connect`].
 pw_status pw_sender_finish(pw_sender *sender);
+
+// Writes the sender's statistics to `out`, once [`pw_sender_finish`] succeeded.
+//
+// # Safety
+// `sender` from [`pw_sender_connect`] (or [`pw_sender_over_fds`]); `out` valid for a write.
+pw_status pw_sender_stats(const pw_sender *sender, pw_stats *out);
+
+// Writes the receiver's statistics to `out`, once [`pw_receiver_run`] succeeded.
+//
+// # Safety
+// `receiver` from [`pw_receiver_bind`] (or [`pw_receiver_over_fds`]); `out` valid for a write.
+pw_status pw_receiver_stats(const pw_receiver *receiver, pw_stats *out);
 
 // Frees a sender (one not finished is abandoned: the receiver is told).
 //

@@ -95,14 +95,63 @@ pub struct pw_options {
 /// Guest memory described by the caller (see [`pw_memory_new`]).
 pub struct pw_memory(Arc<GuestMemory>);
 
-/// A connected sender.
-pub struct pw_sender(Option<Sender>);
+/// A connected sender, then its statistics once finished.
+pub struct pw_sender {
+    sender: Option<Sender>,
+    stats: Option<pw_stats>,
+}
 
-/// A bound receiver, then the blobs of the transfer it received.
+/// A bound receiver, then the blobs and statistics of the transfer it received.
 pub struct pw_receiver {
     receiver: Option<Receiver>,
     device_state: pw::receiver::DeviceState,
     blobs: Vec<DeviceBlob>,
+    stats: Option<pw_stats>,
+}
+
+/// What one side of a finished transfer measured (see [`pw_sender_stats`] and
+/// [`pw_receiver_stats`]); the names in parentheses are QEMU's `query-migrate` counters.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct pw_stats {
+    /// Milliseconds from the start of the transfer to its end (`total-time`).
+    pub total_time_ms: f64,
+    /// Bytes on the wire, headers included (`transferred`).
+    pub transferred_bytes: u64,
+    /// Pages sent with their contents (`normal`).
+    pub normal_pages: u64,
+    /// Zero pages, each sent as a header entry only (`duplicate`).
+    pub zero_pages: u64,
+    /// Guest memory moved per second, in megabits, zero pages included (`mbps`).
+    pub mbps: f64,
+    /// CPU milliseconds this side used.
+    pub cpu_ms: f64,
+    /// Rounds completed.
+    pub rounds: u32,
+    /// Channels used.
+    pub channels: u16,
+    /// Nonzero: plaintext pages travelled without checksums, covered by TCP's checksum only
+    /// (`pw_options.unchecked_pages`).
+    pub unchecked_pages: u8,
+    /// Receiver: pages of live rounds that arrived torn and were left for a later round.
+    pub torn_pages: u64,
+}
+
+impl From<&pw::TransferStats> for pw_stats {
+    fn from(t: &pw::TransferStats) -> Self {
+        pw_stats {
+            total_time_ms: t.total_time_ms,
+            transferred_bytes: t.transferred_bytes,
+            normal_pages: t.normal_pages,
+            zero_pages: t.zero_pages,
+            mbps: t.mbps,
+            cpu_ms: t.cpu_ms,
+            rounds: t.rounds,
+            channels: t.channels,
+            unchecked_pages: u8::from(t.unchecked_pages),
+            torn_pages: t.torn_pages,
+        }
+    }
 }
 
 thread_local! {
@@ -310,6 +359,7 @@ unsafe fn put_receiver(out: *mut *mut pw_receiver, receiver: Receiver) -> Result
         receiver: Some(receiver),
         device_state,
         blobs: Vec::new(),
+        stats: None,
     };
     // SAFETY: as the caller promises.
     unsafe { put(out, r) }
@@ -453,8 +503,9 @@ pub unsafe extern "C" fn pw_receiver_run(receiver: *mut pw_receiver) -> pw_statu
             .receiver
             .take()
             .ok_or_else(|| invalid("the receiver already ran"))?;
-        receiver.run()?;
+        let stats = receiver.run()?;
         r.blobs = r.device_state.take();
+        r.stats = Some(pw_stats::from(&stats));
         Ok(())
     })
 }
@@ -534,7 +585,15 @@ pub unsafe extern "C" fn pw_sender_connect(
         let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
         let sender = Sender::connect(addr, memory, &config)?;
         // SAFETY: valid (caller).
-        unsafe { put(out, pw_sender(Some(sender))) }
+        unsafe {
+            put(
+                out,
+                pw_sender {
+                    sender: Some(sender),
+                    stats: None,
+                },
+            )
+        }
     })
 }
 
@@ -583,7 +642,15 @@ pub unsafe extern "C" fn pw_sender_over_fds(
         let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
         let sender = Sender::over_streams(streams, memory, &config)?;
         // SAFETY: valid (caller).
-        unsafe { put(out, pw_sender(Some(sender))) }
+        unsafe {
+            put(
+                out,
+                pw_sender {
+                    sender: Some(sender),
+                    stats: None,
+                },
+            )
+        }
     })
 }
 
@@ -621,7 +688,7 @@ unsafe fn sender<'a>(sender: *mut pw_sender) -> Result<&'a mut Sender, Error> {
     }
     // SAFETY: valid, one thread (caller).
     unsafe { &mut *sender }
-        .0
+        .sender
         .as_mut()
         .ok_or_else(|| invalid("the sender already finished"))
 }
@@ -717,11 +784,60 @@ pub unsafe extern "C" fn pw_sender_finish(sender: *mut pw_sender) -> pw_status {
             return Err(invalid("sender is a null pointer"));
         }
         // SAFETY: valid, one thread (caller).
-        let s = unsafe { &mut *sender }
-            .0
+        let handle = unsafe { &mut *sender };
+        let s = handle
+            .sender
             .take()
             .ok_or_else(|| invalid("the sender already finished"))?;
-        s.finish().map(drop)
+        let stats = s.finish()?;
+        handle.stats = Some(pw_stats::from(&stats));
+        Ok(())
+    })
+}
+
+/// Writes the sender's statistics to `out`, once [`pw_sender_finish`] succeeded.
+///
+/// # Safety
+/// `sender` from [`pw_sender_connect`] (or [`pw_sender_over_fds`]); `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn pw_sender_stats(
+    sender: *const pw_sender,
+    out: *mut pw_stats,
+) -> pw_status {
+    guard(|| {
+        if sender.is_null() || out.is_null() {
+            return Err(invalid("a null pointer"));
+        }
+        // SAFETY: valid (caller).
+        let stats = unsafe { &*sender }
+            .stats
+            .ok_or_else(|| invalid("the sender has not finished"))?;
+        // SAFETY: valid for a write (caller).
+        unsafe { out.write(stats) };
+        Ok(())
+    })
+}
+
+/// Writes the receiver's statistics to `out`, once [`pw_receiver_run`] succeeded.
+///
+/// # Safety
+/// `receiver` from [`pw_receiver_bind`] (or [`pw_receiver_over_fds`]); `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn pw_receiver_stats(
+    receiver: *const pw_receiver,
+    out: *mut pw_stats,
+) -> pw_status {
+    guard(|| {
+        if receiver.is_null() || out.is_null() {
+            return Err(invalid("a null pointer"));
+        }
+        // SAFETY: valid (caller).
+        let stats = unsafe { &*receiver }
+            .stats
+            .ok_or_else(|| invalid("the receiver has not run to success"))?;
+        // SAFETY: valid for a write (caller).
+        unsafe { out.write(stats) };
+        Ok(())
     })
 }
 
@@ -734,7 +850,7 @@ pub unsafe extern "C" fn pw_sender_free(sender: *mut pw_sender) {
     if !sender.is_null() {
         // SAFETY: from Box::into_raw, freed once (caller).
         let s = unsafe { Box::from_raw(sender) };
-        if let Some(s) = s.0 {
+        if let Some(s) = s.sender {
             let _ = catch_unwind(AssertUnwindSafe(|| s.abandon(Error::Cancelled)));
         }
     }
