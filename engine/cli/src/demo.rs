@@ -318,6 +318,13 @@ fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
             "  {:<24} {} bytes, {:.0} Mbit/s",
             "transferred", s.transferred, s.mbps
         );
+        if report.transfer.unchecked_pages {
+            println!(
+                "  {:<24} {}",
+                "page checksums",
+                super::report::UNCHECKED_PAGES
+            );
+        }
         println!(
             "  {:<24} {}",
             "verified",

@@ -11,6 +11,9 @@ pub(super) struct Display {
     join: std::thread::JoinHandle<()>,
 }
 
+/// The report's line when plaintext pages went without checksums.
+pub(super) const UNCHECKED_PAGES: &str = "off: plaintext pages were covered by TCP's checksum only";
+
 /// Starts the display for `progress`: a progress bar when standard error is a terminal, one
 /// JSON line per second on standard output with `json_stream`, nothing otherwise.
 pub(super) fn start_display(
@@ -183,10 +186,7 @@ pub(super) fn report(
         ),
     ]);
     if stats.unchecked_pages {
-        rows.push((
-            "page checksums",
-            "off: plaintext pages were covered by TCP's checksum only".into(),
-        ));
+        rows.push(("page checksums", UNCHECKED_PAGES.into()));
     }
     for (k, v) in rows {
         println!("  {k:<24} {v}");
