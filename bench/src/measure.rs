@@ -177,7 +177,7 @@ pub(crate) fn raw_recv_share(
 
 /// (a) raw TCP: stream i moves bytes [i*share, (i+1)*share) of the single region, from the
 /// source mapping straight into the same range of the destination mapping, once the host is
-/// settled ([`settle`]).
+/// quiet ([`wait_quiet`]).
 pub(crate) fn raw_tcp(
     src: &GuestMemory,
     dst: &GuestMemory,
@@ -188,7 +188,7 @@ pub(crate) fn raw_tcp(
     let src_addr = src.regions()[0].host_addr() as usize;
     let dst_addr = dst.regions()[0].host_addr() as usize;
     let cores = cores(net.no_pin);
-    settle(src, dst);
+    wait_quiet(QUIET_WAIT_MS_MAX);
     let start = Instant::now();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -259,7 +259,7 @@ impl<'a> From<Option<&'a (TlsClient, TlsServer)>> for Security<'a> {
 }
 
 /// (b) pagewire over loopback, end to end: from connect until the receiver confirmed every
-/// page. Like (a), it settles the host first ([`settle`]).
+/// page. Like (a), it waits for a quiet host first ([`wait_quiet`]).
 pub(crate) fn pagewire_run<'a>(
     src: Arc<GuestMemory>,
     dst: Arc<GuestMemory>,
@@ -270,7 +270,7 @@ pub(crate) fn pagewire_run<'a>(
     compression: Compression,
 ) -> Result<(Run, pagewire::TransferStats)> {
     let security = security.into();
-    settle(&src, &dst);
+    wait_quiet(QUIET_WAIT_MS_MAX);
     let unchecked = matches!(security, Security::PlainUnchecked);
     let (tls, psk) = match security {
         Security::Plain | Security::PlainUnchecked => (None, None),
@@ -383,15 +383,6 @@ const QUIET_WINDOW_MS: u64 = 200;
 /// The longest wait for a quiet host before a measurement starts anyway.
 pub(crate) const QUIET_WAIT_MS_MAX: u64 = 10_000;
 
-/// Readies the host for a timed run between `src` and `dst`, so that what ran before does not
-/// weigh on it: waits for a quiet host ([`wait_quiet`]), then reads 8 bytes of every page of
-/// both memories ([`touch`]).
-pub(crate) fn settle(src: &GuestMemory, dst: &GuestMemory) {
-    wait_quiet(QUIET_WAIT_MS_MAX);
-    touch(src);
-    touch(dst);
-}
-
 /// Reads 8 bytes of every page of `mem`.
 ///
 /// On this nested host, after a KVM guest's process exits (QEMU's, in `matrix --with-qemu`), the
@@ -402,7 +393,10 @@ pub(crate) fn settle(src: &GuestMemory, dst: &GuestMemory) {
 /// it, the pagewire cell measured right after a QEMU run lost 10–25% (2 GiB of zero pages at
 /// 1 channel: 7.0–8.4 GiB/s against 9.1–9.2 in the cell before it), and in earlier versions of
 /// the matrix every pagewire cell but the first ran right after one. A running migration's
-/// guest memory is in use all along, so this is the state it moves memory in.
+/// guest memory is in use all along, so this is the state it moves memory in. The matrix
+/// touches the source of each in-memory run (raw TCP's and pagewire's; their destinations are
+/// faulted in just before, which is such a pass); runs between RAM files are timed end to end,
+/// page faults included, so their mappings are left as they come.
 pub(crate) fn touch(mem: &GuestMemory) {
     let mut word = [0u8; 8];
     for r in mem.regions() {

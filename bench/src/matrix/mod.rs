@@ -19,7 +19,7 @@ use pagewire::tls::{certs, TlsClient, TlsServer};
 use pagewire::{GuestMemory, RegionSpec, ZeroCopy};
 use serde::Serialize;
 
-use crate::measure::{pagewire_run, raw_tcp, summarize, Run, Security, Summary};
+use crate::measure::{pagewire_run, raw_tcp, summarize, touch, Run, Security, Summary};
 
 mod ceilings;
 mod report;
@@ -361,6 +361,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                 Some(p) => p.raw(&memories[0].1, ch)?,
                 None => {
                     let dst = GuestMemory::anonymous_populated(&spec)?;
+                    touch(&memories[0].1);
                     raw_tcp(&memories[0].1, &dst, usize::from(ch), &a.net)?
                 }
             };
@@ -398,6 +399,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                 (OnOff::Off, true) => Security::Plain,
                 (OnOff::Off, false) => Security::PlainUnchecked,
             };
+            touch(src);
             let (run, stats) =
                 pagewire_run(src.clone(), dst.clone(), ch, zc, &a.net, security, comp)?;
             if m.pagewire.is_empty() && src.first_difference(&dst).is_some() {
