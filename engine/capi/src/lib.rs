@@ -805,16 +805,13 @@ pub unsafe extern "C" fn pw_sender_stats(
     out: *mut pw_stats,
 ) -> pw_status {
     guard(|| {
-        if sender.is_null() || out.is_null() {
-            return Err(invalid("a null pointer"));
+        if sender.is_null() {
+            return Err(invalid("sender is a null pointer"));
         }
         // SAFETY: valid (caller).
-        let stats = unsafe { &*sender }
-            .stats
-            .ok_or_else(|| invalid("the sender has not finished"))?;
-        // SAFETY: valid for a write (caller).
-        unsafe { out.write(stats) };
-        Ok(())
+        let stats = unsafe { &*sender }.stats;
+        // SAFETY: `out` null or valid for a write (caller).
+        unsafe { write_stats(stats, out, "the sender has not finished") }
     })
 }
 
@@ -828,17 +825,32 @@ pub unsafe extern "C" fn pw_receiver_stats(
     out: *mut pw_stats,
 ) -> pw_status {
     guard(|| {
-        if receiver.is_null() || out.is_null() {
-            return Err(invalid("a null pointer"));
+        if receiver.is_null() {
+            return Err(invalid("receiver is a null pointer"));
         }
         // SAFETY: valid (caller).
-        let stats = unsafe { &*receiver }
-            .stats
-            .ok_or_else(|| invalid("the receiver has not run to success"))?;
-        // SAFETY: valid for a write (caller).
-        unsafe { out.write(stats) };
-        Ok(())
+        let stats = unsafe { &*receiver }.stats;
+        // SAFETY: `out` null or valid for a write (caller).
+        unsafe { write_stats(stats, out, "the receiver has not run to success") }
     })
+}
+
+/// Writes `stats` to `out`, or fails saying `missing` when there are none yet.
+///
+/// # Safety
+/// `out` is null or valid for a write.
+unsafe fn write_stats(
+    stats: Option<pw_stats>,
+    out: *mut pw_stats,
+    missing: &str,
+) -> Result<(), Error> {
+    if out.is_null() {
+        return Err(invalid("out is a null pointer"));
+    }
+    let stats = stats.ok_or_else(|| invalid(missing))?;
+    // SAFETY: non-null and valid for a write (caller).
+    unsafe { out.write(stats) };
+    Ok(())
 }
 
 /// Frees a sender (one not finished is abandoned: the receiver is told).
