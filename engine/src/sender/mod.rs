@@ -201,11 +201,8 @@ impl Sender {
                 Compression::Zstd | Compression::Auto => FEATURE_ZSTD,
                 Compression::Zlib => FEATURE_ZLIB,
             } | if config.psk.is_some() { FEATURE_PSK } else { 0 }
-                | if config.page_checksums || config.tls.is_some() || config.psk.is_some() {
-                    0
-                } else {
-                    FEATURE_UNCHECKED_PAGES
-                },
+                // (Validated: checksums are off only for plaintext.)
+                | if config.page_checksums { 0 } else { FEATURE_UNCHECKED_PAGES },
             layout_digest: memory.layout_digest(),
             layout_bytes: memory.total_bytes(),
             region_count: memory.regions().len() as u32,
