@@ -133,6 +133,10 @@ pub enum Error {
     /// A live migration's policy gave up: the guest dirties memory faster than it can be sent.
     #[error("{0}")]
     NotConverging(String),
+    /// The VMM failed a request of the live migration (collecting dirty pages, pausing, its
+    /// device state); the message says which and why.
+    #[error("the VMM failed: {0}")]
+    Vmm(String),
     /// The caller cancelled the transfer ([`crate::sender::Canceller`]).
     #[error("the migration was cancelled")]
     Cancelled,

@@ -33,7 +33,38 @@ typedef enum {
   PW_STATUS_INCOMPLETE = 8,
   // A bug in pagewire (a panic); please report the message.
   PW_STATUS_INTERNAL = 9,
+  // A live migration's policy gave up: the guest dirties memory faster than it can be sent
+  // within the downtime limit, the round cap or the time cap (the guest was not paused).
+  PW_STATUS_NOT_CONVERGING = 10,
+  // A callback of the VMM ([`pw_vmm`]) returned an error.
+  PW_STATUS_VMM = 11,
 } pw_status;
+
+// Where a live migration stands (QEMU's `query-migrate` status).
+typedef enum {
+  // Not started.
+  PW_MIGRATION_STATUS_SETUP = 0,
+  // Pre-copy rounds run while the guest runs.
+  PW_MIGRATION_STATUS_ACTIVE = 1,
+  // The guest is paused; the last round and the device state are on their way.
+  PW_MIGRATION_STATUS_DEVICE = 2,
+  // The receiver confirmed it holds everything, verified.
+  PW_MIGRATION_STATUS_COMPLETED = 3,
+  // Failed (including a policy that gave up).
+  PW_MIGRATION_STATUS_FAILED = 4,
+  // Cancelled through a [`pw_control`].
+  PW_MIGRATION_STATUS_CANCELLED = 5,
+} pw_migration_status;
+
+// A handle another thread may use while a sender, receiver or live migration runs (see
+// [`pw_sender_control`], [`pw_receiver_control`]). Every `pw_control_*` call is safe from any
+// thread, at any time until [`pw_control_free`], also after the transfer ended (when it
+// changes nothing).
+typedef struct pw_control pw_control;
+
+// The device state a VMM hands over after the pause, blob by blob
+// ([`pw_device_state_add`]).
+typedef struct pw_device_state pw_device_state;
 
 // Guest memory described by the caller (see [`pw_memory_new`]).
 typedef struct pw_memory pw_memory;
@@ -102,6 +133,82 @@ typedef struct {
   // Receiver: pages of live rounds that arrived torn and were left for a later round.
   uint64_t torn_pages;
 } pw_stats;
+
+// What a live migration needs of the VMM on the source. Every callback gets `ctx` first and is
+// called on the thread that called [`pw_sender_migrate`]; one returning nonzero fails the
+// migration with `PW_STATUS_VMM` (the receiver is told).
+typedef struct {
+  // The VMM's own pointer, passed to every callback.
+  void *ctx;
+  // Required. Sets the bits of the pages of region `region` written since the previous call
+  // (since the migration started, on the first call) in `bitmap`, `words` words of KVM's
+  // layout (one bit per 4 KiB page, bit `p % 64` of word `p / 64`; it arrives zeroed), and
+  // clears them at the source, so the next call reports only later writes:
+  // `KVM_GET_DIRTY_LOG` into `bitmap`, a VMM's own bitmap swapped out word by word, or both
+  // ORed. Called once per region at each collection.
+  int32_t (*collect_dirty)(void *ctx, uint32_t region, uint64_t *bitmap, size_t words);
+  // Required. Pauses every vCPU and every device that writes guest memory: when it returns
+  // 0, nothing writes guest memory any more. Called once, when the expected downtime fits.
+  int32_t (*pause)(void *ctx);
+  // Optional. Called once after the pause: adds the device state (vCPU registers, device
+  // models) with [`pw_device_state_add`]; the destination gets the blobs from
+  // [`pw_receiver_blob`]. `state` is valid during the call only.
+  int32_t (*device_state)(void *ctx, pw_device_state *state);
+  // Optional. Nanoseconds of CPU the guest's vCPU threads have used so far, or a negative
+  // number when unknown (`pthread_getcpuclockid` gives it). On a host whose CPUs are all
+  // busy, the paused round gets that CPU back, and the expected downtime counts on it.
+  int64_t (*guest_cpu_ns)(void *ctx);
+} pw_vmm;
+
+// When a live migration stops pre-copying; zero in a field (or a null pointer) means its
+// default, QEMU's where QEMU has one.
+typedef struct {
+  // The longest pause the guest may see, in milliseconds (`downtime-limit`); 0: 300.
+  uint64_t downtime_limit_ms;
+  // Live rounds at most before giving up with `PW_STATUS_NOT_CONVERGING`; 0: 30.
+  uint32_t rounds_max;
+  // Milliseconds of pre-copy at most before giving up; 0: 600000 (10 minutes).
+  uint64_t total_ms_max;
+} pw_policy;
+
+// A moment of a live migration; the names in parentheses are QEMU's `query-migrate` fields.
+typedef struct {
+  // Where it stands (`status`).
+  pw_migration_status status;
+  // Milliseconds of setup before round 0 (`setup-time`).
+  double setup_ms;
+  // Milliseconds since the start (`total-time`).
+  double total_time_ms;
+  // The last estimate of the downtime, in milliseconds (`expected-downtime`).
+  double expected_downtime_ms;
+  // The measured downtime once completed, from the pause to the receiver's confirmation
+  // (`downtime`); negative before.
+  double downtime_ms;
+  // Bytes put on the wire, counted at the end of each round (`ram.transferred`).
+  uint64_t transferred_bytes;
+  // Pages dirty after the last round: what the next one carries (`ram.remaining`, in pages).
+  uint64_t remaining_pages;
+  // Times the dirty pages were collected (`ram.dirty-sync-count`).
+  uint32_t dirty_sync_count;
+  // Pages the guest dirtied per second during the last round (`ram.dirty-pages-rate`).
+  double dirty_pages_rate;
+  // Megabits per second over the migration so far (`ram.mbps`).
+  double mbps;
+  // Rounds finished, the paused one included once sent.
+  uint32_t rounds;
+  // Nonzero once the policy chose to stop and copy: the expected downtime fitted the limit.
+  uint8_t converged;
+} pw_migration_info;
+
+// Progress counters of a running transfer, updated as it goes.
+typedef struct {
+  // Pages sent (sender) or placed (receiver) so far, over all rounds.
+  uint64_t pages_done;
+  // Pages queued so far (a sender's rounds add theirs as they start).
+  uint64_t pages_total;
+  // Bytes put on (or taken off) the wire so far.
+  uint64_t transferred_bytes;
+} pw_progress;
 
 #ifdef __cplusplus
 extern "C" {
@@ -261,6 +368,85 @@ pw_status pw_receiver_stats(const pw_receiver *receiver, pw_stats *out);
 // # Safety
 // `sender` is null or from [`pw_sender_connect`], not freed before.
 void pw_sender_free(pw_sender *sender);
+
+// Adds one blob of device state, from inside [`pw_vmm::device_state`]; the bytes are copied.
+//
+// # Safety
+// `state` is the pointer the callback got; `bytes` points to `len` bytes (or `len` is 0).
+pw_status pw_device_state_add(pw_device_state *state,
+                              uint32_t tag,
+                              const uint8_t *bytes,
+                              size_t len);
+
+// Migrates the sender's memory live, the guest running, until the receiver confirmed it holds
+// everything, verified (see [`pw_vmm`]): round 0 sends all of
+// it, then rounds of dirty pages until the expected downtime fits `policy`; then `vmm->pause`,
+// the last round, `vmm->device_state`, and the receiver's confirmation. Blocks until then.
+//
+// `out` (may be null) gets the final figures, on failure too (status `FAILED` or
+// `CANCELLED`). Afterwards the sender is done: [`pw_sender_stats`] has its transfer
+// statistics after a success; free it either way. A policy that gives up returns
+// `PW_STATUS_NOT_CONVERGING` with the guest still running, not paused.
+//
+// # Safety
+// `sender` from [`pw_sender_connect`] (or [`pw_sender_over_fds`]), no round sent yet, used by
+// this thread only; `vmm` valid, its callbacks as documented; `policy` null or valid; `out`
+// null or valid for a write.
+pw_status pw_sender_migrate(pw_sender *sender,
+                            const pw_vmm *vmm,
+                            const pw_policy *policy,
+                            pw_migration_info *out);
+
+// A control for `sender` (take it before handing the sender to another thread or starting
+// [`pw_sender_migrate`]).
+//
+// # Safety
+// `sender` from [`pw_sender_connect`] (or [`pw_sender_over_fds`]), not in use on another
+// thread; `out` valid for a write.
+pw_status pw_sender_control(const pw_sender *sender, pw_control **out);
+
+// A control for `receiver` (take it before [`pw_receiver_run`]): cancel and progress.
+//
+// # Safety
+// `receiver` from [`pw_receiver_bind`] (or [`pw_receiver_over_fds`]), not in use on another
+// thread; `out` valid for a write.
+pw_status pw_receiver_control(const pw_receiver *receiver, pw_control **out);
+
+// Cancels the transfer or migration: within about 100 ms both sides stop, the peer is told,
+// and the blocked call returns `PW_STATUS_CANCELLED` (the other side `PW_STATUS_PEER`, saying
+// it was cancelled). A guest already paused stays paused: resuming it is the VMM's call.
+//
+// # Safety
+// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed.
+pw_status pw_control_cancel(const pw_control *control);
+
+// Changes a sender's bandwidth limit, in wire bytes per second for all its channels together
+// (QEMU's `max-bandwidth`; 0 lifts it). It applies within the shards' next chain of sends.
+//
+// # Safety
+// `control` from [`pw_sender_control`], not freed.
+pw_status pw_control_set_max_bandwidth(const pw_control *control, uint64_t bytes_per_s);
+
+// Writes the progress counters to `out`.
+//
+// # Safety
+// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed; `out` valid for
+// a write.
+pw_status pw_control_progress(const pw_control *control, pw_progress *out);
+
+// Writes where the sender's live migration stands (`query-migrate`) to `out`; fails with
+// `PW_STATUS_INVALID` before [`pw_sender_migrate`] started one, or on a receiver's control.
+//
+// # Safety
+// `control` from [`pw_sender_control`], not freed; `out` valid for a write.
+pw_status pw_control_migration(const pw_control *control, pw_migration_info *out);
+
+// Frees a control (the transfer it controls goes on).
+//
+// # Safety
+// `control` is null or from [`pw_sender_control`] / [`pw_receiver_control`], not freed
+// before, and no other thread is using it.
+void pw_control_free(pw_control *control);
 
 #ifdef __cplusplus
 }  // extern "C"

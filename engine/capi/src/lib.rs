@@ -13,6 +13,12 @@
 //! once the receiver confirmed it holds everything, verified. Destination side:
 //! [`pw_receiver_bind`], [`pw_receiver_run`] (blocks until the transfer ends), then the blobs
 //! with [`pw_receiver_blob`]. `examples/migrate.c` does all of it.
+//!
+//! Or let pagewire run the pre-copy: [`pw_sender_migrate`] sends rounds of the pages the VMM's
+//! callbacks report dirty until the expected downtime fits its policy, pauses the guest through
+//! them, and sends the last round and the device state. A [`pw_control`] lets another thread
+//! cancel, change the bandwidth limit and read a `query-migrate`-like [`pw_migration_info`]
+//! meanwhile. `examples/live.c` migrates memory that a thread keeps writing that way.
 
 #![allow(unsafe_code)]
 #![allow(non_camel_case_types)]
@@ -28,6 +34,9 @@ use pw::dirty::bitmap_to_runs;
 use pw::protocol::blob::DeviceBlob;
 use pw::tls::{TlsClient, TlsFiles, TlsServer};
 use pw::{Error, GuestMemory, PageRun, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
+
+mod live;
+pub use live::*;
 
 /// What a call returned.
 #[repr(C)]
@@ -53,6 +62,11 @@ pub enum pw_status {
     Incomplete = 8,
     /// A bug in pagewire (a panic); please report the message.
     Internal = 9,
+    /// A live migration's policy gave up: the guest dirties memory faster than it can be sent
+    /// within the downtime limit, the round cap or the time cap (the guest was not paused).
+    NotConverging = 10,
+    /// A callback of the VMM ([`pw_vmm`]) returned an error.
+    Vmm = 11,
 }
 
 /// One region of guest memory the caller has mapped: `len` bytes (a multiple of 4096) at
@@ -99,6 +113,19 @@ pub struct pw_memory(Arc<GuestMemory>);
 pub struct pw_sender {
     sender: Option<Sender>,
     stats: Option<pw_stats>,
+    /// The live migration running on this sender, once [`pw_sender_migrate`] started it, for
+    /// the controls handed out before.
+    migration: live::MigrationSlot,
+}
+
+impl pw_sender {
+    fn new(sender: Sender) -> Self {
+        pw_sender {
+            sender: Some(sender),
+            stats: None,
+            migration: live::MigrationSlot::default(),
+        }
+    }
 }
 
 /// A bound receiver, then the blobs and statistics of the transfer it received.
@@ -168,6 +195,8 @@ fn status_of(e: &Error) -> pw_status {
     match e {
         Error::Config(_) => pw_status::Invalid,
         Error::Cancelled => pw_status::Cancelled,
+        Error::NotConverging(_) => pw_status::NotConverging,
+        Error::Vmm(_) => pw_status::Vmm,
         Error::PeerAborted { .. } | Error::PeerClosed { .. } => pw_status::Peer,
         Error::TlsConfig(_) => pw_status::Tls,
         e => match e.abort_code() {
@@ -585,15 +614,7 @@ pub unsafe extern "C" fn pw_sender_connect(
         let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
         let sender = Sender::connect(addr, memory, &config)?;
         // SAFETY: valid (caller).
-        unsafe {
-            put(
-                out,
-                pw_sender {
-                    sender: Some(sender),
-                    stats: None,
-                },
-            )
-        }
+        unsafe { put(out, pw_sender::new(sender)) }
     })
 }
 
@@ -642,15 +663,7 @@ pub unsafe extern "C" fn pw_sender_over_fds(
         let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
         let sender = Sender::over_streams(streams, memory, &config)?;
         // SAFETY: valid (caller).
-        unsafe {
-            put(
-                out,
-                pw_sender {
-                    sender: Some(sender),
-                    stats: None,
-                },
-            )
-        }
+        unsafe { put(out, pw_sender::new(sender)) }
     })
 }
 

@@ -2,7 +2,9 @@
 //! with its header and pkg-config file, compiled with the system C compiler using what
 //! `pkg-config --cflags --libs pagewire` says, and run, plaintext and over TLS. It migrates two
 //! `mmap`ed regions over three bitmap-driven rounds plus a device state blob, and checks the
-//! destination with `memcmp`. Skips with a reason without a C compiler or io_uring.
+//! destination with `memcmp`. The live example (`examples/live.c`) lets pagewire run the
+//! pre-copy through C callbacks while a thread writes the memory, and cancels one from another
+//! thread. Both skip with a reason without a C compiler or io_uring.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -79,29 +81,27 @@ fn flags(prefix: &Path) -> Vec<String> {
     }
 }
 
-#[test]
-fn the_c_example_migrates_and_verifies() {
+/// Whether the C examples can run here: a C compiler and io_uring (else why not).
+fn unusable() -> Option<String> {
     if Command::new("cc").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: no C compiler (cc) on this machine");
-        return;
+        return Some("no C compiler (cc) on this machine".into());
     }
-    if let Err(e) = pw::probe_uring() {
-        eprintln!("SKIPPED: io_uring is not usable on this machine: {e}");
-        return;
-    }
-    let prefix = tempfile::tempdir().unwrap();
-    install(prefix.path());
-    let exe = prefix.path().join("migrate");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/migrate.c");
+    pw::probe_uring()
+        .err()
+        .map(|e| format!("io_uring is not usable on this machine: {e}"))
+}
+
+/// Installs libpagewire under `prefix` and compiles `examples/{name}.c` against it there.
+fn compile(prefix: &Path, name: &str) -> PathBuf {
+    install(prefix);
+    let exe = prefix.join(name);
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.c"));
     let built = Command::new("cc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
         .arg(&example)
-        .args(flags(prefix.path()))
+        .args(flags(prefix))
         .arg("-lpthread")
-        .arg(format!(
-            "-Wl,-rpath,{}",
-            prefix.path().join("lib").display()
-        ))
+        .arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()))
         .arg("-o")
         .arg(&exe)
         .output()
@@ -111,11 +111,27 @@ fn the_c_example_migrates_and_verifies() {
         "cc failed:\n{}",
         String::from_utf8_lossy(&built.stderr)
     );
+    exe
+}
+
+fn certificates() -> tempfile::TempDir {
     let certs = tempfile::tempdir().unwrap();
     pw::tls::certs::generate(&pw::tls::certs::CertOptions::default())
         .unwrap()
         .write(certs.path())
         .unwrap();
+    certs
+}
+
+#[test]
+fn the_c_example_migrates_and_verifies() {
+    if let Some(why) = unusable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let prefix = tempfile::tempdir().unwrap();
+    let exe = compile(prefix.path(), "migrate");
+    let certs = certificates();
     // The first allowed core: shards of both sides pinned to it alone.
     let core = core_affinity::get_core_ids()
         .and_then(|c| c.first().map(|c| c.id.to_string()))
@@ -153,6 +169,37 @@ fn the_c_example_migrates_and_verifies() {
     assert!(ok && all.starts_with("verified"), "{all}");
     let (ok, all) = run_with(&exe, "PAGEWIRE_UNCHECKED_PAGES", "sender");
     assert!(!ok && all.contains("without checksums"), "{all}");
+}
+
+/// `examples/live.c`: pagewire runs the pre-copy of memory a thread keeps writing, through the
+/// C callbacks, plaintext and over TLS, and the destination equals the paused source; then a
+/// management thread lowers and raises the bandwidth limit and cancels, and both sides stop
+/// within a second.
+#[test]
+fn the_live_c_example_migrates_a_writing_guest_then_limits_and_cancels_one() {
+    if let Some(why) = unusable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let prefix = tempfile::tempdir().unwrap();
+    let exe = compile(prefix.path(), "live");
+    let certs = certificates();
+    let tls = certs.path().to_str().unwrap();
+    for args in [vec![], vec![tls], vec!["cancel"]] {
+        let out = Command::new(&exe).args(&args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let expected = if args.first() == Some(&"cancel") {
+            "cancel:"
+        } else {
+            "verified live"
+        };
+        assert!(
+            out.status.success() && stdout.starts_with(expected),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{args:?}: {}", stdout.trim());
+    }
 }
 
 /// Runs the example with one environment variable set: whether it succeeded, and its standard
