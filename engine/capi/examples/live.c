@@ -5,9 +5,9 @@
  * writer's counter). A management thread meanwhile reads query-migrate figures through a
  * pw_control. The destination is checked with memcmp, the blobs byte for byte.
  *
- * With the argument "cancel": the sender's bandwidth limit is set low through the control before
- * the start and raised mid-migration (the rate must follow), then the management thread cancels;
- * both sides must return within a second, the sender with PW_STATUS_CANCELLED.
+ * With the argument "cancel": the sender starts under a low bandwidth limit (pw_options), which the
+ * management thread raises mid-migration through the control (the rate must follow), then it
+ * cancels; both sides must return within a second, the sender with PW_STATUS_CANCELLED.
  *
  * Built and run by engine/capi/tests/c_example.rs:
  *
@@ -200,7 +200,8 @@ static void *watch(void *arg) {
 int main(int argc, char **argv) {
     int cancel = argc > 1 && strcmp(argv[1], "cancel") == 0;
     const char *tls_dir = argc > 1 + cancel ? argv[1 + cancel] : NULL;
-    pw_options options = {.channels = 2, .tls_dir = tls_dir};
+    /* With `cancel`, the sender starts under the low bandwidth limit. */
+    pw_options options = {.channels = 2, .tls_dir = tls_dir, .max_bandwidth_bytes_per_s = cancel ? LIMIT_LOW : 0};
     struct vmm v = {.mem = {map(LOW_PAGES * PAGE), map(HIGH_PAGES * PAGE)},
                     .dirty = {calloc(LOW_PAGES / 64, 8), calloc(HIGH_PAGES / 64, 8)}};
     for (uint64_t p = 0; p < LOW_PAGES; p++)
@@ -235,8 +236,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "a control answered what it cannot know\n");
         return 1;
     }
-    if (cancel && !check(pw_control_set_max_bandwidth(control, LIMIT_LOW), "set_max_bandwidth"))
-        return 1;
 
     v.control = control;
     pthread_create(&v.vcpu, NULL, vcpu, &v);

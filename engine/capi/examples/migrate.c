@@ -126,16 +126,23 @@ int main(int argc, char **argv) {
     /* PAGEWIRE_CORES: the cores pagewire's shards may use, e.g. "0-3" (a VMM leaves out its vCPUs').
      * PAGEWIRE_CONGESTION: the sender's TCP congestion control, e.g. "cubic" (default: the host's).
      * PAGEWIRE_UNCHECKED_PAGES: "1" sends plaintext pages without checksums and accepts them;
-     * "sender" only sends them so, which the receiver refuses. */
+     * "sender" only sends them so, which the receiver refuses.
+     * PAGEWIRE_PSK_FILE: a pre-shared key file (QEMU's keys.psk) both sides use;
+     * PAGEWIRE_SENDER_PSK_FILE: another one for the sender alone (which the receiver refuses).
+     * PAGEWIRE_COMPRESS: the sender's compression, "none", "zstd", "zlib" or "auto". */
     const char *unchecked = getenv("PAGEWIRE_UNCHECKED_PAGES");
     pw_options options = {.channels = 2,
                           .tls_dir = argc > 1 ? argv[1] : NULL,
                           .idle_timeout_ms = 0,
                           .cores = getenv("PAGEWIRE_CORES"),
                           .congestion = getenv("PAGEWIRE_CONGESTION"),
-                          .unchecked_pages = unchecked != NULL && strcmp(unchecked, "sender") != 0};
+                          .unchecked_pages = unchecked != NULL && strcmp(unchecked, "sender") != 0,
+                          .psk_file = getenv("PAGEWIRE_PSK_FILE"),
+                          .compress = getenv("PAGEWIRE_COMPRESS")};
     pw_options send_options = options;
     send_options.unchecked_pages = unchecked != NULL;
+    if (getenv("PAGEWIRE_SENDER_PSK_FILE"))
+        send_options.psk_file = getenv("PAGEWIRE_SENDER_PSK_FILE");
     uint8_t *src_low = map(LOW_PAGES * PAGE), *src_high = map(HIGH_PAGES * PAGE);
     uint8_t *dst_low = map(LOW_PAGES * PAGE), *dst_high = map(HIGH_PAGES * PAGE);
     pw_region src_regions[2] = {{0, LOW_PAGES * PAGE, src_low}, {4ull << 30, HIGH_PAGES * PAGE, src_high}};

@@ -106,6 +106,17 @@ typedef struct {
   // checksum alone (as QEMU's multifd sends them), which saves CPU on both sides. Nonzero on
   // a receiver: such a sender is accepted (otherwise it is refused). 0: page checksums.
   uint8_t unchecked_pages;
+  // A pre-shared key file both ends hold (QEMU's `keys.psk` format, `identity:hexkey`), or
+  // null. Without TLS it authenticates both ends and seals every record (AES-GCM), so a
+  // receiver may then listen beyond loopback; with neither, it listens on loopback only.
+  const char *psk_file;
+  // A sender's compression of normal pages: "none" (or null), "zstd", "zlib", or "auto"
+  // (zstd while the link, not the CPU, is the bottleneck). Receivers take what comes.
+  const char *compress;
+  // A sender's bandwidth limit from the start, in wire bytes per second over all channels
+  // (QEMU's `max-bandwidth`); 0: unlimited. [`pw_control_set_max_bandwidth`] changes it
+  // while the sender runs.
+  uint64_t max_bandwidth_bytes_per_s;
 } pw_options;
 
 // What one side of a finished transfer measured (see [`pw_sender_stats`] and

@@ -31,6 +31,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use pw::dirty::bitmap_to_runs;
+use pw::pipeline::compress::Compression;
 use pw::protocol::blob::DeviceBlob;
 use pw::tls::{TlsClient, TlsFiles, TlsServer};
 use pw::{Error, GuestMemory, PageRun, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
@@ -104,6 +105,17 @@ pub struct pw_options {
     /// checksum alone (as QEMU's multifd sends them), which saves CPU on both sides. Nonzero on
     /// a receiver: such a sender is accepted (otherwise it is refused). 0: page checksums.
     pub unchecked_pages: u8,
+    /// A pre-shared key file both ends hold (QEMU's `keys.psk` format, `identity:hexkey`), or
+    /// null. Without TLS it authenticates both ends and seals every record (AES-GCM), so a
+    /// receiver may then listen beyond loopback; with neither, it listens on loopback only.
+    pub psk_file: *const c_char,
+    /// A sender's compression of normal pages: "none" (or null), "zstd", "zlib", or "auto"
+    /// (zstd while the link, not the CPU, is the bottleneck). Receivers take what comes.
+    pub compress: *const c_char,
+    /// A sender's bandwidth limit from the start, in wire bytes per second over all channels
+    /// (QEMU's `max-bandwidth`); 0: unlimited. [`pw_control_set_max_bandwidth`] changes it
+    /// while the sender runs.
+    pub max_bandwidth_bytes_per_s: u64,
 }
 
 /// Guest memory described by the caller (see [`pw_memory_new`]).
@@ -249,8 +261,8 @@ unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
 }
 
 /// # Safety
-/// `o` is null or points to a valid `pw_options` whose `tls_dir`, `cores` and `congestion` are
-/// null or NUL-terminated.
+/// `o` is null or points to a valid `pw_options` whose strings (`tls_dir`, `cores`,
+/// `congestion`, `psk_file`, `compress`) are null or NUL-terminated.
 unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
     if o.is_null() {
         return Ok(Options {
@@ -260,6 +272,9 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
             cores: None,
             congestion: None,
             unchecked_pages: false,
+            psk_file: None,
+            compression: Compression::None,
+            max_bandwidth_bytes_per_s: None,
         });
     }
     // SAFETY: non-null and valid (caller).
@@ -290,6 +305,20 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         // SAFETY: non-null and NUL-terminated (caller).
         Some(unsafe { text(o.congestion, "congestion") }?.to_string())
     };
+    let psk_file = if o.psk_file.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        Some(unsafe { text(o.psk_file, "psk_file") }?.to_string())
+    };
+    let compression = if o.compress.is_null() {
+        Compression::None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        unsafe { text(o.compress, "compress") }?
+            .parse()
+            .map_err(|e: String| invalid(&e))?
+    };
     Ok(Options {
         channels: if o.channels == 0 { 2 } else { o.channels },
         tls_dir: dir,
@@ -301,6 +330,10 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         cores,
         congestion,
         unchecked_pages: o.unchecked_pages != 0,
+        psk_file,
+        compression,
+        max_bandwidth_bytes_per_s: (o.max_bandwidth_bytes_per_s > 0)
+            .then_some(o.max_bandwidth_bytes_per_s),
     })
 }
 
@@ -312,6 +345,19 @@ struct Options {
     cores: Option<Vec<usize>>,
     congestion: Option<String>,
     unchecked_pages: bool,
+    psk_file: Option<String>,
+    compression: Compression,
+    max_bandwidth_bytes_per_s: Option<u64>,
+}
+
+impl Options {
+    /// The pre-shared key, read from its file.
+    fn psk(&self) -> Result<Option<pw::auth::Psk>, Error> {
+        self.psk_file
+            .as_deref()
+            .map(|f| pw::auth::Psk::from_file(Path::new(f)))
+            .transpose()
+    }
 }
 
 fn tls_files(dir: &str, side: &str) -> TlsFiles {
@@ -340,12 +386,13 @@ unsafe fn memory_of(memory: *const pw_memory) -> Result<Arc<GuestMemory>, Error>
 unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Error> {
     // SAFETY: as the caller promises.
     let o = unsafe { options(opts) }?;
-    let tls = match o.tls_dir {
-        Some(d) => Some(TlsServer::new(tls_files(&d, "server").load()?)?),
+    let tls = match &o.tls_dir {
+        Some(d) => Some(TlsServer::new(tls_files(d, "server").load()?)?),
         None => None,
     };
     Ok(ReceiverConfig {
         tls,
+        psk: o.psk()?,
         idle_timeout_ms: o.idle_timeout_ms,
         cores: o.cores,
         accept_unchecked_pages: o.unchecked_pages,
@@ -360,16 +407,16 @@ unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Err
 unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> {
     // SAFETY: as the caller promises.
     let o = unsafe { options(opts) }?;
-    let tls = match o.tls_dir {
-        Some(d) => Some(TlsClient::new(
-            tls_files(&d, "client").load()?,
-            "localhost",
-        )?),
+    let tls = match &o.tls_dir {
+        Some(d) => Some(TlsClient::new(tls_files(d, "client").load()?, "localhost")?),
         None => None,
     };
     Ok(SenderConfig {
         channels: o.channels,
         tls,
+        psk: o.psk()?,
+        compression: o.compression,
+        max_bandwidth_bytes_per_s: o.max_bandwidth_bytes_per_s,
         idle_timeout_ms: o.idle_timeout_ms,
         cores: o.cores,
         congestion: o.congestion,

@@ -169,6 +169,45 @@ fn the_c_example_migrates_and_verifies() {
     assert!(ok && all.starts_with("verified"), "{all}");
     let (ok, all) = run_with(&exe, "PAGEWIRE_UNCHECKED_PAGES", "sender");
     assert!(!ok && all.contains("without checksums"), "{all}");
+    // A pre-shared key: the same on both sides migrates; another one on the sender is refused.
+    let (psk, other) = (
+        certs.path().join("keys.psk"),
+        certs.path().join("other.psk"),
+    );
+    std::fs::write(&psk, pw::auth::Psk::generate_line()).unwrap();
+    std::fs::write(&other, pw::auth::Psk::generate_line()).unwrap();
+    let (ok, all) = run_with(&exe, "PAGEWIRE_PSK_FILE", psk.to_str().unwrap());
+    assert!(ok && all.starts_with("verified"), "{all}");
+    let out = Command::new(&exe)
+        .env("PAGEWIRE_PSK_FILE", &psk)
+        .env("PAGEWIRE_SENDER_PSK_FILE", &other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a sender with another key migrated");
+    // zstd shrinks the example's patterned pages; a compression nobody knows is refused.
+    let (ok, plain) = run_with(&exe, "PAGEWIRE_UNUSED", "");
+    assert!(ok, "{plain}");
+    let (ok, zstd) = run_with(&exe, "PAGEWIRE_COMPRESS", "zstd");
+    assert!(ok && zstd.starts_with("verified"), "{zstd}");
+    assert!(
+        wire_bytes(&zstd) * 4 < wire_bytes(&plain),
+        "zstd did not shrink the wire bytes: {zstd} against {plain}"
+    );
+    let (ok, all) = run_with(&exe, "PAGEWIRE_COMPRESS", "lz5");
+    assert!(!ok && all.contains("lz5"), "{all}");
+}
+
+/// The "N bytes on the wire" the example printed.
+fn wire_bytes(output: &str) -> u64 {
+    let before = output
+        .split(" bytes on the wire")
+        .next()
+        .unwrap_or_default();
+    before
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no wire bytes in {output:?}"))
 }
 
 /// `examples/live.c`: pagewire runs the pre-copy of memory a thread keeps writing, through the
