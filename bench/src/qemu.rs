@@ -436,6 +436,8 @@ pub struct QemuLiveRun {
     pub guest_pages_per_s: f64,
     /// The resumed destination guest's counter went on from the source's.
     pub resumed: bool,
+    /// The last `cpu-throttle-percentage` QEMU reported (auto-converge), percent.
+    pub throttle_percent: u8,
 }
 
 /// How a live QEMU cell runs: the guest, the limits, the caps.
@@ -454,6 +456,8 @@ pub struct LiveSpec<'a> {
     pub total_ms_max: u64,
     /// How long the guest runs before the migration starts.
     pub warmup_ms: u64,
+    /// QEMU's `auto-converge` capability (with its default throttle steps).
+    pub auto_converge: bool,
 }
 
 fn guest_counter(path: &Path) -> Result<u32> {
@@ -463,7 +467,8 @@ fn guest_counter(path: &Path) -> Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-/// Migrates a running guest live with QEMU multifd, no auto-converge: `src` (region 0) is the
+/// Migrates a running guest live with QEMU multifd (auto-converge as `spec` says): `src`
+/// (region 0) is the
 /// initial memory, the guest of [`guestcode`] runs from QEMU's firmware and dirties it at
 /// `spec.guest`'s rate. A run that passes the round or time cap is cancelled and reported as
 /// not converged. A completed one is checked: the paused destination's memory equals the
@@ -494,12 +499,19 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
         pair.src.cpu_s_without_vcpus(),
         pair.dst.cpu_s_without_vcpus(),
     );
+    if spec.auto_converge {
+        pair.src.cmd(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] })),
+        )?;
+    }
     let started = Instant::now();
     pair.src.cmd(
         "migrate",
         Some(json!({ "uri": format!("tcp:127.0.0.1:{}", pair.port) })),
     )?;
     let mut expected = None;
+    let mut throttle = 0u8;
     let mut run = loop {
         let r = pair.src.cmd("query-migrate", None)?;
         let rounds = r["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
@@ -513,6 +525,9 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
         // Reported while active only.
         if let Some(e) = r["expected-downtime"].as_f64() {
             expected = Some(e);
+        }
+        if let Some(t) = r["cpu-throttle-percentage"].as_u64() {
+            throttle = u8::try_from(t).unwrap_or(u8::MAX);
         }
         // The run's figures so far; `None` downtime while it has not completed.
         let figures =
@@ -530,6 +545,7 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
                     guest_pages_per_s: f64::from(counter.wrapping_sub(counter0))
                         / (elapsed_ms / 1e3),
                     resumed: false,
+                    throttle_percent: throttle,
                 })
             };
         match r["status"].as_str() {

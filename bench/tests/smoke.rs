@@ -244,6 +244,49 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// `live`: one small cell per policy, the software dirtier writing the source; every run
+/// converges, and with `--auto-converge` each reports the throttle it ended at.
+#[test]
+fn live_benchmark_runs_with_and_without_auto_converge() {
+    if let Err(e) = pagewire::probe_uring() {
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
+        return;
+    }
+    for auto in [false, true] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"));
+        cmd.args([
+            "live",
+            "--size",
+            "16MiB",
+            "--dirty-rate",
+            "50MB",
+            "--channels",
+            "1",
+            "--tls",
+            "off",
+            "--reps",
+            "1",
+            "--repeat-rounds",
+            "0",
+            "--json",
+        ]);
+        if auto {
+            cmd.arg("--auto-converge");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let runs = v["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 1, "{v}");
+        assert_eq!(runs[0]["converged"], true, "{v}");
+        assert!(runs[0]["throttle_percent"].is_u64(), "{v}");
+    }
+}
+
 /// Two network namespaces joined by a veth pair, removed on drop.
 struct Namespaces(String, String);
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use pagewire::dirty::{DirtyBitmaps, DirtySource, SharedBitmap, Union};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
-use pagewire::live::{DowntimeLimit, Migration, Status, Vmm};
+use pagewire::live::{AutoConverge, DowntimeLimit, Migration, Policy, Status, Throttling, Vmm};
 use pagewire::protocol::blob::DeviceBlob;
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs::{self, CertOptions};
@@ -324,6 +324,68 @@ fn a_policy_that_gives_up_fails_both_sides_with_its_reason() {
     assert!(r.to_string().contains("not converging"), "receiver: {r}");
     let s = handle.snapshot();
     assert_eq!((s.status, s.rounds.len()), (Status::Failed, 3));
+}
+
+/// Auto-converge: a guest that dirties its working set faster than a 40 MB/s link can send it
+/// never fits 50 ms of downtime (the plain policy gives up at its round cap), but throttled step
+/// by step it does, and the destination equals the paused source.
+#[test]
+fn a_guest_faster_than_the_link_converges_only_once_auto_converge_throttles_it() {
+    if skip_without_uring() {
+        return;
+    }
+    let limit = DowntimeLimit {
+        downtime_limit_ms: 50,
+        rounds_max: 10,
+        ..DowntimeLimit::default()
+    };
+    let run = |policy: Box<dyn Policy>| {
+        let p = connect(2);
+        p.sender.bandwidth_limit().set(Some(40_000_000));
+        let bitmap = Arc::new(SharedBitmap::new(&p.src));
+        let mut guest = dirtier(&p.src, &bitmap, 80_000_000);
+        let migration = Migration::new(p.sender, Box::new(bitmap.clone()), policy);
+        let handle = migration.handle();
+        let result = migration.run(&mut guest);
+        let received = join_within(p.receiver, Duration::from_secs(10), "receiver");
+        (result, received, handle.snapshot(), p.src, p.dst)
+    };
+    let (result, received, s, ..) = run(Box::new(limit));
+    assert!(
+        matches!(result, Err(Error::NotConverging(_))),
+        "without throttling: {result:?}"
+    );
+    assert!(received.is_err());
+    assert_eq!(s.cpu_throttle_percentage, 0);
+    // Quicker steps than QEMU's, so the test stays short: one dirty round each, 20% more.
+    let auto = AutoConverge::new(
+        limit,
+        Throttling {
+            trigger_rounds: 1,
+            increment_percent: 20,
+            ..Throttling::default()
+        },
+    );
+    let (result, received, s, src, dst) = run(Box::new(auto));
+    let report = result.unwrap();
+    received.unwrap();
+    assert!(report.converged);
+    assert_eq!(src.first_difference(&dst), None);
+    // The throttle of each live round (the paused one runs no guest), stepping up.
+    let live = &s.rounds[..s.rounds.len() - 1];
+    let throttles: Vec<u8> = live.iter().map(|r| r.throttle_percent).collect();
+    assert!(
+        s.cpu_throttle_percentage >= 20
+            && throttles.last() == Some(&s.cpu_throttle_percentage)
+            && throttles.windows(2).all(|w| w[0] <= w[1]),
+        "throttle {}%, by round {throttles:?}",
+        s.cpu_throttle_percentage
+    );
+    eprintln!(
+        "converged after {} rounds, throttle by round {throttles:?}, downtime {:.1} ms",
+        s.rounds.len(),
+        s.downtime_ms.unwrap_or(-1.0)
+    );
 }
 
 /// Forwards a channel both ways until `mute` is set; from then on the receiver's messages are

@@ -16,6 +16,10 @@
 //! downtime limit, channels and TLS, interleaved with pagewire's runs; a QEMU run that passes
 //! the same round or time cap is cancelled and counts as not converged. The summary names the
 //! highest dirty rate at which each engine converged in every run.
+//!
+//! `--auto-converge` lets both engines throttle the guest's vCPU with QEMU's steps (pagewire's
+//! `live::AutoConverge`, QEMU's `auto-converge` capability); the table then shows the throttle
+//! each run ended at.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +29,7 @@ use pagewire::dirty::{DirtySource, SharedBitmap};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
 use pagewire::live::guestcode::{Params, WORKING_SET_GPA};
 use pagewire::live::tinyguest::{AnyGuest as Guest, TinyGuest};
-use pagewire::live::{DowntimeLimit, Migration};
+use pagewire::live::{AutoConverge, DowntimeLimit, Migration, Policy, Throttling};
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
@@ -76,6 +80,11 @@ pub struct LiveArgs {
     /// Also migrate the same KVM guest with QEMU multifd, side by side (implies `--guest kvm`).
     #[arg(long)]
     with_qemu: bool,
+    /// Both engines throttle the guest's vCPU while it dirties memory faster than the rounds
+    /// send it: pagewire's `live::AutoConverge` and QEMU's `auto-converge` capability, each
+    /// with QEMU's default steps (20%, then 10% more, up to 99%).
+    #[arg(long)]
+    auto_converge: bool,
     /// TCP congestion control of pagewire's channels (one this kernel offers); default: the
     /// host's, which QEMU's channels always get.
     #[arg(long)]
@@ -129,6 +138,7 @@ impl LiveArgs {
             working_set,
             warmup_ms: 200,
             with_qemu: with_qemu && guest == GuestKind::Kvm,
+            auto_converge: false,
             congestion,
             repeat_rounds: 0,
             out: Some(out),
@@ -165,6 +175,8 @@ struct Run {
     guest_pages_per_s: Option<f64>,
     /// pagewire's rounds (empty for QEMU).
     round_figures: Vec<pagewire::live::RoundFigures>,
+    /// The vCPU throttle at the end (auto-converge), percent.
+    throttle_percent: u8,
 }
 
 impl LiveArgs {
@@ -276,12 +288,17 @@ fn one(
         Guest::Kvm(g) => g.counter(),
         Guest::Software(_) => 0,
     };
-    let policy = DowntimeLimit {
+    let limit = DowntimeLimit {
         downtime_limit_ms: a.downtime_limit,
         rounds_max: a.rounds_max,
         total_ms_max: a.time_max,
     };
-    let migration = Migration::new(sender, dirty, Box::new(policy));
+    let policy: Box<dyn Policy> = if a.auto_converge {
+        Box::new(AutoConverge::new(limit, Throttling::default()))
+    } else {
+        Box::new(limit)
+    };
+    let migration = Migration::new(sender, dirty, policy);
     let handle = migration.handle();
     let started = Instant::now();
     let result = migration.run(&mut guest);
@@ -316,6 +333,7 @@ fn one(
         receiver_cpu_ms: 0.0,
         guest_pages_per_s,
         round_figures: s.rounds.clone(),
+        throttle_percent: s.cpu_throttle_percentage,
     };
     match (result, received) {
         (Ok(report), Ok(r)) => {
@@ -356,6 +374,7 @@ fn one_qemu(
             rounds_max: a.rounds_max,
             total_ms_max: a.time_max,
             warmup_ms: a.warmup_ms,
+            auto_converge: a.auto_converge,
         },
     )?;
     Ok(Run {
@@ -373,6 +392,7 @@ fn one_qemu(
         receiver_cpu_ms: q.destination_cpu_ms,
         guest_pages_per_s: Some(q.guest_pages_per_s),
         round_figures: Vec::new(),
+        throttle_percent: q.throttle_percent,
     })
 }
 
@@ -474,10 +494,19 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         println!("{results}");
         return Ok(());
     }
+    let throttle_column = if a.auto_converge {
+        (" throttle % |", "---|")
+    } else {
+        ("", "")
+    };
     println!(
-        "| engine | dirty rate | guest wrote MB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |"
+        "| engine | dirty rate | guest wrote MB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |{}",
+        throttle_column.0
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|{}",
+        throttle_column.1
+    );
     for &rate in &a.dirty_rate {
         for &channels in &a.channels {
             for t in &a.tls {
@@ -495,8 +524,13 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
                         let mut v: Vec<f64> = cell.iter().filter_map(|r| f(r)).collect();
                         median(&mut v)
                     };
+                    let throttle = if a.auto_converge {
+                        format!(" {:.0} |", m(&|r| Some(f64::from(r.throttle_percent))))
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "| {e} | {:.0} MiB/s | {:.0} | {channels} | {t} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |",
+                        "| {e} | {:.0} MiB/s | {:.0} | {channels} | {t} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |{throttle}",
                         rate as f64 / f64::from(1 << 20),
                         m(&|r| r.guest_pages_per_s.map(|p| p * 4096.0 / 1e6)),
                         cell.iter().filter(|r| r.converged).count(),

@@ -9,9 +9,13 @@
  * management thread raises mid-migration through the control (the rate must follow), then it
  * cancels; both sides must return within a second, the sender with PW_STATUS_CANCELLED.
  *
+ * With the argument "throttle": the writer always outruns the sender's bandwidth limit, so
+ * auto-converge throttles it through the pw_vmm callback until the policy gives up at its round
+ * cap, with PW_STATUS_NOT_CONVERGING and the guest still running.
+ *
  * Built and run by engine/capi/tests/c_example.rs:
  *
- *   cc live.c $(pkg-config --cflags --libs pagewire) -lpthread -o live && ./live [cancel] [TLS_DIR]
+ *   cc live.c $(pkg-config --cflags --libs pagewire) -lpthread -o live && ./live [cancel|throttle] [TLS_DIR]
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -41,6 +45,8 @@ struct vmm {
     int stop;           /* set by pause, read by the vCPU (atomics) */
     uint64_t counter;   /* pages the vCPU wrote; its "registers" */
     int paused;
+    int throttle;       /* percent of the vCPU's time taken away (atomics) */
+    int throttle_calls;
     pw_control *control; /* what the migration reports, read at each collection */
     int saw_active;
     uint32_t rounds_seen;
@@ -88,7 +94,8 @@ static void *vcpu(void *arg) {
             memcpy(v->mem[r] + page * PAGE + (n % (PAGE / 8)) * 8, &n, 8);
             __atomic_fetch_or(&v->dirty[r][page / 64], 1ull << (page % 64), __ATOMIC_RELEASE);
         }
-        sleep_ms(0.2);
+        /* Throttled by p%, it runs (100 - p)% as often. */
+        sleep_ms(0.2 * 100.0 / (100 - __atomic_load_n(&v->throttle, __ATOMIC_RELAXED)));
     }
     return NULL;
 }
@@ -128,6 +135,15 @@ static int32_t device_state(void *ctx, pw_device_state *state) {
     return 0;
 }
 
+static int32_t throttle(void *ctx, uint8_t percent) {
+    struct vmm *v = ctx;
+    if (percent > 99)
+        return -1;
+    __atomic_store_n(&v->throttle, percent, __ATOMIC_RELAXED);
+    v->throttle_calls++;
+    return 0;
+}
+
 static int64_t guest_cpu_ns(void *ctx) {
     struct vmm *v = ctx;
     clockid_t clock;
@@ -162,6 +178,7 @@ struct watch {
 
 #define LIMIT_LOW (4u << 20)   /* bytes per second */
 #define LIMIT_HIGH (16u << 20)
+#define LIMIT_THROTTLE (32u << 20)
 
 static uint64_t wire_bytes(pw_control *c) {
     pw_progress p = {0};
@@ -199,9 +216,13 @@ static void *watch(void *arg) {
 
 int main(int argc, char **argv) {
     int cancel = argc > 1 && strcmp(argv[1], "cancel") == 0;
-    const char *tls_dir = argc > 1 + cancel ? argv[1 + cancel] : NULL;
-    /* With `cancel`, the sender starts under the low bandwidth limit. */
-    pw_options options = {.channels = 2, .tls_dir = tls_dir, .max_bandwidth_bytes_per_s = cancel ? LIMIT_LOW : 0};
+    int throttled = argc > 1 && strcmp(argv[1], "throttle") == 0;
+    const char *tls_dir = argc > 1 + cancel + throttled ? argv[1 + cancel + throttled] : NULL;
+    /* With `cancel`, the sender starts under the low bandwidth limit; with `throttle`, under
+     * one the writer always outruns. */
+    pw_options options = {.channels = 2,
+                          .tls_dir = tls_dir,
+                          .max_bandwidth_bytes_per_s = cancel ? LIMIT_LOW : throttled ? LIMIT_THROTTLE : 0};
     struct vmm v = {.mem = {map(LOW_PAGES * PAGE), map(HIGH_PAGES * PAGE)},
                     .dirty = {calloc(LOW_PAGES / 64, 8), calloc(HIGH_PAGES / 64, 8)}};
     for (uint64_t p = 0; p < LOW_PAGES; p++)
@@ -248,12 +269,16 @@ int main(int argc, char **argv) {
                         .collect_dirty = collect_dirty,
                         .pause = pause_vcpu,
                         .device_state = device_state,
-                        .guest_cpu_ns = guest_cpu_ns};
-    pw_policy policy = {.downtime_limit_ms = 300};
+                        .guest_cpu_ns = guest_cpu_ns,
+                        .throttle = throttle};
+    pw_policy policy = {.downtime_limit_ms = 300, .auto_converge = 1};
+    if (throttled) /* 5 MiB of working set at 32 MiB/s never fits 20 ms: throttle, then give up */
+        policy = (pw_policy){.downtime_limit_ms = 20, .rounds_max = 6, .auto_converge = 1};
     pw_status migrated = pw_sender_migrate(sender, &callbacks, &policy, &info);
     double returned_ms = now_ms();
-    if (migrated != PW_STATUS_OK && migrated != PW_STATUS_CANCELLED)
+    if (migrated != PW_STATUS_OK && migrated != PW_STATUS_CANCELLED && !throttled)
         fprintf(stderr, "pw_sender_migrate: %s\n", pw_last_error());
+    int paused_by_migration = v.paused;
     __atomic_store_n(&w.done, 1, __ATOMIC_RELEASE);
     if (cancel)
         pthread_join(watching, NULL);
@@ -263,6 +288,19 @@ int main(int argc, char **argv) {
         pthread_join(v.vcpu, NULL);
     }
 
+    if (throttled) {
+        /* Auto-converge throttled the writer through the callback, the migration reports it,
+         * and a policy that gave up left the guest running, not paused. */
+        printf("throttle: %d call(s), the guest at %d%% when the policy gave up after %u rounds "
+               "(status %d: %s)\n",
+               v.throttle_calls, v.throttle, info.rounds, (int)migrated, pw_last_error());
+        return migrated == PW_STATUS_NOT_CONVERGING && info.status == PW_MIGRATION_STATUS_FAILED &&
+                       v.throttle_calls >= 1 && v.throttle >= 20 &&
+                       info.cpu_throttle_percentage == v.throttle && !paused_by_migration &&
+                       r.status != PW_STATUS_OK
+                   ? 0
+                   : 1;
+    }
     if (cancel) {
         /* The rate followed the limit, and both sides stopped within a second of the cancel. */
         double sender_s = (returned_ms - w.cancelled_ms) / 1e3;

@@ -169,6 +169,10 @@ typedef struct {
   // number when unknown (`pthread_getcpuclockid` gives it). On a host whose CPUs are all
   // busy, the paused round gets that CPU back, and the expected downtime counts on it.
   int64_t (*guest_cpu_ns)(void *ctx);
+  // Optional (needed for [`pw_policy::auto_converge`]). Throttles the vCPUs so that they run
+  // at most `100 − percent` percent of the time (QEMU's `cpu-throttle-percentage`; 0 lifts
+  // it). Null: this VMM cannot throttle, and the migration goes on unthrottled.
+  int32_t (*throttle)(void *ctx, uint8_t percent);
 } pw_vmm;
 
 // When a live migration stops pre-copying; zero in a field (or a null pointer) means its
@@ -180,6 +184,10 @@ typedef struct {
   uint32_t rounds_max;
   // Milliseconds of pre-copy at most before giving up; 0: 600000 (10 minutes).
   uint64_t total_ms_max;
+  // Nonzero: QEMU's auto-converge. While the guest dirties memory faster than the rounds
+  // send it, throttle its vCPUs through [`pw_vmm::throttle`] with QEMU's steps (20%, then 10%
+  // more after every two rounds that dirtied half of what they sent, up to 99%).
+  uint8_t auto_converge;
 } pw_policy;
 
 // A moment of a live migration; the names in parentheses are QEMU's `query-migrate` fields.
@@ -207,6 +215,9 @@ typedef struct {
   double mbps;
   // Rounds finished, the paused one included once sent.
   uint32_t rounds;
+  // The vCPU throttle in effect, percent (`cpu-throttle-percentage`; see
+  // [`pw_policy::auto_converge`]).
+  uint8_t cpu_throttle_percentage;
   // Nonzero once the policy chose to stop and copy: the expected downtime fitted the limit.
   uint8_t converged;
 } pw_migration_info;

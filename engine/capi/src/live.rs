@@ -16,7 +16,10 @@ use std::ffi::c_void;
 use std::sync::Mutex;
 
 use pw::dirty::{words_for, DirtyBitmaps, DirtySource};
-use pw::live::{DowntimeLimit, Migration, MigrationHandle, Snapshot, Status, Vmm};
+use pw::live::{
+    AutoConverge, DowntimeLimit, Migration, MigrationHandle, Policy, Snapshot, Status, Throttling,
+    Vmm,
+};
 use pw::sender::{BandwidthLimit, Canceller};
 use pw::Progress;
 
@@ -84,6 +87,9 @@ pub struct pw_migration_info {
     pub mbps: f64,
     /// Rounds finished, the paused one included once sent.
     pub rounds: u32,
+    /// The vCPU throttle in effect, percent (`cpu-throttle-percentage`; see
+    /// [`pw_policy::auto_converge`]).
+    pub cpu_throttle_percentage: u8,
     /// Nonzero once the policy chose to stop and copy: the expected downtime fitted the limit.
     pub converged: u8,
 }
@@ -102,6 +108,7 @@ impl pw_migration_info {
             dirty_pages_rate: s.dirty_pages_rate,
             mbps: s.mbps,
             rounds: u32::try_from(s.rounds.len()).unwrap_or(u32::MAX),
+            cpu_throttle_percentage: s.cpu_throttle_percentage,
             converged: u8::from(converged),
         }
     }
@@ -118,11 +125,31 @@ pub struct pw_policy {
     pub rounds_max: u32,
     /// Milliseconds of pre-copy at most before giving up; 0: 600000 (10 minutes).
     pub total_ms_max: u64,
+    /// Nonzero: QEMU's auto-converge. While the guest dirties memory faster than the rounds
+    /// send it, throttle its vCPUs through [`pw_vmm::throttle`] with QEMU's steps (20%, then 10%
+    /// more after every two rounds that dirtied half of what they sent, up to 99%).
+    pub auto_converge: u8,
+}
+
+/// The policy `p` asks for.
+///
+/// # Safety
+/// `p` is null or points to a valid `pw_policy`.
+unsafe fn policy(p: *const pw_policy) -> Box<dyn Policy> {
+    // SAFETY: as the caller promises.
+    let limit = unsafe { downtime_limit(p) };
+    // SAFETY: null or valid (caller).
+    match unsafe { p.as_ref() } {
+        Some(p) if p.auto_converge != 0 => {
+            Box::new(AutoConverge::new(limit, Throttling::default()))
+        }
+        _ => Box::new(limit),
+    }
 }
 
 /// # Safety
 /// `p` is null or points to a valid `pw_policy`.
-unsafe fn policy(p: *const pw_policy) -> DowntimeLimit {
+unsafe fn downtime_limit(p: *const pw_policy) -> DowntimeLimit {
     let d = DowntimeLimit::default();
     if p.is_null() {
         return d;
@@ -174,6 +201,10 @@ pub struct pw_vmm {
     /// number when unknown (`pthread_getcpuclockid` gives it). On a host whose CPUs are all
     /// busy, the paused round gets that CPU back, and the expected downtime counts on it.
     pub guest_cpu_ns: Option<unsafe extern "C" fn(ctx: *mut c_void) -> i64>,
+    /// Optional (needed for [`pw_policy::auto_converge`]). Throttles the vCPUs so that they run
+    /// at most `100 − percent` percent of the time (QEMU's `cpu-throttle-percentage`; 0 lifts
+    /// it). Null: this VMM cannot throttle, and the migration goes on unthrottled.
+    pub throttle: Option<unsafe extern "C" fn(ctx: *mut c_void, percent: u8) -> i32>,
 }
 
 fn vmm_error(what: &str, rc: i32) -> Error {
@@ -249,6 +280,17 @@ impl Vmm for CVmm {
         let ns = unsafe { cpu(self.0.ctx) };
         u64::try_from(ns).ok().map(std::time::Duration::from_nanos)
     }
+
+    fn throttle(&mut self, percent: u8) -> Result<bool, Error> {
+        let Some(throttle) = self.0.throttle else {
+            return Ok(false);
+        };
+        // SAFETY: the VMM's callback with its own `ctx`.
+        match unsafe { throttle(self.0.ctx, percent) } {
+            0 => Ok(true),
+            rc => Err(vmm_error("throttle", rc)),
+        }
+    }
 }
 
 /// Adds one blob of device state, from inside [`pw_vmm::device_state`]; the bytes are copied.
@@ -322,7 +364,7 @@ pub unsafe extern "C" fn pw_sender_migrate(
             pages: s.memory().region_pages(),
             words: Vec::new(),
         };
-        let migration = Migration::new(s, Box::new(source), Box::new(policy));
+        let migration = Migration::new(s, Box::new(source), policy);
         let control = migration.handle();
         *lock(&handle.migration) = Some(control.clone());
         let result = migration.run(&mut CVmm(vmm));
@@ -549,16 +591,18 @@ mod tests {
         // SAFETY: null, and a valid policy.
         let (none, zeros, set) = unsafe {
             (
-                policy(std::ptr::null()),
-                policy(&pw_policy {
+                downtime_limit(std::ptr::null()),
+                downtime_limit(&pw_policy {
                     downtime_limit_ms: 0,
                     rounds_max: 0,
                     total_ms_max: 0,
+                    auto_converge: 0,
                 }),
-                policy(&pw_policy {
+                downtime_limit(&pw_policy {
                     downtime_limit_ms: 50,
                     rounds_max: 4,
                     total_ms_max: 1000,
+                    auto_converge: 1,
                 }),
             )
         };
@@ -601,6 +645,7 @@ mod tests {
             pause: None,
             device_state: None,
             guest_cpu_ns: None,
+            throttle: None,
         };
         let mut sender = pw_sender {
             sender: None,

@@ -212,10 +212,11 @@ fn wire_bytes(output: &str) -> u64 {
 
 /// `examples/live.c`: pagewire runs the pre-copy of memory a thread keeps writing, through the
 /// C callbacks, plaintext and over TLS, and the destination equals the paused source; then a
-/// management thread lowers and raises the bandwidth limit and cancels, and both sides stop
-/// within a second.
+/// management thread raises the bandwidth limit and cancels, and both sides stop within a
+/// second; then auto-converge throttles a writer that outruns the link, through its callback,
+/// until the policy gives up with the guest still running.
 #[test]
-fn the_live_c_example_migrates_a_writing_guest_then_limits_and_cancels_one() {
+fn the_live_c_example_migrates_a_writing_guest_limits_cancels_and_throttles() {
     if let Some(why) = unusable() {
         eprintln!("SKIPPED: {why}");
         return;
@@ -224,13 +225,13 @@ fn the_live_c_example_migrates_a_writing_guest_then_limits_and_cancels_one() {
     let exe = compile(prefix.path(), "live");
     let certs = certificates();
     let tls = certs.path().to_str().unwrap();
-    for args in [vec![], vec![tls], vec!["cancel"]] {
+    for args in [vec![], vec![tls], vec!["cancel"], vec!["throttle"]] {
         let out = Command::new(&exe).args(&args).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let expected = if args.first() == Some(&"cancel") {
-            "cancel:"
-        } else {
-            "verified live"
+        let expected = match args.first() {
+            Some(&"cancel") => "cancel:",
+            Some(&"throttle") => "throttle:",
+            _ => "verified live",
         };
         assert!(
             out.status.success() && stdout.starts_with(expected),

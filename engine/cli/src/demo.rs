@@ -259,14 +259,19 @@ fn demo_guest(
 fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
     let (mut guest, dirty, what) = demo_guest(a, &d)?;
     d.say(format!("the guest: {what}"));
-    let policy = DowntimeLimit {
+    let limit = DowntimeLimit {
         downtime_limit_ms: a.downtime_limit,
         ..DowntimeLimit::default()
+    };
+    let policy: Box<dyn Policy> = if a.auto_converge {
+        Box::new(AutoConverge::new(limit, Default::default()))
+    } else {
+        Box::new(limit)
     };
     let sender = Sender::connect(d.addr, d.src.clone(), &d.config);
     let sent = sender.and_then(|sender| {
         let progress = sender.progress();
-        let migration = Migration::new(sender, dirty, Box::new(policy));
+        let migration = Migration::new(sender, dirty, policy);
         let handle = migration.handle();
         let display = if a.common.json {
             None
@@ -295,6 +300,7 @@ fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
         v["expected_downtime_ms"] = s.expected_downtime_ms.into();
         v["setup_ms"] = s.setup_ms.into();
         v["dirty_sync_count"] = s.dirty_sync_count.into();
+        v["cpu_throttle_percentage"] = s.cpu_throttle_percentage.into();
         v["verified"] = verified.into();
         v["receiver"] = serde_json::to_value(&received)?;
         if a.common.json_stream {
@@ -318,6 +324,12 @@ fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
             "  {:<24} {} bytes, {:.0} Mbit/s",
             "transferred", s.transferred, s.mbps
         );
+        if a.auto_converge {
+            println!(
+                "  {:<24} {}% at the pause (auto-converge)",
+                "vCPU throttle", s.cpu_throttle_percentage
+            );
+        }
         if report.transfer.unchecked_pages {
             println!(
                 "  {:<24} {}",
@@ -348,8 +360,12 @@ fn print_rounds(handle: MigrationHandle) -> std::thread::JoinHandle<()> {
         loop {
             let s = handle.snapshot();
             for r in &s.rounds[printed.min(s.rounds.len())..] {
+                let throttled = match r.throttle_percent {
+                    0 => String::new(),
+                    p => format!(" (vCPU throttled {p}%)"),
+                };
                 eprintln!(
-                    "  round {:>3}: {:>9} pages in {:>8.1} ms ({:>6.0} MB/s); the guest dirtied {} pages meanwhile",
+                    "  round {:>3}: {:>9} pages in {:>8.1} ms ({:>6.0} MB/s); the guest dirtied {} pages meanwhile{throttled}",
                     r.round,
                     r.pages,
                     r.ms,

@@ -19,7 +19,7 @@ use pagewire::auth::Psk;
 use pagewire::dirty::SharedBitmap;
 use pagewire::limits::{CHANNELS_MAX, IDLE_TIMEOUT_MS_MAX, IDLE_TIMEOUT_MS_MIN};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
-use pagewire::live::{DowntimeLimit, Migration, MigrationHandle, Status};
+use pagewire::live::{AutoConverge, DowntimeLimit, Migration, MigrationHandle, Policy, Status};
 use pagewire::pipeline::compress::Compression;
 use pagewire::profile::Profile;
 use pagewire::synth::{self, Content};
@@ -381,6 +381,11 @@ struct DemoArgs {
     /// With --live: the longest pause the guest may see, e.g. 300ms.
     #[arg(long, default_value = "300ms", value_parser = parse_duration_ms, requires = "live")]
     downtime_limit: u64,
+    /// With --live: throttle the guest's vCPU while it dirties memory faster than the rounds
+    /// send it, as QEMU's auto-converge does (20%, then 10% more every two such rounds, up to
+    /// 99%), e.g. with --dirty-rate 1GB --max-bandwidth 200MB.
+    #[arg(long, requires = "live")]
+    auto_converge: bool,
     #[command(flatten)]
     compress: CompressArgs,
     #[command(flatten)]

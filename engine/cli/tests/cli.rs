@@ -58,6 +58,54 @@ fn demo_json_reports_a_verified_transfer() {
     }
 }
 
+/// `demo --live --auto-converge`: a guest that writes its working set faster than the capped
+/// link sends it converges only once throttled; the JSON says so, round by round.
+#[test]
+fn a_live_demo_with_auto_converge_throttles_the_guest_and_converges() {
+    if uring_missing() {
+        return;
+    }
+    let out = pagewire()
+        .args([
+            "demo",
+            "--live",
+            "--size",
+            "32MiB",
+            "--dirty-rate",
+            "200MB",
+            "--max-bandwidth",
+            "40MB",
+            "--downtime-limit",
+            "50ms",
+            "--auto-converge",
+            "--json",
+            "--no-pin",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {text}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        (&v["verified"], &v["converged"]),
+        (&true.into(), &true.into())
+    );
+    let throttle = v["cpu_throttle_percentage"].as_u64().unwrap();
+    let rounds = v["rounds"].as_array().unwrap();
+    let steps: Vec<u64> = rounds
+        .iter()
+        .map(|r| r["throttle_percent"].as_u64().unwrap())
+        .collect();
+    assert!(
+        throttle >= 20 && steps.contains(&throttle),
+        "throttle {throttle}%, by round {steps:?}"
+    );
+}
+
 #[test]
 fn bad_input_fails_with_a_message_and_no_panic() {
     let cases: [&[&str]; 17] = [

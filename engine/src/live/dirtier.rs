@@ -3,7 +3,7 @@
 //! `pagewire demo --live` without a usable `/dev/kvm`). Pausing it ([`Vmm::pause`]) stops and
 //! joins the thread, so every write it made is marked before the last round's collect.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +37,8 @@ pub struct DirtierConfig {
 pub struct SoftwareDirtier {
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
+    /// Percent of its rate taken away ([`Vmm::throttle`]).
+    throttle: Arc<AtomicU8>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -65,14 +67,16 @@ impl SoftwareDirtier {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(0));
-        let (stop2, writes2) = (stop.clone(), writes.clone());
+        let throttle = Arc::new(AtomicU8::new(0));
+        let (stop2, writes2, throttle2) = (stop.clone(), writes.clone(), throttle.clone());
         let thread = std::thread::Builder::new()
             .name("pw-dirtier".into())
-            .spawn(move || dirty(&memory, &bitmap, config, &stop2, &writes2))
+            .spawn(move || dirty(&memory, &bitmap, config, &stop2, &writes2, &throttle2))
             .map_err(|e| Error::io("starting the dirtier thread", e))?;
         Ok(SoftwareDirtier {
             stop,
             writes,
+            throttle,
             thread: Some(thread),
         })
     }
@@ -103,6 +107,13 @@ impl Vmm for SoftwareDirtier {
         self.stop();
         Ok(())
     }
+
+    /// Writes at `100 − percent` percent of its rate from now on.
+    fn throttle(&mut self, percent: u8) -> Result<bool> {
+        self.throttle
+            .store(percent.min(super::THROTTLE_PERCENT_MAX), Ordering::Relaxed);
+        Ok(true)
+    }
 }
 
 impl Drop for SoftwareDirtier {
@@ -117,18 +128,24 @@ fn dirty(
     c: DirtierConfig,
     stop: &AtomicBool,
     writes: &AtomicU64,
+    throttle: &AtomicU8,
 ) {
     let region = &memory.regions()[c.region as usize];
     let per_s = c.bytes_per_s as f64 / PAGE_BYTES as f64;
-    let started = Instant::now();
     let mut x = c.seed | 1;
     let mut done = 0u64;
+    // Page writes due and not yet made: the rate (less the throttle) accrues them over time.
+    let (mut due, mut last) = (0.0f64, Instant::now());
     while !stop.load(Ordering::Acquire) {
-        let due = (started.elapsed().as_secs_f64() * per_s) as u64;
-        if done >= due {
+        let now = Instant::now();
+        let share = f64::from(100 - throttle.load(Ordering::Relaxed).min(100)) / 100.0;
+        due += now.duration_since(last).as_secs_f64() * per_s * share;
+        last = now;
+        if due < 1.0 {
             std::thread::park_timeout(Duration::from_millis(PACE_SLICE_MS));
             continue;
         }
+        due -= 1.0;
         // xorshift64: which page; the value written is the write's number, so every write
         // changes the page.
         x ^= x << 13;

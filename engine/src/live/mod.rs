@@ -18,6 +18,7 @@
 //! replaceable ([`policy::Policy`]); [`Migration::handle`] gives another thread a
 //! [`MigrationHandle`] to cancel and to read a `query-migrate`-like [`Snapshot`].
 
+pub mod autoconverge;
 pub mod dirtier;
 pub mod guestcode;
 pub mod policy;
@@ -33,6 +34,7 @@ use crate::protocol::blob::DeviceBlob;
 use crate::sender::{BandwidthLimit, Canceller, PageRun, Sender};
 use crate::stats::TransferStats;
 
+pub use autoconverge::{AutoConverge, Throttling};
 pub use policy::{Decision, DowntimeLimit, Estimates, Policy, PolicyView, RoundFigures};
 
 /// What the migration needs of the VMM on the source.
@@ -54,6 +56,16 @@ pub trait Vmm {
     /// (see [`Estimates::after`]).
     fn guest_cpu_time(&self) -> Option<std::time::Duration> {
         None
+    }
+
+    /// Throttles the vCPUs so that they run at most `100 − percent` percent of the time, as
+    /// QEMU's `cpu-throttle-percentage` does (0 lifts it): asked by a policy that sees the guest
+    /// dirty memory faster than it can be sent ([`Decision::Throttle`], [`AutoConverge`]).
+    /// Returns false (the default) when this VMM cannot throttle; the migration then goes on
+    /// unthrottled. The throttle ends with the pause: the destination's guest runs unthrottled.
+    fn throttle(&mut self, percent: u8) -> Result<bool> {
+        let _ = percent;
+        Ok(false)
     }
 }
 
@@ -100,6 +112,8 @@ pub struct Snapshot {
     pub dirty_pages_rate: f64,
     /// Megabits per second over the migration so far.
     pub mbps: f64,
+    /// The vCPU throttle in effect now, percent (QEMU's `cpu-throttle-percentage`; 0: none).
+    pub cpu_throttle_percentage: u8,
     /// Every round so far.
     pub rounds: Vec<RoundFigures>,
 }
@@ -248,6 +262,10 @@ impl Load {
     }
 }
 
+/// The most a policy may throttle the vCPUs, percent (QEMU's `max-cpu-throttle` default):
+/// a guest throttled further would barely run.
+pub const THROTTLE_PERCENT_MAX: u8 = 99;
+
 /// The state of one [`Migration::run`].
 struct Run {
     snapshot: Arc<Mutex<Snapshot>>,
@@ -310,6 +328,7 @@ impl Run {
         let mut earlier: Option<Load> = None;
         let engine_threads =
             sender.channels() as u32 * if sender.receiver_on_this_host() { 2 } else { 1 };
+        let mut throttle = 0u8;
         let expected = loop {
             let before = wire();
             let load = Load::now(vmm);
@@ -338,6 +357,7 @@ impl Run {
                 ms,
                 tail_ms: (ms - sent.time_ms).max(0.0),
                 dirtied_pages: dirty,
+                throttle_percent: throttle,
                 guest_cpus,
                 host_busy_cpus,
                 host_cpus,
@@ -353,6 +373,21 @@ impl Run {
             };
             match policy.decide(&view) {
                 Decision::NextRound => bitmaps.runs(&mut runs),
+                Decision::Throttle(percent) => {
+                    let percent = percent.min(THROTTLE_PERCENT_MAX);
+                    match vmm.throttle(percent) {
+                        Ok(true) => {
+                            throttle = percent;
+                            self.update(|s| s.cpu_throttle_percentage = percent);
+                        }
+                        Ok(false) if percent > 0 => {
+                            tracing::warn!("the policy asked to throttle the vCPUs to {percent}%, but this VMM cannot throttle");
+                        }
+                        Ok(false) => {}
+                        Err(e) => return Err(sender.abandon(e)),
+                    }
+                    bitmaps.runs(&mut runs);
+                }
                 Decision::StopAndCopy => break estimates.expected_downtime_ms,
                 Decision::GiveUp(why) => return Err(sender.abandon(Error::NotConverging(why))),
             }

@@ -31,6 +31,9 @@ pub struct RoundFigures {
     pub tail_ms: f64,
     /// Pages the guest dirtied while the round was sent (what the next round must carry).
     pub dirtied_pages: u64,
+    /// The vCPU throttle in effect during the round, percent of the vCPUs' time taken away
+    /// ([`Decision::Throttle`]; 0: none).
+    pub throttle_percent: u8,
     /// CPUs the guest kept busy on average during the round, where the VMM tells its CPU time
     /// ([`Vmm::guest_cpu_time`](super::Vmm::guest_cpu_time)).
     pub guest_cpus: Option<f64>,
@@ -198,6 +201,11 @@ pub struct PolicyView<'a> {
 pub enum Decision {
     /// Send the dirty pages in another live round.
     NextRound,
+    /// Throttle the vCPUs to this percentage (of their time taken away, QEMU's
+    /// `cpu-throttle-percentage`) through [`Vmm::throttle`](super::Vmm::throttle), then send
+    /// the dirty pages in another live round. A VMM that cannot throttle leaves its guest as it
+    /// is, and the round goes on.
+    Throttle(u8),
     /// Pause the vCPUs and send the rest: the downtime fits.
     StopAndCopy,
     /// Stop trying: the migration fails with this reason (the guest keeps running here).

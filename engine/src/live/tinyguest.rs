@@ -16,7 +16,7 @@
 
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -161,8 +161,14 @@ fn kick_until_out<T>(thread: &JoinHandle<T>) {
     }
 }
 
-/// The vCPU thread: runs the guest tick by tick until `stop`, then hands the vCPU back.
-fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result<VcpuFd>>> {
+/// The vCPU thread: runs the guest tick by tick until `stop`, then hands the vCPU back. A
+/// throttle of `p` percent stretches the period between ticks to `TICK × 100 / (100 − p)`, so
+/// the guest runs (and writes) `100 − p` percent as often, as under QEMU's CPU throttle.
+fn run_vcpu(
+    mut vcpu: VcpuFd,
+    stop: Arc<AtomicBool>,
+    throttle: Arc<AtomicU8>,
+) -> Result<JoinHandle<Result<VcpuFd>>> {
     std::thread::Builder::new()
         .name("pw-tiny-vcpu".into())
         .spawn(move || {
@@ -182,7 +188,8 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
                 // Like a periodic LAPIC timer (what paces the same guest under QEMU): ticks
                 // missed while the thread was not running are lost, not caught up, so a starved
                 // guest writes less, as it would there.
-                next = (next + TICK).max(Instant::now());
+                let share = f64::from(100 - throttle.load(Ordering::Relaxed).min(99)) / 100.0;
+                next = (next + TICK.div_f64(share)).max(Instant::now());
                 // Parked, not asleep, so that `stop` wakes it at once (a burst under way is
                 // kicked out of KVM_RUN, see `kick_until_out`); a sleep made a pause wait out
                 // the tick (measured: 0.4–2 ms).
@@ -202,6 +209,8 @@ fn run_vcpu(mut vcpu: VcpuFd, stop: Arc<AtomicBool>) -> Result<JoinHandle<Result
 pub struct TinyGuest {
     vm: Arc<VmFd>,
     stop: Arc<AtomicBool>,
+    /// Percent of the vCPU's ticks taken away ([`Vmm::throttle`]).
+    throttle: Arc<AtomicU8>,
     thread: Option<JoinHandle<Result<VcpuFd>>>,
     vcpu: Option<VcpuFd>,
     memory: Arc<GuestMemory>,
@@ -244,10 +253,12 @@ impl TinyGuest {
     /// Starts `vcpu`'s thread.
     fn running(vm: Arc<VmFd>, vcpu: VcpuFd, memory: Arc<GuestMemory>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = run_vcpu(vcpu, stop.clone())?;
+        let throttle = Arc::new(AtomicU8::new(0));
+        let thread = run_vcpu(vcpu, stop.clone(), throttle.clone())?;
         Ok(TinyGuest {
             vm,
             stop,
+            throttle,
             thread: Some(thread),
             vcpu: None,
             memory,
@@ -343,6 +354,13 @@ impl Vmm for TinyGuest {
         self.stop()
     }
 
+    /// Runs the guest's ticks `100 − percent` percent as often from the next tick on.
+    fn throttle(&mut self, percent: u8) -> Result<bool> {
+        self.throttle
+            .store(percent.min(super::THROTTLE_PERCENT_MAX), Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// The registers this guest needs: the 18 general registers (its segments are the fixed
     /// flat ones that [`TinyGuest::resume`] sets up again).
     fn device_state(&mut self) -> Result<Vec<DeviceBlob>> {
@@ -409,6 +427,13 @@ impl Vmm for AnyGuest {
         match self {
             AnyGuest::Kvm(g) => g.guest_cpu_time(),
             AnyGuest::Software(g) => g.guest_cpu_time(),
+        }
+    }
+
+    fn throttle(&mut self, percent: u8) -> Result<bool> {
+        match self {
+            AnyGuest::Kvm(g) => g.throttle(percent),
+            AnyGuest::Software(g) => g.throttle(percent),
         }
     }
 }
@@ -485,6 +510,49 @@ mod tests {
         assert_eq!(
             mid_burst, 5,
             "pauses that stopped the vCPU inside its burst"
+        );
+    }
+    /// A throttle of 75% runs the guest's ticks a quarter as often: its counter grows at most
+    /// 0.6 times as fast as unthrottled (0.25 expected), and lifting it restores the pace.
+    #[test]
+    fn a_throttled_guest_runs_fewer_ticks() {
+        if let Err(why) = probe() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+        let params = Params {
+            burst: 64,
+            working_set_pages: 64,
+        };
+        let memory = Arc::new(
+            GuestMemory::anonymous(&[RegionSpec {
+                gpa: 0,
+                len: params.memory_bytes_min(),
+            }])
+            .unwrap(),
+        );
+        let mut guest = TinyGuest::start(memory, params).unwrap();
+        let rate = |guest: &TinyGuest| {
+            let (start, at) = (guest.counter(), Instant::now());
+            std::thread::sleep(Duration::from_millis(200));
+            f64::from(guest.counter().wrapping_sub(start)) / at.elapsed().as_secs_f64()
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let free = rate(&guest);
+        assert!(guest.throttle(75).unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+        let throttled = rate(&guest);
+        assert!(guest.throttle(0).unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+        let lifted = rate(&guest);
+        guest.pause().unwrap();
+        assert!(
+            free > 0.0 && throttled < 0.6 * free,
+            "{throttled} against {free} stores/s"
+        );
+        assert!(
+            lifted > 1.5 * throttled,
+            "{lifted} against {throttled} stores/s"
         );
     }
 }
