@@ -347,6 +347,8 @@ fn a_guest_faster_than_the_link_converges_only_once_auto_converge_throttles_it()
         let migration = Migration::new(p.sender, Box::new(bitmap.clone()), policy);
         let handle = migration.handle();
         let result = migration.run(&mut guest);
+        // Whatever the outcome, the throttle ends with the migration.
+        assert_eq!(guest.throttle_percent(), 0);
         let received = join_within(p.receiver, Duration::from_secs(10), "receiver");
         (result, received, handle.snapshot(), p.src, p.dst)
     };

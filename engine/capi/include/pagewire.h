@@ -171,7 +171,8 @@ typedef struct {
   int64_t (*guest_cpu_ns)(void *ctx);
   // Optional (needed for [`pw_policy::auto_converge`]). Throttles the vCPUs so that they run
   // at most `100 − percent` percent of the time (QEMU's `cpu-throttle-percentage`; 0 lifts
-  // it). Null: this VMM cannot throttle, and the migration goes on unthrottled.
+  // it, which the migration does when it ends, whatever the outcome). Null: this VMM cannot
+  // throttle, and the migration goes on unthrottled.
   int32_t (*throttle)(void *ctx, uint8_t percent);
 } pw_vmm;
 
@@ -215,8 +216,8 @@ typedef struct {
   double mbps;
   // Rounds finished, the paused one included once sent.
   uint32_t rounds;
-  // The vCPU throttle in effect, percent (`cpu-throttle-percentage`; see
-  // [`pw_policy::auto_converge`]).
+  // The vCPU throttle applied last, percent (`cpu-throttle-percentage`; see
+  // [`pw_policy::auto_converge`]); lifted when the migration ends, this keeps its value.
   uint8_t cpu_throttle_percentage;
   // Nonzero once the policy chose to stop and copy: the expected downtime fitted the limit.
   uint8_t converged;

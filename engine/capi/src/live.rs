@@ -87,8 +87,8 @@ pub struct pw_migration_info {
     pub mbps: f64,
     /// Rounds finished, the paused one included once sent.
     pub rounds: u32,
-    /// The vCPU throttle in effect, percent (`cpu-throttle-percentage`; see
-    /// [`pw_policy::auto_converge`]).
+    /// The vCPU throttle applied last, percent (`cpu-throttle-percentage`; see
+    /// [`pw_policy::auto_converge`]); lifted when the migration ends, this keeps its value.
     pub cpu_throttle_percentage: u8,
     /// Nonzero once the policy chose to stop and copy: the expected downtime fitted the limit.
     pub converged: u8,
@@ -203,7 +203,8 @@ pub struct pw_vmm {
     pub guest_cpu_ns: Option<unsafe extern "C" fn(ctx: *mut c_void) -> i64>,
     /// Optional (needed for [`pw_policy::auto_converge`]). Throttles the vCPUs so that they run
     /// at most `100 − percent` percent of the time (QEMU's `cpu-throttle-percentage`; 0 lifts
-    /// it). Null: this VMM cannot throttle, and the migration goes on unthrottled.
+    /// it, which the migration does when it ends, whatever the outcome). Null: this VMM cannot
+    /// throttle, and the migration goes on unthrottled.
     pub throttle: Option<unsafe extern "C" fn(ctx: *mut c_void, percent: u8) -> i32>,
 }
 

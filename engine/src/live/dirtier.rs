@@ -86,6 +86,11 @@ impl SoftwareDirtier {
         self.writes.load(Ordering::Relaxed)
     }
 
+    /// The throttle in effect, percent of its rate taken away ([`Vmm::throttle`]).
+    pub fn throttle_percent(&self) -> u8 {
+        self.throttle.load(Ordering::Relaxed)
+    }
+
     /// Stops and joins the thread (idempotent).
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);

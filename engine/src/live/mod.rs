@@ -62,7 +62,8 @@ pub trait Vmm {
     /// QEMU's `cpu-throttle-percentage` does (0 lifts it): asked by a policy that sees the guest
     /// dirty memory faster than it can be sent ([`Decision::Throttle`], [`AutoConverge`]).
     /// Returns false (the default) when this VMM cannot throttle; the migration then goes on
-    /// unthrottled. The throttle ends with the pause: the destination's guest runs unthrottled.
+    /// unthrottled. When the migration ends, whatever the outcome, a throttle it applied is
+    /// lifted with `throttle(0)` (the destination's guest never was throttled).
     fn throttle(&mut self, percent: u8) -> Result<bool> {
         let _ = percent;
         Ok(false)
@@ -112,7 +113,9 @@ pub struct Snapshot {
     pub dirty_pages_rate: f64,
     /// Megabits per second over the migration so far.
     pub mbps: f64,
-    /// The vCPU throttle in effect now, percent (QEMU's `cpu-throttle-percentage`; 0: none).
+    /// The vCPU throttle the migration applied last, percent (QEMU's
+    /// `cpu-throttle-percentage`; 0: none). It is lifted when the migration ends; a finished
+    /// migration's snapshot keeps the last value, to say how far it had to go.
     pub cpu_throttle_percentage: u8,
     /// Every round so far.
     pub rounds: Vec<RoundFigures>,
@@ -212,6 +215,18 @@ impl Migration {
             rounds: Vec::new(),
         };
         let result = run.precopy(sender, source.as_mut(), policy.as_mut(), vmm);
+        // Whatever the outcome, the throttle ends with the migration (as QEMU's does): a source
+        // that keeps running after a failure or a cancel runs at full speed again.
+        let throttled = run
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cpu_throttle_percentage;
+        if throttled > 0 {
+            if let Err(e) = vmm.throttle(0) {
+                tracing::warn!("lifting the vCPU throttle failed: {e}");
+            }
+        }
         let status = match &result {
             Ok(_) => Status::Completed,
             Err(Error::Cancelled) => Status::Cancelled,
