@@ -1,0 +1,194 @@
+//! `pw_options`: the settings a C caller gives a sender or receiver, read into the Rust
+//! configs (zero or null fields mean the defaults).
+
+use super::*;
+
+/// Settings of a sender or receiver; zero (or a null pointer) means the default.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct pw_options {
+    /// Channels (connections) of a sender; 0: 2. Receivers take what the sender asks.
+    pub channels: u16,
+    /// A directory with QEMU's x509 files (ca-cert.pem, server-cert.pem, server-key.pem,
+    /// client-cert.pem, client-key.pem), or null for plaintext (loopback only).
+    pub tls_dir: *const c_char,
+    /// Milliseconds without progress before giving up on the peer; 0: 30000.
+    pub idle_timeout_ms: u64,
+    /// The cores shards may be pinned to, as a CPU list ("0-3,8"), or null for every core the
+    /// process may run on. Leave out the cores that run vCPUs; within the list shards go near
+    /// the memory they move (NUMA) and the NIC.
+    pub cores: *const c_char,
+    /// A sender's TCP congestion control ("cubic", "bbr", one the kernel offers), or null for
+    /// the host's default.
+    pub congestion: *const c_char,
+    /// Plaintext only. Nonzero on a sender: pages go without their checksums, covered by TCP's
+    /// checksum alone (as QEMU's multifd sends them), which saves CPU on both sides. Nonzero on
+    /// a receiver: such a sender is accepted (otherwise it is refused). 0: page checksums.
+    pub unchecked_pages: u8,
+    /// A pre-shared key file both ends hold (QEMU's `keys.psk` format, `identity:hexkey`), or
+    /// null. Without TLS it authenticates both ends and seals every record (AES-GCM), so a
+    /// receiver may then listen beyond loopback; with neither, it listens on loopback only.
+    pub psk_file: *const c_char,
+    /// A sender's compression of normal pages: "none" (or null), "zstd", "zlib", or "auto"
+    /// (zstd while the link, not the CPU, is the bottleneck). Receivers take what comes.
+    pub compress: *const c_char,
+    /// A sender's bandwidth limit from the start, in wire bytes per second over all channels
+    /// (QEMU's `max-bandwidth`); 0: unlimited. [`pw_control_set_max_bandwidth`] changes it
+    /// while the sender runs.
+    pub max_bandwidth_bytes_per_s: u64,
+}
+
+/// # Safety
+/// `o` is null or points to a valid `pw_options` whose strings (`tls_dir`, `cores`,
+/// `congestion`, `psk_file`, `compress`) are null or NUL-terminated.
+unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
+    if o.is_null() {
+        return Ok(Options {
+            channels: 2,
+            tls_dir: None,
+            idle_timeout_ms: 30_000,
+            cores: None,
+            congestion: None,
+            unchecked_pages: false,
+            psk_file: None,
+            compression: Compression::None,
+            max_bandwidth_bytes_per_s: None,
+        });
+    }
+    // SAFETY: non-null and valid (caller).
+    let o = unsafe { &*o };
+    let dir = if o.tls_dir.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        Some(unsafe { text(o.tls_dir, "tls_dir") }?.to_string())
+    };
+    let cores = if o.cores.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        let list = unsafe { text(o.cores, "cores") }?;
+        match pw::placement::parse_cpu_list(list) {
+            Some(cores) if !cores.is_empty() => Some(cores),
+            _ => {
+                return Err(invalid(&format!(
+                    "cores {list:?} is not a CPU list like 0-3,8"
+                )))
+            }
+        }
+    };
+    let congestion = if o.congestion.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        Some(unsafe { text(o.congestion, "congestion") }?.to_string())
+    };
+    let psk_file = if o.psk_file.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        Some(unsafe { text(o.psk_file, "psk_file") }?.to_string())
+    };
+    let compression = if o.compress.is_null() {
+        Compression::None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        unsafe { text(o.compress, "compress") }?
+            .parse()
+            .map_err(|e: String| invalid(&e))?
+    };
+    Ok(Options {
+        channels: if o.channels == 0 { 2 } else { o.channels },
+        tls_dir: dir,
+        idle_timeout_ms: if o.idle_timeout_ms == 0 {
+            30_000
+        } else {
+            o.idle_timeout_ms
+        },
+        cores,
+        congestion,
+        unchecked_pages: o.unchecked_pages != 0,
+        psk_file,
+        compression,
+        max_bandwidth_bytes_per_s: (o.max_bandwidth_bytes_per_s > 0)
+            .then_some(o.max_bandwidth_bytes_per_s),
+    })
+}
+
+/// `pw_options` read and defaulted.
+struct Options {
+    channels: u16,
+    tls_dir: Option<String>,
+    idle_timeout_ms: u64,
+    cores: Option<Vec<usize>>,
+    congestion: Option<String>,
+    unchecked_pages: bool,
+    psk_file: Option<String>,
+    compression: Compression,
+    max_bandwidth_bytes_per_s: Option<u64>,
+}
+
+impl Options {
+    /// The pre-shared key, read from its file.
+    fn psk(&self) -> Result<Option<pw::auth::Psk>, Error> {
+        self.psk_file
+            .as_deref()
+            .map(|f| pw::auth::Psk::from_file(Path::new(f)))
+            .transpose()
+    }
+}
+
+fn tls_files(dir: &str, side: &str) -> TlsFiles {
+    let dir = Path::new(dir);
+    TlsFiles {
+        cert: dir.join(format!("{side}-cert.pem")),
+        key: dir.join(format!("{side}-key.pem")),
+        ca: dir.join("ca-cert.pem"),
+    }
+}
+
+/// A receiver's settings from `opts`.
+///
+/// # Safety
+/// As for [`options`].
+pub(crate) unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Error> {
+    // SAFETY: as the caller promises.
+    let o = unsafe { options(opts) }?;
+    let tls = match &o.tls_dir {
+        Some(d) => Some(TlsServer::new(tls_files(d, "server").load()?)?),
+        None => None,
+    };
+    Ok(ReceiverConfig {
+        tls,
+        psk: o.psk()?,
+        idle_timeout_ms: o.idle_timeout_ms,
+        cores: o.cores,
+        accept_unchecked_pages: o.unchecked_pages,
+        ..ReceiverConfig::default()
+    })
+}
+
+/// A sender's settings from `opts`.
+///
+/// # Safety
+/// As for [`options`].
+pub(crate) unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> {
+    // SAFETY: as the caller promises.
+    let o = unsafe { options(opts) }?;
+    let tls = match &o.tls_dir {
+        Some(d) => Some(TlsClient::new(tls_files(d, "client").load()?, "localhost")?),
+        None => None,
+    };
+    Ok(SenderConfig {
+        channels: o.channels,
+        tls,
+        psk: o.psk()?,
+        compression: o.compression,
+        max_bandwidth_bytes_per_s: o.max_bandwidth_bytes_per_s,
+        idle_timeout_ms: o.idle_timeout_ms,
+        cores: o.cores,
+        congestion: o.congestion,
+        page_checksums: !o.unchecked_pages,
+        ..SenderConfig::default()
+    })
+}
