@@ -1,4 +1,4 @@
-//! `include/pagewire.h` is what cbindgen makes of `src/lib.rs` now. After changing the ABI,
+//! `include/pagewire.h` is what cbindgen makes of the crate (`src/`) now. After changing the ABI,
 //! regenerate it with `PAGEWIRE_BLESS=1 cargo test -p pagewire-capi --test header`.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
