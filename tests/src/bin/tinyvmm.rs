@@ -5,12 +5,13 @@
 //! ```text
 //!  tinyvmm dest   --listen 127.0.0.1:0 [--tls-dir D] [--resume-ms 200]
 //!  tinyvmm source --to ADDR [--tls-dir D] [--burst 8] [--warmup-ms 200] [--downtime-ms 50]
+//!                 [--auto-converge]
 //! ```
 //! The destination prints `listening on ADDR`, receives memory and the vCPU's registers (a
 //! device state blob), checksums the memory it holds, resumes the guest for `--resume-ms`, and
 //! prints one JSON line. The source runs the guest for `--warmup-ms`, migrates it live (KVM
-//! dirty log, pause at convergence), checksums its memory at the pause, and prints one JSON
-//! line. The integration test `tests/tinyvmm.rs` runs both and compares.
+//! dirty log, pause at convergence; with `--auto-converge` the vCPU is throttled while the guest
+//! outruns the rounds), checksums its memory at the pause, and prints one JSON line. The integration test `tests/tinyvmm.rs` runs both and compares.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use anyhow::Result;
 use pagewire::live::guestcode::Params;
 use pagewire::live::tinyguest::{self, TinyGuest};
-use pagewire::live::{DowntimeLimit, Migration, Vmm};
+use pagewire::live::{AutoConverge, DowntimeLimit, Migration, Policy, Throttling, Vmm};
 use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
@@ -64,6 +65,9 @@ enum Cli {
         downtime_ms: u64,
         #[arg(long, default_value_t = 2)]
         channels: u16,
+        /// Throttle the vCPU while the guest outruns the rounds (QEMU's auto-converge).
+        #[arg(long)]
+        auto_converge: bool,
     },
 }
 
@@ -112,9 +116,17 @@ impl Vmm for Source {
     fn guest_cpu_time(&self) -> Option<Duration> {
         self.0.guest_cpu_time()
     }
+    fn throttle(&mut self, percent: u8) -> pagewire::Result<bool> {
+        self.0.throttle(percent)
+    }
 }
 
-fn source(to: &str, tls_dir: &Option<PathBuf>, a: (u32, u32, u64, u64, u16)) -> Result<()> {
+fn source(
+    to: &str,
+    tls_dir: &Option<PathBuf>,
+    a: (u32, u32, u64, u64, u16),
+    auto_converge: bool,
+) -> Result<()> {
     let (burst, working_set, warmup_ms, downtime_ms, channels) = a;
     let memory = memory()?;
     let guest = TinyGuest::start(
@@ -138,12 +150,17 @@ fn source(to: &str, tls_dir: &Option<PathBuf>, a: (u32, u32, u64, u64, u16)) -> 
         },
     )?;
     let dirty = guest.dirty_log();
-    let policy = DowntimeLimit {
+    let limit = DowntimeLimit {
         downtime_limit_ms: downtime_ms,
         ..DowntimeLimit::default()
     };
+    let policy: Box<dyn Policy> = if auto_converge {
+        Box::new(AutoConverge::new(limit, Throttling::default()))
+    } else {
+        Box::new(limit)
+    };
     let mut vmm = Source(guest, memory, None);
-    let report = Migration::new(sender, Box::new(dirty), Box::new(policy)).run(&mut vmm)?;
+    let report = Migration::new(sender, Box::new(dirty), policy).run(&mut vmm)?;
     let s = &report.snapshot;
     println!(
         "{}",
@@ -156,6 +173,7 @@ fn source(to: &str, tls_dir: &Option<PathBuf>, a: (u32, u32, u64, u64, u16)) -> 
             "expected_downtime_ms": s.expected_downtime_ms,
             "total_time_ms": s.total_time_ms,
             "converged": report.converged,
+            "cpu_throttle_percentage": s.cpu_throttle_percentage,
         })
     );
     Ok(())
@@ -211,10 +229,12 @@ fn main() -> Result<()> {
             warmup_ms,
             downtime_ms,
             channels,
+            auto_converge,
         } => source(
             &to,
             &tls_dir,
             (burst, working_set, warmup_ms, downtime_ms, channels),
+            auto_converge,
         ),
     }
 }
