@@ -57,9 +57,9 @@ typedef enum {
 } pw_migration_status;
 
 // A handle another thread may use while a sender, receiver or live migration runs (see
-// [`pw_sender_control`], [`pw_receiver_control`]). Every `pw_control_*` call is safe from any
-// thread, at any time until [`pw_control_free`], also after the transfer ended (when it
-// changes nothing).
+// [`pw_sender_control`], [`pw_receiver_control`]). Every `pw_control_*` call but
+// [`pw_control_free`] may come from any thread, at the same time as others, also after the
+// transfer ended (when it changes nothing); free it once no thread uses it any more.
 typedef struct pw_control pw_control;
 
 // The device state a VMM hands over after the pause, blob by blob

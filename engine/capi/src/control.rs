@@ -12,9 +12,9 @@ use super::live::{lock, MigrationSlot};
 use super::*;
 
 /// A handle another thread may use while a sender, receiver or live migration runs (see
-/// [`pw_sender_control`], [`pw_receiver_control`]). Every `pw_control_*` call is safe from any
-/// thread, at any time until [`pw_control_free`], also after the transfer ended (when it
-/// changes nothing).
+/// [`pw_sender_control`], [`pw_receiver_control`]). Every `pw_control_*` call but
+/// [`pw_control_free`] may come from any thread, at the same time as others, also after the
+/// transfer ended (when it changes nothing); free it once no thread uses it any more.
 pub struct pw_control {
     canceller: Canceller,
     progress: Arc<Progress>,
