@@ -453,6 +453,23 @@ mod tests {
         CODE_GPA + at as u64 + 2
     }
 
+    /// A guest writing 64 pages per tick over a 64-page working set.
+    const PARAMS_64: Params = Params {
+        burst: 64,
+        working_set_pages: 64,
+    };
+
+    /// Fresh memory for a guest of `params`.
+    fn memory_for(params: &Params) -> Arc<GuestMemory> {
+        Arc::new(
+            GuestMemory::anonymous(&[RegionSpec {
+                gpa: 0,
+                len: params.memory_bytes_min(),
+            }])
+            .unwrap(),
+        )
+    }
+
     /// How long the test waits for a pause (see the test).
     const PAUSE_WAIT_MAX: Duration = Duration::from_secs(10);
 
@@ -473,17 +490,11 @@ mod tests {
             eprintln!("SKIPPED: {why}");
             return;
         }
+        let memory = memory_for(&PARAMS_64);
         let params = Params {
             burst: 1 << 30,
-            working_set_pages: 64,
+            ..PARAMS_64
         };
-        let memory = Arc::new(
-            GuestMemory::anonymous(&[RegionSpec {
-                gpa: 0,
-                len: params.memory_bytes_min(),
-            }])
-            .unwrap(),
-        );
         let mut guest = TinyGuest::start(memory.clone(), params).unwrap();
         let mut mid_burst = 0;
         for _ in 0..5 {
@@ -520,18 +531,7 @@ mod tests {
             eprintln!("SKIPPED: {why}");
             return;
         }
-        let params = Params {
-            burst: 64,
-            working_set_pages: 64,
-        };
-        let memory = Arc::new(
-            GuestMemory::anonymous(&[RegionSpec {
-                gpa: 0,
-                len: params.memory_bytes_min(),
-            }])
-            .unwrap(),
-        );
-        let mut guest = TinyGuest::start(memory, params).unwrap();
+        let mut guest = TinyGuest::start(memory_for(&PARAMS_64), PARAMS_64).unwrap();
         let rate = |guest: &TinyGuest| {
             let (start, at) = (guest.counter(), Instant::now());
             std::thread::sleep(Duration::from_millis(200));
