@@ -29,7 +29,7 @@ use pagewire::dirty::{DirtySource, SharedBitmap};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
 use pagewire::live::guestcode::{Params, WORKING_SET_GPA};
 use pagewire::live::tinyguest::{AnyGuest as Guest, TinyGuest};
-use pagewire::live::{AutoConverge, DowntimeLimit, Migration, Policy, Throttling};
+use pagewire::live::{DowntimeLimit, Migration};
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
@@ -293,11 +293,7 @@ fn one(
         rounds_max: a.rounds_max,
         total_ms_max: a.time_max,
     };
-    let policy: Box<dyn Policy> = if a.auto_converge {
-        Box::new(AutoConverge::new(limit, Throttling::default()))
-    } else {
-        Box::new(limit)
-    };
+    let policy = limit.policy(a.auto_converge);
     let migration = Migration::new(sender, dirty, policy);
     let handle = migration.handle();
     let started = Instant::now();

@@ -13,10 +13,7 @@ use std::ffi::c_void;
 use std::sync::Mutex;
 
 use pw::dirty::{words_for, DirtyBitmaps, DirtySource};
-use pw::live::{
-    AutoConverge, DowntimeLimit, Migration, MigrationHandle, Policy, Snapshot, Status, Throttling,
-    Vmm,
-};
+use pw::live::{DowntimeLimit, Migration, MigrationHandle, Policy, Snapshot, Status, Vmm};
 
 use super::*;
 
@@ -134,12 +131,7 @@ unsafe fn policy(p: *const pw_policy) -> Box<dyn Policy> {
     // SAFETY: as the caller promises.
     let limit = unsafe { downtime_limit(p) };
     // SAFETY: null or valid (caller).
-    match unsafe { p.as_ref() } {
-        Some(p) if p.auto_converge != 0 => {
-            Box::new(AutoConverge::new(limit, Throttling::default()))
-        }
-        _ => Box::new(limit),
-    }
+    limit.policy(unsafe { p.as_ref() }.is_some_and(|p| p.auto_converge != 0))
 }
 
 /// # Safety

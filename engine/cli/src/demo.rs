@@ -263,11 +263,7 @@ fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
         downtime_limit_ms: a.downtime_limit,
         ..DowntimeLimit::default()
     };
-    let policy: Box<dyn Policy> = if a.auto_converge {
-        Box::new(AutoConverge::new(limit, Default::default()))
-    } else {
-        Box::new(limit)
-    };
+    let policy = limit.policy(a.auto_converge);
     let sender = Sender::connect(d.addr, d.src.clone(), &d.config);
     let sent = sender.and_then(|sender| {
         let progress = sender.progress();

@@ -20,7 +20,7 @@ use pagewire::auth::Psk;
 use pagewire::dirty::SharedBitmap;
 use pagewire::limits::{CHANNELS_MAX, IDLE_TIMEOUT_MS_MAX, IDLE_TIMEOUT_MS_MIN};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
-use pagewire::live::{AutoConverge, DowntimeLimit, Migration, MigrationHandle, Policy, Status};
+use pagewire::live::{DowntimeLimit, Migration, MigrationHandle, Status};
 use pagewire::pipeline::compress::Compression;
 use pagewire::profile::Profile;
 use pagewire::synth::{self, Content};

@@ -84,6 +84,18 @@ impl AutoConverge {
     }
 }
 
+impl DowntimeLimit {
+    /// This limit as a policy: alone, or under [`AutoConverge`] with QEMU's [`Throttling`] when
+    /// `auto_converge` (what a VMM's `auto-converge` switch chooses between).
+    pub fn policy(self, auto_converge: bool) -> Box<dyn Policy> {
+        if auto_converge {
+            Box::new(AutoConverge::new(self, Throttling::default()))
+        } else {
+            Box::new(self)
+        }
+    }
+}
+
 impl Policy for AutoConverge {
     fn decide(&mut self, view: &PolicyView<'_>) -> Decision {
         let decision = self.limit.decide(view);
@@ -128,14 +140,10 @@ impl Policy for AutoConverge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::live::policy::{Estimates, RoundFigures};
+    use crate::live::policy::tests::{simulate_throttled, GIB_PAGES};
+    use crate::live::policy::RoundFigures;
 
-    const GIB_PAGES: u64 = (1 << 30) / PAGE_BYTES as u64;
-
-    /// Rounds of a simulated guest that dirties `dirty` distinct pages per second (out of a
-    /// working set of `working_set`) while it runs, over a link of `bandwidth` bytes per second;
-    /// `throttles` says whether this VMM applies a throttle. The decision that ended it, the
-    /// rounds, and the throttles asked.
+    /// The shared simulation, from 1 GiB of memory.
     fn simulate(
         policy: &mut dyn Policy,
         bandwidth: f64,
@@ -143,39 +151,7 @@ mod tests {
         working_set: u64,
         throttles: bool,
     ) -> (Decision, Vec<RoundFigures>, Vec<u8>) {
-        let (mut rounds, mut asked) = (Vec::new(), Vec::new());
-        let (mut pages, mut elapsed, mut throttle) = (GIB_PAGES, 0.0, 0u8);
-        loop {
-            let ms = pages as f64 * PAGE_BYTES as f64 / bandwidth * 1e3;
-            let rate = dirty * f64::from(100 - throttle) / 100.0;
-            let dirtied = ((rate * ms / 1e3) as u64).min(working_set);
-            rounds.push(RoundFigures {
-                round: rounds.len() as u32,
-                pages,
-                wire_bytes: pages * PAGE_BYTES as u64,
-                ms,
-                dirtied_pages: dirtied,
-                throttle_percent: throttle,
-                ..RoundFigures::default()
-            });
-            elapsed += ms;
-            let view = PolicyView {
-                rounds: &rounds,
-                estimates: Estimates::after(&rounds, dirtied),
-                elapsed_ms: elapsed,
-            };
-            match policy.decide(&view) {
-                Decision::NextRound => {}
-                Decision::Throttle(p) => {
-                    asked.push(p);
-                    if throttles {
-                        throttle = p;
-                    }
-                }
-                d => return (d, rounds, asked),
-            }
-            pages = dirtied;
-        }
+        simulate_throttled(policy, GIB_PAGES, bandwidth, dirty, working_set, throttles)
     }
 
     #[test]

@@ -283,7 +283,7 @@ impl Policy for DowntimeLimit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Rounds of a simulated guest: `bandwidth` bytes/s, dirtying `dirty` distinct pages/s out
@@ -295,21 +295,37 @@ mod tests {
         dirty: f64,
         working_set: u64,
     ) -> (Decision, Vec<RoundFigures>) {
-        let mut rounds = Vec::new();
-        let mut pages = memory_pages;
-        let mut elapsed = 0.0;
+        let (d, rounds, _) =
+            simulate_throttled(policy, memory_pages, bandwidth, dirty, working_set, false);
+        (d, rounds)
+    }
+
+    /// [`simulate`], where a [`Decision::Throttle`] slows the guest's writes by its percentage
+    /// when `throttles` (a VMM that can throttle), and the run goes on. Also returns the
+    /// throttles asked for.
+    pub(in crate::live) fn simulate_throttled(
+        policy: &mut dyn Policy,
+        memory_pages: u64,
+        bandwidth: f64,
+        dirty: f64,
+        working_set: u64,
+        throttles: bool,
+    ) -> (Decision, Vec<RoundFigures>, Vec<u8>) {
+        let (mut rounds, mut asked) = (Vec::new(), Vec::new());
+        let (mut pages, mut elapsed, mut throttle) = (memory_pages, 0.0, 0u8);
         loop {
             let ms = pages as f64 * PAGE_BYTES as f64 / bandwidth * 1e3;
-            let dirtied = ((dirty * ms / 1e3) as u64).min(working_set);
-            let r = RoundFigures {
+            let rate = dirty * f64::from(100 - throttle) / 100.0;
+            let dirtied = ((rate * ms / 1e3) as u64).min(working_set);
+            rounds.push(RoundFigures {
                 round: rounds.len() as u32,
                 pages,
                 wire_bytes: pages * PAGE_BYTES as u64,
                 ms,
                 dirtied_pages: dirtied,
+                throttle_percent: throttle,
                 ..RoundFigures::default()
-            };
-            rounds.push(r);
+            });
             elapsed += ms;
             let view = PolicyView {
                 rounds: &rounds,
@@ -317,13 +333,20 @@ mod tests {
                 elapsed_ms: elapsed,
             };
             match policy.decide(&view) {
-                Decision::NextRound => pages = dirtied,
-                d => return (d, rounds),
+                Decision::NextRound => {}
+                Decision::Throttle(p) => {
+                    asked.push(p);
+                    if throttles {
+                        throttle = p;
+                    }
+                }
+                d => return (d, rounds, asked),
             }
+            pages = dirtied;
         }
     }
 
-    const GIB_PAGES: u64 = (1 << 30) / PAGE_BYTES as u64;
+    pub(in crate::live) const GIB_PAGES: u64 = (1 << 30) / PAGE_BYTES as u64;
 
     #[test]
     fn converges_when_the_link_outruns_the_guest() {

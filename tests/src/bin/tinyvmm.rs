@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Result;
 use pagewire::live::guestcode::Params;
 use pagewire::live::tinyguest::{self, TinyGuest};
-use pagewire::live::{AutoConverge, DowntimeLimit, Migration, Policy, Throttling, Vmm};
+use pagewire::live::{DowntimeLimit, Migration, Vmm};
 use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
@@ -154,11 +154,7 @@ fn source(
         downtime_limit_ms: downtime_ms,
         ..DowntimeLimit::default()
     };
-    let policy: Box<dyn Policy> = if auto_converge {
-        Box::new(AutoConverge::new(limit, Throttling::default()))
-    } else {
-        Box::new(limit)
-    };
+    let policy = limit.policy(auto_converge);
     let mut vmm = Source(guest, memory, None);
     let report = Migration::new(sender, Box::new(dirty), policy).run(&mut vmm)?;
     let s = &report.snapshot;
