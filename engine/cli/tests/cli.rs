@@ -198,6 +198,25 @@ fn errors_are_json_with_json() {
 }
 
 #[test]
+fn logs_into_a_pipe_carry_no_terminal_colours() {
+    if uring_missing() {
+        return;
+    }
+    let out = pagewire()
+        .args(["demo", "--size", "8MiB", "--json"])
+        .env("RUST_LOG", "pagewire=debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("DEBUG"), "no log lines to check: {logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "escape codes in a piped log: {logs:?}"
+    );
+}
+
+#[test]
 fn a_closed_standard_output_ends_quietly() {
     if uring_missing() {
         return;
