@@ -141,6 +141,20 @@ impl SenderConfig {
     }
 }
 
+/// Where a sender gets a TLS identity, in each interface pagewire has: error messages name
+/// all three, since the library's errors reach CLI users and VMMs alike.
+pub(crate) const HINT_SENDER_TLS: &str = "CLI: --tls-cert, --tls-key and --tls-ca; C: \
+     pw_options.tls_dir; Rust: SenderConfig::tls";
+/// Where a receiver gets a TLS identity (see [`HINT_SENDER_TLS`]).
+pub(crate) const HINT_RECEIVER_TLS: &str = "CLI: --tls-cert, --tls-key and --tls-ca; C: \
+     pw_options.tls_dir; Rust: ReceiverConfig::tls";
+/// Where a sender gets a pre-shared key (see [`HINT_SENDER_TLS`]).
+pub(crate) const HINT_SENDER_PSK: &str =
+    "CLI: --psk-file; C: pw_options.psk_file; Rust: SenderConfig::psk";
+/// Where a receiver agrees to pages without checksums (see [`HINT_SENDER_TLS`]).
+pub(crate) const HINT_ACCEPT_UNCHECKED: &str = "CLI: recv --accept-unchecked-pages; C: \
+     pw_options.unchecked_pages; Rust: ReceiverConfig::accept_unchecked_pages";
+
 /// Why turning page checksums off (or accepting pages without them) is refused with TLS or a
 /// pre-shared key.
 const PAGE_CHECKSUMS_PLAINTEXT_ONLY: &str = "page checksums apply to plaintext only: under TLS \

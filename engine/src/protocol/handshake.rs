@@ -17,6 +17,7 @@
 
 use std::fmt;
 
+use crate::config::{HINT_ACCEPT_UNCHECKED, HINT_SENDER_PSK, HINT_SENDER_TLS};
 use crate::limits::{CHANNELS_MAX, HELLO_BYTES};
 
 use super::{ProtocolError, PROTOCOL_VERSION};
@@ -276,25 +277,26 @@ impl fmt::Display for Refusal {
             }
             Refusal::TlsRequired => write!(
                 f,
-                "the receiver requires TLS, but this sender speaks plaintext (give it --tls-cert, --tls-key and --tls-ca)"
+                "the receiver requires TLS, but this sender speaks plaintext (give the sender a \
+                 TLS identity: {HINT_SENDER_TLS})"
             ),
             Refusal::PskRequired => write!(
                 f,
-                "the receiver requires a pre-shared key, but this sender offered none (give it --psk-file)"
+                "the receiver requires a pre-shared key, but this sender offered none (give the \
+                 sender the receiver's key: {HINT_SENDER_PSK})"
             ),
             Refusal::PskUnsupported => write!(
                 f,
                 "this sender offered a pre-shared key, but the receiver has none configured"
             ),
-            Refusal::PskMismatch => write!(
-                f,
-                "the sender's pre-shared key differs from the receiver's"
-            ),
+            Refusal::PskMismatch => {
+                write!(f, "the sender's pre-shared key differs from the receiver's")
+            }
             Refusal::ChecksumsRequired => write!(
                 f,
-                "this sender sends pages without checksums, and the receiver requires them (start \
-                 the receiver with --accept-unchecked-pages, or the sender without \
-                 --no-page-checksums)"
+                "this sender sends pages without checksums, and the receiver requires them (let \
+                 the receiver accept them, {HINT_ACCEPT_UNCHECKED}; or keep the sender's \
+                 checksums on)"
             ),
         }
     }

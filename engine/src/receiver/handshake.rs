@@ -2,6 +2,7 @@
 //! then the hello, checked against the session the first channel settled.
 
 use crate::auth::Psk;
+use crate::config::HINT_RECEIVER_TLS;
 use crate::error::{Error, Result};
 use crate::limits::{HANDSHAKE_TIMEOUT_MS, HELLO_BYTES, SESSION_SETTLE_MS};
 use crate::protocol::handshake::{Acceptor, Hello, Refusal, Reply, FEATURE_PSK};
@@ -94,7 +95,8 @@ pub(super) fn handshake(
             if first[0] == 0x16 {
                 let _ = plain_reply(Some(Refusal::Malformed));
                 return Err(Error::TlsMismatch(format!(
-                    "the sender at {peer} started a TLS handshake, but this receiver runs without TLS (give it --tls-cert, --tls-key and --tls-ca)"
+                    "the sender at {peer} started a TLS handshake, but this receiver runs without TLS \
+                     (give the receiver a TLS identity: {HINT_RECEIVER_TLS})"
                 )));
             }
             read_plain_hello(&stream, peer)

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::auth::Psk;
+use crate::config::HINT_SENDER_TLS;
 use crate::error::{Error, Result};
 use crate::limits::HANDSHAKE_TIMEOUT_MS;
 use crate::protocol::handshake::{Hello, Reply};
@@ -179,7 +180,8 @@ pub(super) fn plain_reply(stream: &Stream, hello: &Hello) -> Result<Reply> {
     }
     if (got >= 1 && reply[0] == 0x15) || reply[..got.min(2)] == [0x16, 0x03] {
         return Err(Error::TlsMismatch(format!(
-            "the receiver answered channel {i} with TLS: it requires TLS (give this sender --tls-cert, --tls-key and --tls-ca)"
+            "the receiver answered channel {i} with TLS: it requires TLS (give this sender a TLS \
+             identity: {HINT_SENDER_TLS})"
         )));
     }
     Reply::decode(&reply[..got]).map_err(|source| Error::Protocol { channel: i, source })

@@ -24,6 +24,7 @@ pub(crate) mod stream;
 
 pub(crate) use stream::{Record, RecordStream};
 
+use crate::config::HINT_RECEIVER_TLS;
 use crate::stream::Stream;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -483,7 +484,10 @@ pub(crate) fn client_handshake(
         conn,
         stream,
         channel,
-        "the receiver answered in plaintext: it runs without TLS (give it --tls-cert, --tls-key and --tls-ca)"
+        format!(
+            "the receiver answered in plaintext: it runs without TLS (give the receiver a TLS \
+             identity: {HINT_RECEIVER_TLS})"
+        )
     );
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()

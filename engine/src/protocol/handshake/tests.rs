@@ -194,3 +194,31 @@ fn layout_digest_depends_on_every_field() {
     assert_ne!(base, layout_digest([(4096, 4096), (1 << 32, 8192)]));
     assert_ne!(base, layout_digest([(0, 4096)]));
 }
+
+#[test]
+fn refusals_a_user_can_mend_say_how_in_every_interface() {
+    // The library's errors reach CLI users and VMMs (Rust and C) alike.
+    for (refusal, settings) in [
+        (
+            Refusal::TlsRequired,
+            ["--tls-cert", "pw_options.tls_dir", "SenderConfig::tls"],
+        ),
+        (
+            Refusal::PskRequired,
+            ["--psk-file", "pw_options.psk_file", "SenderConfig::psk"],
+        ),
+        (
+            Refusal::ChecksumsRequired,
+            [
+                "--accept-unchecked-pages",
+                "pw_options.unchecked_pages",
+                "ReceiverConfig::accept_unchecked_pages",
+            ],
+        ),
+    ] {
+        let message = refusal.to_string();
+        for setting in settings {
+            assert!(message.contains(setting), "{message:?} lacks {setting}");
+        }
+    }
+}
