@@ -360,15 +360,7 @@ pub(crate) fn machine() -> String {
         .trim()
         .to_string();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let memory_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / (1u64 << 20) as f64);
+    let memory_gib = meminfo_kib("MemTotal:").map_or(0.0, |kib| kib as f64 / (1u64 << 20) as f64);
     let congestion = pagewire::sys::host_congestion().map_or("unknown".into(), |(d, _)| d);
     format!(
         "{cpu}, {cores} cores, {memory_gib:.0} GiB memory, Linux {kernel}, TCP congestion control {congestion} by default"
@@ -407,13 +399,72 @@ pub(crate) fn touch(mem: &GuestMemory) {
     }
 }
 
+/// Writes one byte of every 4 KiB page of fresh anonymous memory, then frees it: twice
+/// `bytes`, at most [`REFRESH_AVAILABLE_SHARE`] of the host's available memory. Returns the
+/// bytes refreshed.
+///
+/// [`touch`] mends the memory a run reads, but not the memory it is handed: after a KVM guest
+/// has run on this nested host (QEMU's in `matrix --with-qemu`; a `pagewire demo --live` with
+/// the tiny guest did the same), the pages the kernel hands out next are slow on their first
+/// use, socket buffers included, so even raw TCP slows down. Measured on an AMD EPYC host
+/// (December 2026, 2 GiB of random pages, 2 channels, 3 repetitions): with no KVM guest before
+/// them, pagewire moved 3.95 GiB/s, raw TCP 4.69, pagewire with TLS 1.86; after one QEMU
+/// migration of 2 GiB, 2.61, 2.93 and 1.27, in all three repetitions; after QEMU and then 4 GiB
+/// written this way and freed, 3.49, 4.43 and 1.81 (after 18 GiB, 3.70, 4.34, 1.89). Freed
+/// pages go back to the head of the kernel's free lists, so the next runs are handed pages
+/// used since the guest ran. The matrix refreshes once before it starts and after every QEMU
+/// migration, so each engine's runs (QEMU's too: each follows a QEMU run) start from the same
+/// state. `live` does not: a KVM guest runs through every live run of either engine, and its
+/// grid refreshed before every run was no different (the estimate within 25% of the downtime
+/// in 24 of 30 converged runs, against 27 of 28 without).
+pub(crate) fn refresh_free_memory(bytes: u64) -> u64 {
+    let available = meminfo_kib("MemAvailable:").map_or(0, |kib| kib * 1024);
+    let len = refresh_bytes(bytes, available);
+    let page_bytes = pagewire::limits::PAGE_BYTES as u64;
+    // A page at a time, as the kernel hands pages to socket buffers: populating whole 2 MiB
+    // pages (`GuestMemory::anonymous_populated`) restored only half of the loss (3.11 and
+    // 1.55 GiB/s in the measurement above), as those come from other free lists.
+    let mut pages = vec![0u8; len as usize];
+    for page in pages.chunks_mut(page_bytes as usize) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&pages);
+    len
+}
+
+/// The value of the `/proc/meminfo` line that starts with `key` (`"MemTotal:"`), in KiB.
+fn meminfo_kib(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse().ok())
+    })
+}
+
+/// How much [`refresh_free_memory`] takes for a cell of `bytes` on a host with `available`
+/// bytes available: twice the cell, at most [`REFRESH_AVAILABLE_SHARE`] of `available`, in
+/// whole pages.
+fn refresh_bytes(bytes: u64, available: u64) -> u64 {
+    let page_bytes = pagewire::limits::PAGE_BYTES as u64;
+    bytes
+        .saturating_mul(2)
+        .min((available as f64 * REFRESH_AVAILABLE_SHARE) as u64)
+        / page_bytes
+        * page_bytes
+}
+
+/// The most of the host's available memory (`MemAvailable`) that [`refresh_free_memory`]
+/// takes at once.
+const REFRESH_AVAILABLE_SHARE: f64 = 0.5;
+
 /// Waits until the host is quiet (under [`QUIET_BUSY_CPUS_MAX`] busy CPUs for a window of
 /// [`QUIET_WINDOW_MS`]), at most `max_ms`, and returns how long it waited.
 ///
 /// A guard against work a run leaves behind (a process exiting, kernel workers freeing its
 /// memory) sharing the cores with the next measurement; on a quiet host it costs one window.
-/// (It did not explain the slow run after QEMU's: that was the first pass over memory, see
-/// [`touch`].) Without `/proc/stat` it does not wait.
+/// (It did not explain the slow runs after QEMU's: those were first uses of memory, see
+/// [`touch`] and [`refresh_free_memory`].) Without `/proc/stat` it does not wait.
 pub(crate) fn wait_quiet(max_ms: u64) -> Duration {
     let start = Instant::now();
     let Some(mut before) = pagewire::sys::host_cpu_ticks() else {
@@ -437,7 +488,7 @@ pub(crate) fn wait_quiet(max_ms: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{median, wait_quiet};
+    use super::{median, refresh_bytes, refresh_free_memory, wait_quiet};
 
     #[test]
     fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
@@ -445,6 +496,18 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0]), 2.5);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn a_refresh_takes_twice_the_cell_in_whole_pages_and_never_most_of_the_host() {
+        let gib = 1u64 << 30;
+        assert_eq!(refresh_bytes(2 * gib, 20 * gib), 4 * gib);
+        assert_eq!(refresh_bytes(5000, 20 * gib), 8192);
+        assert_eq!(refresh_bytes(8 * gib, 20 * gib), 10 * gib);
+        assert_eq!(refresh_bytes(u64::MAX, 20 * gib), 10 * gib);
+        assert_eq!(refresh_bytes(gib, 0), 0);
+        // And the refresh itself writes what it says.
+        assert_eq!(refresh_free_memory(1 << 20), 2 << 20);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use pagewire::tls::{certs, TlsClient, TlsServer};
 use pagewire::{GuestMemory, RegionSpec, ZeroCopy};
 use serde::Serialize;
 
-use crate::measure::{pagewire_run, raw_tcp, summarize, touch, Run, Security, Summary};
+use crate::measure::{
+    pagewire_run, raw_tcp, refresh_free_memory, summarize, touch, Run, Security, Summary,
+};
 
 mod ceilings;
 mod report;
@@ -354,6 +356,9 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     bar.set_prefix("matrix");
     let mut measured: Vec<CellRuns> = cells.iter().map(|_| CellRuns::default()).collect();
     let mut raw: Vec<Vec<Run>> = vec![Vec::new(); a.channels.len()];
+    // A KVM guest run before the matrix (a live migration's, a VM's) leaves the same slow
+    // pages behind as QEMU's runs within it.
+    refresh_free_memory(a.size);
     for rep in 0..a.reps {
         for (k, &ch) in a.channels.iter().enumerate() {
             bar.set_message(format!("raw TCP, {ch} stream(s)"));
@@ -421,6 +426,9 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                     None
                 };
                 m.qemu.push(crate::qemu::migrate(ram, src, ch, comp, set)?);
+                // The pages handed out after a KVM guest ran are slow on first use: see
+                // `refresh_free_memory`.
+                refresh_free_memory(a.size);
                 bar.inc(1);
                 // pagewire between the same RAM files, right after.
                 bar.set_message(format!(
