@@ -410,9 +410,9 @@ pub(crate) fn touch(mem: &GuestMemory) {
 /// (December 2026, 2 GiB of random pages, 2 channels, 3 repetitions): with no KVM guest before
 /// them, pagewire moved 3.95 GiB/s, raw TCP 4.69, pagewire with TLS 1.86; after one QEMU
 /// migration of 2 GiB, 2.61, 2.93 and 1.27, in all three repetitions; after QEMU and then 4 GiB
-/// written this way and freed, 3.49, 4.43 and 1.81 (after 18 GiB, 3.70, 4.34, 1.89). Freed
-/// pages go back to the head of the kernel's free lists, so the next runs are handed pages
-/// used since the guest ran. The matrix refreshes once before it starts and after every QEMU
+/// written this way and freed, 3.49, 4.43 and 1.81 (after 18 GiB, 3.70, 4.34, 1.89). Why it
+/// works is inferred, not traced: freed pages go back to the head of the kernel's free lists,
+/// so the next runs are handed pages just written. The matrix refreshes once before it starts and after every QEMU
 /// migration, so each engine's runs (QEMU's too: each follows a QEMU run) start from the same
 /// state. `live` does not: a KVM guest runs through every live run of either engine, and its
 /// grid refreshed before every run was no different (the estimate within 25% of the downtime
@@ -506,7 +506,7 @@ mod tests {
         assert_eq!(refresh_bytes(8 * gib, 20 * gib), 10 * gib);
         assert_eq!(refresh_bytes(u64::MAX, 20 * gib), 10 * gib);
         assert_eq!(refresh_bytes(gib, 0), 0);
-        // And the refresh itself writes what it says.
+        // And the refresh takes that much of this host.
         assert_eq!(refresh_free_memory(1 << 20), 2 << 20);
     }
 
