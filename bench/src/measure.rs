@@ -412,20 +412,19 @@ pub(crate) fn touch(mem: &GuestMemory) {
 /// migration of 2 GiB, 2.61, 2.93 and 1.27, in all three repetitions; after QEMU and then 4 GiB
 /// written this way and freed, 3.49, 4.43 and 1.81 (after 18 GiB, 3.70, 4.34, 1.89). Why it
 /// works is inferred, not traced: freed pages go back to the head of the kernel's free lists,
-/// so the next runs are handed pages just written. The matrix refreshes once before it starts and after every QEMU
-/// migration, so each engine's runs (QEMU's too: each follows a QEMU run) start from the same
-/// state. `live` does not: a KVM guest runs through every live run of either engine, and its
+/// so the next runs are handed pages just written. The matrix refreshes once before it starts
+/// and after every QEMU migration, so each engine's runs (QEMU's too: each follows a QEMU run)
+/// start from the same state. `live` does not: a KVM guest runs through every live run of either engine, and its
 /// grid refreshed before every run was no different (the estimate within 25% of the downtime
 /// in 24 of 30 converged runs, against 27 of 28 without).
 pub(crate) fn refresh_free_memory(bytes: u64) -> u64 {
     let available = meminfo_kib("MemAvailable:").map_or(0, |kib| kib * 1024);
     let len = refresh_bytes(bytes, available);
-    let page_bytes = pagewire::limits::PAGE_BYTES as u64;
     // A page at a time, as the kernel hands pages to socket buffers: populating whole 2 MiB
     // pages (`GuestMemory::anonymous_populated`) restored only half of the loss (3.11 and
     // 1.55 GiB/s in the measurement above), as those come from other free lists.
     let mut pages = vec![0u8; len as usize];
-    for page in pages.chunks_mut(page_bytes as usize) {
+    for page in pages.chunks_mut(pagewire::limits::PAGE_BYTES) {
         page[0] = 1;
     }
     std::hint::black_box(&pages);
