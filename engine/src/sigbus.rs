@@ -117,9 +117,8 @@ extern "C" fn handler(signal: libc::c_int, info: *mut libc::siginfo_t, context: 
         // anonymous memory, so the faulting access completes harmlessly.
         for size in [4096usize, 2 << 20] {
             let page = addr & !(size - 1);
-            // SAFETY: `page..page + size` lies in a mapping this process made and guards; the
-            // transfer using it is being failed (the fault is recorded below), and nothing
-            // reads the replaced page as data afterwards.
+            // SAFETY: `page..page + size` lies in a mapping this process made and guards; its
+            // transfer is being failed (recorded below) and nobody reads the new page as data.
             let mapped = unsafe {
                 libc::mmap(
                     page as *mut libc::c_void,

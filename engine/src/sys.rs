@@ -361,9 +361,8 @@ pub fn tcp_bytes_received(stream: &impl AsRawFd) -> u64 {
 /// (a kernel without NUMA support answers `ENOSYS`).
 pub fn page_nodes(pages: &[*const u8]) -> std::io::Result<Vec<i32>> {
     let mut status = vec![0i32; pages.len()];
-    // SAFETY: `pages` and `status` hold `pages.len()` entries each; with a null `nodes` the
-    // kernel only reads the addresses (it dereferences nothing in user space) and writes one
-    // int per entry into `status`. pid 0 is this process.
+    // SAFETY: `pages` and `status` hold `pages.len()` entries; with null `nodes` the kernel reads
+    // the addresses (dereferencing none) and writes an int per entry to `status`; pid 0: this one.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_move_pages,
@@ -403,9 +402,8 @@ pub fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
     let mut found = None;
     let mut at = list;
     while !at.is_null() && found.is_none() {
-        // SAFETY: `at` is a node of the list getifaddrs returned, alive until freeifaddrs; its
-        // `ifa_addr` is null or points to a sockaddr of the family it names, and `ifa_name` to a
-        // NUL-terminated string.
+        // SAFETY: `at` is a node of getifaddrs' list, alive until freeifaddrs; `ifa_addr` is null
+        // or a sockaddr of the family it names, `ifa_name` a NUL-terminated string.
         unsafe {
             let ifa = &*at;
             if !ifa.ifa_addr.is_null() {

@@ -443,10 +443,9 @@ impl GuestMemory {
                     return Ok(true);
                 }
                 let step = (hi - lo).min(PREFAULT_STEP_BYTES);
-                // SAFETY: `lo - at + step` is within the region's mapping, which lives as long
-                // as `self`; MADV_POPULATE_WRITE faults pages in without changing their
-                // contents (a page of the shared zero page gets a private zeroed copy), so it
-                // is sound while anything else reads or writes them.
+                // MADV_POPULATE_WRITE gives a page of the shared zero page a private zeroed copy.
+                // SAFETY: `lo - at + step` is in the mapping, alive as long as `self`; populating
+                // leaves contents unchanged, so it is sound beside readers and writers.
                 let rc = unsafe {
                     libc::madvise(
                         r.host.as_ptr().add((lo - at) as usize).cast(),

@@ -218,9 +218,9 @@ unsafe fn consume_avx512(
         )
     };
     let stripe = |n: usize| {
-        // SAFETY: called only for n < stripes, so the stripe is readable (caller). The
-        // prefetch is a hint 1 KiB ahead (a single sequential stream is bound by the hardware
-        // prefetcher), and never faults, even past the end.
+        // One sequential stream is bound by the hardware prefetcher; this hint runs 1 KiB ahead.
+        // SAFETY: called only for n < stripes, so the stripe is readable (caller); the prefetch
+        // is a hint and never faults, even past the end.
         unsafe {
             let p = input.add(n * STRIPE_BYTES);
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD_BYTES).cast());

@@ -68,9 +68,8 @@ impl GcmCtx {
             ctx: NonNull::new(fresh)?,
             encrypt,
         };
-        // SAFETY: `ctx` is a valid context; `cipher` a static cipher; `key` is `key.len()`
-        // readable bytes, the length the cipher takes; null engine and IV are allowed (the
-        // IV is set per record).
+        // SAFETY: `ctx` is valid, `cipher` static, `key` `key.len()` readable bytes (the cipher's
+        // key length); a null engine and IV are allowed (the IV is set per record).
         let ok = unsafe {
             let init = if encrypt {
                 sys::EVP_EncryptInit_ex
@@ -95,9 +94,8 @@ impl GcmCtx {
         let ctx = self.ctx.as_ptr();
         let mut n: std::ffi::c_int = 0;
         let aad_len = aad.len() as std::ffi::c_int;
-        // SAFETY: `ctx` is valid and keyed (`new`); null cipher, engine and key keep the key
-        // and set only the 12-byte IV `nonce`; the AAD update reads `aad.len()` bytes of
-        // `aad` and writes no output (null out).
+        // SAFETY: `ctx` is keyed (`new`); null cipher/engine/key keep it and set the 12-byte IV
+        // `nonce` only; the AAD update reads `aad.len()` bytes of `aad`, writes nothing (null out).
         let ok = unsafe {
             if self.encrypt {
                 sys::EVP_EncryptInit_ex(
