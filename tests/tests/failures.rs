@@ -709,3 +709,111 @@ fn a_torn_page_of_a_live_round_must_arrive_again_before_success() {
         }
     }
 }
+
+/// A cancel that comes once the receiver has confirmed everything is too late, on either side:
+/// the destination may already run the guest, so both sides must report the migration
+/// complete. Raced many times, so that the cancel lands while the other side's shards take
+/// or send the `Done`, or after they ended.
+#[test]
+fn a_cancel_after_the_receiver_confirmed_leaves_both_sides_agreeing() {
+    if skip_without_uring() {
+        return;
+    }
+    const LEN: u64 = 2 << 20;
+    let src = memory(LEN);
+    fill(&src, Content::Random, 9);
+    for i in 0..60 {
+        let cancel_sender = i % 2 == 0;
+        let dst = memory(LEN);
+        let receiver = pagewire::Receiver::bind(
+            "127.0.0.1:0",
+            dst.clone(),
+            ReceiverConfig {
+                pinning: Pinning::None,
+                accept_timeout_ms: Some(20_000),
+                ..ReceiverConfig::default()
+            },
+        )
+        .unwrap();
+        let addr = receiver.local_addr().unwrap();
+        let receiver_canceller = receiver.canceller();
+        let (give, take) = std::sync::mpsc::channel::<pagewire::sender::Canceller>();
+        let rx = std::thread::spawn(move || {
+            let r = receiver.run();
+            if r.is_ok() && cancel_sender {
+                take.recv().unwrap().cancel();
+            }
+            r
+        });
+        let mut sender = Sender::connect(addr, src.clone(), &sender_config(2)).unwrap();
+        give.send(sender.canceller()).unwrap();
+        sender.send_all().unwrap();
+        let sent = sender.finish();
+        if sent.is_ok() && !cancel_sender {
+            receiver_canceller.cancel();
+        }
+        let received = join_within(rx, LIMIT, "receiver");
+        let who = if cancel_sender { "sender" } else { "receiver" };
+        assert!(
+            received.is_ok() && sent.is_ok(),
+            "iteration {i}, the {who} cancelled late: receiver {:?}, sender {:?}",
+            received.as_ref().err().map(|e| error_chain(e)),
+            sent.as_ref().err().map(|e| error_chain(e)),
+        );
+        assert_eq!(src.first_difference(&dst), None);
+    }
+}
+
+/// A connection that sends a valid hello and resets before the answer: its channel joined the
+/// session being gathered, then its handshake failed. The receiver must drop that session and
+/// serve the real sender that comes next, not refuse it as another session for ever.
+#[test]
+fn a_channel_reset_during_its_handshake_does_not_block_the_next_sender() {
+    if skip_without_uring() {
+        return;
+    }
+    let len = 64 * 4096;
+    let dst = memory(len);
+    let (addr, rx) = start_receiver(
+        dst.clone(),
+        ReceiverConfig {
+            accept_timeout_ms: Some(5_000),
+            ..ReceiverConfig::default()
+        },
+    );
+    for session in [7, 8, 9] {
+        let s = TcpStream::connect(addr).unwrap();
+        (&s).write_all(&hello_for(len, 0, 2, session).encode())
+            .unwrap();
+        // Close at once with a reset (SO_LINGER 0): the hello stays readable, the answer
+        // cannot be written.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a `linger` of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let src = memory(len);
+    fill(&src, Content::Random, 5);
+    let sent = pagewire_tests::send_all_to(addr, src.clone(), &sender_config(2));
+    let received = join_within(rx, LIMIT, "receiver");
+    assert!(
+        sent.is_ok() && received.is_ok(),
+        "sender {:?}, receiver {:?}",
+        sent.as_ref().err().map(|e| error_chain(e)),
+        received.as_ref().err().map(|e| error_chain(e))
+    );
+    assert_eq!(src.first_difference(&dst), None);
+}

@@ -496,6 +496,64 @@ fn a_cancel_from_another_thread_ends_both_sides_within_a_second() {
     assert_eq!(handle.snapshot().status, Status::Cancelled);
 }
 
+/// A dirty source that cancels the migration while the policy is about to stop and copy.
+struct CancelsAfterRoundZero {
+    collects: u32,
+    canceller: pagewire::sender::Canceller,
+}
+
+impl DirtySource for CancelsAfterRoundZero {
+    fn collect(&mut self, _into: &mut DirtyBitmaps) -> pagewire::Result<()> {
+        // The first collect clears what came before round 0; the second follows it.
+        self.collects += 1;
+        if self.collects == 2 {
+            self.canceller.cancel();
+        }
+        Ok(())
+    }
+}
+
+struct StopNow;
+
+impl Policy for StopNow {
+    fn decide(&mut self, _: &pagewire::live::PolicyView<'_>) -> pagewire::live::Decision {
+        pagewire::live::Decision::StopAndCopy
+    }
+}
+
+struct CountsPauses(u32);
+
+impl Vmm for CountsPauses {
+    fn pause(&mut self) -> pagewire::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+}
+
+/// A cancel that returned before the policy chose to stop: the guest is never paused.
+#[test]
+fn a_cancel_before_the_stop_never_pauses_the_guest() {
+    if skip_without_uring() {
+        return;
+    }
+    let p = connect(1);
+    let source = CancelsAfterRoundZero {
+        collects: 0,
+        canceller: p.sender.canceller(),
+    };
+    let migration = Migration::new(p.sender, Box::new(source), Box::new(StopNow));
+    let handle = migration.handle();
+    let mut vmm = CountsPauses(0);
+    let err = migration.run(&mut vmm).unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(vmm.0, 0, "the guest was paused after the cancel");
+    // The policy did choose to stop, and the snapshot keeps saying so after the failure.
+    let s = handle.snapshot();
+    assert_eq!((s.status, s.converged), (Status::Cancelled, true));
+    let r = join_within(p.receiver, Duration::from_secs(5), "receiver").unwrap_err();
+    assert!(r.to_string().contains("cancelled"), "receiver: {r}");
+}
+
 /// A paused guest with device state: blobs of several chunks, an empty one, a tiny one.
 struct WithDevices(SoftwareDirtier, Vec<DeviceBlob>);
 
@@ -602,6 +660,33 @@ fn a_bandwidth_change_mid_transfer_changes_the_rate() {
     assert!(
         elapsed < at_limit,
         "{elapsed:?}: no faster than at the limit ({at_limit:?})"
+    );
+}
+
+/// A very low limit makes each chain's wait long (a 512 KiB frame at 32 KiB/s per channel: 16
+/// s); lifting the limit must end the wait at once, not after it.
+#[test]
+fn lifting_a_low_bandwidth_limit_ends_the_wait_it_made() {
+    if skip_without_uring() {
+        return;
+    }
+    let mut p = connect(2);
+    let limit = p.sender.bandwidth_limit();
+    limit.set(Some(64 << 10));
+    let started = Instant::now();
+    let lift = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        limit.set(None);
+    });
+    p.sender.send_all().unwrap();
+    p.sender.finish().unwrap();
+    lift.join().unwrap();
+    join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    assert_eq!(p.src.first_difference(&p.dst), None);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?} after the limit was lifted at 300 ms",
+        started.elapsed()
     );
 }
 

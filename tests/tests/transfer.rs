@@ -253,3 +253,43 @@ fn the_congestion_control_asked_for_is_used_and_reported() {
         "{err}"
     );
 }
+
+/// Fresh destination memory skips the stores of zero pages, but only once: a second transfer
+/// into the same memory (a `pagewire-tune serve` destination, a retry), or memory written
+/// before the transfer, must get every zero page written.
+#[test]
+fn zero_pages_are_stored_into_memory_written_before() {
+    if skip_without_uring() {
+        return;
+    }
+    use pagewire::{GuestMemory, ReceiverConfig};
+    use pagewire_tests::{join_within, send_all_to, start_receiver};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let spec = [RegionSpec {
+        gpa: 0,
+        len: 1 << 20,
+    }];
+    let into = |dst: &Arc<GuestMemory>, src: &Arc<GuestMemory>| {
+        let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
+        send_all_to(addr, src.clone(), &config(2, ZeroCopy::Auto)).unwrap();
+        join_within(rx, Duration::from_secs(60), "receiver").unwrap();
+    };
+    let zeros = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+    let random = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+    pagewire::synth::fill(&random, Content::Random, 3);
+    // Two transfers into one destination: random pages, then zero pages.
+    let dst = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+    assert!(dst.regions()[0].initially_zero());
+    into(&dst, &random);
+    assert_eq!(random.first_difference(&dst), None);
+    assert!(!dst.regions()[0].initially_zero());
+    into(&dst, &zeros);
+    assert_eq!(zeros.first_difference(&dst), None, "second transfer");
+    // Memory the caller wrote before its first transfer.
+    let dst = Arc::new(GuestMemory::anonymous(&spec).unwrap());
+    dst.regions()[0].write(5 * PAGE, &[0xA5; PAGE as usize]);
+    assert!(!dst.regions()[0].initially_zero());
+    into(&dst, &zeros);
+    assert_eq!(zeros.first_difference(&dst), None, "written before");
+}

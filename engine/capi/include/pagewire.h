@@ -184,6 +184,8 @@ typedef struct {
   // [`pw_policy::auto_converge`]); lifted when the migration ends, this keeps its value.
   uint8_t cpu_throttle_percentage;
   // Nonzero once the policy chose to stop and copy: the expected downtime fitted the limit.
+  // It stays nonzero when the migration fails after that (in the pause, the last round, the
+  // device state or the confirmation).
   uint8_t converged;
 } pw_migration_info;
 
@@ -345,7 +347,9 @@ pw_status pw_receiver_control(const pw_receiver *receiver, pw_control **out);
 
 // Cancels the transfer or migration: within about 100 ms both sides stop, the peer is told,
 // and the blocked call returns `PW_STATUS_CANCELLED` (the other side `PW_STATUS_PEER`, saying
-// it was cancelled). A guest already paused stays paused: resuming it is the VMM's call.
+// it was cancelled). A guest already paused stays paused: resuming it is the VMM's call. A
+// cancel before the policy chose to stop never pauses the guest; one after the receiver
+// confirmed it holds everything is too late, and both sides return `PW_STATUS_OK`.
 //
 // # Safety
 // `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed.
@@ -394,7 +398,8 @@ pw_status pw_device_state_add(pw_device_state *state,
 // the last round, `vmm->device_state`, and the receiver's confirmation. Blocks until then.
 //
 // `out` (may be null) gets the final figures, on failure too (status `FAILED` or
-// `CANCELLED`). Afterwards the sender is done: [`pw_sender_stats`] has its transfer
+// `CANCELLED`), once the migration started: a call refused for its arguments
+// (`PW_STATUS_INVALID`) leaves it as it was. Afterwards the sender is done: [`pw_sender_stats`] has its transfer
 // statistics after a success; free it either way. A policy that gives up returns
 // `PW_STATUS_NOT_CONVERGING` with the guest still running, not paused.
 //

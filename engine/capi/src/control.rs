@@ -4,7 +4,7 @@
 //! what a VMM's management thread (QMP's `migrate_cancel`, `migrate-set-parameters
 //! max-bandwidth`, `query-migrate`) needs.
 
-use pw::live::{MigrationHandle, Status};
+use pw::live::MigrationHandle;
 use pw::sender::{BandwidthLimit, Canceller};
 use pw::Progress;
 
@@ -103,7 +103,9 @@ unsafe fn control<'a>(control: *const pw_control) -> Result<&'a pw_control, Erro
 
 /// Cancels the transfer or migration: within about 100 ms both sides stop, the peer is told,
 /// and the blocked call returns `PW_STATUS_CANCELLED` (the other side `PW_STATUS_PEER`, saying
-/// it was cancelled). A guest already paused stays paused: resuming it is the VMM's call.
+/// it was cancelled). A guest already paused stays paused: resuming it is the VMM's call. A
+/// cancel before the policy chose to stop never pauses the guest; one after the receiver
+/// confirmed it holds everything is too late, and both sides return `PW_STATUS_OK`.
 ///
 /// # Safety
 /// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed.
@@ -188,9 +190,8 @@ pub unsafe extern "C" fn pw_control_migration(
             .as_ref()
             .map(MigrationHandle::snapshot)
             .ok_or_else(|| invalid("no migration has started on this sender"))?;
-        let converged = matches!(snapshot.status, Status::Device | Status::Completed);
         // SAFETY: non-null and valid for a write (caller).
-        unsafe { out.write(pw_migration_info::of(&snapshot, converged)) };
+        unsafe { out.write(pw_migration_info::of(&snapshot)) };
         Ok(())
     })
 }

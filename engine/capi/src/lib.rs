@@ -433,13 +433,14 @@ pub unsafe extern "C" fn pw_sender_send_bitmaps(
         for (i, &pages) in layout.iter().enumerate() {
             // SAFETY: `regions` entries (caller).
             let (bitmap, n) = unsafe { (*bitmaps.add(i), *words.add(i)) };
-            if bitmap.is_null() || (n as u64) * 64 < pages {
+            let needed = pw::dirty::words_for(pages);
+            if bitmap.is_null() || n < needed {
                 return Err(invalid(&format!(
                     "region {i} has {pages} pages; its bitmap has {n} words"
                 )));
             }
-            // SAFETY: `n` words (caller).
-            let bitmap = unsafe { std::slice::from_raw_parts(bitmap, n) };
+            // SAFETY: `n >= needed` words (caller); only the words that hold pages are read.
+            let bitmap = unsafe { std::slice::from_raw_parts(bitmap, needed) };
             bitmap_to_runs(i as u32, bitmap, pages, &mut runs);
         }
         if live {

@@ -83,11 +83,13 @@ pub struct pw_migration_info {
     /// [`pw_policy::auto_converge`]); lifted when the migration ends, this keeps its value.
     pub cpu_throttle_percentage: u8,
     /// Nonzero once the policy chose to stop and copy: the expected downtime fitted the limit.
+    /// It stays nonzero when the migration fails after that (in the pause, the last round, the
+    /// device state or the confirmation).
     pub converged: u8,
 }
 
 impl pw_migration_info {
-    pub(crate) fn of(s: &Snapshot, converged: bool) -> Self {
+    pub(crate) fn of(s: &Snapshot) -> Self {
         pw_migration_info {
             status: s.status.into(),
             setup_ms: s.setup_ms,
@@ -101,7 +103,7 @@ impl pw_migration_info {
             mbps: s.mbps,
             rounds: u32::try_from(s.rounds.len()).unwrap_or(u32::MAX),
             cpu_throttle_percentage: s.cpu_throttle_percentage,
-            converged: u8::from(converged),
+            converged: u8::from(s.converged),
         }
     }
 }
@@ -314,7 +316,8 @@ pub unsafe extern "C" fn pw_device_state_add(
 /// the last round, `vmm->device_state`, and the receiver's confirmation. Blocks until then.
 ///
 /// `out` (may be null) gets the final figures, on failure too (status `FAILED` or
-/// `CANCELLED`). Afterwards the sender is done: [`pw_sender_stats`] has its transfer
+/// `CANCELLED`), once the migration started: a call refused for its arguments
+/// (`PW_STATUS_INVALID`) leaves it as it was. Afterwards the sender is done: [`pw_sender_stats`] has its transfer
 /// statistics after a success; free it either way. A policy that gives up returns
 /// `PW_STATUS_NOT_CONVERGING` with the guest still running, not paused.
 ///
@@ -356,9 +359,8 @@ pub unsafe extern "C" fn pw_sender_migrate(
         let control = migration.handle();
         *lock(&handle.migration) = Some(control.clone());
         let result = migration.run(&mut CVmm(vmm));
-        let converged = result.as_ref().is_ok_and(|r| r.converged);
         if !out.is_null() {
-            let info = pw_migration_info::of(&control.snapshot(), converged);
+            let info = pw_migration_info::of(&control.snapshot());
             // SAFETY: non-null and valid for a write (caller).
             unsafe { out.write(info) };
         }
@@ -416,13 +418,14 @@ mod tests {
             status: Status::Active,
             ..Snapshot::default()
         };
-        let info = pw_migration_info::of(&s, false);
+        let info = pw_migration_info::of(&s);
         assert_eq!(info.status, pw_migration_status::Active);
         assert!(info.downtime_ms < 0.0);
         s.status = Status::Completed;
         s.downtime_ms = Some(12.5);
         s.rounds = vec![Default::default(); 3];
-        let info = pw_migration_info::of(&s, true);
+        s.converged = true;
+        let info = pw_migration_info::of(&s);
         assert_eq!(
             (info.status, info.downtime_ms, info.rounds, info.converged),
             (pw_migration_status::Completed, 12.5, 3, 1)

@@ -120,7 +120,9 @@ impl DirtyBitmaps {
     }
 
     /// ORs `words` (KVM's layout) into region `region`'s bitmap. Fails when the region does not
-    /// exist or `words` is not exactly its bitmap's length.
+    /// exist or `words` is not exactly its bitmap's length. Bits past the region's last page
+    /// (a VMM that marks whole words) are dropped, so [`dirty_pages`](Self::dirty_pages) never
+    /// counts pages the region does not have.
     pub fn or_words(&mut self, region: u32, words: &[u64]) -> Result<()> {
         let bitmap = self.regions.get_mut(region as usize).ok_or_else(|| {
             Error::Config(format!(
@@ -137,6 +139,10 @@ impl DirtyBitmaps {
         }
         for (b, w) in bitmap.iter_mut().zip(words) {
             *b |= w;
+        }
+        let tail_bits = self.pages[region as usize] % PAGES_PER_WORD;
+        if let (Some(last), true) = (bitmap.last_mut(), tail_bits != 0) {
+            *last &= (1u64 << tail_bits) - 1;
         }
         Ok(())
     }
@@ -349,6 +355,12 @@ mod tests {
         a.mark(1, 0, 1);
         union.collect(&mut bitmaps).unwrap();
         assert_eq!(bitmaps.dirty_pages(), 1);
+        // Whole words from a VMM: the bits past a region's 70 pages are not pages.
+        bitmaps.clear();
+        bitmaps.or_words(1, &[u64::MAX, u64::MAX]).unwrap();
+        assert_eq!(bitmaps.dirty_pages(), 70);
+        bitmaps.or_words(0, &[0, 0, 0, u64::MAX]).unwrap();
+        assert_eq!(bitmaps.dirty_pages(), 70 + 200 - 192);
         assert!(bitmaps.or_words(0, &[0; 3]).is_err(), "wrong length");
         assert!(bitmaps.or_words(2, &[0; 4]).is_err(), "no such region");
     }

@@ -117,6 +117,9 @@ pub struct Snapshot {
     /// `cpu-throttle-percentage`; 0: none). It is lifted when the migration ends; a finished
     /// migration's snapshot keeps the last value, to say how far it had to go.
     pub cpu_throttle_percentage: u8,
+    /// True once the policy chose to stop and copy (it stays true if the migration fails
+    /// after that, during the pause, the last round or the device state).
+    pub converged: bool,
     /// Every round so far.
     pub rounds: Vec<RoundFigures>,
 }
@@ -143,7 +146,10 @@ pub struct MigrationHandle {
 
 impl MigrationHandle {
     /// Cancels the migration: both sides stop within a ring wait slice (~100 ms) and report
-    /// [`Error::Cancelled`] (the receiver as the sender's abort).
+    /// [`Error::Cancelled`] (the receiver as the sender's abort). A cancel before the policy
+    /// chose to stop and copy never pauses the guest. Once the receiver has confirmed that it
+    /// holds everything, a cancel comes too late: both sides report the migration complete,
+    /// since the destination may already run the guest.
     pub fn cancel(&self) {
         self.canceller.cancel();
     }
@@ -407,11 +413,17 @@ impl Run {
                 Decision::GiveUp(why) => return Err(sender.abandon(Error::NotConverging(why))),
             }
         };
+        self.update(|s| s.converged = true);
         tracing::info!(
             rounds = self.rounds.len(),
             expected_downtime_ms = expected,
             "converged: pausing the guest for the last round"
         );
+        // A cancel that came during the last round or its collect ends the migration here:
+        // the caller's cancel has returned, and a guest paused after it would be its surprise.
+        if sender.canceller().is_cancelled() {
+            return Err(sender.abandon(Error::Cancelled));
+        }
         let paused = Instant::now();
         self.update(|s| s.status = Status::Device);
         if let Err(e) = vmm.pause() {

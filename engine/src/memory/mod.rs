@@ -47,7 +47,8 @@ pub struct Region {
     gpa: u64,
     len: u64,
     host: NonNull<u8>,
-    initially_zero: bool,
+    /// Zero as pagewire made it, and not written since (see [`Region::initially_zero`]).
+    initially_zero: AtomicBool,
     writable: bool,
     /// SIGBUS protection of a file mapping; dropped (unregistered) before the mapping is.
     guard: Option<crate::sigbus::Guard>,
@@ -84,10 +85,20 @@ impl Region {
         self.len / PAGE_BYTES as u64
     }
 
-    /// True when the region was zero when pagewire got it (fresh anonymous memory), so a zero page
-    /// not yet written needs no store.
+    /// True while the region is known to hold only zeros: pagewire mapped it fresh (anonymous
+    /// memory, a new image file) and nothing has written it since, so a zero page needs no
+    /// store. The first receiver into the region takes the promise (a second transfer into
+    /// the same memory stores its zero pages), and [`Region::write`] ends it. Writes through
+    /// [`Region::host_addr`] are the caller's: memory written that way before a transfer into
+    /// it must not be fresh memory.
     pub fn initially_zero(&self) -> bool {
-        self.initially_zero
+        self.initially_zero.load(Ordering::Acquire)
+    }
+
+    /// Takes the promise of [`initially_zero`](Self::initially_zero) for a transfer that is
+    /// about to write the region: true at most once.
+    pub(crate) fn take_initially_zero(&self) -> bool {
+        self.initially_zero.swap(false, Ordering::AcqRel)
     }
 
     /// Host address of the region's first byte, for callers that hand memory to the kernel
@@ -134,6 +145,10 @@ impl Region {
     pub fn write(&self, offset: u64, data: &[u8]) {
         self.assert_writable();
         let dst = self.host_ptr(offset, data.len() as u64);
+        // Read first: a receiver's shards write page after page, and have taken the flag.
+        if self.initially_zero.load(Ordering::Relaxed) {
+            self.initially_zero.store(false, Ordering::Release);
+        }
         // SAFETY: dst..dst+len is inside the mapping (host_ptr checked) and disjoint from `data`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
     }
@@ -269,7 +284,7 @@ impl GuestMemory {
                 len: s.len,
                 host: NonNull::new(raw.as_mut_ptr())
                     .ok_or_else(|| Error::Config("the kernel returned a null mapping".into()))?,
-                initially_zero: true,
+                initially_zero: AtomicBool::new(true),
                 writable: true,
                 guard: None,
                 _backing: Backing::Mapped(raw),
@@ -304,7 +319,7 @@ impl GuestMemory {
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
         reserve(&file, path, len)?;
         let mut mem = Self::map_file(&file, path, true)?;
-        mem.regions[0].initially_zero = true;
+        mem.regions[0].initially_zero = AtomicBool::new(true);
         Ok(mem)
     }
 
@@ -333,7 +348,7 @@ impl GuestMemory {
                 gpa: 0,
                 len,
                 host,
-                initially_zero: false,
+                initially_zero: AtomicBool::new(false),
                 writable,
                 guard: crate::sigbus::guard(raw.as_mut_ptr(), raw.len()),
                 _backing: Backing::Mapped(raw),
@@ -385,7 +400,7 @@ impl GuestMemory {
                     gpa: s.gpa,
                     len: s.len,
                     host,
-                    initially_zero: false,
+                    initially_zero: AtomicBool::new(false),
                     writable: true,
                     guard: None,
                     _backing: Backing::External,

@@ -12,7 +12,13 @@
 //! The receiver ([`BlobAssembler`]) refuses a chunk whose CRC does not match (plaintext has no
 //! other cover for these bytes; under TLS the AEAD covers them too), a blob larger than
 //! [`DEVICE_STATE_BYTES_MAX`] in all, chunks that overrun the total or end short of it, and a
-//! chunk of another tag before the current blob ended.
+//! chunk of another tag before the current blob ended. The bound holds over all of a
+//! receiver's channels together ([`DeviceBudget`]), and every blob, empty ones too, costs
+//! [`BLOB_OVERHEAD_BYTES`] of it besides its bytes, so a peer cannot make the receiver hold
+//! more by spreading blobs over channels or by sending millions of empty ones.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::ProtocolError;
 
@@ -21,7 +27,29 @@ pub const CHUNK_HEADER_BYTES: usize = 24;
 /// Bytes of device state a migration may carry in all (every blob together): a bound on what a
 /// peer can make the receiver hold in memory.
 pub const DEVICE_STATE_BYTES_MAX: u64 = 256 << 20;
+/// What each blob costs of [`DEVICE_STATE_BYTES_MAX`] besides its bytes: the receiver's
+/// bookkeeping of it (a `DeviceBlob` and its allocation, rounded up).
+pub const BLOB_OVERHEAD_BYTES: u64 = 64;
 const FLAG_LAST: u32 = 1;
+
+/// The device state bytes held so far by every [`BlobAssembler`] sharing it (clones share),
+/// checked against [`DEVICE_STATE_BYTES_MAX`].
+#[derive(Debug, Clone, Default)]
+pub struct DeviceBudget(Arc<AtomicU64>);
+
+impl DeviceBudget {
+    /// Takes `bytes` of the budget; on refusal, the total that would have been held.
+    fn take(&self, bytes: u64) -> Result<(), u64> {
+        let mut would = 0;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                would = held.saturating_add(bytes);
+                (would <= DEVICE_STATE_BYTES_MAX).then_some(would)
+            })
+            .map(drop)
+            .map_err(|_| would)
+    }
+}
 
 /// One blob of device state, as the VMM handed it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,11 +124,20 @@ impl ChunkHeader {
 pub struct BlobAssembler {
     current: Option<DeviceBlob>,
     total: u64,
-    held: u64,
+    budget: DeviceBudget,
     done: Vec<DeviceBlob>,
 }
 
 impl BlobAssembler {
+    /// An assembler whose blobs count against `budget`, shared with the receiver's other
+    /// channels (`default()` has a budget of its own).
+    pub fn sharing(budget: DeviceBudget) -> Self {
+        BlobAssembler {
+            budget,
+            ..BlobAssembler::default()
+        }
+    }
+
     /// Takes one chunk's payload (header and bytes).
     pub fn push(&mut self, payload: &[u8]) -> Result<(), ProtocolError> {
         let h = ChunkHeader::decode(payload)?;
@@ -110,12 +147,15 @@ impl BlobAssembler {
                 "a chunk's CRC does not match its bytes",
             ));
         }
-        if self.held.saturating_add(h.total) > DEVICE_STATE_BYTES_MAX && self.current.is_none() {
-            return Err(ProtocolError::TooLarge {
-                what: "device state bytes",
-                value: self.held.saturating_add(h.total),
-                max: DEVICE_STATE_BYTES_MAX,
-            });
+        if self.current.is_none() {
+            let cost = h.total.saturating_add(BLOB_OVERHEAD_BYTES);
+            if let Err(value) = self.budget.take(cost) {
+                return Err(ProtocolError::TooLarge {
+                    what: "device state bytes, with each blob's bookkeeping",
+                    value,
+                    max: DEVICE_STATE_BYTES_MAX,
+                });
+            }
         }
         let blob = match self.current.as_mut() {
             Some(b) if b.tag != h.tag || self.total != h.total => {
@@ -126,7 +166,6 @@ impl BlobAssembler {
             Some(b) => b,
             None => {
                 self.total = h.total;
-                self.held += h.total;
                 self.current.insert(DeviceBlob {
                     tag: h.tag,
                     bytes: Vec::new(),
@@ -231,5 +270,35 @@ mod tests {
             BlobAssembler::default().push(&r[..10]).is_err(),
             "truncated"
         );
+    }
+
+    #[test]
+    fn the_bound_holds_over_channels_and_counts_empty_blobs() {
+        // Two channels sharing one budget: half of it each fits, a byte more does not.
+        let budget = DeviceBudget::default();
+        let mut a = BlobAssembler::sharing(budget.clone());
+        let mut b = BlobAssembler::sharing(budget);
+        let half = DEVICE_STATE_BYTES_MAX / 2 - BLOB_OVERHEAD_BYTES;
+        a.push(&chunk(1, half, b"", false)).unwrap();
+        b.push(&chunk(2, half, b"", false)).unwrap();
+        let err = BlobAssembler::sharing(b.budget.clone())
+            .push(&chunk(3, 0, b"", true))
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge { .. }), "{err:?}");
+        // Empty blobs are not free: beside a blob that leaves room for 100 of them, 100 fit.
+        let budget = DeviceBudget::default();
+        let room = DEVICE_STATE_BYTES_MAX - 101 * BLOB_OVERHEAD_BYTES;
+        BlobAssembler::sharing(budget.clone())
+            .push(&chunk(5, room, b"", false))
+            .unwrap();
+        let mut e = BlobAssembler::sharing(budget);
+        let empty = chunk(4, 0, b"", true);
+        let fits = 100;
+        let mut pushed = 0u64;
+        while e.push(&empty).is_ok() {
+            pushed += 1;
+            assert!(pushed <= fits, "more than {fits} empty blobs held");
+        }
+        assert_eq!(pushed, fits);
     }
 }

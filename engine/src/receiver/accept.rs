@@ -65,7 +65,8 @@ impl Receiver {
         // The acceptor and the generation of the session it is gathering, under one lock: a
         // handshake accepted for an abandoned session is recognised and dropped.
         let acceptor = Arc::new(Mutex::new((Acceptor::new(expect), 0u64)));
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        type Outcome = std::result::Result<Joined, (Error, Option<u64>)>;
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(String, Outcome)>();
         let mut slots: Vec<Option<Accepted>> = Vec::new();
         let mut finished = 0usize;
         let mut accepted = 0u16;
@@ -74,23 +75,28 @@ impl Receiver {
         let mut last_refusal = None;
         let waiting_since = Instant::now();
         let mut first_at: Option<Instant> = None;
+        // Why the session being gathered must be dropped now (a channel of it failed).
+        let mut broken: Option<String> = None;
         let idle_timeout_ms = u32::try_from(self.config.idle_timeout_ms).unwrap_or(u32::MAX);
         loop {
             while let Ok((peer, result)) = done_rx.try_recv() {
                 in_flight -= 1;
-                let (hello, stream, session, generation): (Hello, Stream, Option<TlsSession>, u64) =
-                    match result {
-                        Ok(x) => x,
-                        Err(e) => {
-                            let text = format!("{peer}: {}", error_chain(&e));
-                            tracing::warn!(
-                                "dropped a connection that failed its handshake: {text}"
-                            );
+                let (hello, stream, session, generation) = match result {
+                    Ok(x) => x,
+                    Err((e, joined)) => {
+                        let text = format!("{peer}: {}", error_chain(&e));
+                        tracing::warn!("dropped a connection that failed its handshake: {text}");
+                        if joined.is_some_and(|g| g == lock(&acceptor).1) {
+                            broken = Some(format!(
+                                "a channel failed after joining the session ({text})"
+                            ));
+                        } else {
                             refused = refused.saturating_add(1);
                             last_refusal = Some(text);
-                            continue;
                         }
-                    };
+                        continue;
+                    }
+                };
                 if generation != lock(&acceptor).1 {
                     tracing::warn!("dropped a late channel of an abandoned session from {peer}");
                     continue;
@@ -121,35 +127,38 @@ impl Receiver {
             if count.is_some_and(|c| finished == c) {
                 break;
             }
-            if let Some(t) = first_at {
-                // A sender sends nothing before all its channels are accepted, so a gathered
-                // channel that turns readable has closed (the sender gave up, e.g. after a
-                // refused connection): the session is dropped at once, not after the timeout.
-                let gone = slots.iter().flatten().any(|a| a.stream.closed());
-                if gone || t.elapsed() >= Duration::from_millis(CHANNELS_GATHER_TIMEOUT_MS) {
-                    let text = if gone {
-                        format!(
-                            "the sender closed a channel while {finished} of {} were connected",
-                            count.unwrap_or(0)
-                        )
-                    } else {
-                        format!(
-                            "only {finished} of {} channels of a session arrived within {CHANNELS_GATHER_TIMEOUT_MS} ms",
-                            count.unwrap_or(0)
-                        )
-                    };
-                    tracing::warn!("dropped a session: {text}");
-                    let mut a = lock(&acceptor);
-                    a.0.reset();
-                    a.1 += 1;
-                    drop(a);
-                    abort.unwatch_all();
-                    slots.clear();
-                    finished = 0;
-                    first_at = None;
-                    refused = refused.saturating_add(1);
-                    last_refusal = Some(text);
-                }
+            // A sender sends nothing before all its channels are accepted, so a gathered
+            // channel that turns readable has closed (the sender gave up, e.g. after a refused
+            // connection): the session is dropped at once, not after the timeout; so is one
+            // whose channel failed after joining it.
+            let gone = first_at.is_some() && slots.iter().flatten().any(|a| a.stream.closed());
+            let late = first_at
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(CHANNELS_GATHER_TIMEOUT_MS));
+            if gone || late || broken.is_some() {
+                let text = if let Some(why) = broken.take() {
+                    why
+                } else if gone {
+                    format!(
+                        "the sender closed a channel while {finished} of {} were connected",
+                        count.unwrap_or(0)
+                    )
+                } else {
+                    format!(
+                        "only {finished} of {} channels of a session arrived within {CHANNELS_GATHER_TIMEOUT_MS} ms",
+                        count.unwrap_or(0)
+                    )
+                };
+                tracing::warn!("dropped a session: {text}");
+                let mut a = lock(&acceptor);
+                a.0.reset();
+                a.1 += 1;
+                drop(a);
+                abort.unwatch_all();
+                slots.clear();
+                finished = 0;
+                first_at = None;
+                refused = refused.saturating_add(1);
+                last_refusal = Some(text);
             }
             if let Some(ms) = self.config.accept_timeout_ms {
                 if first_at.is_none() && waiting_since.elapsed() >= Duration::from_millis(ms) {

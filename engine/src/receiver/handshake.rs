@@ -37,8 +37,15 @@ pub(super) struct Auth<'a> {
     pub(super) psk: Option<&'a Psk>,
 }
 
+/// A channel whose handshake succeeded: its hello, connection, TLS state, and the generation of
+/// the session it joined.
+pub(super) type Joined = (Hello, Stream, Option<TlsSession>, u64);
+
 /// Runs one connection's handshakes: TLS when configured (after checking the peer speaks it),
-/// then the hello. A refusal is answered and returned as the error.
+/// then the hello. A refusal is answered and returned as the error. A handshake that fails
+/// after its hello joined the session being gathered (answering it failed: the connection was
+/// reset) returns that session's generation with the error: its channel index is taken there,
+/// so the accept loop must drop the session, or every later sender would be refused.
 pub(super) fn handshake(
     stream: Stream,
     peer: &str,
@@ -46,7 +53,30 @@ pub(super) fn handshake(
     auth: Auth<'_>,
     index: u16,
     idle_timeout_ms: u32,
-) -> Result<(Hello, Stream, Option<TlsSession>, u64)> {
+) -> std::result::Result<Joined, (Error, Option<u64>)> {
+    let mut joined = None;
+    join(
+        stream,
+        peer,
+        acceptor,
+        auth,
+        index,
+        idle_timeout_ms,
+        &mut joined,
+    )
+    .map_err(|e| (e, joined))
+}
+
+/// [`handshake`], setting `joined` once the hello joined a session.
+fn join(
+    stream: Stream,
+    peer: &str,
+    acceptor: &SharedAcceptor,
+    auth: Auth<'_>,
+    index: u16,
+    idle_timeout_ms: u32,
+    joined: &mut Option<u64>,
+) -> Result<Joined> {
     let tls = auth.tls;
     stream.configure()?;
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
@@ -148,7 +178,10 @@ pub(super) fn handshake(
         }
     }
     let generation = match check_settled(acceptor, &hello) {
-        Ok(generation) => generation,
+        Ok(generation) => {
+            *joined = Some(generation);
+            generation
+        }
         Err(refusal) => {
             let _ = reply(&mut session, Some(refusal));
             return Err(Error::Refused {

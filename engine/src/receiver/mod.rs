@@ -19,21 +19,18 @@ use crate::error::{Error, Result};
 use crate::limits::{CHANNELS_GATHER_TIMEOUT_MS, HANDSHAKES_IN_FLIGHT_MAX, PAGE_BYTES};
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
-use crate::protocol::handshake::{
-    Acceptor, Expectation, Hello, FEATURES_KNOWN, FEATURE_UNCHECKED_PAGES,
-};
+use crate::protocol::handshake::{Acceptor, Expectation, FEATURES_KNOWN, FEATURE_UNCHECKED_PAGES};
 use crate::protocol::ledger::PageLedger;
 use crate::sender::Canceller;
 use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
 use crate::shard::{catch_panic, error_chain, pin, Abort, RoundBarrier};
 use crate::stats::{Progress, TransferStats};
 use crate::stream::Stream;
-use crate::tls::TlsSession;
 
 mod accept;
 mod handshake;
 mod prefault;
-use handshake::{handshake, lock, Accepted, Auth};
+use handshake::{handshake, lock, Accepted, Auth, Joined};
 use prefault::Prefault;
 
 /// Makes the destination once the sender's hello says how large it is.
@@ -287,11 +284,12 @@ impl Receiver {
         }
         let n = streams.len();
         let barrier = Arc::new(RoundBarrier::new(n));
+        let device_budget = crate::protocol::blob::DeviceBudget::default();
         let ledger = Arc::new(PageLedger::new(
             memory
                 .regions()
                 .iter()
-                .map(|r| (r.pages(), r.initially_zero())),
+                .map(|r| (r.pages(), r.take_initially_zero())),
         ));
         // Shards near the destination memory's nodes (where it is faulted in already).
         let nic = streams.first().and_then(|a| a.stream.interface());
@@ -309,6 +307,7 @@ impl Receiver {
             let core = place.core.map(|id| core_affinity::CoreId { id });
             let params = RecvShardParams {
                 device_state: self.device_state.0.clone(),
+                device_budget: device_budget.clone(),
                 channel: i as u16,
                 memory: memory.clone(),
                 ledger: ledger.clone(),
@@ -364,7 +363,11 @@ impl Receiver {
             .into_iter()
             .map(|j| j.join().unwrap_or(Err(Error::Aborted)))
             .collect();
-        if let Some(e) = abort.take_error() {
+        // A shard ends well only after it confirmed the whole layout placed and verified
+        // (`Done`). When all did, the sender may already report success: an abort latched
+        // after that (a cancel that came too late) does not undo the migration.
+        let latched = abort.take_error();
+        if let (Some(e), false) = (latched, results.iter().all(|r| r.is_ok())) {
             return Err(e);
         }
         let mut stats = TransferStats {

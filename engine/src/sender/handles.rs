@@ -36,7 +36,9 @@ impl BandwidthLimit {
 
 /// Cancels a transfer from another thread: the shards see it within a ring wait slice
 /// (`RING_WAIT_SLICE_MS`), tell the peer why ("cancelled") and close; the side's current or
-/// next call returns [`Error::Cancelled`]. From
+/// next call returns [`Error::Cancelled`]. After the receiver confirmed that it holds
+/// everything (its `Done` on every channel), a cancel on either side is too late and changes
+/// nothing: the two sides must agree on the outcome. From
 /// [`Sender::canceller`](crate::Sender::canceller) or
 /// [`Receiver::canceller`](crate::Receiver::canceller).
 #[derive(Clone)]

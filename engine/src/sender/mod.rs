@@ -244,7 +244,11 @@ impl Sender {
             }
         }
         let results = self.join_all();
-        if let Some(e) = self.abort.take_error() {
+        // A shard ends well only once the receiver confirmed it holds everything, verified.
+        // When all did, an abort latched after that (a cancel that came too late) does not
+        // undo the migration: the destination may already be running the guest.
+        let latched = self.abort.take_error();
+        if let (Some(e), false) = (latched, results.iter().all(|r| r.is_ok())) {
             return Err(e);
         }
         let mut stats = TransferStats {

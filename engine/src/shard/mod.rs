@@ -176,7 +176,12 @@ impl Abort {
             return Err(Error::Internal(format!("no watched connection {id}")));
         };
         if peer.closed {
-            return Ok(());
+            // An abort went out instead (or the channel is over): a `Done` now would not be
+            // sent, and the shard must not end as if it had confirmed.
+            return match msg {
+                Control::Done => Err(Error::Aborted),
+                _ => Ok(()),
+            };
         }
         let mut out = [0u8; CONTROL_WIRE_BYTES_MAX];
         let n = peer.encode(msg, &mut out)?;

@@ -22,7 +22,7 @@ use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Codec, Decompressor};
 use crate::pipeline::seal::RECORD_BYTES_MAX;
 use crate::pipeline::zero::ZeroScanner;
-use crate::protocol::blob::{BlobAssembler, DeviceBlob};
+use crate::protocol::blob::{BlobAssembler, DeviceBlob, DeviceBudget};
 use crate::protocol::channel::Event;
 use crate::protocol::control::Control;
 use crate::protocol::ledger::PageLedger;
@@ -100,6 +100,8 @@ pub(crate) struct RecvShardParams {
     pub delay: FrameDelay,
     /// Where completed device state blobs go (every channel's, in channel order of arrival).
     pub device_state: Arc<Mutex<Vec<DeviceBlob>>>,
+    /// The device state all channels together may hold (see [`DeviceBudget`]).
+    pub device_budget: DeviceBudget,
     /// How the ring is made: test builds may simulate the transport and inject faults.
     pub faults: crate::shard::RingFaults,
 }
@@ -173,7 +175,7 @@ impl RecvShard {
                 ..ShardStats::default()
             },
             rng: p.delay.seed ^ (u64::from(p.channel) << 32) | 1,
-            blobs: BlobAssembler::default(),
+            blobs: BlobAssembler::sharing(p.device_budget.clone()),
             p,
         })
     }

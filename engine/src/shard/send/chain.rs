@@ -58,7 +58,8 @@ impl SendShard {
         }
         self.chain_started = Instant::now();
         self.chain_bytes = self.chain.iter().map(|op| op.len).sum();
-        if let Some(rate) = self.pace_bytes_per_s() {
+        self.repace();
+        if let Some(rate) = self.paced_bytes_per_s {
             let due = Duration::from_secs_f64(self.chain_bytes as f64 / rate);
             self.pace_until = self.pace_until.max(self.chain_started) + due;
         }

@@ -29,9 +29,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::limits::{
-    CHAIN_FRAMES_MAX, CONTROL_BYTES, DEVICE_CHUNK_BYTES_MAX, FRAME_HEADER_BYTES_MAX,
-    FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS,
-    SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+    CHAIN_FRAMES_MAX, CONFIRM_GRACE_MS, CONTROL_BYTES, DEVICE_CHUNK_BYTES_MAX,
+    FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES,
+    RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
@@ -43,7 +43,7 @@ use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::blob::{ChunkHeader, CHUNK_HEADER_BYTES};
 use crate::protocol::control::ControlReader;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
-use crate::protocol::sender::{Marker, SenderFault, SenderMachine};
+use crate::protocol::sender::{Confirmation, Marker, Outgoing, SenderFault, SenderMachine};
 use crate::protocol::{Frame, FrameKind, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
@@ -222,7 +222,10 @@ pub(crate) struct SendShard {
     chain_bytes: u64,
     pace: crate::sender::BandwidthLimit,
     channels: u16,
+    /// When the chains sent so far have had their time at the limit (`--max-bandwidth`).
     pace_until: Instant,
+    /// This shard's share of the limit `pace_until` was reckoned at (see `repace`).
+    paced_bytes_per_s: Option<f64>,
     /// The last round ended here was live: the coordinator waits for its `RoundPlaced`.
     awaited_round: bool,
     /// The body of an abort or device state frame being built.
@@ -290,6 +293,9 @@ impl SendShard {
         let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
         loop {
             if self.abort.is_raised() {
+                if self.confirmed_anyway() {
+                    break;
+                }
                 return Err(Error::Aborted);
             }
             self.reap()?;
@@ -302,6 +308,7 @@ impl SendShard {
             }
             self.fill(None)?;
             // --max-bandwidth: a chain leaves only when the previous ones' time has passed.
+            self.repace();
             let pace = self.pace_until.saturating_duration_since(Instant::now());
             if self.chain_outstanding == 0 && !self.ready.is_empty() && pace.is_zero() {
                 self.submit_chain()?;
@@ -346,6 +353,27 @@ impl SendShard {
         self.stats.faults_minor = faults.0.saturating_sub(faults_start.0);
         self.stats.faults_major = faults.1.saturating_sub(faults_start.1);
         Ok(())
+    }
+
+    /// The transfer was aborted (a cancel, another channel's failure): true when the receiver
+    /// confirms it holds everything anyway, because its `Done` was already on the way. Once
+    /// the kernel has taken our end of stream, the receiver no longer reads this channel and
+    /// confirms whatever happens here, and may then resume the guest: this channel waits for
+    /// that answer (up to `CONFIRM_GRACE_MS`) and ends as if the abort had not come, so that
+    /// the two sides report the same outcome. Before the end of stream the abort wins at once.
+    fn confirmed_anyway(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_millis(CONFIRM_GRACE_MS);
+        while self.m.confirmation() == Confirmation::Awaiting {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.m.outgoing() != Outgoing::EndSent || left.is_zero() {
+                return false;
+            }
+            // With DEFER_TASKRUN a completion is posted only when this thread asks for events.
+            if self.ring.submit_and_wait(1, left).is_err() || self.reap().is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Nothing to send and nothing to build: waits as `wait` says for work or the ring, or
@@ -413,6 +441,24 @@ impl SendShard {
         self.pace
             .get()
             .map(|b| b as f64 / f64::from(self.channels.max(1)))
+    }
+
+    /// Follows a change of the bandwidth limit: the wait still ahead was reckoned at the old
+    /// rate, and is rescaled to the new one (none once the limit is lifted or newly set), so a
+    /// limit lifted or raised while this shard waits applies at once, not after a wait that a
+    /// low limit made long.
+    fn repace(&mut self) {
+        let rate = self.pace_bytes_per_s();
+        if rate == self.paced_bytes_per_s {
+            return;
+        }
+        let now = Instant::now();
+        let left = self.pace_until.saturating_duration_since(now);
+        self.pace_until = match (self.paced_bytes_per_s, rate) {
+            (Some(old), Some(new)) => now + left.mul_f64(old / new),
+            _ => now,
+        };
+        self.paced_bytes_per_s = rate;
     }
 
     pub(super) fn sends_in_flight(&self) -> usize {

@@ -114,6 +114,7 @@ impl SendShard {
             pace: p.pace,
             channels: p.channels,
             pace_until: Instant::now(),
+            paced_bytes_per_s: None,
             awaited_round: false,
             body: Box::new([0; BODY_BYTES_MAX]),
         })
