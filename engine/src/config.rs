@@ -8,9 +8,15 @@ use std::str::FromStr;
 #[serde(rename_all = "lowercase")]
 pub enum ZeroCopy {
     /// Try `SEND_ZC`; fall back to plain sends per connection when the kernel reports it copied.
+    /// Where it really sends from our pages (a NIC, not loopback), guest memory is registered
+    /// as fixed buffers, which asks of the VMM what [`ZeroCopy::On`] says.
     #[default]
     Auto,
-    /// Always `SEND_ZC` from registered guest memory; fail if the kernel lacks it.
+    /// Always `SEND_ZC`, from guest memory registered as fixed buffers where it can be (not a
+    /// read-only image); fail if the kernel lacks `SEND_ZC`. Registered pages stay pinned
+    /// while the sender runs: the VMM must not discard guest memory meanwhile (balloon,
+    /// free page reporting, `MADV_DONTNEED`), as with VFIO, or sends read the pinned pages,
+    /// not the new ones (page checksums catch it; without them the destination is wrong).
     On,
     /// Plain sends only.
     Off,

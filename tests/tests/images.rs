@@ -354,3 +354,38 @@ fn ram_files_on_hugetlbfs_are_destinations_and_sources() {
     join_within(rx, LIMIT, "receiver").unwrap();
     assert_eq!(src.first_difference(&dst), None);
 }
+
+/// `--zero-copy on` from a RAM image mapped read-only: its pages cannot be registered as fixed
+/// buffers (the kernel pins those for writing), so the sends go zero-copy without them.
+#[test]
+fn forced_zero_copy_sends_a_read_only_image() {
+    if skip_without_uring() {
+        return;
+    }
+    if !pagewire::probe_uring().is_ok_and(|c| c.send_zc) {
+        eprintln!("SKIPPED: this kernel has no IORING_OP_SEND_ZC");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let len = 4u64 << 20;
+    let path = dir.path().join("src.img");
+    let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let src = Arc::new(GuestMemory::from_file(&path, false).unwrap());
+    let dst = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
+    let (addr, rx) = start_receiver(dst.clone(), ReceiverConfig::default());
+    let sent = pagewire_tests::send_all_to(
+        addr,
+        src.clone(),
+        &SenderConfig {
+            channels: 2,
+            pinning: Pinning::None,
+            zero_copy: pagewire::ZeroCopy::On,
+            ..SenderConfig::default()
+        },
+    )
+    .unwrap();
+    join_within(rx, LIMIT, "receiver").unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+    assert!(sent.shards.iter().all(|s| !s.fixed_buffers));
+}

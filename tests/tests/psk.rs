@@ -55,6 +55,46 @@ fn a_pre_shared_key_transfer_round_trips_with_key_updates() {
     assert_eq!(src.first_difference(&dst), None);
 }
 
+/// A peer without the key that answers a pre-shared-key hello with a plain "accepted" (a man
+/// in the middle asking for the pages in the clear) is refused before any page leaves.
+#[test]
+fn a_plain_accept_of_a_pre_shared_key_hello_is_refused() {
+    if skip_without_uring() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut hello = [0u8; 96];
+        s.read_exact(&mut hello).unwrap();
+        let accept = Reply {
+            version: PROTOCOL_VERSION,
+            refusal: None,
+            idle_timeout_ms: 30_000,
+        };
+        s.write_all(&accept.encode()).unwrap();
+        // Whatever the sender sends next: a refused sender closes without a frame.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        rest.len()
+    });
+    let src = memory(1 << 20);
+    fill(&src, Content::Random, 2);
+    let err = send_all_to(addr, src, &sender(1, Some(Psk::generate()))).unwrap_err();
+    assert!(
+        matches!(err, Error::Auth { .. }) && error_chain(&err).contains("challenge"),
+        "{}",
+        error_chain(&err)
+    );
+    assert_eq!(
+        join_within(fake, LIMIT, "fake receiver"),
+        0,
+        "bytes sent after the accept"
+    );
+}
+
 #[test]
 fn a_sender_with_another_key_is_refused_and_the_receiver_keeps_waiting() {
     if skip_without_uring() {

@@ -223,9 +223,12 @@ int main(int argc, char **argv) {
     const char *tls_dir = argc > 1 + cancel + throttled ? argv[1 + cancel + throttled] : NULL;
     /* With `cancel`, the sender starts under the low bandwidth limit; with `throttle`, under
      * one the writer always outruns. */
+    /* The certificates name the receiver "localhost"; without tls_hostname the sender would
+     * check the host of the address it connects to (127.0.0.1). */
     pw_options options = {.channels = 2,
                           .tls_dir = tls_dir,
-                          .max_bandwidth_bytes_per_s = cancel ? LIMIT_LOW : throttled ? LIMIT_THROTTLE : 0};
+                          .max_bandwidth_bytes_per_s = cancel ? LIMIT_LOW : throttled ? LIMIT_THROTTLE : 0,
+                          .tls_hostname = "localhost"};
     struct vmm v = {.mem = {map(LOW_PAGES * PAGE), map(HIGH_PAGES * PAGE)},
                     .dirty = {calloc(LOW_PAGES / 64, 8), calloc(HIGH_PAGES / 64, 8)}};
     for (uint64_t p = 0; p < LOW_PAGES; p++)

@@ -138,7 +138,10 @@ int main(int argc, char **argv) {
                           .congestion = getenv("PAGEWIRE_CONGESTION"),
                           .unchecked_pages = unchecked != NULL && strcmp(unchecked, "sender") != 0,
                           .psk_file = getenv("PAGEWIRE_PSK_FILE"),
-                          .compress = getenv("PAGEWIRE_COMPRESS")};
+                          .compress = getenv("PAGEWIRE_COMPRESS"),
+                          /* the receiver's certificate names "localhost" (a sender over
+                           * handed-in connections has no address to take the name from) */
+                          .tls_hostname = "localhost"};
     pw_options send_options = options;
     send_options.unchecked_pages = unchecked != NULL;
     if (getenv("PAGEWIRE_SENDER_PSK_FILE"))

@@ -117,6 +117,10 @@ typedef struct {
   // (QEMU's `max-bandwidth`); 0: unlimited. [`pw_control_set_max_bandwidth`] changes it
   // while the sender runs.
   uint64_t max_bandwidth_bytes_per_s;
+  // With `tls_dir` on a sender: the name the receiver's certificate must carry (QEMU's
+  // `tls-hostname`), or null for the host part of the address [`pw_sender_connect`]
+  // connects to. [`pw_sender_over_fds`] has no address to take it from and needs it.
+  const char *tls_hostname;
 } pw_options;
 
 // What one side of a finished transfer measured (see [`pw_sender_stats`] and

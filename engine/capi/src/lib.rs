@@ -329,7 +329,7 @@ pub unsafe extern "C" fn pw_sender_connect(
         // SAFETY: NUL-terminated (caller).
         let addr = unsafe { text(addr, "addr") }?;
         // SAFETY: from pw_memory_new, and null or valid (caller).
-        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
+        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts, Some(addr))?) };
         let sender = Sender::connect(addr, memory, &config)?;
         // SAFETY: valid (caller).
         unsafe { put(out, pw_sender::new(sender)) }
@@ -378,7 +378,7 @@ pub unsafe extern "C" fn pw_sender_over_fds(
         // SAFETY: as the caller promises.
         let streams = unsafe { streams(fds, count) }?;
         // SAFETY: from pw_memory_new, and null or valid (caller).
-        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts)?) };
+        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts, None)?) };
         let sender = Sender::over_streams(streams, memory, &config)?;
         // SAFETY: valid (caller).
         unsafe { put(out, pw_sender::new(sender)) }

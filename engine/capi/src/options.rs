@@ -36,6 +36,10 @@ pub struct pw_options {
     /// (QEMU's `max-bandwidth`); 0: unlimited. [`pw_control_set_max_bandwidth`] changes it
     /// while the sender runs.
     pub max_bandwidth_bytes_per_s: u64,
+    /// With `tls_dir` on a sender: the name the receiver's certificate must carry (QEMU's
+    /// `tls-hostname`), or null for the host part of the address [`pw_sender_connect`]
+    /// connects to. [`pw_sender_over_fds`] has no address to take it from and needs it.
+    pub tls_hostname: *const c_char,
 }
 
 /// # Safety
@@ -53,6 +57,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
             psk_file: None,
             compression: Compression::None,
             max_bandwidth_bytes_per_s: None,
+            tls_hostname: None,
         });
     }
     // SAFETY: non-null and valid (caller).
@@ -89,6 +94,12 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         // SAFETY: non-null and NUL-terminated (caller).
         Some(unsafe { text(o.psk_file, "psk_file") }?.to_string())
     };
+    let tls_hostname = if o.tls_hostname.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        Some(unsafe { text(o.tls_hostname, "tls_hostname") }?.to_string())
+    };
     let compression = if o.compress.is_null() {
         Compression::None
     } else {
@@ -112,6 +123,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         compression,
         max_bandwidth_bytes_per_s: (o.max_bandwidth_bytes_per_s > 0)
             .then_some(o.max_bandwidth_bytes_per_s),
+        tls_hostname,
     })
 }
 
@@ -126,6 +138,7 @@ struct Options {
     psk_file: Option<String>,
     compression: Compression,
     max_bandwidth_bytes_per_s: Option<u64>,
+    tls_hostname: Option<String>,
 }
 
 impl Options {
@@ -168,15 +181,30 @@ pub(crate) unsafe fn receiver_config(opts: *const pw_options) -> Result<Receiver
     })
 }
 
-/// A sender's settings from `opts`.
+/// A sender's settings from `opts`; `addr`, the address it connects to, if any, names the
+/// receiver whose certificate TLS checks unless `tls_hostname` does.
 ///
 /// # Safety
 /// As for [`options`].
-pub(crate) unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConfig, Error> {
+pub(crate) unsafe fn sender_config(
+    opts: *const pw_options,
+    addr: Option<&str>,
+) -> Result<SenderConfig, Error> {
     // SAFETY: as the caller promises.
     let o = unsafe { options(opts) }?;
     let tls = match &o.tls_dir {
-        Some(d) => Some(TlsClient::new(tls_files(d, "client").load()?, "localhost")?),
+        Some(d) => {
+            let host = match (&o.tls_hostname, addr) {
+                (Some(h), _) => h.as_str(),
+                (None, Some(a)) => pw::tls::host_of(a),
+                (None, None) => {
+                    return Err(invalid(
+                        "tls_hostname must name the receiver's certificate: handed-in connections have no address to take it from",
+                    ))
+                }
+            };
+            Some(TlsClient::new(tls_files(d, "client").load()?, host)?)
+        }
         None => None,
     };
     Ok(SenderConfig {
@@ -191,4 +219,50 @@ pub(crate) unsafe fn sender_config(opts: *const pw_options) -> Result<SenderConf
         page_checksums: !o.unchecked_pages,
         ..SenderConfig::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+
+    fn with_tls(dir: &CString, hostname: Option<&CString>) -> pw_options {
+        pw_options {
+            channels: 0,
+            tls_dir: dir.as_ptr(),
+            idle_timeout_ms: 0,
+            cores: std::ptr::null(),
+            congestion: std::ptr::null(),
+            unchecked_pages: 0,
+            psk_file: std::ptr::null(),
+            compress: std::ptr::null(),
+            max_bandwidth_bytes_per_s: 0,
+            tls_hostname: hostname.map_or(std::ptr::null(), |h| h.as_ptr()),
+        }
+    }
+
+    /// The receiver's certificate is checked against the name given, else the host the sender
+    /// connects to; never a fixed name that every receiver's certificate would have to carry.
+    #[test]
+    fn the_receiver_name_tls_checks_is_given_or_the_connected_host() {
+        let certs = tempfile::tempdir().unwrap();
+        pw::tls::certs::generate(&pw::tls::certs::CertOptions::default())
+            .unwrap()
+            .write(certs.path())
+            .unwrap();
+        let dir = CString::new(certs.path().to_str().unwrap()).unwrap();
+        let name = |o: &pw_options, addr| {
+            // SAFETY: the strings outlive the call.
+            let config = unsafe { sender_config(o, addr) }?;
+            Ok::<_, Error>(format!("{:?}", config.tls.unwrap().server_name()))
+        };
+        let host = CString::new("receiver.example").unwrap();
+        let given = name(&with_tls(&dir, Some(&host)), Some("10.0.0.2:4444")).unwrap();
+        assert!(given.contains("receiver.example"), "{given}");
+        let connected = name(&with_tls(&dir, None), Some("10.0.0.2:4444")).unwrap();
+        assert!(connected.contains("[10, 0, 0, 2]"), "{connected}");
+        // Handed-in connections: no address to take the name from.
+        let err = name(&with_tls(&dir, None), None).unwrap_err();
+        assert!(err.to_string().contains("tls_hostname"), "{err}");
+    }
 }

@@ -122,7 +122,7 @@ pub(super) fn send(a: SendArgs) -> Result<bool> {
         Some(files) => {
             let host = match &a.tls_hostname {
                 Some(h) => h.clone(),
-                None => host_of(&a.connect),
+                None => pagewire::tls::host_of(&a.connect).to_string(),
             };
             Some(TlsClient::new(files.load()?, &host)?)
         }
@@ -196,15 +196,4 @@ pub(super) fn send(a: SendArgs) -> Result<bool> {
     let stats = result.context("sending failed")?;
     report(&stats, None, &a.common, "sent", None)?;
     Ok(true)
-}
-
-/// The host part of `host:port` or `[v6]:port`.
-fn host_of(addr: &str) -> String {
-    if let Some(rest) = addr.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest).to_string();
-    }
-    match addr.rsplit_once(':') {
-        Some((host, _)) => host.to_string(),
-        None => addr.to_string(),
-    }
 }

@@ -136,9 +136,18 @@ pub(super) fn psk_handshake(
         (&*stream)
             .read_exact(&mut reply[8..])
             .map_err(|e| io("reading the receiver's reply", e))?;
-        return Ok(Err(
-            Reply::decode(&reply).map_err(|source| Error::Protocol { channel: i, source })?
-        ));
+        let reply =
+            Reply::decode(&reply).map_err(|source| Error::Protocol { channel: i, source })?;
+        // Only a refusal may come unsealed: a receiver that holds the key accepts by proving
+        // it. A plain "accepted" is a peer without the key (a man in the middle) asking for
+        // the pages in the clear.
+        if reply.refusal.is_none() {
+            return Err(Error::Auth {
+                channel: i,
+                source: crate::auth::AuthError::NotAChallenge,
+            });
+        }
+        return Ok(Err(reply));
     }
     (&*stream)
         .read_exact(&mut challenge[8..])

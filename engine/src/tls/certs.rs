@@ -127,14 +127,25 @@ impl CertSet {
             ("client-cert.pem", &self.client_cert, false),
             ("client-key.pem", &self.client_key, true),
         ] {
+            use std::io::Write;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
             let path = dir.join(name);
-            std::fs::write(&path, text)
-                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            let mode = if secret { 0o600 } else { 0o644 };
+            // A key is created 0600, and a file that was there is restricted before the key is
+            // written into it: never readable by others, not even for a moment.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&path)
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
             if secret {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
                     .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
             }
+            file.write_all(text.as_bytes())
+                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         }
         Ok(())
     }

@@ -155,6 +155,18 @@ impl std::fmt::Debug for TlsClient {
     }
 }
 
+/// The host part of `host:port` or `[v6]:port`: the name a receiver's certificate must carry
+/// when the sender is not told another (QEMU's `tls-hostname` defaults the same way).
+pub fn host_of(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((host, _)) => host,
+        None => addr,
+    }
+}
+
 impl TlsClient {
     /// The rustls configuration pagewire built (for tools that run rustls beside it).
     pub fn rustls_config(&self) -> Arc<ClientConfig> {

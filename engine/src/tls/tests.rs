@@ -80,3 +80,41 @@ fn our_records_and_rustls_records_interoperate() {
     assert_eq!(ty, CONTENT_APPLICATION_DATA);
     assert_eq!(&wire[range], b"hello from rustls");
 }
+
+#[test]
+fn the_host_of_an_address_is_its_name_without_the_port() {
+    assert_eq!(host_of("10.0.0.2:4444"), "10.0.0.2");
+    assert_eq!(host_of("receiver.example:4444"), "receiver.example");
+    assert_eq!(host_of("[fd00::2]:4444"), "fd00::2");
+    assert_eq!(host_of("receiver.example"), "receiver.example");
+}
+
+#[test]
+fn written_keys_are_readable_by_their_owner_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A key file left world-readable by something else is restricted too.
+    std::fs::write(dir.path().join("server-key.pem"), "old").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("server-key.pem"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    certs::generate(&certs::CertOptions::default())
+        .unwrap()
+        .write(dir.path())
+        .unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for key in ["ca-key.pem", "server-key.pem", "client-key.pem"] {
+        assert_eq!(mode(key), 0o600, "{key}");
+    }
+    assert_eq!(mode("ca-cert.pem") & 0o600, 0o600);
+    // The keys load: the old content was replaced, not appended to.
+    TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap();
+}

@@ -75,6 +75,10 @@ impl SendShard {
         } else {
             self.encode_plain(slot, payload)
         };
+        // The checksums, a compression copy and the seal read the pages again: a source file
+        // truncated since the scan faulted there, and the handler gave those reads zeros,
+        // which must not leave as the pages.
+        self.memory.take_fault()?;
         let s = &mut self.slots[usize::from(slot)];
         s.bytes = bytes;
         s.state = SlotState::Ready;

@@ -36,7 +36,8 @@ impl SendShard {
             ZeroCopy::On => ZcState::ZeroCopy,
             ZeroCopy::Auto => ZcState::Probing,
         };
-        if p.zero_copy == ZeroCopy::On && p.tls.is_none() {
+        let mut registered = p.zero_copy == ZeroCopy::On && p.tls.is_none();
+        if registered {
             if !caps.send_zc {
                 return Err(Error::Unsupported(
                     "IORING_OP_SEND_ZC (zero-copy send), which --zero-copy on requires",
@@ -47,7 +48,16 @@ impl SendShard {
                     "zero-copy sends on a UNIX socket, which --zero-copy on requires",
                 ));
             }
-            ring.register_guest_memory()?;
+            // Fixed buffers need pages the kernel may pin for writing: a read-only RAM image
+            // (or a shared file mapping) is refused, and is then sent zero-copy all the same,
+            // each send pinning its pages.
+            if let Err(e) = ring.register_guest_memory() {
+                tracing::warn!(
+                    channel = p.channel,
+                    "guest memory cannot be registered as fixed buffers; zero-copy sends go without them: {e}"
+                );
+                registered = false;
+            }
         }
         let placeholder = Buf::Slab {
             slot: 0,
@@ -68,7 +78,7 @@ impl SendShard {
         let stats = ShardStats {
             channel: p.channel,
             // Registered just above, or not at all yet.
-            fixed_buffers: p.zero_copy == ZeroCopy::On && p.tls.is_none(),
+            fixed_buffers: registered,
             unchecked_pages: !p.page_checksums && p.tls.is_none(),
             ..ShardStats::default()
         };
