@@ -94,13 +94,21 @@ fn session(control: TcpStream, ip: IpAddr) -> Result<()> {
     let mut writer = control.try_clone()?;
     let mut reader = BufReader::new(control);
     while let Some(request) = read_line::<Request>(&mut reader)? {
+        // Raw TCP's destination is unmapped only after the reply, as pagewire's receiver
+        // answers (Done) before its memory goes: the source's clock stops at the reply.
+        let mut kept = None;
         let result = match request {
             Request::Recv {
                 size,
                 tls,
                 unchecked_pages,
             } => serve_pagewire(&mut writer, ip, size, tls, unchecked_pages),
-            Request::Raw { size, streams } => serve_raw(&mut writer, ip, size, streams),
+            Request::Raw { size, streams } => {
+                serve_raw(&mut writer, ip, size, streams).map(|(cpu_s, dst)| {
+                    kept = Some(dst);
+                    cpu_s
+                })
+            }
         };
         let reply = match result {
             Ok(cpu_s) => Reply::Done { cpu_s },
@@ -109,6 +117,7 @@ fn session(control: TcpStream, ip: IpAddr) -> Result<()> {
             },
         };
         send_line(&mut writer, &reply)?;
+        drop(kept);
     }
     Ok(())
 }
@@ -157,15 +166,23 @@ fn serve_pagewire(
     Ok(stats.cpu_ms / 1e3)
 }
 
-fn serve_raw(control: &mut TcpStream, ip: IpAddr, size: u64, streams: u16) -> Result<f64> {
+/// Raw TCP into a destination faulted in before the source is told to start (as pagewire's
+/// is); returns the receive threads' CPU seconds and the destination, for the caller to
+/// unmap after its reply.
+fn serve_raw(
+    control: &mut TcpStream,
+    ip: IpAddr,
+    size: u64,
+    streams: u16,
+) -> Result<(f64, GuestMemory)> {
     let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
+    let dst = GuestMemory::anonymous_populated(&[RegionSpec { gpa: 0, len: size }])?;
     send_line(
         control,
         &Reply::Listening {
             port: listener.local_addr()?.port(),
         },
     )?;
-    let dst = GuestMemory::anonymous_populated(&[RegionSpec { gpa: 0, len: size }])?;
     let dst_addr = dst.regions()[0].host_addr() as usize;
     let total = size as usize;
     let streams = usize::from(streams.max(1));
@@ -188,8 +205,7 @@ fn serve_raw(control: &mut TcpStream, ip: IpAddr, size: u64, streams: u16) -> Re
             .join()
             .map_err(|_| anyhow::anyhow!("a receive thread panicked"))??;
     }
-    drop(dst);
-    Ok(cpu)
+    Ok((cpu, dst))
 }
 
 /// The source's side of a `serve` session.

@@ -107,8 +107,28 @@ impl Profile {
     }
 
     /// The profile as TOML text.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::Config(format!("writing a profile as TOML: {e}")))
+    }
+
+    /// Writes the profile to `path` whole or not at all: into a file beside it, synced, then
+    /// renamed over it, so a sender reading `path` meanwhile, or a crash, never sees half a
+    /// profile (which could still parse, saying less), and a failed write keeps the old one.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        let text = self.to_toml()?;
+        let io = |what: &str, p: &Path, e| Error::io(format!("{what} {}", p.display()), e);
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io("writing", path, e));
+        }
+        Ok(())
     }
 
     /// Sets what the profile says on `config` (and checks it: a value out of range is an
@@ -366,14 +386,18 @@ mod tests {
                 }],
             }),
         };
-        let text = p.to_toml();
+        let text = p.to_toml().unwrap();
         assert!(
             text.contains("[send]") && text.contains("channels = 4"),
             "{text}"
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.toml");
-        std::fs::write(&path, &text).unwrap();
+        std::fs::write(&path, "[send]\nchannels = 1\n").unwrap();
+        p.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "only the profile is left: {names:?}");
         let back = Profile::load(&path).unwrap();
         assert_eq!(back, p);
         let mut c = SenderConfig::default();

@@ -42,6 +42,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// `10gbit`, `1Tbit` (bit units are decimal, byte units binary).
 pub fn parse_rate(text: &str) -> Result<u64, String> {
     let t = text.trim().trim_end_matches("/s");
+    // "MBps" is megabytes to some and a typo of "Mbps" to others: refused, not guessed.
+    if t.ends_with("Bps") {
+        return Err(format!(
+            "{text:?}: write bytes per second as 125M or 119MiB, bits as 1Gbit or 1000Mbps"
+        ));
+    }
     let lower = t.to_ascii_lowercase();
     if let Some(bits) = lower
         .strip_suffix("bit")
@@ -129,7 +135,8 @@ mod tests {
         assert_eq!(parse_rate("125MiB"), Ok(125 << 20));
         assert_eq!(parse_rate("2TiB"), Ok(2 << 40));
         assert_eq!(parse_rate("4096"), Ok(4096));
-        for bad in ["", "fast", "0", "3parsec", "1xbit"] {
+        assert_eq!(parse_rate("1000Mbps"), Ok(125_000_000));
+        for bad in ["", "fast", "0", "3parsec", "1xbit", "100MBps", "1GBps/s"] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");
         }
     }

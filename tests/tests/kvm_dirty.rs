@@ -106,4 +106,16 @@ fn the_kvm_dirty_log_reports_exactly_what_the_guest_wrote() {
     bitmaps.clear();
     source.collect(&mut bitmaps).unwrap();
     assert_eq!(bitmaps.dirty_pages(), 0);
+    // A slot said to be smaller than its region (in the same number of bitmap words) would
+    // leave the pages past it unreported: refused before KVM is asked.
+    let mut short = KvmDirtyLog::new(
+        vm.clone(),
+        vec![SlotRegion {
+            slot: 0,
+            region: 0,
+            bytes: (GUEST_PAGES - 1) * PAGE,
+        }],
+    );
+    let err = short.collect(&mut bitmaps).unwrap_err();
+    assert!(err.to_string().contains("does not match region 0"), "{err}");
 }

@@ -74,3 +74,29 @@ fn a_guest_memory_mmap_migrates_as_it_is() {
     drop((src, dst));
     assert_eq!(src_pw.first_difference(&dst_pw), None);
 }
+
+/// A region the VMM mapped read-only (a ROM) stays read-only: a receiver refuses the memory
+/// with a reason instead of faulting when it writes there.
+#[test]
+fn a_read_only_region_is_refused_as_a_destination() {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::GuestRegionMmap;
+    let ram = MmapRegionBuilder::new(1 << 20)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .build()
+        .unwrap();
+    let rom = MmapRegionBuilder::new(64 << 10)
+        .with_mmap_prot(libc::PROT_READ)
+        .build()
+        .unwrap();
+    let regions = vec![
+        GuestRegionMmap::new(ram, GuestAddress(0)).unwrap(),
+        GuestRegionMmap::new(rom, GuestAddress(0xfff0_0000)).unwrap(),
+    ];
+    let guest = Arc::new(GuestMemoryMmap::from_regions(regions).unwrap());
+    let memory = Arc::new(from_mmap(guest).unwrap());
+    let writable: Vec<_> = memory.regions().iter().map(|r| r.is_writable()).collect();
+    assert_eq!(writable, [true, false]);
+    let err = Receiver::bind("127.0.0.1:0", memory, ReceiverConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("read-only"), "{err}");
+}

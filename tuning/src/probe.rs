@@ -103,7 +103,8 @@ pub fn probe() -> Vec<Finding> {
         "cores allowed",
         cores.to_string(),
         format!(
-            "one shard per channel, pinned to these cores; default channels {}",
+            "one shard per channel, pinned to these cores; {} channels by default, up to {} here (`--channels N`, or `auto`, or a `sweep` profile)",
+            pagewire::SenderConfig::default().channels,
             cores.min(pagewire::limits::CHANNELS_MAX)
         ),
     ));

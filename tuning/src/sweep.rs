@@ -71,6 +71,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let listener = std::net::TcpListener::bind(a.listen.as_str())
         .with_context(|| format!("listening on {}", a.listen))?;
     let mut n = 0u32;
+    let mut failed = 0u32;
     while a.transfers.is_none_or(|max| n < max) {
         let receiver = Receiver::on_listener(
             listener.try_clone()?,
@@ -89,8 +90,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 "transfer {n}: {} channel(s), {:.2} GiB/s, receiver {:.2} CPU-s/GiB",
                 s.channels, s.gib_per_s, s.cpu_s_per_gib
             ),
-            Err(e) => println!("transfer {n}: failed: {}", pagewire::error_chain(&e)),
+            Err(e) => {
+                // Served on: the next sweep may well succeed; the exit status says it later.
+                eprintln!("transfer {n}: failed: {}", pagewire::error_chain(&e));
+                failed += 1;
+            }
         }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {n} transfers failed");
     }
     Ok(())
 }
@@ -309,7 +317,8 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
             cells: cells.clone(),
         }),
     };
-    std::fs::write(&a.out, profile.to_toml())
+    profile
+        .save(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     if json {
         println!(

@@ -40,6 +40,7 @@ pub(super) fn repeated_rounds(
         dst,
         mut sender,
         receiver: rx,
+        ..
     } = session(a, tls, channels)?;
     sender.send_all()?;
     let total_pages = a.size / 4096;

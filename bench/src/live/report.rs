@@ -19,7 +19,7 @@ pub(super) fn print(
         ("", "")
     };
     println!(
-        "| engine | dirty rate | guest wrote MB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |{}",
+        "| engine | dirty rate | guest wrote MiB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |{}",
         throttle_column.0
     );
     println!(
@@ -51,7 +51,7 @@ pub(super) fn print(
                     println!(
                         "| {e} | {:.0} MiB/s | {:.0} | {channels} | {t} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |{throttle}",
                         rate as f64 / f64::from(1 << 20),
-                        m(&|r| r.guest_pages_per_s.map(|p| p * 4096.0 / 1e6)),
+                        m(&|r| r.guest_pages_per_s.map(|p| p * 4096.0 / f64::from(1 << 20))),
                         cell.iter().filter(|r| r.converged).count(),
                         cell.len(),
                         m(&|r| Some(r.rounds as f64)),

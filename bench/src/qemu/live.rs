@@ -14,7 +14,8 @@ pub struct QemuLiveRun {
     pub downtime_ms: Option<f64>,
     /// The last `expected-downtime` QEMU reported while active, in milliseconds.
     pub expected_downtime_ms: Option<f64>,
-    /// `ram.dirty-sync-count`: QEMU's rounds.
+    /// QEMU's rounds: `ram.dirty-sync-count` less the sync at setup, before any page went
+    /// (pagewire's snapshot counts its syncs the same way, one more than its rounds).
     pub rounds: u64,
     /// CPU milliseconds of the source QEMU less its vCPU thread.
     pub source_cpu_ms: f64,
@@ -102,7 +103,10 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
     let mut throttle = 0u8;
     let mut run = loop {
         let r = pair.src.cmd("query-migrate", None)?;
-        let rounds = r["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        let rounds = r["ram"]["dirty-sync-count"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(1);
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         let cpu = |p: &Pair| {
             (

@@ -201,7 +201,7 @@ struct RecvArgs {
     accept_unchecked_pages: bool,
     /// How long to wait for a sender to complete its handshake, e.g. 60s (default: forever).
     /// Connections that fail theirs are logged and dropped meanwhile.
-    #[arg(long, value_parser = parse_duration_ms)]
+    #[arg(long, value_parser = parse_wait_ms)]
     timeout: Option<u64>,
     #[command(flatten)]
     common: CommonArgs,
@@ -307,6 +307,16 @@ fn parse_channels(text: &str) -> Result<u16, String> {
         ));
     }
     Ok(n as u16)
+}
+
+/// A wait that must be able to end in anything but failure: above zero.
+fn parse_wait_ms(text: &str) -> Result<u64, String> {
+    match parse_duration_ms(text)? {
+        0 => Err(format!(
+            "{text:?}: a wait of zero would give up at once; leave the option out to wait for ever"
+        )),
+        ms => Ok(ms),
+    }
 }
 
 /// An idle timeout within the library's bounds.

@@ -153,6 +153,9 @@ pub(super) fn send(a: SendArgs) -> Result<bool> {
     if let Some(p) = &profile {
         p.apply(&mut config)?;
     }
+    if let Some(c) = &a.compress.congestion {
+        config.congestion = Some(c.clone());
+    }
     if let Some(z) = a.zero_copy {
         config.zero_copy = z;
     }

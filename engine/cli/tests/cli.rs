@@ -108,7 +108,7 @@ fn a_live_demo_with_auto_converge_throttles_the_guest_and_converges() {
 
 #[test]
 fn bad_input_fails_with_a_message_and_no_panic() {
-    let cases: [&[&str]; 17] = [
+    let cases: [&[&str]; 19] = [
         &["demo", "--size", "12parsecs"],
         &["demo", "--tls", "--no-page-checksums"],
         &[
@@ -137,6 +137,16 @@ fn bad_input_fails_with_a_message_and_no_panic() {
         &["demo", "--max-bandwidth", "3parsec"],
         &["demo", "--idle-timeout", "1ms"],
         &["demo", "--idle-timeout", "1 fortnight"],
+        &["demo", "--max-bandwidth", "100MBps"],
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "1MiB",
+            "--timeout",
+            "0",
+        ],
         &["send", "--connect", "127.0.0.1:9", "--from", "/tmp"],
         &["recv", "--listen", "127.0.0.1:0", "--into", "/tmp"],
         &[
@@ -345,18 +355,34 @@ fn send_and_recv_move_a_file_between_processes() {
     assert_eq!(std::fs::read(&dst4).unwrap(), data);
     // Settings from a tuning profile, and a flag that overrides one of them.
     let profile = dir.path().join("profile.toml");
-    std::fs::write(&profile, "[send]\nchannels = 2\nzero_copy = \"off\"\n").unwrap();
+    std::fs::write(
+        &profile,
+        "[send]\nchannels = 2\nzero_copy = \"off\"\ncongestion = \"reno\"\n",
+    )
+    .unwrap();
     let p = profile.to_str().unwrap();
     let dst3 = dir.path().join("profiled.img");
     let v = send_recv(&src, &["--into", dst3.to_str().unwrap()], &["--profile", p]);
     assert_eq!(v["channels"], 2, "{v}");
     assert_eq!(v["zero_copy"]["completed"], 0, "zero-copy off: {v}");
+    assert_eq!(v["congestion"], "reno", "{v}");
     let v = send_recv(
         &src,
         &["--into", dst3.to_str().unwrap()],
         &["--profile", p, "--channels", "1"],
     );
     assert_eq!(v["channels"], 1, "{v}");
+    // The command line's congestion control wins over the profile's too.
+    let offered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .unwrap_or_default();
+    if let Some(other) = offered.split_whitespace().find(|a| *a != "reno") {
+        let v = send_recv(
+            &src,
+            &["--into", dst3.to_str().unwrap()],
+            &["--profile", p, "--congestion", other],
+        );
+        assert_eq!(v["congestion"], other, "{v}");
+    }
     // --channels auto without a profile measures, and says what it chose (not in JSON mode).
     let v = send_recv(
         &src,

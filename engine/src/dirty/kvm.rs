@@ -14,6 +14,7 @@ use kvm_ioctls::VmFd;
 
 use super::{words_for, DirtyBitmaps, DirtySource};
 use crate::error::{Error, Result};
+use crate::limits::PAGE_BYTES;
 
 /// `op`, again while a signal interrupts it (`EINTR`), at most
 /// [`KVM_EINTR_TRIES_MAX`](crate::limits::KVM_EINTR_TRIES_MAX) times in all.
@@ -38,7 +39,8 @@ pub struct SlotRegion {
     pub slot: u32,
     /// The region of the layout it holds (index into [`crate::GuestMemory::regions`]).
     pub region: u32,
-    /// The slot's size in bytes (`memory_size` of its `kvm_userspace_memory_region`).
+    /// The slot's size in bytes (`memory_size` of its `kvm_userspace_memory_region`), which
+    /// must be its region's: KVM writes the whole slot's bitmap into a buffer sized from it.
     pub bytes: u64,
 }
 
@@ -58,8 +60,8 @@ impl std::fmt::Debug for KvmDirtyLog {
 
 impl KvmDirtyLog {
     /// The dirty log of `slots` of `vm`. Each slot must have been registered with
-    /// `KVM_MEM_LOG_DIRTY_PAGES`; a slot's pages are checked against its region's at the first
-    /// [`collect`](DirtySource::collect).
+    /// `KVM_MEM_LOG_DIRTY_PAGES`, with its region's size; a slot said to be of another size is
+    /// refused at the first [`collect`](DirtySource::collect), before KVM is asked.
     pub fn new(vm: Arc<VmFd>, slots: Vec<SlotRegion>) -> Self {
         KvmDirtyLog { vm, slots }
     }
@@ -74,6 +76,14 @@ impl DirtySource for KvmDirtyLog {
                     s.slot, s.region
                 ))
             })?;
+            // Checked before the ioctl: KVM fills the slot's whole bitmap into a buffer sized
+            // from `bytes`, and pages past a smaller size would go unreported.
+            if s.bytes != pages * PAGE_BYTES as u64 {
+                return Err(Error::Config(format!(
+                    "KVM slot {} ({} bytes) does not match region {} ({pages} pages of {PAGE_BYTES} bytes)",
+                    s.slot, s.bytes, s.region
+                )));
+            }
             // Interrupted by a signal, nothing was collected: it asks again.
             let words =
                 retrying(|| self.vm.get_dirty_log(s.slot, s.bytes as usize)).map_err(|e| {
@@ -83,9 +93,11 @@ impl DirtySource for KvmDirtyLog {
                     )
                 })?;
             if words.len() != words_for(pages) {
-                return Err(Error::Config(format!(
-                    "KVM slot {} ({} bytes) does not match region {} ({pages} pages)",
-                    s.slot, s.bytes, s.region
+                return Err(Error::Internal(format!(
+                    "KVM's dirty log of slot {} has {} words, not {}",
+                    s.slot,
+                    words.len(),
+                    words_for(pages)
                 )));
             }
             into.or_words(s.region, &words)?;

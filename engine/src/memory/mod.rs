@@ -427,6 +427,17 @@ impl GuestMemory {
         Ok(memory)
     }
 
+    /// Marks the regions whose guest-physical start `read_only` picks as mapped read-only
+    /// (a VMM's ROM), so that nothing writes them.
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
+    pub(crate) fn mark_read_only(&mut self, read_only: impl Fn(u64) -> bool) {
+        for r in &mut self.regions {
+            if read_only(r.gpa) {
+                r.writable = false;
+            }
+        }
+    }
+
     /// The regions, in guest-physical order.
     pub fn regions(&self) -> &[Region] {
         &self.regions

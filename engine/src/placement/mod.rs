@@ -401,9 +401,9 @@ pub fn pin_order(wanted: Option<&[usize]>, pinning: crate::Pinning) -> crate::Re
                     cpu_list_text(&allowed)
                 )));
             }
-            let mut list = list.to_vec();
-            list.dedup();
-            list
+            // A preference order, not sorted: the first mention of a core counts.
+            let mut seen = std::collections::HashSet::new();
+            list.iter().copied().filter(|c| seen.insert(*c)).collect()
         }
         None => allowed,
     };

@@ -144,6 +144,13 @@ fn core_lists_are_checked_against_the_allowed_cores() {
         pin_order(Some(&allowed[..1]), Pinning::Cores).unwrap(),
         &allowed[..1]
     );
+    // A preference order with a core named twice: each core once, in first-mention order.
+    if let [a, b, ..] = allowed[..] {
+        assert_eq!(
+            pin_order(Some(&[b, a, b, a]), Pinning::Cores).unwrap(),
+            [b, a]
+        );
+    }
     let e = pin_order(Some(&[100_000]), Pinning::Cores).unwrap_err();
     assert!(e.to_string().contains("core 100000 is not one"), "{e}");
     assert!(pin_order(Some(&[]), Pinning::Cores).is_err());
