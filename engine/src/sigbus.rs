@@ -104,10 +104,23 @@ fn install() {
     }
 }
 
+/// True when SIGBUS has the default disposition now.
+fn default_now() -> bool {
+    // SAFETY: queries only (a null new action); `old` is a valid place for the answer.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_DFL
+    }
+}
+
 extern "C" fn handler(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    for r in RANGES.iter() {
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
+    // Sent by a process (kill, sigqueue, tkill: si_code <= 0), not raised by a fault: its
+    // address means nothing, and nothing re-executes to end the process below.
+    let sent = code <= 0;
+    for r in RANGES.iter().filter(|_| !sent) {
         let start = r.start.load(Ordering::Acquire);
         let len = r.len.load(Ordering::Acquire);
         if start == 0 || addr < start || addr >= start + len {
@@ -117,6 +130,10 @@ extern "C" fn handler(signal: libc::c_int, info: *mut libc::siginfo_t, context: 
         // anonymous memory, so the faulting access completes harmlessly.
         for size in [4096usize, 2 << 20] {
             let page = addr & !(size - 1);
+            // Never over a neighbour: the 2 MiB page must lie inside the guarded range too.
+            if page < start || page + size > start + len {
+                continue;
+            }
             // SAFETY: `page..page + size` lies in a mapping this process made and guards; its
             // transfer is being failed (recorded below) and nobody reads the new page as data.
             let mapped = unsafe {
@@ -153,13 +170,27 @@ extern "C" fn handler(signal: libc::c_int, info: *mut libc::siginfo_t, context: 
             let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(previous) };
             f(signal);
         }
+        // Rust's own handler (stack overflows) restores the default and returns, as for a
+        // fault, which re-executes: a sent signal then needs raising again to take effect.
+        if sent && default_now() {
+            // SAFETY: raise is async-signal-safe; SIGBUS is blocked until we return.
+            unsafe { libc::raise(libc::SIGBUS) };
+        }
         return;
     }
-    // SAFETY: restoring the default disposition; returning re-executes the faulting access,
-    // which now ends the process as it would have without pagewire.
+    if sent && previous == libc::SIG_IGN {
+        // Ignored before pagewire: a sent one still is (a fault cannot be, below).
+        return;
+    }
+    // A sent signal is raised again, to take the default action once this handler returns
+    // (SIGBUS is blocked in it); a fault's access re-executes and ends the process.
+    // SAFETY: restoring the default disposition, as the process had it without pagewire.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = libc::SIG_DFL;
         libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+        if sent {
+            libc::raise(libc::SIGBUS);
+        }
     }
 }

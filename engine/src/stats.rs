@@ -111,8 +111,9 @@ pub struct TransferStats {
     pub zero_pages: u64,
     /// Bytes of normal pages (`normal-bytes`).
     pub normal_bytes: u64,
-    /// Guest memory moved per second, in megabits (`mbps`, as QEMU reports it: all pages, zero
-    /// ones included, over the total time).
+    /// Wire megabits per second over the total time (`mbps`, which QEMU computes from the
+    /// bytes it transferred: a zero page counts its header entry, not 4 KiB).
+    /// [`gib_per_s`](Self::gib_per_s) is the guest memory moved.
     pub mbps: f64,
     /// Guest memory moved per second, in GiB.
     pub gib_per_s: f64,
@@ -161,7 +162,7 @@ impl TransferStats {
         self.normal_bytes = self.normal_pages * crate::limits::PAGE_BYTES as u64;
         let moved = (self.normal_pages + self.zero_pages) * crate::limits::PAGE_BYTES as u64;
         if elapsed_s > 0.0 {
-            self.mbps = moved as f64 * 8.0 / 1e6 / elapsed_s;
+            self.mbps = self.transferred_bytes as f64 * 8.0 / 1e6 / elapsed_s;
             self.gib_per_s = moved as f64 / (1u64 << 30) as f64 / elapsed_s;
         }
         self.cpu_ms = coordinator_cpu_ms + self.shards.iter().map(|s| s.cpu_ms).sum::<f64>();
@@ -201,4 +202,25 @@ pub struct RoundStats {
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `mbps` is what went on the wire, as QEMU's; `gib_per_s` the guest memory moved.
+    #[test]
+    fn mbps_counts_wire_bytes_and_gib_per_s_guest_memory() {
+        let mut t = TransferStats {
+            shards: vec![ShardStats {
+                zero_pages: 262_144, // 1 GiB of zero pages
+                wire_bytes: 1_000_000,
+                ..ShardStats::default()
+            }],
+            ..TransferStats::default()
+        };
+        t.finalize(1.0, 0.0);
+        assert!((t.mbps - 8.0).abs() < 1e-9, "{}", t.mbps);
+        assert!((t.gib_per_s - 1.0).abs() < 1e-9, "{}", t.gib_per_s);
+    }
 }

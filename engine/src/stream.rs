@@ -42,7 +42,8 @@ impl From<UnixStream> for Stream {
 impl Stream {
     /// The stream of a connected socket handed in as a descriptor (a VMM's or management
     /// software's): TCP over IPv4 or IPv6, or a UNIX stream socket. Anything else (a file, a
-    /// datagram socket) is refused, and the descriptor closed.
+    /// datagram socket) is refused, and the descriptor closed. A socket an event loop left
+    /// non-blocking is made blocking: the handshakes read and write it that way.
     pub fn from_fd(fd: OwnedFd) -> Result<Stream> {
         let (domain, kind) = crate::sys::socket_domain_and_type(&fd)
             .map_err(|e| Error::io("reading a handed-in descriptor's socket type", e))?;
@@ -51,13 +52,21 @@ impl Stream {
                 "a handed-in descriptor is not a stream socket".into(),
             ));
         }
-        match domain {
-            libc::AF_INET | libc::AF_INET6 => Ok(Stream::Tcp(TcpStream::from(fd))),
-            libc::AF_UNIX => Ok(Stream::Unix(UnixStream::from(fd))),
-            other => Err(Error::Config(format!(
-                "a handed-in descriptor is a socket of family {other}, neither TCP nor UNIX"
-            ))),
+        let stream = match domain {
+            libc::AF_INET | libc::AF_INET6 => Stream::Tcp(TcpStream::from(fd)),
+            libc::AF_UNIX => Stream::Unix(UnixStream::from(fd)),
+            other => {
+                return Err(Error::Config(format!(
+                    "a handed-in descriptor is a socket of family {other}, neither TCP nor UNIX"
+                )))
+            }
+        };
+        match &stream {
+            Stream::Tcp(s) => s.set_nonblocking(false),
+            Stream::Unix(s) => s.set_nonblocking(false),
         }
+        .map_err(|e| Error::io("making a handed-in socket blocking", e))?;
+        Ok(stream)
     }
 
     /// Options every channel gets: for TCP, no Nagle delay for markers, keepalive for silent

@@ -20,7 +20,8 @@ use pagewire::{
 use pagewire_tests::{join_within, skip_without_uring};
 
 /// `n` connected pairs, passed through raw file descriptors as another process would: loopback
-/// TCP connections, or UNIX socketpairs. [`Stream::from_fd`] tells them apart.
+/// TCP connections, or UNIX socketpairs, left non-blocking as an event loop's are.
+/// [`Stream::from_fd`] tells them apart.
 fn pairs(n: usize, unix: bool) -> (Vec<Stream>, Vec<Stream>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -29,10 +30,15 @@ fn pairs(n: usize, unix: bool) -> (Vec<Stream>, Vec<Stream>) {
     for _ in 0..n {
         let (client, server) = if unix {
             let (a, b) = UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            b.set_nonblocking(true).unwrap();
             (a.into_raw_fd(), OwnedFd::from(b))
         } else {
-            let fd = TcpStream::connect(addr).unwrap().into_raw_fd();
-            (fd, OwnedFd::from(listener.accept().unwrap().0))
+            let c = TcpStream::connect(addr).unwrap();
+            let s = listener.accept().unwrap().0;
+            c.set_nonblocking(true).unwrap();
+            s.set_nonblocking(true).unwrap();
+            (c.into_raw_fd(), OwnedFd::from(s))
         };
         // SAFETY: `client` is an open socket just released by its owner.
         let client = unsafe { OwnedFd::from_raw_fd(client) };

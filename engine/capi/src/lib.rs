@@ -133,7 +133,8 @@ pub struct pw_stats {
     pub normal_pages: u64,
     /// Zero pages, each sent as a header entry only (`duplicate`).
     pub zero_pages: u64,
-    /// Guest memory moved per second, in megabits, zero pages included (`mbps`).
+    /// Wire megabits per second (`mbps`, from the bytes transferred, as QEMU's: a zero page
+    /// counts its header entry).
     pub mbps: f64,
     /// CPU milliseconds this side used.
     pub cpu_ms: f64,
@@ -346,15 +347,17 @@ unsafe fn streams(fds: *const i32, count: usize) -> Result<Vec<pw::Stream>, Erro
     }
     // SAFETY: `count` descriptors (caller).
     let fds = unsafe { std::slice::from_raw_parts(fds, count) };
-    if fds.iter().any(|&fd| fd < 0) {
-        return Err(invalid("a negative file descriptor"));
-    }
-    // SAFETY: each is an open descriptor whose ownership the caller hands over; all are taken
-    // before any is checked, so each is closed exactly once whatever fails.
+    // SAFETY: each non-negative one is an open descriptor whose ownership the caller hands
+    // over; all are taken before any is checked, so each is closed exactly once whatever
+    // fails (a negative one among them included: the header says "on failure too").
     let owned: Vec<OwnedFd> = fds
         .iter()
+        .filter(|&&fd| fd >= 0)
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
+    if owned.len() < fds.len() {
+        return Err(invalid("a negative file descriptor"));
+    }
     owned.into_iter().map(pw::Stream::from_fd).collect()
 }
 

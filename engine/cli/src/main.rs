@@ -440,11 +440,11 @@ fn main() {
             e.exit()
         }
     };
-    let json = match &cli.command {
-        Command::Recv(a) => a.common.json || a.common.json_stream,
-        Command::Send(a) => a.common.json || a.common.json_stream,
-        Command::Demo(a) => a.common.json || a.common.json_stream,
-        Command::Certs(_) | Command::Psk(_) => false,
+    let (json, stream) = match &cli.command {
+        Command::Recv(a) => (a.common.json || a.common.json_stream, a.common.json_stream),
+        Command::Send(a) => (a.common.json || a.common.json_stream, a.common.json_stream),
+        Command::Demo(a) => (a.common.json || a.common.json_stream, a.common.json_stream),
+        Command::Certs(_) | Command::Psk(_) => (false, false),
     };
     let result = match cli.command {
         Command::Recv(a) => recv(a),
@@ -458,10 +458,14 @@ fn main() {
         Ok(false) => std::process::exit(1),
         Err(e) => {
             if json {
-                let v = serde_json::json!({
+                let mut v = serde_json::json!({
                     "error": e.to_string(),
                     "cause": format!("{e:#}"),
                 });
+                // A --json-stream reader waits for the last line's event, on failure too.
+                if stream {
+                    v["event"] = "error".into();
+                }
                 let _ = writeln!(std::io::stdout(), "{v}");
             } else {
                 eprintln!("error: {e:#}");

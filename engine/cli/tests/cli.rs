@@ -196,6 +196,14 @@ fn errors_are_json_with_json() {
     for args in [
         &["demo", "--channels", "0", "--json"][..],
         &["demo", "--compress", "none", "--zstd-level", "3", "--json"],
+        &[
+            "demo",
+            "--compress",
+            "none",
+            "--zstd-level",
+            "3",
+            "--json-stream",
+        ],
     ] {
         let out = pagewire().args(args).output().unwrap();
         assert!(!out.status.success());
@@ -204,6 +212,10 @@ fn errors_are_json_with_json() {
             .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text:?}"));
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
         assert!(v["cause"].as_str().is_some(), "{v}");
+        // A stream's last line names its event, as the progress and end lines do.
+        if args.contains(&"--json-stream") {
+            assert_eq!(v["event"], "error", "{v}");
+        }
     }
 }
 
@@ -633,4 +645,47 @@ fn kill_9_of_either_side_mid_transfer_is_reported_by_the_other_within_its_bound(
             "killing {victim} left the other side successful"
         );
     }
+}
+
+/// A SIGBUS sent by another process (`kill -BUS`) ends the receiver as it would any program,
+/// even while its image file's mapping is guarded against faults (which only a fault may
+/// turn into an error).
+#[test]
+fn a_sigbus_sent_by_kill_ends_the_receiver() {
+    if uring_missing() {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut recv = pagewire()
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "1MiB",
+            "--into",
+        ])
+        .arg(dir.path().join("dst.img"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The image is mapped (and guarded) before the receiver listens.
+    wait_for_line(&mut recv, "pagewire: listening on");
+    let pid = recv.id() as libc::pid_t;
+    // SAFETY: signalling our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGBUS) }, 0);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = recv.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            let _ = recv.kill();
+            panic!("the receiver survived a SIGBUS sent to it");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
 }

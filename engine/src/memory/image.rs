@@ -24,12 +24,17 @@ pub(crate) fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
 }
 
 /// A RAM image being received, which cannot be mistaken for a complete one if the transfer
-/// fails. A new image is written under a temporary name in the same directory
-/// (`.NAME.pagewire-partial`), with its space reserved up front, and renamed into place by
-/// [`commit`](Self::commit) only after the transfer succeeded and the data reached the file
-/// (`msync`); a failed or abandoned one is removed. An existing image (a VMM's) is written in
-/// place, so it gets a marker file beside it (`NAME.pagewire-incomplete`) for the duration,
-/// left behind with the reason on failure.
+/// fails. A new image is written under a temporary name of its own in the same directory
+/// (`.NAME.PID-N.pagewire-partial`, so two receivers never share one), with its space reserved
+/// up front, and renamed into place by [`commit`](Self::commit) only after the transfer
+/// succeeded, the data reached the file (`msync`) and the file still has its length, and only
+/// if nothing has taken the name meanwhile; a failed or abandoned one is removed. An existing
+/// image (a VMM's) is written in place, so it gets a marker file beside it
+/// (`NAME.pagewire-incomplete`), on disk before the image is mapped, for the duration, left
+/// behind with the reason on failure.
+///
+/// The sender's success means the receiver holds every page, verified, in memory: the commit
+/// follows it, so whether the image reached its file is the receiver's to report.
 #[derive(Debug)]
 pub struct ImageFile {
     path: std::path::PathBuf,
@@ -47,7 +52,13 @@ impl ImageFile {
         let name = path
             .file_name()
             .ok_or_else(|| Error::Config(format!("{} names no file", path.display())))?;
-        let temp = path.with_file_name(format!(".{}.pagewire-partial", name.to_string_lossy()));
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp = path.with_file_name(format!(
+            ".{}.{}-{n}.pagewire-partial",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let memory = GuestMemory::create_file(&temp, len).inspect_err(|_| {
             let _ = std::fs::remove_file(&temp);
         })?;
@@ -77,9 +88,9 @@ impl ImageFile {
             .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
             .len();
         reserve(&file, path, len)?;
-        std::fs::write(
+        write_durably(
             &marker,
-            format!(
+            &format!(
                 "pagewire is receiving into {}; until this file is gone the image is not complete\n",
                 path.display()
             ),
@@ -107,7 +118,18 @@ impl ImageFile {
     pub fn commit(mut self) -> Result<()> {
         self.memory.sync()?;
         if let Some(temp) = &self.temp {
-            std::fs::rename(temp, &self.path).map_err(|e| {
+            // A file cut short since (its tail all zero pages, never written) is no image.
+            let on_disk = std::fs::metadata(temp)
+                .map_err(|e| Error::io(format!("reading the size of {}", temp.display()), e))?
+                .len();
+            let len = self.memory.total_bytes();
+            if on_disk != len {
+                return Err(Error::Config(format!(
+                    "{} is {on_disk} bytes, not the {len} received: it was changed meanwhile",
+                    temp.display()
+                )));
+            }
+            rename_new(temp, &self.path).map_err(|e| {
                 Error::io(
                     format!("renaming {} to {}", temp.display(), self.path.display()),
                     e,
@@ -151,6 +173,52 @@ impl ImageFile {
             );
         }
     }
+}
+
+/// Writes `text` to a new file at `path` and syncs it and its directory, so that it is on disk
+/// before anything that relies on it.
+fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`; where the
+/// filesystem lacks it, a check just before a plain rename).
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (cf, ct) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that live across the call; no memory is written.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    if to.exists() {
+        return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    std::fs::rename(from, to)
 }
 
 impl Drop for ImageFile {

@@ -545,7 +545,15 @@ impl GuestMemory {
             let mut page = 0;
             while page < a.pages() {
                 let n = STEP_PAGES.min(a.pages() - page);
-                if !ranges_equal(a, b, page, n) {
+                let equal = ranges_equal(a, b, page, n);
+                // A page of a file that cannot be backed read as the handler's zeros (see
+                // `crate::sigbus`): it differs, whatever it compared as.
+                if let Err(Error::MemoryFault { region, page }) =
+                    self.take_fault().and_then(|()| other.take_fault())
+                {
+                    return Some((region as usize, page));
+                }
+                if !equal {
                     let bad = (page..page + n)
                         .find(|&p| !ranges_equal(a, b, p, 1))
                         .unwrap_or(page);

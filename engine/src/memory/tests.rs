@@ -98,7 +98,7 @@ fn a_truncated_file_mapping_faults_into_an_error_not_a_signal() {
     region.write(0, b"before");
     assert!(memory.take_fault().is_ok());
     // Someone truncates the file under the mapping: touching page 5 would be SIGBUS.
-    let temp = dir.path().join(".ram.img.pagewire-partial");
+    let temp = partial(dir.path());
     std::fs::OpenOptions::new()
         .write(true)
         .open(&temp)
@@ -121,6 +121,46 @@ fn a_truncated_file_mapping_faults_into_an_error_not_a_signal() {
         !temp.exists() && !path.exists(),
         "a failed new image is removed"
     );
+}
+
+/// The one temporary file of an image in progress in `dir`.
+fn partial(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".pagewire-partial"))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.remove(0)
+}
+
+/// Two receivers of the same new image (a retry while the first still runs) each write their
+/// own file: the one that completes gets the name with its pages, and the other cannot take
+/// the name over it, nor cut it short.
+#[test]
+fn two_images_in_progress_at_one_path_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.img");
+    let a = ImageFile::create(&path, 4 * 4096).unwrap();
+    a.memory().regions()[0].write(0, b"data");
+    let b = ImageFile::create(&path, 4 * 4096).unwrap();
+    a.commit().unwrap();
+    assert_eq!(&std::fs::read(&path).unwrap()[..4], b"data");
+    let err = b.commit().unwrap_err();
+    assert!(err.to_string().contains("renaming"), "{err}");
+    assert_eq!(&std::fs::read(&path).unwrap()[..4], b"data");
+    // A temporary file cut short is not committed.
+    let path = dir.path().join("short.img");
+    let c = ImageFile::create(&path, 4 * 4096).unwrap();
+    let temp = partial(dir.path());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&temp)
+        .unwrap()
+        .set_len(2 * 4096)
+        .unwrap();
+    assert!(c.commit().is_err());
+    assert!(!path.exists() && !temp.exists());
 }
 
 #[test]
