@@ -134,7 +134,8 @@ typedef struct {
   uint64_t normal_pages;
   // Zero pages, each sent as a header entry only (`duplicate`).
   uint64_t zero_pages;
-  // Guest memory moved per second, in megabits, zero pages included (`mbps`).
+  // Wire megabits per second (`mbps`, from the bytes transferred, as QEMU's: a zero page
+  // counts its header entry).
   double mbps;
   // CPU milliseconds this side used.
   double cpu_ms;
