@@ -44,7 +44,7 @@ pub struct pw_options {
 
 /// # Safety
 /// `o` is null or points to a valid `pw_options` whose strings (`tls_dir`, `cores`,
-/// `congestion`, `psk_file`, `compress`) are null or NUL-terminated.
+/// `congestion`, `psk_file`, `compress`, `tls_hostname`) are null or NUL-terminated.
 unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
     if o.is_null() {
         return Ok(Options {
