@@ -71,8 +71,14 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
         accept_unchecked_pages: a.accept_unchecked_pages,
         ..ReceiverConfig::default()
     };
-    let receiver = match memory {
-        Some(memory) => Receiver::bind(a.listen.as_str(), memory, config)?,
+    // A failure before any page arrived leaves an existing image as it was, unmarked.
+    let untouched = |image: &Arc<std::sync::Mutex<Option<ImageFile>>>| {
+        if let Some(file) = image.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            file.untouched();
+        }
+    };
+    let bound = match memory {
+        Some(memory) => Receiver::bind(a.listen.as_str(), memory, config),
         None => {
             let (into, slot) = (a.into.clone(), image.clone());
             let make: pagewire::receiver::MakeDestination = Box::new(move |len| match into {
@@ -87,23 +93,38 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
                     len,
                 }])?)),
             });
-            Receiver::bind_sized_by_sender(a.listen.as_str(), a.max_size, make, config)?
+            Receiver::bind_sized_by_sender(a.listen.as_str(), a.max_size, make, config)
+        }
+    };
+    let receiver = match bound {
+        Ok(r) => r,
+        Err(e) => {
+            untouched(&image);
+            return Err(e.into());
         }
     };
     eprintln!("pagewire: listening on {}", receiver.local_addr()?);
-    let display = start_display(receiver.progress(), "recv", a.common.json_stream);
+    let progress = receiver.progress();
+    let display = start_display(progress.clone(), "recv", a.common.json_stream);
     let stats = receiver.run();
     finish_display(display);
-    let image = image.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let stats = match (stats, image) {
-        (Ok(stats), Some(image)) => {
-            image.commit()?;
+    let stats = match stats {
+        Ok(stats) => {
+            if let Some(file) = image.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                file.commit()?;
+            }
             stats
         }
-        (Ok(stats), None) => stats,
-        (Err(e), image) => {
-            if let Some(image) = image {
-                image.fail(&pagewire::error_chain(&e));
+        Err(e) => {
+            // Frames are counted as they are read, before any of their pages is written.
+            if progress
+                .wire_bytes
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 0
+            {
+                untouched(&image);
+            } else if let Some(file) = image.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                file.fail(&pagewire::error_chain(&e));
             }
             return Err(e).context("receiving failed");
         }

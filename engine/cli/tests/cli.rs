@@ -689,3 +689,40 @@ fn a_sigbus_sent_by_kill_ends_the_receiver() {
     };
     assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
 }
+
+/// A receiver into an existing image that fails before any page arrived (it may not listen
+/// there, or no sender came) leaves the image as it was, without a marker calling it
+/// incomplete; one that received nothing into a new image leaves no file.
+#[test]
+fn a_receiver_that_received_nothing_leaves_the_image_as_it_was() {
+    if uring_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.img");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let marker = dir.path().join("vm.img.pagewire-incomplete");
+    for listen in ["0.0.0.0:0", "127.0.0.1:0"] {
+        let out = pagewire()
+            .args(["recv", "--listen", listen, "--timeout", "300ms", "--into"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{listen}");
+        assert!(!marker.exists(), "{listen}: {:?}", out);
+        assert_eq!(std::fs::read(&img).unwrap(), vec![0x42u8; 1 << 20]);
+    }
+    let new = dir.path().join("new.img");
+    let out = pagewire()
+        .args(["recv", "--listen", "127.0.0.1:0", "--timeout", "300ms"])
+        .args(["--size", "1MiB", "--into"])
+        .arg(&new)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["vm.img"], "files left behind");
+}

@@ -155,6 +155,19 @@ impl ImageFile {
         self.abandon(reason);
     }
 
+    /// After a failure before any page arrived (nothing listened, no sender came): nothing was
+    /// written, so a new image is removed and an existing one is left as it was, without a
+    /// marker that would call it incomplete.
+    pub fn untouched(mut self) {
+        self.settled = true;
+        if let Some(temp) = &self.temp {
+            let _ = std::fs::remove_file(temp);
+        }
+        if let Some(marker) = &self.marker {
+            let _ = std::fs::remove_file(marker);
+        }
+    }
+
     fn abandon(&mut self, reason: &str) {
         if self.settled {
             return;
