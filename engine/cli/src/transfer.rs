@@ -71,12 +71,7 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
         accept_unchecked_pages: a.accept_unchecked_pages,
         ..ReceiverConfig::default()
     };
-    // A failure before any page arrived leaves an existing image as it was, unmarked.
-    let untouched = |image: &Arc<std::sync::Mutex<Option<ImageFile>>>| {
-        if let Some(file) = image.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            file.untouched();
-        }
-    };
+    let take_image = || image.lock().unwrap_or_else(|p| p.into_inner()).take();
     let bound = match memory {
         Some(memory) => Receiver::bind(a.listen.as_str(), memory, config),
         None => {
@@ -99,7 +94,10 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
     let receiver = match bound {
         Ok(r) => r,
         Err(e) => {
-            untouched(&image);
+            // Nothing listened, nothing was written: an existing image stays as it was.
+            if let Some(file) = take_image() {
+                file.untouched();
+            }
             return Err(e.into());
         }
     };
@@ -110,21 +108,21 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
     finish_display(display);
     let stats = match stats {
         Ok(stats) => {
-            if let Some(file) = image.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                file.commit()?;
-            }
+            take_image().map(ImageFile::commit).transpose()?;
             stats
         }
         Err(e) => {
-            // Frames are counted as they are read, before any of their pages is written.
-            if progress
-                .wire_bytes
-                .load(std::sync::atomic::Ordering::Acquire)
-                == 0
-            {
-                untouched(&image);
-            } else if let Some(file) = image.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                file.fail(&pagewire::error_chain(&e));
+            if let Some(file) = take_image() {
+                // Frames are counted as they are read, before any of their pages is written.
+                if progress
+                    .wire_bytes
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    == 0
+                {
+                    file.untouched();
+                } else {
+                    file.fail(&pagewire::error_chain(&e));
+                }
             }
             return Err(e).context("receiving failed");
         }

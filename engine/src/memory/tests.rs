@@ -99,12 +99,7 @@ fn a_truncated_file_mapping_faults_into_an_error_not_a_signal() {
     assert!(memory.take_fault().is_ok());
     // Someone truncates the file under the mapping: touching page 5 would be SIGBUS.
     let temp = partial(dir.path());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&temp)
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
+    cut(&temp, 4096);
     region.write(5 * 4096 + 7, b"after");
     let scanner = ZeroScanner::detect();
     let _ = region.page_is_zero(&scanner, 6);
@@ -121,6 +116,16 @@ fn a_truncated_file_mapping_faults_into_an_error_not_a_signal() {
         !temp.exists() && !path.exists(),
         "a failed new image is removed"
     );
+}
+
+/// Cuts the file at `path` to `len` bytes (someone truncating an image under its mapping).
+fn cut(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
 }
 
 /// The one temporary file of an image in progress in `dir`.
@@ -153,12 +158,7 @@ fn two_images_in_progress_at_one_path_never_mix() {
     let path = dir.path().join("short.img");
     let c = ImageFile::create(&path, 4 * 4096).unwrap();
     let temp = partial(dir.path());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&temp)
-        .unwrap()
-        .set_len(2 * 4096)
-        .unwrap();
+    cut(&temp, 2 * 4096);
     assert!(c.commit().is_err());
     assert!(!path.exists() && !temp.exists());
 }

@@ -198,7 +198,17 @@ impl Receiver {
                         tls: tls.as_ref(),
                         psk: psk.as_ref(),
                     };
-                    let result = handshake(stream, &peer, &acceptor, auth, index, idle_timeout_ms);
+                    let mut joined = None;
+                    let result = handshake(
+                        stream,
+                        &peer,
+                        &acceptor,
+                        auth,
+                        index,
+                        idle_timeout_ms,
+                        &mut joined,
+                    )
+                    .map_err(|e| (e, joined));
                     let _ = done.send((peer, result));
                 });
             if let Err(e) = spawned {

@@ -42,33 +42,11 @@ pub(super) struct Auth<'a> {
 pub(super) type Joined = (Hello, Stream, Option<TlsSession>, u64);
 
 /// Runs one connection's handshakes: TLS when configured (after checking the peer speaks it),
-/// then the hello. A refusal is answered and returned as the error. A handshake that fails
-/// after its hello joined the session being gathered (answering it failed: the connection was
-/// reset) returns that session's generation with the error: its channel index is taken there,
-/// so the accept loop must drop the session, or every later sender would be refused.
+/// then the hello. A refusal is answered and returned as the error. `joined` gets the
+/// generation of the session the hello joined: a handshake that fails after that (answering
+/// it failed: the connection was reset) has taken its channel index there, so the accept loop
+/// must drop the session, or every later sender would be refused.
 pub(super) fn handshake(
-    stream: Stream,
-    peer: &str,
-    acceptor: &SharedAcceptor,
-    auth: Auth<'_>,
-    index: u16,
-    idle_timeout_ms: u32,
-) -> std::result::Result<Joined, (Error, Option<u64>)> {
-    let mut joined = None;
-    join(
-        stream,
-        peer,
-        acceptor,
-        auth,
-        index,
-        idle_timeout_ms,
-        &mut joined,
-    )
-    .map_err(|e| (e, joined))
-}
-
-/// [`handshake`], setting `joined` once the hello joined a session.
-fn join(
     stream: Stream,
     peer: &str,
     acceptor: &SharedAcceptor,

@@ -75,9 +75,9 @@ impl SendShard {
         } else {
             self.encode_plain(slot, payload)
         };
-        // The checksums, a compression copy and the seal read the pages again: a source file
-        // truncated since the scan faulted there, and the handler gave those reads zeros,
-        // which must not leave as the pages.
+        // The scan, the checksums, a compression copy and the seal read the pages: a truncated
+        // source file faulted there, and the handler gave those reads zeros, which must not
+        // leave as the pages (the kernel's own reads of it fail with EFAULT instead).
         self.memory.take_fault()?;
         let s = &mut self.slots[usize::from(slot)];
         s.bytes = bytes;
@@ -106,8 +106,6 @@ impl SendShard {
                     .expect("a chunk has at most CHUNK_PAGES_MAX = FRAME_RUNS_MAX pages");
             }
         }
-        // The scan read every zero page: a truncated source file shows up here.
-        self.memory.take_fault()?;
         let s = &mut self.slots[usize::from(slot)];
         let normal = frame.normal_pages();
         for run in frame.normal_runs() {
