@@ -102,50 +102,71 @@ fn a_sender_that_fails_tells_the_receiver_why() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let len = 16u64 << 20;
-    let path = dir.path().join("src.img");
-    std::fs::write(&path, vec![0x33u8; len as usize]).unwrap();
-    let src = Arc::new(GuestMemory::from_file(&path, false).unwrap());
-    // The source image is truncated under the sender: its scan faults past 1 MiB.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
+    certs::generate(&CertOptions::default())
         .unwrap()
-        .set_len(1 << 20)
+        .write(dir.path())
         .unwrap();
-    let dst = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
-    let (addr, rx) = start_receiver(
-        dst,
-        ReceiverConfig {
-            pinning: Pinning::None,
-            ..ReceiverConfig::default()
-        },
-    );
-    let tx = std::thread::spawn(move || {
-        let mut s = Sender::connect(
-            addr,
-            src,
-            &SenderConfig {
-                channels: 1,
+    // Under TLS the faulting frame has already been sealed (records numbered, perhaps a key
+    // rotated) when its fault is taken: the abort must still open on the receiver.
+    for tls in [false, true] {
+        let len = 16u64 << 20;
+        let path = dir.path().join(format!("src-{tls}.img"));
+        std::fs::write(&path, vec![0x33u8; len as usize]).unwrap();
+        let src = Arc::new(GuestMemory::from_file(&path, false).unwrap());
+        // The source image is truncated under the sender: its scan faults past 1 MiB.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let (server, client) = if tls {
+            (
+                Some(TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap()),
+                Some(
+                    TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost")
+                        .unwrap(),
+                ),
+            )
+        } else {
+            (None, None)
+        };
+        let dst = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
+        let (addr, rx) = start_receiver(
+            dst,
+            ReceiverConfig {
+                tls: server,
                 pinning: Pinning::None,
-                ..SenderConfig::default()
+                ..ReceiverConfig::default()
             },
-        )?;
-        s.send_all()?;
-        s.finish()
-    });
-    let sent = join_within(tx, LIMIT, "sender").unwrap_err();
-    let received = join_within(rx, LIMIT, "receiver").unwrap_err();
-    assert!(
-        matches!(sent, Error::MemoryFault { .. }),
-        "{}",
-        error_chain(&sent)
-    );
-    assert!(
-        matches!(&received, Error::PeerAborted { reason, .. } if reason.contains("cannot be accessed")),
-        "the receiver should hear the sender's reason: {}",
-        error_chain(&received)
-    );
+        );
+        let tx = std::thread::spawn(move || {
+            let mut s = Sender::connect(
+                addr,
+                src,
+                &SenderConfig {
+                    channels: 1,
+                    pinning: Pinning::None,
+                    tls: client,
+                    ..SenderConfig::default()
+                },
+            )?;
+            s.send_all()?;
+            s.finish()
+        });
+        let sent = join_within(tx, LIMIT, "sender").unwrap_err();
+        let received = join_within(rx, LIMIT, "receiver").unwrap_err();
+        assert!(
+            matches!(sent, Error::MemoryFault { .. }),
+            "tls {tls}: {}",
+            error_chain(&sent)
+        );
+        assert!(
+            matches!(&received, Error::PeerAborted { reason, .. } if reason.contains("cannot be accessed")),
+            "tls {tls}: the receiver should hear the sender's reason: {}",
+            error_chain(&received)
+        );
+    }
 }
 
 /// A mounted `tmpfs -o huge=always`, unmounted on drop.

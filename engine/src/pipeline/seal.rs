@@ -233,6 +233,18 @@ impl RecordSealer {
         self.keys.seq
     }
 
+    /// Takes the sequence number back to `seq` (at most the current one), so the records
+    /// sealed since are as if never sealed.
+    ///
+    /// Their nonces will be used again: sound only while no byte of those records has left
+    /// the process, nor ever will (the caller discards them). The sender uses it for a frame
+    /// that failed after its seal, whose slot never reaches the ring, so that the abort frame
+    /// that follows takes the numbers the receiver expects.
+    pub(crate) fn rewind(&mut self, seq: u64) {
+        debug_assert!(seq <= self.keys.seq, "a rewind goes back, never forward");
+        self.keys.seq = seq.min(self.keys.seq);
+    }
+
     /// Seals the `len` bytes of plaintext the caller placed at `record[5..5 + len]`, in place,
     /// as one record of inner type `content_type`; writes the header and returns the record's
     /// total length (`len + RECORD_OVERHEAD_BYTES`).

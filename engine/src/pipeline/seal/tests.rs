@@ -228,3 +228,24 @@ fn a_key_update_goes_in_place_and_the_sequence_stays() {
         Err(RecordError::Authentication)
     );
 }
+
+#[test]
+fn records_taken_back_are_numbered_again() {
+    // A frame whose records were sealed but never sent (it failed after its seal) gives its
+    // numbers back: the record sealed next opens where the peer expects it.
+    let mut tx = RecordSealer::new(&secrets(4), 3).unwrap();
+    let mut rx = RecordOpener::new(&secrets(4), 3).unwrap();
+    let mut buf = vec![0u8; RECORD_BYTES_MAX];
+    let first = tx.sequence();
+    for _ in 0..2 {
+        tx.seal_in_place(&mut buf, 100, CONTENT_APPLICATION_DATA)
+            .unwrap();
+    }
+    assert_eq!(tx.sequence(), first + 2);
+    tx.rewind(first);
+    assert_eq!(tx.sequence(), first);
+    buf[5..9].copy_from_slice(b"why!");
+    let n = tx.seal_in_place(&mut buf, 4, CONTENT_ALERT).unwrap();
+    let (ty, range) = rx.open_in_place(&mut buf[..n]).unwrap();
+    assert_eq!((ty, &buf[range]), (CONTENT_ALERT, &b"why!"[..]));
+}

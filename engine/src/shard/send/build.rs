@@ -7,13 +7,21 @@ use crate::pipeline::frame::{seal_frame, Payload};
 impl SendShard {
     /// Scans a chunk (or makes a marker) and encodes its frame into `slot`: header plus payload
     /// pieces straight from guest memory, or, with TLS, the whole frame sealed into records. A
-    /// frame that fails to build gives its number (and round) back, so the stream stays
-    /// gapless for the abort frame that tells the receiver why.
+    /// frame that fails to build gives its number (and round) back, and under TLS its record
+    /// numbers too, so the stream stays gapless for the abort frame that tells the receiver
+    /// why.
     pub(super) fn build(&mut self, slot: u16, work: Work) -> Result<()> {
         let machine = self.m;
+        self.sealed_from = None;
         let built = self.build_frame(slot, work);
         if built.is_err() {
             self.m = machine;
+            // The slot's records never reach the ring (it stays free), so their numbers can be
+            // sealed again: the abort's records must take them, or the receiver's opener,
+            // expecting them, fails it as forged and never hears the reason.
+            if let (Some(seq), Some(tls)) = (self.sealed_from.take(), self.tls.as_mut()) {
+                tls.sealer.rewind(seq);
+            }
         }
         built
     }
@@ -70,14 +78,17 @@ impl SendShard {
                 n as u64
             }
         };
+        // The scan, the checksums, a compression copy and the seal read the pages: a truncated
+        // source file faulted there, and the handler gave those reads zeros, which must not
+        // leave as the pages (the kernel's own reads of it fail with EFAULT instead). Taken
+        // before the seal, so that a seal that rotates the key (which cannot be taken back)
+        // is only ever lost to a fault of its own reads; and after it, for those.
+        self.memory.take_fault()?;
         let bytes = if self.tls.is_some() {
             self.seal(slot, payload)?
         } else {
             self.encode_plain(slot, payload)
         };
-        // The scan, the checksums, a compression copy and the seal read the pages: a truncated
-        // source file faulted there, and the handler gave those reads zeros, which must not
-        // leave as the pages (the kernel's own reads of it fail with EFAULT instead).
         self.memory.take_fault()?;
         let s = &mut self.slots[usize::from(slot)];
         s.bytes = bytes;
@@ -217,6 +228,10 @@ impl SendShard {
         } else {
             self.tls_records_per_key
         };
+        // The seal's records, from here, can be taken back if the frame fails (see `build`),
+        // unless it begins with a key update: the schedule cannot step back.
+        let first = tls.sealer.sequence();
+        self.sealed_from = (first < records_per_key).then_some(first);
         let s = &mut self.slots[usize::from(slot)];
         let close = s.marker == Marker::EndOfStream;
         let sealed = seal_frame(

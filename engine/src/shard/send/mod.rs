@@ -210,6 +210,9 @@ pub(crate) struct SendShard {
     stats: ShardStats,
     tls: Option<TlsSession>,
     tls_records_per_key: u64,
+    /// The sealer's sequence number before the frame being built was sealed, where it can go
+    /// back to it should the frame fail (see `build`).
+    sealed_from: Option<u64>,
     header: [u8; FRAME_HEADER_BYTES_MAX],
     compression: Compression,
     compressor: Option<Compressor>,

@@ -115,6 +115,7 @@ impl SendShard {
             },
             tls: p.tls,
             tls_records_per_key: p.tls_records_per_key,
+            sealed_from: None,
             header: [0; FRAME_HEADER_BYTES_MAX],
             compression: p.compression,
             compressor,
