@@ -27,14 +27,19 @@ pub fn thread_page_faults() -> (u64, u64) {
     (usage.ru_minflt as u64, usage.ru_majflt as u64)
 }
 
-/// CPU time (user + system) another thread of this process has used, through its pthread
-/// handle (`JoinHandleExt::as_pthread_t`); `None` once the thread has exited or the clock is
-/// not offered.
-pub fn thread_cpu_time_of(thread: libc::pthread_t) -> Option<Duration> {
+/// CPU time (user + system) another thread of this process has used, through its handle;
+/// `None` once the thread has exited or the clock is not offered.
+///
+/// It takes the `JoinHandle`, not a raw `pthread_t`: glibc reads the thread's descriptor
+/// behind the handle, so a handle of a joined thread (or a made-up one) would be a read of
+/// freed memory, and a borrowed `JoinHandle` cannot have been joined.
+pub fn thread_cpu_time_of<T>(thread: &std::thread::JoinHandle<T>) -> Option<Duration> {
+    use std::os::unix::thread::JoinHandleExt;
     let mut id: libc::clockid_t = 0;
-    // SAFETY: `thread` comes from a JoinHandle that is not joined yet, so the pthread_t is
-    // still valid (an exited, unjoined thread keeps it); `id` is a valid, writable clockid_t.
-    if unsafe { libc::pthread_getcpuclockid(thread, &mut id) } != 0 {
+    // SAFETY: the pthread_t comes from a JoinHandle borrowed for this call, so the thread is
+    // not joined (or detached) and its descriptor is valid (an exited, unjoined thread keeps
+    // it); `id` is a valid, writable clockid_t.
+    if unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut id) } != 0 {
         return None;
     }
     let mut ts = libc::timespec {
@@ -468,9 +473,8 @@ mod tests {
             }
             let _ = wait.recv_timeout(Duration::from_secs(5));
         });
-        use std::os::unix::thread::JoinHandleExt;
         std::thread::sleep(Duration::from_millis(60));
-        let cpu = thread_cpu_time_of(t.as_pthread_t());
+        let cpu = thread_cpu_time_of(&t);
         release.send(()).unwrap();
         t.join().unwrap();
         let cpu = cpu.expect("a live thread has a CPU clock");

@@ -410,3 +410,28 @@ fn forced_zero_copy_sends_a_read_only_image() {
     assert_eq!(src.first_difference(&dst), None);
     assert!(sent.shards.iter().all(|s| !s.fixed_buffers));
 }
+
+/// A new image's temporary name can be guessed (name, pid, a counter): links planted under
+/// those names, in a directory others write, are neither followed nor truncated, and the
+/// image takes the next free name. (The only test of this binary that creates an image, so
+/// the counter starts at 0 here.)
+#[test]
+fn a_new_image_never_follows_a_link_planted_at_its_temporary_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    for n in 0..4 {
+        let planted = dir.path().join(format!(
+            ".vm.img.{}-{n}.pagewire-partial",
+            std::process::id()
+        ));
+        std::os::unix::fs::symlink(&victim, planted).unwrap();
+    }
+    let image = ImageFile::create(&dir.path().join("vm.img"), 1 << 20).unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    image.memory().regions()[0].write(0, b"pages");
+    image.commit().unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let img = std::fs::read(dir.path().join("vm.img")).unwrap();
+    assert_eq!((img.len(), &img[..5]), (1 << 20, &b"pages"[..]));
+}

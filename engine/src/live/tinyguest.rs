@@ -346,8 +346,7 @@ impl TinyGuest {
 
 impl Vmm for TinyGuest {
     fn guest_cpu_time(&self) -> Option<std::time::Duration> {
-        use std::os::unix::thread::JoinHandleExt;
-        crate::sys::thread_cpu_time_of(self.thread.as_ref()?.as_pthread_t())
+        crate::sys::thread_cpu_time_of(self.thread.as_ref()?)
     }
 
     fn pause(&mut self) -> Result<()> {

@@ -7,6 +7,9 @@ use std::path::Path;
 use super::GuestMemory;
 use crate::error::{Error, Result};
 
+/// Temporary names a new image tries, passing over ones that exist, before it gives up.
+const IMAGE_TEMP_NAMES_MAX: u32 = 16;
+
 /// Reserves `len` bytes of disk (or tmpfs) space for `file`, extending it to `len`.
 pub(crate) fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -53,15 +56,30 @@ impl ImageFile {
             .file_name()
             .ok_or_else(|| Error::Config(format!("{} names no file", path.display())))?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temp = path.with_file_name(format!(
-            ".{}.{}-{n}.pagewire-partial",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let memory = GuestMemory::create_file(&temp, len).inspect_err(|_| {
-            let _ = std::fs::remove_file(&temp);
-        })?;
+        // The name is guessable, so it is created exclusively: a file or symbolic link
+        // planted under it (in a directory others write) is never followed or truncated, and
+        // one left by a crashed process of the same pid is passed over for the next name.
+        let mut attempts = 0;
+        let (temp, memory) = loop {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let temp = path.with_file_name(format!(
+                ".{}.{}-{n}.pagewire-partial",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
+            let exists = |e: &Error| matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists);
+            match GuestMemory::create_file_as(&temp, len, true) {
+                Ok(memory) => break (temp, memory),
+                Err(e) if exists(&e) && attempts < IMAGE_TEMP_NAMES_MAX => attempts += 1,
+                Err(e) => {
+                    // Ours to remove only if we created it.
+                    if !exists(&e) {
+                        let _ = std::fs::remove_file(&temp);
+                    }
+                    return Err(e);
+                }
+            }
+        };
         Ok(ImageFile {
             path: path.to_path_buf(),
             temp: Some(temp),

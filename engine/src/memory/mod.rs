@@ -121,7 +121,15 @@ impl Region {
 
     /// Host address and length of a page range, checked.
     pub(crate) fn pages_ptr(&self, first_page: u64, pages: u64) -> *mut u8 {
-        self.host_ptr(first_page * PAGE_BYTES as u64, pages * PAGE_BYTES as u64)
+        let bytes = |pages: u64| {
+            pages.checked_mul(PAGE_BYTES as u64).unwrap_or_else(|| {
+                panic!(
+                    "page range {first_page}+{pages} outside region of {} bytes",
+                    self.len
+                )
+            })
+        };
+        self.host_ptr(bytes(first_page), bytes(pages))
     }
 
     /// Copies `out.len()` bytes from `offset` into `out`.
@@ -309,12 +317,22 @@ impl GuestMemory {
     /// writable. See [`ImageFile`] for a destination that cannot be mistaken for a complete
     /// image when the transfer fails.
     pub fn create_file(path: &Path, len: u64) -> Result<Self> {
+        Self::create_file_as(path, len, false)
+    }
+
+    /// [`create_file`](Self::create_file), where `exclusive` refuses a `path` that exists
+    /// (a symbolic link included) instead of truncating it: for names of our own making in a
+    /// directory others may write.
+    pub(crate) fn create_file_as(path: &Path, len: u64, exclusive: bool) -> Result<Self> {
         check_specs(&[RegionSpec { gpa: 0, len }])?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if exclusive {
+            options.create_new(true);
+        } else {
+            options.create(true).truncate(true);
+        }
+        let file = options
             .open(path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
         reserve(&file, path, len)?;
@@ -334,7 +352,18 @@ impl GuestMemory {
                 path.display()
             )));
         }
-        let options = MmapOptions::new();
+        // The length mapped is the length measured: mapped without one, memmap2 would ask the
+        // file again, and a file truncated in between would leave `len` (which every bounds
+        // check trusts) longer than the mapping. Mapped pages past a shrunken file's end raise
+        // SIGBUS, which the guard turns into an error.
+        let map_len = usize::try_from(len).map_err(|_| {
+            Error::Config(format!(
+                "{} is too large to map ({len} bytes)",
+                path.display()
+            ))
+        })?;
+        let mut options = MmapOptions::new();
+        options.len(map_len);
         let raw = if writable {
             options.map_raw(file)
         } else {

@@ -195,3 +195,66 @@ fn out_of_bounds_access_panics_instead_of_writing() {
     let a = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 4096 }]).unwrap();
     a.regions()[0].write(4095, b"xy");
 }
+
+#[test]
+#[should_panic(expected = "outside region")]
+fn page_ranges_past_the_address_space_panic_instead_of_wrapping() {
+    // 2^52 pages × 4 KiB wraps to offset 0 in u64: it must not land on page 0.
+    let a = GuestMemory::anonymous(&[RegionSpec { gpa: 0, len: 8192 }]).unwrap();
+    a.regions()[0].zero_pages(1 << 52, 1);
+}
+
+/// The `start-end` span of the mapping holding `addr`, from /proc/self/maps.
+fn mapping_of(addr: usize) -> Option<(usize, usize)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let (start, end) = l.split_whitespace().next()?.split_once('-')?;
+        let (start, end) = (
+            usize::from_str_radix(start, 16).ok()?,
+            usize::from_str_radix(end, 16).ok()?,
+        );
+        (start <= addr && addr < end).then_some((start, end))
+    })
+}
+
+#[test]
+fn a_file_mapping_is_as_long_as_its_region_while_the_file_changes_size() {
+    // A file whose size changes while it is mapped: the region's length (which every bounds
+    // check trusts) must be the mapping's, whatever size the file has by the time it is mapped.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flip.img");
+    let big = 4u64 << 20;
+    std::fs::write(&path, vec![0u8; big as usize]).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            let start = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed().as_secs() < 10 {
+                let _ = f.set_len(4096);
+                let _ = f.set_len(big);
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    let mut checked = 0;
+    while checked < 3000 && start.elapsed().as_millis() < 1500 {
+        let Ok(m) = GuestMemory::from_file(&path, false) else {
+            continue;
+        };
+        let r = &m.regions()[0];
+        let (s, e) = mapping_of(r.host_addr() as usize).expect("the region is mapped");
+        // A neighbouring mapping may merge with it, so the span may be longer, never shorter.
+        assert!(
+            e - (r.host_addr() as usize) >= r.len() as usize && s <= r.host_addr() as usize,
+            "region of {} bytes in a mapping of {} bytes",
+            r.len(),
+            e - r.host_addr() as usize
+        );
+        checked += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    flipper.join().unwrap();
+    assert!(checked > 0, "no mapping was made");
+}
