@@ -15,7 +15,7 @@ use pagewire::{GuestMemory, RegionSpec};
 use pagewire_tests::skip_without_kvm;
 
 const PAGE: u64 = 4096;
-const GUEST_PAGES: u64 = 64;
+const GUEST_PAGES: u64 = 128;
 const CODE_GPA: u64 = 0x1000;
 
 /// Real-mode code at `CODE_GPA`: writes one byte into each of `count` pages from page `first`
@@ -63,14 +63,17 @@ fn the_kvm_dirty_log_reports_exactly_what_the_guest_wrote() {
     sregs.ds.base = 0;
     sregs.ds.selector = 0;
     vcpu.set_sregs(&sregs).unwrap();
-    let mut source = KvmDirtyLog::new(
-        vm.clone(),
-        vec![SlotRegion {
-            slot: 0,
-            region: 0,
-            bytes: GUEST_PAGES * PAGE,
-        }],
-    );
+    let log = |slots: Vec<SlotRegion>| {
+        // SAFETY: slot 0 is registered with GUEST_PAGES pages; every slot named here is said
+        // to be at most that (the refused ones are refused before KVM is asked).
+        unsafe { KvmDirtyLog::new(vm.clone(), slots) }
+    };
+    let slot0 = |bytes| SlotRegion {
+        slot: 0,
+        region: 0,
+        bytes,
+    };
+    let mut source = log(vec![slot0(GUEST_PAGES * PAGE)]);
     let mut bitmaps = DirtyBitmaps::for_memory(&memory);
     let mut run_guest = |first: u16, count: u16| -> Vec<(u64, u64)> {
         memory.regions()[0].write(CODE_GPA, &writer(first, count));
@@ -102,20 +105,54 @@ fn the_kvm_dirty_log_reports_exactly_what_the_guest_wrote() {
     // Taken: later runs report only their own pages.
     assert_eq!(run_guest(30, 10), [(30, 10)]);
     assert_eq!(run_guest(63, 1), [(63, 1)]);
+    // Across a word of the bitmap, and up to the slot's last page.
+    assert_eq!(run_guest(60, 10), [(60, 10)]);
+    assert_eq!(run_guest(120, 8), [(120, 8)]);
     // Nothing ran since: nothing to report.
     bitmaps.clear();
     source.collect(&mut bitmaps).unwrap();
     assert_eq!(bitmaps.dirty_pages(), 0);
     // A slot said to be smaller than its region (in the same number of bitmap words) would
     // leave the pages past it unreported: refused before KVM is asked.
-    let mut short = KvmDirtyLog::new(
-        vm.clone(),
-        vec![SlotRegion {
-            slot: 0,
-            region: 0,
-            bytes: (GUEST_PAGES - 1) * PAGE,
-        }],
-    );
-    let err = short.collect(&mut bitmaps).unwrap_err();
+    let err = log(vec![slot0((GUEST_PAGES - 1) * PAGE)])
+        .collect(&mut bitmaps)
+        .unwrap_err();
     assert!(err.to_string().contains("does not match region 0"), "{err}");
+    // A region named by two slots, or by none: refused. A region nothing watches would keep
+    // its first copy on the destination while the guest writes it.
+    let twice = SlotRegion {
+        slot: 1,
+        ..slot0(GUEST_PAGES * PAGE)
+    };
+    let err = log(vec![slot0(GUEST_PAGES * PAGE), twice])
+        .collect(&mut bitmaps)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("both said to hold region 0"),
+        "{err}"
+    );
+    let two_regions = GuestMemory::anonymous(&[
+        RegionSpec {
+            gpa: 0,
+            len: GUEST_PAGES * PAGE,
+        },
+        RegionSpec {
+            gpa: 1 << 32,
+            len: PAGE,
+        },
+    ])
+    .unwrap();
+    let mut both = DirtyBitmaps::for_memory(&two_regions);
+    let err = log(vec![slot0(GUEST_PAGES * PAGE)])
+        .collect(&mut both)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("region 1 has no KVM slot"),
+        "{err}"
+    );
+    // Left out for another source that watches it: accepted.
+    log(vec![slot0(GUEST_PAGES * PAGE)])
+        .leaving_out(&[1])
+        .collect(&mut both)
+        .unwrap();
 }

@@ -326,6 +326,52 @@ fn a_policy_that_gives_up_fails_both_sides_with_its_reason() {
     assert_eq!((s.status, s.rounds.len()), (Status::Failed, 3));
 }
 
+/// A dirty source that fails on its `n`th collect (a KVM ioctl error, a VMM's bitmap gone).
+struct FailsAt(u32);
+
+impl DirtySource for FailsAt {
+    fn collect(&mut self, into: &mut DirtyBitmaps) -> pagewire::Result<()> {
+        self.0 -= 1;
+        if self.0 == 0 {
+            return Err(Error::Config("the dirty log went away".into()));
+        }
+        into.mark(0, 0, 16);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_dirty_source_fails_both_sides_with_its_reason() {
+    if skip_without_uring() {
+        return;
+    }
+    // The first collect (before round 0), those after rounds 0 and 1, and the one after the
+    // pause (the policy stops after round 1: a round of dirty pages, and they fit).
+    for n in [1, 2, 3, 4] {
+        let p = connect(2);
+        let bitmap = Arc::new(SharedBitmap::new(&p.src));
+        let mut guest = dirtier(&p.src, &bitmap, 0);
+        let migration = Migration::new(
+            p.sender,
+            Box::new(FailsAt(n)),
+            Box::new(DowntimeLimit {
+                downtime_limit_ms: 10_000,
+                ..DowntimeLimit::default()
+            }),
+        );
+        let err = migration.run(&mut guest).unwrap_err();
+        assert!(
+            err.to_string().contains("dirty log went away"),
+            "{n}: {err}"
+        );
+        let r = join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap_err();
+        assert!(
+            r.to_string().contains("dirty log went away"),
+            "{n}: the receiver should hear why: {r}"
+        );
+    }
+}
+
 /// Auto-converge: a guest that dirties its working set faster than a 40 MB/s link can send it
 /// never fits 50 ms of downtime (the plain policy gives up at its round cap), but throttled step
 /// by step it does, and the destination equals the paused source.

@@ -48,27 +48,54 @@ pub struct SlotRegion {
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
     slots: Vec<SlotRegion>,
+    /// Regions another source watches (see [`leaving_out`](Self::leaving_out)).
+    left_out: Vec<u32>,
 }
 
 impl std::fmt::Debug for KvmDirtyLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmDirtyLog")
             .field("slots", &self.slots)
+            .field("left_out", &self.left_out)
             .finish_non_exhaustive()
     }
 }
 
 impl KvmDirtyLog {
     /// The dirty log of `slots` of `vm`. Each slot must have been registered with
-    /// `KVM_MEM_LOG_DIRTY_PAGES`, with its region's size; a slot said to be of another size is
-    /// refused at the first [`collect`](DirtySource::collect), before KVM is asked.
-    pub fn new(vm: Arc<VmFd>, slots: Vec<SlotRegion>) -> Self {
-        KvmDirtyLog { vm, slots }
+    /// `KVM_MEM_LOG_DIRTY_PAGES`, with its region's size. Every region of the layout needs a
+    /// slot, one at most, unless [left out](Self::leaving_out): a region nothing watches would
+    /// keep its round-0 copy on the destination while the guest writes it, and the migration
+    /// would end "complete" with stale memory. A slot said to be of another size than its
+    /// region, a region without a slot, or a region with two are refused at the first
+    /// [`collect`](DirtySource::collect), before KVM is asked.
+    ///
+    /// # Safety
+    ///
+    /// Each `bytes` is the `memory_size` the slot was registered with (and stays so while
+    /// this source lives). KVM cannot be asked a slot's size: it copies the bitmap of the
+    /// whole slot as registered into a buffer sized from `bytes`, so a slot registered larger
+    /// than said has the kernel write past that buffer.
+    #[allow(unsafe_code)] // a contract only: the body does nothing unsafe
+    pub unsafe fn new(vm: Arc<VmFd>, slots: Vec<SlotRegion>) -> Self {
+        KvmDirtyLog {
+            vm,
+            slots,
+            left_out: Vec::new(),
+        }
     }
-}
 
-impl DirtySource for KvmDirtyLog {
-    fn collect(&mut self, into: &mut DirtyBitmaps) -> Result<()> {
+    /// Regions that have no KVM slot of their own, because another source watches them (a
+    /// VMM's bitmap of memory no vCPU maps, in a [`Union`](super::Union) with this one).
+    pub fn leaving_out(mut self, regions: &[u32]) -> Self {
+        self.left_out.extend_from_slice(regions);
+        self
+    }
+
+    /// Refuses slots that do not cover the layout of `into` exactly (see [`new`](Self::new)).
+    fn check_cover(&self, into: &DirtyBitmaps) -> Result<()> {
+        let regions = into.regions();
+        let mut slot_of = vec![None; regions as usize];
         for s in &self.slots {
             let pages = into.region_pages(s.region).ok_or_else(|| {
                 Error::Config(format!(
@@ -76,14 +103,36 @@ impl DirtySource for KvmDirtyLog {
                     s.slot, s.region
                 ))
             })?;
-            // Checked before the ioctl: KVM fills the slot's whole bitmap into a buffer sized
-            // from `bytes`, and pages past a smaller size would go unreported.
+            // KVM fills the slot's whole bitmap into a buffer sized from `bytes`, and pages
+            // past a smaller size would go unreported.
             if s.bytes != pages * PAGE_BYTES as u64 {
                 return Err(Error::Config(format!(
                     "KVM slot {} ({} bytes) does not match region {} ({pages} pages of {PAGE_BYTES} bytes)",
                     s.slot, s.bytes, s.region
                 )));
             }
+            if let Some(other) = slot_of[s.region as usize].replace(s.slot) {
+                return Err(Error::Config(format!(
+                    "KVM slots {other} and {} are both said to hold region {}",
+                    s.slot, s.region
+                )));
+            }
+        }
+        match (0..regions).find(|r| slot_of[*r as usize].is_none() && !self.left_out.contains(r))
+        {
+            Some(r) => Err(Error::Config(format!(
+                "region {r} has no KVM slot: its writes would never be sent again (name its slot, or leave it out for the source that watches it)"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl DirtySource for KvmDirtyLog {
+    fn collect(&mut self, into: &mut DirtyBitmaps) -> Result<()> {
+        self.check_cover(into)?;
+        for s in &self.slots {
+            let pages = s.bytes / PAGE_BYTES as u64;
             // Interrupted by a signal, nothing was collected: it asks again.
             let words =
                 retrying(|| self.vm.get_dirty_log(s.slot, s.bytes as usize)).map_err(|e| {

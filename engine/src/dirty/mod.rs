@@ -10,7 +10,9 @@
 //! Sources here: [`SharedBitmap`] (a VMM marks pages from any thread; also the software source
 //! of tests), [`Union`], and with the `kvm` feature `kvm::KvmDirtyLog`.
 
-#![forbid(unsafe_code)]
+// No unsafe operation here; one `unsafe fn` (`kvm::KvmDirtyLog::new`) states a contract
+// the kernel relies on and Rust cannot check, and allows itself.
+#![deny(unsafe_code)]
 
 #[cfg(feature = "kvm")]
 pub mod kvm;
@@ -112,6 +114,11 @@ impl DirtyBitmaps {
         for r in &mut self.regions {
             r.fill(0);
         }
+    }
+
+    /// The regions it has bitmaps for.
+    pub fn regions(&self) -> u32 {
+        self.pages.len() as u32
     }
 
     /// Pages in region `region`.
@@ -231,10 +238,15 @@ impl SharedBitmap {
 
 impl DirtySource for std::sync::Arc<SharedBitmap> {
     fn collect(&mut self, into: &mut DirtyBitmaps) -> Result<()> {
-        for (i, words) in self.regions.iter().enumerate() {
-            let bitmap = into.regions.get_mut(i).ok_or_else(|| {
-                Error::Config("a shared dirty bitmap made for another layout".into())
-            })?;
+        // Checked whole before anything is taken: a bitmap of another layout would drop the
+        // marks that do not fit (and with them, pages the guest wrote).
+        if self.pages != into.pages {
+            return Err(Error::Config(format!(
+                "a shared dirty bitmap made for another layout (region pages {:?}, the migration's {:?})",
+                self.pages, into.pages
+            )));
+        }
+        for (bitmap, words) in into.regions.iter_mut().zip(self.regions.iter()) {
             for (b, w) in bitmap.iter_mut().zip(words.iter()) {
                 *b |= w.swap(0, Ordering::AcqRel);
             }
@@ -363,5 +375,26 @@ mod tests {
         assert_eq!(bitmaps.dirty_pages(), 70 + 200 - 192);
         assert!(bitmaps.or_words(0, &[0; 3]).is_err(), "wrong length");
         assert!(bitmaps.or_words(2, &[0; 4]).is_err(), "no such region");
+        // A shared bitmap of another layout is refused, and keeps its marks: fewer regions,
+        // more, or a region of another size would drop some.
+        let one = |pages: u64| {
+            GuestMemory::anonymous(&[RegionSpec {
+                gpa: 0,
+                len: pages * 4096,
+            }])
+            .unwrap()
+        };
+        for other in [one(200), one(300)] {
+            let mut bitmaps = DirtyBitmaps::for_memory(&other);
+            a.mark(0, 150, 1);
+            assert!(a.clone().collect(&mut bitmaps).is_err());
+            assert_eq!(bitmaps.dirty_pages(), 0);
+        }
+        let mut bitmaps = DirtyBitmaps::for_memory(&memory);
+        let small = Arc::new(SharedBitmap::new(&one(200)));
+        small.mark(0, 150, 1);
+        assert!(small.clone().collect(&mut bitmaps).is_err());
+        a.clone().collect(&mut bitmaps).unwrap();
+        assert_eq!(bitmaps.dirty_pages(), 1, "the marks stay until taken");
     }
 }

@@ -19,6 +19,10 @@ pub const CODE_GPA: u64 = 0x1000;
 pub const STACK_TOP_GPA: u64 = 0x9000;
 /// Guest-physical address of the working set's first page.
 pub const WORKING_SET_GPA: u64 = 1 << 20;
+/// Where the working set must end, at most: the guest addresses 32 bits (a larger end would
+/// wrap, and a burst would write one page), and QEMU's `pc` machine puts its PCI hole (then
+/// the LAPIC) from 3.5 GiB; no RAM of either VMM is there.
+pub const WORKING_SET_END_GPA_MAX: u64 = 0xE000_0000;
 /// Size of the firmware image: QEMU maps it below 4 GiB, the reset vector in its last 16 bytes.
 pub const FIRMWARE_BYTES: usize = 64 << 10;
 /// LAPIC timer counts per 1 ms tick (KVM's LAPIC counts nanoseconds at divide-by-one).
@@ -36,14 +40,38 @@ pub struct Params {
 }
 
 impl Params {
+    /// The largest working set, in pages: up to [`WORKING_SET_END_GPA_MAX`].
+    pub const WORKING_SET_PAGES_MAX: u32 =
+        ((WORKING_SET_END_GPA_MAX - WORKING_SET_GPA) / PAGE_BYTES) as u32;
+
     /// Params for `bytes_per_s` of page writes (rounded to whole pages per tick, at least one)
-    /// over `working_set_pages`.
+    /// over `working_set_pages` (at least one, at most
+    /// [`WORKING_SET_PAGES_MAX`](Self::WORKING_SET_PAGES_MAX)).
     pub fn for_rate(bytes_per_s: u64, working_set_pages: u32) -> Params {
         let burst = (bytes_per_s / PAGE_BYTES / 1000).clamp(1, u64::from(u32::MAX)) as u32;
         Params {
             burst,
-            working_set_pages: working_set_pages.max(1),
+            working_set_pages: working_set_pages.clamp(1, Self::WORKING_SET_PAGES_MAX),
         }
+    }
+
+    /// Refuses params the guest cannot run as asked: no burst, no working set, or one past
+    /// [`WORKING_SET_END_GPA_MAX`].
+    pub fn check(&self) -> Result<(), String> {
+        if self.burst == 0 || self.working_set_pages == 0 {
+            return Err(
+                "the tiny guest takes a burst and a working set of at least one page".into(),
+            );
+        }
+        if self.working_set_pages > Self::WORKING_SET_PAGES_MAX {
+            return Err(format!(
+                "the tiny guest's working set ends at {:#x} at most ({} pages), not {:#x}",
+                WORKING_SET_END_GPA_MAX,
+                Self::WORKING_SET_PAGES_MAX,
+                self.memory_bytes_min()
+            ));
+        }
+        Ok(())
     }
 
     /// The dirty rate these params ask for, in bytes per second.
@@ -57,9 +85,10 @@ impl Params {
     }
 
     /// The 24-byte parameter block: burst, working set start and end, next page, counter
-    /// (zero), timer count.
+    /// (zero), timer count. A working set past [`WORKING_SET_END_GPA_MAX`] (refused by
+    /// [`check`](Self::check)) ends there.
     pub fn block(&self) -> [u8; 24] {
-        let end = self.memory_bytes_min() as u32;
+        let end = self.memory_bytes_min().min(WORKING_SET_END_GPA_MAX) as u32;
         let mut b = [0u8; 24];
         for (i, v) in [
             self.burst,
@@ -151,6 +180,32 @@ mod tests {
         let b = p.block();
         assert_eq!(&b[..4], &48u32.to_le_bytes());
         assert_eq!(&b[8..12], &(((1u32 << 20) + 1000 * 4096).to_le_bytes()));
+    }
+
+    #[test]
+    fn working_sets_end_below_the_pci_hole_and_never_wrap() {
+        // 4 GiB of working set would end past 32 bits: its end wrapped to the start, and the
+        // guest wrote one page per tick whatever the burst.
+        let big = Params::for_rate(400_000_000, 1 << 20);
+        assert_eq!(big.working_set_pages, Params::WORKING_SET_PAGES_MAX);
+        assert_eq!(big.memory_bytes_min(), WORKING_SET_END_GPA_MAX);
+        assert!(big.check().is_ok());
+        let b = big.block();
+        assert_eq!(&b[8..12], &(WORKING_SET_END_GPA_MAX as u32).to_le_bytes());
+        let over = Params {
+            burst: 64,
+            working_set_pages: 1 << 20,
+        };
+        assert!(over.check().unwrap_err().contains("ends at"));
+        assert!(
+            u32::from_le_bytes(over.block()[8..12].try_into().unwrap()) > WORKING_SET_GPA as u32
+        );
+        assert!(Params {
+            burst: 0,
+            working_set_pages: 1
+        }
+        .check()
+        .is_err());
     }
 
     #[test]

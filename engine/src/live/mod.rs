@@ -337,7 +337,9 @@ impl Run {
         };
         let mut bitmaps = DirtyBitmaps::for_memory(sender.memory());
         // Only writes from now on count: round 0 sends everything anyway.
-        source.collect(&mut bitmaps)?;
+        if let Err(e) = source.collect(&mut bitmaps) {
+            return Err(sender.abandon(e));
+        }
         bitmaps.clear();
         let setup_ms = self.elapsed_ms();
         self.update(|s| {
@@ -369,7 +371,9 @@ impl Run {
                 figures => figures,
             };
             bitmaps.clear();
-            source.collect(&mut bitmaps)?;
+            if let Err(e) = source.collect(&mut bitmaps) {
+                return Err(sender.abandon(e));
+            }
             let dirty = bitmaps.dirty_pages();
             let figures = RoundFigures {
                 round: sent.round,
@@ -431,7 +435,9 @@ impl Run {
         }
         let paused_ms = paused.elapsed().as_secs_f64() * 1e3;
         // What was written between the last collect and the pause.
-        source.collect(&mut bitmaps)?;
+        if let Err(e) = source.collect(&mut bitmaps) {
+            return Err(sender.abandon(e));
+        }
         bitmaps.runs(&mut runs);
         let collected_ms = paused.elapsed().as_secs_f64() * 1e3;
         let before = wire();

@@ -230,11 +230,7 @@ impl TinyGuest {
     /// Loads the guest into `memory` (region 0 from address 0, at least
     /// [`Params::memory_bytes_min`]; the rest is left as it is) and starts it.
     pub fn start(memory: Arc<GuestMemory>, params: Params) -> Result<Self> {
-        if params.burst == 0 || params.working_set_pages == 0 {
-            return Err(Error::Config(
-                "the tiny guest takes a burst and a working set of at least one page".into(),
-            ));
-        }
+        params.check().map_err(Error::Config)?;
         let (vm, vcpu) = vm(&memory, params.memory_bytes_min())?;
         let region = &memory.regions()[0];
         region.write(CODE_GPA, guestcode::code());
@@ -268,14 +264,20 @@ impl TinyGuest {
 
     /// The guest's memory as a dirty source: the KVM dirty log of its slot.
     pub fn dirty_log(&self) -> KvmDirtyLog {
-        KvmDirtyLog::new(
-            self.vm.clone(),
-            vec![SlotRegion {
-                slot: 0,
-                region: 0,
-                bytes: self.memory.regions()[0].len(),
-            }],
-        )
+        // SAFETY: slot 0 was registered with region 0's length (`vm`), and never changes.
+        let log = unsafe {
+            KvmDirtyLog::new(
+                self.vm.clone(),
+                vec![SlotRegion {
+                    slot: 0,
+                    region: 0,
+                    bytes: self.memory.regions()[0].len(),
+                }],
+            )
+        };
+        // The vCPU maps region 0 only: nothing writes the others.
+        let others: Vec<u32> = (1..self.memory.regions().len() as u32).collect();
+        log.leaving_out(&others)
     }
 
     /// The progress counter now.
