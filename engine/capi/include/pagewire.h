@@ -280,8 +280,8 @@ pw_status pw_sender_connect(const char *addr,
 // closes them when the sender is freed.
 //
 // # Safety
-// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
-// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
+// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up,
+// each named once (a descriptor named twice is refused, and closed once); `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 pw_status pw_sender_over_fds(const int32_t *fds,
                              size_t count,
                              const pw_memory *memory,
@@ -332,7 +332,9 @@ pw_status pw_sender_stats(const pw_sender *sender, pw_stats *out);
 // Frees a sender (one not finished is abandoned: the receiver is told).
 //
 // # Safety
-// `sender` is null or from [`pw_sender_connect`], not freed before.
+// `sender` is null or from [`pw_sender_connect`], not freed before, and no call on it runs
+// on another thread: to stop a `pw_sender_migrate` in progress, cancel it through its
+// `pw_control`, wait for it to return, then free.
 void pw_sender_free(pw_sender *sender);
 
 // A control for `sender` (take it before handing the sender to another thread or starting
@@ -459,7 +461,9 @@ pw_status pw_receiver_blob(const pw_receiver *receiver,
 // Frees a receiver (and its blobs).
 //
 // # Safety
-// `receiver` is null or from [`pw_receiver_bind`], not freed before.
+// `receiver` is null or from [`pw_receiver_bind`], not freed before, and no call on it runs
+// on another thread: to stop a `pw_receiver_run` in progress, cancel it through its
+// `pw_control`, wait for it to return, then free.
 void pw_receiver_free(pw_receiver *receiver);
 
 // Like [`pw_receiver_bind`], over `count` connections the caller already accepted (TCP or
@@ -467,8 +471,8 @@ void pw_receiver_free(pw_receiver *receiver);
 // them when the receiver is freed.
 //
 // # Safety
-// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
-// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
+// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up,
+// each named once (a descriptor named twice is refused, and closed once); `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 pw_status pw_receiver_over_fds(const int32_t *fds,
                                size_t count,
                                const pw_memory *memory,

@@ -347,18 +347,35 @@ unsafe fn streams(fds: *const i32, count: usize) -> Result<Vec<pw::Stream>, Erro
     }
     // SAFETY: `count` descriptors (caller).
     let fds = unsafe { std::slice::from_raw_parts(fds, count) };
-    // SAFETY: each non-negative one is an open descriptor whose ownership the caller hands
-    // over; all are taken before any is checked, so each is closed exactly once whatever
-    // fails (a negative one among them included: the header says "on failure too").
-    let owned: Vec<OwnedFd> = fds
+    // One owner per descriptor: one named twice would be closed twice, the second time
+    // perhaps another thread's descriptor that took its number in between.
+    let mut distinct: Vec<i32> = fds.iter().copied().filter(|&fd| fd >= 0).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    // SAFETY: each distinct non-negative one is an open descriptor whose ownership the caller
+    // hands over; all are taken before any is checked, so each is closed exactly once
+    // whatever fails (a negative or repeated one among them included: the header says "on
+    // failure too").
+    let owned: Vec<OwnedFd> = distinct
         .iter()
-        .filter(|&&fd| fd >= 0)
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
-    if owned.len() < fds.len() {
+    if fds.iter().any(|&fd| fd < 0) {
         return Err(invalid("a negative file descriptor"));
     }
-    owned.into_iter().map(pw::Stream::from_fd).collect()
+    if owned.len() < fds.len() {
+        return Err(invalid("the same file descriptor twice"));
+    }
+    // In the caller's order: channel i is fds[i] on both sides.
+    let mut owned: Vec<Option<OwnedFd>> = owned.into_iter().map(Some).collect();
+    fds.iter()
+        .map(|fd| {
+            let at = distinct
+                .binary_search(fd)
+                .expect("every descriptor is among them");
+            pw::Stream::from_fd(owned[at].take().expect("each descriptor once"))
+        })
+        .collect()
 }
 
 /// Like [`pw_sender_connect`], over `count` connections the caller already made (one per
@@ -367,8 +384,8 @@ unsafe fn streams(fds: *const i32, count: usize) -> Result<Vec<pw::Stream>, Erro
 /// closes them when the sender is freed.
 ///
 /// # Safety
-/// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
-/// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
+/// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up,
+/// each named once (a descriptor named twice is refused, and closed once); `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 #[no_mangle]
 pub unsafe extern "C" fn pw_sender_over_fds(
     fds: *const i32,
@@ -545,7 +562,9 @@ unsafe fn write_stats(
 /// Frees a sender (one not finished is abandoned: the receiver is told).
 ///
 /// # Safety
-/// `sender` is null or from [`pw_sender_connect`], not freed before.
+/// `sender` is null or from [`pw_sender_connect`], not freed before, and no call on it runs
+/// on another thread: to stop a `pw_sender_migrate` in progress, cancel it through its
+/// `pw_control`, wait for it to return, then free.
 #[no_mangle]
 pub unsafe extern "C" fn pw_sender_free(sender: *mut pw_sender) {
     if !sender.is_null() {
@@ -554,5 +573,37 @@ pub unsafe extern "C" fn pw_sender_free(sender: *mut pw_sender) {
         if let Some(s) = s.sender {
             let _ = catch_unwind(AssertUnwindSafe(|| s.abandon(Error::Cancelled)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The descriptor is open.
+    fn open(fd: i32) -> bool {
+        // SAFETY: F_GETFD only asks; an unknown descriptor is EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        flags >= 0
+    }
+
+    #[test]
+    fn descriptors_named_twice_or_negative_are_refused_and_closed_once() {
+        let mut pair = [0i32; 2];
+        // SAFETY: `pair` holds two descriptors for the kernel to write.
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) },
+            0
+        );
+        let fds = [pair[0], pair[0]];
+        // SAFETY: `fds` holds two entries naming one open descriptor this test gives up.
+        let err = unsafe { streams(fds.as_ptr(), 2) }.map(drop).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        assert!(!open(pair[0]), "taken over and closed");
+        let fds = [pair[1], -1];
+        // SAFETY: one open descriptor this test gives up, and a negative one.
+        let err = unsafe { streams(fds.as_ptr(), 2) }.map(drop).unwrap_err();
+        assert!(err.to_string().contains("negative"), "{err}");
+        assert!(!open(pair[1]), "taken over and closed");
     }
 }

@@ -143,7 +143,9 @@ pub unsafe extern "C" fn pw_receiver_blob(
 /// Frees a receiver (and its blobs).
 ///
 /// # Safety
-/// `receiver` is null or from [`pw_receiver_bind`], not freed before.
+/// `receiver` is null or from [`pw_receiver_bind`], not freed before, and no call on it runs
+/// on another thread: to stop a `pw_receiver_run` in progress, cancel it through its
+/// `pw_control`, wait for it to return, then free.
 #[no_mangle]
 pub unsafe extern "C" fn pw_receiver_free(receiver: *mut pw_receiver) {
     if !receiver.is_null() {
@@ -157,8 +159,8 @@ pub unsafe extern "C" fn pw_receiver_free(receiver: *mut pw_receiver) {
 /// them when the receiver is freed.
 ///
 /// # Safety
-/// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up;
-/// `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
+/// `fds` points to `count` open, connected TCP or UNIX stream sockets the caller gives up,
+/// each named once (a descriptor named twice is refused, and closed once); `memory` from [`pw_memory_new`]; `opts` null or valid; `out` valid.
 #[no_mangle]
 pub unsafe extern "C" fn pw_receiver_over_fds(
     fds: *const i32,

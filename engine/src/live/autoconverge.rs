@@ -24,7 +24,8 @@ pub struct Throttling {
     /// A round is a dirty one when the guest dirtied at least this percentage of the bytes the
     /// round put on the wire (`throttle-trigger-threshold`).
     pub trigger_percent: u8,
-    /// Dirty rounds in a row needed for each step (QEMU: 2).
+    /// Dirty rounds needed for each step, counted since the last one (QEMU: 2). As in QEMU,
+    /// a round under the trigger between them does not reset the count.
     pub trigger_rounds: u32,
 }
 
@@ -110,11 +111,12 @@ impl Policy for AutoConverge {
             return decision;
         }
         let dirtied_bytes = last.dirtied_pages.saturating_mul(PAGE_BYTES as u64);
+        // QEMU's test (`migration_trigger_throttle`): more than the threshold, and a period
+        // under it leaves the count as it was.
         let dirty = last.wire_bytes > 0
             && u128::from(dirtied_bytes) * 100
-                >= u128::from(last.wire_bytes) * u128::from(t.trigger_percent);
+                > u128::from(last.wire_bytes) * u128::from(t.trigger_percent);
         if !dirty {
-            self.dirty_rounds = 0;
             return decision;
         }
         self.dirty_rounds += 1;
@@ -200,6 +202,37 @@ mod tests {
             matches!(d, Decision::GiveUp(ref why) if why.contains("12 rounds")),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn dirty_rounds_count_as_in_qemu_across_a_clean_one() {
+        // Dirty, clean, dirty: QEMU's count reaches two at the third period and throttles (a
+        // clean period does not reset it); exactly half is not over the threshold.
+        let mut p = AutoConverge::default();
+        let mut rounds = Vec::new();
+        let mut decide = |dirtied_pages: u64| {
+            rounds.push(RoundFigures {
+                round: rounds.len() as u32,
+                pages: 1000,
+                wire_bytes: 1000 * PAGE_BYTES as u64,
+                ms: 100.0,
+                dirtied_pages,
+                ..RoundFigures::default()
+            });
+            let view = PolicyView {
+                rounds: &rounds,
+                estimates: crate::live::policy::Estimates::after(&rounds, 1_000_000),
+                elapsed_ms: 0.0,
+            };
+            p.decide(&view)
+        };
+        assert_eq!(decide(900), Decision::NextRound);
+        assert_eq!(
+            decide(500),
+            Decision::NextRound,
+            "half is not more than half"
+        );
+        assert_eq!(decide(900), Decision::Throttle(20));
     }
 
     #[test]
