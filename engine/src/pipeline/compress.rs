@@ -431,10 +431,13 @@ impl Auto {
             self.on = false;
             return;
         }
-        let (Some(c), Some(l)) = (self.compress_bytes_per_s, self.link_bytes_per_s) else {
-            return;
+        self.on = match (self.compress_bytes_per_s, self.link_bytes_per_s) {
+            (Some(c), Some(l)) => c > AUTO_MARGIN * l,
+            // No link samples (a UNIX socket has no TCP_INFO): the ratio alone decides, as it
+            // did at the start, both ways; a pause for incompressible pages is not for good.
+            // (Nothing compressed yet: as it was.)
+            _ => self.on || self.ratio.is_some(),
         };
-        self.on = c > AUTO_MARGIN * l;
     }
 }
 

@@ -185,3 +185,19 @@ fn auto_turns_on_for_slow_links_and_off_for_fast_ones() {
     simulate(&mut a, 12.5e6, 3e9, 1.0, 200);
     assert!(!a.is_on());
 }
+
+#[test]
+fn auto_without_link_samples_follows_the_ratio_both_ways() {
+    // A UNIX socket has no delivery-rate samples: a stretch of incompressible pages turns
+    // compression off, and the probes' later ratios of 3 turn it on again.
+    let ms = Duration::from_millis(1);
+    let mut a = Auto::new();
+    a.observe_compression(512 << 10, 512 << 10, ms);
+    assert!(!a.is_on());
+    for _ in 0..(AUTO_PROBE_FRAMES * 20) {
+        if a.compress_next() {
+            a.observe_compression(512 << 10, 170 << 10, ms);
+        }
+    }
+    assert!(a.is_on());
+}
