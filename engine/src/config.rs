@@ -137,6 +137,7 @@ impl SenderConfig {
                 "choose TLS or a pre-shared key, not both (TLS already authenticates)".into(),
             );
         }
+        check_cores(self.pinning, &self.cores)?;
         if let Some(name) = &self.congestion {
             check_congestion(name)?;
         }
@@ -328,13 +329,55 @@ impl ReceiverConfig {
         if self.accept_unchecked_pages && (self.tls.is_some() || self.psk.is_some()) {
             return Err(crate::Error::Config(PAGE_CHECKSUMS_PLAINTEXT_ONLY.into()));
         }
+        check_cores(self.pinning, &self.cores)?;
         check_idle_timeout(self.idle_timeout_ms)
     }
+}
+
+/// Refuses `cores` with pinning off: unpinned shards would run on any core of the process,
+/// the vCPUs' ones included, which is what a list of cores is there to prevent.
+fn check_cores(pinning: Pinning, cores: &Option<Vec<usize>>) -> crate::Result<()> {
+    if pinning == Pinning::None && cores.is_some() {
+        return Err(crate::Error::Config(
+            "cores are given but pinning is off: unpinned shards would run on any core, the vCPUs' too (pin them, or give no cores)".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cores_without_pinning_are_refused() {
+        let cores = Some(vec![0]);
+        let s = SenderConfig {
+            pinning: Pinning::None,
+            cores: cores.clone(),
+            ..SenderConfig::default()
+        };
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("pinning is off"));
+        let r = ReceiverConfig {
+            pinning: Pinning::None,
+            cores: cores.clone(),
+            ..ReceiverConfig::default()
+        };
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("pinning is off"));
+        let pinned = SenderConfig {
+            cores,
+            ..SenderConfig::default()
+        };
+        assert!(pinned.validate().is_ok());
+    }
 
     #[test]
     fn page_checksums_can_be_turned_off_for_plaintext_only() {

@@ -58,6 +58,7 @@ pub struct SendSettings {
 
 /// The measurements behind a profile.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Measured {
     /// The receiver measured against (`HOST:PORT`).
     pub peer: String,
@@ -75,6 +76,7 @@ pub struct Measured {
 
 /// One measured combination.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Cell {
     /// Channels.
     pub channels: u16,
@@ -422,6 +424,10 @@ mod tests {
             ("[send]\nchannels = 0\n", "channels must be between"),
             ("[send]\nzero_copy = \"sometimes\"\n", "zero-copy mode"),
             ("[send]\nchanels = 2\n", "unknown field"),
+            (
+                "[measured]\npeer = \"h:1\"\nat = \"\"\nsize_bytes = 1\ncontent = \"\"\nreps = 1\ncells = []\nchanels = 4\n",
+                "unknown field",
+            ),
             ("[send]\ncompress = \"lz4\"\n", "lz4"),
             (
                 "[send]\ncongestion = \"no such\"\n",

@@ -399,6 +399,9 @@ pub fn page_resident(page: *const u8) -> bool {
 /// The name of the network interface that holds the local address `addr` (`getifaddrs(3)`),
 /// e.g. the interface a connected socket's `local_addr()` leaves through.
 pub fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
+    // A dual-stack socket names an IPv4 peer's address as `::ffff:a.b.c.d`; interfaces list
+    // it as IPv4.
+    let addr = addr.to_canonical();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `list`, freed below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -445,6 +448,17 @@ pub fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loopback_interface_is_found_by_either_form_of_its_address() {
+        let lo = interface_with_address("127.0.0.1".parse().unwrap());
+        assert!(lo.is_some(), "loopback has 127.0.0.1");
+        // A dual-stack listener's view of an IPv4 connection.
+        assert_eq!(
+            interface_with_address("::ffff:127.0.0.1".parse().unwrap()),
+            lo
+        );
+    }
 
     #[test]
     fn the_host_cpu_ticks_add_up_and_a_busy_thread_shows() {

@@ -49,6 +49,9 @@ pub struct NodeSpan {
     pub node: Option<u32>,
 }
 
+/// How far into its stride a node sample may be, in pages (see [`MemoryNodes::query`]).
+const NODE_QUERY_SKEW_PAGES: u64 = 64;
+
 /// Which node holds which part of guest memory, sampled (one page per stride) with
 /// `move_pages(2)`, so a terabyte costs one system call of at most
 /// [`NODE_QUERY_SAMPLES_MAX`] entries.
@@ -64,6 +67,18 @@ impl MemoryNodes {
     /// or read from disk). Where
     /// the query fails (a kernel without NUMA), every span's node is `None`.
     pub fn query(memory: &GuestMemory, touch: bool) -> MemoryNodes {
+        Self::query_with(memory, touch, |addrs| {
+            crate::sys::page_nodes(addrs).unwrap_or_else(|_| vec![-1; addrs.len()])
+        })
+    }
+
+    /// [`query`](Self::query) with `nodes` telling the node of each address (`move_pages`'
+    /// status: a node, or negative where unknown).
+    fn query_with(
+        memory: &GuestMemory,
+        touch: bool,
+        nodes: impl FnOnce(&[*const u8]) -> Vec<i32>,
+    ) -> MemoryNodes {
         let total_pages: u64 = memory.regions().iter().map(|r| r.pages()).sum();
         let huge_pages = (2 << 20) / PAGE_BYTES as u64;
         let stride = total_pages
@@ -72,8 +87,14 @@ impl MemoryNodes {
         let mut samples = Vec::new();
         let mut addrs = Vec::new();
         for (i, region) in memory.regions().iter().enumerate() {
-            let mut page = 0;
-            while page < region.pages() {
+            let mut base = 0;
+            while base < region.pages() {
+                // Each sample a few pages further into its stride (7k mod 64): memory
+                // interleaved page by page over n nodes (`MPOL_INTERLEAVE`, no huge pages)
+                // shows all of its nodes, where the strides' first pages (multiples of 512)
+                // would all sit on one.
+                let page = (base + (7 * samples.len() as u64) % NODE_QUERY_SKEW_PAGES)
+                    .min(region.pages() - 1);
                 // Only pages already in memory are touched: a RAM image on disk is not read
                 // (its pages' node is decided when the transfer reads them anyway).
                 if touch && crate::sys::page_resident(region.pages_ptr(page, 1)) {
@@ -82,12 +103,12 @@ impl MemoryNodes {
                     // The byte is unused: keep the read (the fault is the point).
                     std::hint::black_box(byte);
                 }
-                samples.push((i as u32, page));
+                samples.push((i as u32, base));
                 addrs.push(region.pages_ptr(page, 1).cast_const());
-                page += stride;
+                base += stride;
             }
         }
-        let status = crate::sys::page_nodes(&addrs).unwrap_or_else(|_| vec![-1; addrs.len()]);
+        let status = nodes(&addrs);
         let mut spans: Vec<NodeSpan> = Vec::new();
         for (k, &(region, page)) in samples.iter().enumerate() {
             let region_pages = memory.regions()[region as usize].pages();

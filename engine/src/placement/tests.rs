@@ -286,6 +286,36 @@ proptest! {
 }
 
 #[test]
+fn memory_interleaved_page_by_page_shows_all_its_nodes() {
+    // MPOL_INTERLEAVE without huge pages: page p on node p mod n. Samples at the strides'
+    // first pages (multiples of 512) all fell on one node.
+    let memory = crate::GuestMemory::anonymous(&[crate::RegionSpec {
+        gpa: 0,
+        len: 256 << 20,
+    }])
+    .unwrap();
+    let base = memory.regions()[0].host_addr() as usize / PAGE_BYTES;
+    for nodes in [2usize, 3, 4, 8] {
+        let map = MemoryNodes::query_with(&memory, false, |addrs| {
+            addrs
+                .iter()
+                .map(|&a| ((a as usize / PAGE_BYTES - base) % nodes) as i32)
+                .collect()
+        });
+        let by_node = map.pages_by_node();
+        let total: u64 = by_node.values().sum();
+        assert_eq!(by_node.len(), nodes, "{nodes} nodes: {by_node:?}");
+        for (&n, &pages) in &by_node {
+            let share = pages as f64 / total as f64;
+            assert!(
+                (share - 1.0 / nodes as f64).abs() < 0.5 / nodes as f64,
+                "{nodes} nodes: node {n} has {share:.2} of the pages"
+            );
+        }
+    }
+}
+
+#[test]
 fn memory_nodes_of_touched_and_untouched_memory() {
     let spec = [
         crate::RegionSpec {
