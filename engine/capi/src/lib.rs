@@ -591,10 +591,9 @@ mod tests {
     fn descriptors_named_twice_or_negative_are_refused_and_closed_once() {
         let mut pair = [0i32; 2];
         // SAFETY: `pair` holds two descriptors for the kernel to write.
-        assert_eq!(
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) },
-            0
-        );
+        let made =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) };
+        assert_eq!(made, 0);
         let fds = [pair[0], pair[0]];
         // SAFETY: `fds` holds two entries naming one open descriptor this test gives up.
         let err = unsafe { streams(fds.as_ptr(), 2) }.map(drop).unwrap_err();
