@@ -668,6 +668,52 @@ fn device_state_blobs_arrive_byte_identical_tls() {
     blobs_arrive_byte_identical(true);
 }
 
+/// Device state is the guest's at the pause: a round after it is refused, and a receiver whose
+/// transfer fails (pages missing) hands over no blobs.
+#[test]
+fn device_state_comes_last_and_only_with_all_the_pages() {
+    if skip_without_uring() {
+        return;
+    }
+    let blob = DeviceBlob {
+        tag: 5,
+        bytes: b"registers".to_vec(),
+    };
+    let mut p = connect(2);
+    p.sender.send_all().unwrap();
+    p.sender.send_device_state(std::slice::from_ref(&blob)).unwrap();
+    let err = p
+        .sender
+        .send_round(&[PageRun {
+            region: 0,
+            first_page: 0,
+            pages: 1,
+        }])
+        .unwrap_err();
+    assert!(err.to_string().contains("after send_device_state"), "{err}");
+    p.sender.finish().unwrap();
+    join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    assert_eq!(p.device_state.take(), std::slice::from_ref(&blob));
+
+    let mut p = connect(2);
+    p.sender
+        .send_round(&[PageRun {
+            region: 0,
+            first_page: 0,
+            pages: 1,
+        }])
+        .unwrap();
+    p.sender.send_device_state(&[blob]).unwrap();
+    assert!(p.sender.finish().is_err());
+    let r = join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap_err();
+    assert!(matches!(r, Error::Incomplete { .. }), "{r}");
+    assert_eq!(
+        p.device_state.take(),
+        [],
+        "no blobs without the whole memory"
+    );
+}
+
 #[test]
 fn a_bandwidth_change_mid_transfer_changes_the_rate() {
     if skip_without_uring() {

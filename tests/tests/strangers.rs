@@ -189,3 +189,57 @@ fn a_session_whose_sender_gave_up_is_dropped_at_once() {
         started.elapsed()
     );
 }
+
+/// A stranger that drips its hello a byte at a time, each within the socket's read timeout,
+/// is cut off when the whole handshake overruns `HANDSHAKE_TIMEOUT_MS` (10 s), not after
+/// minutes, and the receiver still takes the real sender afterwards.
+#[test]
+fn a_hello_dripped_a_byte_at_a_time_is_cut_off_at_the_handshake_bound() {
+    if skip_without_uring() {
+        return;
+    }
+    let len = 1 << 20;
+    let src = memory(len);
+    fill(&src, Content::Blend, 5);
+    let dst = memory(len);
+    let (addr, rx) = start_receiver(
+        dst.clone(),
+        ReceiverConfig {
+            pinning: Pinning::None,
+            ..ReceiverConfig::default()
+        },
+    );
+    let mut drip = TcpStream::connect(addr).unwrap();
+    let started = std::time::Instant::now();
+    drip.write_all(b"PAGEWIRE").unwrap();
+    let bound = Duration::from_millis(pagewire::limits::HANDSHAKE_TIMEOUT_MS);
+    let mut cut_after = None;
+    // A byte every 2 s for up to twice the bound: a hello is longer than that.
+    while started.elapsed() < 2 * bound {
+        std::thread::sleep(Duration::from_secs(2));
+        if drip.write_all(&[0]).is_err() {
+            cut_after = Some(started.elapsed());
+            break;
+        }
+    }
+    // (A write to a socket whose peer shut down succeeds once, then fails.)
+    let cut_after = cut_after.expect("the dripping connection was never cut off");
+    assert!(
+        cut_after < bound + Duration::from_secs(5),
+        "cut off after {cut_after:?}"
+    );
+    let mut s = Sender::connect(
+        addr,
+        src.clone(),
+        &SenderConfig {
+            channels: 1,
+            pinning: Pinning::None,
+            ..SenderConfig::default()
+        },
+    )
+    .unwrap();
+    s.send_all().unwrap();
+    s.finish().unwrap();
+    join_within(rx, LIMIT, "receiver").unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+}

@@ -69,17 +69,24 @@ pub struct RunOptions {
     pub simulated: bool,
 }
 
+/// The cause of a protocol or TLS error: no fault injected changes a byte or reorders a
+/// stream (short sends, resets, stalls, late completions), so one can only come from the
+/// engine sending what it should not (say, a short send resumed from the wrong byte). A
+/// violation on either side, whatever the other says.
+const CORRUPTION: &str = "corrupted stream";
+
 /// A coarse class of an error, to compare the causes both sides name.
 fn cause(e: &crate::Error) -> &'static str {
     use crate::error::AbortCode;
     match e.abort_code() {
         AbortCode::Timeout => "timeout",
         AbortCode::PeerClosed | AbortCode::Io => "connection",
-        AbortCode::Protocol | AbortCode::Tls => "connection",
+        AbortCode::Protocol | AbortCode::Tls => CORRUPTION,
         AbortCode::Incomplete => "incomplete",
         AbortCode::Internal => "internal",
         AbortCode::Other => match e {
             crate::Error::PeerAborted { code, .. } => match code {
+                AbortCode::Protocol | AbortCode::Tls => CORRUPTION,
                 AbortCode::Timeout => "timeout",
                 AbortCode::Incomplete => "incomplete",
                 AbortCode::Internal => "internal",
@@ -156,19 +163,33 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
                 ..SenderConfig::default()
             },
         )?;
-        s.send_all()?;
+        // Every round but the last is live: the next one rewrites pages of it, which its
+        // short sends resumed later (or zero-copy sends) may still read. The last round is
+        // stable: nothing changes after it. (Rewriting the pages of a stable round breaks
+        // `send_round`'s contract; the receiver then rightly finds torn pages.)
+        let whole = PageRun::whole(&source);
+        if rounds > 1 {
+            s.send_live_round(&whole)?;
+        } else {
+            s.send_round(&whole)?;
+        }
         for round in 1..rounds {
-            // Rewrite a few pages and send them again (a stable round: nothing changes after).
+            // Rewrite a few pages and send them again.
             let first = (round * 7) % pages;
             let n = (pages - first).min(9);
             for p in first..first + n {
                 source.regions()[0].write(p * 4096, &round.to_le_bytes());
             }
-            s.send_round(&[PageRun {
+            let runs = [PageRun {
                 region: 0,
                 first_page: first,
                 pages: n,
-            }])?;
+            }];
+            if round + 1 < rounds {
+                s.send_live_round(&runs)?;
+            } else {
+                s.send_round(&runs)?;
+            }
         }
         s.finish()
     });
@@ -191,6 +212,14 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> std::result::Result<Outcome,
             "the receiver reported success over an image that differs".into(),
         )),
         (Ok(_), Ok(_)) => Ok(Outcome::Complete),
+        (Err(s), _) if cause(&s) == CORRUPTION => Err(violation(format!(
+            "the sender saw a corrupted stream: {}",
+            crate::error_chain(&s)
+        ))),
+        (_, Err(r)) if cause(&r) == CORRUPTION => Err(violation(format!(
+            "the receiver saw a corrupted stream: {}",
+            crate::error_chain(&r)
+        ))),
         (Err(s), Ok(_)) => Ok(Outcome::ConfirmedButSenderFailed(crate::error_chain(&s))),
         (Ok(_), Err(r)) => Err(violation(format!(
             "the sender succeeded but the receiver failed: {}",

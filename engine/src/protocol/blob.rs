@@ -166,9 +166,11 @@ impl BlobAssembler {
             Some(b) => b,
             None => {
                 self.total = h.total;
+                // Exactly the declared size (the budget took it above): grown by doubling, a
+                // blob could hold twice what the budget counts.
                 self.current.insert(DeviceBlob {
                     tag: h.tag,
-                    bytes: Vec::new(),
+                    bytes: Vec::with_capacity(h.total as usize),
                 })
             }
         };
@@ -231,6 +233,17 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_blob_holds_its_declared_size_not_twice_it() {
+        // Chunks appended one by one: grown by doubling, 100 000 bytes would take 131 072.
+        let mut a = BlobAssembler::default();
+        for _ in 0..3 {
+            a.push(&chunk(1, 100_000, &[0; 32_768], false)).unwrap();
+        }
+        let capacity = a.current.as_ref().unwrap().bytes.capacity();
+        assert!(capacity <= 100_000, "{capacity}");
     }
 
     #[test]

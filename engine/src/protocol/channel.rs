@@ -87,6 +87,9 @@ pub struct ReceiverChannel {
     next_frame: u64,
     round: u32,
     ended: bool,
+    /// A device state chunk came: the memory rounds are over (only more device state, the
+    /// end, an abort or keepalives may follow).
+    device_state: bool,
     require_checksum: bool,
 }
 
@@ -102,6 +105,7 @@ impl ReceiverChannel {
             next_frame: 0,
             round: 0,
             ended: false,
+            device_state: false,
             require_checksum,
         }
     }
@@ -133,6 +137,19 @@ impl ReceiverChannel {
                 expected: self.round,
                 got: frame.round,
             });
+        }
+        // Markers carry no flags: a live or checksummed marker is a sender that means
+        // something this side does not understand.
+        if frame.kind != FrameKind::Pages && frame.live {
+            return Err(ProtocolError::Reserved("live flag of a marker"));
+        }
+        if frame.kind != FrameKind::Pages && frame.checksums().is_some() {
+            return Err(ProtocolError::Reserved("checksum flag of a marker"));
+        }
+        // Device state is the VM's state at the pause: memory rounds after it would be newer
+        // than the state the destination resumes with.
+        if self.device_state && matches!(frame.kind, FrameKind::Pages | FrameKind::EndOfRound) {
+            return Err(ProtocolError::AfterDeviceState);
         }
         let event = match frame.kind {
             FrameKind::Abort => {
@@ -166,6 +183,7 @@ impl ReceiverChannel {
                 {
                     return Err(ProtocolError::MarkerWithPayload("device state"));
                 }
+                self.device_state = true;
                 Event::DeviceState
             }
             FrameKind::EndOfRound | FrameKind::EndOfStream | FrameKind::Keepalive => {
@@ -283,6 +301,49 @@ mod tests {
         tx.end_stream(&mut f);
         assert_eq!(rx.accept(&through_wire(&f)), Ok(Event::EndOfStream));
         assert_eq!(rx.accept(&through_wire(&f)), Err(ProtocolError::AfterEnd));
+    }
+
+    #[test]
+    fn device_state_ends_the_rounds_and_markers_carry_no_flags() {
+        let pages = [8u64];
+        let mut tx = SenderChannel::default();
+        let mut f = Frame::default();
+        // After a device state chunk: no pages, no end of a round; more state and the end are
+        // fine.
+        let mut rx = ReceiverChannel::new(&pages, false);
+        tx.device_state(&mut f, CHUNK_HEADER_BYTES as u32 + 16);
+        assert_eq!(rx.accept(&through_wire(&f)), Ok(Event::DeviceState));
+        let mut after = tx;
+        after.end_round(&mut f);
+        assert_eq!(
+            rx.accept(&through_wire(&f)),
+            Err(ProtocolError::AfterDeviceState)
+        );
+        let mut after = tx;
+        after.begin_pages(&mut f, 0);
+        f.push_page(1, true).unwrap();
+        assert_eq!(
+            rx.accept(&through_wire(&f)),
+            Err(ProtocolError::AfterDeviceState)
+        );
+        tx.device_state(&mut f, CHUNK_HEADER_BYTES as u32);
+        assert_eq!(rx.accept(&through_wire(&f)), Ok(Event::DeviceState));
+        tx.end_stream(&mut f);
+        assert_eq!(rx.accept(&through_wire(&f)), Ok(Event::EndOfStream));
+        // A marker with the live or the checksum flag: refused.
+        let mut tx = SenderChannel::default();
+        tx.end_round(&mut f);
+        f.live = true;
+        assert!(matches!(
+            ReceiverChannel::new(&pages, false).accept(&through_wire(&f)),
+            Err(ProtocolError::Reserved(_))
+        ));
+        f.live = false;
+        f.begin_checksums();
+        assert!(matches!(
+            ReceiverChannel::new(&pages, false).accept(&through_wire(&f)),
+            Err(ProtocolError::Reserved(_))
+        ));
     }
 
     #[test]

@@ -232,6 +232,9 @@ pub enum ProtocolError {
     /// they ended different rounds).
     #[error("channels disagree at the round barrier: {0}")]
     MixedMarkers(String),
+    /// Pages or the end of a round after device state, which comes after the last round.
+    #[error("pages or the end of a round after the device state (it comes after the last round)")]
+    AfterDeviceState,
     /// A device state chunk was refused (see [`blob`]).
     #[error("device state refused: {0}")]
     BlobRefused(&'static str),

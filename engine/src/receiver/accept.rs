@@ -66,7 +66,13 @@ impl Receiver {
         // handshake accepted for an abandoned session is recognised and dropped.
         let acceptor = Arc::new(Mutex::new((Acceptor::new(expect), 0u64)));
         type Outcome = std::result::Result<Joined, (Error, Option<u64>)>;
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(String, Outcome)>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(u16, String, Outcome)>();
+        // Handshakes in flight: their connection index, start, and a second handle to their
+        // socket, shut down when the handshake overruns `HANDSHAKE_TIMEOUT_MS` in all (the
+        // socket timeouts bound each read, not the handshake: a peer dripping a byte at a time
+        // would hold its slot for minutes) and when this loop returns (no handshake thread
+        // outlives it).
+        let mut pending = Pending::default();
         let mut slots: Vec<Option<Accepted>> = Vec::new();
         let mut finished = 0usize;
         let mut accepted = 0u16;
@@ -79,8 +85,10 @@ impl Receiver {
         let mut broken: Option<String> = None;
         let idle_timeout_ms = u32::try_from(self.config.idle_timeout_ms).unwrap_or(u32::MAX);
         loop {
-            while let Ok((peer, result)) = done_rx.try_recv() {
+            pending.overdue(Duration::from_millis(crate::limits::HANDSHAKE_TIMEOUT_MS));
+            while let Ok((index, peer, result)) = done_rx.try_recv() {
                 in_flight -= 1;
+                pending.remove(index);
                 let (hello, stream, session, generation) = match result {
                     Ok(x) => x,
                     Err((e, joined)) => {
@@ -180,6 +188,7 @@ impl Receiver {
             let Some((stream, peer)) = self.next_connection(&mut given)? else {
                 continue;
             };
+            pending.add(accepted, &stream);
             let acceptor = acceptor.clone();
             let tls = self.config.tls.clone();
             let psk = self.config.psk.clone();
@@ -209,16 +218,57 @@ impl Receiver {
                         &mut joined,
                     )
                     .map_err(|e| (e, joined));
-                    let _ = done.send((peer, result));
+                    let _ = done.send((index, peer, result));
                 });
             if let Err(e) = spawned {
                 in_flight -= 1;
+                pending.remove(index);
                 tracing::warn!("could not start a handshake thread for {peer}: {e}");
             }
         }
         let streams = slots.into_iter().flatten().collect();
         let layout_bytes = lock(&acceptor).0.layout_bytes();
         Ok((streams, first_at.unwrap_or(waiting_since), layout_bytes))
+    }
+}
+
+/// Handshakes in flight, each with a second handle to its socket (see `accept_channels`).
+/// Dropped (the loop returned), it shuts down every socket still in a handshake.
+#[derive(Default)]
+struct Pending(Vec<(u16, Instant, Option<Stream>)>);
+
+impl Pending {
+    fn add(&mut self, index: u16, stream: &Stream) {
+        // Without a second handle (out of descriptors) only the socket timeouts bound it.
+        self.0
+            .push((index, Instant::now(), stream.try_clone().ok()));
+    }
+
+    fn remove(&mut self, index: u16) {
+        self.0.retain(|(i, ..)| *i != index);
+    }
+
+    /// Shuts down the sockets of handshakes older than `limit`: their threads' reads end, and
+    /// they report the failure.
+    fn overdue(&mut self, limit: Duration) {
+        for (index, since, stream) in &mut self.0 {
+            if since.elapsed() >= limit {
+                if let Some(s) = stream.take() {
+                    tracing::warn!("connection {index}: handshake overran {limit:?}; closing it");
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        for (_, _, stream) in &mut self.0 {
+            if let Some(s) = stream.take() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 }
 

@@ -243,7 +243,17 @@ impl Receiver {
     }
 
     /// Accepts one transfer and receives it until every channel has ended its stream.
-    pub fn run(mut self) -> Result<TransferStats> {
+    pub fn run(self) -> Result<TransferStats> {
+        let device_state = self.device_state.clone();
+        let result = self.receive();
+        if result.is_err() {
+            // Blobs are the guest's only with all of its memory: none of a failed transfer.
+            device_state.take();
+        }
+        result
+    }
+
+    fn receive(mut self) -> Result<TransferStats> {
         let caps = crate::uring::probe()?;
         let pin_cores =
             crate::placement::pin_order(self.config.cores.as_deref(), self.config.pinning)?;

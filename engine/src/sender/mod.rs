@@ -67,6 +67,8 @@ pub struct Sender {
     cpu_ms: f64,
     rounds: Vec<RoundStats>,
     finished: bool,
+    /// Device state went out: it is the guest's at the pause, so no round may follow it.
+    device_state_sent: bool,
     defer_taskrun: bool,
     bandwidth: BandwidthLimit,
     /// The last round the receiver placed on every channel.
@@ -149,6 +151,12 @@ impl Sender {
         if self.finished {
             return Err(Error::Config("send_round after finish".into()));
         }
+        if self.device_state_sent {
+            return Err(Error::Config(
+                "send_round after send_device_state (device state comes after the last round)"
+                    .into(),
+            ));
+        }
         let started = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
         let pages = check_runs(&self.memory, runs)?;
@@ -218,6 +226,7 @@ impl Sender {
         if self.finished {
             return Err(Error::Config("send_device_state after finish".into()));
         }
+        self.device_state_sent = true;
         for blob in blobs {
             let len = blob.bytes.len() as u64;
             let mut chunks = blob.bytes.chunks(DEVICE_CHUNK_BYTES_MAX).peekable();

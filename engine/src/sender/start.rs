@@ -163,6 +163,7 @@ impl Sender {
             cpu_ms: (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3,
             rounds: Vec::new(),
             finished: false,
+            device_state_sent: false,
             defer_taskrun: caps.defer_taskrun,
             bandwidth,
             placed: None,

@@ -258,17 +258,14 @@ impl RecvShard {
     /// confirms, if every page of the layout was placed (or declared zero) at least once.
     fn end_of_stream(&mut self) -> Result<()> {
         self.expect_close_notify()?;
-        self.barrier(Marker::EndOfStream(self.reader.round()))?;
+        // Before the barrier: a channel that fails here must not let the others through to
+        // confirm.
         if self.blobs.in_progress() {
             return Err(self.protocol(ProtocolError::BlobRefused(
                 "the stream ended inside a device state blob",
             )));
         }
-        self.p
-            .device_state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(self.blobs.take());
+        self.barrier(Marker::EndOfStream(self.reader.round()))?;
         if let Some(m) = self.p.ledger.first_missing() {
             return Err(Error::Incomplete {
                 region: m.region,
@@ -276,6 +273,13 @@ impl RecvShard {
                 missing: m.pages,
             });
         }
+        // Handed over only with the pages complete (and `Receiver::run` takes them back
+        // should the transfer fail after all).
+        self.p
+            .device_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(self.blobs.take());
         self.send_done()
     }
 
@@ -321,6 +325,13 @@ impl RecvShard {
 
     /// Reads a device state chunk and hands it to this channel's blob assembler.
     fn device_state(&mut self) -> Result<()> {
+        // On channel 0 only, as senders send it: blobs spread over channels would reach the
+        // VMM in whatever order the channels passed the final barrier.
+        if self.channel != 0 {
+            return Err(self.protocol(ProtocolError::BlobRefused(
+                "device state on a channel other than 0",
+            )));
+        }
         let len = self.frame.payload_bytes as usize;
         self.read_body(len)?;
         let pushed = self.blobs.push(&self.unpacked[..len]);
