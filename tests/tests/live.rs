@@ -681,7 +681,9 @@ fn device_state_comes_last_and_only_with_all_the_pages() {
     };
     let mut p = connect(2);
     p.sender.send_all().unwrap();
-    p.sender.send_device_state(std::slice::from_ref(&blob)).unwrap();
+    p.sender
+        .send_device_state(std::slice::from_ref(&blob))
+        .unwrap();
     let err = p
         .sender
         .send_round(&[PageRun {

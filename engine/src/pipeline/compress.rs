@@ -101,9 +101,6 @@ impl std::fmt::Display for Compression {
 
 /// zstd level 1: ~0.35 GB/s per core with a ratio near 3 on text-like memory.
 pub const ZSTD_LEVEL_DEFAULT: i32 = 1;
-/// Largest zstd window a receiver accepts (log2): 512 KiB, a frame's largest payload.
-pub const ZSTD_WINDOW_LOG_MAX: u32 = 19;
-const _: () = assert!(1usize << ZSTD_WINDOW_LOG_MAX >= FRAME_PAYLOAD_BYTES_MAX);
 
 /// zlib level 1 (fastest), as QEMU's multifd zlib default.
 pub const ZLIB_LEVEL: u32 = 1;
@@ -191,7 +188,7 @@ impl Compressor {
 
 /// A shard's decompression contexts.
 pub struct Decompressor {
-    zstd: zstd::stream::raw::Decoder<'static>,
+    zstd: zstd::zstd_safe::DCtx<'static>,
     zlib: flate2::Decompress,
 }
 
@@ -202,130 +199,84 @@ impl std::fmt::Debug for Decompressor {
 }
 
 impl Decompressor {
-    /// Fresh contexts. The zstd window is capped at 2^19 bytes (a frame's payload is at most
-    /// 512 KiB, and the compressor picks no larger window for inputs that size), so a crafted
-    /// frame cannot make the decoder allocate more.
+    /// Fresh contexts.
+    ///
+    /// zstd decodes in one shot into the caller's buffer (`ZSTD_decompressDCtx`): the output
+    /// is the window, so a frame declaring any window size costs no allocation, and the
+    /// context keeps no stream buffers that it would resize (free and allocate again) as frame
+    /// sizes vary. A streaming decoder did both, and copied every byte once more through its
+    /// own buffer.
     pub fn new() -> std::io::Result<Self> {
-        let mut zstd = zstd::stream::raw::Decoder::new()?;
-        zstd.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
-            ZSTD_WINDOW_LOG_MAX,
-        ))?;
+        let zstd = zstd::zstd_safe::DCtx::try_create().ok_or_else(|| {
+            std::io::Error::other("zstd could not allocate a decompression context")
+        })?;
         Ok(Decompressor {
             zstd,
             zlib: flate2::Decompress::new(true),
         })
     }
 
-    /// Decompresses `src` into `outputs`, in order, filling each exactly. Fails unless the
-    /// payload decodes to exactly the outputs' total length; nothing is ever written beyond the
-    /// outputs (a decompression bomb stops at their end).
-    pub fn decompress<'o>(
+    /// Decompresses `src` into `out`, filling it exactly. Fails unless the payload decodes to
+    /// exactly `out.len()` bytes; nothing is ever written beyond `out` (a decompression bomb
+    /// stops at its end).
+    pub fn decompress(
         &mut self,
         codec: Codec,
         src: &[u8],
-        expected: usize,
-        outputs: impl Iterator<Item = &'o mut [u8]>,
+        out: &mut [u8],
     ) -> Result<(), DecompressError> {
+        let expected = out.len();
         let corrupt = |e: &dyn std::fmt::Display| DecompressError::Corrupt(codec, e.to_string());
-        let mut read = 0usize;
-        let mut written = 0usize;
         match codec {
-            Codec::Raw => return Err(corrupt(&"raw payload given to the decompressor")),
-            Codec::Zstd => {
-                use zstd::stream::raw::Operation;
-                self.zstd.reinit().map_err(|e| corrupt(&e))?;
-                let mut remaining = 1;
-                for out in outputs {
-                    let mut at = 0;
-                    while at < out.len() {
-                        let st = self
-                            .zstd
-                            .run_on_buffers(&src[read..], &mut out[at..])
-                            .map_err(|e| corrupt(&e))?;
-                        read += st.bytes_read;
-                        at += st.bytes_written;
-                        remaining = st.remaining;
-                        if st.bytes_read == 0 && st.bytes_written == 0 {
-                            return Err(DecompressError::Short {
-                                expected,
-                                got: written + at,
-                            });
-                        }
+            Codec::Raw => Err(corrupt(&"raw payload given to the decompressor")),
+            Codec::Zstd => match self.zstd.decompress(out, src) {
+                Ok(got) if got == expected => Ok(()),
+                Ok(got) => Err(DecompressError::Short { expected, got }),
+                Err(code) => {
+                    let name = zstd::zstd_safe::get_error_name(code);
+                    // The frames hold more than `out`: zstd stopped at its end.
+                    if name == ZSTD_DST_TOO_SMALL {
+                        Err(DecompressError::Long { expected })
+                    } else {
+                        Err(corrupt(&name))
                     }
-                    written += at;
                 }
-                // Every output is full: the frame must end here, with all input consumed.
-                if remaining != 0 {
-                    let mut probe = [0u8; 1];
-                    let st = self
-                        .zstd
-                        .run_on_buffers(&src[read..], &mut probe)
-                        .map_err(|e| corrupt(&e))?;
-                    if st.bytes_written > 0 || st.remaining != 0 {
-                        return Err(DecompressError::Long { expected });
-                    }
-                    read += st.bytes_read;
-                }
-                if read != src.len() {
-                    return Err(DecompressError::Long { expected });
-                }
-            }
+            },
             Codec::Zlib => {
                 self.zlib.reset(true);
-                let mut ended = false;
-                for out in outputs {
-                    let mut at = 0;
-                    while at < out.len() {
-                        let (in0, out0) = (self.zlib.total_in(), self.zlib.total_out());
-                        let status = self
-                            .zlib
-                            .decompress(&src[read..], &mut out[at..], flate2::FlushDecompress::None)
-                            .map_err(|e| corrupt(&e))?;
-                        read += (self.zlib.total_in() - in0) as usize;
-                        at += (self.zlib.total_out() - out0) as usize;
-                        if status == flate2::Status::StreamEnd {
-                            ended = true;
-                            break;
-                        }
-                        if self.zlib.total_in() == in0 && self.zlib.total_out() == out0 {
-                            return Err(DecompressError::Short {
-                                expected,
-                                got: written + at,
-                            });
-                        }
+                let status = self
+                    .zlib
+                    .decompress(src, out, flate2::FlushDecompress::Finish)
+                    .map_err(|e| corrupt(&e))?;
+                let (read, written) = (
+                    self.zlib.total_in() as usize,
+                    self.zlib.total_out() as usize,
+                );
+                match status {
+                    flate2::Status::StreamEnd if written < expected => {
+                        Err(DecompressError::Short {
+                            expected,
+                            got: written,
+                        })
                     }
-                    written += at;
-                    if ended {
-                        break;
-                    }
-                }
-                if written < expected {
-                    return Err(DecompressError::Short {
+                    // The stream ended exactly at `out`'s end: all of the payload, no more.
+                    flate2::Status::StreamEnd if read == src.len() => Ok(()),
+                    flate2::Status::StreamEnd => Err(DecompressError::Long { expected }),
+                    // Not ended: `out` is full with more to come (too long), or the input ran
+                    // out first (cut short).
+                    _ if written == expected => Err(DecompressError::Long { expected }),
+                    _ => Err(DecompressError::Short {
                         expected,
                         got: written,
-                    });
-                }
-                if !ended {
-                    let mut probe = [0u8; 1];
-                    let status = self
-                        .zlib
-                        .decompress(&src[read..], &mut probe, flate2::FlushDecompress::Finish)
-                        .map_err(|e| corrupt(&e))?;
-                    if status != flate2::Status::StreamEnd
-                        || self.zlib.total_out() as usize > expected
-                    {
-                        return Err(DecompressError::Long { expected });
-                    }
-                    read = self.zlib.total_in() as usize;
-                }
-                if read != src.len() {
-                    return Err(DecompressError::Long { expected });
+                    }),
                 }
             }
         }
-        Ok(())
     }
 }
+
+/// zstd's name for the error of a destination too small for the frames (`dstSize_tooSmall`).
+const ZSTD_DST_TOO_SMALL: &str = "Destination buffer is too small";
 
 /// Frames between two forced compressions while `auto` has compression off.
 pub const AUTO_PROBE_FRAMES: u32 = 32;

@@ -37,20 +37,20 @@ fn random(len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn both_codecs_round_trip_into_split_outputs() {
-    let src = text(128 * 4096);
+fn both_codecs_round_trip_frame_after_frame() {
     let mut c = Compressor::new(1).unwrap();
     let mut d = Decompressor::new().unwrap();
-    let mut comp = vec![0u8; src.len()];
-    for codec in [Codec::Zstd, Codec::Zlib] {
-        let n = c.compress(codec, &src, &mut comp).expect("text shrinks");
-        assert!(n < src.len() / 2, "{codec:?}: {n}");
-        let mut out = vec![0u8; src.len()];
-        let (a, b) = out.split_at_mut(3 * 4096);
-        let (b, rest) = b.split_at_mut(4096);
-        d.decompress(codec, &comp[..n], src.len(), [a, b, rest].into_iter())
-            .unwrap();
-        assert_eq!(out, src, "{codec:?}");
+    // One context for frames of every size, as a shard uses it.
+    for pages in [128, 1, 37, 128] {
+        let src = text(pages * 4096);
+        let mut comp = vec![0u8; src.len()];
+        for codec in [Codec::Zstd, Codec::Zlib] {
+            let n = c.compress(codec, &src, &mut comp).expect("text shrinks");
+            assert!(n < src.len() / 2, "{codec:?}: {n}");
+            let mut out = vec![0u8; src.len()];
+            d.decompress(codec, &comp[..n], &mut out).unwrap();
+            assert_eq!(out, src, "{codec:?}, {pages} pages");
+        }
     }
 }
 
@@ -74,14 +74,14 @@ fn wrong_sizes_and_garbage_are_refused_without_writing_past_the_outputs() {
         // Declares more pages than the payload holds.
         let mut big = vec![0u8; 17 * 4096];
         assert!(matches!(
-            d.decompress(codec, &comp[..n], big.len(), std::iter::once(&mut big[..])),
+            d.decompress(codec, &comp[..n], &mut big),
             Err(DecompressError::Short { .. })
         ));
         // Declares fewer: the decoder stops at the outputs' end, and says so.
         let mut guard = vec![0xeeu8; 16 * 4096];
         let (small, after) = guard.split_at_mut(15 * 4096);
         assert!(matches!(
-            d.decompress(codec, &comp[..n], small.len(), std::iter::once(small)),
+            d.decompress(codec, &comp[..n], small),
             Err(DecompressError::Long { .. })
         ));
         assert!(
@@ -93,36 +93,37 @@ fn wrong_sizes_and_garbage_are_refused_without_writing_past_the_outputs() {
         let mut bad = comp[..n].to_vec();
         bad[n / 2] ^= 0xff;
         bad[0] ^= 0xff;
-        let len = out.len();
-        assert!(d
-            .decompress(codec, &bad, len, std::iter::once(&mut out[..]))
-            .is_err());
-        assert!(d
-            .decompress(codec, &comp[..n / 2], len, std::iter::once(&mut out[..]))
-            .is_err());
+        assert!(d.decompress(codec, &bad, &mut out).is_err());
+        assert!(d.decompress(codec, &comp[..n / 2], &mut out).is_err());
+        // Trailing bytes after the compressed stream: refused.
+        let mut trailing = comp[..n].to_vec();
+        trailing.push(0);
+        assert!(d.decompress(codec, &trailing, &mut out).is_err());
     }
 }
 
 #[test]
-fn a_zstd_window_beyond_the_cap_is_refused() {
+fn a_zstd_frame_declaring_a_huge_window_costs_no_window() {
     use std::io::Write;
     use zstd::zstd_safe::CParameter;
-    // 256 KiB streamed with no declared size and a 128 MiB window: decodable in general
-    // (an uncapped decoder accepts it), refused by ours before it allocates the window.
+    // 256 KiB streamed with no declared size and a 128 MiB window: decoded in one shot into
+    // the frame's own buffer, which is the window, so the declared size allocates nothing.
     let src = text(256 << 10);
     let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
     enc.set_parameter(CParameter::WindowLog(27)).unwrap();
     enc.include_contentsize(false).unwrap();
     enc.write_all(&src).unwrap();
     let packed = enc.finish().unwrap();
-    assert_eq!(zstd::stream::decode_all(&packed[..]).unwrap(), src);
     let mut out = vec![0u8; src.len()];
     let mut d = Decompressor::new().unwrap();
-    let n = out.len();
-    let err = d
-        .decompress(Codec::Zstd, &packed, n, std::iter::once(&mut out[..]))
-        .unwrap_err();
-    assert!(matches!(err, DecompressError::Corrupt(..)), "{err:?}");
+    d.decompress(Codec::Zstd, &packed, &mut out).unwrap();
+    assert_eq!(out, src);
+    // Declared smaller than it holds: refused at the buffer's end.
+    let mut short = vec![0u8; src.len() - 4096];
+    assert!(matches!(
+        d.decompress(Codec::Zstd, &packed, &mut short),
+        Err(DecompressError::Long { .. })
+    ));
 }
 
 #[test]

@@ -179,7 +179,7 @@ impl RecvShard {
         };
         let out = &mut self.unpacked[..expected];
         self.decompressor
-            .decompress(frame.codec, src, expected, std::iter::once(out))
+            .decompress(frame.codec, src, out)
             .map_err(|e| Error::Protocol {
                 channel: self.channel,
                 source: ProtocolError::Compressed(e),
