@@ -66,6 +66,8 @@ fn migrate(tls: bool) {
     assert_eq!(s["counter_at_pause"], d["counter_received"]);
     // ...and the resumed guest counts on from there.
     assert!(d["counter_after_resume"].as_u64() > d["counter_received"].as_u64());
+    // ...where it stopped, with its registers: not started over.
+    assert_eq!(d["started_over"], false);
     assert_eq!(d["blobs"], 1);
 }
 

@@ -175,6 +175,11 @@ fn source(
     Ok(())
 }
 
+/// Where the guest's GDT begins: its null descriptor (see `guestcode.S`).
+const NULL_DESCRIPTOR_GPA: u64 = 0x5c0;
+/// What the destination writes there before resuming.
+const RESUME_MARKER: [u8; 8] = *b"resumed!";
+
 fn dest(listen: &str, tls_dir: &Option<PathBuf>, resume_ms: u64) -> Result<()> {
     let memory = memory()?;
     let (server, _) = tls(tls_dir)?;
@@ -194,15 +199,22 @@ fn dest(listen: &str, tls_dir: &Option<PathBuf>, resume_ms: u64) -> Result<()> {
     let blobs = device_state.take();
     let digest_received = digest(&memory);
     let counter_received = tinyguest::counter(&memory);
+    // A marker in the GDT's null descriptor, which the guest's start-up code zeroes and the
+    // CPU never reads: a guest resumed where it stopped leaves it; one started over (its
+    // registers lost) wipes it, while its counter would keep rising all the same.
+    memory.regions()[0].write(NULL_DESCRIPTOR_GPA, &RESUME_MARKER);
     let mut guest = TinyGuest::resume(memory.clone(), &blobs)?;
     std::thread::sleep(Duration::from_millis(resume_ms));
     guest.pause()?;
+    let mut marker = [0u8; 8];
+    memory.regions()[0].read(NULL_DESCRIPTOR_GPA, &mut marker);
     println!(
         "{}",
         serde_json::json!({
             "digest_received": digest_received,
             "counter_received": counter_received,
             "counter_after_resume": guest.counter(),
+            "started_over": marker != RESUME_MARKER,
             "blobs": blobs.len(),
         })
     );
