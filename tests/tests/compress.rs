@@ -66,6 +66,13 @@ fn both_codecs_round_trip_with_and_without_tls() {
                         .sum::<u64>(),
                     "{what}"
                 );
+                // Both sides count the same compressed payloads, so they agree on the ratio.
+                assert!(
+                    (sent.compression_ratio - received.compression_ratio).abs() < 1e-9,
+                    "{what}: sender {} receiver {}",
+                    sent.compression_ratio,
+                    received.compression_ratio
+                );
                 match content {
                     // Incompressible chunks travel raw.
                     Content::Random => assert_eq!(sent.compressed_frames, 0, "{what}"),

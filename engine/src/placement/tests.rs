@@ -81,7 +81,34 @@ fn sysfs_tree_gives_nodes_and_nic_nodes() {
             std::fs::write(d.join("device/numa_node"), n).unwrap();
         }
     }
+    // Stacked: a bond over ens1f0, a VLAN on the bond, a bridge with ens1f0 as its port, and
+    // a bond whose ports sit on two nodes (no one node).
+    std::fs::create_dir_all(root.join("devices/system/node/node2")).unwrap();
+    std::fs::write(root.join("devices/system/node/node2/cpulist"), "8\n").unwrap();
+    for (nic, node) in [("ens2f0", "2\n")] {
+        let d = root.join(format!("class/net/{nic}/device"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("numa_node"), node).unwrap();
+    }
+    for (upper, lower) in [
+        ("bond0", "lower_ens1f0"),
+        ("bond0.100", "lower_bond0"),
+        ("br0", "brif/ens1f0"),
+        ("bond1", "lower_ens1f0"),
+        ("bond1", "lower_ens2f0"),
+    ] {
+        let d = root.join(format!("class/net/{upper}/{lower}"));
+        std::fs::create_dir_all(&d).unwrap();
+    }
     let t = Topology::from_sysfs(root).unwrap();
+    assert_eq!(
+        t.nic_node("bond0"),
+        Some(1),
+        "a bond sits on its port's node"
+    );
+    assert_eq!(t.nic_node("bond0.100"), Some(1), "a VLAN on the bond");
+    assert_eq!(t.nic_node("br0"), Some(1), "a bridge on its port's node");
+    assert_eq!(t.nic_node("bond1"), None, "ports on two nodes");
     assert_eq!(t.source, TopologySource::Sysfs);
     assert_eq!(
         t.nodes,
@@ -93,6 +120,10 @@ fn sysfs_tree_gives_nodes_and_nic_nodes() {
             Node {
                 id: 1,
                 cpus: vec![4, 5, 6, 7]
+            },
+            Node {
+                id: 2,
+                cpus: vec![8]
             }
         ]
     );

@@ -121,6 +121,14 @@ impl Topology {
             });
         }
         nics.sort_by(|a, b| a.name.cmp(&b.name));
+        // A bond, VLAN or bridge has no device of its own: it sits where its lower devices do
+        // (when they agree). Migration traffic usually leaves through one of these.
+        let own: Vec<Option<u32>> = nics.iter().map(|n| n.node).collect();
+        for i in 0..nics.len() {
+            if own[i].is_none() {
+                nics[i].node = stacked_node(root, &nics, &own, &nics[i].name, 0);
+            }
+        }
         Ok(Topology {
             nodes,
             nics,
@@ -152,6 +160,55 @@ impl Topology {
     pub fn nic_node(&self, name: &str) -> Option<u32> {
         self.nics.iter().find(|n| n.name == name)?.node
     }
+}
+
+/// Levels of stacked interfaces (a VLAN on a bond on ports) followed to a device.
+const NIC_STACK_DEPTH_MAX: u32 = 4;
+
+/// The node of a stacked interface `name` (bond, VLAN, macvlan: `lower_*` links; bridge:
+/// `brif/*` ports): its lower devices' node when those that have one agree, else `None`.
+/// `own` holds each of `nics`' own device node.
+fn stacked_node(
+    root: &std::path::Path,
+    nics: &[Nic],
+    own: &[Option<u32>],
+    name: &str,
+    depth: u32,
+) -> Option<u32> {
+    if depth > NIC_STACK_DEPTH_MAX {
+        return None;
+    }
+    let dir = root.join("class/net").join(name);
+    let mut lowers: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("lower_").map(str::to_string)
+        })
+        .collect();
+    lowers.extend(
+        std::fs::read_dir(dir.join("brif"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned()),
+    );
+    let mut node = None;
+    for lower in lowers {
+        let n = match nics.iter().position(|n| n.name == lower) {
+            Some(i) if own[i].is_some() => own[i],
+            _ => stacked_node(root, nics, own, &lower, depth + 1),
+        };
+        match (node, n) {
+            (_, None) => {}
+            (None, Some(n)) => node = Some(n),
+            (Some(a), Some(b)) if a != b => return None,
+            _ => {}
+        }
+    }
+    node
 }
 
 /// The link speed of interface `name` in the sysfs tree at `root`, in Mbit/s (`None` when the

@@ -171,6 +171,8 @@ impl Control {
             return Err(ProtocolError::Reserved("control message"));
         }
         match buf[2] {
+            // Done carries nothing: its code field is reserved too.
+            1 if len == 0 && buf[4..8] != [0; 4] => Err(ProtocolError::Reserved("done's code")),
             1 if len == 0 => Ok(Some((Control::Done, CONTROL_BYTES))),
             2 => {
                 let Some(text) = buf.get(CONTROL_BYTES..CONTROL_BYTES + len) else {
@@ -261,6 +263,13 @@ mod tests {
             assert_eq!(Control::decode(&buf[..n]), Ok(Some((msg, n))));
         }
         assert!(Control::decode(b"XX").is_err());
+        // A Done with its (reserved) code field set: refused.
+        let n = Control::Done.encode(&mut buf);
+        buf[4] = 1;
+        assert!(matches!(
+            Control::decode(&buf[..n]),
+            Err(ProtocolError::Reserved(_))
+        ));
     }
 
     #[test]

@@ -185,6 +185,8 @@ impl RecvShard {
                 source: ProtocolError::Compressed(e),
             })?;
         self.stats.compressed_frames += 1;
+        self.stats.compressed_raw_bytes += expected as u64;
+        self.stats.compressed_bytes += len as u64;
         // Checked before a byte is placed; a torn page of a live frame is not written.
         let hash = self.hash;
         let unpacked = &self.unpacked[..expected];
