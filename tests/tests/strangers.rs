@@ -214,10 +214,19 @@ fn a_hello_dripped_a_byte_at_a_time_is_cut_off_at_the_handshake_bound() {
     drip.write_all(b"PAGEWIRE").unwrap();
     let bound = Duration::from_millis(pagewire::limits::HANDSHAKE_TIMEOUT_MS);
     let mut cut_after = None;
-    // A byte every 2 s for up to twice the bound: a hello is longer than that.
+    // A byte every 2 s for up to twice the bound (a hello is longer than that), and a probe
+    // every 500 ms: an empty write does not reach the peer, but fails once it has reset us.
+    let mut sent_at = started;
+    drip.set_nonblocking(false).unwrap();
     while started.elapsed() < 2 * bound {
-        std::thread::sleep(Duration::from_secs(2));
-        if drip.write_all(&[0]).is_err() {
+        std::thread::sleep(Duration::from_millis(500));
+        let byte: &[u8] = if sent_at.elapsed() >= Duration::from_secs(2) {
+            sent_at = std::time::Instant::now();
+            &[0]
+        } else {
+            &[]
+        };
+        if drip.write_all(byte).is_err() || peer_closed(&drip) {
             cut_after = Some(started.elapsed());
             break;
         }
@@ -242,4 +251,17 @@ fn a_hello_dripped_a_byte_at_a_time_is_cut_off_at_the_handshake_bound() {
     s.finish().unwrap();
     join_within(rx, LIMIT, "receiver").unwrap();
     assert_eq!(src.first_difference(&dst), None);
+}
+
+/// The receiver closed or reset `s` (a read would see the end, or an error), without waiting.
+fn peer_closed(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    s.set_nonblocking(true).unwrap();
+    let closed = match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).unwrap();
+    closed
 }

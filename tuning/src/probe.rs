@@ -98,7 +98,11 @@ pub fn probe() -> Vec<Finding> {
         read("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
         "needs io_uring (6.0+ for zero-copy sends, 6.1+ for DEFER_TASKRUN)",
     ));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The cores shards are pinned to (the affinity mask), which `plan`, `sweep` and
+    // `--channels auto` use too; a cgroup CPU quota (which `available_parallelism` would count)
+    // does not keep a pinned shard off a core.
+    let cores = pagewire::placement::pin_order(None, pagewire::Pinning::Cores)
+        .map_or(1, |c| c.len().max(1));
     out.push(finding(
         "cores allowed",
         cores.to_string(),

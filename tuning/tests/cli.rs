@@ -196,7 +196,8 @@ fn sweep_against_serve_writes_a_profile_that_loads() {
             "--size",
             "8MiB",
             "--transfers",
-            "4",
+            // 2 cells × 2 reps, and the sweep's warm-up.
+            "5",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -244,9 +245,11 @@ fn sweep_against_serve_writes_a_profile_that_loads() {
     assert!(matches!(profile.send.channels, Some(1 | 2)));
     let mut served = String::new();
     std::io::Read::read_to_string(&mut serve.stdout.take().unwrap(), &mut served).unwrap();
-    assert_eq!(
-        served.lines().filter(|l| l.contains("GiB/s")).count(),
-        4,
-        "{served}"
-    );
+    // The warm-up, then 2 cells × 2 reps, in alternating order: 1, 2 channels, then 2, 1.
+    let channels: Vec<&str> = served
+        .lines()
+        .filter(|l| l.contains("GiB/s"))
+        .map(|l| l.split(": ").nth(1).unwrap().split(' ').next().unwrap())
+        .collect();
+    assert_eq!(channels, ["1", "1", "2", "2", "1"], "{served}");
 }

@@ -580,11 +580,19 @@ pub unsafe extern "C" fn pw_sender_free(sender: *mut pw_sender) {
 mod tests {
     use super::*;
 
-    /// The descriptor is open.
-    fn open(fd: i32) -> bool {
-        // SAFETY: F_GETFD only asks; an unknown descriptor is EBADF.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        flags >= 0
+    /// The inode behind descriptor `fd`, if it is open.
+    fn inode(fd: i32) -> Option<u64> {
+        // SAFETY: fstat writes `st`, a zeroed plain struct; an unknown descriptor is EBADF.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is valid for a write.
+        let r = unsafe { libc::fstat(fd, &mut st) };
+        (r == 0).then_some(st.st_ino)
+    }
+
+    /// Descriptor `fd` no longer names the socket of inode `ino` (closed, or its number taken
+    /// by another test's file since, which a parallel test may do).
+    fn closed(fd: i32, ino: u64) -> bool {
+        inode(fd) != Some(ino)
     }
 
     #[test]
@@ -594,15 +602,16 @@ mod tests {
         let made =
             unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) };
         assert_eq!(made, 0);
+        let (a, b) = (inode(pair[0]).unwrap(), inode(pair[1]).unwrap());
         let fds = [pair[0], pair[0]];
         // SAFETY: `fds` holds two entries naming one open descriptor this test gives up.
         let err = unsafe { streams(fds.as_ptr(), 2) }.map(drop).unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
-        assert!(!open(pair[0]), "taken over and closed");
+        assert!(closed(pair[0], a), "taken over and closed");
         let fds = [pair[1], -1];
         // SAFETY: one open descriptor this test gives up, and a negative one.
         let err = unsafe { streams(fds.as_ptr(), 2) }.map(drop).unwrap_err();
         assert!(err.to_string().contains("negative"), "{err}");
-        assert!(!open(pair[1]), "taken over and closed");
+        assert!(closed(pair[1], b), "taken over and closed");
     }
 }

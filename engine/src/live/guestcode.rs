@@ -20,9 +20,10 @@ pub const STACK_TOP_GPA: u64 = 0x9000;
 /// Guest-physical address of the working set's first page.
 pub const WORKING_SET_GPA: u64 = 1 << 20;
 /// Where the working set must end, at most: the guest addresses 32 bits (a larger end would
-/// wrap, and a burst would write one page), and QEMU's `pc` machine puts its PCI hole (then
-/// the LAPIC) from 3.5 GiB; no RAM of either VMM is there.
-pub const WORKING_SET_END_GPA_MAX: u64 = 0xE000_0000;
+/// wrap, and a burst would write one page), and QEMU's `pc` machine ends its RAM below 4 GiB at
+/// 3 GiB once the guest has 3.5 GiB or more (the rest goes above 4 GiB, past the PCI hole):
+/// below this, every address is RAM in both VMMs.
+pub const WORKING_SET_END_GPA_MAX: u64 = 0xC000_0000;
 /// Size of the firmware image: QEMU maps it below 4 GiB, the reset vector in its last 16 bytes.
 pub const FIRMWARE_BYTES: usize = 64 << 10;
 /// LAPIC timer counts per 1 ms tick (KVM's LAPIC counts nanoseconds at divide-by-one).

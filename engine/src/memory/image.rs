@@ -55,6 +55,8 @@ impl ImageFile {
         let name = path
             .file_name()
             .ok_or_else(|| Error::Config(format!("{} names no file", path.display())))?;
+        // Checked first: a failure from here on is about the file.
+        super::check_specs(&[super::RegionSpec { gpa: 0, len }])?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         // The name is guessable, so it is created exclusively: a file or symbolic link
         // planted under it (in a directory others write) is never followed or truncated, and
@@ -71,13 +73,8 @@ impl ImageFile {
             match GuestMemory::create_file_as(&temp, len, true) {
                 Ok(memory) => break (temp, memory),
                 Err(e) if exists(&e) && attempts < IMAGE_TEMP_NAMES_MAX => attempts += 1,
-                Err(e) => {
-                    // Ours to remove only if we created it.
-                    if !exists(&e) {
-                        let _ = std::fs::remove_file(&temp);
-                    }
-                    return Err(e);
-                }
+                // (A file it created and could not reserve or map, it removed itself.)
+                Err(e) => return Err(e),
             }
         };
         Ok(ImageFile {

@@ -335,8 +335,13 @@ impl GuestMemory {
         let file = options
             .open(path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        reserve(&file, path, len)?;
-        let mut mem = Self::map_file(&file, path, true)?;
+        let mapped = reserve(&file, path, len).and_then(|()| Self::map_file(&file, path, true));
+        let mut mem = mapped.inspect_err(|_| {
+            // Created here, so ours to remove (an existing file it truncated stays).
+            if exclusive {
+                let _ = std::fs::remove_file(path);
+            }
+        })?;
         mem.regions[0].initially_zero = AtomicBool::new(true);
         Ok(mem)
     }

@@ -262,9 +262,12 @@ impl Decompressor {
                     // The stream ended exactly at `out`'s end: all of the payload, no more.
                     flate2::Status::StreamEnd if read == src.len() => Ok(()),
                     flate2::Status::StreamEnd => Err(DecompressError::Long { expected }),
-                    // Not ended: `out` is full with more to come (too long), or the input ran
-                    // out first (cut short).
-                    _ if written == expected => Err(DecompressError::Long { expected }),
+                    // Not ended: `out` is full with input left (too long), the input ran out
+                    // inside the stream's end (its checksum cut), or before `out` was full.
+                    _ if written == expected && read < src.len() => {
+                        Err(DecompressError::Long { expected })
+                    }
+                    _ if written == expected => Err(corrupt(&"the stream ends inside its trailer")),
                     _ => Err(DecompressError::Short {
                         expected,
                         got: written,

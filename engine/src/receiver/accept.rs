@@ -66,7 +66,7 @@ impl Receiver {
         // handshake accepted for an abandoned session is recognised and dropped.
         let acceptor = Arc::new(Mutex::new((Acceptor::new(expect), 0u64)));
         type Outcome = std::result::Result<Joined, (Error, Option<u64>)>;
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(u16, String, Outcome)>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(u64, String, Outcome)>();
         // Handshakes in flight: their connection index, start, and a second handle to their
         // socket, shut down when the handshake overruns `HANDSHAKE_TIMEOUT_MS` in all (the
         // socket timeouts bound each read, not the handshake: a peer dripping a byte at a time
@@ -76,6 +76,8 @@ impl Receiver {
         let mut slots: Vec<Option<Accepted>> = Vec::new();
         let mut finished = 0usize;
         let mut accepted = 0u16;
+        // Each handshake's own number (`accepted`, the log's, saturates).
+        let mut ticket = 0u64;
         let mut in_flight = 0usize;
         let mut refused = 0u32;
         let mut last_refusal = None;
@@ -85,10 +87,20 @@ impl Receiver {
         let mut broken: Option<String> = None;
         let idle_timeout_ms = u32::try_from(self.config.idle_timeout_ms).unwrap_or(u32::MAX);
         loop {
-            pending.overdue(Duration::from_millis(crate::limits::HANDSHAKE_TIMEOUT_MS));
-            while let Ok((index, peer, result)) = done_rx.try_recv() {
+            while let Ok((done_ticket, peer, result)) = done_rx.try_recv() {
                 in_flight -= 1;
-                pending.remove(index);
+                // A handshake that ended as its deadline cut its socket is no channel, even if
+                // it got as far as joining the session.
+                let result = match (result, pending.remove(done_ticket)) {
+                    (Ok((.., generation)), true) => Err((
+                        Error::Timeout {
+                            what: "a handshake".into(),
+                            ms: crate::limits::HANDSHAKE_TIMEOUT_MS,
+                        },
+                        Some(generation),
+                    )),
+                    (result, _) => result,
+                };
                 let (hello, stream, session, generation) = match result {
                     Ok(x) => x,
                     Err((e, joined)) => {
@@ -135,6 +147,8 @@ impl Receiver {
             if count.is_some_and(|c| finished == c) {
                 break;
             }
+            // After the drain: a handshake that ended in time is out of `pending` by now.
+            pending.overdue(Duration::from_millis(crate::limits::HANDSHAKE_TIMEOUT_MS));
             // A sender sends nothing before all its channels are accepted, so a gathered
             // channel that turns readable has closed (the sender gave up, e.g. after a refused
             // connection): the session is dropped at once, not after the timeout; so is one
@@ -188,7 +202,9 @@ impl Receiver {
             let Some((stream, peer)) = self.next_connection(&mut given)? else {
                 continue;
             };
-            pending.add(accepted, &stream);
+            ticket += 1;
+            let this_ticket = ticket;
+            pending.add(this_ticket, &stream);
             let acceptor = acceptor.clone();
             let tls = self.config.tls.clone();
             let psk = self.config.psk.clone();
@@ -218,11 +234,11 @@ impl Receiver {
                         &mut joined,
                     )
                     .map_err(|e| (e, joined));
-                    let _ = done.send((index, peer, result));
+                    let _ = done.send((this_ticket, peer, result));
                 });
             if let Err(e) = spawned {
                 in_flight -= 1;
-                pending.remove(index);
+                pending.remove(this_ticket);
                 tracing::warn!("could not start a handshake thread for {peer}: {e}");
             }
         }
@@ -235,27 +251,48 @@ impl Receiver {
 /// Handshakes in flight, each with a second handle to its socket (see `accept_channels`).
 /// Dropped (the loop returned), it shuts down every socket still in a handshake.
 #[derive(Default)]
-struct Pending(Vec<(u16, Instant, Option<Stream>)>);
+struct Pending(Vec<PendingHandshake>);
+
+/// One handshake in flight.
+struct PendingHandshake {
+    ticket: u64,
+    since: Instant,
+    /// A second handle to its socket; `None` once shut down (or where none could be made:
+    /// out of descriptors, only the socket timeouts bound it).
+    stream: Option<Stream>,
+    /// Its deadline shut its socket down.
+    cut: bool,
+}
 
 impl Pending {
-    fn add(&mut self, index: u16, stream: &Stream) {
-        // Without a second handle (out of descriptors) only the socket timeouts bound it.
-        self.0
-            .push((index, Instant::now(), stream.try_clone().ok()));
+    fn add(&mut self, ticket: u64, stream: &Stream) {
+        self.0.push(PendingHandshake {
+            ticket,
+            since: Instant::now(),
+            stream: stream.try_clone().ok(),
+            cut: false,
+        });
     }
 
-    fn remove(&mut self, index: u16) {
-        self.0.retain(|(i, ..)| *i != index);
+    /// Forgets handshake `ticket`; true when its deadline had cut it off.
+    fn remove(&mut self, ticket: u64) -> bool {
+        let cut = self.0.iter().any(|p| p.ticket == ticket && p.cut);
+        self.0.retain(|p| p.ticket != ticket);
+        cut
     }
 
     /// Shuts down the sockets of handshakes older than `limit`: their threads' reads end, and
     /// they report the failure.
     fn overdue(&mut self, limit: Duration) {
-        for (index, since, stream) in &mut self.0 {
-            if since.elapsed() >= limit {
-                if let Some(s) = stream.take() {
-                    tracing::warn!("connection {index}: handshake overran {limit:?}; closing it");
+        for p in &mut self.0 {
+            if p.since.elapsed() >= limit {
+                if let Some(s) = p.stream.take() {
+                    tracing::warn!(
+                        "handshake {} overran {limit:?}; closing its connection",
+                        p.ticket
+                    );
                     let _ = s.shutdown(std::net::Shutdown::Both);
+                    p.cut = true;
                 }
             }
         }
@@ -264,8 +301,8 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        for (_, _, stream) in &mut self.0 {
-            if let Some(s) = stream.take() {
+        for p in &mut self.0 {
+            if let Some(s) = p.stream.take() {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }

@@ -226,7 +226,8 @@ impl Sender {
         if self.finished {
             return Err(Error::Config("send_device_state after finish".into()));
         }
-        self.device_state_sent = true;
+        // (Nothing to send declares nothing: rounds may still follow.)
+        self.device_state_sent |= !blobs.is_empty();
         for blob in blobs {
             let len = blob.bytes.len() as u64;
             let mut chunks = blob.bytes.chunks(DEVICE_CHUNK_BYTES_MAX).peekable();

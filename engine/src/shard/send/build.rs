@@ -32,6 +32,10 @@ impl SendShard {
         s.pages = 0;
         s.n_pieces = 1;
         let now = Instant::now();
+        // Only a chunk reads guest memory: markers, device state and an abort never take a
+        // fault (the flag is the region's, and another shard's fault must not cost this
+        // channel its abort).
+        let reads_guest = matches!(work, Work::Chunk { .. });
         let payload = match work {
             Work::Chunk { region, runs, live } => {
                 self.m.begin_pages(&mut self.frame, region, live, now);
@@ -81,15 +85,19 @@ impl SendShard {
         // The scan, the checksums, a compression copy and the seal read the pages: a truncated
         // source file faulted there, and the handler gave those reads zeros, which must not
         // leave as the pages (the kernel's own reads of it fail with EFAULT instead). Taken
-        // before the seal, so that a seal that rotates the key (which cannot be taken back)
-        // is only ever lost to a fault of its own reads; and after it, for those.
-        self.memory.take_fault()?;
+        // before the seal too, so that a fault of the scan never costs a sealed frame (nor a
+        // key rotation, which cannot be taken back); after it, for the seal's own reads.
+        if reads_guest {
+            self.memory.take_fault()?;
+        }
         let bytes = if self.tls.is_some() {
             self.seal(slot, payload)?
         } else {
             self.encode_plain(slot, payload)
         };
-        self.memory.take_fault()?;
+        if reads_guest {
+            self.memory.take_fault()?;
+        }
         let s = &mut self.slots[usize::from(slot)];
         s.bytes = bytes;
         s.state = SlotState::Ready;
