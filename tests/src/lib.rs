@@ -7,9 +7,30 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pagewire::synth::{self, Content};
+use pagewire::tls::certs::{self, CertOptions};
+use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{
     GuestMemory, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, TransferStats,
 };
+
+/// The receiver's and the sender's TLS identities from fresh certificates written to `dir`
+/// (the sender checks the name `localhost`), or none without `tls`.
+pub fn tls_identities(dir: &std::path::Path, tls: bool) -> (Option<TlsServer>, Option<TlsClient>) {
+    if !tls {
+        return (None, None);
+    }
+    certs::generate(&CertOptions::default())
+        .and_then(|set| set.write(dir))
+        .expect("writing test certificates");
+    let server = TlsServer::new(certs::server_files(dir).load().expect("server identity"))
+        .expect("a TLS server");
+    let client = TlsClient::new(
+        certs::client_files(dir).load().expect("client identity"),
+        "localhost",
+    )
+    .expect("a TLS client");
+    (Some(server), Some(client))
+}
 
 /// Prints why a test is skipped and returns true when io_uring is unusable here.
 pub fn skip_without_uring() -> bool {

@@ -12,12 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::synth::{fill, Content};
-use pagewire::tls::certs::{self, CertOptions};
-use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{
     GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, Stream,
 };
-use pagewire_tests::{join_within, skip_without_uring};
+use pagewire_tests::{join_within, skip_without_uring, tls_identities};
 
 /// `n` connected pairs, passed through raw file descriptors as another process would: loopback
 /// TCP connections, or UNIX socketpairs, left non-blocking as an event loop's are.
@@ -58,21 +56,7 @@ fn migrate(tls: bool, unix: bool) {
     fill(&src, Content::Blend, 5);
     let dst = Arc::new(GuestMemory::anonymous(&specs).unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let (server, client) = if tls {
-        certs::generate(&CertOptions::default())
-            .unwrap()
-            .write(dir.path())
-            .unwrap();
-        (
-            Some(TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap()),
-            Some(
-                TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost")
-                    .unwrap(),
-            ),
-        )
-    } else {
-        (None, None)
-    };
+    let (server, client) = tls_identities(dir.path(), tls);
     let (clients, servers) = pairs(3, unix);
     let receiver = Receiver::over_streams(
         servers,

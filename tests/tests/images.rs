@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::synth::{fill, Content};
-use pagewire::tls::certs::{self, CertOptions};
-use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{
     error_chain, Error, GuestMemory, ImageFile, Pinning, ReceiverConfig, RegionSpec, Sender,
     SenderConfig,
 };
-use pagewire_tests::{join_within, skip_without_uring, start_receiver};
+use pagewire_tests::{join_within, skip_without_uring, start_receiver, tls_identities};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -23,10 +21,6 @@ fn a_destination_file_truncated_under_the_receiver_fails_both_sides_cleanly() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    certs::generate(&CertOptions::default())
-        .unwrap()
-        .write(dir.path())
-        .unwrap();
     for tls in [false, true] {
         let len = 16u64 << 20;
         let path = dir.path().join(format!("dst-{tls}.img"));
@@ -41,17 +35,7 @@ fn a_destination_file_truncated_under_the_receiver_fails_both_sides_cleanly() {
             .unwrap();
         let src = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
         fill(&src, Content::Random, 1);
-        let (server, client) = if tls {
-            (
-                Some(TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap()),
-                Some(
-                    TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost")
-                        .unwrap(),
-                ),
-            )
-        } else {
-            (None, None)
-        };
+        let (server, client) = tls_identities(dir.path(), tls);
         let (addr, rx) = start_receiver(
             image.memory(),
             ReceiverConfig {
@@ -102,10 +86,6 @@ fn a_sender_that_fails_tells_the_receiver_why() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    certs::generate(&CertOptions::default())
-        .unwrap()
-        .write(dir.path())
-        .unwrap();
     // Under TLS the faulting frame has already been sealed (records numbered, perhaps a key
     // rotated) when its fault is taken: the abort must still open on the receiver.
     for tls in [false, true] {
@@ -120,17 +100,7 @@ fn a_sender_that_fails_tells_the_receiver_why() {
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
-        let (server, client) = if tls {
-            (
-                Some(TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap()),
-                Some(
-                    TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost")
-                        .unwrap(),
-                ),
-            )
-        } else {
-            (None, None)
-        };
+        let (server, client) = tls_identities(dir.path(), tls);
         let dst = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
         let (addr, rx) = start_receiver(
             dst,

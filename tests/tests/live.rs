@@ -15,13 +15,11 @@ use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
 use pagewire::live::{AutoConverge, DowntimeLimit, Migration, Policy, Status, Throttling, Vmm};
 use pagewire::protocol::blob::DeviceBlob;
 use pagewire::synth::{fill, Content};
-use pagewire::tls::certs::{self, CertOptions};
-use pagewire::tls::{TlsClient, TlsServer};
 use pagewire::{
     Error, GuestMemory, PageRun, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender,
     SenderConfig,
 };
-use pagewire_tests::{join_within, skip_without_uring};
+use pagewire_tests::{join_within, skip_without_uring, tls_identities};
 
 const MEMORY_BYTES: u64 = 64 << 20;
 
@@ -52,21 +50,7 @@ fn connect_through(
     page_checksums: bool,
 ) -> Pair {
     let dir = tempfile::tempdir().unwrap();
-    let (server, client) = if tls {
-        certs::generate(&CertOptions::default())
-            .unwrap()
-            .write(dir.path())
-            .unwrap();
-        (
-            Some(TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap()),
-            Some(
-                TlsClient::new(certs::client_files(dir.path()).load().unwrap(), "localhost")
-                    .unwrap(),
-            ),
-        )
-    } else {
-        (None, None)
-    };
+    let (server, client) = tls_identities(dir.path(), tls);
     let specs = [RegionSpec {
         gpa: 0,
         len: MEMORY_BYTES,

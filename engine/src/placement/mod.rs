@@ -64,11 +64,22 @@ pub struct MemoryNodes {
 impl MemoryNodes {
     /// Samples `memory`; with `touch`, reads one byte of each sampled page that is in memory
     /// (`mincore`) first, so a mapped file's page-cache pages are mapped (nothing is allocated
-    /// or read from disk). Where
-    /// the query fails (a kernel without NUMA), every span's node is `None`.
+    /// or read from disk). A page not faulted in yet takes the node its mapping's memory
+    /// policy binds it to, where that names one node. Where the query fails (a kernel without
+    /// NUMA), every span's node is `None`.
     pub fn query(memory: &GuestMemory, touch: bool) -> MemoryNodes {
         Self::query_with(memory, touch, |addrs| {
-            crate::sys::page_nodes(addrs).unwrap_or_else(|_| vec![-1; addrs.len()])
+            let status = crate::sys::page_nodes(addrs).unwrap_or_else(|_| vec![-1; addrs.len()]);
+            // A page not faulted in yet goes where its mapping's policy says, when it names
+            // one node (a VMM binds guest RAM to a node before any page is touched).
+            status
+                .iter()
+                .zip(addrs)
+                .map(|(&s, &a)| match s {
+                    s if s >= 0 => s,
+                    s => crate::sys::policy_node(a).map_or(s, |n| n as i32),
+                })
+                .collect()
         })
     }
 
