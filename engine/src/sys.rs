@@ -495,8 +495,9 @@ mod tests {
         let m = crate::GuestMemory::anonymous(&[crate::RegionSpec { gpa: 0, len }]).unwrap();
         let addr = m.regions()[0].host_addr();
         assert_eq!(policy_node(addr), None, "the default policy names no node");
-        let mask: libc::c_ulong = 1; // node 0
-                                     // SAFETY: `addr..addr + len` is this test's own mapping; the mask holds one word.
+        // Node 0 only.
+        let mask: libc::c_ulong = 1;
+        // SAFETY: `addr..addr + len` is this test's own mapping; the mask holds one word.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_mbind,
