@@ -19,6 +19,23 @@ use ring::keep_prefix;
 pub use ring::FaultPlan;
 pub(crate) use ring::{open_ring, RingFaults};
 
+/// Chunk frames this process' senders may still seal before one fails as if its own seal had
+/// faulted (a source file truncated during the seal); 0: never. A test hook for the path that
+/// gives a sealed, failed frame's TLS record numbers back: the scan reads every page before
+/// the seal does, so a real fault lands in the seal alone only in a race. Process-wide: a
+/// test that sets it runs alone in its binary.
+#[doc(hidden)]
+pub static SEAL_FAULT_AFTER_FRAMES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// True for the frame [`SEAL_FAULT_AFTER_FRAMES`] names (counting it down).
+pub(crate) fn take_seal_fault() -> bool {
+    use std::sync::atomic::Ordering;
+    SEAL_FAULT_AFTER_FRAMES
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok_and(|n| n == 1)
+}
+
 /// A small deterministic generator (xorshift64*), seeded per ring.
 #[derive(Debug, Clone)]
 struct Rng(u64);

@@ -96,6 +96,10 @@ impl SendShard {
             self.encode_plain(slot, payload)
         };
         if reads_guest {
+            #[cfg(feature = "faults")]
+            if crate::faults::take_seal_fault() {
+                return Err(Error::MemoryFault { region: 0, page: 0 });
+            }
             self.memory.take_fault()?;
         }
         let s = &mut self.slots[usize::from(slot)];

@@ -1,0 +1,66 @@
+//! A TLS frame that fails after its seal (its own reads faulted: a source file truncated
+//! while it was sealed) gives its record numbers back, so the abort that follows opens on the
+//! receiver, which hears the sender's reason instead of "forged data". The fault is injected
+//! (`faults::SEAL_FAULT_AFTER_FRAMES`): the scan reads every page before the seal does, so a
+//! real one lands in the seal alone only in a race. The hook is process-wide, so this binary
+//! holds this one test.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pagewire::faults::SEAL_FAULT_AFTER_FRAMES;
+use pagewire::synth::{fill, Content};
+use pagewire::{error_chain, Error, Pinning, ReceiverConfig, Sender, SenderConfig};
+use pagewire_tests::{join_within, memory, skip_without_uring, start_receiver, tls_identities};
+
+#[test]
+fn a_frame_that_faults_in_its_seal_still_lets_the_receiver_hear_why() {
+    if skip_without_uring() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = tls_identities(dir.path(), true);
+    let len = 16 << 20;
+    let src = memory(len);
+    fill(&src, Content::Random, 3);
+    let (addr, rx) = start_receiver(
+        memory(len),
+        ReceiverConfig {
+            tls: server,
+            pinning: Pinning::None,
+            ..ReceiverConfig::default()
+        },
+    );
+    // The third chunk frame fails after it was sealed.
+    SEAL_FAULT_AFTER_FRAMES.store(3, Ordering::Release);
+    let tx = std::thread::spawn(move || {
+        let mut s = Sender::connect(
+            addr,
+            src,
+            &SenderConfig {
+                channels: 1,
+                pinning: Pinning::None,
+                tls: client,
+                ..SenderConfig::default()
+            },
+        )?;
+        s.send_all()?;
+        s.finish()
+    });
+    let limit = Duration::from_secs(60);
+    let sent = join_within(tx, limit, "sender").unwrap_err();
+    let received = join_within(rx, limit, "receiver").unwrap_err();
+    SEAL_FAULT_AFTER_FRAMES.store(0, Ordering::Release);
+    assert!(
+        matches!(sent, Error::MemoryFault { .. }),
+        "{}",
+        error_chain(&sent)
+    );
+    assert!(
+        matches!(&received, Error::PeerAborted { reason, .. } if reason.contains("cannot be accessed")),
+        "the receiver should hear the sender's reason: {}",
+        error_chain(&received)
+    );
+}
