@@ -410,8 +410,13 @@ pub fn policy_node(addr: *const u8) -> Option<u32> {
             MPOL_F_ADDR,
         )
     };
-    // Mode flags (MPOL_F_STATIC_NODES and the like) ride in the high bits.
-    if rc != 0 || !matches!(mode & 0xff, MPOL_PREFERRED | MPOL_BIND) {
+    // Mode flags ride in the high bits. With MPOL_F_RELATIVE_NODES the mask is relative to
+    // the cpuset's nodes (bit 0: its first), not node numbers.
+    const MPOL_F_RELATIVE_NODES: i32 = 1 << 14;
+    if rc != 0
+        || mode & MPOL_F_RELATIVE_NODES != 0
+        || !matches!(mode & 0xff, MPOL_PREFERRED | MPOL_BIND)
+    {
         return None;
     }
     let mut nodes = mask.iter().enumerate().flat_map(|(w, &bits)| {

@@ -45,7 +45,8 @@ pub struct NodeSpan {
     pub first_page: u64,
     /// Pages.
     pub pages: u64,
-    /// Node of its sampled pages; `None` where they are not faulted in yet.
+    /// Node of its sampled pages; `None` where they are not faulted in yet and no memory
+    /// policy binds them to one node.
     pub node: Option<u32>,
 }
 
@@ -69,14 +70,21 @@ impl MemoryNodes {
     /// NUMA), every span's node is `None`.
     pub fn query(memory: &GuestMemory, touch: bool) -> MemoryNodes {
         Self::query_with(memory, touch, |addrs| {
-            let status = crate::sys::page_nodes(addrs).unwrap_or_else(|_| vec![-1; addrs.len()]);
-            // A page not faulted in yet goes where its mapping's policy says, when it names
-            // one node (a VMM binds guest RAM to a node before any page is touched).
+            let Ok(status) = crate::sys::page_nodes(addrs) else {
+                return vec![-1; addrs.len()];
+            };
+            // A page not in memory yet goes where its mapping's policy says, when it names
+            // one node (a VMM binds guest RAM to a node before any page is touched). Only
+            // there: a page already in the page cache, not mapped here, sits where it sits.
+            // (Anonymous, shmem and hugetlbfs memory follows the mapping's policy; a regular
+            // file's page cache follows the faulting thread's, which a binding of such a
+            // mapping would misname.)
             status
                 .iter()
                 .zip(addrs)
                 .map(|(&s, &a)| match s {
                     s if s >= 0 => s,
+                    s if crate::sys::page_resident(a) => s,
                     s => crate::sys::policy_node(a).map_or(s, |n| n as i32),
                 })
                 .collect()
@@ -464,7 +472,7 @@ impl Placement {
     /// than one node), and plans `channels` shards on `cores` (see [`pin_order`]).
     /// `touch`: map one page per sample first where it is in memory (a source mapped but not
     /// read yet, such as a RAM image file); never for a destination, whose untouched pages have
-    /// no node yet.
+    /// no node yet (unless a memory policy binds them to one).
     pub(crate) fn here(
         channels: u16,
         cores: Vec<usize>,
