@@ -36,9 +36,8 @@ pub fn thread_page_faults() -> (u64, u64) {
 pub fn thread_cpu_time_of<T>(thread: &std::thread::JoinHandle<T>) -> Option<Duration> {
     use std::os::unix::thread::JoinHandleExt;
     let mut id: libc::clockid_t = 0;
-    // SAFETY: the pthread_t comes from a JoinHandle borrowed for this call, so the thread is
-    // not joined (or detached) and its descriptor is valid (an exited, unjoined thread keeps
-    // it); `id` is a valid, writable clockid_t.
+    // SAFETY: from a JoinHandle borrowed for this call: not joined, so its descriptor is
+    // valid (an exited thread keeps it until joined); `id` is a writable clockid_t.
     if unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut id) } != 0 {
         return None;
     }

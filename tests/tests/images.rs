@@ -11,7 +11,9 @@ use pagewire::{
     error_chain, Error, GuestMemory, ImageFile, Pinning, ReceiverConfig, RegionSpec, Sender,
     SenderConfig,
 };
-use pagewire_tests::{join_within, skip_without_uring, start_receiver, tls_identities};
+use pagewire_tests::{
+    join_within, send_all_to, skip_without_uring, start_receiver, tls_identities,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -45,7 +47,7 @@ fn a_destination_file_truncated_under_the_receiver_fails_both_sides_cleanly() {
             },
         );
         let tx = std::thread::spawn(move || {
-            let mut s = Sender::connect(
+            send_all_to(
                 addr,
                 src,
                 &SenderConfig {
@@ -54,9 +56,7 @@ fn a_destination_file_truncated_under_the_receiver_fails_both_sides_cleanly() {
                     tls: client,
                     ..SenderConfig::default()
                 },
-            )?;
-            s.send_all()?;
-            s.finish()
+            )
         });
         let received = join_within(rx, LIMIT, "receiver").unwrap_err();
         let sent = join_within(tx, LIMIT, "sender").unwrap_err();
@@ -111,7 +111,7 @@ fn a_sender_that_fails_tells_the_receiver_why() {
             },
         );
         let tx = std::thread::spawn(move || {
-            let mut s = Sender::connect(
+            send_all_to(
                 addr,
                 src,
                 &SenderConfig {
@@ -120,9 +120,7 @@ fn a_sender_that_fails_tells_the_receiver_why() {
                     tls: client,
                     ..SenderConfig::default()
                 },
-            )?;
-            s.send_all()?;
-            s.finish()
+            )
         });
         let sent = join_within(tx, LIMIT, "sender").unwrap_err();
         let received = join_within(rx, LIMIT, "receiver").unwrap_err();

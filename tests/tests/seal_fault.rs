@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use pagewire::faults::SEAL_FAULT_AFTER_FRAMES;
 use pagewire::synth::{fill, Content};
-use pagewire::{error_chain, Error, Pinning, ReceiverConfig, Sender, SenderConfig};
-use pagewire_tests::{join_within, memory, skip_without_uring, start_receiver, tls_identities};
+use pagewire::{error_chain, Error, Pinning, ReceiverConfig, SenderConfig};
+use pagewire_tests::{
+    join_within, memory, send_all_to, skip_without_uring, start_receiver, tls_identities,
+};
 
 #[test]
 fn a_frame_that_faults_in_its_seal_still_lets_the_receiver_hear_why() {
@@ -36,7 +38,7 @@ fn a_frame_that_faults_in_its_seal_still_lets_the_receiver_hear_why() {
     // The third chunk frame fails after it was sealed.
     SEAL_FAULT_AFTER_FRAMES.store(3, Ordering::Release);
     let tx = std::thread::spawn(move || {
-        let mut s = Sender::connect(
+        send_all_to(
             addr,
             src,
             &SenderConfig {
@@ -45,9 +47,7 @@ fn a_frame_that_faults_in_its_seal_still_lets_the_receiver_hear_why() {
                 tls: client,
                 ..SenderConfig::default()
             },
-        )?;
-        s.send_all()?;
-        s.finish()
+        )
     });
     let limit = Duration::from_secs(60);
     let sent = join_within(tx, limit, "sender").unwrap_err();
