@@ -579,6 +579,74 @@ fn a_half_header_then_silence_fails_within_the_idle_bound() {
 }
 
 #[test]
+fn a_slow_but_moving_payload_outlasts_the_idle_bound() {
+    if skip_without_uring() {
+        return;
+    }
+    // One frame of 16 pages whose payload trickles in over about 2.5 idle bounds: the receive
+    // of that payload is one op that stays pending the whole time, so only the bytes the kernel
+    // sees arriving (TCP_INFO) keep the bound from cutting a sender that is slow, not stopped.
+    let idle_ms = 800;
+    let dst = memory(16 * 4096);
+    let config = ReceiverConfig {
+        idle_timeout_ms: idle_ms,
+        ..ReceiverConfig::default()
+    };
+    let (addr, rx) = start_receiver(dst.clone(), config);
+    let mut s = fake_sender(addr);
+    s.set_nodelay(true).unwrap();
+    let payload: Vec<u8> = (0..16 * 4096u32)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    // One channel machine for both frames: their numbers follow on.
+    let mut chan = SenderChannel::default();
+    let mut f = Frame::default();
+    let mut header = Vec::new();
+    chan.begin_pages(&mut f, 0);
+    for p in 0..16 {
+        f.push_page(p, false).unwrap();
+    }
+    f.payload_bytes = payload.len() as u32;
+    f.begin_checksums();
+    for page in payload.chunks(4096) {
+        f.push_checksum(xxh3(page));
+    }
+    push_encoded(&f, &mut header);
+    s.write_all(&header).unwrap();
+    let started = std::time::Instant::now();
+    let pieces = 200;
+    for piece in payload.chunks(payload.len() / pieces) {
+        if let Err(e) = s.write_all(piece) {
+            let received = join_within(rx, LIMIT, "receiver").map(drop);
+            let why = received.map_or_else(|e| error_chain(&e), |()| "it succeeded".into());
+            panic!(
+                "the receiver hung up after {:?} ({e}): {why}",
+                started.elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let trickled = started.elapsed();
+    assert!(
+        trickled > Duration::from_millis(2 * idle_ms),
+        "the payload took only {trickled:?}"
+    );
+    let mut end = Vec::new();
+    chan.end_stream(&mut f);
+    push_encoded(&f, &mut end);
+    s.write_all(&end).unwrap();
+    let received = join_within(rx, LIMIT, "receiver");
+    let stats = received.unwrap_or_else(|e| panic!("the receiver failed: {}", error_chain(&e)));
+    assert_eq!(stats.normal_pages, 16);
+    let mut done = [0u8; 16];
+    s.read_exact(&mut done).unwrap();
+    assert_eq!(Control::decode(&done), Ok(Some((Control::Done, 16))));
+    let mut got = vec![0u8; payload.len()];
+    dst.regions()[0].read(0, &mut got);
+    assert!(got == payload, "the destination differs from what was sent");
+}
+
+#[test]
 fn mixed_end_of_round_and_end_of_stream_is_a_protocol_error_not_a_wait() {
     if skip_without_uring() {
         return;

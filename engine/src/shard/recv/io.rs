@@ -8,9 +8,18 @@ impl RecvShard {
     /// last byte the kernel received on this connection (`TCP_INFO`), so a slow but moving
     /// payload is fine while a half-sent header followed by silence, or a stopped sender, fails;
     /// between rounds the sender's keepalive frames keep the channel moving.
+    ///
+    /// `TCP_INFO` is read at most once a wait slice, and only once a slice has passed without
+    /// the completion: it is a syscall that takes the socket's lock, which the sending side's
+    /// softirq holds while it queues data here, and read around every receive (twice for each
+    /// of the three receives of a frame) it was the receiver's most frequent syscall. The first
+    /// reading sets the baseline and restarts the bound, so the bound may run up to one slice
+    /// longer than the idle timeout, never shorter.
     pub(super) fn wait_one(&mut self, what: &str) -> Result<i32> {
+        let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
         let mut since = Instant::now();
-        let mut received = self.ring.bytes_received();
+        let mut sampled = since;
+        let mut received: Option<u64> = None;
         loop {
             if let Some(c) = self.ring.next_completion() {
                 if c.result == -libc::EAGAIN || c.result == -libc::EINTR {
@@ -27,10 +36,13 @@ impl RecvShard {
             if self.p.abort.is_raised() {
                 return Err(Error::Aborted);
             }
-            let now = self.ring.bytes_received();
-            if now != received {
-                received = now;
-                since = Instant::now();
+            if sampled.elapsed() >= slice {
+                sampled = Instant::now();
+                let now = self.ring.bytes_received();
+                if received != Some(now) {
+                    received = Some(now);
+                    since = sampled;
+                }
             }
             if since.elapsed() >= self.p.idle {
                 return Err(Error::Timeout {
@@ -41,8 +53,7 @@ impl RecvShard {
                     ms: self.p.idle.as_millis() as u64,
                 });
             }
-            self.ring
-                .submit_and_wait(1, Duration::from_millis(RING_WAIT_SLICE_MS))?;
+            self.ring.submit_and_wait(1, slice)?;
         }
     }
 
