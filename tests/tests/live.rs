@@ -356,6 +356,60 @@ fn a_failing_dirty_source_fails_both_sides_with_its_reason() {
     }
 }
 
+/// A dirty source that spends `burn` of this thread's CPU in every collect (a KVM dirty log
+/// harvested and write-protected again costs such CPU) and reports 16 pages.
+struct Burning {
+    burn: Duration,
+    collects: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl DirtySource for Burning {
+    fn collect(&mut self, into: &mut DirtyBitmaps) -> pagewire::Result<()> {
+        self.collects.fetch_add(1, Ordering::Relaxed);
+        let start = pagewire::sys::thread_cpu_time();
+        while pagewire::sys::thread_cpu_time() - start < self.burn {
+            std::hint::spin_loop();
+        }
+        into.mark(0, 0, 16);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_live_migrations_cpu_counts_the_work_between_rounds() {
+    if skip_without_uring() {
+        return;
+    }
+    // Collects (before round 0, after each round, after the pause) of 40 ms each: the sending
+    // side's CPU holds them beside its shards'.
+    let p = connect(2);
+    let bitmap = Arc::new(SharedBitmap::new(&p.src));
+    let mut guest = dirtier(&p.src, &bitmap, 0);
+    let burn = Duration::from_millis(40);
+    let collects = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let migration = Migration::new(
+        p.sender,
+        Box::new(Burning {
+            burn,
+            collects: collects.clone(),
+        }),
+        Box::new(DowntimeLimit {
+            downtime_limit_ms: 10_000,
+            ..DowntimeLimit::default()
+        }),
+    );
+    let report = migration.run(&mut guest).unwrap();
+    join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    let shards: f64 = report.transfer.shards.iter().map(|s| s.cpu_ms).sum();
+    let collects = f64::from(collects.load(Ordering::Relaxed));
+    assert!(collects >= 3.0, "{collects} collects");
+    let between = report.transfer.cpu_ms - shards;
+    assert!(
+        between >= collects * burn.as_secs_f64() * 1e3,
+        "{between:.1} ms of CPU beside the shards', for {collects} collects of {burn:?}"
+    );
+}
+
 /// Auto-converge: a guest that dirties its working set faster than a 40 MB/s link can send it
 /// never fits 50 ms of downtime (the plain policy gives up at its round cap), but throttled step
 /// by step it does, and the destination equals the paused source.
