@@ -6,8 +6,9 @@
 //! (b) pagewire over loopback with the same channel count, source and destination;
 //! (c) all-zero memory (written zero pages, so DRAM is really read) sent by pagewire, against a
 //!     one-core read scan of the same buffer with the engine's zero scanner.
-//! Destinations are pre-faulted fresh for every run of either engine, so page faults are not
-//! measured. Reported: median and spread of throughput, the ratios, and CPU-seconds per GiB on
+//! The destinations of (a) and (b) are pre-faulted fresh for every run of either engine, so
+//! page faults are not measured; (c)'s is fresh and untouched, which costs nothing, since zero
+//! pages into fresh memory are skipped. Reported: median and spread of throughput, the ratios, and CPU-seconds per GiB on
 //! each side.
 
 use std::sync::Arc;

@@ -19,6 +19,10 @@ pub(super) fn print(
         ("", "")
     };
     println!(
+        "Medians over each cell's converged runs (NaN where none converged); \"guest wrote\" over all of its runs."
+    );
+    println!();
+    println!(
         "| engine | dirty rate | guest wrote MiB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |{}",
         throttle_column.0
     );
@@ -54,9 +58,9 @@ pub(super) fn print(
                         m(&|r| r.guest_pages_per_s.map(|p| p * 4096.0 / f64::from(1 << 20))),
                         cell.iter().filter(|r| r.converged).count(),
                         cell.len(),
-                        m(&|r| Some(r.rounds as f64)),
-                        m(&|r| Some(r.total_ms)),
-                        m(&|r| r.downtime_ms),
+                        m(&|r| r.converged.then_some(r.rounds as f64)),
+                        m(&|r| r.converged.then_some(r.total_ms)),
+                        m(&|r| r.downtime_ms.filter(|_| r.converged)),
                         m(&|r| r.converged.then_some(r.expected_downtime_ms)),
                         m(&|r| r.converged.then_some(r.sender_cpu_ms)),
                         m(&|r| r.converged.then_some(r.receiver_cpu_ms)),

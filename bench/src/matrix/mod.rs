@@ -168,6 +168,8 @@ struct Results {
     peer: Option<String>,
     size_bytes: u64,
     reps: usize,
+    /// pagewire's shards and raw TCP's threads were pinned, one core each (QEMU's never are).
+    pinned: bool,
     ceilings: Ceilings,
     cells: Vec<Cell>,
 }
@@ -471,6 +473,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
         peer: a.peer.clone(),
         size_bytes: a.size,
         reps: a.reps,
+        pinned: !a.net.no_pin,
         ceilings,
         cells: out_cells,
     };

@@ -16,6 +16,16 @@ pub(super) fn markdown(r: &Results) -> String {
         r.size_bytes >> 20,
         r.reps
     ));
+    if r.cells.iter().any(|c| c.qemu.is_some()) {
+        s.push_str(&format!(
+            "Not alike between the engines: pagewire's shards (and raw TCP's threads) {}, while QEMU's threads are left to the scheduler (QEMU cannot pin its multifd threads); QEMU's time and CPU are its own `total-time` on the source and its processes until the destination has loaded, pagewire's run from connect until the receiver confirmed every page, verified.\n\n",
+            if r.pinned {
+                "were pinned one core each (`--no-pin` leaves them unpinned)"
+            } else {
+                "were not pinned (`--no-pin`)"
+            }
+        ));
+    }
     let c = &r.ceilings;
     s.push_str("| ceiling (one core unless said) | GiB/s |\n|---|---|\n");
     for (k, v) in [

@@ -149,7 +149,8 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
             Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {r}"),
             _ => {}
         }
-        if rounds > u64::from(spec.rounds_max) || elapsed_ms > spec.total_ms_max as f64 {
+        // The caps as pagewire's policy applies them: `rounds_max` completed rounds at most.
+        if rounds >= u64::from(spec.rounds_max) || elapsed_ms > spec.total_ms_max as f64 {
             let run = figures(&pair, elapsed_ms, None)?;
             pair.src.cmd("migrate_cancel", None)?;
             return Ok(run);

@@ -176,28 +176,19 @@ impl Qmp {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting qemu-system-x86_64")?;
-        let started = Instant::now();
-        let stream = loop {
-            if let Ok(s) = UnixStream::connect(&sock) {
-                break s;
-            }
-            if let Some(status) = child.try_wait()? {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                bail!("QEMU ({name}) exited ({status}): {}", err.trim());
-            }
-            if started.elapsed() > Duration::from_secs(30) {
+        let (stream, writer) = match open_qmp(&mut child, &sock, name) {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Not left running (it would keep the RAM mount busy).
                 let _ = child.kill();
-                bail!("QEMU ({name}) did not open its QMP socket within 30 s");
+                let _ = child.wait();
+                return Err(e);
             }
-            std::thread::sleep(Duration::from_millis(20));
         };
-        stream.set_read_timeout(Some(Duration::from_secs(MIGRATION_TIMEOUT_S)))?;
+        // From here on `Qmp`'s drop kills and reaps QEMU on any error.
         let mut q = Qmp {
             child,
-            writer: stream.try_clone()?,
+            writer,
             reader: BufReader::new(stream),
         };
         let mut greeting = String::new();
@@ -247,6 +238,31 @@ impl Qmp {
             .sum();
         self.cpu_s() - vcpus
     }
+}
+
+/// Waits (up to 30 s) for QEMU `child` to open its QMP socket `sock`; the socket and a second
+/// handle on it for writing.
+fn open_qmp(child: &mut Child, sock: &Path, name: &str) -> Result<(UnixStream, UnixStream)> {
+    let started = Instant::now();
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(sock) {
+            break s;
+        }
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("QEMU ({name}) exited ({status}): {}", err.trim());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("QEMU ({name}) did not open its QMP socket within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(MIGRATION_TIMEOUT_S)))?;
+    let writer = stream.try_clone()?;
+    Ok((stream, writer))
 }
 
 impl Drop for Qmp {
@@ -368,8 +384,11 @@ impl Pair {
         let started = Instant::now();
         loop {
             let r = self.dst.cmd("query-status", None)?;
-            if r["status"] != "inmigrate" || started.elapsed() > Duration::from_secs(30) {
+            if r["status"] != "inmigrate" {
                 return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the destination QEMU was still loading 30 s after the source completed");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
