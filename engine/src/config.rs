@@ -170,14 +170,7 @@ const PAGE_CHECKSUMS_PLAINTEXT_ONLY: &str = "page checksums apply to plaintext o
 /// Checks a TCP congestion control name: one the kernel offers now, where `/proc` says which
 /// (an algorithm built as a module is offered once loaded: `modprobe tcp_<name>`).
 pub fn check_congestion(name: &str) -> crate::Result<()> {
-    let plausible = !name.is_empty()
-        && name.len() < 16
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !plausible {
-        return Err(crate::Error::Config(format!(
-            "{name:?} is not a TCP congestion control name (such as cubic or bbr)"
-        )));
-    }
+    check_congestion_name(name)?;
     match crate::sys::host_congestion() {
         Some((_, offered)) if !offered.iter().any(|o| o == name) => {
             Err(crate::Error::Config(format!(
@@ -188,6 +181,20 @@ pub fn check_congestion(name: &str) -> crate::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Checks that `name` could name a TCP congestion control (short, alphanumeric and `_`),
+/// whatever this kernel offers.
+pub fn check_congestion_name(name: &str) -> crate::Result<()> {
+    let plausible = !name.is_empty()
+        && name.len() < 16
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !plausible {
+        return Err(crate::Error::Config(format!(
+            "{name:?} is not a TCP congestion control name (such as cubic or bbr)"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks an idle bound against `IDLE_TIMEOUT_MS_MIN..=IDLE_TIMEOUT_MS_MAX`.

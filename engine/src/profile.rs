@@ -96,14 +96,22 @@ pub struct Cell {
 }
 
 impl Profile {
-    /// Reads and checks a profile file.
+    /// Reads and checks a profile file. The congestion control it names is checked against
+    /// this kernel only by [`Profile::apply`]: a profile made on another host may name one this
+    /// kernel lacks, and a caller can replace it before applying (`--congestion`).
     pub fn load(path: &Path) -> Result<Profile> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("reading profile {}: {e}", path.display())))?;
         let profile: Profile = toml::from_str(&text)
             .map_err(|e| Error::Config(format!("profile {}: {e}", path.display())))?;
-        profile
+        let mut host_free = profile.clone();
+        host_free.send.congestion = None;
+        host_free
             .apply(&mut SenderConfig::default())
+            .and_then(|()| match &profile.send.congestion {
+                Some(c) => crate::config::check_congestion_name(c),
+                None => Ok(()),
+            })
             .map_err(|e| Error::Config(format!("profile {}: {e}", path.display())))?;
         Ok(profile)
     }
@@ -441,5 +449,26 @@ mod tests {
         }
         let e = Profile::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("reading profile"), "{e}");
+    }
+
+    #[test]
+    fn a_congestion_control_this_kernel_lacks_is_refused_only_when_applied() {
+        // A profile measured on a host with another congestion control: it loads, applying it
+        // as it is fails, and with the name replaced first (`--congestion`) it applies.
+        let Some((default, _)) = crate::sys::host_congestion() else {
+            eprintln!("skipped: this kernel does not list its congestion controls");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[send]\nchannels = 3\ncongestion = \"nosuchcc\"\n").unwrap();
+        let p = Profile::load(&path).unwrap();
+        let e = p.apply(&mut SenderConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("not offered"), "{e}");
+        let mut replaced = p.clone();
+        replaced.send.congestion = Some(default.clone());
+        let mut c = SenderConfig::default();
+        replaced.apply(&mut c).unwrap();
+        assert_eq!((c.channels, c.congestion), (3, Some(default)));
     }
 }

@@ -84,6 +84,14 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     let n: u64 = n
         .parse()
         .map_err(|_| format!("{text:?} is not a rate such as 100Mbit or 125MiB"))?;
+    if unit.len() == 2 && unit.ends_with('b') {
+        // `Mb` reads as megabits to a network person and as megabytes to others.
+        return Err(format!(
+            "{text:?} is ambiguous: say {n}{p}bit for bits or {n}{P}iB for bytes",
+            p = &unit[..1],
+            P = unit[..1].to_ascii_uppercase()
+        ));
+    }
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" | "kb" => 10,
@@ -136,7 +144,9 @@ mod tests {
         assert_eq!(parse_rate("2TiB"), Ok(2 << 40));
         assert_eq!(parse_rate("4096"), Ok(4096));
         assert_eq!(parse_rate("1000Mbps"), Ok(125_000_000));
-        for bad in ["", "fast", "0", "3parsec", "1xbit", "100MBps", "1GBps/s"] {
+        for bad in [
+            "", "fast", "0", "3parsec", "1xbit", "100MBps", "1GBps/s", "100Mb", "1gb", "10kb",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");
         }
     }

@@ -46,9 +46,9 @@ fn main() {
     }
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Probe) {
-        Command::Plan(a) => exit_on_error(plan::run(a, cli.json)),
-        Command::Serve(a) => exit_on_error(sweep::serve(a)),
-        Command::Sweep(a) => exit_on_error(sweep::sweep(a, cli.json)),
+        Command::Plan(a) => exit_on_error(plan::run(a, cli.json), cli.json),
+        Command::Serve(a) => exit_on_error(sweep::serve(a), cli.json),
+        Command::Sweep(a) => exit_on_error(sweep::sweep(a, cli.json), cli.json),
         Command::Probe => {
             let findings = probe::probe();
             if cli.json {
@@ -67,10 +67,17 @@ fn main() {
     }
 }
 
-/// Prints an error as one line and exits with status 2.
-fn exit_on_error(result: anyhow::Result<()>) {
+/// Prints an error as one line (with `json`, also as one JSON object on standard output, as
+/// `pagewire` does: `{"error": ..., "cause": ...}`) and exits with status 2.
+fn exit_on_error(result: anyhow::Result<()>, json: bool) {
     if let Err(e) = result {
         eprintln!("pagewire-tune: {e:#}");
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "error": e.to_string(), "cause": format!("{e:#}") })
+            );
+        }
         std::process::exit(2);
     }
 }

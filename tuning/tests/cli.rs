@@ -174,6 +174,13 @@ fn plan_from_a_hwloc_xml_file() {
         assert_eq!(out.status.code(), Some(2));
         assert!(err.contains("without hwloc"), "{err}");
     }
+    // An error with --json is one JSON object on standard output too.
+    let out = tune(&["plan", "--topology", "/nonexistent/topology.xml", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout));
+    });
+    assert!(v["error"].is_string() && v["cause"].is_string(), "{v}");
 }
 
 #[test]

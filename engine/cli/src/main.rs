@@ -5,6 +5,7 @@
 //! exit. A closed standard output (`pagewire demo | head -1`) ends the program quietly.
 
 mod demo;
+mod interrupt;
 mod report;
 mod transfer;
 
@@ -425,7 +426,7 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            let wants_json = std::env::args().any(|a| a == "--json" || a == "--json-stream");
+            let wants_json = std::env::args_os().any(|a| a == "--json" || a == "--json-stream");
             if wants_json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
             {
                 let text = e.to_string();
@@ -446,6 +447,7 @@ fn main() {
         Command::Demo(a) => (a.common.json || a.common.json_stream, a.common.json_stream),
         Command::Certs(_) | Command::Psk(_) => (false, false),
     };
+    interrupt::install();
     let result = match cli.command {
         Command::Recv(a) => recv(a),
         Command::Send(a) => send(a),

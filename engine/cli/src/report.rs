@@ -40,32 +40,50 @@ pub(super) fn start_display(
     let (b, d) = (bar.clone(), done.clone());
     let join = std::thread::spawn(move || {
         let started = Instant::now();
+        // Rates count from the first byte on the wire: a receiver may listen for minutes
+        // before its sender comes, and that wait is not the transfer's speed.
+        let mut first_byte: Option<Instant> = None;
+        // The last sample of the interval rate (the bar's, and each JSON line's `interval_mbps`).
+        let mut interval = (Instant::now(), 0u64);
+        let mut interval_mbps = 0.0;
         let mut last_line = Instant::now();
         while !d.load(std::sync::atomic::Ordering::Relaxed) {
             let (pages, total) = progress.pages();
             let wire = progress
                 .wire_bytes
                 .load(std::sync::atomic::Ordering::Relaxed);
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let now = Instant::now();
+            if wire > 0 && first_byte.is_none() {
+                first_byte = Some(now);
+            }
+            let moving_secs = first_byte.map_or(0.0, |t| (now - t).as_secs_f64());
+            let mbps_since_first = wire as f64 * 8.0 / 1e6 / moving_secs.max(1e-3);
+            let since_sample = (now - interval.0).as_secs_f64();
+            if since_sample >= 1.0 {
+                interval_mbps = wire.saturating_sub(interval.1) as f64 * 8.0 / 1e6 / since_sample;
+                interval = (now, wire);
+            }
             match &b {
                 Some(b) => {
                     b.set_length(total.max(pages));
                     b.set_position(pages);
                     b.set_message(format!(
                         "{:.0} MiB/s on the wire",
-                        wire as f64 / secs / (1 << 20) as f64
+                        interval_mbps * 1e6 / 8.0 / (1 << 20) as f64
                     ));
                 }
                 None if last_line.elapsed() >= Duration::from_secs(1) => {
-                    last_line = Instant::now();
+                    last_line = now;
                     let v = serde_json::json!({
                         "event": "progress",
                         "side": label,
-                        "elapsed_ms": (secs * 1e3) as u64,
+                        "elapsed_ms": (now - started).as_millis() as u64,
+                        "moving_ms": (moving_secs * 1e3) as u64,
                         "pages_done": pages,
                         "pages_total": total,
                         "wire_bytes": wire,
-                        "mbps": wire as f64 * 8.0 / 1e6 / secs,
+                        "mbps": mbps_since_first,
+                        "interval_mbps": interval_mbps,
                     });
                     let _ = writeln!(std::io::stdout(), "{v}");
                 }

@@ -10,6 +10,7 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
         Some(files) => Some(TlsServer::new(files.load()?)?),
         None => None,
     };
+    let psk = a.tls.psk()?;
     if let Some(path) = &a.into {
         if path.is_dir() {
             bail!(
@@ -66,7 +67,7 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
         accept_timeout_ms: a.timeout,
         idle_timeout_ms: idle,
         tls,
-        psk: a.tls.psk()?,
+        psk,
         insecure: a.insecure,
         accept_unchecked_pages: a.accept_unchecked_pages,
         ..ReceiverConfig::default()
@@ -101,6 +102,7 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
             return Err(e.into());
         }
     };
+    interrupt::cancels(receiver.canceller());
     eprintln!("pagewire: listening on {}", receiver.local_addr()?);
     let progress = receiver.progress();
     let display = start_display(progress.clone(), "recv", a.common.json_stream);
@@ -169,8 +171,15 @@ pub(super) fn send(a: SendArgs) -> Result<bool> {
         Some(path) => Some(Profile::load(path)?),
         None => None,
     };
-    if let Some(p) = &profile {
-        p.apply(&mut config)?;
+    if let (Some(p), Some(path)) = (&profile, &a.profile) {
+        // A --congestion replaces the profile's before it is checked against this kernel: a
+        // profile from a host with bbr still serves one without it.
+        let mut p = p.clone();
+        if let Some(c) = &a.compress.congestion {
+            p.send.congestion = Some(c.clone());
+        }
+        p.apply(&mut config)
+            .with_context(|| format!("profile {}", path.display()))?;
     }
     if let Some(c) = &a.compress.congestion {
         config.congestion = Some(c.clone());
@@ -212,6 +221,7 @@ pub(super) fn send(a: SendArgs) -> Result<bool> {
         config.channels = auto.channels;
     }
     let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
+    interrupt::cancels(sender.canceller());
     let display = start_display(sender.progress(), "send", a.common.json_stream);
     let result = sender.send_all().and_then(|_| sender.finish());
     finish_display(display);

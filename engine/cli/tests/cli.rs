@@ -104,6 +104,16 @@ fn a_live_demo_with_auto_converge_throttles_the_guest_and_converges() {
         throttle >= 20 && steps.contains(&throttle),
         "throttle {throttle}%, by round {steps:?}"
     );
+    // The static demo's fields mean the same here; the migration's setup has its own name.
+    for field in [
+        "setup_ms",
+        "migration_setup_ms",
+        "sender_cpu_ms",
+        "receiver_cpu_ms",
+        "receiver_cpu_s_per_gib",
+    ] {
+        assert!(v[field].is_number(), "{field} in {text}");
+    }
 }
 
 #[test]
@@ -268,6 +278,19 @@ fn a_closed_standard_output_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     let v: serde_json::Value = serde_json::from_str(first.trim()).unwrap();
     assert_eq!(v["event"], "progress", "{first}");
+    for field in [
+        "elapsed_ms",
+        "moving_ms",
+        "mbps",
+        "interval_mbps",
+        "wire_bytes",
+    ] {
+        assert!(v[field].is_number(), "{field} in {first}");
+    }
+    assert!(
+        v["moving_ms"].as_u64() <= v["elapsed_ms"].as_u64(),
+        "{first}"
+    );
 }
 
 #[test]
@@ -449,6 +472,18 @@ fn tls_demo_certs_and_clear_errors_for_bad_tls_files() {
     ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
+    // A second run into the same directory replaces nothing.
+    let key_before = std::fs::read(dir.join("ca-key.pem")).unwrap();
+    let out = pagewire()
+        .args(["certs", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("refusing"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(dir.join("ca-key.pem")).unwrap(), key_before);
     let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let cases: [(Vec<String>, &str); 3] = [
         (
@@ -712,7 +747,28 @@ fn a_receiver_that_received_nothing_leaves_the_image_as_it_was() {
         assert!(!marker.exists(), "{listen}: {:?}", out);
         assert_eq!(std::fs::read(&img).unwrap(), vec![0x42u8; 1 << 20]);
     }
+    // A key file that cannot be read is an option error: found before the image is opened, so
+    // neither the existing image nor a new one is touched.
     let new = dir.path().join("new.img");
+    for (into, size) in [(&img, None), (&new, Some("1MiB"))] {
+        let mut cmd = pagewire();
+        cmd.args(["recv", "--listen", "127.0.0.1:0", "--timeout", "300ms"])
+            .arg("--psk-file")
+            .arg(dir.path().join("no-such.key"))
+            .arg("--into")
+            .arg(into);
+        if let Some(size) = size {
+            cmd.args(["--size", size]);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("no-such.key"),
+            "{stderr}"
+        );
+        assert!(!marker.exists(), "{stderr}");
+        assert_eq!(std::fs::read(&img).unwrap(), vec![0x42u8; 1 << 20]);
+    }
     let out = pagewire()
         .args(["recv", "--listen", "127.0.0.1:0", "--timeout", "300ms"])
         .args(["--size", "1MiB", "--into"])
@@ -725,4 +781,186 @@ fn a_receiver_that_received_nothing_leaves_the_image_as_it_was() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["vm.img"], "files left behind");
+}
+
+/// Waits (up to 10 s) until the file `log` holds a line starting with `prefix`; returns it.
+fn wait_for_log_line(log: &std::path::Path, prefix: &str) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
+            return line.to_string();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "no line {prefix:?} in: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 10 s) for `child` to end.
+fn wait_within(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("{what} kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Ctrl-C or SIGTERM cancels a transfer as any failure ends it: the peer hears that it was
+/// cancelled, a new image's temporary file is removed and an existing image is marked
+/// incomplete (killed by the signal, the receiver would leave a hidden file of the image's
+/// size, or an image without its marker).
+#[test]
+fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
+    if uring_missing() {
+        return;
+    }
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![0x5au8; 64 << 20]).unwrap();
+    let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".log"))
+            .collect();
+        names.sort();
+        names
+    };
+
+    // A receiver that waits for a sender into a new image: Ctrl-C leaves no file.
+    let new = dir.path().join("new.img");
+    let mut recv = pagewire()
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "64MiB",
+            "--into",
+        ])
+        .arg(&new)
+        .stderr(log("recv0.log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_log_line(&dir.path().join("recv0.log"), "pagewire: listening on ");
+    // SAFETY: signalling a child process this test spawned and has not reaped.
+    unsafe { libc::kill(recv.id() as i32, libc::SIGINT) };
+    let status = wait_within(&mut recv, "a receiver after Ctrl-C");
+    let stderr = std::fs::read_to_string(dir.path().join("recv0.log")).unwrap();
+    assert!(
+        !status.success() && stderr.contains("cancel"),
+        "{status:?}: {stderr}"
+    );
+    assert_eq!(files(), ["src.img"], "{stderr}");
+
+    // Mid-transfer, into an existing image: SIGTERM to either side.
+    let dst = dir.path().join("dst.img");
+    for victim in ["recv", "send"] {
+        std::fs::write(&dst, vec![0u8; 64 << 20]).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("dst.img.pagewire-incomplete"));
+        let mut recv = pagewire()
+            .args(["recv", "--listen", "127.0.0.1:0", "--no-pin", "--into"])
+            .arg(&dst)
+            .stderr(log("recv.log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let line = wait_for_log_line(&dir.path().join("recv.log"), "pagewire: listening on ");
+        let addr = line
+            .trim_start_matches("pagewire: listening on ")
+            .to_string();
+        let mut send = pagewire()
+            .args(["send", "--connect", &addr, "--no-pin", "--from"])
+            .arg(&src)
+            .args(["--max-bandwidth", "16MiB"])
+            .stderr(log("send.log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let (killed, other) = if victim == "recv" {
+            (&mut recv, &mut send)
+        } else {
+            (&mut send, &mut recv)
+        };
+        // SAFETY: signalling a child process this test spawned and has not reaped.
+        unsafe { libc::kill(killed.id() as i32, libc::SIGTERM) };
+        let killed_status = wait_within(killed, "the signalled side");
+        let other_status = wait_within(other, "the other side");
+        let (recv_log, send_log) = (
+            std::fs::read_to_string(dir.path().join("recv.log")).unwrap(),
+            std::fs::read_to_string(dir.path().join("send.log")).unwrap(),
+        );
+        let both = format!("recv: {recv_log}\nsend: {send_log}");
+        assert!(
+            !killed_status.success() && !other_status.success(),
+            "{both}"
+        );
+        // The signalled side ended through the failure path (not killed by the signal), and the
+        // other side heard why.
+        assert_eq!(killed_status.code(), Some(1), "{both}");
+        assert!(
+            recv_log.contains("cancel") && send_log.contains("cancel"),
+            "{both}"
+        );
+        assert_eq!(
+            files(),
+            ["dst.img", "dst.img.pagewire-incomplete", "src.img"],
+            "{both}"
+        );
+    }
+}
+
+/// A profile made on a host with a congestion control this one lacks serves here once
+/// `--congestion` replaces it; without that flag the error names the profile.
+#[test]
+fn a_profile_from_another_host_serves_with_its_congestion_replaced() {
+    let Ok(default) = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control") else {
+        eprintln!("skipped: this kernel does not say its congestion control");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p.toml");
+    std::fs::write(
+        &profile,
+        "[send]\nchannels = 1\ncongestion = \"nosuchcc\"\n",
+    )
+    .unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![1u8; 1 << 20]).unwrap();
+    // Port 9 on loopback: nothing listens, so a run that gets past its options fails to connect.
+    let run = |extra: &[&str]| {
+        let out = pagewire()
+            .args(["send", "--connect", "127.0.0.1:9", "--profile"])
+            .arg(&profile)
+            .arg("--from")
+            .arg(&src)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[]);
+    assert!(
+        err.contains("p.toml") && err.contains("not offered"),
+        "{err}"
+    );
+    let err = run(&["--congestion", default.trim()]);
+    assert!(
+        !err.contains("not offered") && err.contains("connect"),
+        "{err}"
+    );
 }

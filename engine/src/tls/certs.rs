@@ -116,34 +116,44 @@ pub fn generate(options: &CertOptions) -> Result<CertSet> {
 
 impl CertSet {
     /// Writes the set into `dir` (created if missing) with QEMU's file names; keys get mode 0600.
+    /// Refuses, writing nothing, when any of the six files is already there: replacing a CA or
+    /// a key breaks every peer that trusts the old one, so that is for a person to do by hand.
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        for (name, text, secret) in [
+        let files = [
             ("ca-cert.pem", &self.ca_cert, false),
             ("ca-key.pem", &self.ca_key, true),
             ("server-cert.pem", &self.server_cert, false),
             ("server-key.pem", &self.server_key, true),
             ("client-cert.pem", &self.client_cert, false),
             ("client-key.pem", &self.client_key, true),
-        ] {
+        ];
+        let present: Vec<&str> = files
+            .iter()
+            .map(|f| f.0)
+            .filter(|name| dir.join(name).symlink_metadata().is_ok())
+            .collect();
+        if !present.is_empty() {
+            return Err(Error::Config(format!(
+                "{} already holds {}; refusing to replace certificates or keys (choose another directory, or remove them first)",
+                dir.display(),
+                present.join(", ")
+            )));
+        }
+        for (name, text, secret) in files {
             use std::io::Write;
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            use std::os::unix::fs::OpenOptionsExt;
             let path = dir.join(name);
+            // A key is created 0600 (and only created: a file that appeared since the check
+            // above fails this open rather than being written through).
             let mode = if secret { 0o600 } else { 0o644 };
-            // A key is created 0600, and a file that was there is restricted before the key is
-            // written into it: never readable by others, not even for a moment.
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(mode)
                 .open(&path)
                 .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-            if secret {
-                file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
-            }
             file.write_all(text.as_bytes())
                 .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         }

@@ -90,20 +90,25 @@ fn the_host_of_an_address_is_its_name_without_the_port() {
 }
 
 #[test]
-fn written_keys_are_readable_by_their_owner_alone() {
+fn written_keys_are_readable_by_their_owner_alone_and_never_replace_a_file() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    // A key file left world-readable by something else is restricted too.
+    // A directory that already holds one of the files is refused as a whole: nothing written,
+    // the file there untouched.
     std::fs::write(dir.path().join("server-key.pem"), "old").unwrap();
-    std::fs::set_permissions(
-        dir.path().join("server-key.pem"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
-    certs::generate(&certs::CertOptions::default())
-        .unwrap()
-        .write(dir.path())
-        .unwrap();
+    let set = certs::generate(&certs::CertOptions::default()).unwrap();
+    let e = set.write(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("server-key.pem") && e.contains("refusing"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("server-key.pem")).unwrap(),
+        "old"
+    );
+    std::fs::remove_file(dir.path().join("server-key.pem")).unwrap();
+    set.write(dir.path()).unwrap();
     let mode = |name: &str| {
         std::fs::metadata(dir.path().join(name))
             .unwrap()
@@ -115,6 +120,5 @@ fn written_keys_are_readable_by_their_owner_alone() {
         assert_eq!(mode(key), 0o600, "{key}");
     }
     assert_eq!(mode("ca-cert.pem") & 0o600, 0o600);
-    // The keys load: the old content was replaced, not appended to.
     TlsServer::new(certs::server_files(dir.path()).load().unwrap()).unwrap();
 }
