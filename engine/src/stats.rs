@@ -154,7 +154,6 @@ pub struct TransferStats {
 }
 
 impl TransferStats {
-    /// Fills the totals from the shards and the elapsed time.
     /// Replaces the coordinating thread's share of [`TransferStats::cpu_ms`] (and with it
     /// `cpu_s_per_gib`) by `coordinator_cpu_ms`, a figure that covers more of its work.
     pub(crate) fn count_coordinator_cpu(&mut self, coordinator_cpu_ms: f64) {
@@ -168,6 +167,7 @@ impl TransferStats {
         }
     }
 
+    /// Fills the totals from the shards and the elapsed time.
     pub(crate) fn finalize(&mut self, elapsed_s: f64, coordinator_cpu_ms: f64) {
         self.total_time_ms = elapsed_s * 1e3;
         self.transferred_bytes = self.shards.iter().map(|s| s.wire_bytes).sum();

@@ -392,8 +392,18 @@ fn one_qemu(
         dirty_rate,
         channels,
         tls: certs.is_some(),
-        converged: q.converged,
-        reason: (!q.converged).then(|| format!("not complete after {} rounds", q.rounds)),
+        // The same rule as pagewire's runs: completed past the time cap is not converged.
+        converged: q.converged && q.total_ms <= a.time_max as f64,
+        reason: if !q.converged {
+            Some(format!("not complete after {} rounds", q.rounds))
+        } else if q.total_ms > a.time_max as f64 {
+            Some(format!(
+                "converged after {:.0} ms, past the {} ms cap",
+                q.total_ms, a.time_max
+            ))
+        } else {
+            None
+        },
         rounds: q.rounds as usize,
         total_ms: q.total_ms,
         downtime_ms: q.downtime_ms,

@@ -149,8 +149,9 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
             Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {r}"),
             _ => {}
         }
-        // The caps as pagewire's policy applies them: `rounds_max` completed rounds at most.
-        if rounds >= u64::from(spec.rounds_max) || elapsed_ms > spec.total_ms_max as f64 {
+        // Past the round cap by one sync at most: QEMU counts the sync of a pass it may still
+        // complete, so QEMU gets the benefit of the doubt.
+        if rounds > u64::from(spec.rounds_max) || elapsed_ms > spec.total_ms_max as f64 {
             let run = figures(&pair, elapsed_ms, None)?;
             pair.src.cmd("migrate_cancel", None)?;
             return Ok(run);

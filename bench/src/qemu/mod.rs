@@ -327,7 +327,12 @@ impl Pair {
         }
         let tls_dir = match tls {
             Some(set) => {
+                // This run's own: `write` replaces no files, and the last run's are there.
                 let dir = ram.path("tls");
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("removing {}", dir.display()))?;
+                }
                 set.write(&dir)?;
                 Some(dir)
             }

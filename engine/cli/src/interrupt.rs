@@ -2,47 +2,111 @@
 //! failure does: the peer is told why, a new RAM image's temporary file is removed and an
 //! existing image keeps its marker saying it is incomplete. Killed by the signal instead, the
 //! process would leave a hidden temporary file of the image's full size behind, or an image
-//! without its marker. With nothing registered to cancel, or at a second signal, the process
-//! ends at once (status 130, as a shell reports Ctrl-C).
+//! without its marker. Then the process ends by the same signal (default action), so a shell
+//! or a service manager sees what ended it. With nothing to cancel, or at a second signal, it
+//! ends by the signal at once. A signal the process was started with ignored (`nohup`, a
+//! background job of a script) stays ignored.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 
 use pagewire::sender::Canceller;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// What a signal cancels.
 static CANCELLERS: Mutex<Vec<Canceller>> = Mutex::new(Vec::new());
-/// A signal has come.
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
+/// The first signal taken (0: none yet).
+static TAKEN: AtomicI32 = AtomicI32::new(0);
+/// Setting up something a signal must not interrupt half-way (a RAM image being made): the
+/// first signal waits for [`cancels`] instead of ending the process.
+static DEFERRING: AtomicBool = AtomicBool::new(false);
 
-/// Exit status after a signal ends the process (128 + SIGINT).
-const SIGNAL_EXIT_STATUS: i32 = 130;
-
-/// Installs the handler (once, before any transfer starts).
+/// Starts taking the signals (once, before any transfer starts).
 pub(crate) fn install() {
-    let installed = ctrlc::set_handler(|| {
-        if SIGNALLED.swap(true, Ordering::SeqCst) {
-            std::process::exit(SIGNAL_EXIT_STATUS);
+    let wanted: Vec<i32> = [SIGINT, SIGTERM, SIGHUP]
+        .into_iter()
+        .filter(|&s| !ignored(s))
+        .collect();
+    let signals = match signal_hook::iterator::Signals::new(&wanted) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(
+                "no handler for Ctrl-C/SIGTERM ({e}): a signal ends the process at once"
+            );
+            return;
         }
-        let cancellers = CANCELLERS.lock().unwrap_or_else(|p| p.into_inner());
-        if cancellers.is_empty() {
-            std::process::exit(SIGNAL_EXIT_STATUS);
-        }
-        eprintln!("pagewire: interrupted, cancelling (again to quit at once)");
-        for c in cancellers.iter() {
-            c.cancel();
-        }
-    });
-    if let Err(e) = installed {
-        tracing::warn!("no handler for Ctrl-C/SIGTERM ({e}): a signal ends the process at once");
+    };
+    let spawned = std::thread::Builder::new()
+        .name("pw-signals".into())
+        .spawn(move || {
+            let mut signals = signals;
+            for signal in signals.forever() {
+                on_signal(signal);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no thread for signals ({e}): a signal ends the process at once");
     }
+}
+
+fn on_signal(signal: i32) {
+    if TAKEN
+        .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        die_by(signal);
+    }
+    let cancellers = CANCELLERS.lock().unwrap_or_else(|p| p.into_inner());
+    if cancellers.is_empty() && !DEFERRING.load(Ordering::SeqCst) {
+        die_by(signal);
+    }
+    eprintln!("pagewire: interrupted, cancelling (again to quit at once)");
+    for c in cancellers.iter() {
+        c.cancel();
+    }
+}
+
+/// From now until [`cancels`], a first signal is held for the transfer instead of ending the
+/// process.
+pub(crate) fn defer() {
+    DEFERRING.store(true, Ordering::SeqCst);
 }
 
 /// From now on a signal cancels what `c` cancels (at once, should one have come already).
 pub(crate) fn cancels(c: Canceller) {
     let mut cancellers = CANCELLERS.lock().unwrap_or_else(|p| p.into_inner());
-    if SIGNALLED.load(Ordering::SeqCst) {
+    if TAKEN.load(Ordering::SeqCst) != 0 {
         c.cancel();
     }
     cancellers.push(c);
+}
+
+/// The signal that cancelled the transfer, if one did: the caller ends by it with
+/// [`die_by`] once it has reported.
+pub(crate) fn taken() -> Option<i32> {
+    match TAKEN.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// Ends the process by `signal`, as its default action does.
+pub(crate) fn die_by(signal: i32) -> ! {
+    // SAFETY: resetting a disposition to SIG_DFL and raising a signal have no memory-safety
+    // preconditions; the default action of these three signals ends the process.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+    std::process::exit(128 + signal)
+}
+
+/// True when `signal` is ignored now (inherited so from the parent).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: all-zero is a valid sigaction (plain integers and a null handler); with a null
+    // new action, sigaction only writes the current one into `old`.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: `old` is a valid, writable sigaction.
+    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) };
+    rc == 0 && old.sa_sigaction == libc::SIG_IGN
 }

@@ -155,8 +155,9 @@ struct CommonArgs {
 
 #[derive(Args)]
 struct CertsArgs {
-    /// Directory to write ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and
-    /// client-key.pem into.
+    /// Directory to write ca-cert.pem, ca-key.pem, server-cert.pem, server-key.pem,
+    /// client-cert.pem and client-key.pem into (created if missing; refused if it holds any of
+    /// them already: nothing is replaced).
     #[arg(long)]
     out: PathBuf,
     /// Name in the server certificate (what senders pass as --tls-hostname).
@@ -471,6 +472,10 @@ fn main() {
                 let _ = writeln!(std::io::stdout(), "{v}");
             } else {
                 eprintln!("error: {e:#}");
+            }
+            if let Some(signal) = interrupt::taken() {
+                // Cancelled and reported: now end as the signal would have.
+                interrupt::die_by(signal);
             }
             std::process::exit(1);
         }

@@ -27,6 +27,9 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
             );
         }
     }
+    // From here until the receiver can be cancelled, a signal waits: a half-made image would
+    // be left behind.
+    interrupt::defer();
     // A file destination is an `ImageFile`: a new image appears under its name only once it is
     // complete; an existing one carries a marker until then.
     // `None` memory: made once the sender's hello says how large (`image` then receives the

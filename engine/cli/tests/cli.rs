@@ -817,17 +817,20 @@ fn wait_within(child: &mut std::process::Child, what: &str) -> std::process::Exi
 /// Ctrl-C or SIGTERM cancels a transfer as any failure ends it: the peer hears that it was
 /// cancelled, a new image's temporary file is removed and an existing image is marked
 /// incomplete (killed by the signal, the receiver would leave a hidden file of the image's
-/// size, or an image without its marker).
+/// size, or an image without its marker); then the process ends by that signal. A signal the
+/// process was started with ignored (`nohup`) stays ignored.
 #[test]
 fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
     if uring_missing() {
         return;
     }
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.img");
     std::fs::write(&src, vec![0x5au8; 64 << 20]).unwrap();
     let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
     let files = || {
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -836,6 +839,10 @@ fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
             .collect();
         names.sort();
         names
+    };
+    let signal = |child: &std::process::Child, signal: i32| {
+        // SAFETY: signalling a child process this test spawned and has not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
     };
 
     // A receiver that waits for a sender into a new image: Ctrl-C leaves no file.
@@ -855,26 +862,67 @@ fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
         .spawn()
         .unwrap();
     wait_for_log_line(&dir.path().join("recv0.log"), "pagewire: listening on ");
-    // SAFETY: signalling a child process this test spawned and has not reaped.
-    unsafe { libc::kill(recv.id() as i32, libc::SIGINT) };
+    signal(&recv, libc::SIGINT);
     let status = wait_within(&mut recv, "a receiver after Ctrl-C");
-    let stderr = std::fs::read_to_string(dir.path().join("recv0.log")).unwrap();
-    assert!(
-        !status.success() && stderr.contains("cancel"),
-        "{status:?}: {stderr}"
-    );
+    let stderr = read("recv0.log");
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}: {stderr}");
+    assert!(stderr.contains("cancel"), "{stderr}");
     assert_eq!(files(), ["src.img"], "{stderr}");
 
-    // Mid-transfer, into an existing image: SIGTERM to either side.
+    // Started with SIGINT ignored, as `nohup` or a script's background job would: Ctrl-C
+    // changes nothing; SIGTERM still cancels.
+    let mut cmd = pagewire();
+    cmd.args([
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "64MiB",
+        "--into",
+    ])
+    .arg(&new)
+    .stderr(log("recv1.log"))
+    .stdout(Stdio::null());
+    // SAFETY: between fork and exec only `signal` runs, which is async-signal-safe.
+    let mut recv = unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        })
+    }
+    .spawn()
+    .unwrap();
+    wait_for_log_line(&dir.path().join("recv1.log"), "pagewire: listening on ");
+    signal(&recv, libc::SIGINT);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(recv.try_wait().unwrap().is_none(), "{}", read("recv1.log"));
+    signal(&recv, libc::SIGTERM);
+    let status = wait_within(&mut recv, "a receiver after SIGTERM");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGTERM),
+        "{}",
+        read("recv1.log")
+    );
+    assert_eq!(files(), ["src.img"], "{}", read("recv1.log"));
+
+    // Mid-transfer, into an existing image: SIGTERM to either side, once pages move.
     let dst = dir.path().join("dst.img");
     for victim in ["recv", "send"] {
         std::fs::write(&dst, vec![0u8; 64 << 20]).unwrap();
         let _ = std::fs::remove_file(dir.path().join("dst.img.pagewire-incomplete"));
         let mut recv = pagewire()
-            .args(["recv", "--listen", "127.0.0.1:0", "--no-pin", "--into"])
+            .args([
+                "recv",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-pin",
+                "--json-stream",
+            ])
+            .arg("--into")
             .arg(&dst)
             .stderr(log("recv.log"))
-            .stdout(Stdio::null())
+            .stdout(log("recv.json.log"))
             .spawn()
             .unwrap();
         let line = wait_for_log_line(&dir.path().join("recv.log"), "pagewire: listening on ");
@@ -889,28 +937,36 @@ fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(700));
+        // Pages on the wire: both sides are past their set-up (the sender's frames follow its
+        // connect, where its cancel is registered).
+        let started = std::time::Instant::now();
+        while !read("recv.json.log").lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v["wire_bytes"].as_u64().is_some_and(|b| b > 0))
+        }) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "no pages moved: {}",
+                read("recv.log")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let (killed, other) = if victim == "recv" {
             (&mut recv, &mut send)
         } else {
             (&mut send, &mut recv)
         };
-        // SAFETY: signalling a child process this test spawned and has not reaped.
-        unsafe { libc::kill(killed.id() as i32, libc::SIGTERM) };
+        signal(killed, libc::SIGTERM);
         let killed_status = wait_within(killed, "the signalled side");
         let other_status = wait_within(other, "the other side");
-        let (recv_log, send_log) = (
-            std::fs::read_to_string(dir.path().join("recv.log")).unwrap(),
-            std::fs::read_to_string(dir.path().join("send.log")).unwrap(),
-        );
+        // With --json-stream the receiver's error is the last line of its standard output.
+        let recv_log = read("recv.log") + &read("recv.json.log");
+        let send_log = read("send.log");
         let both = format!("recv: {recv_log}\nsend: {send_log}");
-        assert!(
-            !killed_status.success() && !other_status.success(),
-            "{both}"
-        );
-        // The signalled side ended through the failure path (not killed by the signal), and the
-        // other side heard why.
-        assert_eq!(killed_status.code(), Some(1), "{both}");
+        assert_eq!(killed_status.signal(), Some(libc::SIGTERM), "{both}");
+        assert!(!other_status.success(), "{both}");
+        // The signalled side went through the failure path first, and the other side heard
+        // why.
         assert!(
             recv_log.contains("cancel") && send_log.contains("cancel"),
             "{both}"

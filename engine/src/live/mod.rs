@@ -220,14 +220,18 @@ impl Migration {
             start: Instant::now(),
             rounds: Vec::new(),
         };
+        // The sender counts its callers' CPU only inside its own calls; a migration's side
+        // also spends it between them (harvesting dirty logs, which write-protects the pages
+        // again, the policy, the pause), so this thread counts whole from here, beside what
+        // the sender counted before (connecting: rings, handshakes).
+        let connect_cpu_ms = sender.coordinator_cpu_ms();
         let cpu_start = crate::sys::thread_cpu_time();
         let mut result = run.precopy(sender, source.as_mut(), policy.as_mut(), vmm);
         if let Ok(report) = &mut result {
-            // The sender counts this thread's CPU only inside its own calls; a migration's
-            // side also spends it between them (harvesting dirty logs, which write-protects
-            // the pages again, the policy, the pause), so this thread counts whole.
             let thread_ms = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
-            report.transfer.count_coordinator_cpu(thread_ms);
+            report
+                .transfer
+                .count_coordinator_cpu(connect_cpu_ms + thread_ms);
         }
         // Whatever the outcome, the throttle ends with the migration (as QEMU's does): a source
         // that keeps running after a failure or a cancel runs at full speed again.

@@ -279,6 +279,12 @@ impl Sender {
         Ok(stats)
     }
 
+    /// CPU milliseconds the calling threads spent in this sender's own calls so far (connect,
+    /// rounds), beside its shards'.
+    pub(crate) fn coordinator_cpu_ms(&self) -> f64 {
+        self.cpu_ms
+    }
+
     /// The bandwidth limit, to change while this sender runs (see [`BandwidthLimit`]).
     pub fn bandwidth_limit(&self) -> BandwidthLimit {
         self.bandwidth.clone()

@@ -141,6 +141,7 @@ impl CertSet {
                 present.join(", ")
             )));
         }
+        let mut written = Vec::new();
         for (name, text, secret) in files {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -148,14 +149,25 @@ impl CertSet {
             // A key is created 0600 (and only created: a file that appeared since the check
             // above fails this open rather than being written through).
             let mode = if secret { 0o600 } else { 0o644 };
-            let mut file = std::fs::OpenOptions::new()
+            let created = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(mode)
                 .open(&path)
-                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-            file.write_all(text.as_bytes())
-                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e));
+            let result = created.and_then(|mut file| {
+                written.push(path.clone());
+                file.write_all(text.as_bytes())
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+            });
+            if let Err(e) = result {
+                // A half-written set would only make the next try refuse: take back what
+                // this call wrote.
+                for path in &written {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
