@@ -99,6 +99,39 @@ impl HostCpuTicks {
     }
 }
 
+/// Time threads of this process whose name starts with `prefix` (the shards: `pw-send-`,
+/// `pw-recv-`) have spent runnable but waiting for a CPU so far, from each thread's
+/// `/proc/self/task/TID/schedstat` (its second field, ns): one entry (thread id, delay) per
+/// such thread. Empty where the kernel keeps no scheduler statistics (`CONFIG_SCHED_INFO`).
+pub fn threads_run_delay(prefix: &str) -> Vec<(u32, Duration)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut delays = Vec::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let named = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|comm| comm.trim_end().starts_with(prefix));
+        if !named {
+            continue;
+        }
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let delay = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok());
+        if let Some(ns) = delay {
+            delays.push((tid, Duration::from_nanos(ns)));
+        }
+    }
+    delays
+}
+
 fn clock(id: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -492,6 +525,30 @@ pub fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_delays_are_read_for_the_named_threads_only() {
+        if !std::path::Path::new("/proc/self/schedstat").exists() {
+            eprintln!("skipped: this kernel keeps no scheduler statistics (CONFIG_SCHED_INFO)");
+            return;
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let named = std::thread::Builder::new()
+            .name("pw-delaytest-0".into())
+            .spawn(move || {
+                ready_tx.send(()).unwrap();
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        ready_rx.recv().unwrap();
+        let found = threads_run_delay("pw-delaytest-");
+        let others = threads_run_delay("pw-no-such-thread-");
+        done_tx.send(()).unwrap();
+        named.join().unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(others.is_empty(), "{others:?}");
+    }
 
     #[test]
     fn memory_bound_to_a_node_names_it_before_any_page_is_touched() {

@@ -408,6 +408,19 @@ fn a_live_migrations_cpu_counts_the_work_between_rounds() {
         between >= collects * burn.as_secs_f64() * 1e3,
         "{between:.1} ms of CPU beside the shards', for {collects} collects of {burn:?}"
     );
+    // Each round says how long its shards waited for a CPU, where the kernel tells.
+    if std::path::Path::new("/proc/self/schedstat").exists() {
+        for r in &report.snapshot.rounds {
+            let shares = [r.send_run_delay_share, r.recv_run_delay_share];
+            assert!(
+                shares
+                    .iter()
+                    .all(|s| s.is_some_and(|s| (0.0..=1.5).contains(&s))),
+                "round {}: {shares:?}",
+                r.round
+            );
+        }
+    }
 }
 
 /// Auto-converge: a guest that dirties its working set faster than a 40 MB/s link can send it

@@ -179,6 +179,29 @@ struct Run {
     throttle_percent: u8,
 }
 
+impl Run {
+    /// A run that failed outright, `why` said: not converged, no figures.
+    fn failed(engine: &'static str, dirty_rate: u64, channels: u16, tls: bool, why: String) -> Run {
+        Run {
+            engine,
+            dirty_rate,
+            channels,
+            tls,
+            converged: false,
+            reason: Some(why),
+            rounds: 0,
+            total_ms: f64::NAN,
+            downtime_ms: None,
+            expected_downtime_ms: f64::NAN,
+            sender_cpu_ms: f64::NAN,
+            receiver_cpu_ms: f64::NAN,
+            guest_pages_per_s: None,
+            round_figures: Vec::new(),
+            throttle_percent: 0,
+        }
+    }
+}
+
 impl LiveArgs {
     fn working_set_bytes(&self) -> u64 {
         let ws = self.working_set.unwrap_or(self.size / 4).max(4096);
@@ -449,6 +472,7 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         None
     };
     let mut runs = Vec::new();
+    let mut failures = Vec::new();
     for rep in 0..a.reps {
         for &rate in &a.dirty_rate {
             for &channels in &a.channels {
@@ -462,13 +486,28 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
                         }
                         None => Ok(None),
                     };
+                    // A run that fails outright (not a policy giving up) is kept as a failed
+                    // row, so one failure does not lose the grid; the command fails at the end.
+                    let mut settle = |engine, r: Result<Option<Run>>| match r {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let why = format!("failed: {e:#}");
+                            failures.push(format!(
+                                "{engine}, {} MiB/s, {channels} ch, tls {t}, rep {}: {why}",
+                                rate >> 20,
+                                rep + 1
+                            ));
+                            Some(Run::failed(engine, rate, channels, on, why))
+                        }
+                    };
                     let mut cell = Vec::new();
                     if rep % 2 == 1 {
-                        cell.extend(qemu(&a)?);
+                        cell.extend(settle("qemu", qemu(&a)));
                     }
-                    cell.push(one(&a, on.then_some(&tls), rate, channels)?);
+                    let own = one(&a, on.then_some(&tls), rate, channels).map(Some);
+                    cell.extend(settle("pagewire", own));
                     if rep % 2 == 0 {
-                        cell.extend(qemu(&a)?);
+                        cell.extend(settle("qemu", qemu(&a)));
                     }
                     for r in cell {
                         if !a.json {
@@ -478,7 +517,11 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
                                 a.reps,
                                 r.engine,
                                 rate as f64 / f64::from(1 << 20),
-                                if r.converged { "converged" } else { "gave up" },
+                                match (r.converged, r.reason.as_deref()) {
+                                    (true, _) => "converged",
+                                    (false, Some(w)) if w.starts_with("failed") => "FAILED",
+                                    (false, _) => "gave up",
+                                },
                                 r.rounds,
                                 r.total_ms,
                                 r.downtime_ms.map_or("-".into(), |d| format!("{d:.1} ms")),
@@ -524,8 +567,15 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
     }
     if a.json {
         println!("{results}");
-        return Ok(());
+    } else {
+        report::print(&a, &runs, &engines, &summaries, &repeats);
     }
-    report::print(&a, &runs, &engines, &summaries, &repeats);
+    if !failures.is_empty() {
+        bail!(
+            "{} run(s) failed (kept in the results as not converged):\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
     Ok(())
 }

@@ -264,6 +264,37 @@ struct Load {
     host: Option<crate::sys::HostCpuTicks>,
 }
 
+/// The run delays of this process's send and receive shards (see
+/// [`RoundFigures::send_run_delay_share`]), by thread.
+#[derive(Default)]
+struct RunDelays {
+    send: Vec<(u32, std::time::Duration)>,
+    recv: Vec<(u32, std::time::Duration)>,
+}
+
+impl RunDelays {
+    fn now() -> RunDelays {
+        RunDelays {
+            send: crate::sys::threads_run_delay("pw-send-"),
+            recv: crate::sys::threads_run_delay("pw-recv-"),
+        }
+    }
+
+    /// The largest share of `ms` one thread of each kind waited for a CPU from `self` to
+    /// `now` (threads in both only); `None` where none was measured.
+    fn shares_until(&self, now: &RunDelays, ms: f64) -> (Option<f64>, Option<f64>) {
+        let share = |a: &[(u32, std::time::Duration)], b: &[(u32, std::time::Duration)]| {
+            b.iter()
+                .filter_map(|(tid, later)| {
+                    let (_, earlier) = a.iter().find(|(t, _)| t == tid)?;
+                    Some(later.saturating_sub(*earlier).as_secs_f64() * 1e3 / ms.max(1e-3))
+                })
+                .reduce(f64::max)
+        };
+        (share(&self.send, &now.send), share(&self.recv, &now.recv))
+    }
+}
+
 /// The fewest `/proc/stat` ticks (all CPUs together, usually 10 ms each) a host figure is
 /// taken from: a round shorter than that is measured together with the round before it.
 const HOST_TICKS_MIN: u64 = 16;
@@ -368,6 +399,7 @@ impl Run {
             let before = wire();
             let load = Load::now(vmm);
             let since = earlier.replace(load).unwrap_or(load);
+            let delays = RunDelays::now();
             let started = Instant::now();
             let sent = sender.send_live_round(&runs)?;
             // A round counts once the receiver placed it: the socket buffers hold megabytes,
@@ -378,6 +410,8 @@ impl Run {
             // The CPU figures of this round, or of this round and the one before where this
             // one was too short for the host's clock ticks.
             let end = Load::now(vmm);
+            let (send_run_delay_share, recv_run_delay_share) =
+                delays.shares_until(&RunDelays::now(), ms);
             let (guest_cpus, host_busy_cpus, host_cpus) = match load.until(&end) {
                 (_, None, _) => since.until(&end),
                 figures => figures,
@@ -399,6 +433,8 @@ impl Run {
                 host_busy_cpus,
                 host_cpus,
                 engine_threads,
+                send_run_delay_share,
+                recv_run_delay_share,
             };
             self.rounds.push(figures);
             let estimates = Estimates::after(&self.rounds, dirty);
@@ -453,13 +489,18 @@ impl Run {
         bitmaps.runs(&mut runs);
         let collected_ms = paused.elapsed().as_secs_f64() * 1e3;
         let before = wire();
+        let delays = RunDelays::now();
         let last = sender.send_round(&runs)?;
         let sent_ms = paused.elapsed().as_secs_f64() * 1e3;
+        let (send_run_delay_share, recv_run_delay_share) =
+            delays.shares_until(&RunDelays::now(), last.time_ms);
         let mut figures = RoundFigures {
             round: last.round,
             pages: last.pages,
             wire_bytes: wire() - before,
             ms: last.time_ms,
+            send_run_delay_share,
+            recv_run_delay_share,
             ..RoundFigures::default()
         };
         let blobs = match vmm.device_state() {

@@ -45,6 +45,13 @@ pub struct RoundFigures {
     /// The engine's page-moving threads on this host: the sender's shards, and the
     /// receiver's too where it runs here (0 where unknown).
     pub engine_threads: u32,
+    /// The largest share of the round's time that one of this process's send shards spent
+    /// runnable but waiting for a CPU (the scheduler's run delay), where the kernel keeps
+    /// such statistics. What a paused guest can give back is bounded by such waits; recorded
+    /// to test the estimate's CPU model against, not used by it.
+    pub send_run_delay_share: Option<f64>,
+    /// The same for receive shards running in this process (a migration over loopback).
+    pub recv_run_delay_share: Option<f64>,
 }
 
 impl RoundFigures {
