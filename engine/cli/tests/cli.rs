@@ -664,17 +664,7 @@ fn kill_9_of_either_side_mid_transfer_is_reported_by_the_other_within_its_bound(
         };
         killed.kill().unwrap();
         let _ = killed.wait();
-        let started = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = survivor.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(10),
-                "the other side of a killed {victim} kept running"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
+        let status = wait_within(survivor, &format!("the other side of a killed {victim}"));
         assert!(
             !status.success(),
             "killing {victim} left the other side successful"
