@@ -489,18 +489,15 @@ impl Run {
         bitmaps.runs(&mut runs);
         let collected_ms = paused.elapsed().as_secs_f64() * 1e3;
         let before = wire();
-        let delays = RunDelays::now();
         let last = sender.send_round(&runs)?;
         let sent_ms = paused.elapsed().as_secs_f64() * 1e3;
-        let (send_run_delay_share, recv_run_delay_share) =
-            delays.shares_until(&RunDelays::now(), last.time_ms);
+        // No run delays for this round: reading them (two files per thread) would fall inside
+        // the downtime.
         let mut figures = RoundFigures {
             round: last.round,
             pages: last.pages,
             wire_bytes: wire() - before,
             ms: last.time_ms,
-            send_run_delay_share,
-            recv_run_delay_share,
             ..RoundFigures::default()
         };
         let blobs = match vmm.device_state() {

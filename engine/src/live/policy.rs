@@ -47,8 +47,9 @@ pub struct RoundFigures {
     pub engine_threads: u32,
     /// The largest share of the round's time that one of this process's send shards spent
     /// runnable but waiting for a CPU (the scheduler's run delay), where the kernel keeps
-    /// such statistics. What a paused guest can give back is bounded by such waits; recorded
-    /// to test the estimate's CPU model against, not used by it.
+    /// such statistics; live rounds only (for the paused round, reading them would fall
+    /// inside the downtime). What a paused guest can give back is bounded by such waits;
+    /// recorded to test the estimate's CPU model against, not used by it.
     pub send_run_delay_share: Option<f64>,
     /// The same for receive shards running in this process (a migration over loopback).
     pub recv_run_delay_share: Option<f64>,
