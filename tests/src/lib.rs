@@ -101,6 +101,38 @@ pub fn start_receiver(
     (addr, std::thread::spawn(move || receiver.run()))
 }
 
+/// Sends all of `src` into `dst` over loopback, unpinned, on `channels` channels with the
+/// identities [`tls_identities`] gave: the sender's result and the receiver's, both joined
+/// within `limit` (for transfers expected to fail, whose errors the caller checks).
+pub fn transfer_unpinned(
+    src: Arc<GuestMemory>,
+    dst: Arc<GuestMemory>,
+    channels: u16,
+    (server, client): (Option<TlsServer>, Option<TlsClient>),
+    limit: Duration,
+) -> (
+    pagewire::Result<TransferStats>,
+    pagewire::Result<TransferStats>,
+) {
+    let (addr, rx) = start_receiver(
+        dst,
+        ReceiverConfig {
+            tls: server,
+            pinning: pagewire::Pinning::None,
+            ..ReceiverConfig::default()
+        },
+    );
+    let config = SenderConfig {
+        channels,
+        pinning: pagewire::Pinning::None,
+        tls: client,
+        ..SenderConfig::default()
+    };
+    let tx = std::thread::spawn(move || send_all_to(addr, src, &config));
+    let sent = join_within(tx, limit, "sender");
+    (sent, join_within(rx, limit, "receiver"))
+}
+
 /// Fills a fresh memory with `content`, migrates it in one round over loopback, and returns
 /// source, destination and both sides' statistics.
 pub fn migrate_once(

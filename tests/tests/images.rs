@@ -12,7 +12,7 @@ use pagewire::{
     SenderConfig,
 };
 use pagewire_tests::{
-    join_within, send_all_to, skip_without_uring, start_receiver, tls_identities,
+    join_within, skip_without_uring, start_receiver, tls_identities, transfer_unpinned,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -37,29 +37,9 @@ fn a_destination_file_truncated_under_the_receiver_fails_both_sides_cleanly() {
             .unwrap();
         let src = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
         fill(&src, Content::Random, 1);
-        let (server, client) = tls_identities(dir.path(), tls);
-        let (addr, rx) = start_receiver(
-            image.memory(),
-            ReceiverConfig {
-                tls: server,
-                pinning: Pinning::None,
-                ..ReceiverConfig::default()
-            },
-        );
-        let tx = std::thread::spawn(move || {
-            send_all_to(
-                addr,
-                src,
-                &SenderConfig {
-                    channels: 2,
-                    pinning: Pinning::None,
-                    tls: client,
-                    ..SenderConfig::default()
-                },
-            )
-        });
-        let received = join_within(rx, LIMIT, "receiver").unwrap_err();
-        let sent = join_within(tx, LIMIT, "sender").unwrap_err();
+        let identities = tls_identities(dir.path(), tls);
+        let (sent, received) = transfer_unpinned(src, image.memory(), 2, identities, LIMIT);
+        let (sent, received) = (sent.unwrap_err(), received.unwrap_err());
         assert!(
             matches!(received, Error::MemoryFault { region: 0, page } if page >= 256),
             "tls {tls}: {}",
@@ -100,30 +80,10 @@ fn a_sender_that_fails_tells_the_receiver_why() {
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
-        let (server, client) = tls_identities(dir.path(), tls);
+        let identities = tls_identities(dir.path(), tls);
         let dst = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
-        let (addr, rx) = start_receiver(
-            dst,
-            ReceiverConfig {
-                tls: server,
-                pinning: Pinning::None,
-                ..ReceiverConfig::default()
-            },
-        );
-        let tx = std::thread::spawn(move || {
-            send_all_to(
-                addr,
-                src,
-                &SenderConfig {
-                    channels: 1,
-                    pinning: Pinning::None,
-                    tls: client,
-                    ..SenderConfig::default()
-                },
-            )
-        });
-        let sent = join_within(tx, LIMIT, "sender").unwrap_err();
-        let received = join_within(rx, LIMIT, "receiver").unwrap_err();
+        let (sent, received) = transfer_unpinned(src, dst, 1, identities, LIMIT);
+        let (sent, received) = (sent.unwrap_err(), received.unwrap_err());
         assert!(
             matches!(sent, Error::MemoryFault { .. }),
             "tls {tls}: {}",

@@ -12,10 +12,8 @@ use std::time::Duration;
 
 use pagewire::faults::SEAL_FAULT_AFTER_FRAMES;
 use pagewire::synth::{fill, Content};
-use pagewire::{error_chain, Error, Pinning, ReceiverConfig, SenderConfig};
-use pagewire_tests::{
-    join_within, memory, send_all_to, skip_without_uring, start_receiver, tls_identities,
-};
+use pagewire::{error_chain, Error};
+use pagewire_tests::{memory, skip_without_uring, tls_identities, transfer_unpinned};
 
 #[test]
 fn a_frame_that_faults_in_its_seal_still_lets_the_receiver_hear_why() {
@@ -23,36 +21,16 @@ fn a_frame_that_faults_in_its_seal_still_lets_the_receiver_hear_why() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (server, client) = tls_identities(dir.path(), true);
+    let identities = tls_identities(dir.path(), true);
     let len = 16 << 20;
     let src = memory(len);
     fill(&src, Content::Random, 3);
-    let (addr, rx) = start_receiver(
-        memory(len),
-        ReceiverConfig {
-            tls: server,
-            pinning: Pinning::None,
-            ..ReceiverConfig::default()
-        },
-    );
     // The third chunk frame fails after it was sealed.
     SEAL_FAULT_AFTER_FRAMES.store(3, Ordering::Release);
-    let tx = std::thread::spawn(move || {
-        send_all_to(
-            addr,
-            src,
-            &SenderConfig {
-                channels: 1,
-                pinning: Pinning::None,
-                tls: client,
-                ..SenderConfig::default()
-            },
-        )
-    });
     let limit = Duration::from_secs(60);
-    let sent = join_within(tx, limit, "sender").unwrap_err();
-    let received = join_within(rx, limit, "receiver").unwrap_err();
+    let (sent, received) = transfer_unpinned(src, memory(len), 1, identities, limit);
     SEAL_FAULT_AFTER_FRAMES.store(0, Ordering::Release);
+    let (sent, received) = (sent.unwrap_err(), received.unwrap_err());
     assert!(
         matches!(sent, Error::MemoryFault { .. }),
         "{}",
