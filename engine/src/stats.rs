@@ -76,6 +76,10 @@ pub struct ShardStats {
     pub tls_direct_bytes: u64,
     /// Bytes of those frames' payloads after compression.
     pub compressed_bytes: u64,
+    /// Receiver: a live migration's downtime began on this channel (pages sent with the vCPUs
+    /// paused followed live ones), and its waits polled from then on
+    /// ([`DOWNTIME_POLL_US`](crate::limits::DOWNTIME_POLL_US)).
+    pub downtime_polled: bool,
     /// Sender: when the receiver's `Done` arrived on this channel, the moment the destination
     /// was known to hold every page, verified (before the connection's close and this shard's
     /// teardown). Not serialised: an instant means nothing outside this process.

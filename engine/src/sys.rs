@@ -99,15 +99,25 @@ impl HostCpuTicks {
     }
 }
 
-/// Time threads of this process whose name starts with `prefix` (the shards: `pw-send-`,
-/// `pw-recv-`) have spent runnable but waiting for a CPU so far, from each thread's
-/// `/proc/self/task/TID/schedstat` (its second field, ns): one entry (thread id, delay) per
-/// such thread. Empty where the kernel keeps no scheduler statistics (`CONFIG_SCHED_INFO`).
-pub fn threads_run_delay(prefix: &str) -> Vec<(u32, Duration)> {
+/// What the scheduler counted for one thread so far (`/proc/self/task/TID/schedstat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadSched {
+    /// The thread's id.
+    pub tid: u32,
+    /// Time it ran on a CPU (the file's first field).
+    pub on_cpu: Duration,
+    /// Time it was runnable but waited for a CPU, its run delay (the second field).
+    pub run_delay: Duration,
+}
+
+/// The scheduler's figures of the threads of this process whose name starts with `prefix`
+/// (the shards: `pw-send-`, `pw-recv-`), one entry per such thread. Empty where the kernel
+/// keeps no scheduler statistics (`CONFIG_SCHED_INFO`).
+pub fn threads_sched(prefix: &str) -> Vec<ThreadSched> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return Vec::new();
     };
-    let mut delays = Vec::new();
+    let mut found = Vec::new();
     for task in tasks.flatten() {
         let path = task.path();
         let named = std::fs::read_to_string(path.join("comm"))
@@ -122,14 +132,19 @@ pub fn threads_run_delay(prefix: &str) -> Vec<(u32, Duration)> {
         else {
             continue;
         };
-        let delay = std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok());
-        if let Some(ns) = delay {
-            delays.push((tid, Duration::from_nanos(ns)));
+        let Ok(text) = std::fs::read_to_string(path.join("schedstat")) else {
+            continue;
+        };
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        if let (Some(Some(on_cpu)), Some(Some(run_delay))) = (fields.next(), fields.next()) {
+            found.push(ThreadSched {
+                tid,
+                on_cpu: Duration::from_nanos(on_cpu),
+                run_delay: Duration::from_nanos(run_delay),
+            });
         }
     }
-    delays
+    found
 }
 
 fn clock(id: libc::clockid_t) -> Duration {
@@ -527,7 +542,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn run_delays_are_read_for_the_named_threads_only() {
+    fn scheduler_figures_are_read_for_the_named_threads_only() {
         if !std::path::Path::new("/proc/self/schedstat").exists() {
             eprintln!("skipped: this kernel keeps no scheduler statistics (CONFIG_SCHED_INFO)");
             return;
@@ -542,11 +557,12 @@ mod tests {
             })
             .unwrap();
         ready_rx.recv().unwrap();
-        let found = threads_run_delay("pw-delaytest-");
-        let others = threads_run_delay("pw-no-such-thread-");
+        let found = threads_sched("pw-delaytest-");
+        let others = threads_sched("pw-no-such-thread-");
         done_tx.send(()).unwrap();
         named.join().unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].on_cpu > Duration::ZERO, "{found:?}");
         assert!(others.is_empty(), "{others:?}");
     }
 

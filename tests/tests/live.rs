@@ -138,9 +138,16 @@ fn a_live_migration_converges_and_the_destination_equals_the_source() {
     let migration = within_50_ms(p.sender, &bitmap);
     let handle = migration.handle();
     let report = migration.run(&mut guest).unwrap();
-    join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    let received = join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
     assert!(guest.writes() > 0, "the guest wrote while rounds ran");
     assert_eq!(p.src.first_difference(&p.dst), None);
+    // The last round's pages, sent with the guest paused after live ones, start the
+    // downtime on the channels that carry them: their waits poll from then on.
+    assert!(
+        received.shards.iter().any(|c| c.downtime_polled),
+        "{:?}",
+        received.shards
+    );
     let s = &report.snapshot;
     assert_eq!(s.status, Status::Completed);
     assert!(report.converged);
@@ -408,17 +415,27 @@ fn a_live_migrations_cpu_counts_the_work_between_rounds() {
         between >= collects * burn.as_secs_f64() * 1e3,
         "{between:.1} ms of CPU beside the shards', for {collects} collects of {burn:?}"
     );
-    // Each live round says how long its shards waited for a CPU, where the kernel tells (the
-    // paused round does not: reading it would lengthen the downtime).
+    // Each live round says how long its shards waited for a CPU and ran on one, where the
+    // kernel tells (the paused round does not: reading it would lengthen the downtime).
     let rounds = &report.snapshot.rounds;
     let (last, live) = rounds.split_last().unwrap();
     assert_eq!(
-        (last.send_run_delay_share, last.recv_run_delay_share),
-        (None, None)
+        [
+            last.send_run_delay_share,
+            last.recv_run_delay_share,
+            last.send_cpu_share,
+            last.recv_cpu_share
+        ],
+        [None; 4]
     );
     if std::path::Path::new("/proc/self/schedstat").exists() {
         for r in live {
-            let shares = [r.send_run_delay_share, r.recv_run_delay_share];
+            let shares = [
+                r.send_run_delay_share,
+                r.recv_run_delay_share,
+                r.send_cpu_share,
+                r.recv_cpu_share,
+            ];
             assert!(
                 shares
                     .iter()

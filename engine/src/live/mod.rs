@@ -264,34 +264,49 @@ struct Load {
     host: Option<crate::sys::HostCpuTicks>,
 }
 
-/// The run delays of this process's send and receive shards (see
-/// [`RoundFigures::send_run_delay_share`]), by thread.
+/// The scheduler's figures of this process's send and receive shards (see
+/// [`RoundFigures::send_run_delay_share`] and [`RoundFigures::send_cpu_share`]).
 #[derive(Default)]
-struct RunDelays {
-    send: Vec<(u32, std::time::Duration)>,
-    recv: Vec<(u32, std::time::Duration)>,
+struct ShardSched {
+    send: Vec<crate::sys::ThreadSched>,
+    recv: Vec<crate::sys::ThreadSched>,
 }
 
-impl RunDelays {
-    fn now() -> RunDelays {
-        RunDelays {
-            send: crate::sys::threads_run_delay("pw-send-"),
-            recv: crate::sys::threads_run_delay("pw-recv-"),
+/// The largest shares of a round's time one shard of each kind spent waiting for a CPU and
+/// running on one; `None` where none was measured.
+struct ShardShares {
+    send_run_delay: Option<f64>,
+    recv_run_delay: Option<f64>,
+    send_cpu: Option<f64>,
+    recv_cpu: Option<f64>,
+}
+
+impl ShardSched {
+    fn now() -> ShardSched {
+        ShardSched {
+            send: crate::sys::threads_sched("pw-send-"),
+            recv: crate::sys::threads_sched("pw-recv-"),
         }
     }
 
-    /// The largest share of `ms` one thread of each kind waited for a CPU from `self` to
-    /// `now` (threads in both only); `None` where none was measured.
-    fn shares_until(&self, now: &RunDelays, ms: f64) -> (Option<f64>, Option<f64>) {
-        let share = |a: &[(u32, std::time::Duration)], b: &[(u32, std::time::Duration)]| {
+    /// The shares of `ms` from `self` to `now` (threads in both only).
+    fn shares_until(&self, now: &ShardSched, ms: f64) -> ShardShares {
+        type Field = fn(&crate::sys::ThreadSched) -> std::time::Duration;
+        let share = |a: &[crate::sys::ThreadSched], b: &[crate::sys::ThreadSched], field: Field| {
             b.iter()
-                .filter_map(|(tid, later)| {
-                    let (_, earlier) = a.iter().find(|(t, _)| t == tid)?;
-                    Some(later.saturating_sub(*earlier).as_secs_f64() * 1e3 / ms.max(1e-3))
+                .filter_map(|later| {
+                    let earlier = a.iter().find(|t| t.tid == later.tid)?;
+                    let spent = field(later).saturating_sub(field(earlier));
+                    Some(spent.as_secs_f64() * 1e3 / ms.max(1e-3))
                 })
                 .reduce(f64::max)
         };
-        (share(&self.send, &now.send), share(&self.recv, &now.recv))
+        ShardShares {
+            send_run_delay: share(&self.send, &now.send, |t| t.run_delay),
+            recv_run_delay: share(&self.recv, &now.recv, |t| t.run_delay),
+            send_cpu: share(&self.send, &now.send, |t| t.on_cpu),
+            recv_cpu: share(&self.recv, &now.recv, |t| t.on_cpu),
+        }
     }
 }
 
@@ -399,7 +414,7 @@ impl Run {
             let before = wire();
             let load = Load::now(vmm);
             let since = earlier.replace(load).unwrap_or(load);
-            let delays = RunDelays::now();
+            let sched = ShardSched::now();
             let started = Instant::now();
             let sent = sender.send_live_round(&runs)?;
             // A round counts once the receiver placed it: the socket buffers hold megabytes,
@@ -410,8 +425,7 @@ impl Run {
             // The CPU figures of this round, or of this round and the one before where this
             // one was too short for the host's clock ticks.
             let end = Load::now(vmm);
-            let (send_run_delay_share, recv_run_delay_share) =
-                delays.shares_until(&RunDelays::now(), ms);
+            let shares = sched.shares_until(&ShardSched::now(), ms);
             let (guest_cpus, host_busy_cpus, host_cpus) = match load.until(&end) {
                 (_, None, _) => since.until(&end),
                 figures => figures,
@@ -433,8 +447,10 @@ impl Run {
                 host_busy_cpus,
                 host_cpus,
                 engine_threads,
-                send_run_delay_share,
-                recv_run_delay_share,
+                send_run_delay_share: shares.send_run_delay,
+                recv_run_delay_share: shares.recv_run_delay,
+                send_cpu_share: shares.send_cpu,
+                recv_cpu_share: shares.recv_cpu,
             };
             self.rounds.push(figures);
             let estimates = Estimates::after(&self.rounds, dirty);

@@ -15,9 +15,15 @@ impl RecvShard {
     /// of the three receives of a frame) it was the receiver's most frequent syscall. The first
     /// reading sets the baseline and restarts the bound, so the bound may run up to one slice
     /// longer than the idle timeout, never shorter.
+    ///
+    /// In the downtime ([`RecvShard::downtime`]) the ring is polled for up to
+    /// [`DOWNTIME_POLL_US`] before the wait sleeps.
     pub(super) fn wait_one(&mut self, what: &str) -> Result<i32> {
         let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
         let mut since = Instant::now();
+        let poll_until = self
+            .downtime
+            .then(|| since + Duration::from_micros(DOWNTIME_POLL_US));
         let mut sampled = since;
         let mut received: Option<u64> = None;
         loop {
@@ -53,7 +59,16 @@ impl RecvShard {
                     ms: self.p.idle.as_millis() as u64,
                 });
             }
-            self.ring.submit_and_wait(1, slice)?;
+            // A zero timeout runs the ring's deferred work and returns at once.
+            match poll_until {
+                Some(until) if Instant::now() < until => {
+                    self.ring.submit_and_wait(1, Duration::ZERO)?;
+                    std::thread::yield_now();
+                }
+                _ => {
+                    self.ring.submit_and_wait(1, slice)?;
+                }
+            }
         }
     }
 

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::limits::{
-    FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS,
+    DOWNTIME_POLL_US, FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES,
+    RING_WAIT_SLICE_MS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Codec, Decompressor};
@@ -125,6 +126,12 @@ pub(crate) struct RecvShard {
     rng: u64,
     /// Device state chunks of this channel, reassembled.
     blobs: BlobAssembler,
+    /// A frame of pages sent while the vCPUs ran has arrived on this channel.
+    live_seen: bool,
+    /// The live migration's downtime has begun on this channel (a frame of pages sent with
+    /// the vCPUs paused came after live ones): waits poll before they sleep (see
+    /// [`DOWNTIME_POLL_US`]). It lasts to the end of the stream.
+    downtime: bool,
 }
 
 /// What a read found.
@@ -176,6 +183,8 @@ impl RecvShard {
             },
             rng: p.delay.seed ^ (u64::from(p.channel) << 32) | 1,
             blobs: BlobAssembler::sharing(p.device_budget.clone()),
+            live_seen: false,
+            downtime: false,
             p,
         })
     }
@@ -227,6 +236,12 @@ impl RecvShard {
             add(&self.p.progress.wire_bytes, header_bytes);
             match event {
                 Event::Pages => {
+                    if self.frame.live {
+                        self.live_seen = true;
+                    } else if self.live_seen && !self.downtime {
+                        self.downtime = true;
+                        self.stats.downtime_polled = true;
+                    }
                     self.place()?;
                     self.reader.payload_done();
                 }
