@@ -126,7 +126,7 @@ pub const KEEPALIVE_PER_IDLE: u64 = 4;
 pub const RING_WAIT_SLICE_MS: u64 = 100;
 
 /// During a live migration's downtime (the last round, sent with the vCPUs paused, and what
-/// follows it), a receive shard polls its ring for up to this many microseconds, yielding its
+/// follows it), a receive shard that carries some of the last round's pages polls its ring for up to this many microseconds, yielding its
 /// CPU between looks, before it sleeps on a wait. The guest is stopped and only the pause's
 /// length counts. A shard asleep between a round's segments is woken for each one, and waking
 /// a thread on an idle CPU costs the waker an inter-processor interrupt; on a virtual

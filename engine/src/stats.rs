@@ -77,9 +77,10 @@ pub struct ShardStats {
     /// Bytes of those frames' payloads after compression.
     pub compressed_bytes: u64,
     /// Receiver: a live migration's downtime began on this channel (pages sent with the vCPUs
-    /// paused followed live ones), and its waits polled from then on
-    /// ([`DOWNTIME_POLL_US`](crate::limits::DOWNTIME_POLL_US)).
-    pub downtime_polled: bool,
+    /// paused followed live ones here), so its waits poll before they sleep from then on
+    /// ([`DOWNTIME_POLL_US`](crate::limits::DOWNTIME_POLL_US)). A channel that carries none
+    /// of the last round's pages does not see it begin.
+    pub downtime_began: bool,
     /// Sender: when the receiver's `Done` arrived on this channel, the moment the destination
     /// was known to hold every page, verified (before the connection's close and this shard's
     /// teardown). Not serialised: an instant means nothing outside this process.

@@ -144,7 +144,7 @@ fn a_live_migration_converges_and_the_destination_equals_the_source() {
     // The last round's pages, sent with the guest paused after live ones, start the
     // downtime on the channels that carry them: their waits poll from then on.
     assert!(
-        received.shards.iter().any(|c| c.downtime_polled),
+        received.shards.iter().any(|c| c.downtime_began),
         "{:?}",
         received.shards
     );

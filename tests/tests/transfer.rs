@@ -65,7 +65,7 @@ fn every_channel_count_and_content_arrives_intact() {
             assert_eq!(sent.transferred_bytes, received.transferred_bytes);
             assert_eq!(sent.channels, channels);
             // No live round came first, so no wait polled as in a migration's downtime.
-            assert!(received.shards.iter().all(|c| !c.downtime_polled));
+            assert!(received.shards.iter().all(|c| !c.downtime_began));
             match content {
                 Content::Zero => assert_eq!(sent.normal_pages, 0),
                 Content::Random => assert_eq!(sent.zero_pages, 0),

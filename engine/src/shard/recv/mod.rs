@@ -240,7 +240,7 @@ impl RecvShard {
                         self.live_seen = true;
                     } else if self.live_seen && !self.downtime {
                         self.downtime = true;
-                        self.stats.downtime_polled = true;
+                        self.stats.downtime_began = true;
                     }
                     self.place()?;
                     self.reader.payload_done();
