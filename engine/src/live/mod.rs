@@ -266,7 +266,6 @@ struct Load {
 
 /// The scheduler's figures of this process's send and receive shards (see
 /// [`RoundFigures::send_run_delay_share`] and [`RoundFigures::send_cpu_share`]).
-#[derive(Default)]
 struct ShardSched {
     send: Vec<crate::sys::ThreadSched>,
     recv: Vec<crate::sys::ThreadSched>,

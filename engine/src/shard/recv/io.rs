@@ -16,13 +16,14 @@ impl RecvShard {
     /// reading sets the baseline and restarts the bound, so the bound may run up to one slice
     /// longer than the idle timeout, never shorter.
     ///
-    /// In the downtime ([`RecvShard::downtime`]) the ring is polled for up to
-    /// [`DOWNTIME_POLL_US`] before the wait sleeps.
+    /// Once the downtime began on this channel (`ShardStats::downtime_began`) the ring is
+    /// polled for up to [`DOWNTIME_POLL_US`] before the wait sleeps.
     pub(super) fn wait_one(&mut self, what: &str) -> Result<i32> {
         let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
         let mut since = Instant::now();
         let poll_until = self
-            .downtime
+            .stats
+            .downtime_began
             .then(|| since + Duration::from_micros(DOWNTIME_POLL_US));
         let mut sampled = since;
         let mut received: Option<u64> = None;

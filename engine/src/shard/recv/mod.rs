@@ -128,10 +128,6 @@ pub(crate) struct RecvShard {
     blobs: BlobAssembler,
     /// A frame of pages sent while the vCPUs ran has arrived on this channel.
     live_seen: bool,
-    /// The live migration's downtime has begun on this channel (a frame of pages sent with
-    /// the vCPUs paused came after live ones): waits poll before they sleep (see
-    /// [`DOWNTIME_POLL_US`]). It lasts to the end of the stream.
-    downtime: bool,
 }
 
 /// What a read found.
@@ -184,7 +180,6 @@ impl RecvShard {
             rng: p.delay.seed ^ (u64::from(p.channel) << 32) | 1,
             blobs: BlobAssembler::sharing(p.device_budget.clone()),
             live_seen: false,
-            downtime: false,
             p,
         })
     }
@@ -238,8 +233,8 @@ impl RecvShard {
                 Event::Pages => {
                     if self.frame.live {
                         self.live_seen = true;
-                    } else if self.live_seen && !self.downtime {
-                        self.downtime = true;
+                    } else if self.live_seen {
+                        // Waits poll before they sleep from now on (see `wait_one`).
                         self.stats.downtime_began = true;
                     }
                     self.place()?;
