@@ -6,12 +6,18 @@
 //! or a service manager sees what ended it. With nothing to cancel, or at a second signal, it
 //! ends by the signal at once. A signal the process was started with ignored (`nohup`, a
 //! background job of a script) stays ignored.
+//!
+//! A closed standard output (`--json-stream` piped into `head`) is taken the same way: the
+//! display thread holds `SIGPIPE` blocked, so its failed write does not kill the process
+//! mid-transfer, and reports the broken pipe with [`output_closed`]; the process then ends by
+//! `SIGPIPE`, as a Unix filter does, once the transfer is cancelled and cleaned up. Everywhere
+//! else `SIGPIPE` keeps its default action.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 
 use pagewire::sender::Canceller;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGPIPE, SIGTERM};
 
 /// What a signal cancels.
 static CANCELLERS: Mutex<Vec<Canceller>> = Mutex::new(Vec::new());
@@ -66,6 +72,41 @@ fn on_signal(signal: i32) {
     }
 }
 
+/// Standard output's reader has gone (a write failed with `EPIPE`): cancels the transfer as a
+/// signal would, so its clean-up runs, and [`taken`] then says `SIGPIPE`. With nothing to
+/// cancel the process ends by `SIGPIPE` at once. Once a signal has been taken the cancel is
+/// already under way, and this adds nothing.
+pub(crate) fn output_closed() {
+    if TAKEN
+        .compare_exchange(0, SIGPIPE, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        return;
+    }
+    let cancellers = CANCELLERS.lock().unwrap_or_else(|p| p.into_inner());
+    if cancellers.is_empty() && !DEFERRING.load(Ordering::SeqCst) {
+        die_by(SIGPIPE);
+    }
+    eprintln!("pagewire: standard output closed, cancelling");
+    for c in cancellers.iter() {
+        c.cancel();
+    }
+}
+
+/// Blocks `SIGPIPE` in the calling thread, so a write of its to a closed pipe fails with
+/// `EPIPE` instead of ending the process; the signal stays pending on the thread and is
+/// discarded when it exits (or delivered by [`die_by`]).
+pub(crate) fn hold_sigpipe_here() {
+    // SAFETY: an all-zero sigset_t is a valid argument to sigemptyset, which initialises it;
+    // sigaddset and pthread_sigmask only read and write the set and this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// From now until [`cancels`], a first signal is held for the transfer instead of ending the
 /// process.
 pub(crate) fn defer() {
@@ -90,12 +131,18 @@ pub(crate) fn taken() -> Option<i32> {
     }
 }
 
-/// Ends the process by `signal`, as its default action does.
+/// Ends the process by `signal`, as its default action does (from any thread, one that holds
+/// the signal blocked included).
 pub(crate) fn die_by(signal: i32) -> ! {
-    // SAFETY: resetting a disposition to SIG_DFL and raising a signal have no memory-safety
-    // preconditions; the default action of these three signals ends the process.
+    // SAFETY: resetting a disposition to SIG_DFL, unblocking a signal in this thread and raising
+    // it have no memory-safety preconditions (the set is initialised by sigemptyset before
+    // use); the default action of these four signals ends the process.
     unsafe {
         libc::signal(signal, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         libc::raise(signal);
     }
     std::process::exit(128 + signal)

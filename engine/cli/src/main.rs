@@ -408,7 +408,9 @@ struct DemoArgs {
 
 fn main() {
     // Writing to a closed pipe ends the process quietly, as for any Unix filter, instead of a
-    // panic in `println!` (sockets use MSG_NOSIGNAL, so only standard output is affected).
+    // panic in `println!` (sockets use MSG_NOSIGNAL, so only standard output is affected). The
+    // live display of a running transfer blocks it in its thread and cancels the transfer
+    // first, so nothing is left behind (see `interrupt`).
     // SAFETY: setting a signal disposition to SIG_DFL has no memory-safety preconditions; no
     // other thread exists yet.
     unsafe {

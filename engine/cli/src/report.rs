@@ -39,6 +39,11 @@ pub(super) fn start_display(
     });
     let (b, d) = (bar.clone(), done.clone());
     let join = std::thread::spawn(move || {
+        // The only writer to standard output while a transfer runs: a reader that goes away
+        // (`| head`) must cancel the transfer, not kill the process with a new image's
+        // temporary file left behind (see `interrupt`).
+        interrupt::hold_sigpipe_here();
+        let mut output_closed = false;
         let started = Instant::now();
         // Rates count from the first byte on the wire: a receiver may listen for minutes
         // before its sender comes, and that wait is not the transfer's speed.
@@ -72,7 +77,7 @@ pub(super) fn start_display(
                         interval_mbps * 1e6 / 8.0 / (1 << 20) as f64
                     ));
                 }
-                None if last_line.elapsed() >= Duration::from_secs(1) => {
+                None if !output_closed && last_line.elapsed() >= Duration::from_secs(1) => {
                     last_line = now;
                     let v = serde_json::json!({
                         "event": "progress",
@@ -85,7 +90,12 @@ pub(super) fn start_display(
                         "mbps": mbps_since_first,
                         "interval_mbps": interval_mbps,
                     });
-                    let _ = writeln!(std::io::stdout(), "{v}");
+                    if let Err(e) = writeln!(std::io::stdout(), "{v}") {
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            output_closed = true;
+                            interrupt::output_closed();
+                        }
+                    }
                 }
                 None => {}
             }

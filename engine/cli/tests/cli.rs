@@ -969,6 +969,82 @@ fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
     }
 }
 
+/// A `--json-stream` reader that goes away mid-transfer (`pagewire recv --json-stream ... |
+/// head -n 2`) ends the receiver as `SIGPIPE` ends a Unix filter, but only after the transfer
+/// is cancelled as for any failure: the sender hears why, and a new image's temporary file is
+/// removed (killed at the write, the receiver would leave a hidden file of the image's size).
+#[test]
+fn a_closed_json_stream_cancels_the_transfer_and_cleans_up() {
+    if uring_missing() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, vec![0x5au8; 64 << 20]).unwrap();
+    let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    let new = dir.path().join("new.img");
+    let mut recv = pagewire()
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--json-stream",
+        ])
+        .arg("--into")
+        .arg(&new)
+        .stderr(log("recv.log"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = wait_for_log_line(&dir.path().join("recv.log"), "pagewire: listening on ");
+    let addr = line
+        .trim_start_matches("pagewire: listening on ")
+        .to_string();
+    // 8 seconds at this pace: the reader closes after the first second with pages moved.
+    let mut send = pagewire()
+        .args(["send", "--connect", &addr, "--no-pin", "--from"])
+        .arg(&src)
+        .args(["--max-bandwidth", "8MiB"])
+        .stderr(log("send.log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
+    let started = std::time::Instant::now();
+    loop {
+        let line = lines.next().expect("the receiver's output ended").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["wire_bytes"].as_u64().is_some_and(|b| b > 0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no pages moved: {}",
+            read("recv.log")
+        );
+    }
+    drop(lines);
+    let recv_status = wait_within(&mut recv, "a receiver whose output closed");
+    let send_status = wait_within(&mut send, "its sender");
+    let both = format!("recv: {}\nsend: {}", read("recv.log"), read("send.log"));
+    assert_eq!(recv_status.signal(), Some(libc::SIGPIPE), "{both}");
+    assert!(both.contains("standard output closed"), "{both}");
+    assert!(!send_status.success(), "{both}");
+    assert!(read("send.log").contains("cancel"), "{both}");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["src.img"], "{both}");
+}
+
 /// A profile made on a host with a congestion control this one lacks serves here once
 /// `--congestion` replaces it; without that flag the error names the profile.
 #[test]
