@@ -56,20 +56,10 @@ pub(crate) fn install() {
 }
 
 fn on_signal(signal: i32) {
-    if TAKEN
-        .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
-        .is_err()
-    {
+    if !take(signal) {
         die_by(signal);
     }
-    let cancellers = CANCELLERS.lock().unwrap_or_else(|p| p.into_inner());
-    if cancellers.is_empty() && !DEFERRING.load(Ordering::SeqCst) {
-        die_by(signal);
-    }
-    eprintln!("pagewire: interrupted, cancelling (again to quit at once)");
-    for c in cancellers.iter() {
-        c.cancel();
-    }
+    cancel_all(signal, "interrupted, cancelling (again to quit at once)");
 }
 
 /// Standard output's reader has gone (a write failed with `EPIPE`): cancels the transfer as a
@@ -77,17 +67,26 @@ fn on_signal(signal: i32) {
 /// cancel the process ends by `SIGPIPE` at once. Once a signal has been taken the cancel is
 /// already under way, and this adds nothing.
 pub(crate) fn output_closed() {
-    if TAKEN
-        .compare_exchange(0, SIGPIPE, Ordering::SeqCst, Ordering::SeqCst)
-        .is_err()
-    {
-        return;
+    if take(SIGPIPE) {
+        cancel_all(SIGPIPE, "standard output closed, cancelling");
     }
+}
+
+/// Records `signal` as the first one taken; false when one was taken before.
+fn take(signal: i32) -> bool {
+    TAKEN
+        .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+}
+
+/// Cancels what there is to cancel, saying `why`; with nothing to cancel (and nothing being
+/// set up), ends the process by `signal`.
+fn cancel_all(signal: i32, why: &str) {
     let cancellers = CANCELLERS.lock().unwrap_or_else(|p| p.into_inner());
     if cancellers.is_empty() && !DEFERRING.load(Ordering::SeqCst) {
-        die_by(SIGPIPE);
+        die_by(signal);
     }
-    eprintln!("pagewire: standard output closed, cancelling");
+    eprintln!("pagewire: {why}");
     for c in cancellers.iter() {
         c.cancel();
     }

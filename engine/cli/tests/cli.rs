@@ -804,6 +804,46 @@ fn wait_within(child: &mut std::process::Child, what: &str) -> std::process::Exi
     }
 }
 
+/// Starts `pagewire recv --json-stream --into <into>` (standard output to `recv_stdout`,
+/// standard error to `dir/recv.log`) and, once it listens, `pagewire send --from <src>` to it,
+/// paced at `max_bandwidth` (standard error to `dir/send.log`).
+fn paced_transfer(
+    dir: &std::path::Path,
+    src: &std::path::Path,
+    into: &std::path::Path,
+    recv_stdout: std::process::Stdio,
+    max_bandwidth: &str,
+) -> (std::process::Child, std::process::Child) {
+    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let recv = pagewire()
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--json-stream",
+        ])
+        .arg("--into")
+        .arg(into)
+        .stderr(log("recv.log"))
+        .stdout(recv_stdout)
+        .spawn()
+        .unwrap();
+    let line = wait_for_log_line(&dir.join("recv.log"), "pagewire: listening on ");
+    let addr = line
+        .trim_start_matches("pagewire: listening on ")
+        .to_string();
+    let send = pagewire()
+        .args(["send", "--connect", &addr, "--no-pin", "--from"])
+        .arg(src)
+        .args(["--max-bandwidth", max_bandwidth])
+        .stderr(log("send.log"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (recv, send)
+}
+
 /// Ctrl-C or SIGTERM cancels a transfer as any failure ends it: the peer hears that it was
 /// cancelled, a new image's temporary file is removed and an existing image is marked
 /// incomplete (killed by the signal, the receiver would leave a hidden file of the image's
@@ -901,32 +941,8 @@ fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
     for victim in ["recv", "send"] {
         std::fs::write(&dst, vec![0u8; 64 << 20]).unwrap();
         let _ = std::fs::remove_file(dir.path().join("dst.img.pagewire-incomplete"));
-        let mut recv = pagewire()
-            .args([
-                "recv",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-pin",
-                "--json-stream",
-            ])
-            .arg("--into")
-            .arg(&dst)
-            .stderr(log("recv.log"))
-            .stdout(log("recv.json.log"))
-            .spawn()
-            .unwrap();
-        let line = wait_for_log_line(&dir.path().join("recv.log"), "pagewire: listening on ");
-        let addr = line
-            .trim_start_matches("pagewire: listening on ")
-            .to_string();
-        let mut send = pagewire()
-            .args(["send", "--connect", &addr, "--no-pin", "--from"])
-            .arg(&src)
-            .args(["--max-bandwidth", "16MiB"])
-            .stderr(log("send.log"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let (mut recv, mut send) =
+            paced_transfer(dir.path(), &src, &dst, log("recv.json.log").into(), "16MiB");
         // Pages on the wire: both sides are past their set-up (the sender's frames follow its
         // connect, where its cancel is registered).
         let started = std::time::Instant::now();
@@ -986,34 +1002,9 @@ fn a_closed_json_stream_cancels_the_transfer_and_cleans_up() {
     std::fs::write(&src, vec![0x5au8; 64 << 20]).unwrap();
     let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
     let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
-    let new = dir.path().join("new.img");
-    let mut recv = pagewire()
-        .args([
-            "recv",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-pin",
-            "--json-stream",
-        ])
-        .arg("--into")
-        .arg(&new)
-        .stderr(log("recv.log"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = wait_for_log_line(&dir.path().join("recv.log"), "pagewire: listening on ");
-    let addr = line
-        .trim_start_matches("pagewire: listening on ")
-        .to_string();
     // 8 seconds at this pace: the reader closes after the first second with pages moved.
-    let mut send = pagewire()
-        .args(["send", "--connect", &addr, "--no-pin", "--from"])
-        .arg(&src)
-        .args(["--max-bandwidth", "8MiB"])
-        .stderr(log("send.log"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let new = dir.path().join("new.img");
+    let (mut recv, mut send) = paced_transfer(dir.path(), &src, &new, Stdio::piped(), "8MiB");
     let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
     let started = std::time::Instant::now();
     loop {
