@@ -94,6 +94,10 @@ pub struct LiveArgs {
     /// time varies on this machine (0: skip).
     #[arg(long, default_value_t = 6)]
     repeat_rounds: usize,
+    /// Pin pagewire's shards as the library does by default (the sender's from the first
+    /// core, the receiver's from the last); without it the scheduler places them.
+    #[arg(long)]
+    pin: bool,
     /// Also write the results (summary and runs) as JSON to this file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -141,6 +145,7 @@ impl LiveArgs {
             auto_converge: false,
             congestion,
             repeat_rounds: 0,
+            pin: false,
             out: Some(out),
             json: false,
         }
@@ -247,7 +252,11 @@ fn session(a: &LiveArgs, tls: Option<&(TlsServer, TlsClient)>, channels: u16) ->
         "127.0.0.1:0",
         dst.clone(),
         ReceiverConfig {
-            pinning: Pinning::None,
+            pinning: if a.pin {
+                Pinning::CoresReversed
+            } else {
+                Pinning::None
+            },
             tls: tls.map(|t| t.0.clone()),
             ..ReceiverConfig::default()
         },
@@ -260,7 +269,7 @@ fn session(a: &LiveArgs, tls: Option<&(TlsServer, TlsClient)>, channels: u16) ->
         src.clone(),
         &SenderConfig {
             channels,
-            pinning: Pinning::None,
+            pinning: if a.pin { Pinning::Cores } else { Pinning::None },
             tls: tls.map(|t| t.1.clone()),
             congestion: a.congestion.clone(),
             ..SenderConfig::default()
