@@ -1000,7 +1000,6 @@ fn a_closed_json_stream_cancels_the_transfer_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.img");
     std::fs::write(&src, vec![0x5au8; 64 << 20]).unwrap();
-    let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
     let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
     // 8 seconds at this pace: the reader closes after the first second with pages moved.
     let new = dir.path().join("new.img");
