@@ -96,13 +96,18 @@ fn cancel_all(signal: i32, why: &str) {
 /// `EPIPE` instead of ending the process; the signal stays pending on the thread and is
 /// discarded when it exits (or delivered by [`die_by`]).
 pub(crate) fn hold_sigpipe_here() {
+    mask_in_this_thread(libc::SIG_BLOCK, SIGPIPE);
+}
+
+/// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) `signal` in the calling thread's mask.
+fn mask_in_this_thread(how: libc::c_int, signal: i32) {
     // SAFETY: an all-zero sigset_t is a valid argument to sigemptyset, which initialises it;
     // sigaddset and pthread_sigmask only read and write the set and this thread's mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, SIGPIPE);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::sigaddset(&mut set, signal);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 
@@ -133,15 +138,14 @@ pub(crate) fn taken() -> Option<i32> {
 /// Ends the process by `signal`, as its default action does (from any thread, one that holds
 /// the signal blocked included).
 pub(crate) fn die_by(signal: i32) -> ! {
-    // SAFETY: resetting a disposition to SIG_DFL, unblocking a signal in this thread and raising
-    // it have no memory-safety preconditions (the set is initialised by sigemptyset before
-    // use); the default action of these four signals ends the process.
+    // SAFETY: resetting a disposition to SIG_DFL has no memory-safety preconditions.
     unsafe {
         libc::signal(signal, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, signal);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    mask_in_this_thread(libc::SIG_UNBLOCK, signal);
+    // SAFETY: raising a signal has no memory-safety preconditions; the default action of these
+    // four signals ends the process.
+    unsafe {
         libc::raise(signal);
     }
     std::process::exit(128 + signal)

@@ -844,6 +844,17 @@ fn paced_transfer(
     (recv, send)
 }
 
+/// The names of the files in `dir` (hidden ones included) but the tests' `.log` files, sorted.
+fn files_but_logs(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Ctrl-C or SIGTERM cancels a transfer as any failure ends it: the peer hears that it was
 /// cancelled, a new image's temporary file is removed and an existing image is marked
 /// incomplete (killed by the signal, the receiver would leave a hidden file of the image's
@@ -861,15 +872,7 @@ fn a_signal_cancels_the_transfer_and_cleans_up_like_any_failure() {
     std::fs::write(&src, vec![0x5au8; 64 << 20]).unwrap();
     let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
     let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
-    let files = || {
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".log"))
-            .collect();
-        names.sort();
-        names
-    };
+    let files = || files_but_logs(dir.path());
     let signal = |child: &std::process::Child, signal: i32| {
         // SAFETY: signalling a child process this test spawned and has not reaped.
         unsafe { libc::kill(child.id() as i32, signal) };
@@ -1026,13 +1029,7 @@ fn a_closed_json_stream_cancels_the_transfer_and_cleans_up() {
     assert!(both.contains("standard output closed"), "{both}");
     assert!(!send_status.success(), "{both}");
     assert!(read("send.log").contains("cancel"), "{both}");
-    let mut names: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".log"))
-        .collect();
-    names.sort();
-    assert_eq!(names, ["src.img"], "{both}");
+    assert_eq!(files_but_logs(dir.path()), ["src.img"], "{both}");
 }
 
 /// A profile made on a host with a congestion control this one lacks serves here once
