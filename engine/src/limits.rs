@@ -79,8 +79,8 @@ pub const DEVICE_CHUNK_BYTES_MAX: usize = 32 * 1024;
 /// keeps a single linked chain in flight and batches ready frames into it.
 pub const CHAIN_FRAMES_MAX: usize = 8;
 
-/// Work items queued per shard between the coordinator and the shard (bounded back-pressure:
-/// 64 × 512 KiB = 32 MiB of work ahead of each channel).
+/// Work items queued per shard between the coordinator and the shards (bounded back-pressure:
+/// 64 × 512 KiB = 32 MiB of work ahead of each channel; a pool of shards shares their sum).
 pub const SHARD_QUEUE_ITEMS_MAX: usize = 64;
 
 /// Submission queue entries per ring: a full chain of zero-copy sends (one per piece) plus a

@@ -163,6 +163,8 @@ pub enum Tamper {
     Flip(usize),
     /// Forward this many bytes, then cut both directions.
     Cut(usize),
+    /// Forward everything, at most this many bytes per second (a slow path).
+    Slow(u64),
 }
 
 /// Forwards both directions between a client and `server`, tampering with the client's stream.
@@ -191,7 +193,13 @@ pub fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
         });
         let mut seen = 0usize;
         let mut buf = [0u8; 65536];
-        while let Ok(n) = c_read.read(&mut buf) {
+        let started = Instant::now();
+        // A slow path reads little at a time, so its pace is even.
+        let read_max = match tamper {
+            Tamper::Slow(_) => 8192,
+            _ => buf.len(),
+        };
+        while let Ok(n) = c_read.read(&mut buf[..read_max]) {
             if n == 0 {
                 break;
             }
@@ -202,6 +210,12 @@ pub fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
                 _ => {}
             }
             seen += n;
+            if let Tamper::Slow(bytes_per_s) = tamper {
+                let due = Duration::from_secs_f64(seen as f64 / bytes_per_s.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
             if u_write.write_all(&buf[..n]).is_err() {
                 break;
             }

@@ -1,15 +1,17 @@
 //! Cross-channel ordering: pages re-sent in later rounds over other channels must never be
 //! overwritten by their older copies, whatever the timing. The receiver delays each frame by a
 //! seeded random amount so channels drift apart; only the round barrier keeps them in order.
+//! And how a round's chunks are shared among channels of different speeds.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::synth::{fill, Content};
 use pagewire::{GuestMemory, PageRun, Pinning, ReceiverConfig, RegionSpec, Sender, SenderConfig};
-use pagewire_tests::{join_within, skip_without_uring, start_receiver};
+use pagewire_tests::{join_within, skip_without_uring, start_receiver, tampering_proxy, Tamper};
 use rand::{Rng, SeedableRng};
 
 #[test]
@@ -133,4 +135,63 @@ fn overlapping_or_unsorted_runs_in_one_round_are_refused() {
     sender.send_all().unwrap();
     sender.finish().unwrap();
     join_within(rx, Duration::from_secs(30), "receiver").unwrap();
+}
+
+/// A round's chunks go to whichever channel has room, not dealt out in turn: with one channel
+/// behind a slow path (16 MB/s) and one direct, the slow one carries only what it took before
+/// its buffers filled, and the round does not wait for it to work through half of it.
+#[test]
+fn a_slow_channel_carries_less_of_a_round() {
+    if skip_without_uring() {
+        return;
+    }
+    const SLOW_BYTES_PER_S: u64 = 16_000_000;
+    // 256 chunks of 128 pages: more than the queues hold, random so nothing is a zero page.
+    let len: u64 = 128 << 20;
+    let specs = [RegionSpec { gpa: 0, len }];
+    let src = Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    fill(&src, Content::Random, 7);
+    let dst = Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    let (addr, rx) = start_receiver(
+        dst.clone(),
+        ReceiverConfig {
+            pinning: Pinning::None,
+            ..ReceiverConfig::default()
+        },
+    );
+    let slow = tampering_proxy(addr, Tamper::Slow(SLOW_BYTES_PER_S));
+    let streams = vec![
+        TcpStream::connect(addr).unwrap(),
+        TcpStream::connect(slow).unwrap(),
+    ];
+    let config = SenderConfig {
+        pinning: Pinning::None,
+        ..SenderConfig::default()
+    };
+    let memory = src.clone();
+    let tx = std::thread::spawn(move || {
+        let mut s = Sender::over_streams(streams, memory, &config)?;
+        s.send_all()?;
+        s.finish()
+    });
+    let sent = join_within(tx, Duration::from_secs(60), "sender").unwrap();
+    join_within(rx, Duration::from_secs(60), "receiver").unwrap();
+    assert!(src.first_difference(&dst).is_none());
+    let pages = |c: u16| {
+        let s = sent.shards.iter().find(|s| s.channel == c).unwrap();
+        s.normal_pages + s.zero_pages
+    };
+    let (fast, slow) = (pages(0), pages(1));
+    assert_eq!(fast + slow, len / 4096);
+    let share = slow as f64 / (fast + slow) as f64;
+    eprintln!(
+        "pages: direct channel {fast}, slow channel {slow} ({:.0}%)",
+        share * 100.0
+    );
+    // Dealt in turn, the slow channel took its full queue (64 chunks) and more: over 30%.
+    assert!(
+        share < 0.2,
+        "the slow channel carried {:.0}% of the round",
+        share * 100.0
+    );
 }

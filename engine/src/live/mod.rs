@@ -536,7 +536,14 @@ impl Run {
             c.saturating_duration_since(paused).as_secs_f64() * 1e3
         });
         figures.tail_ms = (downtime_ms - device_ms).max(0.0);
+        let first_confirmed_ms = transfer
+            .shards
+            .iter()
+            .filter_map(|s| s.confirmed_at)
+            .min()
+            .map(|c| c.saturating_duration_since(paused).as_secs_f64() * 1e3);
         tracing::debug!(
+            first_confirmed_ms,
             paused_ms,
             collected_ms,
             sent_ms,

@@ -463,8 +463,6 @@ pub(crate) struct Placement {
     nodes: MemoryNodes,
     /// Channels per node, when more than one node has shards (else chunks are not routed).
     by_node: BTreeMap<u32, Vec<usize>>,
-    /// The next channel of each node's list.
-    turn: BTreeMap<u32, usize>,
 }
 
 impl Placement {
@@ -515,23 +513,36 @@ impl Placement {
             plan,
             nodes,
             by_node,
-            turn: BTreeMap::new(),
         }
     }
 
-    /// The channel that should carry the chunk whose first page is `page` of `region`, taking
-    /// turns among the shards of the node that holds it; `None` when chunks are not routed
-    /// (one node with shards, or the page's node has none).
-    pub(crate) fn channel_for(&mut self, region: u32, page: u64) -> Option<(usize, &[usize])> {
+    /// The sender's work pools: each shard pulls the chunks of its pool from one queue, so the
+    /// shard that moves fastest takes the most. One pool per node with shards when chunks are
+    /// routed by node (in node order, then one for the shards of no known node, if any); else
+    /// one pool of all `channels` shards.
+    pub(crate) fn pools(&self, channels: usize) -> Vec<Vec<usize>> {
+        if self.by_node.is_empty() {
+            return vec![(0..channels).collect()];
+        }
+        let mut pools: Vec<Vec<usize>> = self.by_node.values().cloned().collect();
+        let placed: Vec<usize> = pools.iter().flatten().copied().collect();
+        let rest: Vec<usize> = (0..channels).filter(|c| !placed.contains(c)).collect();
+        if !rest.is_empty() {
+            pools.push(rest);
+        }
+        pools
+    }
+
+    /// The pool (an index into [`pools`](Self::pools)) whose shards should send the chunk
+    /// whose first page is `page` of `region`: the pool of the node that holds it. `None` when
+    /// chunks are not routed (one node with shards) or the page's node has no shards: any pool
+    /// will do.
+    pub(crate) fn pool_for(&self, region: u32, page: u64) -> Option<usize> {
         if self.by_node.is_empty() {
             return None;
         }
         let node = self.nodes.node_of(region, page)?;
-        let list = self.by_node.get(&node)?;
-        let turn = self.turn.entry(node).or_insert(0);
-        let k = *turn % list.len();
-        *turn = turn.wrapping_add(1);
-        Some((k, list))
+        self.by_node.keys().position(|&n| n == node)
     }
 }
 

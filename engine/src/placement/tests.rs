@@ -415,7 +415,7 @@ fn chunks_route_to_their_nodes_shards_in_turn() {
         nodes.pages_by_node(),
         BTreeMap::from([(0, 1024), (1, 1024)])
     );
-    let mut p = Placement::new(
+    let p = Placement::new(
         &t,
         nodes.clone(),
         4,
@@ -425,18 +425,16 @@ fn chunks_route_to_their_nodes_shards_in_turn() {
     let on0 = p.plan.channels_on(0);
     let on1 = p.plan.channels_on(1);
     assert_eq!((on0.len(), on1.len()), (2, 2));
-    let mut seen0 = Vec::new();
-    for _ in 0..4 {
-        let (k, list) = p.channel_for(0, 10).unwrap();
-        seen0.push(list[k]);
-    }
-    assert_eq!(seen0, [on0[0], on0[1], on0[0], on0[1]]);
-    let (k, list) = p.channel_for(0, 1500).unwrap();
-    assert!(on1.contains(&list[k]));
-    assert!(p.channel_for(0, 4096).is_none(), "past the memory");
-    // One node with shards: no routing (the sender rotates over all shards).
-    let mut one = Placement::new(&t, nodes, 2, vec![0, 1], None);
-    assert!(one.channel_for(0, 1500).is_none());
+    // One pool per node: a node's chunks go to its own shards, and only to them.
+    let pools = p.pools(4);
+    assert_eq!(pools, [on0.clone(), on1.clone()]);
+    assert_eq!(p.pool_for(0, 10), Some(0));
+    assert_eq!(p.pool_for(0, 1500), Some(1));
+    assert_eq!(p.pool_for(0, 4096), None, "past the memory");
+    // One node with shards: no routing, one pool of every shard.
+    let one = Placement::new(&t, nodes, 2, vec![0, 1], None);
+    assert_eq!(one.pool_for(0, 1500), None);
+    assert_eq!(one.pools(2), [vec![0, 1]]);
 }
 
 #[cfg(feature = "hwloc")]

@@ -103,6 +103,19 @@ impl Sender {
             .is_some_and(|c| c.stream.peer_on_this_host());
         let placement = Placement::here(n, pin_cores, &memory, nic, true);
         tracing::debug!("sender placement:\n{}", placement.plan.render());
+        // Each shard pulls its chunks from its pool's queue (see `Sender::send_round`).
+        let pool_members = placement.pools(streams.len());
+        let pool_queues: Vec<(Tx<Work>, Receiver<Work>)> = pool_members
+            .iter()
+            .map(|m| bounded(SHARD_QUEUE_ITEMS_MAX * m.len()))
+            .collect();
+        let (drained_tx, pool_drained) = bounded(1);
+        let pool_of = |shard: usize| {
+            pool_members
+                .iter()
+                .position(|m| m.contains(&shard))
+                .unwrap_or(0)
+        };
         let mut shards = Vec::with_capacity(streams.len());
         for (i, c) in streams.into_iter().enumerate() {
             let Connected {
@@ -122,6 +135,8 @@ impl Sender {
                 zero_copy: config.zero_copy,
                 memory: memory.clone(),
                 work: rx,
+                pool: pool_queues[pool_of(i)].1.clone(),
+                pool_drained: drained_tx.clone(),
                 events: events_tx.clone(),
                 abort: abort.clone(),
                 progress: progress.clone(),
@@ -155,6 +170,9 @@ impl Sender {
         Ok(Sender {
             memory,
             shards,
+            pools: pool_queues.into_iter().map(|(tx, _)| tx).collect(),
+            next_pool: 0,
+            pool_drained,
             events,
             abort,
             progress,

@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
@@ -160,6 +160,10 @@ pub(crate) struct SendShardParams {
     pub zero_copy: ZeroCopy,
     pub memory: Arc<GuestMemory>,
     pub work: Receiver<Work>,
+    /// The chunks of this shard's pool, which its other shards pull from too.
+    pub pool: Receiver<Work>,
+    /// Told (when not told already) whenever this shard takes a pool's last queued chunk.
+    pub pool_drained: Sender<()>,
     pub events: Sender<ShardEvent>,
     pub abort: Arc<Abort>,
     pub progress: Arc<Progress>,
@@ -203,7 +207,12 @@ pub(crate) struct SendShard {
     control: ControlReader,
     /// A control receive is posted on the ring.
     control_posted: bool,
+    /// This shard's own queue: round ends, device state, the end of the stream.
     work: Receiver<Work>,
+    /// Its pool's chunks, shared with the pool's other shards: whoever has room takes the next.
+    pool: Receiver<Work>,
+    /// The coordinator waits on this for a round's chunks to be taken (see `take_work`).
+    pool_drained: Sender<()>,
     events: Sender<ShardEvent>,
     abort: Arc<Abort>,
     progress: Arc<Progress>,
@@ -390,25 +399,35 @@ impl SendShard {
             return Ok(Duration::ZERO);
         }
         match wait {
-            IdleWait::Queue(slice) => match self.work.recv_timeout(slice.min(keepalive_in)) {
-                Ok(work) => self.fill(Some(work))?,
-                Err(RecvTimeoutError::Timeout) => {
-                    // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a closed
-                    // connection is only posted when this thread asks for events.
-                    self.ring.submit_and_wait(1, Duration::from_millis(1))?;
-                }
-                Err(RecvTimeoutError::Disconnected) => return Err(Error::Aborted),
-            },
-            IdleWait::Ring(slice) => {
-                match self.work.try_recv() {
-                    Ok(work) => self.fill(Some(work))?,
-                    Err(TryRecvError::Empty) => {
-                        // The control receive is posted: the receiver's next message ends this.
-                        self.ring.submit_and_wait(1, slice.min(keepalive_in))?;
+            IdleWait::Queue(slice) => {
+                let timeout = slice.min(keepalive_in);
+                // Either queue's work wakes us at once; a disconnected queue (the coordinator
+                // is gone) is ready at once too, with an error.
+                let taken = crossbeam_channel::select! {
+                    recv(self.work) -> w => w.map(Some),
+                    recv(self.pool) -> w => {
+                        self.took_from_pool();
+                        w.map(Some)
+                    },
+                    default(timeout) => Ok(None),
+                };
+                match taken {
+                    Ok(Some(work)) => self.fill(Some(work))?,
+                    Ok(None) => {
+                        // Enter the ring briefly: with DEFER_TASKRUN a receiver's abort or a
+                        // closed connection is only posted when this thread asks for events.
+                        self.ring.submit_and_wait(1, Duration::from_millis(1))?;
                     }
-                    Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
+                    Err(crossbeam_channel::RecvError) => return Err(Error::Aborted),
                 }
             }
+            IdleWait::Ring(slice) => match self.take_work()? {
+                Some(work) => self.fill(Some(work))?,
+                None => {
+                    // The control receive is posted: the receiver's next message ends this.
+                    self.ring.submit_and_wait(1, slice.min(keepalive_in))?;
+                }
+            },
         }
         if let IdleWait::Queue(_) = wait {
             // Waiting on our own coordinator is not the peer's fault.
@@ -504,15 +523,45 @@ impl SendShard {
             };
             let work = match first.take() {
                 Some(w) => w,
-                None => match self.work.try_recv() {
-                    Ok(w) => w,
-                    Err(TryRecvError::Empty) => return Ok(()),
-                    Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
+                None => match self.take_work()? {
+                    Some(w) => w,
+                    None => return Ok(()),
                 },
             };
             self.build(slot, work)?;
         }
         Ok(())
+    }
+
+    /// The next work item, if one is waiting: this shard's own first, then its pool's.
+    ///
+    /// Which queue goes first does not matter for ordering: the coordinator queues a round's
+    /// `EndRound` only once its pool is empty (every chunk of the round taken by some shard,
+    /// which builds it before looking at its queues again), and the next round's chunks only
+    /// once every shard has ended this one.
+    fn take_work(&mut self) -> Result<Option<Work>> {
+        match self.work.try_recv() {
+            Ok(w) => return Ok(Some(w)),
+            Err(TryRecvError::Disconnected) => return Err(Error::Aborted),
+            Err(TryRecvError::Empty) => {}
+        }
+        match self.pool.try_recv() {
+            Ok(w) => {
+                self.took_from_pool();
+                Ok(Some(w))
+            }
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(Error::Aborted),
+        }
+    }
+
+    /// After a take from the pool: if that emptied it, wakes the coordinator, which waits for
+    /// that before it ends the round. (A token already waiting says the same; a stale one,
+    /// from a pool that emptied while chunks were still coming, only makes it look again.)
+    fn took_from_pool(&self) {
+        if self.pool.is_empty() {
+            let _ = self.pool_drained.try_send(());
+        }
     }
 }
 

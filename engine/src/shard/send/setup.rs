@@ -99,6 +99,8 @@ impl SendShard {
             control: ControlReader::default(),
             control_posted: false,
             work: p.work,
+            pool: p.pool,
+            pool_drained: p.pool_drained,
             events: p.events,
             abort: p.abort,
             progress: p.progress,
