@@ -387,16 +387,8 @@ impl Sender {
                 Err(TrySendError::Disconnected(_)) => return Err(self.failure()),
             }
         }
-        loop {
-            match self.pools[pool].send_timeout(work, Duration::from_millis(RING_WAIT_SLICE_MS)) {
-                Ok(()) => return Ok(()),
-                Err(SendTimeoutError::Timeout(w)) => {
-                    work = w;
-                    self.check_alive()?;
-                }
-                Err(SendTimeoutError::Disconnected(_)) => return Err(self.failure()),
-            }
-        }
+        let queue = self.pools[pool].clone();
+        self.send_waiting(&queue, work)
     }
 
     /// Waits until the shards have taken every queued chunk: the shard that takes a pool's
@@ -415,12 +407,15 @@ impl Sender {
         Ok(())
     }
 
-    fn send_to(&mut self, shard: usize, mut work: Work) -> Result<()> {
+    fn send_to(&mut self, shard: usize, work: Work) -> Result<()> {
+        let queue = self.shards[shard].tx.clone();
+        self.send_waiting(&queue, work)
+    }
+
+    /// Queues `work` on `queue`, waiting while it is full (and failing if a shard has ended).
+    fn send_waiting(&mut self, queue: &Tx<Work>, mut work: Work) -> Result<()> {
         loop {
-            match self.shards[shard]
-                .tx
-                .send_timeout(work, Duration::from_millis(RING_WAIT_SLICE_MS))
-            {
+            match queue.send_timeout(work, Duration::from_millis(RING_WAIT_SLICE_MS)) {
                 Ok(()) => return Ok(()),
                 Err(SendTimeoutError::Timeout(w)) => {
                     work = w;
