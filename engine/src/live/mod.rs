@@ -526,22 +526,21 @@ impl Run {
         // The downtime ends when every channel has the destination's confirmation that it
         // holds every page, verified: from then on the destination may resume the guest. The
         // source's own teardown after that (TLS close_notify, its rings) is not downtime.
+        let after_pause_ms = |t: Instant| t.saturating_duration_since(paused).as_secs_f64() * 1e3;
         let confirmed = transfer
             .shards
             .iter()
             .map(|s| s.confirmed_at)
-            .collect::<Option<Vec<_>>>()
-            .and_then(|all| all.into_iter().max());
-        let downtime_ms = confirmed.map_or(finished_ms, |c| {
-            c.saturating_duration_since(paused).as_secs_f64() * 1e3
-        });
+            .collect::<Option<Vec<_>>>();
+        let downtime_ms = confirmed
+            .as_ref()
+            .and_then(|all| all.iter().copied().max())
+            .map_or(finished_ms, after_pause_ms);
         figures.tail_ms = (downtime_ms - device_ms).max(0.0);
-        let first_confirmed_ms = transfer
-            .shards
-            .iter()
-            .filter_map(|s| s.confirmed_at)
-            .min()
-            .map(|c| c.saturating_duration_since(paused).as_secs_f64() * 1e3);
+        // The first channel's confirmation: how far apart the channels ended.
+        let first_confirmed_ms = confirmed
+            .and_then(|all| all.into_iter().min())
+            .map(after_pause_ms);
         tracing::debug!(
             first_confirmed_ms,
             paused_ms,
