@@ -245,7 +245,9 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
 }
 
 /// `live`: one small cell per policy, the software dirtier writing the source; every run
-/// converges, and with `--auto-converge` each reports the throttle it ended at.
+/// converges, and with `--auto-converge` each reports the throttle it ended at. The second
+/// run also turns page checksums and zero-copy off, which both ends must agree on (a receiver
+/// left requiring checksums refuses the sender's hello), and the JSON says so.
 #[test]
 fn live_benchmark_runs_with_and_without_auto_converge() {
     if let Err(e) = pagewire::probe_uring() {
@@ -271,7 +273,13 @@ fn live_benchmark_runs_with_and_without_auto_converge() {
             "--json",
         ]);
         if auto {
-            cmd.arg("--auto-converge");
+            cmd.args([
+                "--auto-converge",
+                "--page-checksums",
+                "off",
+                "--zero-copy",
+                "off",
+            ]);
         }
         let out = cmd.output().unwrap();
         assert!(
@@ -284,6 +292,10 @@ fn live_benchmark_runs_with_and_without_auto_converge() {
         assert_eq!(runs.len(), 1, "{v}");
         assert_eq!(runs[0]["converged"], true, "{v}");
         assert!(runs[0]["throttle_percent"].is_u64(), "{v}");
+        let settings = &v["settings"];
+        let (checksums, zero_copy) = if auto { ("off", "off") } else { ("on", "auto") };
+        assert_eq!(settings["page_checksums"], checksums, "{v}");
+        assert_eq!(settings["zero_copy"], zero_copy, "{v}");
     }
 }
 

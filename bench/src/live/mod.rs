@@ -33,10 +33,13 @@ use pagewire::live::{DowntimeLimit, Migration};
 use pagewire::synth::{fill, Content};
 use pagewire::tls::certs;
 use pagewire::tls::{TlsClient, TlsServer};
-use pagewire::{GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
+use pagewire::{
+    GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, ZeroCopy,
+};
 
 mod repeat;
 mod report;
+use crate::matrix::OnOff;
 use repeat::repeated_rounds;
 use report::summary;
 
@@ -98,6 +101,16 @@ pub struct LiveArgs {
     /// core, the receiver's from the last); without it the scheduler places them.
     #[arg(long)]
     pin: bool,
+    /// pagewire's zero-copy policy (`pagewire send --zero-copy`): auto falls back to plain
+    /// sends where the kernel copies anyway (loopback); on sends from the guest's memory
+    /// registered as fixed buffers whatever the kernel does with them.
+    #[arg(long, default_value_t = ZeroCopy::Auto)]
+    zero_copy: ZeroCopy,
+    /// Page checksums of pagewire's plaintext runs: on (the default), off (`pagewire send
+    /// --no-page-checksums`: TCP's checksum only, as QEMU's multifd). Runs with TLS are covered
+    /// by their AEAD either way.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    page_checksums: OnOff,
     /// Also write the results (summary and runs) as JSON to this file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -146,6 +159,8 @@ impl LiveArgs {
             congestion,
             repeat_rounds: 0,
             pin: false,
+            zero_copy: ZeroCopy::Auto,
+            page_checksums: OnOff::On,
             out: Some(out),
             json: false,
         }
@@ -258,6 +273,7 @@ fn session(a: &LiveArgs, tls: Option<&(TlsServer, TlsClient)>, channels: u16) ->
                 Pinning::None
             },
             tls: tls.map(|t| t.0.clone()),
+            accept_unchecked_pages: a.page_checksums == OnOff::Off,
             ..ReceiverConfig::default()
         },
     )?;
@@ -272,6 +288,8 @@ fn session(a: &LiveArgs, tls: Option<&(TlsServer, TlsClient)>, channels: u16) ->
             pinning: if a.pin { Pinning::Cores } else { Pinning::None },
             tls: tls.map(|t| t.1.clone()),
             congestion: a.congestion.clone(),
+            zero_copy: a.zero_copy,
+            page_checksums: a.page_checksums == OnOff::On,
             ..SenderConfig::default()
         },
     )?;
@@ -568,8 +586,23 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         .iter()
         .map(|e| summary(&a, runs.iter().filter(|r| r.engine == *e).collect(), e))
         .collect();
-    let results =
-        serde_json::json!({ "summary": summaries, "runs": runs, "repeated_rounds": repeats });
+    let settings = serde_json::json!({
+        "zero_copy": a.zero_copy.to_string(),
+        "page_checksums": a.page_checksums,
+        "congestion": a.congestion,
+        "pin": a.pin,
+        "guest": a.guest,
+        "size": a.size,
+        "working_set": a.working_set_bytes(),
+        "downtime_limit_ms": a.downtime_limit,
+        "described": report::settings_line(&a),
+    });
+    let results = serde_json::json!({
+        "settings": settings,
+        "summary": summaries,
+        "runs": runs,
+        "repeated_rounds": repeats,
+    });
     if let Some(path) = &a.out {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("writing {}", path.display()))?;

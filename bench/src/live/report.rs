@@ -22,6 +22,8 @@ pub(super) fn print(
         "Medians over each cell's converged runs (NaN where none converged); \"guest wrote\" over all of its runs."
     );
     println!();
+    println!("pagewire: {}", settings_line(a));
+    println!();
     println!(
         "| engine | dirty rate | guest wrote MiB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |{}",
         throttle_column.0
@@ -152,4 +154,23 @@ pub(super) fn summary(a: &LiveArgs, runs: Vec<&Run>, engine: &str) -> serde_json
         "downtime_limit_ms": a.downtime_limit,
         "highest_converging_rate": highest,
     })
+}
+
+/// pagewire's settings that vary between grids, in one line (the report's and the JSON's).
+pub(super) fn settings_line(a: &LiveArgs) -> String {
+    format!(
+        "zero-copy {}, page checksums {} (TLS runs: the AEAD), congestion control {}, shards {}",
+        a.zero_copy,
+        if a.page_checksums == OnOff::On {
+            "on"
+        } else {
+            "off"
+        },
+        a.congestion.as_deref().unwrap_or("the host's default"),
+        if a.pin {
+            "pinned"
+        } else {
+            "placed by the scheduler"
+        }
+    )
 }
