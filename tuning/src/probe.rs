@@ -125,6 +125,99 @@ fn cpuidle_finding(governor: Option<&str>, halt_poll_ns: Option<u64>) -> Finding
     finding("CPU idle", value, pagewire)
 }
 
+/// What this kernel does with memory it frees: with free page reporting (a virtio-balloon
+/// device offering `VIRTIO_BALLOON_F_REPORTING`), free blocks of `2^order` pages go back to
+/// the hypervisor, and the next first touch of such memory costs a host fault per page.
+///
+/// `order`: `page_reporting_order` (absent where the kernel lacks page reporting);
+/// `device_reports`: whether a bound virtio-balloon device offers reporting (`None`: no
+/// such device); `min_free_ms` and `reported_kib`: the extra counters some hypervisor kernels
+/// add (absent on mainline).
+fn page_reporting_finding(
+    order: Option<u32>,
+    device_reports: Option<bool>,
+    min_free_ms: Option<u64>,
+    reported_kib: Option<u64>,
+) -> Finding {
+    const NAME: &str = "free page reporting";
+    let prefault = "a receiver faults its destination in while it waits for the channels, as \
+                    QEMU's -mem-prealloc does (`prefault_ms`; the demo's `setup_ms`)";
+    let on = match (order, device_reports) {
+        (Some(order), Some(true)) => order,
+        (Some(_), Some(false)) => {
+            return finding(
+                NAME,
+                "off (the balloon device does not offer it)",
+                "freed memory stays with this kernel",
+            )
+        }
+        (Some(_), None) => {
+            return finding(
+                NAME,
+                "off (no virtio-balloon device)",
+                "freed memory stays with this kernel",
+            )
+        }
+        (None, _) => {
+            return finding(
+                NAME,
+                "not in this kernel",
+                "freed memory stays with this kernel",
+            )
+        }
+    };
+    let block_kib = 4u64 << on.min(30);
+    let mut value = format!(
+        "on: free blocks of {} go back to the host",
+        if block_kib >= 1024 {
+            format!("{} MiB", block_kib / 1024)
+        } else {
+            format!("{block_kib} KiB")
+        }
+    );
+    match min_free_ms {
+        Some(0) => value.push_str(" at once"),
+        Some(ms) => value.push_str(&format!(" after {ms} ms free")),
+        None => {}
+    }
+    if let Some(kib) = reported_kib {
+        value.push_str(&format!(
+            " ({:.1} GiB so far)",
+            kib as f64 / f64::from(1 << 20)
+        ));
+    }
+    finding(
+        NAME,
+        value,
+        format!(
+            "memory handed out after others freed it may fault in the host on first touch \
+             (up to seconds per GiB; socket buffers too): {prefault}; benchmarks touch memory \
+             once before they measure (README, \"A second correction\")"
+        ),
+    )
+}
+
+/// Whether a virtio-balloon device is bound and offers free page reporting (feature bit 5);
+/// `None` where no such device is bound.
+fn balloon_reports() -> Option<bool> {
+    let dir = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon").ok()?;
+    let mut any = None;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("virtio") {
+            continue;
+        }
+        // `features`: one '0'/'1' per feature bit, bit 0 first.
+        let bits = read(entry.path().join("features")).unwrap_or_default();
+        let reports = bits.as_bytes().get(VIRTIO_BALLOON_F_REPORTING) == Some(&b'1');
+        any = Some(any.unwrap_or(false) || reports);
+    }
+    any
+}
+
+/// The virtio-balloon feature bit for free page reporting (virtio spec 5.5.3).
+const VIRTIO_BALLOON_F_REPORTING: usize = 5;
+
 /// Everything `probe` reports, in order.
 pub fn probe() -> Vec<Finding> {
     let mut out = Vec::new();
@@ -234,6 +327,14 @@ pub fn probe() -> Vec<Finding> {
             meminfo("Hugepagesize").unwrap_or(0)
         ),
         "a RAM image on hugetlbfs or a huge=always tmpfs is mapped with huge pages by the kernel",
+    ));
+    let reporting = Path::new("/sys/module/page_reporting/parameters");
+    let number = |name: &str| read(reporting.join(name)).and_then(|v| v.parse::<u64>().ok());
+    out.push(page_reporting_finding(
+        number("page_reporting_order").and_then(|o| u32::try_from(o).ok()),
+        balloon_reports(),
+        number("min_free_ms"),
+        number("reported_kib"),
     ));
     let populate = populate_write();
     out.push(finding(
@@ -367,6 +468,34 @@ mod tests {
     }
 
     #[test]
+    fn free_page_reporting_is_named_with_its_block_size_and_what_pagewire_does() {
+        let on = page_reporting_finding(Some(9), Some(true), Some(0), Some(3 << 20));
+        assert_eq!(
+            on.value,
+            "on: free blocks of 2 MiB go back to the host at once (3.0 GiB so far)"
+        );
+        assert!(on.pagewire.contains("prefault_ms"), "{on:?}");
+        let mainline = page_reporting_finding(Some(10), Some(true), None, None);
+        assert_eq!(
+            mainline.value,
+            "on: free blocks of 4 MiB go back to the host"
+        );
+        let delayed = page_reporting_finding(Some(9), Some(true), Some(2000), None);
+        assert!(delayed.value.ends_with("after 2000 ms free"), "{delayed:?}");
+        for off in [
+            page_reporting_finding(Some(9), Some(false), Some(0), None),
+            page_reporting_finding(Some(9), None, None, None),
+            page_reporting_finding(None, Some(true), None, None),
+        ] {
+            assert!(
+                off.value.starts_with("off") || off.value.starts_with("not"),
+                "{off:?}"
+            );
+            assert!(!off.pagewire.contains("prefault_ms"), "{off:?}");
+        }
+    }
+
+    #[test]
     fn the_probe_reports_every_fact_with_an_answer() {
         let found = probe();
         for name in [
@@ -374,6 +503,7 @@ mod tests {
             "cores allowed",
             "memlock limit",
             "transparent huge pages",
+            "free page reporting",
             "MADV_POPULATE_WRITE",
             "CPU features",
             "kernel TLS",

@@ -392,7 +392,7 @@ fn memory_nodes_of_touched_and_untouched_memory() {
 }
 
 #[test]
-fn chunks_route_to_their_nodes_shards_in_turn() {
+fn chunks_route_to_the_pool_of_their_nodes_shards() {
     let t = machine(2, 4, Some(1));
     // Pages 0..1024 on node 0, 1024..2048 on node 1.
     let nodes = MemoryNodes {
@@ -425,9 +425,20 @@ fn chunks_route_to_their_nodes_shards_in_turn() {
     let on0 = p.plan.channels_on(0);
     let on1 = p.plan.channels_on(1);
     assert_eq!((on0.len(), on1.len()), (2, 2));
-    // One pool per node: a node's chunks go to its own shards, and only to them.
+    // One pool per node: a node's chunks go to its own shards, and only to them. Each pool's
+    // shards are pinned to cores of its node (node 0: cores 0-3, node 1: 4-7), and the pools
+    // hold every shard once.
     let pools = p.pools(4);
     assert_eq!(pools, [on0.clone(), on1.clone()]);
+    for (node_cores, pool) in [(0..4, &pools[0]), (4..8, &pools[1])] {
+        for &ch in pool {
+            let core = p.plan.shards[ch].core.expect("pinned");
+            assert!(node_cores.contains(&core), "{ch} on core {core}: {pools:?}");
+        }
+    }
+    let mut all: Vec<usize> = pools.concat();
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2, 3]);
     assert_eq!(p.pool_for(0, 10), Some(0));
     assert_eq!(p.pool_for(0, 1500), Some(1));
     assert_eq!(p.pool_for(0, 4096), None, "past the memory");

@@ -186,8 +186,9 @@ impl Sender {
             let pool = match self.placement.pool_for(region, first_page) {
                 Some(pool) => pool,
                 None => {
-                    self.next_pool = (self.next_pool + 1) % self.pools.len();
-                    self.next_pool
+                    let pool = self.next_pool;
+                    self.next_pool = (pool + 1) % self.pools.len();
+                    pool
                 }
             };
             self.send_to_pool(pool, work)?;
@@ -377,7 +378,9 @@ impl Sender {
     }
 
     /// Queues the chunk `work` on pool `pool`, or, when that pool's queue is full, on any other
-    /// pool with room (so a slow node never stalls a round), or waits for `pool`.
+    /// pool with room (so a slow node's full queue does not hold up queueing the rest of the
+    /// round; the round still ends only when every pool has been drained), or waits for
+    /// `pool`.
     fn send_to_pool(&mut self, pool: usize, mut work: Work) -> Result<()> {
         let n = self.pools.len();
         for k in 0..n {
