@@ -1,5 +1,6 @@
 //! Unit tests of guest memory: layouts, mappings, images.
 use super::*;
+use crate::pipeline::zero::ZeroScanner;
 
 #[test]
 fn layouts_are_validated() {

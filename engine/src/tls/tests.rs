@@ -40,8 +40,9 @@ fn handshake(c: &mut ClientConnection, s: &mut ServerConnection) {
 #[test]
 fn our_records_and_rustls_records_interoperate() {
     let (client, server, _dir) = pair();
-    let mut c = ClientConnection::new(client.config.clone(), client.server_name.clone()).unwrap();
-    let mut s = ServerConnection::new(server.config.clone()).unwrap();
+    let mut c =
+        ClientConnection::new(client.rustls_config(), client.server_name().clone()).unwrap();
+    let mut s = ServerConnection::new(server.rustls_config()).unwrap();
     handshake(&mut c, &mut s);
 
     // The client side becomes ours: its traffic keys drive our sealer and opener.

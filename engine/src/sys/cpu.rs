@@ -1,0 +1,225 @@
+//! Time and scheduling: CPU clocks of this thread, this process and other threads, page-fault
+//! counts, the host's CPU ticks (`/proc/stat`) and the scheduler's per-thread figures
+//! (`schedstat`).
+
+use std::time::Duration;
+
+/// CPU time (user + system) the calling thread has used.
+pub fn thread_cpu_time() -> Duration {
+    clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU time (user + system) the whole process has used.
+pub fn process_cpu_time() -> Duration {
+    clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// Page faults the calling thread has taken so far: (minor, major). A minor fault maps a page
+/// that needs no I/O (a fresh zeroed page, a page-cache page); a major one waits for I/O.
+pub fn thread_page_faults() -> (u64, u64) {
+    // SAFETY: all-zero is a valid rusage (plain integers and timevals).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage; getrusage only writes it.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return (0, 0);
+    }
+    (usage.ru_minflt as u64, usage.ru_majflt as u64)
+}
+
+/// CPU time (user + system) another thread of this process has used, through its handle;
+/// `None` once the thread has exited or the clock is not offered.
+///
+/// It takes the `JoinHandle`, not a raw `pthread_t`: glibc reads the thread's descriptor
+/// behind the handle, so a handle of a joined thread (or a made-up one) would be a read of
+/// freed memory, and a borrowed `JoinHandle` cannot have been joined.
+pub fn thread_cpu_time_of<T>(thread: &std::thread::JoinHandle<T>) -> Option<Duration> {
+    use std::os::unix::thread::JoinHandleExt;
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: from a JoinHandle borrowed for this call: not joined, so its descriptor is
+    // valid (an exited thread keeps it until joined); `id` is a writable clockid_t.
+    if unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut id) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; clock_gettime only writes it.
+    if unsafe { libc::clock_gettime(id, &mut ts) } != 0 {
+        return None;
+    }
+    Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// The host's CPU time so far, all CPUs together, from `/proc/stat` (in `USER_HZ` ticks,
+/// usually 10 ms): busy (user, nice, system, irq, softirq, steal) and total (busy, idle,
+/// iowait), and how many CPUs it counts. `None` where `/proc/stat` cannot be read.
+pub fn host_cpu_ticks() -> Option<HostCpuTicks> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = text.lines();
+    let first = lines.next()?;
+    let f: Vec<u64> = first
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest time is inside user already)
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    let cpus = lines
+        .take_while(|l| l.starts_with("cpu"))
+        .filter(|l| l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as u32;
+    Some(HostCpuTicks {
+        busy,
+        total: busy + at(3) + at(4),
+        cpus: cpus.max(1),
+    })
+}
+
+/// See [`host_cpu_ticks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCpuTicks {
+    /// Ticks the CPUs spent running anything.
+    pub busy: u64,
+    /// Ticks in all (busy, idle, waiting for I/O).
+    pub total: u64,
+    /// CPUs counted.
+    pub cpus: u32,
+}
+
+impl HostCpuTicks {
+    /// CPUs busy on average from `earlier` to `self` (0 to `cpus`); `None` when no tick
+    /// passed.
+    pub fn busy_cpus_since(&self, earlier: &HostCpuTicks) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        (total > 0).then(|| busy.min(total) as f64 / total as f64 * self.cpus as f64)
+    }
+}
+
+/// What the scheduler counted for one thread so far (`/proc/self/task/TID/schedstat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadSched {
+    /// The thread's id.
+    pub tid: u32,
+    /// Time it ran on a CPU (the file's first field).
+    pub on_cpu: Duration,
+    /// Time it was runnable but waited for a CPU, its run delay (the second field).
+    pub run_delay: Duration,
+}
+
+/// The scheduler's figures of the threads of this process whose name starts with `prefix`
+/// (the shards: `pw-send-`, `pw-recv-`), one entry per such thread. Empty where the kernel
+/// keeps no scheduler statistics (`CONFIG_SCHED_INFO`).
+pub fn threads_sched(prefix: &str) -> Vec<ThreadSched> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let named = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|comm| comm.trim_end().starts_with(prefix));
+        if !named {
+            continue;
+        }
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(path.join("schedstat")) else {
+            continue;
+        };
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        if let (Some(Some(on_cpu)), Some(Some(run_delay))) = (fields.next(), fields.next()) {
+            found.push(ThreadSched {
+                tid,
+                on_cpu: Duration::from_nanos(on_cpu),
+                run_delay: Duration::from_nanos(run_delay),
+            });
+        }
+    }
+    found
+}
+
+fn clock(id: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; clock_gettime only writes it.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheduler_figures_are_read_for_the_named_threads_only() {
+        if !std::path::Path::new("/proc/self/schedstat").exists() {
+            eprintln!("skipped: this kernel keeps no scheduler statistics (CONFIG_SCHED_INFO)");
+            return;
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let named = std::thread::Builder::new()
+            .name("pw-delaytest-0".into())
+            .spawn(move || {
+                ready_tx.send(()).unwrap();
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        ready_rx.recv().unwrap();
+        let found = threads_sched("pw-delaytest-");
+        let others = threads_sched("pw-no-such-thread-");
+        done_tx.send(()).unwrap();
+        named.join().unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].on_cpu > Duration::ZERO, "{found:?}");
+        assert!(others.is_empty(), "{others:?}");
+    }
+
+    #[test]
+    fn the_host_cpu_ticks_add_up_and_a_busy_thread_shows() {
+        let Some(a) = host_cpu_ticks() else {
+            eprintln!("skipped: /proc/stat cannot be read here");
+            return;
+        };
+        assert!(a.cpus >= 1 && a.busy <= a.total, "{a:?}");
+        // Spin until the host's clock has ticked enough to measure (bounded).
+        let start = std::time::Instant::now();
+        let mut b = a;
+        while b.total < a.total + 20 * u64::from(a.cpus) && start.elapsed() < Duration::from_secs(2)
+        {
+            std::hint::black_box((0..10_000u64).sum::<u64>());
+            b = host_cpu_ticks().unwrap();
+        }
+        let busy = b.busy_cpus_since(&a).expect("ticks passed");
+        assert!(busy > 0.5 && busy <= f64::from(a.cpus), "{busy} of {a:?}");
+        assert_eq!(a.busy_cpus_since(&a), None, "no tick, no figure");
+        // A thread's CPU clock through its handle, while the thread lives.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let s = std::time::Instant::now();
+            while s.elapsed() < Duration::from_millis(30) {
+                std::hint::black_box((0..1000u64).sum::<u64>());
+            }
+            let _ = wait.recv_timeout(Duration::from_secs(5));
+        });
+        std::thread::sleep(Duration::from_millis(60));
+        let cpu = thread_cpu_time_of(&t);
+        release.send(()).unwrap();
+        t.join().unwrap();
+        let cpu = cpu.expect("a live thread has a CPU clock");
+        assert!(cpu >= Duration::from_millis(10), "{cpu:?}");
+    }
+}

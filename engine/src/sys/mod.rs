@@ -1,0 +1,12 @@
+//! Small operating-system calls that have no safe wrapper in std: per-thread CPU time and
+//! scheduler figures (`cpu.rs`), sockets and their options (`net.rs`), and where memory lies
+//! (`mem.rs`). Each answers with a Rust value (an `io::Error`, `None` or a stated default where
+//! the call fails); the `unsafe` blocks behind them each name the invariant they rely on.
+
+mod cpu;
+mod mem;
+mod net;
+
+pub use cpu::*;
+pub use mem::*;
+pub use net::*;
