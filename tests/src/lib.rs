@@ -167,10 +167,40 @@ pub enum Tamper {
     Slow(u64),
 }
 
+/// The receive buffer of a [`Tamper::Slow`] proxy's client side, bytes.
+const SLOW_PATH_RECEIVE_BUFFER_BYTES: libc::c_int = 256 << 10;
+
+/// Sets `SO_RCVBUF` on `listener` (the kernel doubles it for its bookkeeping and stops
+/// autotuning it); a failure leaves the default, which only makes the slow path hold more.
+fn set_receive_buffer(listener: &TcpListener, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket fd, and a pointer/length pair describing one readable c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "the slow proxy keeps the default receive buffer: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Forwards both directions between a client and `server`, tampering with the client's stream.
 pub fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
     let addr = listener.local_addr().expect("proxy address");
+    if matches!(tamper, Tamper::Slow(_)) {
+        // A fixed receive buffer (inherited by the accepted socket): what the slow path holds
+        // does not grow with the host's `tcp_rmem`.
+        set_receive_buffer(&listener, SLOW_PATH_RECEIVE_BUFFER_BYTES);
+    }
     std::thread::spawn(move || {
         let Ok((client, _)) = listener.accept() else {
             return;
