@@ -114,6 +114,11 @@ pub struct SenderConfig {
     /// io_uring and the socket; the receiver must say the same.
     #[cfg(feature = "faults")]
     pub simulated: bool,
+    /// Place the shards on this many NUMA nodes that the host need not have, unpinned, and
+    /// region `r` of the memory on node `r % fault_nodes`: routing chunks by node, with one
+    /// pool of shards per node, runs on a one-node test host. 0 or 1: the host's own topology.
+    #[cfg(feature = "faults")]
+    pub fault_nodes: u32,
 }
 
 impl SenderConfig {
@@ -229,6 +234,8 @@ impl Default for SenderConfig {
             fault_seed: None,
             #[cfg(feature = "faults")]
             simulated: false,
+            #[cfg(feature = "faults")]
+            fault_nodes: 0,
         }
     }
 }

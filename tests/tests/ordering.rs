@@ -195,3 +195,132 @@ fn a_slow_channel_carries_less_of_a_round() {
         share * 100.0
     );
 }
+
+/// Migrates `src` (a region per synthetic node, `SenderConfig::fault_nodes` 2) over four
+/// channels, node 1's two behind slow paths: round 0 whole, then `live_rounds` rounds that
+/// rewrite one page in eight of every region first. Returns the pages each region sent and
+/// the pages each channel carried, after checking that the destination equals the source.
+fn migrate_on_two_nodes(specs: &[RegionSpec], live_rounds: u8) -> (Vec<u64>, Vec<u64>) {
+    const SLOW_BYTES_PER_S: u64 = 64_000_000;
+    let src = Arc::new(GuestMemory::anonymous(specs).unwrap());
+    fill(&src, Content::Random, 11);
+    let dst = Arc::new(GuestMemory::anonymous(specs).unwrap());
+    let (addr, rx) = start_receiver(
+        dst.clone(),
+        ReceiverConfig {
+            pinning: Pinning::None,
+            ..ReceiverConfig::default()
+        },
+    );
+    let streams = vec![
+        TcpStream::connect(addr).unwrap(),
+        TcpStream::connect(addr).unwrap(),
+        TcpStream::connect(tampering_proxy(addr, Tamper::Slow(SLOW_BYTES_PER_S))).unwrap(),
+        TcpStream::connect(tampering_proxy(addr, Tamper::Slow(SLOW_BYTES_PER_S))).unwrap(),
+    ];
+    let config = SenderConfig {
+        pinning: Pinning::None,
+        fault_nodes: 2,
+        ..SenderConfig::default()
+    };
+    let memory = src.clone();
+    let tx = std::thread::spawn(move || {
+        let mut s = Sender::over_streams(streams, memory.clone(), &config)?;
+        let nodes: Vec<Option<u32>> = s.plan().shards.iter().map(|p| p.node).collect();
+        assert_eq!(nodes, [Some(0), Some(0), Some(1), Some(1)]);
+        let mut sent: Vec<u64> = memory.regions().iter().map(|r| r.pages()).collect();
+        s.send_live_round(&PageRun::whole(&memory))?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for round in 1..=live_rounds {
+            let mut runs = Vec::new();
+            for (ri, region) in memory.regions().iter().enumerate() {
+                for page in 0..region.pages() {
+                    if rng.gen_range(0..8) != 0 {
+                        continue;
+                    }
+                    let mut bytes = [0u8; 4096];
+                    rng.fill(&mut bytes[..]);
+                    bytes[0] = round;
+                    region.write(page * 4096, &bytes);
+                    runs.push(PageRun {
+                        region: ri as u32,
+                        first_page: page,
+                        pages: 1,
+                    });
+                    sent[ri] += 1;
+                }
+            }
+            s.send_live_round(&runs)?;
+        }
+        s.finish().map(|stats| (sent, stats))
+    });
+    let (sent, stats) = join_within(tx, Duration::from_secs(60), "sender").unwrap();
+    join_within(rx, Duration::from_secs(60), "receiver").unwrap();
+    assert_eq!(stats.rounds, 1 + u32::from(live_rounds));
+    assert_eq!(src.first_difference(&dst), None, "an older copy won");
+    let carried = (0..4u16)
+        .map(|c| {
+            let s = stats.shards.iter().find(|s| s.channel == c).unwrap();
+            s.normal_pages + s.zero_pages
+        })
+        .collect();
+    (sent, carried)
+}
+
+/// On a host with more than one NUMA node the shards of a node pull from their node's own
+/// pool, and a chunk goes to the pool of the node that holds its pages: with room in every
+/// pool, node 0's channels carry exactly node 0's pages, however much faster they are. Run
+/// on two synthetic nodes; rounds interleave with rewrites of both nodes' memory.
+#[test]
+fn chunks_go_to_the_pool_of_their_node() {
+    if skip_without_uring() {
+        return;
+    }
+    // 8 and 24 chunks: far less than a pool's queue holds, and unequal, so that chunks dealt
+    // to the pools in turn would not add up to each node's pages by chance.
+    let specs = [
+        RegionSpec {
+            gpa: 0,
+            len: 4 << 20,
+        },
+        RegionSpec {
+            gpa: 1 << 32,
+            len: 12 << 20,
+        },
+    ];
+    let (sent, carried) = migrate_on_two_nodes(&specs, 3);
+    eprintln!("pages sent per region {sent:?}, carried per channel {carried:?}");
+    assert_eq!(carried[0] + carried[1], sent[0], "node 0's channels");
+    assert_eq!(carried[2] + carried[3], sent[1], "node 1's channels");
+}
+
+/// A node's pool whose queue is full spills into the other pools, so a slow node does not
+/// hold up queueing the rest of the round, and the round still ends in order on every
+/// channel. Node 1's region, 384 chunks behind slow paths, is three times what its pool
+/// holds: node 0's channels carry part of it.
+#[test]
+fn a_full_node_pool_spills_into_the_others() {
+    if skip_without_uring() {
+        return;
+    }
+    let specs = [
+        RegionSpec {
+            gpa: 0,
+            len: 2 << 20,
+        },
+        RegionSpec {
+            gpa: 1 << 32,
+            len: 192 << 20,
+        },
+    ];
+    let (sent, carried) = migrate_on_two_nodes(&specs, 1);
+    eprintln!("pages sent per region {sent:?}, carried per channel {carried:?}");
+    assert!(
+        carried[0] + carried[1] > sent[0],
+        "nothing of node 1's spilled to node 0's channels"
+    );
+    assert!(
+        carried[2] + carried[3] > 0,
+        "node 1's channels carried nothing"
+    );
+}

@@ -503,6 +503,50 @@ impl Placement {
                 nic,
             },
         );
+        Self::following(plan, nodes)
+    }
+
+    /// A placement on `nodes` synthetic NUMA nodes (see `SenderConfig::fault_nodes`):
+    /// channel `i` of `channels` on node `i * nodes / channels`, unpinned; region `r` on node
+    /// `r % nodes` (a VMM's guest RAM in one region per node, as QEMU's NUMA memory backends
+    /// lay it out).
+    #[cfg(feature = "faults")]
+    pub(crate) fn synthetic(channels: u16, memory: &GuestMemory, nodes: u32) -> Placement {
+        let nodes = nodes.clamp(1, u32::from(channels.max(1)));
+        let shards = (0..channels)
+            .map(|channel| ShardPlace {
+                channel,
+                core: None,
+                node: Some(u32::from(channel) * nodes / u32::from(channels)),
+            })
+            .collect();
+        let spans = memory
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(region, r)| NodeSpan {
+                region: region as u32,
+                first_page: 0,
+                pages: r.pages(),
+                node: Some(region as u32 % nodes),
+            })
+            .collect();
+        let memory_nodes = MemoryNodes { spans };
+        let plan = Plan {
+            shards,
+            nic: None,
+            nic_node: None,
+            memory_pages_by_node: memory_nodes.pages_by_node(),
+            topology: TopologySource::Assumed,
+            notes: vec![format!(
+                "{nodes} synthetic nodes, shards unpinned (SenderConfig::fault_nodes, a test)"
+            )],
+        };
+        Self::following(plan, memory_nodes)
+    }
+
+    /// The routing that follows `plan` for memory laid out as `nodes`.
+    fn following(plan: Plan, nodes: MemoryNodes) -> Placement {
         let by_node = plan.channels_by_node();
         let by_node = if by_node.len() > 1 {
             by_node
