@@ -7,7 +7,7 @@
 //! checks what must hold whatever the faults: no panic, no hang past the bounds, a receiver that
 //! succeeded holds exactly the source, a sender that succeeded was confirmed by the receiver,
 //! and a failure on both sides names the same cause. With [`RunOptions::simulated`] the rings
-//! under the faults are [`sim::SimRing`]s over an in-memory link instead of io_uring.
+//! under the faults are `sim::SimRing`s over an in-memory link instead of io_uring.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! The simulated transport: a [`SimRing`] implements the shards' ring interface ([`RingIo`])
+//! The simulated transport: a `SimRing` implements the shards' ring interface (`RingIo`)
 //! over an in-memory link instead of io_uring and a socket, so the seeded runs of
 //! [`super::run_seed`] drive the real shards and their channel machines without the kernel's
 //! network stack: every byte a sender shard sends is what its receiver shard reads, in order,
@@ -13,12 +13,12 @@
 //!   receive completes with whatever is there (at least a byte) or the end;
 //! - a pipe holds at most [`PIPE_BYTES_MAX`] (a socket buffer): a sender ahead of its receiver
 //!   waits;
-//! - closing one end (drop, or [`RingIo::shutdown`], which the fault ring uses for resets) ends
+//! - closing one end (drop, or `RingIo::shutdown`, which the fault ring uses for resets) ends
 //!   the other's stream: its receives see the end, its sends fail with `EPIPE`.
 //!
 //! The handshake still runs over the real loopback connection; both ends of it find their
 //! link in a registry keyed by the connection's two addresses, and the connection itself
-//! carries nothing after the handshake. Faults come from the [`super::ring::FaultRing`] on top.
+//! carries nothing after the handshake. Faults come from the `FaultRing` (`ring.rs`) on top.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
