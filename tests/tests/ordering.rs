@@ -12,26 +12,55 @@ use std::time::Duration;
 use pagewire::synth::{fill, Content};
 use pagewire::{GuestMemory, PageRun, Pinning, ReceiverConfig, RegionSpec, Sender, SenderConfig};
 use pagewire_tests::{join_within, skip_without_uring, start_receiver, tampering_proxy, Tamper};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// Two regions of `first` and `second` bytes, the second at 4 GiB.
+fn two_regions(first: u64, second: u64) -> [RegionSpec; 2] {
+    [
+        RegionSpec { gpa: 0, len: first },
+        RegionSpec {
+            gpa: 1 << 32,
+            len: second,
+        },
+    ]
+}
+
+/// Rewrites about one page in `one_in` of every region of `memory` with random bytes, the
+/// first one `round`, as a running guest would; returns the pages rewritten, as runs.
+fn rewrite_pages(memory: &GuestMemory, rng: &mut StdRng, one_in: u32, round: u8) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    for (ri, region) in memory.regions().iter().enumerate() {
+        for page in 0..region.pages() {
+            if rng.gen_range(0..one_in) != 0 {
+                continue;
+            }
+            let mut bytes = [0u8; 4096];
+            rng.fill(&mut bytes[..]);
+            bytes[0] = round;
+            region.write(page * 4096, &bytes);
+            match runs.last_mut() {
+                Some(r) if r.region == ri as u32 && r.first_page + r.pages == page => r.pages += 1,
+                _ => runs.push(PageRun {
+                    region: ri as u32,
+                    first_page: page,
+                    pages: 1,
+                }),
+            }
+        }
+    }
+    runs
+}
 
 #[test]
 fn later_rounds_win_across_channels_under_random_timing() {
     if skip_without_uring() {
         return;
     }
-    let specs = [
-        RegionSpec {
-            gpa: 0,
-            len: 2 << 20,
-        },
-        RegionSpec {
-            gpa: 1 << 32,
-            len: 1 << 20,
-        },
-    ];
+    let specs = two_regions(2 << 20, 1 << 20);
     for seed in [1u64, 2, 3] {
         eprintln!("ordering test seed {seed}");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut rng = StdRng::seed_from_u64(seed);
         let src = Arc::new(GuestMemory::anonymous(&specs).unwrap());
         fill(&src, Content::Random, seed);
         let dst = Arc::new(GuestMemory::anonymous(&specs).unwrap());
@@ -53,28 +82,7 @@ fn later_rounds_win_across_channels_under_random_timing() {
         sender.send_live_round(&PageRun::whole(&src)).unwrap();
         for round in 1..=5u8 {
             // Dirty a random set of pages (one page in three), then resend exactly those.
-            let mut runs: Vec<PageRun> = Vec::new();
-            for (ri, region) in src.regions().iter().enumerate() {
-                for page in 0..region.pages() {
-                    if rng.gen_range(0..3) != 0 {
-                        continue;
-                    }
-                    let mut bytes = [0u8; 4096];
-                    rng.fill(&mut bytes[..]);
-                    bytes[0] = round;
-                    region.write(page * 4096, &bytes);
-                    match runs.last_mut() {
-                        Some(r) if r.region == ri as u32 && r.first_page + r.pages == page => {
-                            r.pages += 1
-                        }
-                        _ => runs.push(PageRun {
-                            region: ri as u32,
-                            first_page: page,
-                            pages: 1,
-                        }),
-                    }
-                }
-            }
+            let runs = rewrite_pages(&src, &mut rng, 3, round);
             let stats = sender.send_live_round(&runs).unwrap();
             assert_eq!(stats.round, u32::from(round));
         }
@@ -230,25 +238,11 @@ fn migrate_on_two_nodes(specs: &[RegionSpec], live_rounds: u8) -> (Vec<u64>, Vec
         assert_eq!(nodes, [Some(0), Some(0), Some(1), Some(1)]);
         let mut sent: Vec<u64> = memory.regions().iter().map(|r| r.pages()).collect();
         s.send_live_round(&PageRun::whole(&memory))?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut rng = StdRng::seed_from_u64(11);
         for round in 1..=live_rounds {
-            let mut runs = Vec::new();
-            for (ri, region) in memory.regions().iter().enumerate() {
-                for page in 0..region.pages() {
-                    if rng.gen_range(0..8) != 0 {
-                        continue;
-                    }
-                    let mut bytes = [0u8; 4096];
-                    rng.fill(&mut bytes[..]);
-                    bytes[0] = round;
-                    region.write(page * 4096, &bytes);
-                    runs.push(PageRun {
-                        region: ri as u32,
-                        first_page: page,
-                        pages: 1,
-                    });
-                    sent[ri] += 1;
-                }
+            let runs = rewrite_pages(&memory, &mut rng, 8, round);
+            for run in &runs {
+                sent[run.region as usize] += run.pages;
             }
             s.send_live_round(&runs)?;
         }
@@ -278,16 +272,7 @@ fn chunks_go_to_the_pool_of_their_node() {
     }
     // 8 and 24 chunks: far less than a pool's queue holds, and unequal, so that chunks dealt
     // to the pools in turn would not add up to each node's pages by chance.
-    let specs = [
-        RegionSpec {
-            gpa: 0,
-            len: 4 << 20,
-        },
-        RegionSpec {
-            gpa: 1 << 32,
-            len: 12 << 20,
-        },
-    ];
+    let specs = two_regions(4 << 20, 12 << 20);
     let (sent, carried) = migrate_on_two_nodes(&specs, 3);
     eprintln!("pages sent per region {sent:?}, carried per channel {carried:?}");
     assert_eq!(carried[0] + carried[1], sent[0], "node 0's channels");
@@ -303,16 +288,7 @@ fn a_full_node_pool_spills_into_the_others() {
     if skip_without_uring() {
         return;
     }
-    let specs = [
-        RegionSpec {
-            gpa: 0,
-            len: 2 << 20,
-        },
-        RegionSpec {
-            gpa: 1 << 32,
-            len: 192 << 20,
-        },
-    ];
+    let specs = two_regions(2 << 20, 192 << 20);
     let (sent, carried) = migrate_on_two_nodes(&specs, 1);
     eprintln!("pages sent per region {sent:?}, carried per channel {carried:?}");
     assert!(
