@@ -247,7 +247,8 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
 /// `live`: one small cell per policy, the software dirtier writing the source; every run
 /// converges, and with `--auto-converge` each reports the throttle it ended at. The second
 /// run also turns page checksums and zero-copy off, which both ends must agree on (a receiver
-/// left requiring checksums refuses the sender's hello), and the JSON says so.
+/// left requiring checksums refuses the sender's hello), and the JSON says so. The first
+/// discards a run before the grid: the JSON keeps it apart from the grid's one run.
 #[test]
 fn live_benchmark_runs_with_and_without_auto_converge() {
     if let Err(e) = pagewire::probe_uring() {
@@ -272,6 +273,9 @@ fn live_benchmark_runs_with_and_without_auto_converge() {
             "0",
             "--json",
         ]);
+        if !auto {
+            cmd.args(["--discard-first", "1"]);
+        }
         if auto {
             cmd.args([
                 "--auto-converge",
@@ -296,6 +300,11 @@ fn live_benchmark_runs_with_and_without_auto_converge() {
         let (checksums, zero_copy) = if auto { ("off", "off") } else { ("on", "auto") };
         assert_eq!(settings["page_checksums"], checksums, "{v}");
         assert_eq!(settings["zero_copy"], zero_copy, "{v}");
+        let discarded = usize::from(!auto);
+        assert_eq!(settings["discarded_first_runs"], discarded, "{v}");
+        let dropped = v["discarded_runs"].as_array().unwrap();
+        assert_eq!(dropped.len(), discarded, "{v}");
+        assert!(dropped.iter().all(|r| r["converged"] == true), "{v}");
     }
 }
 

@@ -319,6 +319,37 @@ fn one_qemu(
     })
 }
 
+/// Runs `--discard-first` migrations of the grid's first cell, saying on stderr what each
+/// measured (so a reader sees the host settle). Their figures stay out of the grid's runs and
+/// summary; the JSON keeps them apart, as `discarded_runs`.
+fn discard_first_runs(a: &LiveArgs, tls: &(TlsServer, TlsClient)) -> Result<Vec<Run>> {
+    let (Some(&rate), Some(&channels), Some(t)) =
+        (a.dirty_rate.first(), a.channels.first(), a.tls.first())
+    else {
+        return Ok(Vec::new());
+    };
+    let on = t == "on";
+    let mut discarded = Vec::with_capacity(a.discard_first);
+    for k in 0..a.discard_first {
+        let r = one(a, on.then_some(tls), rate, channels)
+            .with_context(|| format!("discarded run {}/{}", k + 1, a.discard_first))?;
+        if !a.json {
+            eprintln!(
+                "discarded run {}/{}: {:.0} MiB/s, {channels} ch, tls {t}: {}, {:.0} ms, downtime {}, expected {:.1} ms",
+                k + 1,
+                a.discard_first,
+                rate as f64 / f64::from(1 << 20),
+                if r.converged { "converged" } else { "gave up" },
+                r.total_ms,
+                r.downtime_ms.map_or("-".into(), |d| format!("{d:.1} ms")),
+                r.expected_downtime_ms,
+            );
+        }
+        discarded.push(r);
+    }
+    Ok(discarded)
+}
+
 /// Runs the grid (see the module docs).
 pub fn run(mut a: LiveArgs) -> Result<()> {
     if let Some(name) = &a.congestion {
@@ -351,6 +382,7 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
     } else {
         None
     };
+    let discarded = discard_first_runs(&a, &tls)?;
     let mut runs = Vec::new();
     let mut failures = Vec::new();
     for rep in 0..a.reps {
@@ -448,12 +480,14 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         "size": a.size,
         "working_set": a.working_set_bytes(),
         "downtime_limit_ms": a.downtime_limit,
+        "discarded_first_runs": a.discard_first,
         "described": report::settings_line(&a),
     });
     let results = serde_json::json!({
         "settings": settings,
         "summary": summaries,
         "runs": runs,
+        "discarded_runs": discarded,
         "repeated_rounds": repeats,
     });
     if let Some(path) = &a.out {

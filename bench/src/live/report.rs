@@ -172,5 +172,8 @@ pub(super) fn settings_line(a: &LiveArgs) -> String {
         } else {
             "placed by the scheduler"
         }
-    )
+    ) + &match a.discard_first {
+        0 => String::new(),
+        n => format!(", after {n} discarded run(s) of the first cell"),
+    }
 }
