@@ -286,9 +286,25 @@ impl DirtySource for AlwaysDirty {
     }
 }
 
-fn busy(bitmap: &Arc<SharedBitmap>) -> Box<dyn DirtySource> {
-    Box::new(Union(vec![Box::new(bitmap.clone()), Box::new(AlwaysDirty)]))
+/// A migration of `src` under `limit`, its guest writing 400 MB/s, its dirty source adding 256
+/// pages that are always dirty (so a downtime limit of 0 is never met), and the guest to run.
+fn busy_migration(
+    sender: Sender,
+    src: &Arc<GuestMemory>,
+    limit: DowntimeLimit,
+) -> (Migration, SoftwareDirtier) {
+    let bitmap = Arc::new(SharedBitmap::new(src));
+    let guest = dirtier(src, &bitmap, 400 << 20);
+    let source = Box::new(Union(vec![Box::new(bitmap), Box::new(AlwaysDirty)]));
+    (Migration::new(sender, source, Box::new(limit)), guest)
 }
+
+/// Never converges by itself: only a cancel ends it.
+const UNTIL_CANCELLED: DowntimeLimit = DowntimeLimit {
+    downtime_limit_ms: 0,
+    rounds_max: 1_000_000,
+    total_ms_max: 60_000,
+};
 
 #[test]
 fn a_policy_that_gives_up_fails_both_sides_with_its_reason() {
@@ -296,16 +312,14 @@ fn a_policy_that_gives_up_fails_both_sides_with_its_reason() {
         return;
     }
     let p = connect(2);
-    let bitmap = Arc::new(SharedBitmap::new(&p.src));
-    let mut guest = dirtier(&p.src, &bitmap, 400 << 20);
-    let migration = Migration::new(
+    let (migration, mut guest) = busy_migration(
         p.sender,
-        busy(&bitmap),
-        Box::new(DowntimeLimit {
+        &p.src,
+        DowntimeLimit {
             downtime_limit_ms: 0,
             rounds_max: 3,
             ..DowntimeLimit::default()
-        }),
+        },
     );
     let handle = migration.handle();
     let err = migration.run(&mut guest).unwrap_err();
@@ -591,18 +605,7 @@ fn a_cancel_from_another_thread_ends_both_sides_within_a_second() {
         return;
     }
     let p = connect(2);
-    let bitmap = Arc::new(SharedBitmap::new(&p.src));
-    let mut guest = dirtier(&p.src, &bitmap, 400 << 20);
-    let migration = Migration::new(
-        p.sender,
-        busy(&bitmap),
-        // Never converges by itself: only the cancel ends it.
-        Box::new(DowntimeLimit {
-            downtime_limit_ms: 0,
-            rounds_max: 1_000_000,
-            total_ms_max: 60_000,
-        }),
-    );
+    let (migration, mut guest) = busy_migration(p.sender, &p.src, UNTIL_CANCELLED);
     let handle = migration.handle();
     let run = std::thread::spawn(move || migration.run(&mut guest));
     std::thread::sleep(Duration::from_millis(300));
@@ -908,17 +911,7 @@ fn a_receiver_cancelled_while_waiting_or_receiving_ends_within_a_second() {
         },
     )
     .unwrap();
-    let bitmap = Arc::new(SharedBitmap::new(&src));
-    let mut guest = dirtier(&src, &bitmap, 400 << 20);
-    let migration = Migration::new(
-        sender,
-        busy(&bitmap),
-        Box::new(DowntimeLimit {
-            downtime_limit_ms: 0,
-            rounds_max: 1_000_000,
-            total_ms_max: 60_000,
-        }),
-    );
+    let (migration, mut guest) = busy_migration(sender, &src, UNTIL_CANCELLED);
     let sending = std::thread::spawn(move || migration.run(&mut guest));
     std::thread::sleep(Duration::from_millis(300));
     cancel.cancel();
