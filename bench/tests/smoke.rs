@@ -273,9 +273,6 @@ fn live_benchmark_runs_with_and_without_auto_converge() {
             "0",
             "--json",
         ]);
-        if !auto {
-            cmd.args(["--discard-first", "1"]);
-        }
         if auto {
             cmd.args([
                 "--auto-converge",
@@ -284,6 +281,8 @@ fn live_benchmark_runs_with_and_without_auto_converge() {
                 "--zero-copy",
                 "off",
             ]);
+        } else {
+            cmd.args(["--discard-first", "1"]);
         }
         let out = cmd.output().unwrap();
         assert!(
