@@ -170,25 +170,11 @@ pub enum Tamper {
 /// The receive buffer of a [`Tamper::Slow`] proxy's client side, bytes.
 const SLOW_PATH_RECEIVE_BUFFER_BYTES: libc::c_int = 256 << 10;
 
-/// Sets `SO_RCVBUF` on `listener` (the kernel doubles it for its bookkeeping and stops
-/// autotuning it); a failure leaves the default, which only makes the slow path hold more.
+/// Sets `SO_RCVBUF` on `listener` (see [`pagewire::sys::set_receive_buffer`]); a failure
+/// leaves the default, which only makes the slow path hold more.
 fn set_receive_buffer(listener: &TcpListener, bytes: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket fd, and a pointer/length pair describing one readable c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        eprintln!(
-            "the slow proxy keeps the default receive buffer: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = pagewire::sys::set_receive_buffer(listener, bytes) {
+        eprintln!("the slow proxy keeps the default receive buffer: {e}");
     }
 }
 

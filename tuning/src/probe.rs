@@ -142,29 +142,12 @@ fn page_reporting_finding(
     const NAME: &str = "free page reporting";
     let prefault = "a receiver faults its destination in while it waits for the channels, as \
                     QEMU's -mem-prealloc does (`prefault_ms`; the demo's `setup_ms`)";
+    let off = |value: &str| finding(NAME, value, "freed memory stays with this kernel");
     let on = match (order, device_reports) {
         (Some(order), Some(true)) => order,
-        (Some(_), Some(false)) => {
-            return finding(
-                NAME,
-                "off (the balloon device does not offer it)",
-                "freed memory stays with this kernel",
-            )
-        }
-        (Some(_), None) => {
-            return finding(
-                NAME,
-                "off (no virtio-balloon device)",
-                "freed memory stays with this kernel",
-            )
-        }
-        (None, _) => {
-            return finding(
-                NAME,
-                "not in this kernel",
-                "freed memory stays with this kernel",
-            )
-        }
+        (Some(_), Some(false)) => return off("off (the balloon device does not offer it)"),
+        (Some(_), None) => return off("off (no virtio-balloon device)"),
+        (None, _) => return off("not in this kernel"),
     };
     let block_kib = 4u64 << on.min(30);
     let mut value = format!(

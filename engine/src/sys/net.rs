@@ -190,6 +190,12 @@ pub fn set_tcp_user_timeout(stream: &impl AsRawFd, ms: u32) -> std::io::Result<(
     setsockopt_int(stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
 
+/// Sets `SO_RCVBUF` (the kernel doubles `bytes` for its bookkeeping and stops autotuning the
+/// socket's receive buffer); set on a listener, accepted sockets inherit it.
+pub fn set_receive_buffer(socket: &impl AsRawFd, bytes: i32) -> std::io::Result<()> {
+    setsockopt_int(socket, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
+}
+
 /// What the kernel measured of a TCP connection's recent delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
