@@ -91,13 +91,6 @@ pub const RING_ENTRIES: u32 = 1024;
 /// sends from our pages. On loopback and veth every one says "copied"; 32 is a few MiB.
 pub const ZC_PROBE_SENDS: u32 = 32;
 
-/// Milliseconds a sender channel whose end of stream the kernel has taken still waits for the
-/// receiver's `Done` after a cancel (or another channel's failure). The receiver, past the end
-/// of the stream, no longer reads, so it confirms whatever the sender does meanwhile: the
-/// sender waits for that answer so that both sides report the same outcome. Checking the
-/// ledger takes milliseconds; a receiver that has not answered by then is taken to have failed.
-pub const CONFIRM_GRACE_MS: u64 = 500;
-
 /// Milliseconds the handshake of one connection may take (connect, hello, reply).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 

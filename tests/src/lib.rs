@@ -239,7 +239,14 @@ pub fn tampering_proxy(server: SocketAddr, tamper: Tamper) -> SocketAddr {
                 break;
             }
         }
-        let _ = u_write.shutdown(std::net::Shutdown::Both);
+        // A slow path is a path, not a tap: the client's end of stream reaches the server as
+        // its end of stream, and what the server says after that still travels back (its
+        // thread above closes the client side once the server closes). The other kinds cut.
+        let how = match tamper {
+            Tamper::Slow(_) => std::net::Shutdown::Write,
+            _ => std::net::Shutdown::Both,
+        };
+        let _ = u_write.shutdown(how);
     });
     addr
 }

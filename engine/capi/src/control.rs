@@ -104,8 +104,10 @@ unsafe fn control<'a>(control: *const pw_control) -> Result<&'a pw_control, Erro
 /// Cancels the transfer or migration: within about 100 ms both sides stop, the peer is told,
 /// and the blocked call returns `PW_STATUS_CANCELLED` (the other side `PW_STATUS_PEER`, saying
 /// it was cancelled). A guest already paused stays paused: resuming it is the VMM's call. A
-/// cancel before the policy chose to stop never pauses the guest; one after the receiver
-/// confirmed it holds everything is too late, and both sides return `PW_STATUS_OK`.
+/// cancel before the policy chose to stop never pauses the guest. One that comes once the
+/// sender has handed over the end of the stream (every page and the device state), or once
+/// the receiver confirmed it holds everything, is too late: the sender waits for the
+/// receiver's answer, and both sides return `PW_STATUS_OK`.
 ///
 /// # Safety
 /// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed.

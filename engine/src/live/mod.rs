@@ -147,9 +147,11 @@ pub struct MigrationHandle {
 impl MigrationHandle {
     /// Cancels the migration: both sides stop within a ring wait slice (~100 ms) and report
     /// [`Error::Cancelled`] (the receiver as the sender's abort). A cancel before the policy
-    /// chose to stop and copy never pauses the guest. Once the receiver has confirmed that it
-    /// holds everything, a cancel comes too late: both sides report the migration complete,
-    /// since the destination may already run the guest.
+    /// chose to stop and copy never pauses the guest. Once the source has handed over the
+    /// end of the stream (after the device state) or the receiver has confirmed that it holds
+    /// everything, a cancel comes too late: the source waits for the destination's answer,
+    /// and both sides report the migration complete, since the destination may already run
+    /// the guest.
     pub fn cancel(&self) {
         self.canceller.cancel();
     }

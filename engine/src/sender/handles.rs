@@ -36,9 +36,16 @@ impl BandwidthLimit {
 
 /// Cancels a transfer from another thread: the shards see it within a ring wait slice
 /// (`RING_WAIT_SLICE_MS`), tell the peer why ("cancelled") and close; the side's current or
-/// next call returns [`Error::Cancelled`]. After the receiver confirmed that it holds
-/// everything (its `Done` on every channel), a cancel on either side is too late and changes
-/// nothing: the two sides must agree on the outcome. From
+/// next call returns [`Error::Cancelled`]. The two sides must agree on the outcome, so a
+/// cancel can come too late and change nothing:
+/// - on the sender, once [`Sender::finish`](crate::Sender::finish) has built the end of the
+///   stream on every channel: the receiver confirms what it got whatever the sender does
+///   after that, so the sender waits for its answer (the time to drain what is on the way
+///   and check the pages, bounded by the idle timeout) and reports it;
+/// - on either side, once the receiver has confirmed that it holds everything (its `Done` on
+///   every channel).
+///
+/// From
 /// [`Sender::canceller`](crate::Sender::canceller) or
 /// [`Receiver::canceller`](crate::Receiver::canceller).
 #[derive(Clone)]

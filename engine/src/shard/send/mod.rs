@@ -29,9 +29,9 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::limits::{
-    CHAIN_FRAMES_MAX, CONFIRM_GRACE_MS, CONTROL_BYTES, DEVICE_CHUNK_BYTES_MAX,
-    FRAME_HEADER_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES,
-    RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+    CHAIN_FRAMES_MAX, CONTROL_BYTES, DEVICE_CHUNK_BYTES_MAX, FRAME_HEADER_BYTES_MAX,
+    FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS,
+    SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
@@ -43,7 +43,7 @@ use crate::pipeline::zero::ZeroScanner;
 use crate::protocol::blob::{ChunkHeader, CHUNK_HEADER_BYTES};
 use crate::protocol::control::ControlReader;
 use crate::protocol::control::{Control, CONTROL_MESSAGE_BYTES_MAX};
-use crate::protocol::sender::{Confirmation, Marker, Outgoing, SenderFault, SenderMachine};
+use crate::protocol::sender::{Marker, Outgoing, SenderFault, SenderMachine};
 use crate::protocol::{Frame, FrameKind, ProtocolError};
 use crate::simd::xxh3::Xxh3;
 use crate::stats::{add, Progress, ShardStats};
@@ -304,10 +304,14 @@ impl SendShard {
         self.ring.submit()?;
         let slice = Duration::from_millis(RING_WAIT_SLICE_MS);
         loop {
-            if self.abort.is_raised() {
-                if self.confirmed_anyway() {
-                    break;
-                }
+            // A cancel (or another channel's failure) ends the channel at once while it is
+            // still sending: its end of stream is never built, so the receiver cannot confirm.
+            // Once the end of stream is built it cannot be taken back: the receiver, past it,
+            // reads nothing more here and confirms whatever this side does meanwhile (and its
+            // VMM may then resume the guest). So the channel goes on as if the abort had not
+            // come, and ends with the receiver's answer: `Done`, its abort, or a closed
+            // connection, within the idle bound. Both sides then report the same outcome.
+            if self.abort.is_raised() && self.m.outgoing() == Outgoing::Sending {
                 return Err(Error::Aborted);
             }
             self.reap()?;
@@ -365,27 +369,6 @@ impl SendShard {
         self.stats.faults_minor = faults.0.saturating_sub(faults_start.0);
         self.stats.faults_major = faults.1.saturating_sub(faults_start.1);
         Ok(())
-    }
-
-    /// The transfer was aborted (a cancel, another channel's failure): true when the receiver
-    /// confirms it holds everything anyway, because its `Done` was already on the way. Once
-    /// the kernel has taken our end of stream, the receiver no longer reads this channel and
-    /// confirms whatever happens here, and may then resume the guest: this channel waits for
-    /// that answer (up to `CONFIRM_GRACE_MS`) and ends as if the abort had not come, so that
-    /// the two sides report the same outcome. Before the end of stream the abort wins at once.
-    fn confirmed_anyway(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_millis(CONFIRM_GRACE_MS);
-        while self.m.confirmation() == Confirmation::Awaiting {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if self.m.outgoing() != Outgoing::EndSent || left.is_zero() {
-                return false;
-            }
-            // With DEFER_TASKRUN a completion is posted only when this thread asks for events.
-            if self.ring.submit_and_wait(1, left).is_err() || self.reap().is_err() {
-                return false;
-            }
-        }
-        true
     }
 
     /// Nothing to send and nothing to build: waits as `wait` says for work or the ring, or
