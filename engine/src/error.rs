@@ -154,6 +154,20 @@ pub enum Error {
         /// Why the last of them failed.
         last_refusal: Option<String>,
     },
+    /// A receiver over handed-in connections (it has no listener) saw every one of them end
+    /// without a complete session: closed, refused in the handshake, or too few for the
+    /// session they belong to. Nothing more can come.
+    #[error("the handed-in connections ended without a complete session{}{}", describe_joined(*.joined, *.expected), describe_refused(*.refused, .last_refusal.as_deref()))]
+    HandedInEnded {
+        /// Channels that joined the session still gathered at the end.
+        joined: usize,
+        /// Channels that session has (`None`: no session was being gathered).
+        expected: Option<usize>,
+        /// Connections that failed their handshake (or sessions dropped) meanwhile.
+        refused: u32,
+        /// Why the last of them failed.
+        last_refusal: Option<String>,
+    },
     /// Every channel ended its stream, but some page of the layout was never placed (nor
     /// declared zero): the destination is not a complete image.
     #[error("the stream ended but page {page} of region {region} was never received ({missing} page(s) of the layout missing)")]
@@ -191,6 +205,13 @@ fn describe_refused(refused: u32, last: Option<&str>) -> String {
         (0, _) => String::new(),
         (n, Some(last)) => format!(" ({n} connection(s) failed their handshake; the last: {last})"),
         (n, None) => format!(" ({n} connection(s) failed their handshake)"),
+    }
+}
+
+fn describe_joined(joined: usize, expected: Option<usize>) -> String {
+    match expected {
+        Some(n) => format!(": {joined} of {n} channels joined it"),
+        None => String::new(),
     }
 }
 

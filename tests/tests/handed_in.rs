@@ -118,3 +118,74 @@ fn a_session_over_handed_in_unix_sockets_tls() {
     }
     migrate(true, true);
 }
+
+/// A receiver over handed-in connections has no listener to wait on: once every connection
+/// it was given has ended without a complete session (the peer went away, failed its
+/// handshake, or handed in fewer channels than its session has), nothing more can come, and
+/// it must say so at once instead of waiting for a cancel. Three ways: the peer closes before
+/// its hello; a sender of a different layout is refused; two of a three-channel session come.
+#[test]
+fn a_receiver_whose_handed_in_connections_all_ended_says_so() {
+    if skip_without_uring() {
+        return;
+    }
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: 1 << 20,
+    }];
+    let dst = || Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    let run = |servers: Vec<Stream>| {
+        let receiver = Receiver::over_streams(servers, dst(), ReceiverConfig::default()).unwrap();
+        let rx = std::thread::spawn(move || receiver.run());
+        let err = join_within(rx, Duration::from_secs(5), "receiver").unwrap_err();
+        pagewire::error_chain(&err)
+    };
+
+    let (clients, servers) = pairs(1, true);
+    drop(clients);
+    let text = run(servers);
+    assert!(text.contains("handed-in connections"), "{text}");
+
+    let (clients, servers) = pairs(1, false);
+    let other = [RegionSpec {
+        gpa: 0,
+        len: 2 << 20,
+    }];
+    let src = Arc::new(GuestMemory::anonymous(&other).unwrap());
+    let tx = std::thread::spawn(move || {
+        Sender::over_streams(
+            clients,
+            src,
+            &SenderConfig {
+                channels: 1,
+                pinning: Pinning::None,
+                ..SenderConfig::default()
+            },
+        )
+        .map(drop)
+    });
+    let text = run(servers);
+    assert!(
+        text.contains("handed-in connections") && text.contains("layout"),
+        "{text}"
+    );
+    assert!(join_within(tx, Duration::from_secs(5), "sender").is_err());
+
+    let (clients, mut servers) = pairs(3, true);
+    drop(servers.pop());
+    let src = Arc::new(GuestMemory::anonymous(&specs).unwrap());
+    let tx = std::thread::spawn(move || {
+        Sender::over_streams(
+            clients,
+            src,
+            &SenderConfig {
+                pinning: Pinning::None,
+                ..SenderConfig::default()
+            },
+        )
+        .map(drop)
+    });
+    let text = run(servers);
+    assert!(text.contains("2 of 3"), "{text}");
+    assert!(join_within(tx, Duration::from_secs(5), "sender").is_err());
+}

@@ -182,6 +182,17 @@ impl Receiver {
                 refused = refused.saturating_add(1);
                 last_refusal = Some(text);
             }
+            if self.listener.is_none() && given.is_empty() && in_flight == 0 {
+                // Handed-in connections only, and every one has ended or joined a session that
+                // cannot complete (its missing channels were never handed in): nothing more
+                // can come, so waiting would last until a cancel.
+                return Err(Error::HandedInEnded {
+                    joined: finished,
+                    expected: first_at.and(count),
+                    refused,
+                    last_refusal,
+                });
+            }
             if let Some(ms) = self.config.accept_timeout_ms {
                 if first_at.is_none() && waiting_since.elapsed() >= Duration::from_millis(ms) {
                     return Err(Error::NoSender {
