@@ -926,3 +926,48 @@ fn a_cancel_after_the_end_of_the_stream_left_waits_for_the_receiver_s_answer() {
         }
     }
 }
+
+/// Each handshake read has a timeout, but a peer that drips its reply a byte at a time, each
+/// within it, would hold `Sender::connect` for as long as it likes (16 bytes 3 s apart: 48 s;
+/// a TLS record's 16 KiB: hours), with no canceller to stop it yet. The whole handshake is
+/// bounded by `HANDSHAKE_TIMEOUT_MS` (10 s) instead, and says so.
+#[test]
+fn a_receiver_dripping_its_reply_cannot_hold_the_sender_past_the_handshake_bound() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Left to end on its own (its next write after the sender gave up fails).
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 64];
+        let _ = c.read_exact(&mut hello);
+        let reply = Reply {
+            version: PROTOCOL_VERSION,
+            refusal: None,
+            idle_timeout_ms: 30_000,
+        }
+        .encode();
+        for b in reply {
+            std::thread::sleep(Duration::from_secs(3));
+            if c.write_all(&[b]).is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let tx = std::thread::spawn(move || {
+        Sender::connect(addr, memory(1 << 20), &sender_config(1)).map(drop)
+    });
+    let sent = join_within(tx, Duration::from_secs(20), "sender");
+    let took = started.elapsed();
+    let err = sent.unwrap_err();
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?}: {}",
+        error_chain(&err)
+    );
+    assert!(
+        matches!(err, Error::Timeout { .. }),
+        "{}",
+        error_chain(&err)
+    );
+}

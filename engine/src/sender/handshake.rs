@@ -1,7 +1,10 @@
 //! The channels' handshakes on the sender's side, all channels in parallel. Per channel: TLS or
 //! the pre-shared key's challenge, then the hello and the receiver's reply.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::auth::Psk;
 use crate::config::HINT_SENDER_TLS;
@@ -36,11 +39,13 @@ pub(super) fn connect_all(
                 let h = hello(i);
                 let open = &open;
                 scope.spawn(move || {
+                    // Connect, hello and reply, all within the one bound.
+                    let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
                     let stream = open(i)?;
                     if let Some(name) = congestion {
                         stream.set_congestion(name)?;
                     }
-                    handshake(stream, &h, tls, psk)
+                    handshake(stream, &h, tls, psk, deadline)
                 })
             })
             .collect();
@@ -59,8 +64,76 @@ pub(super) fn connect_all(
     })
 }
 
-/// Connects one channel and runs its handshakes (TLS when configured, then the hello).
+/// Runs one connected channel's handshakes (TLS when configured, then the hello), ending by
+/// `deadline`: the socket timeouts bound each read, not the handshake, and a receiver (or
+/// whatever answers in its place) that drips its reply a byte at a time, each within the
+/// read timeout, would otherwise hold the sender for as long as it liked.
 pub(super) fn handshake(
+    stream: Stream,
+    hello: &Hello,
+    tls: Option<&TlsClient>,
+    psk: Option<&Psk>,
+    deadline: Instant,
+) -> Result<Connected> {
+    let watchdog = Watchdog::arm(&stream, deadline)?;
+    let result = handshake_within(stream, hello, tls, psk);
+    if watchdog.disarm() {
+        // Its connection was shut down under it: whatever it ended with, the bound is why.
+        return Err(Error::Timeout {
+            what: format!("the handshake of channel {}", hello.channel_index),
+            ms: HANDSHAKE_TIMEOUT_MS,
+        });
+    }
+    result
+}
+
+/// Shuts a handshake's connection down if `deadline` passes before it is disarmed, which
+/// ends any read or write the handshake is blocked in.
+struct Watchdog {
+    /// Dropped to disarm: the thread's wait ends at once.
+    disarm: Option<mpsc::Sender<()>>,
+    fired: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn arm(stream: &Stream, deadline: Instant) -> Result<Watchdog> {
+        let handle = stream
+            .try_clone()
+            .map_err(|e| Error::io("watching the handshake", e))?;
+        let (disarm, disarmed) = mpsc::channel::<()>();
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        let thread = std::thread::Builder::new()
+            .name("pw-handshake-watch".into())
+            .spawn(move || {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(left) {
+                    flag.store(true, Ordering::Release);
+                    let _ = handle.shutdown(std::net::Shutdown::Both);
+                }
+            })
+            .map_err(|e| Error::io("starting the handshake's watchdog", e))?;
+        Ok(Watchdog {
+            disarm: Some(disarm),
+            fired,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the watch (waiting for its thread, so nothing outlives the handshake); true when
+    /// the deadline had passed and the connection was shut down.
+    fn disarm(mut self) -> bool {
+        drop(self.disarm.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.fired.load(Ordering::Acquire)
+    }
+}
+
+/// One channel's handshakes, unbounded but for the socket timeouts (see [`handshake`]).
+fn handshake_within(
     stream: Stream,
     hello: &Hello,
     tls: Option<&TlsClient>,
