@@ -84,7 +84,9 @@ pub struct SenderConfig {
     /// zstd level (validated against the library's range; negative levels are fast modes).
     pub zstd_level: i32,
     /// Upper bound on guest memory sent per second over all channels, in bytes of wire traffic
-    /// (QEMU's `max-bandwidth`); `None`: unlimited.
+    /// (QEMU's `max-bandwidth`); `None`: unlimited. A channel still sends a frame (up to
+    /// 512 KiB) at least every keepalive interval, a quarter of the receiver's idle bound, so
+    /// that the receiver does not take it for dead: a lower limit sends at that floor.
     pub max_bandwidth_bytes_per_s: Option<u64>,
     /// Milliseconds without progress (sends not taken, no confirmation) before the sender gives
     /// up on the receiver.

@@ -971,3 +971,35 @@ fn a_receiver_dripping_its_reply_cannot_hold_the_sender_past_the_handshake_bound
         error_chain(&err)
     );
 }
+
+/// A bandwidth limit so low that one frame's share of it lasts longer than the receiver's idle
+/// bound (here 512 KiB frames at 256 KiB/s against 400 ms) must not make the receiver give up
+/// on a sender that is only pacing itself: the sender never stays silent for longer than its
+/// keepalive interval, so below that floor it sends at the floor (and says so).
+#[test]
+fn a_limit_below_one_frame_per_idle_bound_does_not_time_the_receiver_out() {
+    if skip_without_uring() {
+        return;
+    }
+    let src = memory(1 << 20);
+    fill(&src, Content::Random, 13);
+    let dst = memory(1 << 20);
+    let (addr, rx) = start_receiver(
+        dst.clone(),
+        ReceiverConfig {
+            idle_timeout_ms: 400,
+            ..ReceiverConfig::default()
+        },
+    );
+    let config = SenderConfig {
+        max_bandwidth_bytes_per_s: Some(256 << 10),
+        ..sender_config(1)
+    };
+    let sent = pagewire_tests::send_all_to(addr, src.clone(), &config);
+    let received = join_within(rx, LIMIT, "receiver");
+    if let Err(e) = &received {
+        panic!("receiver: {}", error_chain(e));
+    }
+    sent.unwrap();
+    assert_eq!(src.first_difference(&dst), None);
+}

@@ -115,7 +115,8 @@ typedef struct {
   const char *compress;
   // A sender's bandwidth limit from the start, in wire bytes per second over all channels
   // (QEMU's `max-bandwidth`); 0: unlimited. [`pw_control_set_max_bandwidth`] changes it
-  // while the sender runs.
+  // while the sender runs. Each channel still sends a frame (up to 512 KiB) at least every
+  // quarter of the receiver's idle bound, so a lower limit sends at that floor.
   uint64_t max_bandwidth_bytes_per_s;
   // With `tls_dir` on a sender: the name the receiver's certificate must carry (QEMU's
   // `tls-hostname`), or null for the host part of the address [`pw_sender_connect`]

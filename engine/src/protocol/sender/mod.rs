@@ -332,6 +332,11 @@ impl SenderMachine {
         self.last_progress = now;
     }
 
+    /// The longest this channel may stay silent: a keepalive is owed after that.
+    pub fn keepalive_every(&self) -> Duration {
+        self.keepalive_every
+    }
+
     /// How long until an idle channel owes the receiver a keepalive (zero: now).
     pub fn keepalive_in(&self, now: Instant) -> Duration {
         self.keepalive_every

@@ -60,8 +60,22 @@ impl SendShard {
         self.chain_bytes = self.chain.iter().map(|op| op.len).sum();
         self.repace();
         if let Some(rate) = self.paced_bytes_per_s {
+            // A paced chain is one frame, sent at once; the wait after it is silence on the
+            // wire. A wait longer than the keepalive interval would let the receiver's idle
+            // bound take a pacing sender for a dead one, so the wait stops there: a limit
+            // below one frame per interval sends at that floor.
             let due = Duration::from_secs_f64(self.chain_bytes as f64 / rate);
-            self.pace_until = self.pace_until.max(self.chain_started) + due;
+            let floor = self.m.keepalive_every();
+            if due > floor && !self.pace_floor_told {
+                self.pace_floor_told = true;
+                tracing::warn!(
+                    channel = self.channel,
+                    "the bandwidth limit ({rate:.0} bytes/s on this channel) is below one frame per keepalive interval ({} ms, a quarter of the receiver's idle bound): sending a frame every {} ms instead",
+                    floor.as_millis(),
+                    floor.as_millis()
+                );
+            }
+            self.pace_until = self.pace_until.max(self.chain_started) + due.min(floor);
         }
         self.push_chain(0)
     }

@@ -238,6 +238,8 @@ pub(crate) struct SendShard {
     pace_until: Instant,
     /// This shard's share of the limit `pace_until` was reckoned at (see `repace`).
     paced_bytes_per_s: Option<f64>,
+    /// The limit was found below the pacing floor and said so (see `submit_chain`).
+    pace_floor_told: bool,
     /// The last round ended here was live: the coordinator waits for its `RoundPlaced`.
     awaited_round: bool,
     /// The body of an abort or device state frame being built.

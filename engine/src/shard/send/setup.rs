@@ -128,6 +128,7 @@ impl SendShard {
             channels: p.channels,
             pace_until: Instant::now(),
             paced_bytes_per_s: None,
+            pace_floor_told: false,
             awaited_round: false,
             body: Box::new([0; BODY_BYTES_MAX]),
         })
