@@ -184,7 +184,7 @@ typedef struct {
   double dirty_pages_rate;
   // Megabits per second over the migration so far (`ram.mbps`).
   double mbps;
-  // Rounds finished, the paused one included once sent.
+  // Rounds finished, the paused one included once the receiver confirmed it.
   uint32_t rounds;
   // The vCPU throttle applied last, percent (`cpu-throttle-percentage`; see
   // [`pw_policy::auto_converge`]); lifted when the migration ends, this keeps its value.

@@ -77,7 +77,7 @@ pub struct pw_migration_info {
     pub dirty_pages_rate: f64,
     /// Megabits per second over the migration so far (`ram.mbps`).
     pub mbps: f64,
-    /// Rounds finished, the paused one included once sent.
+    /// Rounds finished, the paused one included once the receiver confirmed it.
     pub rounds: u32,
     /// The vCPU throttle applied last, percent (`cpu-throttle-percentage`; see
     /// [`pw_policy::auto_converge`]); lifted when the migration ends, this keeps its value.

@@ -96,14 +96,15 @@ pub struct Snapshot {
     pub status: Status,
     /// Milliseconds of setup (before round 0).
     pub setup_ms: f64,
-    /// Milliseconds since the start.
+    /// Milliseconds since the start (while it runs, up to the moment of the snapshot; once it
+    /// ended, up to its end).
     pub total_time_ms: f64,
     /// The last estimate of the downtime, in milliseconds.
     pub expected_downtime_ms: f64,
     /// Measured downtime, once the migration completed: from the pause until every channel
     /// had the destination's confirmation that it holds every page, verified.
     pub downtime_ms: Option<f64>,
-    /// Bytes put on the wire so far.
+    /// Bytes put on the wire so far (while a round runs too).
     pub transferred: u64,
     /// Pages dirty after the last round (what the next one carries).
     pub remaining: u64,
@@ -111,7 +112,7 @@ pub struct Snapshot {
     pub dirty_sync_count: u32,
     /// Dirty rate during the last round, pages per second.
     pub dirty_pages_rate: f64,
-    /// Megabits per second over the migration so far.
+    /// Megabits per second over the migration so far: `transferred` over `total_time_ms`.
     pub mbps: f64,
     /// The vCPU throttle the migration applied last, percent (QEMU's
     /// `cpu-throttle-percentage`; 0: none). It is lifted when the migration ends; a finished
@@ -122,6 +123,54 @@ pub struct Snapshot {
     pub converged: bool,
     /// Every round so far.
     pub rounds: Vec<RoundFigures>,
+}
+
+/// What a [`MigrationHandle`] reads: the snapshot published at the last step (a round's end,
+/// a change of status) and, while the migration runs, what moves between steps, read at the
+/// moment of asking.
+#[derive(Default)]
+struct Shared {
+    snapshot: Snapshot,
+    running: Option<Running>,
+}
+
+/// A running migration's clock and wire counter.
+struct Running {
+    start: Instant,
+    progress: Arc<crate::stats::Progress>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("snapshot", &self.snapshot)
+            .field("running", &self.running.is_some())
+            .finish()
+    }
+}
+
+impl Shared {
+    /// The published snapshot, its time, bytes and rate brought up to now while running.
+    fn now(&self) -> Snapshot {
+        let mut s = self.snapshot.clone();
+        if let Some(r) = &self.running {
+            s.set_totals(
+                r.start.elapsed().as_secs_f64() * 1e3,
+                r.progress
+                    .wire_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
+        }
+        s
+    }
+}
+
+impl Snapshot {
+    fn set_totals(&mut self, total_time_ms: f64, transferred: u64) {
+        self.total_time_ms = total_time_ms;
+        self.transferred = transferred;
+        self.mbps = transferred as f64 * 8.0 / 1e6 / (total_time_ms / 1e3).max(1e-6);
+    }
 }
 
 /// How a migration ended, with every figure of its last [`Snapshot`].
@@ -141,7 +190,7 @@ pub struct MigrationReport {
 pub struct MigrationHandle {
     canceller: Canceller,
     bandwidth: BandwidthLimit,
-    snapshot: Arc<Mutex<Snapshot>>,
+    shared: Arc<Mutex<Shared>>,
 }
 
 impl MigrationHandle {
@@ -164,10 +213,7 @@ impl MigrationHandle {
 
     /// Where the migration stands now.
     pub fn snapshot(&self) -> Snapshot {
-        self.snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).now()
     }
 }
 
@@ -176,7 +222,7 @@ pub struct Migration {
     sender: Sender,
     source: Box<dyn DirtySource>,
     policy: Box<dyn Policy>,
-    snapshot: Arc<Mutex<Snapshot>>,
+    shared: Arc<Mutex<Shared>>,
 }
 
 impl std::fmt::Debug for Migration {
@@ -194,7 +240,7 @@ impl Migration {
             sender,
             source,
             policy,
-            snapshot: Arc::default(),
+            shared: Arc::default(),
         }
     }
 
@@ -203,7 +249,7 @@ impl Migration {
         MigrationHandle {
             canceller: self.sender.canceller(),
             bandwidth: self.sender.bandwidth_limit(),
-            snapshot: self.snapshot.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -215,13 +261,18 @@ impl Migration {
             sender,
             mut source,
             mut policy,
-            snapshot,
+            shared,
         } = self;
         let mut run = Run {
-            snapshot,
+            shared,
             start: Instant::now(),
             rounds: Vec::new(),
         };
+        let progress = sender.progress();
+        run.lock().running = Some(Running {
+            start: run.start,
+            progress: progress.clone(),
+        });
         // The sender counts its callers' CPU only inside its own calls; a migration's side
         // also spends it between them (harvesting dirty logs, which write-protects the pages
         // again, the policy, the pause), so this thread counts whole from here, beside what
@@ -237,11 +288,7 @@ impl Migration {
         }
         // Whatever the outcome, the throttle ends with the migration (as QEMU's does): a source
         // that keeps running after a failure or a cancel runs at full speed again.
-        let throttled = run
-            .snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .cpu_throttle_percentage;
+        let throttled = run.lock().snapshot.cpu_throttle_percentage;
         if throttled > 0 {
             if let Err(e) = vmm.throttle(0) {
                 tracing::warn!("lifting the vCPU throttle failed: {e}");
@@ -252,7 +299,18 @@ impl Migration {
             Err(Error::Cancelled) => Status::Cancelled,
             Err(_) => Status::Failed,
         };
-        run.update(|s| s.status = status);
+        let mut shared = run.lock();
+        shared.snapshot.status = status;
+        // The clock stops: a completed migration keeps the figures of its confirmation (as
+        // its report does), any other keeps those of the moment it ended.
+        if shared.running.take().is_some() && status != Status::Completed {
+            let total_time_ms = run.elapsed_ms();
+            let wire = progress
+                .wire_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            shared.snapshot.set_totals(total_time_ms, wire);
+        }
+        drop(shared);
         result
     }
 }
@@ -348,14 +406,18 @@ pub const THROTTLE_PERCENT_MAX: u8 = 99;
 
 /// The state of one [`Migration::run`].
 struct Run {
-    snapshot: Arc<Mutex<Snapshot>>,
+    shared: Arc<Mutex<Shared>>,
     start: Instant,
     rounds: Vec<RoundFigures>,
 }
 
 impl Run {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn update(&self, f: impl FnOnce(&mut Snapshot)) {
-        f(&mut self.snapshot.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut self.lock().snapshot);
     }
 
     fn elapsed_ms(&self) -> f64 {
@@ -368,10 +430,8 @@ impl Run {
         let elapsed_ms = self.elapsed_ms();
         let rounds = self.rounds.clone();
         self.update(|s| {
-            s.total_time_ms = elapsed_ms;
-            s.transferred = transferred;
+            s.set_totals(elapsed_ms, transferred);
             s.dirty_sync_count += 1;
-            s.mbps = transferred as f64 * 8.0 / 1e6 / (elapsed_ms / 1e3).max(1e-6);
             s.rounds = rounds;
             if let Some(e) = estimates {
                 s.expected_downtime_ms = e.expected_downtime_ms;
@@ -494,10 +554,10 @@ impl Run {
             return Err(sender.abandon(Error::Cancelled));
         }
         let paused = Instant::now();
-        self.update(|s| s.status = Status::Device);
         if let Err(e) = vmm.pause() {
             return Err(sender.abandon(e));
         }
+        self.update(|s| s.status = Status::Device);
         let paused_ms = paused.elapsed().as_secs_f64() * 1e3;
         // What was written between the last collect and the pause.
         if let Err(e) = source.collect(&mut bitmaps) {
@@ -560,11 +620,7 @@ impl Run {
             s.downtime_ms = Some(downtime_ms);
             s.remaining = 0;
         });
-        let snapshot = self
-            .snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let snapshot = self.lock().snapshot.clone();
         Ok(MigrationReport {
             snapshot,
             converged: true,
