@@ -20,7 +20,7 @@ use pagewire::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::measure::{raw_recv_share, raw_send_share, share, Run};
+use crate::measure::{self, cores, raw_recv_share, raw_send_share, share, Run};
 
 /// Seconds the server waits for the data of one measurement.
 const MEASUREMENT_TIMEOUT_S: u64 = 300;
@@ -43,9 +43,23 @@ enum Request {
         tls: Option<Pems>,
         #[serde(default)]
         unchecked_pages: bool,
+        /// Pin the receiver's shards, one core each (the source's `--no-pin` says no).
+        #[serde(default = "yes")]
+        pin: bool,
     },
-    /// Accept `streams` raw TCP streams carrying `size` bytes in all.
-    Raw { size: u64, streams: u16 },
+    /// Accept `streams` raw TCP streams carrying `size` bytes in all, each receiving thread
+    /// pinned to a core of its own unless `pin` is false, as pagewire's shards are.
+    Raw {
+        size: u64,
+        streams: u16,
+        #[serde(default = "yes")]
+        pin: bool,
+    },
+}
+
+/// A request from a source that does not say: pinned, as before `pin` existed.
+fn yes() -> bool {
+    true
 }
 
 #[derive(Serialize, Deserialize)]
@@ -102,13 +116,13 @@ fn session(control: TcpStream, ip: IpAddr) -> Result<()> {
                 size,
                 tls,
                 unchecked_pages,
-            } => serve_pagewire(&mut writer, ip, size, tls, unchecked_pages),
-            Request::Raw { size, streams } => {
-                serve_raw(&mut writer, ip, size, streams).map(|(cpu_s, dst)| {
+                pin,
+            } => serve_pagewire(&mut writer, ip, size, tls, unchecked_pages, pin),
+            Request::Raw { size, streams, pin } => serve_raw(&mut writer, ip, size, streams, pin)
+                .map(|(cpu_s, dst)| {
                     kept = Some(dst);
                     cpu_s
-                })
-            }
+                }),
         };
         let reply = match result {
             Ok(cpu_s) => Reply::Done { cpu_s },
@@ -128,6 +142,7 @@ fn serve_pagewire(
     size: u64,
     tls: Option<Pems>,
     unchecked_pages: bool,
+    pin: bool,
 ) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let tls = match tls {
@@ -147,7 +162,7 @@ fn serve_pagewire(
         SocketAddr::new(ip, 0),
         dst,
         ReceiverConfig {
-            pinning: Pinning::Cores,
+            pinning: if pin { Pinning::Cores } else { Pinning::None },
             accept_timeout_ms: Some(MEASUREMENT_TIMEOUT_S * 1000),
             // A benchmark peer measures plaintext too, on the link the operator chose.
             insecure: tls.is_none(),
@@ -174,6 +189,7 @@ fn serve_raw(
     ip: IpAddr,
     size: u64,
     streams: u16,
+    pin: bool,
 ) -> Result<(f64, GuestMemory)> {
     let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
     let dst = GuestMemory::anonymous_populated(&[RegionSpec { gpa: 0, len: size }])?;
@@ -196,7 +212,11 @@ fn serve_raw(
         .enumerate()
         .map(|(i, c)| {
             let (offset, len) = share(total, streams, i);
-            std::thread::spawn(move || raw_recv_share(&c, dst_addr, offset, len))
+            let cores = cores(!pin);
+            std::thread::spawn(move || {
+                measure::pin(&cores, i, false);
+                raw_recv_share(&c, dst_addr, offset, len)
+            })
         })
         .collect();
     let mut cpu = 0.0;
@@ -213,11 +233,14 @@ pub struct Peer {
     host: IpAddr,
     writer: TcpStream,
     reader: BufReader<TcpStream>,
+    /// Pin both engines' threads on both hosts (no `--no-pin`).
+    pin: bool,
 }
 
 impl Peer {
-    /// Opens a control connection to `addr`.
-    pub fn connect(addr: &str) -> Result<Peer> {
+    /// Opens a control connection to `addr`; `pin`: both engines' threads pinned, one core
+    /// each, on both hosts (raw TCP's as pagewire's shards).
+    pub fn connect(addr: &str, pin: bool) -> Result<Peer> {
         let control = TcpStream::connect(addr)
             .with_context(|| format!("connecting to the bench server at {addr}"))?;
         control.set_read_timeout(Some(Duration::from_secs(MEASUREMENT_TIMEOUT_S)))?;
@@ -225,6 +248,7 @@ impl Peer {
             host: control.peer_addr()?.ip(),
             writer: control.try_clone()?,
             reader: BufReader::new(control),
+            pin,
         })
     }
 
@@ -266,6 +290,7 @@ impl Peer {
                 size: src.total_bytes(),
                 tls: pems,
                 unchecked_pages: !page_checksums,
+                pin: self.pin,
             },
         )?;
         let addr = self.expect_port()?;
@@ -275,6 +300,11 @@ impl Peer {
             tls: tls.map(|t| t.0.clone()),
             compression,
             page_checksums,
+            pinning: if self.pin {
+                Pinning::Cores
+            } else {
+                Pinning::None
+            },
             ..SenderConfig::default()
         };
         let start = Instant::now();
@@ -299,6 +329,7 @@ impl Peer {
             &Request::Raw {
                 size: total as u64,
                 streams,
+                pin: self.pin,
             },
         )?;
         let addr = self.expect_port()?;
@@ -314,7 +345,11 @@ impl Peer {
             .enumerate()
             .map(|(i, c)| {
                 let (offset, len) = share(total, n, i);
-                std::thread::spawn(move || raw_send_share(&c, src_addr, offset, len))
+                let cores = cores(!self.pin);
+                std::thread::spawn(move || {
+                    measure::pin(&cores, i, false);
+                    raw_send_share(&c, src_addr, offset, len)
+                })
             })
             .collect();
         let mut sender_cpu_s = 0.0;

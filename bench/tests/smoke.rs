@@ -158,6 +158,8 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
             "{c}"
         );
         assert!(c["pagewire_over_raw_tcp"].as_f64().unwrap() > 0.0, "{c}");
+        // Zero-copy `auto` starts with zero-copy sends: whether the kernel copied them is known.
+        assert!(c["zero_copy_copied_by_kernel"].is_boolean(), "{c}");
     }
     assert!(v["ceilings"]["dram_read_scan_gib_s"].as_f64().unwrap() > 0.0);
     for f in [
@@ -187,6 +189,8 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
             "--reps",
             "1",
             "--no-pin",
+            "--zero-copy",
+            "off",
             "--json",
             "--content",
         ])
@@ -206,6 +210,12 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
         .as_str()
         .unwrap()
         .starts_with("file:"));
+    // No zero-copy send was made, so none was copied by the kernel either.
+    assert!(
+        v["cells"][0]["zero_copy_copied_by_kernel"].is_null(),
+        "{}",
+        v["cells"][0]
+    );
 
     // A combination that cannot be measured is refused with a message, not skipped.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))

@@ -138,7 +138,9 @@ struct Cell {
     raw_tcp_gib_per_s: f64,
     pagewire_over_raw_tcp: f64,
     wire_bytes: u64,
-    zero_copy_copied_by_kernel: bool,
+    /// Every zero-copy send was copied by the kernel (loopback, veth: every shard fell back to
+    /// plain sends); `None` where no zero-copy send was made (`--zero-copy off`).
+    zero_copy_copied_by_kernel: Option<bool>,
     /// QEMU multifd on the same memory and settings (`--with-qemu`), its own counters.
     qemu: Option<QemuCell>,
     /// pagewire's median throughput over QEMU's.
@@ -253,6 +255,8 @@ struct CellRuns {
     wire_bytes: u64,
     /// Some zero-copy send went out from our pages instead of being copied by the kernel.
     sent_zero_copy: bool,
+    /// Some zero-copy send was made at all.
+    tried_zero_copy: bool,
 }
 
 impl CellRuns {
@@ -260,6 +264,7 @@ impl CellRuns {
         self.pagewire.push(run);
         self.wire_bytes = stats.transferred_bytes;
         self.sent_zero_copy |= stats.zero_copy.completed != stats.zero_copy.copied;
+        self.tried_zero_copy |= stats.zero_copy.completed > 0;
     }
 }
 
@@ -288,7 +293,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     let local_pki = pki.as_ref().map(|p| (p.0.clone(), p.1.clone()));
     // Two hosts: the destination runs `pagewire-bench serve`; every receiver is started there.
     let mut peer = match &a.peer {
-        Some(addr) => Some(crate::remote::Peer::connect(addr)?),
+        Some(addr) => Some(crate::remote::Peer::connect(addr, !a.net.no_pin)?),
         None => None,
     };
 
@@ -568,7 +573,7 @@ fn cell(
         raw_tcp_gib_per_s: raw_med,
         pagewire: s,
         wire_bytes: m.wire_bytes,
-        zero_copy_copied_by_kernel: !m.sent_zero_copy,
+        zero_copy_copied_by_kernel: m.tried_zero_copy.then_some(!m.sent_zero_copy),
     }
 }
 

@@ -60,7 +60,11 @@ pub(super) fn markdown(r: &Results) -> String {
             cell.pagewire.sender_cpu_s_per_gib,
             cell.pagewire.receiver_cpu_s_per_gib,
             cell.wire_bytes as f64 / (1 << 20) as f64,
-            if cell.zero_copy_copied_by_kernel { "yes" } else { "no" },
+            match cell.zero_copy_copied_by_kernel {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            },
             cell.qemu.as_ref().map_or("-".into(), |q| format!(
                 "{:.2} [{:.2}..{:.2}]",
                 q.summary.gib_per_s_median, q.summary.gib_per_s_min, q.summary.gib_per_s_max
