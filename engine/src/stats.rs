@@ -108,7 +108,9 @@ pub struct TransferStats {
     /// it waited for the sender's channels (see `ReceiverConfig::prefault`); pages it had not
     /// reached by then faulted on first touch (`page_faults_minor`).
     pub prefault_ms: f64,
-    /// Bytes on the wire, headers included (`transferred`).
+    /// Bytes on the wire, headers included (`transferred`): frames, as sent. Under TLS the
+    /// sender counts the records that carry them, framing included; the receiver, which
+    /// opens them, counts the frames inside.
     pub transferred_bytes: u64,
     /// Pages sent with their contents (`normal`).
     pub normal_pages: u64,

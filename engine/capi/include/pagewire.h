@@ -174,7 +174,7 @@ typedef struct {
   // The measured downtime once completed, from the pause to the receiver's confirmation
   // (`downtime`); negative before.
   double downtime_ms;
-  // Bytes put on the wire, counted at the end of each round (`ram.transferred`).
+  // Bytes put on the wire so far, a running round's included (`ram.transferred`).
   uint64_t transferred_bytes;
   // Pages dirty after the last round: what the next one carries (`ram.remaining`, in pages).
   uint64_t remaining_pages;

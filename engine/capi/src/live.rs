@@ -67,7 +67,7 @@ pub struct pw_migration_info {
     /// The measured downtime once completed, from the pause to the receiver's confirmation
     /// (`downtime`); negative before.
     pub downtime_ms: f64,
-    /// Bytes put on the wire, counted at the end of each round (`ram.transferred`).
+    /// Bytes put on the wire so far, a running round's included (`ram.transferred`).
     pub transferred_bytes: u64,
     /// Pages dirty after the last round: what the next one carries (`ram.remaining`, in pages).
     pub remaining_pages: u64,

@@ -344,6 +344,8 @@ impl RecvShard {
         }
         let len = self.frame.payload_bytes as usize;
         self.read_body(len)?;
+        self.stats.wire_bytes += len as u64;
+        add(&self.p.progress.wire_bytes, len as u64);
         let pushed = self.blobs.push(&self.unpacked[..len]);
         pushed.map_err(|e| self.protocol(e))
     }
