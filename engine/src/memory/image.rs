@@ -43,8 +43,9 @@ pub struct ImageFile {
     path: std::path::PathBuf,
     /// The temporary name of a new image.
     temp: Option<std::path::PathBuf>,
-    /// The marker beside an existing image.
-    marker: Option<std::path::PathBuf>,
+    /// The marker beside an existing image, and the text of the one an earlier failed run
+    /// left there, if any.
+    marker: Option<(std::path::PathBuf, Option<String>)>,
     memory: std::sync::Arc<GuestMemory>,
     settled: bool,
 }
@@ -103,6 +104,10 @@ impl ImageFile {
             .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
             .len();
         reserve(&file, path, len)?;
+        // An earlier run's marker says the image is incomplete; it is kept to be put back if
+        // this run writes nothing. (Its name is guessable: read without following a link.)
+        let earlier = read_marker(&marker)
+            .map_err(|e| Error::io(format!("reading the marker {}", marker.display()), e))?;
         write_durably(
             &marker,
             &format!(
@@ -111,13 +116,12 @@ impl ImageFile {
             ),
         )
         .map_err(|e| Error::io(format!("writing the marker {}", marker.display()), e))?;
-        let memory = GuestMemory::map_file(&file, path, true).inspect_err(|_| {
-            let _ = std::fs::remove_file(&marker);
-        })?;
+        let memory = GuestMemory::map_file(&file, path, true)
+            .inspect_err(|_| restore_marker(&marker, earlier.as_deref()))?;
         Ok(ImageFile {
             path: path.to_path_buf(),
             temp: None,
-            marker: Some(marker),
+            marker: Some((marker, earlier)),
             memory: std::sync::Arc::new(memory),
             settled: false,
         })
@@ -156,7 +160,7 @@ impl ImageFile {
                 }
             }
         }
-        if let Some(marker) = &self.marker {
+        if let Some((marker, _)) = &self.marker {
             std::fs::remove_file(marker)
                 .map_err(|e| Error::io(format!("removing the marker {}", marker.display()), e))?;
         }
@@ -171,15 +175,15 @@ impl ImageFile {
     }
 
     /// After a failure before any page arrived (nothing listened, no sender came): nothing was
-    /// written, so a new image is removed and an existing one is left as it was, without a
-    /// marker that would call it incomplete.
+    /// written, so a new image is removed and an existing one is left as it was: with the
+    /// marker an earlier failed run left (its text put back), else without one.
     pub fn untouched(mut self) {
         self.settled = true;
         if let Some(temp) = &self.temp {
             let _ = std::fs::remove_file(temp);
         }
-        if let Some(marker) = &self.marker {
-            let _ = std::fs::remove_file(marker);
+        if let Some((marker, earlier)) = &self.marker {
+            restore_marker(marker, earlier.as_deref());
         }
     }
 
@@ -191,10 +195,10 @@ impl ImageFile {
         if let Some(temp) = &self.temp {
             let _ = std::fs::remove_file(temp);
         }
-        if let Some(marker) = &self.marker {
-            let _ = std::fs::write(
+        if let Some((marker, _)) = &self.marker {
+            let _ = write_marker(
                 marker,
-                format!(
+                &format!(
                     "pagewire failed to receive {}: {reason}\nThe image is NOT complete.\n",
                     self.path.display()
                 ),
@@ -203,11 +207,56 @@ impl ImageFile {
     }
 }
 
-/// Writes `text` to a new file at `path` and syncs it and its directory, so that it is on disk
+/// The text of the marker at `path`, if there is one (`O_NOFOLLOW`: a symbolic link planted
+/// under its guessable name is an error, not followed).
+fn read_marker(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    match opened {
+        Ok(mut f) => {
+            let mut text = String::new();
+            f.read_to_string(&mut text)?;
+            Ok(Some(text))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the marker at `path` to write it anew, never through a symbolic link.
+fn open_marker(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Writes `text` into the marker at `path` (best effort after a failure).
+fn write_marker(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    open_marker(path)?.write_all(text.as_bytes())
+}
+
+/// Leaves the marker at `path` as it was before this run: `earlier`'s text, or none.
+fn restore_marker(path: &Path, earlier: Option<&str>) {
+    let _ = match earlier {
+        Some(text) => write_marker(path, text),
+        None => std::fs::remove_file(path),
+    };
+}
+
+/// Writes `text` to the marker at `path` and syncs it and its directory, so that it is on disk
 /// before anything that relies on it.
 fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = File::create(path)?;
+    let mut f = open_marker(path)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -190,6 +190,34 @@ fn images_get_their_name_only_when_committed() {
     assert!(!marker.exists());
 }
 
+/// A failed run leaves its marker beside the half-written image; a retry that then fails
+/// before any page arrived (no sender came, the port was taken) must leave that marker, since
+/// the image is as incomplete as before. And the marker's guessable name is never followed
+/// through a symbolic link planted under it.
+#[test]
+fn an_earlier_failure_s_marker_outlives_a_retry_that_received_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.img");
+    std::fs::write(&path, vec![1u8; 4 * 4096]).unwrap();
+    let marker = dir.path().join("vm.img.pagewire-incomplete");
+    ImageFile::open_existing(&path)
+        .unwrap()
+        .fail("the sender vanished");
+    let earlier = std::fs::read_to_string(&marker).unwrap();
+    ImageFile::open_existing(&path).unwrap().untouched();
+    assert_eq!(std::fs::read_to_string(&marker).ok(), Some(earlier));
+    // Without an earlier marker, a run that received nothing leaves none.
+    std::fs::remove_file(&marker).unwrap();
+    ImageFile::open_existing(&path).unwrap().untouched();
+    assert!(!marker.exists());
+
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, &marker).unwrap();
+    assert!(ImageFile::open_existing(&path).is_err());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+}
+
 #[test]
 #[should_panic(expected = "outside region")]
 fn out_of_bounds_access_panics_instead_of_writing() {
