@@ -10,9 +10,11 @@
 //!             last collect), send those pages as a stable round
 //!  device     the VMM's device state (Vmm::device_state) as tagged blobs
 //!  finish     end the stream; the receiver confirms only when every page of the layout was
-//!             placed intact (a page torn by a vCPU write in a live round is left un-placed
-//!             and must arrive again), and the rounds' barrier keeps an older copy of a page
-//!             from ever landing after a newer one
+//!             placed, and the rounds' barrier keeps an older copy of a page from ever
+//!             landing after a newer one. A page torn by a vCPU write in a live round is in
+//!             the next collect, so a later round (at the latest the stable one) carries it
+//!             again; where its plaintext checksum shows the tear, the receiver also leaves it
+//!             un-placed until then
 //! ```
 //! Downtime is measured from the pause to the receiver's confirmation. The policy is
 //! replaceable ([`policy::Policy`]); [`Migration::handle`] gives another thread a

@@ -85,6 +85,8 @@ pub struct Sender {
     finished: bool,
     /// Device state went out: it is the guest's at the pause, so no round may follow it.
     device_state_sent: bool,
+    /// The last round sent was a live one (see `finish`).
+    last_round_live: bool,
     defer_taskrun: bool,
     bandwidth: BandwidthLimit,
     /// The last round the receiver placed on every channel.
@@ -154,9 +156,13 @@ impl Sender {
     }
 
     /// Like [`send_round`](Self::send_round), for a pre-copy round while vCPUs run: a page
-    /// written during its send may arrive torn, which its payload checksum shows, so the
-    /// receiver leaves such pages un-placed instead of failing (the dirty log resends them; a
-    /// page never resent intact fails the final check).
+    /// written during its send may arrive torn. The dirty log names every such page, so the
+    /// caller sends it again in a later round, and the stream must end with a stable round
+    /// ([`send_round`](Self::send_round), vCPUs paused) carrying whatever was written since
+    /// the last collect. Where a plaintext page's checksum shows the tear, the receiver leaves
+    /// the page un-placed (and refuses the transfer if it never comes again intact); a page
+    /// sealed by TLS or compressed is read once, so its record or checksum matches whatever
+    /// mix of old and new bytes it read, and only the stable round makes it right.
     pub fn send_live_round(&mut self, runs: &[PageRun]) -> Result<RoundStats> {
         self.send_round_with(runs, true)
     }
@@ -176,6 +182,7 @@ impl Sender {
         let started = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
         let pages = check_runs(&self.memory, runs)?;
+        self.last_round_live = live;
         crate::stats::add(&self.progress.pages_total, pages);
         let n = self.shards.len();
         for (region, runs) in pack_chunks(runs) {
@@ -269,6 +276,11 @@ impl Sender {
     /// and returns the sender's statistics.
     pub fn finish(mut self) -> Result<TransferStats> {
         self.finished = true;
+        if self.last_round_live {
+            tracing::warn!(
+                "the stream ends on a live round: a page written during it may have arrived torn (end with a stable round, vCPUs paused)"
+            );
+        }
         let cpu_start = crate::sys::thread_cpu_time();
         for i in 0..self.shards.len() {
             if let Err(e) = self.send_to(i, Work::Finish) {

@@ -190,6 +190,7 @@ impl Sender {
             rounds: Vec::new(),
             finished: false,
             device_state_sent: false,
+            last_round_live: false,
             defer_taskrun: caps.defer_taskrun,
             bandwidth,
             placed: None,
