@@ -27,7 +27,8 @@ pub struct LiveArgs {
     /// Live rounds at most before a run gives up (not converged).
     #[arg(long, default_value_t = 30)]
     pub(super) rounds_max: u32,
-    /// Milliseconds of pre-copy at most before a run gives up (not converged).
+    /// How long pre-copy may run before a run gives up (not converged), e.g. `15s` (a bare
+    /// number is seconds).
     #[arg(long, default_value = "20s", value_parser = pagewire::units::parse_duration_ms)]
     pub(super) time_max: u64,
     /// Repetitions of every cell (interleaved).

@@ -147,8 +147,8 @@ struct CommonArgs {
     /// Print statistics as one JSON object (errors too: {"error": ..., "cause": ...}).
     #[arg(long)]
     json: bool,
-    /// On a non-terminal, print one JSON progress line per second, then the statistics as the
-    /// last line (like iperf3's --json-stream).
+    /// Print one JSON progress line per second (instead of the progress bar), then the
+    /// statistics as the last line (like iperf3's --json-stream).
     #[arg(long)]
     json_stream: bool,
 }
