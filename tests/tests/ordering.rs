@@ -127,19 +127,36 @@ fn overlapping_or_unsorted_runs_in_one_round_are_refused() {
             pages: 10,
         },
     ];
-    assert!(sender.send_round(&overlapping).is_err());
+    let refused = |sender: &mut Sender, runs: &[PageRun], why: &str| {
+        let err = sender.send_round(runs).unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    };
+    refused(&mut sender, &overlapping, "sorted and disjoint");
+    let unsorted = [
+        PageRun {
+            region: 0,
+            first_page: 5,
+            pages: 1,
+        },
+        PageRun {
+            region: 0,
+            first_page: 0,
+            pages: 1,
+        },
+    ];
+    refused(&mut sender, &unsorted, "sorted and disjoint");
     let outside = [PageRun {
         region: 0,
         first_page: 250,
         pages: 10,
     }];
-    assert!(sender.send_round(&outside).is_err());
+    refused(&mut sender, &outside, "outside region 0");
     let wrong_region = [PageRun {
         region: 1,
         first_page: 0,
         pages: 1,
     }];
-    assert!(sender.send_round(&wrong_region).is_err());
+    refused(&mut sender, &wrong_region, "names region 1");
     sender.send_all().unwrap();
     sender.finish().unwrap();
     join_within(rx, Duration::from_secs(30), "receiver").unwrap();
