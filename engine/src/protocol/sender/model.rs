@@ -51,6 +51,10 @@ pub enum Step {
     KeyUpdate(bool),
     /// The driver asks whether a key update is due.
     TakeKeyUpdate,
+    /// The receiver says what a well-behaved one says next: the round placement owed, else
+    /// `Done` once the end is built, else (TLS) its close_notify after `Done`; else nothing
+    /// happens. Random messages mostly end a run with a fault; these carry runs to the end.
+    Answer,
 }
 
 /// What the docs say the channel is, in milliseconds from its start.
@@ -77,6 +81,19 @@ struct Model {
 }
 
 impl Model {
+    /// The step a well-behaved receiver takes now (see [`Step::Answer`]).
+    fn answer(&self) -> Step {
+        if self.placement_pending() {
+            Step::Placed(1)
+        } else if self.end_built && self.confirmation == Confirmation::Awaiting {
+            Step::Done
+        } else if self.tls && self.confirmation == Confirmation::Done {
+            Step::CloseNotify
+        } else {
+            Step::Progressed
+        }
+    }
+
     fn placement_pending(&self) -> bool {
         self.next_placed < self.rounds_ended && self.confirmation == Confirmation::Awaiting
     }
@@ -129,8 +146,8 @@ impl Model {
 
 /// Runs `steps` on a fresh machine and on the model; `Err` names the first step where they
 /// disagree. A step the machine refuses with a fault the model expects ends the run (a shard
-/// fails the channel there).
-pub fn run(tls: bool, idle_ms: u64, keepalive_ms: u64, steps: &[Step]) -> Result<(), String> {
+/// fails the channel there). `Ok(true)`: the channel was complete at the end.
+pub fn run(tls: bool, idle_ms: u64, keepalive_ms: u64, steps: &[Step]) -> Result<bool, String> {
     let start = Instant::now();
     let at = |ms: u64| start + Duration::from_millis(ms);
     let mut m = SenderMachine::new(
@@ -160,6 +177,10 @@ pub fn run(tls: bool, idle_ms: u64, keepalive_ms: u64, steps: &[Step]) -> Result
     };
     let mut frame = Frame::default();
     for (i, &step) in steps.iter().enumerate() {
+        let step = match step {
+            Step::Answer => w.answer(),
+            s => s,
+        };
         let now = at(w.now_ms);
         let builds = matches!(
             step,
@@ -313,7 +334,7 @@ pub fn run(tls: bool, idle_ms: u64, keepalive_ms: u64, steps: &[Step]) -> Result
         };
         if fault.is_some() {
             // The driver fails the channel here.
-            return Ok(());
+            return Ok(false);
         }
         let now = at(w.now_ms);
         let keepalive_in =
@@ -343,5 +364,5 @@ pub fn run(tls: bool, idle_ms: u64, keepalive_ms: u64, steps: &[Step]) -> Result
             ));
         }
     }
-    Ok(())
+    Ok(m.complete())
 }
