@@ -168,7 +168,7 @@ fn ram_files_on_a_huge_page_tmpfs_are_mapped_with_huge_pages() {
     let tmpfs = match HugeTmpfs::mount() {
         Ok(t) => t,
         Err(why) => {
-            println!("skipped: {why}");
+            eprintln!("SKIPPED: {why}");
             return;
         }
     };
@@ -268,7 +268,7 @@ fn ram_files_on_hugetlbfs_are_destinations_and_sources() {
     let fs = match Hugetlbfs::mount() {
         Ok(fs) => fs,
         Err(why) => {
-            println!("skipped: {why}");
+            eprintln!("SKIPPED: {why}");
             return;
         }
     };

@@ -181,7 +181,7 @@ fn page_faults_are_counted_on_a_destination_not_faulted_in() {
         if prefault_first {
             let go = std::sync::atomic::AtomicBool::new(false);
             if !dst.prefault_in_parallel(2, &go).unwrap() {
-                println!("skipped the pre-faulted half: MADV_POPULATE_WRITE is not supported");
+                eprintln!("SKIPPED (the pre-faulted half): MADV_POPULATE_WRITE is not supported");
                 break;
             }
         }
@@ -221,7 +221,7 @@ fn the_congestion_control_asked_for_is_used_and_reported() {
         return;
     }
     let Some((default, offered)) = pagewire::sys::host_congestion() else {
-        println!("SKIPPED: /proc does not list TCP congestion control algorithms");
+        eprintln!("SKIPPED: /proc does not list TCP congestion control algorithms");
         return;
     };
     // Reno is part of the TCP core: every kernel has it.

@@ -186,7 +186,7 @@ fn plan_from_a_hwloc_xml_file() {
 #[test]
 fn sweep_against_serve_writes_a_profile_that_loads() {
     if let Err(e) = pagewire::probe_uring() {
-        println!("skipped: io_uring is not usable here: {e}");
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
         return;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -1037,7 +1037,7 @@ fn a_closed_json_stream_cancels_the_transfer_and_cleans_up() {
 #[test]
 fn a_profile_from_another_host_serves_with_its_congestion_replaced() {
     let Ok(default) = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control") else {
-        eprintln!("skipped: this kernel does not say its congestion control");
+        eprintln!("SKIPPED: this kernel does not say its congestion control");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
