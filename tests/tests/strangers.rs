@@ -233,8 +233,9 @@ fn a_hello_dripped_a_byte_at_a_time_is_cut_off_at_the_handshake_bound() {
     }
     // (A write to a socket whose peer shut down succeeds once, then fails.)
     let cut_after = cut_after.expect("the dripping connection was never cut off");
+    // Cut by the bound, not by something else earlier (a read timeout, a refused hello).
     assert!(
-        cut_after < bound + Duration::from_secs(5),
+        cut_after >= bound - Duration::from_secs(1) && cut_after < bound + Duration::from_secs(5),
         "cut off after {cut_after:?}"
     );
     let mut s = Sender::connect(
