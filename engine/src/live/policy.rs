@@ -185,7 +185,20 @@ impl Estimates {
         let last_tail_ms = tail_of(last);
         let tail_ms = median_tail_ms(rounds, tail_of).unwrap_or(last_tail_ms);
         let streaming_s = ((last.ms - last_tail_ms) / 1e3).max(1e-6);
-        let streaming_pages_per_s = (last.pages as f64 / streaming_s).max(1.0);
+        let mut streaming_pages_per_s = (last.pages as f64 / streaming_s).max(1.0);
+        // A round that fits in the socket buffers is handed to the kernel at memory speed, so
+        // its pages-before-the-tail rate says nothing about moving more than it did: more pages
+        // than the last round are costed at no more than the best rate any round delivered,
+        // tail included (on a slow link, round 0's). On the loopback runs of session 30's
+        // grids (544) this changed no estimate; it keeps a small last round from pricing a
+        // large remainder at memory speed behind a link.
+        if remaining_pages > last.pages {
+            let delivered_pages_per_s = rounds
+                .iter()
+                .map(|r| r.pages as f64 / (r.ms / 1e3).max(1e-6))
+                .fold(1.0, f64::max);
+            streaming_pages_per_s = streaming_pages_per_s.min(delivered_pages_per_s);
+        }
         let paused_speedup = last.paused_speedup();
         Estimates {
             bandwidth_bytes_per_s: last.bandwidth_bytes_per_s(),

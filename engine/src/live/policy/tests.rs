@@ -236,6 +236,40 @@ fn the_tail_added_is_the_median_seen_and_the_rate_is_the_last_rounds() {
     assert!(Estimates::after(&[], 500).expected_downtime_ms.is_finite());
 }
 
+/// A last round small enough for the socket buffers was handed to the kernel almost at once
+/// (0.5 ms of its 20, the rest its tail); a remainder fifty times its size cannot move at
+/// that speed behind a link that carried round 0 at 30 pages per ms.
+#[test]
+fn a_remainder_larger_than_the_last_round_is_costed_at_no_more_than_a_delivered_rate() {
+    let r0 = RoundFigures {
+        round: 0,
+        pages: 262_144,
+        ms: 8600.0,
+        tail_ms: 30.0,
+        ..RoundFigures::default()
+    };
+    let r1 = RoundFigures {
+        round: 1,
+        pages: 500,
+        ms: 20.0,
+        tail_ms: 19.5,
+        ..RoundFigures::default()
+    };
+    let e = Estimates::after(&[r0, r1], 25_000);
+    // 25000 pages at round 0's 30.5 pages per ms: 820 ms, plus the median tail.
+    let want = 25_000.0 / (262_144.0 / 8600.0) + 24.75;
+    assert!(
+        (e.expected_downtime_ms - want).abs() < 1e-6,
+        "{e:?}, want {want}"
+    );
+    // A remainder the last round's size or less keeps its streaming rate.
+    let e = Estimates::after(&[r0, r1], 500);
+    assert!(
+        (e.expected_downtime_ms - (0.5 + 24.75)).abs() < 1e-9,
+        "{e:?}"
+    );
+}
+
 fn loaded(guest: f64, busy: f64, cpus: u32, threads: u32) -> RoundFigures {
     RoundFigures {
         guest_cpus: Some(guest),
