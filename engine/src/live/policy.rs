@@ -277,7 +277,8 @@ pub struct DowntimeLimit {
     pub downtime_limit_ms: u64,
     /// Live rounds at most (round 0 included) before giving up.
     pub rounds_max: u32,
-    /// Milliseconds of pre-copy at most before giving up.
+    /// Milliseconds of pre-copy before giving up, checked after each round: a round under way
+    /// when it passes (a large round 0 behind a low bandwidth limit, say) runs to its end.
     pub total_ms_max: u64,
 }
 
