@@ -67,6 +67,12 @@ pub const REGISTERED_BUFFER_BYTES_MAX: usize = 1 << 30;
 /// Registered buffers per ring: one header slab plus 1 GiB pieces of guest memory (1 TiB).
 pub const REGISTERED_BUFFERS_MAX: usize = 1 + 1024;
 
+/// Guest memory a shard registers as fixed buffers at most, bytes. Registering pins and faults
+/// in all of it, on every channel's ring, at up to a second per GiB, while the shard sends
+/// nothing (not even keepalives): a larger guest sends zero-copy without fixed buffers (the
+/// kernel pins each send's pages instead) rather than stall its channels past the idle bound.
+pub const REGISTER_GUEST_BYTES_MAX: u64 = 8 << 30;
+
 /// Frames a sender shard may have between "header written" and "buffer free again" (which, with
 /// zero-copy sends, is the kernel's notification). Bounds the shard's header slab.
 pub const SHARD_FRAMES_IN_FLIGHT_MAX: usize = 16;

@@ -201,12 +201,38 @@ impl SendShard {
             );
             self.zc = ZcState::Plain;
             self.stats.zc_fallback = true;
-        } else if self.tls.is_none() {
+        } else if self.tls.is_none() && registers_guest_memory(self.memory.total_bytes()) {
             // Registering pins and faults in all of guest memory (up to a second per GiB); with
             // DEFER_TASKRUN nothing in flight progresses meanwhile, so wait until nothing is.
             self.zc = ZcState::RegisterPending;
         } else {
+            if self.tls.is_none() {
+                tracing::info!(
+                    channel = self.channel,
+                    "guest memory is larger than {} GiB: zero-copy sends without fixed buffers (registering it would stall the channel)",
+                    REGISTER_GUEST_BYTES_MAX >> 30
+                );
+            }
             self.zc = ZcState::ZeroCopy;
         }
+    }
+}
+
+/// Whether a shard registers guest memory of `total_bytes` as fixed buffers (see
+/// [`REGISTER_GUEST_BYTES_MAX`]).
+fn registers_guest_memory(total_bytes: u64) -> bool {
+    total_bytes <= REGISTER_GUEST_BYTES_MAX
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_memory_is_registered_only_up_to_the_bound() {
+        assert!(registers_guest_memory(1 << 30));
+        assert!(registers_guest_memory(REGISTER_GUEST_BYTES_MAX));
+        assert!(!registers_guest_memory(REGISTER_GUEST_BYTES_MAX + 4096));
+        assert!(!registers_guest_memory(4 << 40));
     }
 }

@@ -30,8 +30,8 @@ use crate::config::ZeroCopy;
 use crate::error::{Error, Result};
 use crate::limits::{
     CHAIN_FRAMES_MAX, CONTROL_BYTES, DEVICE_CHUNK_BYTES_MAX, FRAME_HEADER_BYTES_MAX,
-    FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, RING_WAIT_SLICE_MS,
-    SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
+    FRAME_PAYLOAD_BYTES_MAX, FRAME_RUNS_MAX, PAGE_BYTES, REGISTER_GUEST_BYTES_MAX,
+    RING_WAIT_SLICE_MS, SHARD_FRAMES_IN_FLIGHT_MAX, ZC_PROBE_SENDS,
 };
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::{Auto, Codec, Compression, Compressor};
