@@ -141,6 +141,18 @@ fn a_receiver_whose_handed_in_connections_all_ended_says_so() {
         pagewire::error_chain(&err)
     };
 
+    // A sender over `clients` (as many channels as connections), on its own thread.
+    let start_sender = |clients: Vec<Stream>, specs: &[RegionSpec]| {
+        let src = Arc::new(GuestMemory::anonymous(specs).unwrap());
+        std::thread::spawn(move || {
+            let config = SenderConfig {
+                pinning: Pinning::None,
+                ..SenderConfig::default()
+            };
+            Sender::over_streams(clients, src, &config).map(drop)
+        })
+    };
+
     let (clients, servers) = pairs(1, true);
     drop(clients);
     let text = run(servers);
@@ -151,19 +163,7 @@ fn a_receiver_whose_handed_in_connections_all_ended_says_so() {
         gpa: 0,
         len: 2 << 20,
     }];
-    let src = Arc::new(GuestMemory::anonymous(&other).unwrap());
-    let tx = std::thread::spawn(move || {
-        Sender::over_streams(
-            clients,
-            src,
-            &SenderConfig {
-                channels: 1,
-                pinning: Pinning::None,
-                ..SenderConfig::default()
-            },
-        )
-        .map(drop)
-    });
+    let tx = start_sender(clients, &other);
     let text = run(servers);
     assert!(
         text.contains("handed-in connections") && text.contains("layout"),
@@ -173,18 +173,7 @@ fn a_receiver_whose_handed_in_connections_all_ended_says_so() {
 
     let (clients, mut servers) = pairs(3, true);
     drop(servers.pop());
-    let src = Arc::new(GuestMemory::anonymous(&specs).unwrap());
-    let tx = std::thread::spawn(move || {
-        Sender::over_streams(
-            clients,
-            src,
-            &SenderConfig {
-                pinning: Pinning::None,
-                ..SenderConfig::default()
-            },
-        )
-        .map(drop)
-    });
+    let tx = start_sender(clients, &specs);
     let text = run(servers);
     assert!(text.contains("2 of 3"), "{text}");
     assert!(join_within(tx, Duration::from_secs(5), "sender").is_err());
