@@ -207,6 +207,9 @@ impl ImageFile {
     }
 }
 
+/// Bytes of an earlier marker kept to be put back (see [`read_marker`]).
+const MARKER_BYTES_MAX: u64 = 64 << 10;
+
 /// The text of the marker at `path`, if there is one (`O_NOFOLLOW`: a symbolic link planted
 /// under its guessable name is an error, not followed).
 fn read_marker(path: &Path) -> std::io::Result<Option<String>> {
@@ -217,10 +220,12 @@ fn read_marker(path: &Path) -> std::io::Result<Option<String>> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path);
     match opened {
-        Ok(mut f) => {
-            let mut text = String::new();
-            f.read_to_string(&mut text)?;
-            Ok(Some(text))
+        Ok(f) => {
+            // Ours are a line or two; whatever else lies there is kept to its first KiBs, as
+            // text, however it was encoded.
+            let mut bytes = Vec::new();
+            f.take(MARKER_BYTES_MAX).read_to_end(&mut bytes)?;
+            Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),

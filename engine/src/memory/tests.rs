@@ -206,6 +206,10 @@ fn an_earlier_failure_s_marker_outlives_a_retry_that_received_nothing() {
     let earlier = std::fs::read_to_string(&marker).unwrap();
     ImageFile::open_existing(&path).unwrap().untouched();
     assert_eq!(std::fs::read_to_string(&marker).ok(), Some(earlier));
+    // One that is not text (another tool's, say) does not stop the run, and stays.
+    std::fs::write(&marker, b"\xff\xfe not ours\n").unwrap();
+    ImageFile::open_existing(&path).unwrap().untouched();
+    assert!(std::fs::read(&marker).unwrap().ends_with(b" not ours\n"));
     // Without an earlier marker, a run that received nothing leaves none.
     std::fs::remove_file(&marker).unwrap();
     ImageFile::open_existing(&path).unwrap().untouched();
