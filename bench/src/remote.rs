@@ -207,12 +207,13 @@ fn serve_raw(
     for _ in 0..streams {
         conns.push(listener.accept()?.0);
     }
+    let all_cores = cores(!pin);
     let threads: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
             let (offset, len) = share(total, streams, i);
-            let cores = cores(!pin);
+            let cores = all_cores.clone();
             std::thread::spawn(move || {
                 measure::pin(&cores, i, false);
                 raw_recv_share(&c, dst_addr, offset, len)
@@ -340,12 +341,13 @@ impl Peer {
             conns.push(TcpStream::connect(addr)?);
         }
         let src_addr = src.regions()[0].host_addr() as usize;
+        let all_cores = cores(!self.pin);
         let threads: Vec<_> = conns
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
                 let (offset, len) = share(total, n, i);
-                let cores = cores(!self.pin);
+                let cores = all_cores.clone();
                 std::thread::spawn(move || {
                     measure::pin(&cores, i, false);
                     raw_send_share(&c, src_addr, offset, len)

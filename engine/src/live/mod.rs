@@ -24,6 +24,7 @@ pub mod autoconverge;
 pub mod dirtier;
 pub mod guestcode;
 pub mod policy;
+mod snapshot;
 #[cfg(feature = "kvm")]
 pub mod tinyguest;
 
@@ -38,6 +39,8 @@ use crate::stats::TransferStats;
 
 pub use autoconverge::{AutoConverge, Throttling};
 pub use policy::{Decision, DowntimeLimit, Estimates, Policy, PolicyView, RoundFigures};
+use snapshot::{Running, Shared};
+pub use snapshot::{Snapshot, Status};
 
 /// What the migration needs of the VMM on the source.
 pub trait Vmm {
@@ -69,109 +72,6 @@ pub trait Vmm {
     fn throttle(&mut self, percent: u8) -> Result<bool> {
         let _ = percent;
         Ok(false)
-    }
-}
-
-/// Where a migration stands (QEMU's `query-migrate` status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Status {
-    /// Not started.
-    #[default]
-    Setup,
-    /// Pre-copy rounds run while the guest runs.
-    Active,
-    /// The guest is paused; the last round is on its way.
-    Device,
-    /// The receiver confirmed everything.
-    Completed,
-    /// Failed (including a policy giving up).
-    Failed,
-    /// Cancelled from a [`MigrationHandle`].
-    Cancelled,
-}
-
-/// A moment of a migration, as QEMU's `query-migrate` reports it.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Snapshot {
-    /// Where it stands.
-    pub status: Status,
-    /// Milliseconds of setup (before round 0).
-    pub setup_ms: f64,
-    /// Milliseconds since the start (while it runs, up to the moment of the snapshot; once it
-    /// ended, up to its end).
-    pub total_time_ms: f64,
-    /// The last estimate of the downtime, in milliseconds.
-    pub expected_downtime_ms: f64,
-    /// Measured downtime, once the migration completed: from the pause until every channel
-    /// had the destination's confirmation that it holds every page, verified.
-    pub downtime_ms: Option<f64>,
-    /// Bytes put on the wire so far (while a round runs too).
-    pub transferred: u64,
-    /// Pages dirty after the last round (what the next one carries).
-    pub remaining: u64,
-    /// Times the dirty source was read.
-    pub dirty_sync_count: u32,
-    /// Dirty rate during the last round, pages per second.
-    pub dirty_pages_rate: f64,
-    /// Megabits per second over the migration so far: `transferred` over `total_time_ms`.
-    pub mbps: f64,
-    /// The vCPU throttle the migration applied last, percent (QEMU's
-    /// `cpu-throttle-percentage`; 0: none). It is lifted when the migration ends; a finished
-    /// migration's snapshot keeps the last value, to say how far it had to go.
-    pub cpu_throttle_percentage: u8,
-    /// True once the policy chose to stop and copy (it stays true if the migration fails
-    /// after that, during the pause, the last round or the device state).
-    pub converged: bool,
-    /// Every round so far.
-    pub rounds: Vec<RoundFigures>,
-}
-
-/// What a [`MigrationHandle`] reads: the snapshot published at the last step (a round's end,
-/// a change of status) and, while the migration runs, what moves between steps, read at the
-/// moment of asking.
-#[derive(Default)]
-struct Shared {
-    snapshot: Snapshot,
-    running: Option<Running>,
-}
-
-/// A running migration's clock and wire counter.
-struct Running {
-    start: Instant,
-    progress: Arc<crate::stats::Progress>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("snapshot", &self.snapshot)
-            .field("running", &self.running.is_some())
-            .finish()
-    }
-}
-
-impl Shared {
-    /// The published snapshot, its time, bytes and rate brought up to now while running.
-    fn now(&self) -> Snapshot {
-        let mut s = self.snapshot.clone();
-        if let Some(r) = &self.running {
-            s.set_totals(
-                r.start.elapsed().as_secs_f64() * 1e3,
-                r.progress
-                    .wire_bytes
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            );
-        }
-        s
-    }
-}
-
-impl Snapshot {
-    fn set_totals(&mut self, total_time_ms: f64, transferred: u64) {
-        self.total_time_ms = total_time_ms;
-        self.transferred = transferred;
-        self.mbps = transferred as f64 * 8.0 / 1e6 / (total_time_ms / 1e3).max(1e-6);
     }
 }
 
@@ -270,10 +170,9 @@ impl Migration {
             start: Instant::now(),
             rounds: Vec::new(),
         };
-        let progress = sender.progress();
         run.lock().running = Some(Running {
             start: run.start,
-            progress: progress.clone(),
+            progress: sender.progress(),
         });
         // The sender counts its callers' CPU only inside its own calls; a migration's side
         // also spends it between them (harvesting dirty logs, which write-protects the pages
@@ -301,18 +200,7 @@ impl Migration {
             Err(Error::Cancelled) => Status::Cancelled,
             Err(_) => Status::Failed,
         };
-        let mut shared = run.lock();
-        shared.snapshot.status = status;
-        // The clock stops: a completed migration keeps the figures of its confirmation (as
-        // its report does), any other keeps those of the moment it ended.
-        if shared.running.take().is_some() && status != Status::Completed {
-            let total_time_ms = run.elapsed_ms();
-            let wire = progress
-                .wire_bytes
-                .load(std::sync::atomic::Ordering::Relaxed);
-            shared.snapshot.set_totals(total_time_ms, wire);
-        }
-        drop(shared);
+        run.lock().stop(status);
         result
     }
 }

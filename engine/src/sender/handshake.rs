@@ -91,9 +91,9 @@ pub(super) fn handshake(
 /// ends any read or write the handshake is blocked in.
 struct Watchdog {
     /// Dropped to disarm: the thread's wait ends at once.
-    disarm: Option<mpsc::Sender<()>>,
+    disarm: mpsc::Sender<()>,
     fired: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Watchdog {
@@ -115,19 +115,17 @@ impl Watchdog {
             })
             .map_err(|e| Error::io("starting the handshake's watchdog", e))?;
         Ok(Watchdog {
-            disarm: Some(disarm),
+            disarm,
             fired,
-            thread: Some(thread),
+            thread,
         })
     }
 
     /// Stops the watch (waiting for its thread, so nothing outlives the handshake); true when
     /// the deadline had passed and the connection was shut down.
-    fn disarm(mut self) -> bool {
-        drop(self.disarm.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    fn disarm(self) -> bool {
+        drop(self.disarm);
+        let _ = self.thread.join();
         self.fired.load(Ordering::Acquire)
     }
 }
