@@ -57,6 +57,9 @@ pub const PREFAULT_DELAY_MS: u64 = 100;
 /// Bytes one pre-fault call covers before it checks whether to stop: after a stop each thread
 /// faults in at most this much more (8 huge pages, a few milliseconds), while the shards start.
 pub const PREFAULT_STEP_BYTES: u64 = 16 << 20;
+/// Bytes one step of a destination's background space reservation covers (`posix_fallocate`)
+/// before it checks whether to stop: tens of milliseconds on a tmpfs, which zeroes each page.
+pub const RESERVE_STEP_BYTES: u64 = 256 << 20;
 
 /// Regions in one memory layout at most (VMMs use a handful: low RAM, high RAM, hotplug slots).
 pub const REGIONS_MAX: usize = 256;

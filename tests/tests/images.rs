@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use pagewire::synth::{fill, Content};
 use pagewire::{
-    error_chain, Error, GuestMemory, ImageFile, Pinning, ReceiverConfig, RegionSpec, Sender,
-    SenderConfig,
+    error_chain, Error, GuestMemory, ImageFile, Pinning, Receiver, ReceiverConfig, RegionSpec,
+    Sender, SenderConfig, TransferStats,
 };
 use pagewire_tests::{
-    join_within, skip_without_uring, start_receiver, tls_identities, transfer_unpinned,
+    join_within, send_all_to, skip_without_uring, start_receiver, tls_identities, transfer_unpinned,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -97,16 +97,30 @@ fn a_sender_that_fails_tells_the_receiver_why() {
     }
 }
 
-/// A mounted `tmpfs -o huge=always`, unmounted on drop.
-struct HugeTmpfs(tempfile::TempDir);
+/// A mounted tmpfs, unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
 
-impl HugeTmpfs {
-    /// Mounts one, or says why not (not root, no tmpfs huge pages).
-    fn mount() -> Result<HugeTmpfs, String> {
+impl Tmpfs {
+    /// Mounts one with `options`, or says why not (not root, not allowed).
+    fn mount(options: &str) -> Result<Tmpfs, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("mounting a tmpfs needs root".into());
         }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err(format!("mount -t tmpfs -o {options} failed"));
+        }
+        Ok(Tmpfs(dir))
+    }
+
+    /// A `huge=always` one, or why not (as [`mount`](Self::mount), or no tmpfs huge pages).
+    fn huge() -> Result<Tmpfs, String> {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .unwrap_or_default();
         if thp.contains("[deny]") || thp.contains("[force]") || thp.is_empty() {
@@ -115,20 +129,11 @@ impl HugeTmpfs {
                 thp.trim()
             ));
         }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "huge=always,size=64m", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return Err("mount -t tmpfs -o huge=always failed".into());
-        }
-        Ok(HugeTmpfs(dir))
+        Self::mount("huge=always,size=64m")
     }
 }
 
-impl Drop for HugeTmpfs {
+impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
             .arg(self.0.path())
@@ -165,7 +170,7 @@ fn smaps_kb(addr: usize, field: &str) -> Option<u64> {
 
 #[test]
 fn ram_files_on_a_huge_page_tmpfs_are_mapped_with_huge_pages() {
-    let tmpfs = match HugeTmpfs::mount() {
+    let tmpfs = match Tmpfs::huge() {
         Ok(t) => t,
         Err(why) => {
             eprintln!("SKIPPED: {why}");
@@ -362,4 +367,141 @@ fn a_new_image_never_follows_a_link_planted_at_its_temporary_name() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     let img = std::fs::read(dir.path().join("vm.img")).unwrap();
     assert_eq!((img.len(), &img[..5]), (1 << 20, &b"pages"[..]));
+}
+
+/// Memory of `len` bytes whose first `data` bytes are random and the rest zero (never touched,
+/// so it costs no memory here and only headers on the wire).
+fn mostly_zero(len: u64, data: u64) -> Arc<GuestMemory> {
+    let src = Arc::new(GuestMemory::anonymous(&[RegionSpec { gpa: 0, len }]).unwrap());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for offset in (0..data).step_by(chunk.len()) {
+        for b in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+        }
+        src.regions()[0].write(offset, &chunk);
+    }
+    src
+}
+
+/// `src` sent on 2 channels into a new image at `path` of the size the sender announces, made
+/// as `pagewire recv --into` makes it, both sides with an idle bound of `idle_ms`: each side's
+/// result, and the image (to commit or fail) if it was made.
+fn into_new_image(
+    src: Arc<GuestMemory>,
+    path: &std::path::Path,
+    idle_ms: u64,
+) -> (
+    pagewire::Result<TransferStats>,
+    pagewire::Result<TransferStats>,
+    Option<ImageFile>,
+) {
+    let made: Arc<std::sync::Mutex<Option<ImageFile>>> = Arc::default();
+    let (slot, path) = (made.clone(), path.to_path_buf());
+    let make: pagewire::receiver::MakeDestination = Box::new(move |len| {
+        let file = ImageFile::create_reserving_while_received(&path, len)?;
+        let memory = file.memory();
+        *slot.lock().unwrap() = Some(file);
+        Ok(memory)
+    });
+    let config = ReceiverConfig {
+        pinning: Pinning::None,
+        idle_timeout_ms: idle_ms,
+        accept_timeout_ms: Some(20_000),
+        ..ReceiverConfig::default()
+    };
+    let receiver = Receiver::bind_sized_by_sender("127.0.0.1:0", 64 << 30, make, config).unwrap();
+    let addr = receiver.local_addr().unwrap();
+    let rx = std::thread::spawn(move || receiver.run());
+    let config = SenderConfig {
+        channels: 2,
+        pinning: Pinning::None,
+        idle_timeout_ms: idle_ms,
+        ..SenderConfig::default()
+    };
+    let tx = std::thread::spawn(move || send_all_to(addr, src, &config));
+    let sent = join_within(tx, LIMIT, "sender");
+    let received = join_within(rx, LIMIT, "receiver");
+    let image = made.lock().unwrap().take();
+    (sent, received, image)
+}
+
+/// A new image sized by the sender was reserved (posix_fallocate) before the receiver read a
+/// byte. A tmpfs zeroes every page it reserves (about 1 s per 4 GiB here), so for a large image
+/// the sender, already sending, timed out waiting for the receiver to take data (reproduced
+/// with `pagewire recv --into` on /dev/shm and a 400 ms idle bound, 2 GiB of random pages).
+/// Its space is now reserved while the pages arrive, and whole before the receiver reports
+/// success.
+#[test]
+fn a_large_new_image_on_a_tmpfs_is_reserved_while_its_pages_arrive() {
+    if skip_without_uring() {
+        return;
+    }
+    let tmpfs = match Tmpfs::mount("size=5g") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let (len, data) = (4u64 << 30, 64u64 << 20);
+    let src = mostly_zero(len, data);
+    let path = tmpfs.0.path().join("vm.img");
+    // The minimum idle bound: reserving 4 GiB takes longer here.
+    let (sent, received, image) = into_new_image(src.clone(), &path, 400);
+    let received = received.unwrap_or_else(|e| panic!("receiver: {}", error_chain(&e)));
+    sent.unwrap_or_else(|e| panic!("sender: {}", error_chain(&e)));
+    assert_eq!(received.normal_pages + received.zero_pages, len / 4096);
+    image.unwrap().commit().unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), len);
+    assert!(
+        meta.blocks() * 512 >= len,
+        "only {} of {len} bytes reserved",
+        meta.blocks() * 512
+    );
+    // (The pages past `data` are zero pages, which a fresh image skips.)
+    let mut written = Vec::new();
+    use std::io::Read;
+    std::fs::File::open(&path)
+        .unwrap()
+        .take(data)
+        .read_to_end(&mut written)
+        .unwrap();
+    let mut expected = vec![0u8; data as usize];
+    src.regions()[0].read(0, &mut expected);
+    assert!(written == expected, "the image's data differs");
+}
+
+/// A full filesystem fails the background reservation, and with it the transfer: the receiver
+/// reports the reservation's error (not a memory fault somewhere later), and no image appears.
+#[test]
+fn a_new_image_the_filesystem_cannot_hold_fails_with_the_reservation_s_error() {
+    if skip_without_uring() {
+        return;
+    }
+    let tmpfs = match Tmpfs::mount("size=64m") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let path = tmpfs.0.path().join("vm.img");
+    // Pages land only in the first MiB: what cannot be held is the reservation's to find.
+    let (sent, received, image) = into_new_image(mostly_zero(256 << 20, 1 << 20), &path, 5_000);
+    let received = received.unwrap_err();
+    let text = error_chain(&received);
+    assert!(
+        text.contains("reserving") && text.contains("No space left"),
+        "receiver: {text} (sender: {:?})",
+        sent.map_err(|e| error_chain(&e))
+    );
+    image.unwrap().fail(&text);
+    let left: Vec<_> = std::fs::read_dir(tmpfs.0.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

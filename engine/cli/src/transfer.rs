@@ -82,7 +82,9 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
             let (into, slot) = (a.into.clone(), image.clone());
             let make: pagewire::receiver::MakeDestination = Box::new(move |len| match into {
                 Some(path) => {
-                    let file = ImageFile::create(&path, len)?;
+                    // The sender is already sending: the file's space is reserved while its
+                    // pages arrive.
+                    let file = ImageFile::create_reserving_while_received(&path, len)?;
                     let memory = file.memory();
                     *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
                     Ok(memory)

@@ -12,18 +12,63 @@ const IMAGE_TEMP_NAMES_MAX: u32 = 16;
 
 /// Reserves `len` bytes of disk (or tmpfs) space for `file`, extending it to `len`.
 pub(crate) fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
+    reserve_range(file, 0, len).map_err(|e| reserve_error(path, len, e))
+}
+
+fn reserve_error(path: &Path, len: u64, e: std::io::Error) -> Error {
+    Error::io(format!("reserving {len} bytes for {}", path.display()), e)
+}
+
+/// Reserves bytes `offset..offset + len` of `file` (extending it to their end if shorter).
+fn reserve_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let signed = libc::off_t::try_from(len)
-        .map_err(|_| Error::Config(format!("{len} bytes is too large for a file")))?;
+    let too_large = || std::io::Error::from_raw_os_error(libc::EFBIG);
+    let start = libc::off_t::try_from(offset).map_err(|_| too_large())?;
+    let count = libc::off_t::try_from(len).map_err(|_| too_large())?;
+    start.checked_add(count).ok_or_else(too_large)?;
     // SAFETY: a valid open fd and a byte range; posix_fallocate touches no user memory.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, signed) };
-    if rc != 0 {
-        return Err(Error::io(
-            format!("reserving {len} bytes for {}", path.display()),
-            std::io::Error::from_raw_os_error(rc),
-        ));
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), start, count) };
+    match rc {
+        0 => Ok(()),
+        rc => Err(std::io::Error::from_raw_os_error(rc)),
     }
-    Ok(())
+}
+
+/// A new file's space, reserved later and in steps: what a receiver does in the background
+/// while it receives into the file (see [`ImageFile::create_reserving_while_received`]).
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    pub(super) file: File,
+    pub(super) path: std::path::PathBuf,
+    pub(super) len: u64,
+}
+
+impl Reservation {
+    /// Reserves the whole file, [`RESERVE_STEP_BYTES`](crate::limits::RESERVE_STEP_BYTES) at a
+    /// time, until done (`Ok(true)`) or until `stop` is raised between two steps (`Ok(false)`).
+    /// Its error is the system's; [`error`](Self::error) names the file.
+    pub(crate) fn run(&self, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<bool> {
+        let mut offset = 0;
+        while offset < self.len {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let step = (self.len - offset).min(crate::limits::RESERVE_STEP_BYTES);
+            reserve_range(&self.file, offset, step)?;
+            offset += step;
+        }
+        Ok(true)
+    }
+
+    /// What a failed [`run`](Self::run) means, naming the file.
+    pub(crate) fn error(&self, e: std::io::Error) -> Error {
+        reserve_error(&self.path, self.len, e)
+    }
+
+    /// Bytes to reserve.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
 }
 
 /// A RAM image being received, which cannot be mistaken for a complete one if the transfer
@@ -51,8 +96,29 @@ pub struct ImageFile {
 }
 
 impl ImageFile {
-    /// A new image of `len` bytes at `path` (which must not exist yet).
+    /// A new image of `len` bytes at `path` (which must not exist yet), its space reserved
+    /// before this returns.
     pub fn create(path: &Path, len: u64) -> Result<Self> {
+        Self::create_as(path, len, true)
+    }
+
+    /// Like [`create`](Self::create), for a [`Receiver`](crate::Receiver)'s destination made
+    /// once the sender said how large ([`crate::receiver::MakeDestination`]): the file gets its
+    /// length at once, and the receiver reserves its space in the background while pages
+    /// arrive, in steps of [`RESERVE_STEP_BYTES`](crate::limits::RESERVE_STEP_BYTES).
+    ///
+    /// Why: the sender is already sending when the destination is made, and reserving a
+    /// tmpfs or hugetlbfs file zeroes every page (about 1 s per 4 GiB here), so reserving
+    /// first held a large image's channels past the sender's idle bound. The receiver fails
+    /// the transfer with the reservation's error (a full filesystem) as soon as it happens,
+    /// and reports success only once the whole file is reserved. Memory made this way and
+    /// not handed to a receiver is never reserved: a write to a page the filesystem cannot
+    /// back is then a [`MemoryFault`](crate::Error::MemoryFault).
+    pub fn create_reserving_while_received(path: &Path, len: u64) -> Result<Self> {
+        Self::create_as(path, len, false)
+    }
+
+    fn create_as(path: &Path, len: u64, reserve_now: bool) -> Result<Self> {
         let name = path
             .file_name()
             .ok_or_else(|| Error::Config(format!("{} names no file", path.display())))?;
@@ -71,7 +137,7 @@ impl ImageFile {
                 std::process::id()
             ));
             let exists = |e: &Error| matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists);
-            match GuestMemory::create_file_as(&temp, len, true) {
+            match GuestMemory::create_file_as(&temp, len, true, reserve_now) {
                 Ok(memory) => break (temp, memory),
                 Err(e) if exists(&e) && attempts < IMAGE_TEMP_NAMES_MAX => attempts += 1,
                 // (A file it created and could not reserve or map, it removed itself.)

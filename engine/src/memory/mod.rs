@@ -26,8 +26,8 @@ mod image;
 mod range;
 mod region;
 
-pub(crate) use image::reserve;
 pub use image::ImageFile;
+pub(crate) use image::{reserve, Reservation};
 pub(crate) use range::{GuestRange, GuestSrc};
 use region::Backing;
 pub use region::Region;
@@ -36,6 +36,8 @@ pub use region::Region;
 #[derive(Debug)]
 pub struct GuestMemory {
     regions: Vec<Region>,
+    /// A new file's space, not reserved yet (see [`take_reservation`](Self::take_reservation)).
+    reservation: std::sync::Mutex<Option<image::Reservation>>,
 }
 
 /// Place and size of one region to create.
@@ -124,7 +126,10 @@ impl GuestMemory {
                 _backing: Backing::Mapped(raw),
             });
         }
-        Ok(GuestMemory { regions })
+        Ok(GuestMemory {
+            regions,
+            reservation: Default::default(),
+        })
     }
 
     /// One region at guest-physical 0 backed by the file at `path` (a RAM image), mapped shared.
@@ -143,13 +148,19 @@ impl GuestMemory {
     /// writable. See [`ImageFile`] for a destination that cannot be mistaken for a complete
     /// image when the transfer fails.
     pub fn create_file(path: &Path, len: u64) -> Result<Self> {
-        Self::create_file_as(path, len, false)
+        Self::create_file_as(path, len, false, true)
     }
 
     /// [`create_file`](Self::create_file), where `exclusive` refuses a `path` that exists
     /// (a symbolic link included) instead of truncating it: for names of our own making in a
-    /// directory others may write.
-    pub(crate) fn create_file_as(path: &Path, len: u64, exclusive: bool) -> Result<Self> {
+    /// directory others may write. Without `reserve_now` the file only gets its length, and
+    /// its space is left to [`take_reservation`](Self::take_reservation)'s taker.
+    pub(crate) fn create_file_as(
+        path: &Path,
+        len: u64,
+        exclusive: bool,
+        reserve_now: bool,
+    ) -> Result<Self> {
         check_specs(&[RegionSpec { gpa: 0, len }])?;
         let mut options = OpenOptions::new();
         options.read(true).write(true);
@@ -161,7 +172,13 @@ impl GuestMemory {
         let file = options
             .open(path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        let mapped = reserve(&file, path, len).and_then(|()| Self::map_file(&file, path, true));
+        let sized = if reserve_now {
+            reserve(&file, path, len)
+        } else {
+            file.set_len(len)
+                .map_err(|e| Error::io(format!("sizing {} to {len} bytes", path.display()), e))
+        };
+        let mapped = sized.and_then(|()| Self::map_file(&file, path, true));
         let mut mem = mapped.inspect_err(|_| {
             // Created here, so ours to remove (an existing file it truncated stays).
             if exclusive {
@@ -169,7 +186,24 @@ impl GuestMemory {
             }
         })?;
         mem.regions[0].initially_zero = AtomicBool::new(true);
+        if !reserve_now {
+            mem.reservation = std::sync::Mutex::new(Some(image::Reservation {
+                file,
+                path: path.to_path_buf(),
+                len,
+            }));
+        }
         Ok(mem)
+    }
+
+    /// The space of a file this memory was made on and that is not reserved yet
+    /// ([`ImageFile::create_reserving_while_received`]), for the caller to reserve; `None`
+    /// once taken, and for all other memory.
+    pub(crate) fn take_reservation(&self) -> Option<image::Reservation> {
+        self.reservation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn map_file(file: &File, path: &Path, writable: bool) -> Result<Self> {
@@ -213,6 +247,7 @@ impl GuestMemory {
                 guard: crate::sigbus::guard(raw.as_mut_ptr(), raw.len()),
                 _backing: Backing::Mapped(raw),
             }],
+            reservation: Default::default(),
         })
     }
 
@@ -266,6 +301,7 @@ impl GuestMemory {
                     _backing: Backing::External,
                 })
                 .collect(),
+            reservation: Default::default(),
         })
     }
 

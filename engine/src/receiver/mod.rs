@@ -31,9 +31,14 @@ mod accept;
 mod handshake;
 mod prefault;
 use handshake::{handshake, lock, Accepted, Auth, Joined};
-use prefault::Prefault;
+use prefault::{Prefault, Reserving};
 
-/// Makes the destination once the sender's hello says how large it is.
+/// Makes the destination once the sender's hello says how large it is. It runs once every
+/// channel is accepted, while the sender is already sending and waiting for the receiver to
+/// take data, so it must take well under the idle bound: memory that is slow to make ready
+/// (a file on a tmpfs or hugetlbfs, whose reservation zeroes every page) is made with
+/// [`ImageFile::create_reserving_while_received`](crate::ImageFile::create_reserving_while_received),
+/// and reserved while pages arrive.
 pub type MakeDestination = Box<dyn FnOnce(u64) -> Result<Arc<GuestMemory>> + Send>;
 
 /// Where a receiver places pages.
@@ -285,6 +290,16 @@ impl Receiver {
                 }
             }
         };
+        // A new image file's space is reserved while pages arrive: reserving it first would
+        // hold the sender, which is already sending, for as long as a tmpfs or hugetlbfs takes
+        // to zero the whole file (past its idle bound for a large one).
+        let reserving = match memory.take_reservation() {
+            Some(r) => match Reserving::start(r, abort.clone()) {
+                Ok(r) => Some(r),
+                Err(e) => return Err(abort.fail_and_take(e)),
+            },
+            None => None,
+        };
         // The sender is here: pre-faulting stops (each thread ends its current step, without
         // holding the shards up), so it does not compete with the shards for cores, nor fill in
         // pages that only zero pages will name (a fresh destination skips those, and stays
@@ -394,6 +409,13 @@ impl Receiver {
         let cpu = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         stats.finalize(start.elapsed().as_secs_f64(), cpu);
         stats.prefault_ms = prefault.map_or(0.0, Prefault::finish);
+        // Every page is here; the file is complete once all of its space is reserved (the
+        // pages the transfer skipped as zero included), or the transfer fails after all.
+        // (Not in the transfer's time: the sender has its confirmation.)
+        if let Some(r) = reserving {
+            let ms = r.finish()?;
+            tracing::debug!(ms, "the destination file's space is reserved");
+        }
         Ok(stats)
     }
 }

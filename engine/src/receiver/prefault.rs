@@ -1,9 +1,10 @@
-//! The destination's background pre-fault while the receiver waits for its sender.
+//! Work on the destination in the background: its pre-fault while the receiver waits for its
+//! sender, and a new image file's space reservation while pages arrive.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::limits::{PREFAULT_DELAY_MS, PREFAULT_THREADS_MAX};
-use crate::memory::GuestMemory;
-use crate::shard::allowed_cores;
+use crate::memory::{GuestMemory, Reservation};
+use crate::shard::{allowed_cores, Abort};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -82,5 +83,67 @@ impl Prefault {
 impl Drop for Prefault {
     fn drop(&mut self) {
         let _ = self.stop_and_join();
+    }
+}
+
+/// A new image file's space being reserved while pages arrive (see
+/// [`crate::ImageFile::create_reserving_while_received`]), on one thread. A failure (a full
+/// filesystem) fails the transfer at once, through the abort latch, which tells the sender
+/// why. Stopped and joined when dropped.
+pub(super) struct Reserving {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<f64>>>,
+}
+
+impl Reserving {
+    pub(super) fn start(reservation: Reservation, abort: Arc<Abort>) -> Result<Reserving> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let bytes = reservation.len();
+        let thread = std::thread::Builder::new()
+            .name("pw-reserve".into())
+            .spawn(move || {
+                let started = Instant::now();
+                match reservation.run(&stopped) {
+                    Ok(_) => Ok(started.elapsed().as_secs_f64() * 1e3),
+                    Err(e) => {
+                        // One error for the latch, one for `finish`: the system's code is
+                        // all they carry.
+                        let code = e.raw_os_error().unwrap_or(libc::EIO);
+                        abort.fail(reservation.error(std::io::Error::from_raw_os_error(code)));
+                        Err(reservation.error(e))
+                    }
+                }
+            })
+            .map_err(|e| Error::io("starting the destination's reservation thread", e))?;
+        tracing::debug!(
+            bytes,
+            "reserving the destination file's space while pages arrive"
+        );
+        Ok(Reserving {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits until the whole file is reserved (pages the transfer skipped, zero ones, are
+    /// reserved too): how long it took, or why it could not.
+    pub(super) fn finish(mut self) -> Result<f64> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Internal(
+                "the destination's reservation thread panicked".into(),
+            )),
+            None => Ok(0.0),
+        }
+    }
+}
+
+impl Drop for Reserving {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
