@@ -44,6 +44,10 @@ pub const CONTROL_BYTES: usize = 16;
 pub const CHANNELS_MAX: usize = 64;
 /// Tries of a KVM ioctl that signals keep interrupting (`EINTR`) before it counts as failed.
 pub const KVM_EINTR_TRIES_MAX: u32 = 100;
+/// Pages one `KVM_CLEAR_DIRTY_LOG` call clears at most (1 GiB of 4 KiB pages, QEMU's default
+/// clear granularity): KVM holds its MMU lock for one call, so a large slot's clear comes in
+/// steps that let vCPUs fault in between. A multiple of 64, as KVM requires.
+pub const KVM_CLEAR_STEP_PAGES: u64 = 1 << 18;
 /// Threads that fault a receiver's destination memory in, at most (one per allowed core).
 pub const PREFAULT_THREADS_MAX: usize = 16;
 /// Milliseconds a hello of another session waits, while a session is being gathered, before

@@ -1,7 +1,8 @@
 //! The KVM dirty log as a dirty-page source: a hand-written real-mode guest writes chosen pages
 //! and halts; the source reports exactly those pages, as runs, and reports them once (a second
-//! run of the guest writing other pages reports only those). Skips with a reason without a
-//! usable `/dev/kvm`.
+//! run of the guest writing other pages reports only those), with the log cleared on get and,
+//! where KVM offers it, with manual protect (`KVM_CLEAR_DIRTY_LOG`). Skips with a reason
+//! without a usable `/dev/kvm`.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -9,7 +10,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit};
-use pagewire::dirty::kvm::{KvmDirtyLog, SlotRegion};
+use pagewire::dirty::kvm::{enable_manual_protect, KvmDirtyLog, SlotRegion};
 use pagewire::dirty::{DirtyBitmaps, DirtySource};
 use pagewire::{GuestMemory, RegionSpec};
 use pagewire_tests::skip_without_kvm;
@@ -39,13 +40,36 @@ fn the_kvm_dirty_log_reports_exactly_what_the_guest_wrote() {
     if skip_without_kvm() {
         return;
     }
+    reports_exactly_what_the_guest_wrote(false);
+}
+
+#[test]
+fn with_manual_protect_the_kvm_dirty_log_reports_exactly_what_the_guest_wrote() {
+    if skip_without_kvm() {
+        return;
+    }
+    reports_exactly_what_the_guest_wrote(true);
+}
+
+/// The test, on a VM with manual protect (`manual`, where offered) or without.
+fn reports_exactly_what_the_guest_wrote(manual: bool) {
     let memory = GuestMemory::anonymous(&[RegionSpec {
         gpa: 0,
         len: GUEST_PAGES * PAGE,
     }])
     .unwrap();
     let kvm = Kvm::new().unwrap();
-    let vm = Arc::new(kvm.create_vm().unwrap());
+    let vm = kvm.create_vm().unwrap();
+    // Asked for before the slot's logging starts, as a VMM must.
+    let initially_set = manual
+        && vm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into())
+            & kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET as i32
+            != 0;
+    if manual && !enable_manual_protect(&vm).unwrap() {
+        eprintln!("SKIPPED: KVM does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 here");
+        return;
+    }
+    let vm = Arc::new(vm);
     let slot = kvm_userspace_memory_region {
         slot: 0,
         flags: KVM_MEM_LOG_DIRTY_PAGES,
@@ -66,7 +90,7 @@ fn the_kvm_dirty_log_reports_exactly_what_the_guest_wrote() {
     let log = |slots: Vec<SlotRegion>| {
         // SAFETY: slot 0 is registered with GUEST_PAGES pages; every slot named here is said
         // to be at most that (the refused ones are refused before KVM is asked).
-        unsafe { KvmDirtyLog::new(vm.clone(), slots) }
+        unsafe { KvmDirtyLog::new(vm.clone(), slots) }.manual_protect(manual)
     };
     let slot0 = |bytes| SlotRegion {
         slot: 0,
@@ -75,6 +99,11 @@ fn the_kvm_dirty_log_reports_exactly_what_the_guest_wrote() {
     };
     let mut source = log(vec![slot0(GUEST_PAGES * PAGE)]);
     let mut bitmaps = DirtyBitmaps::for_memory(&memory);
+    // Where logging started with every bit set, the first collect reports (and clears) them
+    // all; otherwise nothing has run yet.
+    source.collect(&mut bitmaps).unwrap();
+    let expected = if initially_set { GUEST_PAGES } else { 0 };
+    assert_eq!(bitmaps.dirty_pages(), expected, "before the guest ran");
     let mut run_guest = |first: u16, count: u16| -> Vec<(u64, u64)> {
         memory.regions()[0].write(CODE_GPA, &writer(first, count));
         let mut regs = vcpu.get_regs().unwrap();

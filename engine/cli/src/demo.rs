@@ -221,10 +221,15 @@ fn demo_guest(
             let guest = TinyGuest::start(d.src.clone(), params)?;
             let dirty = Box::new(guest.dirty_log());
             let what = format!(
-                "a tiny KVM guest writing {} pages/ms ({:.0} MB/s) over {} MiB",
+                "a tiny KVM guest writing {} pages/ms ({:.0} MB/s) over {} MiB, its dirty log {}",
                 params.burst,
                 params.bytes_per_s() as f64 / 1e6,
-                (u64::from(params.working_set_pages) * 4096) >> 20
+                (u64::from(params.working_set_pages) * 4096) >> 20,
+                if guest.manual_protect() {
+                    "cleared by KVM_CLEAR_DIRTY_LOG (manual protect)"
+                } else {
+                    "cleared on get"
+                }
             );
             Ok((AnyGuest::Kvm(guest), dirty, what))
         }

@@ -25,7 +25,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::guestcode::{self, Params, CODE_GPA, COUNTER_GPA, PARAMS_GPA, STACK_TOP_GPA};
 use super::Vmm;
-use crate::dirty::kvm::{retrying, KvmDirtyLog, SlotRegion};
+use crate::dirty::kvm::{enable_manual_protect, retrying, KvmDirtyLog, SlotRegion};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::protocol::blob::DeviceBlob;
@@ -48,10 +48,10 @@ pub fn counter(memory: &GuestMemory) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// A VM over region 0 of `memory` (slot 0, dirty logging on) with one vCPU in flat 32-bit
-/// protected mode (no paging). The VM fd must be dropped before `memory` (callers keep both in
-/// one struct, VM first).
-fn vm(memory: &GuestMemory, memory_bytes_min: u64) -> Result<(Arc<VmFd>, VcpuFd)> {
+/// A VM over region 0 of `memory` (slot 0, dirty logging on, with manual protect where KVM
+/// offers it: the third value) with one vCPU in flat 32-bit protected mode (no paging). The
+/// VM fd must be dropped before `memory` (callers keep both in one struct, VM first).
+fn vm(memory: &GuestMemory, memory_bytes_min: u64) -> Result<(Arc<VmFd>, VcpuFd, bool)> {
     let region = memory
         .regions()
         .first()
@@ -63,6 +63,8 @@ fn vm(memory: &GuestMemory, memory_bytes_min: u64) -> Result<(Arc<VmFd>, VcpuFd)
         })?;
     let kvm = Kvm::new().map_err(|e| kvm_error("opening /dev/kvm", e))?;
     let vm = retrying(|| kvm.create_vm()).map_err(|e| kvm_error("creating a VM", e))?;
+    // Before the slot: its bits then start set instead of its pages write-protected.
+    let manual_protect = enable_manual_protect(&vm)?;
     let slot = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
@@ -108,7 +110,7 @@ fn vm(memory: &GuestMemory, memory_bytes_min: u64) -> Result<(Arc<VmFd>, VcpuFd)
     sregs.cr0 |= 1;
     vcpu.set_sregs(&sregs)
         .map_err(|e| kvm_error("setting segment registers", e))?;
-    Ok((Arc::new(vm), vcpu))
+    Ok((Arc::new(vm), vcpu, manual_protect))
 }
 
 /// How long a pause kicks the vCPU thread before it simply waits for it (a guest's burst ends
@@ -214,6 +216,8 @@ pub struct TinyGuest {
     thread: Option<JoinHandle<Result<VcpuFd>>>,
     vcpu: Option<VcpuFd>,
     memory: Arc<GuestMemory>,
+    /// The VM's dirty log is cleared by `KVM_CLEAR_DIRTY_LOG` (manual protect, where offered).
+    manual_protect: bool,
     /// The counter when the vCPU stopped.
     pub counter_at_pause: Option<u32>,
 }
@@ -231,7 +235,7 @@ impl TinyGuest {
     /// [`Params::memory_bytes_min`]; the rest is left as it is) and starts it.
     pub fn start(memory: Arc<GuestMemory>, params: Params) -> Result<Self> {
         params.check().map_err(Error::Config)?;
-        let (vm, vcpu) = vm(&memory, params.memory_bytes_min())?;
+        let (vm, vcpu, manual_protect) = vm(&memory, params.memory_bytes_min())?;
         let region = &memory.regions()[0];
         region.write(CODE_GPA, guestcode::code());
         region.write(PARAMS_GPA, &params.block());
@@ -243,11 +247,16 @@ impl TinyGuest {
         regs.rflags = 2;
         vcpu.set_regs(&regs)
             .map_err(|e| kvm_error("setting registers", e))?;
-        Self::running(vm, vcpu, memory)
+        Self::running(vm, vcpu, memory, manual_protect)
     }
 
     /// Starts `vcpu`'s thread.
-    fn running(vm: Arc<VmFd>, vcpu: VcpuFd, memory: Arc<GuestMemory>) -> Result<Self> {
+    fn running(
+        vm: Arc<VmFd>,
+        vcpu: VcpuFd,
+        memory: Arc<GuestMemory>,
+        manual_protect: bool,
+    ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let throttle = Arc::new(AtomicU8::new(0));
         let thread = run_vcpu(vcpu, stop.clone(), throttle.clone())?;
@@ -258,6 +267,7 @@ impl TinyGuest {
             thread: Some(thread),
             vcpu: None,
             memory,
+            manual_protect,
             counter_at_pause: None,
         })
     }
@@ -277,7 +287,12 @@ impl TinyGuest {
         };
         // The vCPU maps region 0 only: nothing writes the others.
         let others: Vec<u32> = (1..self.memory.regions().len() as u32).collect();
-        log.leaving_out(&others)
+        log.leaving_out(&others).manual_protect(self.manual_protect)
+    }
+
+    /// Whether its VM's dirty log has manual protect on (where KVM offers it).
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
     }
 
     /// The progress counter now.
@@ -314,7 +329,7 @@ impl TinyGuest {
                 blob.bytes.len()
             )));
         }
-        let (vm, vcpu) = vm(&memory, CODE_GPA + guestcode::code().len() as u64)?;
+        let (vm, vcpu, manual_protect) = vm(&memory, CODE_GPA + guestcode::code().len() as u64)?;
         let u = |i: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&blob.bytes[i * 8..i * 8 + 8]);
@@ -342,7 +357,7 @@ impl TinyGuest {
         };
         vcpu.set_regs(&regs)
             .map_err(|e| kvm_error("setting registers", e))?;
-        Self::running(vm, vcpu, memory)
+        Self::running(vm, vcpu, memory, manual_protect)
     }
 }
 
