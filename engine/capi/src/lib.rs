@@ -30,11 +30,11 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use pw::dirty::bitmap_to_runs;
+use pw::dirty::BitmapRuns;
 use pw::pipeline::compress::Compression;
 use pw::protocol::blob::DeviceBlob;
 use pw::tls::{TlsClient, TlsFiles, TlsServer};
-use pw::{Error, GuestMemory, PageRun, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
+use pw::{Error, GuestMemory, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig};
 
 mod control;
 mod live;
@@ -449,7 +449,7 @@ pub unsafe extern "C" fn pw_sender_send_bitmaps(
                 layout.len()
             )));
         }
-        let mut runs: Vec<PageRun> = Vec::new();
+        let mut maps = Vec::with_capacity(layout.len());
         for (i, &pages) in layout.iter().enumerate() {
             // SAFETY: `regions` entries (caller).
             let (bitmap, n) = unsafe { (*bitmaps.add(i), *words.add(i)) };
@@ -461,13 +461,11 @@ pub unsafe extern "C" fn pw_sender_send_bitmaps(
             }
             // SAFETY: `n >= needed` words (caller); only the words that hold pages are read.
             let bitmap = unsafe { std::slice::from_raw_parts(bitmap, needed) };
-            bitmap_to_runs(i as u32, bitmap, pages, &mut runs);
+            maps.push((i as u32, bitmap, pages));
         }
-        if live {
-            s.send_live_round(&runs)?;
-        } else {
-            s.send_round(&runs)?;
-        }
+        // Straight from the bitmaps: no list of runs, which a scattered dirty set of a large
+        // guest would make GiBs long.
+        s.send_runs(BitmapRuns::new(maps), live)?;
         Ok(())
     })
 }

@@ -30,60 +30,67 @@ pub const PAGES_PER_WORD: u64 = 64;
 /// `region`), in page order, each as long as possible. Bits past `pages` are ignored. Runs of
 /// whole words cost one comparison per word, so sparse and dense bitmaps are both fast.
 pub fn bitmap_to_runs(region: u32, words: &[u64], pages: u64, out: &mut Vec<PageRun>) {
-    let mut start: Option<u64> = None;
-    let mut push = |first: u64, end: u64| {
-        out.push(PageRun {
-            region,
-            first_page: first,
-            pages: end - first,
-        })
-    };
-    for (w, &word) in words.iter().enumerate() {
-        let base = w as u64 * PAGES_PER_WORD;
-        if base >= pages {
-            break;
-        }
-        let x = if pages - base < PAGES_PER_WORD {
-            word & ((1u64 << (pages - base)) - 1)
-        } else {
-            word
-        };
-        match (x, start) {
-            (0, None) | (u64::MAX, Some(_)) => continue,
-            (0, Some(s)) => {
-                push(s, base);
-                start = None;
-                continue;
-            }
-            (u64::MAX, None) => {
-                start = Some(base);
-                continue;
-            }
-            _ => {}
-        }
-        let mut bit = 0u32;
-        while bit < 64 {
-            if let Some(s) = start {
-                // In a run: it ends at the next clear bit, if this word has one.
-                let clear = !x >> bit;
-                if clear == 0 {
-                    break;
-                }
-                bit += clear.trailing_zeros();
-                push(s, base + u64::from(bit));
-                start = None;
-            } else {
-                let set = x >> bit;
-                if set == 0 {
-                    break;
-                }
-                bit += set.trailing_zeros();
-                start = Some(base + u64::from(bit));
-            }
+    out.extend(BitmapRuns::new(vec![(region, words, pages)]));
+}
+
+/// The runs of set bits of bitmaps in KVM's layout, one per region, as an iterator: what a
+/// round sends ([`crate::Sender::send_runs`]) without a list of them, which for a scattered
+/// dirty set of a multi-TiB guest would take GiBs. Runs come in the order of the bitmaps, then
+/// of pages, each as long as possible; bits past a region's pages are ignored. Cheap to clone
+/// (a sender walks the runs twice: to check them, then to send them).
+#[derive(Debug, Clone)]
+pub struct BitmapRuns<'a> {
+    /// Each bitmap's region index, words and pages.
+    maps: Vec<(u32, &'a [u64], u64)>,
+    /// The bitmap being walked, and the first page in it not walked yet.
+    map: usize,
+    page: u64,
+}
+
+impl<'a> BitmapRuns<'a> {
+    /// The runs of `maps`: `(region, words, pages)` each, in the order runs are wanted.
+    pub fn new(maps: Vec<(u32, &'a [u64], u64)>) -> Self {
+        BitmapRuns {
+            maps,
+            map: 0,
+            page: 0,
         }
     }
-    if let Some(s) = start {
-        push(s, pages.min(words.len() as u64 * PAGES_PER_WORD));
+}
+
+/// The first page from `from` on whose bit is `set` (or clear), among `end` pages of `words`.
+fn next_bit(words: &[u64], end: u64, from: u64, set: bool) -> Option<u64> {
+    let flip = if set { 0 } else { u64::MAX };
+    let mut w = usize::try_from(from / PAGES_PER_WORD).ok()?;
+    let mut x = (words.get(w)? ^ flip) & (u64::MAX << (from % PAGES_PER_WORD));
+    // Whole words of the other kind cost one comparison each.
+    while x == 0 {
+        w += 1;
+        x = words.get(w)? ^ flip;
+    }
+    let page = w as u64 * PAGES_PER_WORD + u64::from(x.trailing_zeros());
+    (page < end).then_some(page)
+}
+
+impl Iterator for BitmapRuns<'_> {
+    type Item = PageRun;
+
+    fn next(&mut self) -> Option<PageRun> {
+        while let Some(&(region, words, pages)) = self.maps.get(self.map) {
+            let end = pages.min(words.len() as u64 * PAGES_PER_WORD);
+            if let Some(first) = next_bit(words, end, self.page, true) {
+                let last = next_bit(words, end, first, false).unwrap_or(end);
+                self.page = last;
+                return Some(PageRun {
+                    region,
+                    first_page: first,
+                    pages: last - first,
+                });
+            }
+            self.map += 1;
+            self.page = 0;
+        }
+        None
     }
 }
 
@@ -178,9 +185,20 @@ impl DirtyBitmaps {
     /// [`crate::Sender::send_round`] takes).
     pub fn runs(&self, out: &mut Vec<PageRun>) {
         out.clear();
-        for (i, words) in self.regions.iter().enumerate() {
-            bitmap_to_runs(i as u32, words, self.pages[i], out);
-        }
+        out.extend(self.iter_runs());
+    }
+
+    /// The dirty pages as runs, sorted by region and page, without a list of them (what
+    /// [`crate::Sender::send_runs`] takes).
+    pub fn iter_runs(&self) -> BitmapRuns<'_> {
+        BitmapRuns::new(
+            self.regions
+                .iter()
+                .zip(&self.pages)
+                .enumerate()
+                .map(|(i, (words, &pages))| (i as u32, words.as_slice(), pages))
+                .collect(),
+        )
     }
 }
 
@@ -317,6 +335,36 @@ mod tests {
             let mut out = Vec::new();
             bitmap_to_runs(3, &words, pages, &mut out);
             prop_assert_eq!(out, reference(3, &words, pages));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn runs_of_several_bitmaps_come_in_their_order_and_resume_from_a_clone(
+            maps in proptest::collection::vec(
+                (proptest::collection::vec(word(), 0..12), 0u64..64), 0..5),
+            taken in 0usize..40,
+        ) {
+            let maps: Vec<(u32, Vec<u64>, u64)> = maps
+                .into_iter()
+                .enumerate()
+                .map(|(i, (words, cut))| {
+                    let pages = (words.len() as u64 * 64).saturating_sub(cut);
+                    (2 * i as u32, words, pages)
+                })
+                .collect();
+            let expected: Vec<PageRun> = maps
+                .iter()
+                .flat_map(|(r, words, pages)| reference(*r, words, *pages))
+                .collect();
+            let mut runs =
+                BitmapRuns::new(maps.iter().map(|(r, w, p)| (*r, w.as_slice(), *p)).collect());
+            let first: Vec<PageRun> = runs.by_ref().take(taken).collect();
+            let rest = runs.clone();
+            prop_assert_eq!(first.len(), taken.min(expected.len()));
+            prop_assert_eq!(&first[..], &expected[..first.len()]);
+            prop_assert_eq!(rest.collect::<Vec<_>>(), &expected[first.len()..]);
+            prop_assert_eq!(runs.collect::<Vec<_>>(), &expected[first.len()..]);
         }
     }
 

@@ -356,7 +356,10 @@ impl Run {
             s.setup_ms = setup_ms;
             s.dirty_sync_count = 1;
         });
-        let mut runs = PageRun::whole(sender.memory());
+        // Round 0 sends everything; later rounds go out straight from the bitmaps, which
+        // hold what the last collect found.
+        let whole = PageRun::whole(sender.memory());
+        let mut round_zero = true;
         let mut earlier: Option<Load> = None;
         let engine_threads =
             sender.channels() as u32 * if sender.receiver_on_this_host() { 2 } else { 1 };
@@ -367,7 +370,11 @@ impl Run {
             let since = earlier.replace(load).unwrap_or(load);
             let sched = ShardSched::now();
             let started = Instant::now();
-            let sent = sender.send_live_round(&runs)?;
+            let sent = if std::mem::take(&mut round_zero) {
+                sender.send_live_round(&whole)?
+            } else {
+                sender.send_runs(bitmaps.iter_runs(), true)?
+            };
             // A round counts once the receiver placed it: the socket buffers hold megabytes,
             // and a round only handed to the kernel would make the bandwidth, and the downtime
             // it predicts, look better than they are (measured: predicted 2 ms, paused 50).
@@ -412,7 +419,7 @@ impl Run {
                 elapsed_ms: self.elapsed_ms(),
             };
             match policy.decide(&view) {
-                Decision::NextRound => bitmaps.runs(&mut runs),
+                Decision::NextRound => {}
                 Decision::Throttle(percent) => {
                     let percent = percent.min(THROTTLE_PERCENT_MAX);
                     match vmm.throttle(percent) {
@@ -426,7 +433,6 @@ impl Run {
                         Ok(false) => {}
                         Err(e) => return Err(sender.abandon(e)),
                     }
-                    bitmaps.runs(&mut runs);
                 }
                 Decision::StopAndCopy => break estimates.expected_downtime_ms,
                 Decision::GiveUp(why) => return Err(sender.abandon(Error::NotConverging(why))),
@@ -453,10 +459,9 @@ impl Run {
         if let Err(e) = source.collect(&mut bitmaps) {
             return Err(sender.abandon(e));
         }
-        bitmaps.runs(&mut runs);
         let collected_ms = paused.elapsed().as_secs_f64() * 1e3;
         let before = wire();
-        let last = sender.send_round(&runs)?;
+        let last = sender.send_runs(bitmaps.iter_runs(), false)?;
         let sent_ms = paused.elapsed().as_secs_f64() * 1e3;
         // No run delays for this round: reading them (two files per thread) would fall inside
         // the downtime.

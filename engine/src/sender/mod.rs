@@ -152,7 +152,7 @@ impl Sender {
     /// this returns and every frame's payload checksum must match. Rounds sent while vCPUs run
     /// use [`send_live_round`](Self::send_live_round).
     pub fn send_round(&mut self, runs: &[PageRun]) -> Result<RoundStats> {
-        self.send_round_with(runs, false)
+        self.send_round_with(runs.iter().copied(), false)
     }
 
     /// Like [`send_round`](Self::send_round), for a pre-copy round while vCPUs run: a page
@@ -164,10 +164,26 @@ impl Sender {
     /// sealed by TLS or compressed is read once, so its record or checksum matches whatever
     /// mix of old and new bytes it read, and only the stable round makes it right.
     pub fn send_live_round(&mut self, runs: &[PageRun]) -> Result<RoundStats> {
-        self.send_round_with(runs, true)
+        self.send_round_with(runs.iter().copied(), true)
     }
 
-    fn send_round_with(&mut self, runs: &[PageRun], live: bool) -> Result<RoundStats> {
+    /// [`send_live_round`](Self::send_live_round) (`live`) or [`send_round`](Self::send_round)
+    /// of runs that come from an iterator, under the same rules: sorted, disjoint, inside the
+    /// layout (it is walked twice, to check them and then to send them). With
+    /// [`DirtyBitmaps::iter_runs`](crate::dirty::DirtyBitmaps::iter_runs) a round goes out
+    /// straight from the dirty bitmaps, with no list of runs, which for a scattered dirty set
+    /// of a multi-TiB guest would take GiBs.
+    pub fn send_runs<I>(&mut self, runs: I, live: bool) -> Result<RoundStats>
+    where
+        I: Iterator<Item = PageRun> + Clone,
+    {
+        self.send_round_with(runs, live)
+    }
+
+    fn send_round_with<I>(&mut self, runs: I, live: bool) -> Result<RoundStats>
+    where
+        I: Iterator<Item = PageRun> + Clone,
+    {
         let span = tracing::debug_span!("round", round = self.round, live);
         let _enter = span.enter();
         if self.finished {
@@ -181,7 +197,7 @@ impl Sender {
         }
         let started = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
-        let pages = check_runs(&self.memory, runs)?;
+        let pages = check_runs(&self.memory, runs.clone())?;
         self.last_round_live = live;
         crate::stats::add(&self.progress.pages_total, pages);
         let n = self.shards.len();

@@ -34,8 +34,10 @@ impl PageRun {
 
 /// `runs` (sorted, disjoint) packed into chunks of one region each, of up to
 /// `CHUNK_PAGES_MAX` pages and `CHUNK_RUNS_MAX` runs: long runs split, scattered ones shared.
-pub(super) fn pack_chunks(runs: &[PageRun]) -> impl Iterator<Item = (u32, ChunkRuns)> + '_ {
-    let mut pending = runs.iter().map(|r| (r.region, r.first_page, r.pages));
+pub(super) fn pack_chunks(
+    runs: impl Iterator<Item = PageRun>,
+) -> impl Iterator<Item = (u32, ChunkRuns)> {
+    let mut pending = runs.map(|r| (r.region, r.first_page, r.pages));
     let mut carry: Option<(u32, u64, u64)> = None;
     std::iter::from_fn(move || {
         let mut chunk = ChunkRuns::new();
@@ -58,7 +60,7 @@ pub(super) fn pack_chunks(runs: &[PageRun]) -> impl Iterator<Item = (u32, ChunkR
 
 /// Checks a round's runs against `memory`'s layout (each inside its region, none empty, sorted
 /// and disjoint) and returns their pages in all.
-pub(super) fn check_runs(memory: &GuestMemory, runs: &[PageRun]) -> Result<u64> {
+pub(super) fn check_runs(memory: &GuestMemory, runs: impl Iterator<Item = PageRun>) -> Result<u64> {
     let regions = memory.regions();
     let mut total = 0u64;
     let mut last: Option<(u32, u64)> = None;
