@@ -346,6 +346,7 @@ impl Run {
         };
         let mut bitmaps = DirtyBitmaps::for_memory(sender.memory());
         // Only writes from now on count: round 0 sends everything anyway.
+        let mut collected_at = Instant::now();
         if let Err(e) = source.collect(&mut bitmaps) {
             return Err(sender.abandon(e));
         }
@@ -389,6 +390,8 @@ impl Run {
                 figures => figures,
             };
             bitmaps.clear();
+            let dirty_window_ms = collected_at.elapsed().as_secs_f64() * 1e3;
+            collected_at = Instant::now();
             if let Err(e) = source.collect(&mut bitmaps) {
                 return Err(sender.abandon(e));
             }
@@ -400,6 +403,7 @@ impl Run {
                 ms,
                 tail_ms: (ms - sent.time_ms).max(0.0),
                 dirtied_pages: dirty,
+                dirty_window_ms,
                 throttle_percent: throttle,
                 guest_cpus,
                 host_busy_cpus,

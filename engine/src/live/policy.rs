@@ -31,6 +31,10 @@ pub struct RoundFigures {
     pub tail_ms: f64,
     /// Pages the guest dirtied while the round was sent (what the next round must carry).
     pub dirtied_pages: u64,
+    /// Milliseconds over which [`dirtied_pages`](Self::dirtied_pages) were written: from the
+    /// dirty-log collect before the round to the one after it (the round, and the collect and
+    /// decision around it; 0 where not measured, as for the paused round).
+    pub dirty_window_ms: f64,
     /// The vCPU throttle in effect during the round, percent of the vCPUs' time taken away
     /// ([`Decision::Throttle`]; 0: none).
     pub throttle_percent: u8,
@@ -67,9 +71,17 @@ impl RoundFigures {
     }
 
     /// Pages per second the guest dirtied during this round (distinct pages: a working set
-    /// written over and over counts once).
+    /// written over and over counts once), over the time between the collects that bound
+    /// them ([`dirty_window_ms`](Self::dirty_window_ms); the round's own time where that was
+    /// not measured). A short round is shorter than its window by the collect itself, which
+    /// on a large guest takes milliseconds.
     pub fn dirty_pages_per_s(&self) -> f64 {
-        self.dirtied_pages as f64 / (self.ms / 1e3).max(1e-6)
+        let ms = if self.dirty_window_ms > 0.0 {
+            self.dirty_window_ms
+        } else {
+            self.ms
+        };
+        self.dirtied_pages as f64 / (ms / 1e3).max(1e-6)
     }
 
     /// How much faster the engine should move pages once the guest is paused than it did in

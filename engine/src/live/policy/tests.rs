@@ -339,3 +339,21 @@ fn a_small_working_set_converges_even_at_a_high_dirty_rate() {
     );
     assert_eq!(d, Decision::StopAndCopy);
 }
+
+#[test]
+fn the_dirty_rate_counts_the_time_between_the_collects() {
+    // A 1 ms round whose collects were 10 ms apart: the pages were written over 10 ms.
+    let r = RoundFigures {
+        ms: 1.0,
+        dirtied_pages: 1000,
+        dirty_window_ms: 10.0,
+        ..RoundFigures::default()
+    };
+    assert!((r.dirty_pages_per_s() - 100_000.0).abs() < 1e-6);
+    // Not measured (the paused round): the round's own time.
+    let r = RoundFigures {
+        dirty_window_ms: 0.0,
+        ..r
+    };
+    assert!((r.dirty_pages_per_s() - 1_000_000.0).abs() < 1e-6);
+}
