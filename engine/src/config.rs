@@ -106,6 +106,14 @@ pub struct SenderConfig {
     /// "Trust"). Pages a vCPU tears during a live round then go uncaught until the dirty log
     /// resends them, which it does; the paused round is whole.
     pub page_checksums: bool,
+    /// A handle made before the sender ([`Canceller::new`](crate::sender::Canceller::new)) that
+    /// cancels it from the start: while it connects and handshakes too, which against a
+    /// receiver that does not answer (or a host that drops the connection attempts) take up to
+    /// [`HANDSHAKE_TIMEOUT_MS`](crate::limits::HANDSHAKE_TIMEOUT_MS); `connect` then returns
+    /// [`Error::Cancelled`](crate::Error::Cancelled) within a few tens of milliseconds. One
+    /// sender per handle. `None`: only [`Sender::canceller`](crate::Sender::canceller), once
+    /// connected.
+    pub canceller: Option<crate::sender::Canceller>,
     /// Records sealed with one TLS key before a key update. Lowered only by tests.
     #[doc(hidden)]
     pub tls_records_per_key: u64,
@@ -231,6 +239,7 @@ impl Default for SenderConfig {
             idle_timeout_ms: crate::limits::IDLE_TIMEOUT_MS_DEFAULT,
             congestion: None,
             page_checksums: true,
+            canceller: None,
             tls_records_per_key: crate::tls::RECORDS_PER_KEY_MAX,
             #[cfg(feature = "faults")]
             fault_seed: None,

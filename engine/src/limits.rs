@@ -106,6 +106,9 @@ pub const ZC_PROBE_SENDS: u32 = 32;
 
 /// Milliseconds the handshake of one connection may take (connect, hello, reply).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// How often a sender's connect and handshake in progress look for a cancel: the longest a
+/// cancel waits there.
+pub const HANDSHAKE_WATCH_SLICE_MS: u64 = 20;
 
 /// Milliseconds a receiver waits for every channel of a transfer once the first has arrived.
 pub const CHANNELS_GATHER_TIMEOUT_MS: u64 = 10_000;

@@ -225,8 +225,12 @@ pub(super) fn send(a: SendArgs) -> Result<bool> {
         }
         config.channels = auto.channels;
     }
+    // A signal cancels the connect and the handshakes too (up to 10 s against a receiver
+    // that does not answer), then the transfer.
+    let canceller = pagewire::sender::Canceller::new();
+    config.canceller = Some(canceller.clone());
+    interrupt::cancels(canceller);
     let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
-    interrupt::cancels(sender.canceller());
     let display = start_display(sender.progress(), "send", a.common.json_stream);
     let result = sender.send_all().and_then(|_| sender.finish());
     finish_display(display);

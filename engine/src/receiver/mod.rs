@@ -239,7 +239,7 @@ impl Receiver {
     /// receives: it tells the sender why, and [`run`](Self::run) returns [`Error::Cancelled`]
     /// within a ring wait slice.
     pub fn canceller(&self) -> Canceller {
-        Canceller::new(self.abort.clone())
+        Canceller::attached(self.abort.clone())
     }
 
     /// Live counters for a progress display.

@@ -47,7 +47,8 @@ impl BandwidthLimit {
 ///
 /// From
 /// [`Sender::canceller`](crate::Sender::canceller) or
-/// [`Receiver::canceller`](crate::Receiver::canceller).
+/// [`Receiver::canceller`](crate::Receiver::canceller), or made before a sender
+/// ([`Canceller::new`]) to cancel its connect and handshakes as well.
 #[derive(Clone)]
 pub struct Canceller {
     abort: Arc<Abort>,
@@ -59,9 +60,30 @@ impl std::fmt::Debug for Canceller {
     }
 }
 
+impl Default for Canceller {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Canceller {
-    pub(crate) fn new(abort: Arc<Abort>) -> Self {
+    /// A handle for a sender not started yet: give it to
+    /// [`SenderConfig::canceller`](crate::SenderConfig::canceller), and a cancel also ends
+    /// the connect and the handshakes.
+    pub fn new() -> Self {
+        Canceller {
+            abort: Arc::new(Abort::new(false)),
+        }
+    }
+
+    /// The handle of a transfer's own latch.
+    pub(crate) fn attached(abort: Arc<Abort>) -> Self {
         Canceller { abort }
+    }
+
+    /// The latch, for a sender that starts with this handle.
+    pub(crate) fn abort(&self) -> &Arc<Abort> {
+        &self.abort
     }
 
     /// Cancels the transfer (a no-op once it has ended or failed).

@@ -1,7 +1,7 @@
 //! The channels' handshakes on the sender's side, all channels in parallel. Per channel: TLS or
 //! the pre-shared key's challenge, then the hello and the receiver's reply.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use crate::auth::Psk;
 use crate::config::HINT_SENDER_TLS;
 use crate::error::{Error, Result};
-use crate::limits::HANDSHAKE_TIMEOUT_MS;
+use crate::limits::{HANDSHAKE_TIMEOUT_MS, HANDSHAKE_WATCH_SLICE_MS};
 use crate::protocol::handshake::{Hello, Reply};
+use crate::shard::Abort;
 use crate::stream::Stream;
 use crate::tls::{client_handshake, TlsClient, TlsSession};
 
@@ -23,29 +24,33 @@ pub(super) struct Connected {
 }
 
 /// Connects all `n` channels and runs their handshakes, each on its own thread, in parallel:
-/// `open(i)` gives channel `i`'s stream, which gets the `congestion` control algorithm when one
-/// is set, and `hello(i)` its hello. One result per channel, in channel order; a handshake
-/// thread that panicked is an error, not a panic here.
+/// `open(i, deadline, cancelled)` gives channel `i`'s stream, which gets the `congestion`
+/// control algorithm when one is set, and `hello(i)` its hello. Each channel's connect, hello
+/// and reply end within `HANDSHAKE_TIMEOUT_MS`, or as soon as `abort` is raised (a cancel).
+/// One result per channel, in channel order; a handshake thread that panicked is an error, not
+/// a panic here.
 pub(super) fn connect_all(
     n: u16,
     hello: impl Fn(u16) -> Hello,
     (tls, psk): (Option<&TlsClient>, Option<&Psk>),
     congestion: Option<&str>,
-    open: impl Fn(u16) -> Result<Stream> + Sync,
+    abort: &Arc<Abort>,
+    open: impl Fn(u16, Instant, &dyn Fn() -> bool) -> Result<Stream> + Sync,
 ) -> Vec<Result<Connected>> {
     std::thread::scope(|scope| {
         let joins: Vec<_> = (0..n)
             .map(|i| {
                 let h = hello(i);
                 let open = &open;
+                let abort = abort.clone();
                 scope.spawn(move || {
                     // Connect, hello and reply, all within the one bound.
                     let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
-                    let stream = open(i)?;
+                    let stream = open(i, deadline, &|| abort.is_raised())?;
                     if let Some(name) = congestion {
                         stream.set_congestion(name)?;
                     }
-                    handshake(stream, &h, tls, psk, deadline)
+                    handshake(stream, &h, tls, psk, deadline, abort)
                 })
             })
             .collect();
@@ -65,53 +70,77 @@ pub(super) fn connect_all(
 }
 
 /// Runs one connected channel's handshakes (TLS when configured, then the hello), ending by
-/// `deadline`: the socket timeouts bound each read, not the handshake, and a receiver (or
-/// whatever answers in its place) that drips its reply a byte at a time, each within the
-/// read timeout, would otherwise hold the sender for as long as it liked.
+/// `deadline`, or once `abort` is raised: the socket timeouts bound each read, not the
+/// handshake, and a receiver (or whatever answers in its place) that drips its reply a byte at
+/// a time, each within the read timeout, would otherwise hold the sender for as long as it
+/// liked.
 pub(super) fn handshake(
     stream: Stream,
     hello: &Hello,
     tls: Option<&TlsClient>,
     psk: Option<&Psk>,
     deadline: Instant,
+    abort: Arc<Abort>,
 ) -> Result<Connected> {
-    let watchdog = Watchdog::arm(&stream, deadline)?;
+    let watchdog = Watchdog::arm(&stream, deadline, abort)?;
     let result = handshake_within(stream, hello, tls, psk);
-    if watchdog.disarm() {
-        // Its connection was shut down under it: whatever it ended with, the bound is why.
-        return Err(Error::Timeout {
+    // Its connection was shut down under it: whatever it ended with, this is why.
+    match watchdog.disarm() {
+        Fired::No => result,
+        Fired::Deadline => Err(Error::Timeout {
             what: format!("the handshake of channel {}", hello.channel_index),
             ms: HANDSHAKE_TIMEOUT_MS,
-        });
+        }),
+        Fired::Cancelled => Err(Error::Cancelled),
     }
-    result
 }
 
-/// Shuts a handshake's connection down if `deadline` passes before it is disarmed, which
-/// ends any read or write the handshake is blocked in.
+/// Why a watchdog shut its handshake's connection down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fired {
+    No = 0,
+    Deadline = 1,
+    Cancelled = 2,
+}
+
+/// Shuts a handshake's connection down if `deadline` passes, or the transfer is cancelled,
+/// before it is disarmed, which ends any read or write the handshake is blocked in.
 struct Watchdog {
     /// Dropped to disarm: the thread's wait ends at once.
     disarm: mpsc::Sender<()>,
-    fired: Arc<AtomicBool>,
+    fired: Arc<AtomicU8>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Watchdog {
-    fn arm(stream: &Stream, deadline: Instant) -> Result<Watchdog> {
+    fn arm(stream: &Stream, deadline: Instant, abort: Arc<Abort>) -> Result<Watchdog> {
         let handle = stream
             .try_clone()
             .map_err(|e| Error::io("watching the handshake", e))?;
         let (disarm, disarmed) = mpsc::channel::<()>();
-        let fired = Arc::new(AtomicBool::new(false));
+        let fired = Arc::new(AtomicU8::new(Fired::No as u8));
         let flag = fired.clone();
         let thread = std::thread::Builder::new()
             .name("pw-handshake-watch".into())
-            .spawn(move || {
+            .spawn(move || loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if let Err(mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(left) {
-                    flag.store(true, Ordering::Release);
-                    let _ = handle.shutdown(std::net::Shutdown::Both);
+                let slice = left.min(Duration::from_millis(HANDSHAKE_WATCH_SLICE_MS));
+                if !matches!(
+                    disarmed.recv_timeout(slice),
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                ) {
+                    return;
                 }
+                let why = if abort.is_raised() {
+                    Fired::Cancelled
+                } else if Instant::now() >= deadline {
+                    Fired::Deadline
+                } else {
+                    continue;
+                };
+                flag.store(why as u8, Ordering::Release);
+                let _ = handle.shutdown(std::net::Shutdown::Both);
+                return;
             })
             .map_err(|e| Error::io("starting the handshake's watchdog", e))?;
         Ok(Watchdog {
@@ -121,12 +150,16 @@ impl Watchdog {
         })
     }
 
-    /// Stops the watch (waiting for its thread, so nothing outlives the handshake); true when
-    /// the deadline had passed and the connection was shut down.
-    fn disarm(self) -> bool {
+    /// Stops the watch (waiting for its thread, so nothing outlives the handshake): whether,
+    /// and why, the connection was shut down.
+    fn disarm(self) -> Fired {
         drop(self.disarm);
         let _ = self.thread.join();
-        self.fired.load(Ordering::Acquire)
+        match self.fired.load(Ordering::Acquire) {
+            1 => Fired::Deadline,
+            2 => Fired::Cancelled,
+            _ => Fired::No,
+        }
     }
 }
 

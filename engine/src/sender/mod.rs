@@ -9,7 +9,7 @@
 //! chunks) was fixed at its start, and one channel often ended it milliseconds after the
 //! other: measured on 2 channels, one shard done at 9.6 ms and the other at 20.5 ms.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,9 +21,7 @@ use crossbeam_channel::{
 use crate::config::SenderConfig;
 use crate::error::{Error, Result};
 use crate::limits::DEVICE_CHUNK_BYTES_MAX;
-use crate::limits::{
-    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_QUEUE_ITEMS_MAX,
-};
+use crate::limits::{KEEPALIVE_PER_IDLE, PAGE_BYTES, RING_WAIT_SLICE_MS, SHARD_QUEUE_ITEMS_MAX};
 use crate::memory::GuestMemory;
 use crate::pipeline::compress::Compression;
 use crate::placement::Placement;
@@ -355,7 +353,7 @@ impl Sender {
 
     /// A handle that cancels this transfer from any thread (see [`Canceller`]).
     pub fn canceller(&self) -> Canceller {
-        Canceller::new(self.abort.clone())
+        Canceller::attached(self.abort.clone())
     }
 
     /// Per-round figures so far.

@@ -13,8 +13,8 @@ impl Sender {
     ) -> Result<Sender> {
         config.validate()?;
         let addr = resolve(addr)?;
-        Self::start(memory, config, |i| {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(HANDSHAKE_TIMEOUT_MS))
+        Self::start(memory, config, |i, deadline, cancelled| {
+            crate::sys::connect_cancellable(&addr, deadline, cancelled)
                 .map(Stream::from)
                 .map_err(|e| Error::io(format!("connecting channel {i} to {addr}"), e))
         })
@@ -40,7 +40,7 @@ impl Sender {
             .into_iter()
             .map(|s| std::sync::Mutex::new(Some(s.into())))
             .collect();
-        Self::start(memory, &config, |i| {
+        Self::start(memory, &config, |i, _, _| {
             streams[usize::from(i)]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -49,18 +49,26 @@ impl Sender {
         })
     }
 
-    /// Starts a sender whose channel `i` is the connection `open(i)` gives.
+    /// Starts a sender whose channel `i` is the connection `open(i, deadline, cancelled)`
+    /// gives (by `deadline`, or sooner once `cancelled()`).
     fn start(
         memory: Arc<GuestMemory>,
         config: &SenderConfig,
-        open: impl Fn(u16) -> Result<Stream> + Sync,
+        open: impl Fn(u16, Instant, &dyn Fn() -> bool) -> Result<Stream> + Sync,
     ) -> Result<Sender> {
         let caps = crate::uring::probe()?;
         let n = config.channels;
         let start = Instant::now();
         let cpu_start = crate::sys::thread_cpu_time();
         let session_id: [u8; 16] = rand::random();
-        let abort = Arc::new(Abort::new(false));
+        // The caller's handle cancels the connect and the handshakes too.
+        let abort = match &config.canceller {
+            Some(c) => c.abort().clone(),
+            None => Arc::new(Abort::new(false)),
+        };
+        if abort.is_raised() {
+            return Err(abort.take_error().unwrap_or(Error::Cancelled));
+        }
         let bandwidth = BandwidthLimit::new(config.max_bandwidth_bytes_per_s);
         let progress = Arc::new(Progress::default());
         let (events_tx, events) = unbounded();
@@ -88,8 +96,13 @@ impl Sender {
             hello,
             (config.tls.as_ref(), config.psk.as_ref()),
             config.congestion.as_deref(),
+            &abort,
             open,
         );
+        // A cancel is why every channel that failed did (its connection was shut down).
+        if abort.is_raised() {
+            return Err(abort.take_error().unwrap_or(Error::Cancelled));
+        }
         let mut streams = Vec::with_capacity(usize::from(n));
         for c in connected {
             let c = c?;

@@ -1,4 +1,5 @@
-//! Sockets: what a handed-in descriptor is, peeking, waiting for a listener, TCP options
+//! Sockets: what a handed-in descriptor is, peeking, waiting for a listener, connecting
+//! cancellably, TCP options
 //! (congestion control, keepalive, user timeout), `TCP_INFO` figures, and which interface holds
 //! an address.
 
@@ -71,9 +72,15 @@ pub fn peek_closed(stream: &impl AsRawFd) -> bool {
 
 /// Waits until `listener` has a connection to accept; false on timeout.
 pub fn wait_acceptable(listener: &TcpListener, timeout: Duration) -> std::io::Result<bool> {
+    poll_one(listener, libc::POLLIN, timeout)
+}
+
+/// Waits up to `timeout` for `fd` to have one of `events` (or an error or hang-up); true when it
+/// does.
+fn poll_one(fd: &impl AsRawFd, events: libc::c_short, timeout: Duration) -> std::io::Result<bool> {
     let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
+        fd: fd.as_raw_fd(),
+        events,
         revents: 0,
     };
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
@@ -88,6 +95,53 @@ pub fn wait_acceptable(listener: &TcpListener, timeout: Duration) -> std::io::Re
             return Err(e);
         }
     }
+}
+
+/// Connects a TCP socket to `addr`, giving up at `deadline` (`TimedOut`) or as soon as
+/// `cancelled()` says so (`Interrupted`), which it asks every
+/// [`HANDSHAKE_WATCH_SLICE_MS`](crate::limits::HANDSHAKE_WATCH_SLICE_MS): a blocking connect to
+/// a host that drops the SYNs could not be cancelled for its whole timeout. The socket is
+/// blocking once connected, and closed on exec.
+pub fn connect_cancellable(
+    addr: &std::net::SocketAddr,
+    deadline: std::time::Instant,
+    cancelled: impl Fn() -> bool,
+) -> std::io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&(*addr).into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => loop {
+            if cancelled() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "cancelled while connecting",
+                ));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+            }
+            let slice = left.min(Duration::from_millis(
+                crate::limits::HANDSHAKE_WATCH_SLICE_MS,
+            ));
+            if poll_one(&socket, libc::POLLOUT, slice)? {
+                break;
+            }
+        },
+        Err(e) => return Err(e),
+    }
+    // Writable: connected, or refused (the error is the socket's).
+    if let Some(e) = socket.take_error()? {
+        return Err(e);
+    }
+    socket.set_nonblocking(false)?;
+    Ok(socket.into())
 }
 
 fn setsockopt_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) -> std::io::Result<()> {
