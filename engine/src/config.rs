@@ -111,8 +111,8 @@ pub struct SenderConfig {
     /// receiver that does not answer (or a host that drops the connection attempts) take up to
     /// [`HANDSHAKE_TIMEOUT_MS`](crate::limits::HANDSHAKE_TIMEOUT_MS); `connect` then returns
     /// [`Error::Cancelled`](crate::Error::Cancelled) within a few tens of milliseconds. One
-    /// sender per handle. `None`: only [`Sender::canceller`](crate::Sender::canceller), once
-    /// connected.
+    /// sender per handle: a second one (a config cloned for a retry) is refused. `None`: only
+    /// [`Sender::canceller`](crate::Sender::canceller), once connected.
     pub canceller: Option<crate::sender::Canceller>,
     /// Records sealed with one TLS key before a key update. Lowered only by tests.
     #[doc(hidden)]

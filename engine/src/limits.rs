@@ -64,6 +64,9 @@ pub const PREFAULT_STEP_BYTES: u64 = 16 << 20;
 /// Bytes one step of a destination's background space reservation covers (`posix_fallocate`)
 /// before it checks whether to stop: tens of milliseconds on a tmpfs, which zeroes each page.
 pub const RESERVE_STEP_BYTES: u64 = 256 << 20;
+/// Tries of one reservation step that signals keep interrupting (`EINTR`) before it counts as
+/// failed.
+pub const RESERVE_EINTR_TRIES_MAX: u32 = 100;
 
 /// Regions in one memory layout at most (VMMs use a handful: low RAM, high RAM, hotplug slots).
 pub const REGIONS_MAX: usize = 256;

@@ -954,6 +954,7 @@ fn a_sender_cancelled_while_connecting_or_handshaking_ends_within_a_second() {
             }])
             .unwrap(),
         );
+        let again = (config.clone(), memory.clone());
         let connecting = std::thread::spawn(move || Sender::connect(addr, memory, &config));
         std::thread::sleep(Duration::from_millis(300));
         assert!(
@@ -968,6 +969,12 @@ fn a_sender_cancelled_while_connecting_or_handshaking_ends_within_a_second() {
             at.elapsed() < Duration::from_secs(1),
             "{what}: {:?} after the cancel",
             at.elapsed()
+        );
+        // One sender per handle: a retry with the same config is refused, not "cancelled".
+        let err = Sender::connect(addr, again.1, &again.0).unwrap_err();
+        assert!(
+            err.to_string().contains("given to a sender already"),
+            "{what}: {err}"
         );
     };
 

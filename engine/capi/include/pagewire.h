@@ -299,6 +299,9 @@ pw_status pw_sender_over_fds(const int32_t *fds,
 // [`pw_sender_finish`] returns (zero-copy sends may still read them after this call), and the
 // receiver refuses any page that does not match its checksum.
 //
+// The bitmaps are read during the call (twice: to check the runs, then to send them), not
+// after: they must not change until it returns, and may be reused for the next round then.
+//
 // # Safety
 // `sender` from [`pw_sender_connect`]; `bitmaps` and `words` point to `regions` entries, each
 // bitmap to its `words[i]` words.

@@ -12,9 +12,10 @@
 //!   reads, and the source clears the bits it read with `KVM_CLEAR_DIRTY_LOG`, in steps of
 //!   [`KVM_CLEAR_STEP_PAGES`] that skip clean stretches, so KVM never holds its MMU lock over a
 //!   whole large slot at once. With `KVM_DIRTY_LOG_INITIALLY_SET` (which
-//!   [`enable_manual_protect`] asks for) turning logging on costs nothing: every page starts
-//!   dirty instead of write-protected, and a live session's first collect (before round 0,
-//!   which sends everything anyway) clears them. This is what QEMU does where offered.
+//!   [`enable_manual_protect`] asks for), turning logging on write-protects nothing: every
+//!   page starts dirty, and the write protection moves to a live session's first collect
+//!   (before round 0, which sends everything anyway), in steps. This is what QEMU does where
+//!   offered.
 //!
 //! Tell the source which one the VM uses ([`KvmDirtyLog::manual_protect`]). Told "manual" on a
 //! VM without it, the clears are only redundant. Not told on a VM with it, nothing is ever
@@ -224,11 +225,12 @@ impl DirtySource for KvmDirtyLog {
                 }
             })
             .map_err(|e| failed("KVM_GET_DIRTY_LOG", e))?;
+            // Taken before KVM forgets them: a clear that fails leaves them in both.
+            into.or_words(s.region, log)?;
             if self.manual {
                 clear_read_bits(&self.vm, s.slot, log, pages)
                     .map_err(|e| failed("KVM_CLEAR_DIRTY_LOG", e))?;
             }
-            into.or_words(s.region, log)?;
         }
         Ok(())
     }

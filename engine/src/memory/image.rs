@@ -10,62 +10,107 @@ use crate::error::{Error, Result};
 /// Temporary names a new image tries, passing over ones that exist, before it gives up.
 const IMAGE_TEMP_NAMES_MAX: u32 = 16;
 
-/// Reserves `len` bytes of disk (or tmpfs) space for `file`, extending it to `len`.
+/// Reserves `len` bytes of disk (or tmpfs) space for `file`, extending it to `len`. Only while
+/// nothing else writes the file: where the filesystem has no `fallocate`, glibc emulates it by
+/// reading and writing back a byte of every block.
 pub(crate) fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
-    reserve_range(file, 0, len).map_err(|e| reserve_error(path, len, e))
+    use std::os::fd::AsRawFd;
+    let count = libc::off_t::try_from(len)
+        .map_err(|_| Error::Config(format!("{len} bytes is too large for a file")))?;
+    // SAFETY: a valid open fd and a byte range; posix_fallocate touches no user memory.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, count) };
+    match rc {
+        0 => Ok(()),
+        rc => Err(reserve_error(
+            path,
+            len,
+            std::io::Error::from_raw_os_error(rc),
+        )),
+    }
 }
 
 fn reserve_error(path: &Path, len: u64, e: std::io::Error) -> Error {
     Error::io(format!("reserving {len} bytes for {}", path.display()), e)
 }
 
-/// Reserves bytes `offset..offset + len` of `file` (extending it to their end if shorter).
-fn reserve_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// Reserves bytes `offset..offset + len` of `file` with `fallocate(2)` itself, never glibc's
+/// emulation (see [`reserve`]), so it is safe while the file's pages are being written: a
+/// filesystem without it answers `EOPNOTSUPP`. Retried while a signal interrupts it (a tmpfs
+/// answers `EINTR` to any pending signal), at most `RESERVE_EINTR_TRIES_MAX` times.
+fn fallocate_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let too_large = || std::io::Error::from_raw_os_error(libc::EFBIG);
     let start = libc::off_t::try_from(offset).map_err(|_| too_large())?;
     let count = libc::off_t::try_from(len).map_err(|_| too_large())?;
     start.checked_add(count).ok_or_else(too_large)?;
-    // SAFETY: a valid open fd and a byte range; posix_fallocate touches no user memory.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), start, count) };
-    match rc {
-        0 => Ok(()),
-        rc => Err(std::io::Error::from_raw_os_error(rc)),
+    let mut tries = 1;
+    loop {
+        // SAFETY: a valid open fd and a byte range; fallocate touches no user memory.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, start, count) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted
+            || tries >= crate::limits::RESERVE_EINTR_TRIES_MAX
+        {
+            return Err(e);
+        }
+        tries += 1;
     }
 }
 
-/// A new file's space, reserved later and in steps: what a receiver does in the background
-/// while it receives into the file (see [`ImageFile::create_reserving_while_received`]).
+/// A new file's space, reserved later: by a receiver in the background while it receives into
+/// the file, then what is left by [`ImageFile::commit`] (see
+/// [`ImageFile::create_reserving_while_received`]).
 #[derive(Debug)]
 pub(crate) struct Reservation {
     pub(super) file: File,
     pub(super) path: std::path::PathBuf,
     pub(super) len: u64,
+    /// Bytes from the start reserved so far.
+    pub(super) done: u64,
 }
 
 impl Reservation {
-    /// Reserves the whole file, [`RESERVE_STEP_BYTES`](crate::limits::RESERVE_STEP_BYTES) at a
-    /// time, until done (`Ok(true)`) or until `stop` is raised between two steps (`Ok(false)`).
+    /// Reserves from where it got to,
+    /// [`RESERVE_STEP_BYTES`](crate::limits::RESERVE_STEP_BYTES) at a time, while pages are
+    /// being written: until done (`Ok(true)`), until `stop` is raised between two steps
+    /// (`Ok(false)`), or until the filesystem turns out to have no `fallocate` (`Ok(false)`:
+    /// its emulation is not safe now, [`finish_alone`](Self::finish_alone) does the rest).
     /// Its error is the system's; [`error`](Self::error) names the file.
-    pub(crate) fn run(&self, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<bool> {
-        let mut offset = 0;
-        while offset < self.len {
+    pub(crate) fn run_beside_writers(
+        &mut self,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> std::io::Result<bool> {
+        while self.done < self.len {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(false);
             }
-            let step = (self.len - offset).min(crate::limits::RESERVE_STEP_BYTES);
-            reserve_range(&self.file, offset, step)?;
-            offset += step;
+            let step = (self.len - self.done).min(crate::limits::RESERVE_STEP_BYTES);
+            match fallocate_range(&self.file, self.done, step) {
+                Ok(()) => self.done += step,
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(false),
+                Err(e) => return Err(e),
+            }
         }
         Ok(true)
     }
 
-    /// What a failed [`run`](Self::run) means, naming the file.
+    /// Reserves whatever is left, once nothing else writes the file.
+    pub(crate) fn finish_alone(&self) -> Result<()> {
+        if self.done >= self.len {
+            return Ok(());
+        }
+        reserve(&self.file, &self.path, self.len)
+    }
+
+    /// What a failed [`run_beside_writers`](Self::run_beside_writers) means, naming the file.
     pub(crate) fn error(&self, e: std::io::Error) -> Error {
         reserve_error(&self.path, self.len, e)
     }
 
-    /// Bytes to reserve.
+    /// Bytes to reserve in all.
     pub(crate) fn len(&self) -> u64 {
         self.len
     }
@@ -104,16 +149,22 @@ impl ImageFile {
 
     /// Like [`create`](Self::create), for a [`Receiver`](crate::Receiver)'s destination made
     /// once the sender said how large ([`crate::receiver::MakeDestination`]): the file gets its
-    /// length at once, and the receiver reserves its space in the background while pages
-    /// arrive, in steps of [`RESERVE_STEP_BYTES`](crate::limits::RESERVE_STEP_BYTES).
+    /// length at once, the receiver reserves its space in the background while pages arrive
+    /// (`fallocate`, in steps of [`RESERVE_STEP_BYTES`](crate::limits::RESERVE_STEP_BYTES)),
+    /// and [`commit`](Self::commit) reserves whatever is left before the image counts as
+    /// complete.
     ///
     /// Why: the sender is already sending when the destination is made, and reserving a
     /// tmpfs or hugetlbfs file zeroes every page (about 1 s per 4 GiB here), so reserving
-    /// first held a large image's channels past the sender's idle bound. The receiver fails
-    /// the transfer with the reservation's error (a full filesystem) as soon as it happens,
-    /// and reports success only once the whole file is reserved. Memory made this way and
-    /// not handed to a receiver is never reserved: a write to a page the filesystem cannot
-    /// back is then a [`MemoryFault`](crate::Error::MemoryFault).
+    /// first held a large image's channels past the sender's idle bound. A full filesystem
+    /// still fails the transfer while it runs: with the reservation's error where the
+    /// reservation gets there first, or as a [`MemoryFault`](crate::Error::MemoryFault) where a
+    /// page write does; found at the commit, it fails the commit. The receiver's `run` does
+    /// not wait for the reservation (a VMM resuming the guest after it would pay for it as
+    /// downtime). On a filesystem without `fallocate` the whole reservation waits for the
+    /// commit (glibc's emulation writes to the file, which is only safe alone). Where the
+    /// file cannot take the length at once (a hugetlbfs file whose length is not a whole
+    /// number of huge pages), it is reserved up front, as by [`create`](Self::create).
     pub fn create_reserving_while_received(path: &Path, len: u64) -> Result<Self> {
         Self::create_as(path, len, false)
     }
@@ -201,6 +252,11 @@ impl ImageFile {
     /// After a successful transfer: flushes the image to its file, then gives it its name (or
     /// removes the marker).
     pub fn commit(mut self) -> Result<()> {
+        // A new image's space the receiver had not reserved yet (see
+        // `create_reserving_while_received`): nothing writes it now.
+        if let Some(r) = self.memory.take_reservation() {
+            r.finish_alone()?;
+        }
         self.memory.sync()?;
         if let Some(temp) = &self.temp {
             // A file cut short since (its tail all zero pages, never written) is no image.

@@ -172,11 +172,26 @@ impl GuestMemory {
         let file = options
             .open(path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        // A hugetlbfs file takes only a whole number of huge pages as its length: reserved now,
+        // as if asked to.
+        let reserve_now = reserve_now
+            || match file.set_len(len) {
+                Ok(()) => false,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => true,
+                Err(e) => {
+                    if exclusive {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(Error::io(
+                        format!("sizing {} to {len} bytes", path.display()),
+                        e,
+                    ));
+                }
+            };
         let sized = if reserve_now {
             reserve(&file, path, len)
         } else {
-            file.set_len(len)
-                .map_err(|e| Error::io(format!("sizing {} to {len} bytes", path.display()), e))
+            Ok(())
         };
         let mapped = sized.and_then(|()| Self::map_file(&file, path, true));
         let mut mem = mapped.inspect_err(|_| {
@@ -191,6 +206,7 @@ impl GuestMemory {
                 file,
                 path: path.to_path_buf(),
                 len,
+                done: 0,
             }));
         }
         Ok(mem)
@@ -204,6 +220,12 @@ impl GuestMemory {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// Puts back what is left of a reservation taken with
+    /// [`take_reservation`](Self::take_reservation), for the next taker (the image's commit).
+    pub(crate) fn put_reservation(&self, r: image::Reservation) {
+        *self.reservation.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
     }
 
     fn map_file(file: &File, path: &Path, writable: bool) -> Result<Self> {

@@ -497,7 +497,7 @@ mod hwloc_xml {
         assert_eq!(nodes_of(&p), vec![Some(0), Some(0)]);
 
         let four = load("four-nodes.xml");
-        // Memory on nodes 0 and 2 (3:1), 8 channels: node 0's four cores, node 2's two shards,
+        // Memory on nodes 0 and 2 (3:1), 8 channels: node 0's four cores, node 2's share,
         // then the NIC's node for the rest before other nodes.
         let p = plan(&four, &input(8, 0..16, &[(0, 750), (2, 250)]));
         assert_eq!(p.channels_on(0).len(), 4, "{}", p.render());

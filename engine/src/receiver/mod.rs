@@ -409,12 +409,10 @@ impl Receiver {
         let cpu = (crate::sys::thread_cpu_time() - cpu_start).as_secs_f64() * 1e3;
         stats.finalize(start.elapsed().as_secs_f64(), cpu);
         stats.prefault_ms = prefault.map_or(0.0, Prefault::finish);
-        // Every page is here; the file is complete once all of its space is reserved (the
-        // pages the transfer skipped as zero included), or the transfer fails after all.
-        // (Not in the transfer's time: the sender has its confirmation.)
+        // Every page is here: what is left of the file's reservation is the image's commit's
+        // to finish, after the transfer (a VMM may resume the guest now).
         if let Some(r) = reserving {
-            let ms = r.finish()?;
-            tracing::debug!(ms, "the destination file's space is reserved");
+            r.stop_and_hand_back(&memory);
         }
         Ok(stats)
     }

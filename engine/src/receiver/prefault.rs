@@ -92,11 +92,11 @@ impl Drop for Prefault {
 /// why. Stopped and joined when dropped.
 pub(super) struct Reserving {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<f64>>>,
+    thread: Option<JoinHandle<Reservation>>,
 }
 
 impl Reserving {
-    pub(super) fn start(reservation: Reservation, abort: Arc<Abort>) -> Result<Reserving> {
+    pub(super) fn start(mut reservation: Reservation, abort: Arc<Abort>) -> Result<Reserving> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let bytes = reservation.len();
@@ -104,16 +104,17 @@ impl Reserving {
             .name("pw-reserve".into())
             .spawn(move || {
                 let started = Instant::now();
-                match reservation.run(&stopped) {
-                    Ok(_) => Ok(started.elapsed().as_secs_f64() * 1e3),
+                match reservation.run_beside_writers(&stopped) {
+                    Ok(done) => tracing::debug!(
+                        done,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "reserving the destination file while pages arrived"
+                    ),
                     Err(e) => {
-                        // One error for the latch, one for `finish`: the system's code is
-                        // all they carry.
-                        let code = e.raw_os_error().unwrap_or(libc::EIO);
-                        abort.fail(reservation.error(std::io::Error::from_raw_os_error(code)));
-                        Err(reservation.error(e))
+                        abort.fail(reservation.error(e));
                     }
                 }
+                reservation
             })
             .map_err(|e| Error::io("starting the destination's reservation thread", e))?;
         tracing::debug!(
@@ -126,15 +127,13 @@ impl Reserving {
         })
     }
 
-    /// Waits until the whole file is reserved (pages the transfer skipped, zero ones, are
-    /// reserved too): how long it took, or why it could not.
-    pub(super) fn finish(mut self) -> Result<f64> {
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(Error::Internal(
-                "the destination's reservation thread panicked".into(),
-            )),
-            None => Ok(0.0),
+    /// Stops it where it is and hands what is left back to `memory`, for the image's commit
+    /// to finish (nothing waits for a large tmpfs file's reservation after the transfer; a
+    /// failed step is tried again there, and fails the commit).
+    pub(super) fn stop_and_hand_back(mut self, memory: &GuestMemory) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(Ok(r)) = self.thread.take().map(JoinHandle::join) {
+            memory.put_reservation(r);
         }
     }
 }

@@ -167,7 +167,9 @@ impl Sender {
 
     /// [`send_live_round`](Self::send_live_round) (`live`) or [`send_round`](Self::send_round)
     /// of runs that come from an iterator, under the same rules: sorted, disjoint, inside the
-    /// layout (it is walked twice, to check them and then to send them). With
+    /// layout. It is walked twice, on a clone to check them and then to send them, so its
+    /// clone must give the same runs (a pure iterator over data that does not change meanwhile,
+    /// as [`BitmapRuns`](crate::dirty::BitmapRuns) over bitmaps nobody writes). With
     /// [`DirtyBitmaps::iter_runs`](crate::dirty::DirtyBitmaps::iter_runs) a round goes out
     /// straight from the dirty bitmaps, with no list of runs, which for a scattered dirty set
     /// of a multi-TiB guest would take GiBs.

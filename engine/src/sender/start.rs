@@ -66,6 +66,13 @@ impl Sender {
             Some(c) => c.abort().clone(),
             None => Arc::new(Abort::new(false)),
         };
+        // Its latch stays raised once a transfer failed: a second sender on it would be
+        // cancelled at once, for no reason it could tell.
+        if !abort.claim() {
+            return Err(Error::Config(
+                "this Canceller was given to a sender already: each sender needs its own (Canceller::new)".into(),
+            ));
+        }
         if abort.is_raised() {
             return Err(abort.take_error().unwrap_or(Error::Cancelled));
         }

@@ -104,6 +104,9 @@ pub(crate) struct Abort {
     peers: Mutex<Vec<Peer>>,
     /// Receivers tell the sender why before shutting down.
     notify_peer: bool,
+    /// A sender started on this latch (one made beforehand, for a canceller that serves one
+    /// sender only).
+    claimed: AtomicBool,
 }
 
 impl Abort {
@@ -189,6 +192,11 @@ impl Abort {
             peer.closed = true;
         }
         write_peer(peer, &out[..n], "sending a control message")
+    }
+
+    /// Marks the latch as a started transfer's; false when one had it already.
+    pub(crate) fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
     }
 
     /// Raises the flag without an error of its own (the caller gives up; shards stop).

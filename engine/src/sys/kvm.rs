@@ -73,7 +73,8 @@ pub(crate) fn kvm_clear_dirty_log(
             dirty_bitmap: bitmap.as_ptr().cast_mut().cast(),
         },
     };
-    // SAFETY: `clear` is a valid `kvm_clear_dirty_log` for the duration of the call; KVM reads
+    // SAFETY: `clear` is a valid `kvm_clear_dirty_log` for the duration of the call, which KVM
+    // only copies in (the request is _IOWR, but KVM writes nothing back to it); KVM reads
     // `pages` bits rounded up to whole words from `bitmap`, which holds them (checked above),
     // and writes nothing through it.
     let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &clear) };

@@ -127,19 +127,24 @@ pub fn connect_cancellable(
             if left.is_zero() {
                 return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
             }
-            let slice = left.min(Duration::from_millis(
-                crate::limits::HANDSHAKE_WATCH_SLICE_MS,
-            ));
+            // (At least a millisecond: poll counts whole ones, and 0 would spin.)
+            let slice = left
+                .min(Duration::from_millis(
+                    crate::limits::HANDSHAKE_WATCH_SLICE_MS,
+                ))
+                .max(Duration::from_millis(1));
             if poll_one(&socket, libc::POLLOUT, slice)? {
                 break;
             }
         },
         Err(e) => return Err(e),
     }
-    // Writable: connected, or refused (the error is the socket's).
+    // Writable: connected, or refused (the error is the socket's); a hang-up without one is
+    // no connection either.
     if let Some(e) = socket.take_error()? {
         return Err(e);
     }
+    socket.peer_addr()?;
     socket.set_nonblocking(false)?;
     Ok(socket.into())
 }

@@ -4,8 +4,10 @@
 //! decode and check everything against the layout, then place the payload. Plaintext channels
 //! receive the payload straight into destination memory with one vectored `MSG_WAITALL` receive
 //! (one iovec per normal run, no staging copy). TLS channels receive ciphertext into a registered
-//! staging slot, open each record in place, and copy its plaintext to the destination pages: a
-//! record that fails authentication is refused before any of its bytes is placed. Zero pages are
+//! staging slot and open each record straight into the destination pages (AES-GCM,
+//! [`crate::tls::direct`], which says why that is safe before the tag is checked; other ciphers
+//! open in place and copy): a record that fails authentication fails the transfer, and none of
+//! its pages counts as placed. Zero pages are
 //! skipped when the destination page is known to be zero (fresh anonymous memory not yet written
 //! by this transfer), otherwise zeroed if they are not already. End-of-round markers wait at the
 //! shared [`RoundBarrier`].
