@@ -678,6 +678,66 @@ fn a_cancel_before_the_stop_never_pauses_the_guest() {
     assert!(r.to_string().contains("cancelled"), "receiver: {r}");
 }
 
+/// A VMM whose pause makes another thread cancel the migration, and whose device state takes
+/// a while: the cancel lands while the guest is paused and the last round goes out.
+struct CancelledWhilePaused {
+    handle: pagewire::live::MigrationHandle,
+    cancelled: Option<std::thread::JoinHandle<Instant>>,
+}
+
+impl Vmm for CancelledWhilePaused {
+    fn pause(&mut self) -> pagewire::Result<()> {
+        let handle = self.handle.clone();
+        self.cancelled = Some(std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            handle.cancel();
+            Instant::now()
+        }));
+        Ok(())
+    }
+    fn device_state(&mut self) -> pagewire::Result<Vec<DeviceBlob>> {
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(vec![DeviceBlob {
+            tag: 1,
+            bytes: vec![7; 100],
+        }])
+    }
+}
+
+/// A cancel from another thread while the guest is paused (the last round and the device state
+/// going out, before the end of the stream): both sides end cancelled within a second, and the
+/// destination never reports the migration complete, so the source may resume its guest.
+#[test]
+fn a_cancel_while_the_guest_is_paused_ends_both_sides_within_a_second() {
+    if skip_without_uring() {
+        return;
+    }
+    let p = connect(2);
+    let migration = Migration::new(p.sender, Box::new(AlwaysDirty), Box::new(StopNow));
+    let mut vmm = CancelledWhilePaused {
+        handle: migration.handle(),
+        cancelled: None,
+    };
+    let handle = migration.handle();
+    let err = migration.run(&mut vmm).unwrap_err();
+    let ended = Instant::now();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    let at = vmm
+        .cancelled
+        .take()
+        .expect("the guest was paused")
+        .join()
+        .unwrap();
+    assert!(
+        ended.saturating_duration_since(at) < Duration::from_secs(1),
+        "the source ended {:?} after the cancel",
+        ended.saturating_duration_since(at)
+    );
+    assert_eq!(handle.snapshot().status, Status::Cancelled);
+    let r = join_within(p.receiver, Duration::from_secs(1), "receiver").unwrap_err();
+    assert!(r.to_string().contains("cancelled"), "receiver: {r}");
+}
+
 /// A paused guest with device state: blobs of several chunks, an empty one, a tiny one.
 struct WithDevices(SoftwareDirtier, Vec<DeviceBlob>);
 
@@ -840,6 +900,48 @@ fn a_bandwidth_change_mid_transfer_changes_the_rate() {
     assert!(
         elapsed < at_limit,
         "{elapsed:?}: no faster than at the limit ({at_limit:?})"
+    );
+}
+
+/// The migration's own handle (what a VMM's `migrate-set-parameters max-bandwidth` calls)
+/// limits a running migration and lifts the limit again: the rate follows both ways.
+#[test]
+fn the_migration_handle_s_bandwidth_limit_changes_a_running_migration_s_rate() {
+    if skip_without_uring() {
+        return;
+    }
+    const LIMIT: u64 = 8 << 20;
+    let p = connect(2);
+    let (migration, mut guest) = busy_migration(p.sender, &p.src, UNTIL_CANCELLED);
+    let handle = migration.handle();
+    handle.set_max_bandwidth(Some(LIMIT));
+    let running = std::thread::spawn(move || migration.run(&mut guest));
+    let rate_over = |ms: u64| {
+        let before = handle.snapshot().transferred;
+        std::thread::sleep(Duration::from_millis(ms));
+        (handle.snapshot().transferred - before) as f64 / (ms as f64 / 1e3)
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let limited = rate_over(600);
+    handle.set_max_bandwidth(None);
+    std::thread::sleep(Duration::from_millis(100));
+    let lifted = rate_over(600);
+    handle.cancel();
+    let sent = join_within(running, Duration::from_secs(2), "migration");
+    assert!(sent.is_err(), "cancelled, yet {sent:?}");
+    let _ = join_within(p.receiver, Duration::from_secs(2), "receiver");
+    let mib = |r: f64| r / f64::from(1 << 20);
+    assert!(
+        limited < 1.5 * LIMIT as f64,
+        "{:.1} MiB/s while limited to {} MiB/s",
+        mib(limited),
+        LIMIT >> 20
+    );
+    assert!(
+        lifted > 4.0 * LIMIT as f64,
+        "{:.1} MiB/s once lifted, against {:.1} MiB/s limited",
+        mib(lifted),
+        mib(limited)
     );
 }
 

@@ -207,6 +207,6 @@ pub unsafe extern "C" fn pw_control_migration(
 pub unsafe extern "C" fn pw_control_free(control: *mut pw_control) {
     if !control.is_null() {
         // SAFETY: from Box::into_raw, freed once (caller).
-        drop(unsafe { Box::from_raw(control) });
+        crate::free_quietly(unsafe { Box::from_raw(control) });
     }
 }

@@ -217,6 +217,15 @@ fn guard(f: impl FnOnce() -> Result<(), Error>) -> pw_status {
     }
 }
 
+/// Drops what a `pw_*_free` frees, catching a panic in its drop (recorded for
+/// [`pw_last_error`]): no panic crosses the C boundary, not even one that would only abort.
+pub(crate) fn free_quietly<T>(value: Box<T>) {
+    let _ = guard(move || {
+        drop(value);
+        Ok(())
+    });
+}
+
 fn invalid(what: &str) -> Error {
     Error::Config(what.into())
 }
@@ -311,7 +320,7 @@ pub unsafe extern "C" fn pw_memory_new(
 pub unsafe extern "C" fn pw_memory_free(memory: *mut pw_memory) {
     if !memory.is_null() {
         // SAFETY: from Box::into_raw, freed once (caller).
-        drop(unsafe { Box::from_raw(memory) });
+        free_quietly(unsafe { Box::from_raw(memory) });
     }
 }
 
@@ -570,10 +579,11 @@ unsafe fn write_stats(
 pub unsafe extern "C" fn pw_sender_free(sender: *mut pw_sender) {
     if !sender.is_null() {
         // SAFETY: from Box::into_raw, freed once (caller).
-        let s = unsafe { Box::from_raw(sender) };
-        if let Some(s) = s.sender {
-            let _ = catch_unwind(AssertUnwindSafe(|| s.abandon(Error::Cancelled)));
+        let mut s = unsafe { Box::from_raw(sender) };
+        if let Some(sender) = s.sender.take() {
+            let _ = catch_unwind(AssertUnwindSafe(|| sender.abandon(Error::Cancelled)));
         }
+        free_quietly(s);
     }
 }
 

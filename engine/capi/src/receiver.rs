@@ -150,7 +150,7 @@ pub unsafe extern "C" fn pw_receiver_blob(
 pub unsafe extern "C" fn pw_receiver_free(receiver: *mut pw_receiver) {
     if !receiver.is_null() {
         // SAFETY: from Box::into_raw, freed once (caller).
-        drop(unsafe { Box::from_raw(receiver) });
+        crate::free_quietly(unsafe { Box::from_raw(receiver) });
     }
 }
 

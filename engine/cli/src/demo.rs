@@ -270,16 +270,17 @@ fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
     };
     let policy = limit.policy(a.auto_converge);
     let sender = Sender::connect(d.addr, d.src.clone(), &d.config);
+    let mut handle = None;
     let sent = sender.and_then(|sender| {
         let progress = sender.progress();
         let migration = Migration::new(sender, dirty, policy);
-        let handle = migration.handle();
+        handle = Some(migration.handle());
         let display = if a.common.json {
             None
         } else {
             start_display(progress, "live", a.common.json_stream)
         };
-        let rounds = (!d.quiet).then(|| print_rounds(handle.clone()));
+        let rounds = (!d.quiet).then(|| print_rounds(migration.handle()));
         let r = migration.run(&mut guest);
         finish_display(display);
         if let Some(t) = rounds {
@@ -287,6 +288,35 @@ fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
         }
         r
     });
+    // A migration that did not converge is an answer, not a breakdown: with --json it still
+    // says `converged: false`, with its rounds and what it expected, as a result.
+    if let (Err(pagewire::Error::NotConverging(why)), Some(handle), true) =
+        (&sent, &handle, a.common.json || a.common.json_stream)
+    {
+        let received = d.receiver.join();
+        let s = handle.snapshot();
+        let mut v = serde_json::json!({
+            "error": format!("the migration did not converge: {why}"),
+            "live": true,
+            "guest": what,
+            "converged": false,
+            "rounds": s.rounds,
+            "downtime_ms": null,
+            "expected_downtime_ms": s.expected_downtime_ms,
+            "total_time_ms": s.total_time_ms,
+            "dirty_sync_count": s.dirty_sync_count,
+            "cpu_throttle_percentage": s.cpu_throttle_percentage,
+            "receiver_error": match received {
+                Ok(Err(e)) => Some(pagewire::error_chain(&e)),
+                _ => None,
+            },
+        });
+        if a.common.json_stream {
+            v["event"] = "end".into();
+        }
+        println!("{v}");
+        return Ok(false);
+    }
     let (report, received) = both(sent, d.receiver)?;
     let difference = d.src.first_difference(&d.dst);
     let verified = difference.is_none();
