@@ -121,6 +121,11 @@ impl Tmpfs {
 
     /// A `huge=always` one, or why not (as [`mount`](Self::mount), or no tmpfs huge pages).
     fn huge() -> Result<Tmpfs, String> {
+        Self::huge_as("always")
+    }
+
+    /// A `huge=<when>` one (`always`, `advise`), or why not.
+    fn huge_as(when: &str) -> Result<Tmpfs, String> {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .unwrap_or_default();
         if thp.contains("[deny]") || thp.contains("[force]") || thp.is_empty() {
@@ -129,7 +134,7 @@ impl Tmpfs {
                 thp.trim()
             ));
         }
-        Self::mount("huge=always,size=64m")
+        Self::mount(&format!("huge={when},size=64m"))
     }
 }
 
@@ -170,7 +175,47 @@ fn smaps_kb(addr: usize, field: &str) -> Option<u64> {
 
 #[test]
 fn ram_files_on_a_huge_page_tmpfs_are_mapped_with_huge_pages() {
-    let tmpfs = match Tmpfs::huge() {
+    huge_tmpfs_files_are_mapped_with_huge_pages("always");
+}
+
+/// On a `huge=advise` tmpfs only mappings advised `MADV_HUGEPAGE` get huge pages: pagewire
+/// advises its file mappings as it does its anonymous memory. (Pages the file got through
+/// `write` or `fallocate` stay small: this is a sparse image written through the mapping, as
+/// a receiver writes one.)
+#[test]
+fn ram_files_on_an_advise_tmpfs_are_written_with_huge_pages() {
+    let tmpfs = match Tmpfs::huge_as("advise") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let path = tmpfs.0.path().join("ram.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let memory = GuestMemory::from_file(&path, true).unwrap();
+    let r = &memory.regions()[0];
+    let addr = r.host_addr() as usize;
+    assert_eq!(
+        addr % (2 << 20),
+        0,
+        "mapped at {addr:#x}, not 2 MiB aligned"
+    );
+    for page in (0..r.pages()).step_by(512) {
+        r.write(page * 4096, &[7]);
+    }
+    let pmd = smaps_kb(addr, "ShmemPmdMapped");
+    assert!(
+        pmd.is_some_and(|kb| kb >= 2048),
+        "pages written through the mapping are not 2 MiB ones (ShmemPmdMapped: {pmd:?} kB)"
+    );
+}
+
+fn huge_tmpfs_files_are_mapped_with_huge_pages(when: &str) {
+    let tmpfs = match Tmpfs::huge_as(when) {
         Ok(t) => t,
         Err(why) => {
             eprintln!("SKIPPED: {why}");
@@ -307,6 +352,29 @@ fn ram_files_on_hugetlbfs_are_destinations_and_sources() {
     s.finish().unwrap();
     join_within(rx, LIMIT, "receiver").unwrap();
     assert_eq!(src.first_difference(&dst), None);
+    // Its two huge pages back to the pool, for a memfd with huge pages (what a VMM's
+    // `memory-backend-memfd,hugetlb=on` is), by its /proc path.
+    std::fs::remove_file(&path).unwrap();
+    // SAFETY: a NUL-terminated name and flags; returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"pagewire-test".as_ptr(),
+            libc::MFD_HUGETLB | libc::MFD_CLOEXEC,
+        )
+    };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor just made and owned by nothing else.
+    let memfd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    memfd.set_len(4 << 20).unwrap();
+    let image =
+        Arc::new(GuestMemory::from_file(&format!("/proc/self/fd/{fd}").as_ref(), true).unwrap());
+    assert_eq!(image.regions()[0].host_addr() as usize % (2 << 20), 0);
+    let (addr, rx) = start_receiver(image.clone(), ReceiverConfig::default());
+    let mut s = Sender::connect(addr, src.clone(), &config).unwrap();
+    s.send_all().unwrap();
+    s.finish().unwrap();
+    join_within(rx, LIMIT, "receiver").unwrap();
+    assert_eq!(src.first_difference(&image), None);
 }
 
 /// `--zero-copy on` from a RAM image mapped read-only: its pages cannot be registered as fixed

@@ -257,6 +257,10 @@ impl GuestMemory {
             options.map_raw_read_only(file)
         }
         .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+        // Best effort, as for anonymous memory: a tmpfs mounted `huge=advise` gives 2 MiB pages
+        // only to mappings advised so (QEMU advises guest RAM the same way); elsewhere it
+        // changes nothing (hugetlbfs refuses it, and has huge pages anyway).
+        let _ = raw.advise(memmap2::Advice::HugePage);
         let host = NonNull::new(raw.as_mut_ptr())
             .ok_or_else(|| Error::Config("the kernel returned a null mapping".into()))?;
         Ok(GuestMemory {
