@@ -119,12 +119,8 @@ impl Tmpfs {
         Ok(Tmpfs(dir))
     }
 
-    /// A `huge=always` one, or why not (as [`mount`](Self::mount), or no tmpfs huge pages).
-    fn huge() -> Result<Tmpfs, String> {
-        Self::huge_as("always")
-    }
-
-    /// A `huge=<when>` one (`always`, `advise`), or why not.
+    /// A `huge=<when>` one (`always`, `advise`), or why not (as [`mount`](Self::mount), or no
+    /// tmpfs huge pages).
     fn huge_as(when: &str) -> Result<Tmpfs, String> {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .unwrap_or_default();
