@@ -363,7 +363,7 @@ fn ram_files_on_hugetlbfs_are_destinations_and_sources() {
     let memfd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     memfd.set_len(4 << 20).unwrap();
     let image =
-        Arc::new(GuestMemory::from_file(&format!("/proc/self/fd/{fd}").as_ref(), true).unwrap());
+        Arc::new(GuestMemory::from_file(format!("/proc/self/fd/{fd}").as_ref(), true).unwrap());
     assert_eq!(image.regions()[0].host_addr() as usize % (2 << 20), 0);
     let (addr, rx) = start_receiver(image.clone(), ReceiverConfig::default());
     let mut s = Sender::connect(addr, src.clone(), &config).unwrap();
