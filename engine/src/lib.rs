@@ -94,4 +94,6 @@ pub use sender::{PageRun, Sender};
 pub use shard::error_chain;
 pub use stats::{Progress, RoundStats, ShardStats, TransferStats};
 pub use stream::Stream;
-pub use uring::{probe as probe_uring, Caps as UringCaps};
+pub use uring::{
+    features as uring_features, probe as probe_uring, Caps as UringCaps, UringFeature,
+};

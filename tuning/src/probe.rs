@@ -244,25 +244,15 @@ pub fn probe() -> Vec<Finding> {
         },
     ));
     match pagewire::probe_uring() {
-        Ok(caps) => {
-            out.push(finding(
-                "io_uring SEND_ZC",
-                if caps.send_zc { "yes" } else { "no" },
-                if caps.send_zc {
-                    "zero-copy sends where the kernel does not copy anyway (--zero-copy auto probes)"
-                } else {
-                    "plain sends"
-                },
-            ));
-            out.push(finding(
-                "io_uring DEFER_TASKRUN",
-                if caps.defer_taskrun { "yes" } else { "no" },
-                if caps.defer_taskrun {
-                    "rings run SINGLE_ISSUER | DEFER_TASKRUN"
-                } else {
-                    "rings run without it (more interrupts)"
-                },
-            ));
+        Ok(_) => {
+            // Each opcode, setup flag and feature the engine uses, and what it does about it.
+            for f in pagewire::uring_features().unwrap_or_default() {
+                out.push(finding(
+                    "io_uring",
+                    format!("{}: {}", f.name, if f.available { "yes" } else { "no" }),
+                    f.role,
+                ));
+            }
         }
         Err(e) => out.push(finding(
             "io_uring",

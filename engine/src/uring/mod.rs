@@ -176,6 +176,49 @@ pub fn probe() -> Result<Caps> {
     })
 }
 
+/// One io_uring opcode, setup flag or feature pagewire uses, as this kernel offers it
+/// ([`features`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UringFeature {
+    /// Its kernel name (`IORING_OP_SEND_ZC`, `IORING_SETUP_DEFER_TASKRUN`, ...).
+    pub name: &'static str,
+    /// This kernel has it.
+    pub available: bool,
+    /// What pagewire does with it and without it.
+    pub role: &'static str,
+}
+
+/// Every io_uring opcode, setup flag and feature the engine relies on, and whether this kernel
+/// offers each (what `pagewire-tune probe` lists). An error only where no ring can be made.
+pub fn features() -> Result<Vec<UringFeature>> {
+    let (ring, defer) = build_ring(8)?;
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| Error::io("probing io_uring opcodes", e))?;
+    let op = |code: u8| probe.is_supported(code);
+    let params = ring.params();
+    let sparse = ring.submitter().register_buffers_sparse(2).is_ok();
+    let f = |name, available, role| UringFeature {
+        name,
+        available,
+        role,
+    };
+    Ok(vec![
+        f("IORING_OP_SEND", op(opcode::Send::CODE), "headers and payloads of plain sends; required"),
+        f("IORING_OP_SENDMSG", op(opcode::SendMsg::CODE), "a frame's header and runs in one vectored send; required"),
+        f("IORING_OP_RECV", op(opcode::Recv::CODE), "control messages and headers; required"),
+        f("IORING_OP_RECVMSG", op(opcode::RecvMsg::CODE), "a frame's payload straight into guest pages (MSG_WAITALL); required"),
+        f("IORING_OP_ASYNC_CANCEL", op(opcode::AsyncCancel::CODE), "ending a shard's ops on abort; required"),
+        f("IORING_OP_SEND_ZC", op(opcode::SendZc::CODE), "zero-copy sends from guest pages where the kernel does not copy anyway; without it, plain sends"),
+        f("IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN", defer, "completions run when the shard waits, not in interrupts; without them, a plain ring"),
+        f("IORING_FEAT_EXT_ARG", params.is_feature_ext_arg(), "bounded waits (every loop wakes within its slice); required"),
+        f("IORING_FEAT_FAST_POLL", params.is_feature_fast_poll(), "a send or receive on a busy socket waits for it in the kernel, not on a worker thread"),
+        f("IORING_FEAT_NODROP", params.is_feature_nodrop(), "no completion is lost when the completion queue is full"),
+        f("IORING_REGISTER_BUFFERS2 (sparse)", sparse, "the header slab, and guest memory up to 8 GiB where zero-copy is real, as fixed buffers; without it, plain buffers"),
+    ])
+}
+
 /// What a shard needs of a ring: pushing sends and receives of [`Buf`]s, submitting, waiting,
 /// reaping [`Completion`]s, and its slab. The io_uring [`Ring`] implements it, and so does the
 /// fault-injecting ring of the `faults` feature ([`crate::faults`]), which the seeded fault runs
@@ -269,4 +312,29 @@ pub(crate) fn advance(buf: Buf, skip: u64) -> Buf {
 /// Maps a negative completion result to an `io::Error`.
 pub(crate) fn errno(result: i32) -> io::Error {
     io::Error::from_raw_os_error(-result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The feature list agrees with the probe the rings use: what a ring requires is there
+    /// wherever a ring can run, and the optional ones say what the probe says.
+    #[test]
+    fn the_feature_list_agrees_with_the_probe() {
+        let Ok(caps) = probe() else {
+            eprintln!("SKIPPED: io_uring is not usable here");
+            return;
+        };
+        let list = features().unwrap();
+        let has = |name: &str| list.iter().find(|f| f.name == name).map(|f| f.available);
+        for f in list.iter().filter(|f| f.role.ends_with("required")) {
+            assert!(f.available, "{} is required, and a ring runs here", f.name);
+        }
+        assert_eq!(has("IORING_OP_SEND_ZC"), Some(caps.send_zc));
+        assert_eq!(
+            has("IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN"),
+            Some(caps.defer_taskrun)
+        );
+    }
 }
