@@ -169,6 +169,10 @@ pub fn probe() -> Result<Caps> {
             return Err(Error::Unsupported(name));
         }
     }
+    // Every wait is bounded (`submit_with_args` with a timeout), which needs it (5.11).
+    if !ring.params().is_feature_ext_arg() {
+        return Err(Error::Unsupported("IORING_FEAT_EXT_ARG"));
+    }
     Ok(Caps {
         send_zc: probe.is_supported(opcode::SendZc::CODE),
         defer_taskrun: defer,
