@@ -46,6 +46,8 @@ fn demo_json_reports_a_verified_transfer() {
     assert_eq!(pages, 16 << 8);
     for key in [
         "total_time_ms",
+        "setup_ms",
+        "transfer_ms",
         "transferred_bytes",
         "mbps",
         "receiver_cpu_ms",
@@ -56,6 +58,12 @@ fn demo_json_reports_a_verified_transfer() {
             "{key} missing or zero in {text}"
         );
     }
+    // As QEMU's total-time holds its setup-time.
+    let ms = |key: &str| v[key].as_f64().unwrap();
+    assert!(
+        (ms("total_time_ms") - ms("setup_ms") - ms("transfer_ms")).abs() < 1e-6,
+        "{text}"
+    );
 }
 
 /// `demo --live --auto-converge`: a guest that writes its working set faster than the capped
