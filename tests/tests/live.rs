@@ -945,6 +945,52 @@ fn the_migration_handle_s_bandwidth_limit_changes_a_running_migration_s_rate() {
     );
 }
 
+/// Dirty from round 0 on: 4096 pages (16 MiB), and once round 0 is through, a bandwidth limit
+/// under which they would take 4 s.
+struct DirtyThenLimited {
+    collects: u32,
+    limit: pagewire::sender::BandwidthLimit,
+}
+
+impl DirtySource for DirtyThenLimited {
+    fn collect(&mut self, into: &mut DirtyBitmaps) -> pagewire::Result<()> {
+        self.collects += 1;
+        if self.collects >= 2 {
+            into.mark(0, 0, 4096);
+        }
+        if self.collects == 2 {
+            self.limit.set(Some(4 << 20));
+        }
+        Ok(())
+    }
+}
+
+/// The bandwidth limit shapes the live rounds, not the downtime: as QEMU's stop-and-copy
+/// ignores `max-bandwidth`, the paused round goes unlimited (16 MiB at the 4 MiB/s limit
+/// would pause the guest for 4 s).
+#[test]
+fn a_bandwidth_limit_does_not_stretch_the_downtime() {
+    if skip_without_uring() {
+        return;
+    }
+    let p = connect(2);
+    let source = DirtyThenLimited {
+        collects: 0,
+        limit: p.sender.bandwidth_limit(),
+    };
+    let migration = Migration::new(p.sender, Box::new(source), Box::new(StopNow));
+    let report = migration.run(&mut CountsPauses(0)).unwrap();
+    join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    assert_eq!(p.src.first_difference(&p.dst), None);
+    let last = report.snapshot.rounds.last().unwrap();
+    assert_eq!(last.pages, 4096);
+    let downtime = report.snapshot.downtime_ms.unwrap();
+    assert!(
+        downtime < 1000.0,
+        "paused for {downtime:.0} ms: the 4 MiB/s limit held the last round"
+    );
+}
+
 /// A very low limit makes each chain's wait long (a 512 KiB frame at 32 KiB/s per channel: 16
 /// s); lifting the limit must end the wait at once, not after it.
 #[test]

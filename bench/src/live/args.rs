@@ -81,6 +81,11 @@ pub struct LiveArgs {
     /// by their AEAD either way.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub(super) page_checksums: OnOff,
+    /// A bandwidth limit on both engines' migrations, in bytes per second of wire traffic
+    /// (pagewire's `--max-bandwidth`, QEMU's `max-bandwidth`), e.g. 100MB: makes the link, not
+    /// this host's CPU, what a guest's dirty rate is measured against. Unlimited by default.
+    #[arg(long, value_parser = pagewire::units::parse_rate)]
+    pub(super) max_bandwidth: Option<u64>,
     /// Also write the results (summary and runs) as JSON to this file.
     #[arg(long)]
     pub(super) out: Option<std::path::PathBuf>,
@@ -132,6 +137,7 @@ impl LiveArgs {
             pin: false,
             zero_copy: ZeroCopy::Auto,
             page_checksums: OnOff::On,
+            max_bandwidth: None,
             out: Some(out),
             json: false,
         }

@@ -64,6 +64,11 @@ struct Run {
     round_figures: Vec<pagewire::live::RoundFigures>,
     /// The vCPU throttle at the end (auto-converge), percent.
     throttle_percent: u8,
+    /// Bytes the migration put on the wire (pagewire's `transferred`, QEMU's
+    /// `ram.transferred`), and their rate over the whole migration, MB/s: with
+    /// `--max-bandwidth`, what each engine made of the limit.
+    wire_bytes: u64,
+    wire_mb_per_s: f64,
 }
 
 impl Run {
@@ -85,6 +90,8 @@ impl Run {
             guest_pages_per_s: None,
             round_figures: Vec::new(),
             throttle_percent: 0,
+            wire_bytes: 0,
+            wire_mb_per_s: f64::NAN,
         }
     }
 }
@@ -143,6 +150,7 @@ fn session(a: &LiveArgs, tls: Option<&(TlsServer, TlsClient)>, channels: u16) ->
             congestion: a.congestion.clone(),
             zero_copy: a.zero_copy,
             page_checksums: a.page_checksums == OnOff::On,
+            max_bandwidth_bytes_per_s: a.max_bandwidth,
             ..SenderConfig::default()
         },
     )?;
@@ -239,6 +247,8 @@ fn one(
         guest_pages_per_s,
         round_figures: s.rounds.clone(),
         throttle_percent: s.cpu_throttle_percentage,
+        wire_bytes: s.transferred,
+        wire_mb_per_s: s.transferred as f64 / (elapsed.as_secs_f64() * 1e6),
     };
     match (result, received) {
         (Ok(report), Ok(r)) => {
@@ -288,6 +298,7 @@ fn one_qemu(
             total_ms_max: a.time_max,
             warmup_ms: a.warmup_ms,
             auto_converge: a.auto_converge,
+            max_bandwidth: a.max_bandwidth,
         },
     )?;
     Ok(Run {
@@ -316,6 +327,8 @@ fn one_qemu(
         guest_pages_per_s: Some(q.guest_pages_per_s),
         round_figures: Vec::new(),
         throttle_percent: q.throttle_percent,
+        wire_bytes: q.transferred_bytes,
+        wire_mb_per_s: q.transferred_bytes as f64 / (q.total_ms * 1e3),
     })
 }
 
@@ -424,7 +437,7 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
                     for r in cell {
                         if !a.json {
                             eprintln!(
-                                "rep {}/{}: {:>8} {:>5.0} MiB/s, {channels} ch, tls {t}: {} in {} round(s), {:.0} ms, downtime {}, expected {:.1} ms{}",
+                                "rep {}/{}: {:>8} {:>5.0} MiB/s, {channels} ch, tls {t}: {} in {} round(s), {:.0} ms, downtime {}, expected {:.1} ms, wire {:.0} MB/s{}",
                                 rep + 1,
                                 a.reps,
                                 r.engine,
@@ -438,6 +451,7 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
                                 r.total_ms,
                                 r.downtime_ms.map_or("-".into(), |d| format!("{d:.1} ms")),
                                 r.expected_downtime_ms,
+                                r.wire_mb_per_s,
                                 r.guest_pages_per_s.map_or(String::new(), |p| format!(
                                     ", guest wrote {:.0} MB/s",
                                     p * 4096.0 / 1e6
@@ -480,6 +494,7 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         "size": a.size,
         "working_set": a.working_set_bytes(),
         "downtime_limit_ms": a.downtime_limit,
+        "max_bandwidth_bytes_per_s": a.max_bandwidth,
         "discarded_first_runs": a.discard_first,
         "described": report::settings_line(&a),
     });

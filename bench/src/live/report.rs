@@ -172,7 +172,10 @@ pub(super) fn settings_line(a: &LiveArgs) -> String {
         } else {
             "placed by the scheduler"
         }
-    ) + &match a.discard_first {
+    ) + &match a.max_bandwidth {
+        Some(b) => format!(", both engines limited to {:.0} MB/s", b as f64 / 1e6),
+        None => String::new(),
+    } + &match a.discard_first {
         0 => String::new(),
         n => format!(", after {n} discarded run(s) of the first cell"),
     }

@@ -27,6 +27,8 @@ pub struct QemuLiveRun {
     pub resumed: bool,
     /// The last `cpu-throttle-percentage` QEMU reported (auto-converge), percent.
     pub throttle_percent: u8,
+    /// `ram.transferred` at the end (or at the cap): bytes QEMU put on the wire.
+    pub transferred_bytes: u64,
 }
 
 /// How a live QEMU cell runs: the guest, the limits, the caps.
@@ -47,6 +49,8 @@ pub struct LiveSpec<'a> {
     pub warmup_ms: u64,
     /// QEMU's `auto-converge` capability (with its default throttle steps).
     pub auto_converge: bool,
+    /// QEMU's `max-bandwidth`, bytes per second; `None`: unlimited (far above the link).
+    pub max_bandwidth: Option<u64>,
 }
 
 fn guest_counter(path: &Path) -> Result<u32> {
@@ -65,7 +69,10 @@ fn guest_counter(path: &Path) -> Result<u32> {
 pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Result<QemuLiveRun> {
     let bios = ram.path("guest.bin");
     std::fs::write(&bios, guestcode::firmware(&spec.guest))?;
-    let extra = json!({ "downtime-limit": spec.downtime_limit_ms });
+    let mut extra = json!({ "downtime-limit": spec.downtime_limit_ms });
+    if let Some(b) = spec.max_bandwidth {
+        extra["max-bandwidth"] = json!(b);
+    }
     let mut pair = Pair::start(
         ram,
         src,
@@ -121,6 +128,7 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
         if let Some(t) = r["cpu-throttle-percentage"].as_u64() {
             throttle = u8::try_from(t).unwrap_or(u8::MAX);
         }
+        let transferred_bytes = r["ram"]["transferred"].as_u64().unwrap_or(0);
         // The run's figures so far; `None` downtime while it has not completed.
         let figures =
             |pair: &Pair, total_ms: f64, downtime_ms: Option<f64>| -> Result<QemuLiveRun> {
@@ -138,6 +146,7 @@ pub fn migrate_live(ram: &RamDir, src: &GuestMemory, spec: &LiveSpec<'_>) -> Res
                         / (elapsed_ms / 1e3),
                     resumed: false,
                     throttle_percent: throttle,
+                    transferred_bytes,
                 })
             };
         match r["status"].as_str() {

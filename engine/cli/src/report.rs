@@ -162,7 +162,10 @@ pub(super) fn report(
             ),
             (
                 "transfer",
-                format!("{:.1} ms (the rates below are over it)", stats.total_time_ms),
+                format!(
+                    "{:.1} ms (the rates below are over it)",
+                    stats.total_time_ms
+                ),
             ),
         ]),
         None => rows.push(("total time", format!("{:.1} ms", stats.total_time_ms))),
