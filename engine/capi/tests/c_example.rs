@@ -17,45 +17,34 @@ fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// Builds libpagewire.so into this test's target directory and profile. (Cargo builds a
-/// cdylib-only crate for its integration tests only when asked; the library is named
+/// Installs the library (shared and static), header and pkg-config file under `prefix` with
+/// `install.sh`, as a user would, built into this test's target directory and profile. (Cargo
+/// builds a cdylib-only crate for its integration tests only when asked; the library is named
 /// `pagewire`, like the Rust crate it wraps, so it carries no rlib to make cargo do it.)
-fn build_library() -> PathBuf {
+fn install(prefix: &Path) {
     let dir = target_dir();
     let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .args(["build", "-p", "pagewire-capi", "--manifest-path"])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(dir.parent().unwrap());
-    if profile == "release" {
-        cargo.arg("--release");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("install.sh");
+    let mut sh = Command::new("sh");
+    sh.arg(&script);
+    if profile != "release" {
+        sh.arg("--debug");
     }
-    let status = cargo.status().unwrap();
-    assert!(status.success(), "building libpagewire failed");
-    dir.join("libpagewire.so")
-}
-
-/// Installs the library, header and pkg-config file under `prefix`, as `make install` would.
-fn install(prefix: &Path) {
-    let lib = build_library();
-    assert!(lib.exists(), "{} was not built", lib.display());
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(prefix.join("lib/pkgconfig")).unwrap();
-    std::fs::create_dir_all(prefix.join("include")).unwrap();
-    std::fs::copy(&lib, prefix.join("lib/libpagewire.so")).unwrap();
-    std::fs::copy(
-        crate_dir.join("include/pagewire.h"),
-        prefix.join("include/pagewire.h"),
-    )
-    .unwrap();
-    let pc = std::fs::read_to_string(crate_dir.join("pagewire.pc.in"))
-        .unwrap()
-        .replace("@PREFIX@", &prefix.display().to_string())
-        .replace("@VERSION@", env!("CARGO_PKG_VERSION"));
-    std::fs::write(prefix.join("lib/pkgconfig/pagewire.pc"), pc).unwrap();
+    let status = sh
+        .arg(prefix)
+        .env("CARGO", env!("CARGO"))
+        .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "install.sh failed");
+    for file in [
+        "lib/libpagewire.so",
+        "lib/libpagewire.a",
+        "include/pagewire.h",
+        "lib/pkgconfig/pagewire.pc",
+    ] {
+        assert!(prefix.join(file).exists(), "install.sh left out {file}");
+    }
 }
 
 /// Compiler flags for libpagewire: pkg-config's when it is installed, else the same by hand.
@@ -112,6 +101,51 @@ fn compile(prefix: &Path, name: &str) -> PathBuf {
         String::from_utf8_lossy(&built.stderr)
     );
     exe
+}
+
+/// The static library links on its own: `migrate.c` against `libpagewire.a` and the system
+/// libraries the installed `pagewire.pc` names in `Libs.private` (what `pkg-config --static`
+/// adds), with no shared libpagewire anywhere it could be found, and migrates.
+#[test]
+fn the_c_example_links_statically() {
+    if let Some(why) = unusable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let prefix = tempfile::tempdir().unwrap();
+    install(prefix.path());
+    let pc = std::fs::read_to_string(prefix.path().join("lib/pkgconfig/pagewire.pc")).unwrap();
+    let private: Vec<&str> = pc
+        .lines()
+        .find_map(|l| l.strip_prefix("Libs.private:"))
+        .expect("pagewire.pc has Libs.private")
+        .split_whitespace()
+        .collect();
+    std::fs::remove_file(prefix.path().join("lib/libpagewire.so")).unwrap();
+    let exe = prefix.path().join("migrate-static");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/migrate.c");
+    let built = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
+        .arg(format!("-I{}", prefix.path().join("include").display()))
+        .arg(&example)
+        .arg(prefix.path().join("lib/libpagewire.a"))
+        .args(&private)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "static link with {private:?} failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out = Command::new(&exe).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("verified"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn certificates() -> tempfile::TempDir {
