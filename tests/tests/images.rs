@@ -493,23 +493,26 @@ fn into_new_image(
     (sent, received, image)
 }
 
+/// io_uring and a tmpfs mounted with `options` to receive into, or `None` after saying why not.
+fn transfer_into_tmpfs(options: &str) -> Option<Tmpfs> {
+    if skip_without_uring() {
+        return None;
+    }
+    Tmpfs::mount(options)
+        .inspect_err(|why| eprintln!("SKIPPED: {why}"))
+        .ok()
+}
+
 /// A new image sized by the sender was reserved (posix_fallocate) before the receiver read a
 /// byte. A tmpfs zeroes every page it reserves (about 1 s per 4 GiB here), so for a large image
 /// the sender, already sending, timed out waiting for the receiver to take data (reproduced
 /// with `pagewire recv --into` on /dev/shm and a 400 ms idle bound, 2 GiB of random pages).
-/// Its space is now reserved while the pages arrive, and whole before the receiver reports
-/// success.
+/// Its space is now reserved while the pages arrive, and what is left by the image's commit:
+/// whole once it is committed.
 #[test]
 fn a_large_new_image_on_a_tmpfs_is_reserved_while_its_pages_arrive() {
-    if skip_without_uring() {
+    let Some(tmpfs) = transfer_into_tmpfs("size=5g") else {
         return;
-    }
-    let tmpfs = match Tmpfs::mount("size=5g") {
-        Ok(t) => t,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
     };
     let (len, data) = (4u64 << 30, 64u64 << 20);
     let src = mostly_zero(len, data);
@@ -546,15 +549,8 @@ fn a_large_new_image_on_a_tmpfs_is_reserved_while_its_pages_arrive() {
 /// reservation's error (not a memory fault somewhere later), and no image appears.
 #[test]
 fn a_new_image_the_filesystem_cannot_hold_fails_with_the_reservation_s_error() {
-    if skip_without_uring() {
+    let Some(tmpfs) = transfer_into_tmpfs("size=64m") else {
         return;
-    }
-    let tmpfs = match Tmpfs::mount("size=64m") {
-        Ok(t) => t,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
     };
     let path = tmpfs.0.path().join("vm.img");
     // Pages land only in the first MiB: what cannot be held is the reservation's to find.
