@@ -119,7 +119,9 @@ impl Reservation {
 /// A RAM image being received, which cannot be mistaken for a complete one if the transfer
 /// fails. A new image is written under a temporary name of its own in the same directory
 /// (`.NAME.PID-N.pagewire-partial`, so two receivers never share one), with its space reserved
-/// up front, and renamed into place by [`commit`](Self::commit) only after the transfer
+/// (up front, or, for a receiver's destination, while pages arrive and then by the commit: see
+/// [`create_reserving_while_received`](Self::create_reserving_while_received)), and renamed into
+/// place by [`commit`](Self::commit) only after the transfer
 /// succeeded, the data reached the file (`msync`) and the file still has its length, and only
 /// if nothing has taken the name meanwhile; a failed or abandoned one is removed. An existing
 /// image (a VMM's) is written in place, so it gets a marker file beside it
