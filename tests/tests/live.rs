@@ -1172,6 +1172,91 @@ fn a_sender_cancelled_while_connecting_or_handshaking_ends_within_a_second() {
     cancelled_after(addr, "connect");
 }
 
+/// "Nothing left running" after a cancel, counted: the cancel tests above run again, one after
+/// another, and after each the process must hold no thread named `pw-*` (the names of the
+/// library's shard, handshake, watchdog, pre-fault and dirtier threads) and no more threads
+/// than before it (the tests' own threads, and the library's unnamed scoped ones). Threads are counted in `/proc/self/task`, which is only
+/// meaningful with nothing else running in the process, so the test re-runs itself alone in a
+/// child process of this test binary and does the counting there.
+#[test]
+fn every_cancel_leaves_no_thread_running() {
+    if skip_without_uring() {
+        return;
+    }
+    const CHILD_ENV: &str = "PAGEWIRE_TEST_THREADS_CHILD";
+    const NAME: &str = "every_cancel_leaves_no_thread_running";
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && all.contains("1 passed"),
+            "the counting child failed:\n{all}"
+        );
+        eprintln!("{all}");
+        return;
+    }
+    let threads = || -> Vec<String> {
+        let mut names = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            // A thread that ended between the listing and the read is gone: not counted.
+            if let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) {
+                names.push(comm.trim().to_string());
+            }
+        }
+        names.sort();
+        names
+    };
+    let before = threads();
+    let cancels: [(&str, fn()); 5] = [
+        (
+            "live, from another thread",
+            a_cancel_from_another_thread_ends_both_sides_within_a_second,
+        ),
+        (
+            "before the stop",
+            a_cancel_before_the_stop_never_pauses_the_guest,
+        ),
+        (
+            "while the guest is paused",
+            a_cancel_while_the_guest_is_paused_ends_both_sides_within_a_second,
+        ),
+        (
+            "the receiver",
+            a_receiver_cancelled_while_waiting_or_receiving_ends_within_a_second,
+        ),
+        (
+            "while connecting or handshaking",
+            a_sender_cancelled_while_connecting_or_handshaking_ends_within_a_second,
+        ),
+    ];
+    for (what, cancel) in cancels {
+        cancel();
+        // A joined thread can linger in /proc for a moment after its join returned; one that
+        // was not joined is still running (or about to end by luck).
+        let until = Instant::now() + Duration::from_millis(200);
+        let mut now = threads();
+        while (now.len() > before.len() || now.iter().any(|t| t.starts_with("pw-")))
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(10));
+            now = threads();
+        }
+        assert!(
+            now.len() <= before.len() && !now.iter().any(|t| t.starts_with("pw-")),
+            "after the cancel {what}, threads still running: {now:?} (before: {before:?})"
+        );
+        eprintln!("after the cancel {what}: {} threads, as before", now.len());
+    }
+}
+
 /// `query-migrate`'s time, bytes and rate move while a round runs, not only when one ends:
 /// round 0 of a large guest is most of a migration. At 32 MiB/s round 0 here takes about a
 /// second; half a second in, the snapshot must show the time and the bytes so far.

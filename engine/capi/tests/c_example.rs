@@ -11,29 +11,25 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn target_dir() -> PathBuf {
-    // This test runs from target/<profile>/deps/.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 /// Installs the library (shared and static), header and pkg-config file under `prefix` with
-/// `install.sh`, as a user would, built into this test's target directory and profile. (Cargo
-/// builds a cdylib-only crate for its integration tests only when asked; the library is named
-/// `pagewire`, like the Rust crate it wraps, so it carries no rlib to make cargo do it.)
+/// `install.sh`, as a user would, from the libraries cargo built for this test: the crate's
+/// own library, which `crate-type` makes an rlib too so that cargo builds it for its tests,
+/// with the workspace's features, into `target/<profile>/deps`. A nested `cargo build -p
+/// pagewire-capi` would resolve other features and build the engine again, about 50 s of a
+/// fresh CI run.
 fn install(prefix: &Path) {
-    let dir = target_dir();
-    let profile = dir.file_name().unwrap().to_str().unwrap().to_string();
+    // This test runs from target/<profile>/deps/, beside the libraries.
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("install.sh");
-    let mut sh = Command::new("sh");
-    sh.arg(&script);
-    if profile != "release" {
-        sh.arg("--debug");
-    }
-    let status = sh
+    let status = Command::new("sh")
+        .arg(&script)
+        .arg("--from")
+        .arg(&deps)
         .arg(prefix)
-        .env("CARGO", env!("CARGO"))
-        .env("CARGO_TARGET_DIR", dir.parent().unwrap())
         .status()
         .unwrap();
     assert!(status.success(), "install.sh failed");
