@@ -9,21 +9,29 @@
  * management thread raises mid-migration through the control (the rate must follow), then it
  * cancels; both sides must return within a second, the sender with PW_STATUS_CANCELLED.
  *
+ * With the argument "cancel-connect": the sender connects to a listener that never answers, with
+ * a control made beforehand (pw_control_new) in its options, which another thread cancels; the
+ * connect must return PW_STATUS_CANCELLED within a second, and the control serves no second one.
+ * (In "cancel", too, the sender's control is made beforehand, and then drives the running sender.)
+ *
  * With the argument "throttle": the writer always outruns the sender's bandwidth limit, so
  * auto-converge throttles it through the pw_vmm callback until the policy gives up at its round
  * cap, with PW_STATUS_NOT_CONVERGING and the guest still running.
  *
  * Built and run by engine/capi/tests/c_example.rs:
  *
- *   cc live.c $(pkg-config --cflags --libs pagewire) -lpthread -o live && ./live [cancel|throttle] [TLS_DIR]
+ *   cc live.c $(pkg-config --cflags --libs pagewire) -lpthread -o live && ./live [cancel|cancel-connect|throttle] [TLS_DIR]
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -217,10 +225,74 @@ static void *watch(void *arg) {
     return NULL;
 }
 
+/* `cancel-connect`: a listener that takes connections into its backlog but never accepts them,
+ * so the sender's handshake waits for an answer that never comes (up to 10 s), until another
+ * thread cancels through the control made beforehand. */
+static void *cancel_later(void *arg) {
+    sleep_ms(300);
+    check(pw_control_cancel(arg), "pw_control_cancel");
+    return NULL;
+}
+
+static int cancel_connect(pw_memory *src) {
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in at = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof at;
+    if (listener < 0 || bind(listener, (struct sockaddr *)&at, sizeof at) || listen(listener, 16) ||
+        getsockname(listener, (struct sockaddr *)&at, &len)) {
+        perror("listener");
+        return 1;
+    }
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", ntohs(at.sin_port));
+    pw_control *control = NULL;
+    if (!check(pw_control_new(&control), "pw_control_new"))
+        return 1;
+    /* Not connected yet: no progress, and no limit or migration to act on. */
+    pw_progress progress = {1, 1, 1};
+    pw_migration_info info;
+    if (!check(pw_control_progress(control, &progress), "pw_control_progress") ||
+        progress.pages_done || progress.pages_total || progress.transferred_bytes ||
+        pw_control_set_max_bandwidth(control, 1) != PW_STATUS_INVALID ||
+        pw_control_migration(control, &info) != PW_STATUS_INVALID) {
+        fprintf(stderr, "a control not connected yet answered what it cannot know\n");
+        return 1;
+    }
+    pw_options options = {.channels = 2, .control = control};
+    pw_receiver *receiver = NULL;
+    if (pw_receiver_bind("127.0.0.1:0", src, &options, &receiver) != PW_STATUS_INVALID) {
+        fprintf(stderr, "a receiver took a sender's control\n");
+        return 1;
+    }
+    pthread_t cancelling;
+    pthread_create(&cancelling, NULL, cancel_later, control);
+    double started_ms = now_ms();
+    pw_sender *sender = NULL;
+    pw_status connected = pw_sender_connect(addr, src, &options, &sender);
+    double took_s = (now_ms() - started_ms) / 1e3;
+    pthread_join(cancelling, NULL);
+    printf("cancel-connect: the connect returned %d (%s) after %.3f s\n", (int)connected,
+           pw_last_error(), took_s);
+    if (connected != PW_STATUS_CANCELLED || took_s > 1.3 || sender != NULL)
+        return 1;
+    /* The control served its one connect. */
+    pw_status again = pw_sender_connect(addr, src, &options, &sender);
+    if (again != PW_STATUS_INVALID || strstr(pw_last_error(), "pw_control_new") == NULL) {
+        fprintf(stderr, "a second connect with the control returned %d: %s\n", (int)again,
+                pw_last_error());
+        return 1;
+    }
+    pw_control_free(control);
+    close(listener);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int cancel = argc > 1 && strcmp(argv[1], "cancel") == 0;
     int throttled = argc > 1 && strcmp(argv[1], "throttle") == 0;
-    const char *tls_dir = argc > 1 + cancel + throttled ? argv[1 + cancel + throttled] : NULL;
+    int cancel_conn = argc > 1 && strcmp(argv[1], "cancel-connect") == 0;
+    int mode = cancel + throttled + cancel_conn;
+    const char *tls_dir = argc > 1 + mode ? argv[1 + mode] : NULL;
     /* With `cancel`, the sender starts under the low bandwidth limit; with `throttle`, under
      * one the writer always outruns. */
     /* The certificates name the receiver "localhost"; without tls_hostname the sender would
@@ -243,6 +315,8 @@ int main(int argc, char **argv) {
     pw_sender *sender = NULL;
     pw_control *control = NULL, *receiver_control = NULL;
     uint16_t port = 0;
+    if (cancel_conn)
+        return check(pw_memory_new(src_regions, 2, &src), "pw_memory_new (source)") ? cancel_connect(src) : 1;
     if (!check(pw_memory_new(src_regions, 2, &src), "pw_memory_new (source)") ||
         !check(pw_memory_new(dst_regions, 2, &dst), "pw_memory_new (destination)") ||
         !check(pw_receiver_bind("127.0.0.1:0", dst, &options, &r.receiver), "pw_receiver_bind") ||
@@ -253,8 +327,14 @@ int main(int argc, char **argv) {
     pthread_create(&receiving, NULL, receive, &r);
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
-    if (!check(pw_sender_connect(addr, src, &options, &sender), "pw_sender_connect") ||
-        !check(pw_sender_control(sender, &control), "pw_sender_control"))
+    /* With `cancel`, the sender's control is made before it connects (and could cancel the
+     * connect); otherwise it is taken from the connected sender. Either controls it alike. */
+    pw_options sender_options = options;
+    if (cancel && !check(pw_control_new(&control), "pw_control_new"))
+        return 1;
+    sender_options.control = control;
+    if (!check(pw_sender_connect(addr, src, &sender_options, &sender), "pw_sender_connect") ||
+        (!cancel && !check(pw_sender_control(sender, &control), "pw_sender_control")))
         return 1;
     pw_migration_info info;
     /* Before the migration starts there is nothing to report, and a receiver has no limit. */

@@ -57,9 +57,9 @@ typedef enum {
 } pw_migration_status;
 
 // A handle another thread may use while a sender, receiver or live migration runs (see
-// [`pw_sender_control`], [`pw_receiver_control`]). Every `pw_control_*` call but
-// [`pw_control_free`] may come from any thread, at the same time as others, also after the
-// transfer ended (when it changes nothing); free it once no thread uses it any more.
+// [`pw_sender_control`], [`pw_receiver_control`], [`pw_control_new`]). Every `pw_control_*`
+// call but [`pw_control_free`] may come from any thread, at the same time as others, also
+// after the transfer ended (when it changes nothing); free it once no thread uses it any more.
 typedef struct pw_control pw_control;
 
 // The device state a VMM hands over after the pause, blob by blob
@@ -122,6 +122,11 @@ typedef struct {
   // `tls-hostname`), or null for the host part of the address [`pw_sender_connect`]
   // connects to. [`pw_sender_over_fds`] has no address to take it from and needs it.
   const char *tls_hostname;
+  // A sender's control made beforehand with [`pw_control_new`], or null: a cancel through
+  // it also ends [`pw_sender_connect`] (or [`pw_sender_over_fds`]) while it connects and
+  // handshakes, and once connected it controls the sender as one from
+  // [`pw_sender_control`] would. One sender per control; a receiver refuses one.
+  const pw_control *control;
 } pw_options;
 
 // What one side of a finished transfer measured (see [`pw_sender_stats`] and
@@ -341,6 +346,20 @@ pw_status pw_sender_stats(const pw_sender *sender, pw_stats *out);
 // `pw_control`, wait for it to return, then free.
 void pw_sender_free(pw_sender *sender);
 
+// A control for a sender not connected yet: put it in the `control` field of the
+// [`pw_options`] given to [`pw_sender_connect`] (or [`pw_sender_over_fds`]), and a
+// [`pw_control_cancel`] from another thread ends the connect and the handshakes too, which
+// against a receiver that never answers (or a host that drops the connection attempts) wait
+// up to 10 s: the connect returns `PW_STATUS_CANCELLED` within a few tens of milliseconds.
+// Once the sender is connected, the control works as one from [`pw_sender_control`]; before,
+// its progress is zero and the bandwidth limit and migration calls fail with
+// `PW_STATUS_INVALID`. One sender per control: a second connect with it is refused, also
+// after the first failed or was cancelled.
+//
+// # Safety
+// `out` valid for a write.
+pw_status pw_control_new(pw_control **out);
+
 // A control for `sender` (take it before handing the sender to another thread or starting
 // [`pw_sender_migrate`]).
 //
@@ -365,35 +384,39 @@ pw_status pw_receiver_control(const pw_receiver *receiver, pw_control **out);
 // receiver's answer, and both sides return `PW_STATUS_OK`.
 //
 // # Safety
-// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed.
+// `control` from [`pw_sender_control`], [`pw_receiver_control`] or [`pw_control_new`], not
+// freed.
 pw_status pw_control_cancel(const pw_control *control);
 
 // Changes a sender's bandwidth limit, in wire bytes per second for all its channels together
 // (QEMU's `max-bandwidth`; 0 lifts it). It applies within the shards' next chain of sends.
 //
 // # Safety
-// `control` from [`pw_sender_control`], not freed.
+// `control` from [`pw_sender_control`] or [`pw_control_new`], not freed.
 pw_status pw_control_set_max_bandwidth(const pw_control *control, uint64_t bytes_per_s);
 
-// Writes the progress counters to `out`.
+// Writes the progress counters to `out` (zeros while a control from [`pw_control_new`] waits
+// for its sender to connect).
 //
 // # Safety
-// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed; `out` valid for
-// a write.
+// `control` from [`pw_sender_control`], [`pw_receiver_control`] or [`pw_control_new`], not
+// freed; `out` valid for a write.
 pw_status pw_control_progress(const pw_control *control, pw_progress *out);
 
 // Writes where the sender's live migration stands (`query-migrate`) to `out`; fails with
 // `PW_STATUS_INVALID` before [`pw_sender_migrate`] started one, or on a receiver's control.
 //
 // # Safety
-// `control` from [`pw_sender_control`], not freed; `out` valid for a write.
+// `control` from [`pw_sender_control`] or [`pw_control_new`], not freed; `out` valid for a
+// write.
 pw_status pw_control_migration(const pw_control *control, pw_migration_info *out);
 
 // Frees a control (the transfer it controls goes on).
 //
 // # Safety
-// `control` is null or from [`pw_sender_control`] / [`pw_receiver_control`], not freed
-// before, and no other thread is using it.
+// `control` is null or from [`pw_sender_control`] / [`pw_receiver_control`] /
+// [`pw_control_new`], not freed before, and no other thread is using it (one in a
+// `pw_options` may be freed once the connect returned).
 void pw_control_free(pw_control *control);
 
 // Adds one blob of device state, from inside [`pw_vmm::device_state`]; the bytes are copied.

@@ -1,8 +1,11 @@
-//! Controls: a [`pw_control`], taken from a sender or receiver before it runs, is the one
-//! handle another thread may use meanwhile: cancel, change the bandwidth limit, read the
-//! progress counters and a live migration's `query-migrate`-like [`pw_migration_info`]. This is
-//! what a VMM's management thread (QMP's `migrate_cancel`, `migrate-set-parameters
-//! max-bandwidth`, `query-migrate`) needs.
+//! Controls: a [`pw_control`], taken from a sender or receiver before it runs, or made before
+//! a sender connects ([`pw_control_new`]), is the one handle another thread may use meanwhile:
+//! cancel, change the bandwidth limit, read the progress counters and a live migration's
+//! `query-migrate`-like [`pw_migration_info`]. This is what a VMM's management thread (QMP's
+//! `migrate_cancel`, `migrate-set-parameters max-bandwidth`, `query-migrate`) needs.
+
+use std::sync::atomic::{AtomicBool, Ordering::AcqRel};
+use std::sync::OnceLock;
 
 use pw::live::MigrationHandle;
 use pw::sender::{BandwidthLimit, Canceller};
@@ -12,14 +15,106 @@ use super::live::{lock, MigrationSlot};
 use super::*;
 
 /// A handle another thread may use while a sender, receiver or live migration runs (see
-/// [`pw_sender_control`], [`pw_receiver_control`]). Every `pw_control_*` call but
-/// [`pw_control_free`] may come from any thread, at the same time as others, also after the
-/// transfer ended (when it changes nothing); free it once no thread uses it any more.
+/// [`pw_sender_control`], [`pw_receiver_control`], [`pw_control_new`]). Every `pw_control_*`
+/// call but [`pw_control_free`] may come from any thread, at the same time as others, also
+/// after the transfer ended (when it changes nothing); free it once no thread uses it any more.
 pub struct pw_control {
     canceller: Canceller,
+    side: Side,
+    /// Whether a connect took this control already (one sender per control, also when that
+    /// connect failed or was cancelled).
+    claimed: AtomicBool,
+}
+
+enum Side {
+    /// A receiver's progress.
+    Receiver(Arc<Progress>),
+    /// A sender's handles, set once it is connected (at once for [`pw_sender_control`]'s).
+    Sender(OnceLock<SenderHandles>),
+}
+
+struct SenderHandles {
     progress: Arc<Progress>,
-    /// A sender's bandwidth limit and live migration; `None` on a receiver.
-    sender: Option<(BandwidthLimit, MigrationSlot)>,
+    limit: BandwidthLimit,
+    migration: MigrationSlot,
+}
+
+impl SenderHandles {
+    fn of(handle: &pw_sender, sender: &Sender) -> Self {
+        SenderHandles {
+            progress: sender.progress(),
+            limit: sender.bandwidth_limit(),
+            migration: handle.migration.clone(),
+        }
+    }
+}
+
+impl pw_control {
+    /// The canceller a sender about to connect takes from the control in its `pw_options`.
+    pub(crate) fn canceller_for_connect(&self) -> Result<Canceller, Error> {
+        match &self.side {
+            Side::Sender(_) if !self.claimed.swap(true, AcqRel) => {
+                Ok(self.canceller.clone())
+            }
+            Side::Sender(_) => Err(invalid(
+                "pw_options.control was given to a connect before: make one per sender with pw_control_new",
+            )),
+            Side::Receiver(_) => Err(invalid(
+                "pw_options.control is a receiver's control: make a sender's with pw_control_new",
+            )),
+        }
+    }
+
+    /// Binds a control made with [`pw_control_new`] to the sender that connected with it.
+    pub(crate) fn attach(&self, handle: &pw_sender) {
+        if let (Side::Sender(handles), Some(sender)) = (&self.side, handle.sender.as_ref()) {
+            // One connect claims a control, so this is the first and only sender.
+            let _ = handles.set(SenderHandles::of(handle, sender));
+        }
+    }
+
+    fn progress(&self) -> Option<&Progress> {
+        match &self.side {
+            Side::Receiver(p) => Some(p),
+            Side::Sender(handles) => handles.get().map(|h| &*h.progress),
+        }
+    }
+
+    fn sender(&self) -> Result<&SenderHandles, Error> {
+        match &self.side {
+            Side::Sender(handles) => handles.get().ok_or_else(|| {
+                invalid("the sender of this control is not connected yet (pw_sender_connect has not returned)")
+            }),
+            Side::Receiver(_) => Err(invalid(
+                "a receiver has no bandwidth limit and runs no migration (use the sender's control)",
+            )),
+        }
+    }
+}
+
+/// A control for a sender not connected yet: put it in the `control` field of the
+/// [`pw_options`] given to [`pw_sender_connect`] (or [`pw_sender_over_fds`]), and a
+/// [`pw_control_cancel`] from another thread ends the connect and the handshakes too, which
+/// against a receiver that never answers (or a host that drops the connection attempts) wait
+/// up to 10 s: the connect returns `PW_STATUS_CANCELLED` within a few tens of milliseconds.
+/// Once the sender is connected, the control works as one from [`pw_sender_control`]; before,
+/// its progress is zero and the bandwidth limit and migration calls fail with
+/// `PW_STATUS_INVALID`. One sender per control: a second connect with it is refused, also
+/// after the first failed or was cancelled.
+///
+/// # Safety
+/// `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn pw_control_new(out: *mut *mut pw_control) -> pw_status {
+    guard(|| {
+        let control = pw_control {
+            canceller: Canceller::new(),
+            side: Side::Sender(OnceLock::new()),
+            claimed: AtomicBool::new(false),
+        };
+        // SAFETY: valid (caller).
+        unsafe { put(out, control) }
+    })
 }
 
 /// Progress counters of a running transfer, updated as it goes.
@@ -57,8 +152,8 @@ pub unsafe extern "C" fn pw_sender_control(
             .ok_or_else(|| invalid("the sender already finished"))?;
         let control = pw_control {
             canceller: s.canceller(),
-            progress: s.progress(),
-            sender: Some((s.bandwidth_limit(), handle.migration.clone())),
+            side: Side::Sender(OnceLock::from(SenderHandles::of(handle, s))),
+            claimed: AtomicBool::new(true),
         };
         // SAFETY: valid (caller).
         unsafe { put(out, control) }
@@ -86,8 +181,8 @@ pub unsafe extern "C" fn pw_receiver_control(
             .ok_or_else(|| invalid("the receiver already ran"))?;
         let control = pw_control {
             canceller: r.canceller(),
-            progress: r.progress(),
-            sender: None,
+            side: Side::Receiver(r.progress()),
+            claimed: AtomicBool::new(true),
         };
         // SAFETY: valid (caller).
         unsafe { put(out, control) }
@@ -95,7 +190,8 @@ pub unsafe extern "C" fn pw_receiver_control(
 }
 
 /// # Safety
-/// `control` null or from `pw_sender_control` / `pw_receiver_control`, not freed.
+/// `control` null or from `pw_sender_control` / `pw_receiver_control` / `pw_control_new`, not
+/// freed.
 unsafe fn control<'a>(control: *const pw_control) -> Result<&'a pw_control, Error> {
     // SAFETY: null or valid (caller).
     unsafe { control.as_ref() }.ok_or_else(|| invalid("control is a null pointer"))
@@ -110,7 +206,8 @@ unsafe fn control<'a>(control: *const pw_control) -> Result<&'a pw_control, Erro
 /// receiver's answer, and both sides return `PW_STATUS_OK`.
 ///
 /// # Safety
-/// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed.
+/// `control` from [`pw_sender_control`], [`pw_receiver_control`] or [`pw_control_new`], not
+/// freed.
 #[no_mangle]
 pub unsafe extern "C" fn pw_control_cancel(control: *const pw_control) -> pw_status {
     guard(|| {
@@ -124,7 +221,7 @@ pub unsafe extern "C" fn pw_control_cancel(control: *const pw_control) -> pw_sta
 /// (QEMU's `max-bandwidth`; 0 lifts it). It applies within the shards' next chain of sends.
 ///
 /// # Safety
-/// `control` from [`pw_sender_control`], not freed.
+/// `control` from [`pw_sender_control`] or [`pw_control_new`], not freed.
 #[no_mangle]
 pub unsafe extern "C" fn pw_control_set_max_bandwidth(
     control: *const pw_control,
@@ -132,20 +229,18 @@ pub unsafe extern "C" fn pw_control_set_max_bandwidth(
 ) -> pw_status {
     guard(|| {
         // SAFETY: as the caller promises.
-        let (limit, _) = unsafe { self::control(control) }?
-            .sender
-            .as_ref()
-            .ok_or_else(|| invalid("a receiver has no bandwidth limit (set it on the sender)"))?;
+        let limit = &unsafe { self::control(control) }?.sender()?.limit;
         limit.set((bytes_per_s > 0).then_some(bytes_per_s));
         Ok(())
     })
 }
 
-/// Writes the progress counters to `out`.
+/// Writes the progress counters to `out` (zeros while a control from [`pw_control_new`] waits
+/// for its sender to connect).
 ///
 /// # Safety
-/// `control` from [`pw_sender_control`] or [`pw_receiver_control`], not freed; `out` valid for
-/// a write.
+/// `control` from [`pw_sender_control`], [`pw_receiver_control`] or [`pw_control_new`], not
+/// freed; `out` valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn pw_control_progress(
     control: *const pw_control,
@@ -158,11 +253,13 @@ pub unsafe extern "C" fn pw_control_progress(
         if out.is_null() {
             return Err(invalid("out is a null pointer"));
         }
-        let p = pw_progress {
-            pages_done: c.progress.pages_done.load(Relaxed),
-            pages_total: c.progress.pages_total.load(Relaxed),
-            transferred_bytes: c.progress.wire_bytes.load(Relaxed),
-        };
+        let p = c
+            .progress()
+            .map_or_else(pw_progress::default, |p| pw_progress {
+                pages_done: p.pages_done.load(Relaxed),
+                pages_total: p.pages_total.load(Relaxed),
+                transferred_bytes: p.wire_bytes.load(Relaxed),
+            });
         // SAFETY: non-null and valid for a write (caller).
         unsafe { out.write(p) };
         Ok(())
@@ -173,7 +270,8 @@ pub unsafe extern "C" fn pw_control_progress(
 /// `PW_STATUS_INVALID` before [`pw_sender_migrate`] started one, or on a receiver's control.
 ///
 /// # Safety
-/// `control` from [`pw_sender_control`], not freed; `out` valid for a write.
+/// `control` from [`pw_sender_control`] or [`pw_control_new`], not freed; `out` valid for a
+/// write.
 #[no_mangle]
 pub unsafe extern "C" fn pw_control_migration(
     control: *const pw_control,
@@ -181,10 +279,7 @@ pub unsafe extern "C" fn pw_control_migration(
 ) -> pw_status {
     guard(|| {
         // SAFETY: as the caller promises.
-        let (_, slot) = unsafe { self::control(control) }?
-            .sender
-            .as_ref()
-            .ok_or_else(|| invalid("a receiver runs no migration (ask the sender's control)"))?;
+        let slot = &unsafe { self::control(control) }?.sender()?.migration;
         if out.is_null() {
             return Err(invalid("out is a null pointer"));
         }
@@ -201,8 +296,9 @@ pub unsafe extern "C" fn pw_control_migration(
 /// Frees a control (the transfer it controls goes on).
 ///
 /// # Safety
-/// `control` is null or from [`pw_sender_control`] / [`pw_receiver_control`], not freed
-/// before, and no other thread is using it.
+/// `control` is null or from [`pw_sender_control`] / [`pw_receiver_control`] /
+/// [`pw_control_new`], not freed before, and no other thread is using it (one in a
+/// `pw_options` may be freed once the connect returned).
 #[no_mangle]
 pub unsafe extern "C" fn pw_control_free(control: *mut pw_control) {
     if !control.is_null() {

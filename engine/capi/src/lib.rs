@@ -341,9 +341,27 @@ pub unsafe extern "C" fn pw_sender_connect(
         // SAFETY: from pw_memory_new, and null or valid (caller).
         let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts, Some(addr))?) };
         let sender = Sender::connect(addr, memory, &config)?;
-        // SAFETY: valid (caller).
-        unsafe { put(out, pw_sender::new(sender)) }
+        // SAFETY: as above.
+        unsafe { connected(sender, opts, out) }
     })
+}
+
+/// Hands a connected sender out, and binds the control in `opts` (if any) to it.
+///
+/// # Safety
+/// `opts` null or valid, its `control` null or not freed; `out` valid for a write.
+unsafe fn connected(
+    sender: Sender,
+    opts: *const pw_options,
+    out: *mut *mut pw_sender,
+) -> Result<(), Error> {
+    let handle = pw_sender::new(sender);
+    // SAFETY: as the caller promises.
+    if let Some(control) = unsafe { options::control_of(opts) } {
+        control.attach(&handle);
+    }
+    // SAFETY: valid (caller).
+    unsafe { put(out, handle) }
 }
 
 /// # Safety
@@ -409,8 +427,8 @@ pub unsafe extern "C" fn pw_sender_over_fds(
         // SAFETY: from pw_memory_new, and null or valid (caller).
         let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts, None)?) };
         let sender = Sender::over_streams(streams, memory, &config)?;
-        // SAFETY: valid (caller).
-        unsafe { put(out, pw_sender::new(sender)) }
+        // SAFETY: as above.
+        unsafe { connected(sender, opts, out) }
     })
 }
 

@@ -41,6 +41,11 @@ pub struct pw_options {
     /// `tls-hostname`), or null for the host part of the address [`pw_sender_connect`]
     /// connects to. [`pw_sender_over_fds`] has no address to take it from and needs it.
     pub tls_hostname: *const c_char,
+    /// A sender's control made beforehand with [`pw_control_new`], or null: a cancel through
+    /// it also ends [`pw_sender_connect`] (or [`pw_sender_over_fds`]) while it connects and
+    /// handshakes, and once connected it controls the sender as one from
+    /// [`pw_sender_control`] would. One sender per control; a receiver refuses one.
+    pub control: *const pw_control,
 }
 
 /// # Safety
@@ -166,6 +171,12 @@ fn tls_files(dir: &str, side: &str) -> TlsFiles {
 /// # Safety
 /// As for [`options`].
 pub(crate) unsafe fn receiver_config(opts: *const pw_options) -> Result<ReceiverConfig, Error> {
+    // SAFETY: null or valid (caller).
+    if unsafe { opts.as_ref() }.is_some_and(|o| !o.control.is_null()) {
+        return Err(invalid(
+            "pw_options.control is for senders: take a receiver's with pw_receiver_control",
+        ));
+    }
     // SAFETY: as the caller promises.
     let o = unsafe { options(opts) }?;
     let tls = match &o.tls_dir {
@@ -218,8 +229,21 @@ pub(crate) unsafe fn sender_config(
         cores: o.cores,
         congestion: o.congestion,
         page_checksums: !o.unchecked_pages,
+        // SAFETY: null or valid, and `control` null or a live control (caller).
+        canceller: unsafe { control_of(opts) }
+            .map(pw_control::canceller_for_connect)
+            .transpose()?,
         ..SenderConfig::default()
     })
+}
+
+/// The control in `opts`, if any.
+///
+/// # Safety
+/// `opts` null or valid, its `control` null or from [`pw_control_new`] and not freed.
+pub(crate) unsafe fn control_of<'a>(opts: *const pw_options) -> Option<&'a pw_control> {
+    // SAFETY: null or valid (caller).
+    unsafe { opts.as_ref().and_then(|o| o.control.as_ref()) }
 }
 
 #[cfg(test)]
@@ -239,6 +263,7 @@ mod tests {
             compress: std::ptr::null(),
             max_bandwidth_bytes_per_s: 0,
             tls_hostname: hostname.map_or(std::ptr::null(), |h| h.as_ptr()),
+            control: std::ptr::null(),
         }
     }
 

@@ -243,7 +243,8 @@ fn wire_bytes(output: &str) -> u64 {
 /// `examples/live.c`: pagewire runs the pre-copy of memory a thread keeps writing, through the
 /// C callbacks, plaintext and over TLS, and the destination equals the paused source; then a
 /// management thread raises the bandwidth limit and cancels, and both sides stop within a
-/// second; then auto-converge throttles a writer that outruns the link, through its callback,
+/// second; a control made before the sender connects cancels a connect that waits on a
+/// receiver that never answers; then auto-converge throttles a writer that outruns the link, through its callback,
 /// until the policy gives up with the guest still running.
 #[test]
 fn the_live_c_example_migrates_a_writing_guest_limits_cancels_and_throttles() {
@@ -255,11 +256,18 @@ fn the_live_c_example_migrates_a_writing_guest_limits_cancels_and_throttles() {
     let exe = compile(prefix.path(), "live");
     let certs = certificates();
     let tls = certs.path().to_str().unwrap();
-    for args in [vec![], vec![tls], vec!["cancel"], vec!["throttle"]] {
+    for args in [
+        vec![],
+        vec![tls],
+        vec!["cancel"],
+        vec!["cancel-connect"],
+        vec!["throttle"],
+    ] {
         let out = Command::new(&exe).args(&args).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let expected = match args.first() {
             Some(&"cancel") => "cancel:",
+            Some(&"cancel-connect") => "cancel-connect:",
             Some(&"throttle") => "throttle:",
             _ => "verified live",
         };
