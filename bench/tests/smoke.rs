@@ -175,7 +175,8 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 24);
 
-    // A real RAM image as content: the run takes its size from the file.
+    // A real RAM image as content: the run takes its size from the file. With a live row
+    // (plaintext only), whose tables join report.md, while stdout stays one JSON object.
     let image = dir.path().join("ram.img");
     let bytes: Vec<u8> = (0..(4u32 << 20))
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
@@ -191,6 +192,10 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
             "--no-pin",
             "--zero-copy",
             "off",
+            "--tls",
+            "off",
+            "--live",
+            "50MB",
             "--json",
             "--content",
         ])
@@ -215,6 +220,23 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
         v["cells"][0]["zero_copy_copied_by_kernel"].is_null(),
         "{}",
         v["cells"][0]
+    );
+    let live: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("file-run/live.json")).unwrap())
+            .unwrap();
+    assert_eq!(live["runs"].as_array().unwrap().len(), 1, "{live}");
+    let report = std::fs::read_to_string(dir.path().join("file-run/report.md")).unwrap();
+    let tables = report
+        .split_once("## Live migrations")
+        .map(|(_, t)| t)
+        .unwrap_or_else(|| panic!("no live rows in report.md:\n{report}"));
+    assert!(
+        tables.contains("| pagewire | 50 MiB/s |") && tables.contains("pagewire: 1 of 1 runs"),
+        "{tables}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("file-run/live.md")).unwrap(),
+        tables.trim_start()
     );
 
     // A combination that cannot be measured is refused with a message, not skipped.

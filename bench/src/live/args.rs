@@ -86,18 +86,24 @@ pub struct LiveArgs {
     /// this host's CPU, what a guest's dirty rate is measured against. Unlimited by default.
     #[arg(long, value_parser = pagewire::units::parse_rate)]
     pub(super) max_bandwidth: Option<u64>,
-    /// Also write the results (summary and runs) as JSON to this file.
+    /// Also write the results (summary and runs) as JSON to this file, and the report's tables
+    /// as Markdown beside it (the same name, ending in `.md`).
     #[arg(long)]
     pub(super) out: Option<std::path::PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     pub(super) json: bool,
+    /// Whether the report goes to standard output at all (not when `matrix --json` prints its
+    /// own JSON there: the live rows are then in `live.json` and `live.md` only).
+    #[arg(skip = true)]
+    pub(super) print: bool,
 }
 
 impl LiveArgs {
     /// The live rows of `pagewire-bench matrix --live RATES`: the matrix's size, channels, TLS,
     /// repetitions and QEMU choice; the tiny KVM guest where `/dev/kvm` runs it, else the
-    /// software dirtier (said on stderr); the other settings at their defaults.
+    /// software dirtier (said on stderr); the other settings at their defaults. With `print`
+    /// false the report goes only to `out` and the Markdown beside it.
     #[allow(clippy::too_many_arguments)]
     pub fn for_matrix(
         size: u64,
@@ -109,6 +115,7 @@ impl LiveArgs {
         with_qemu: bool,
         congestion: Option<String>,
         out: std::path::PathBuf,
+        print: bool,
     ) -> LiveArgs {
         let guest = match pagewire::live::tinyguest::probe() {
             Ok(()) => GuestKind::Kvm,
@@ -140,6 +147,7 @@ impl LiveArgs {
             max_bandwidth: None,
             out: Some(out),
             json: false,
+            print,
         }
     }
 }

@@ -363,6 +363,12 @@ fn discard_first_runs(a: &LiveArgs, tls: &(TlsServer, TlsClient)) -> Result<Vec<
     Ok(discarded)
 }
 
+/// Where the report of a grid whose JSON results go to `json` is written: beside it, with the
+/// extension `md`.
+pub fn markdown_path(json: &std::path::Path) -> std::path::PathBuf {
+    json.with_extension("md")
+}
+
 /// Runs the grid (see the module docs).
 pub fn run(mut a: LiveArgs) -> Result<()> {
     if let Some(name) = &a.congestion {
@@ -505,14 +511,17 @@ pub fn run(mut a: LiveArgs) -> Result<()> {
         "discarded_runs": discarded,
         "repeated_rounds": repeats,
     });
+    let markdown = report::markdown(&a, &runs, &engines, &summaries, &repeats);
     if let Some(path) = &a.out {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("writing {}", path.display()))?;
+        let md = markdown_path(path);
+        std::fs::write(&md, &markdown).with_context(|| format!("writing {}", md.display()))?;
     }
     if a.json {
         println!("{results}");
-    } else {
-        report::print(&a, &runs, &engines, &summaries, &repeats);
+    } else if a.print {
+        print!("{markdown}");
     }
     if !failures.is_empty() {
         bail!(

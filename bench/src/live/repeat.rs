@@ -87,21 +87,22 @@ pub(super) fn repeated_rounds(
         .collect())
 }
 
-/// Prints the repeated rounds' table (nothing when there are none).
-pub(super) fn print_repeats(repeats: &[Repeat], rounds: usize) {
+/// The repeated rounds' table as Markdown (empty when there are none).
+pub(super) fn repeats_markdown(repeats: &[Repeat], rounds: usize) -> String {
+    let mut out = String::new();
     if repeats.is_empty() {
-        return;
+        return out;
     }
-    println!();
-    println!(
-        "The same round sent {rounds} times in one session, no guest running (sent and reported placed):"
+    out.push_str(&format!(
+        "\nThe same round sent {rounds} times in one session, no guest running (sent and reported placed):\n\n"
+    ));
+    out.push_str(
+        "| channels | TLS | pages | median ms | min ms | max ms | within 25% of the median |\n",
     );
-    println!();
-    println!("| channels | TLS | pages | median ms | min ms | max ms | within 25% of the median |");
-    println!("|---|---|---|---|---|---|---|");
+    out.push_str("|---|---|---|---|---|---|---|\n");
     for r in repeats {
-        println!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} of {} |",
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} of {} |\n",
             r.channels,
             if r.tls { "on" } else { "off" },
             r.pages,
@@ -110,6 +111,7 @@ pub(super) fn print_repeats(repeats: &[Repeat], rounds: usize) {
             r.ms.iter().copied().fold(0.0, f64::max),
             r.within_25_percent,
             r.ms.len()
-        );
+        ));
     }
+    out
 }

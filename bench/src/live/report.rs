@@ -1,34 +1,41 @@
 //! The live grid's report: the table of medians per cell and each engine's summary against the
-//! issue's targets.
+//! issue's targets, as Markdown (printed, and written beside the JSON results).
+
+use std::fmt::Write as _;
 
 use super::*;
 use crate::measure::median;
-use repeat::{print_repeats, Repeat};
+use repeat::{repeats_markdown, Repeat};
 
-/// Prints the table of `runs` (medians per cell), the repeated rounds and each engine's summary.
-pub(super) fn print(
+/// The table of `runs` (medians per cell), the repeated rounds and each engine's summary, as
+/// Markdown.
+pub(super) fn markdown(
     a: &LiveArgs,
     runs: &[Run],
     engines: &[&'static str],
     summaries: &[serde_json::Value],
     repeats: &[Repeat],
-) {
+) -> String {
+    let mut out = String::new();
     let throttle_column = if a.auto_converge {
         (" throttle % |", "---|")
     } else {
         ("", "")
     };
-    println!(
+    let _ = writeln!(
+        out,
         "Medians over each cell's converged runs (NaN where none converged); \"guest wrote\" over all of its runs."
     );
-    println!();
-    println!("pagewire: {}", settings_line(a));
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(out, "pagewire: {}", settings_line(a));
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "| engine | dirty rate | guest wrote MiB/s | channels | TLS | converged | rounds (median) | total ms | downtime ms | expected ms | send CPU ms | recv CPU ms |{}",
         throttle_column.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "|---|---|---|---|---|---|---|---|---|---|---|---|{}",
         throttle_column.1
     );
@@ -54,7 +61,8 @@ pub(super) fn print(
                     } else {
                         String::new()
                     };
-                    println!(
+                    let _ = writeln!(
+        out,
                         "| {e} | {:.0} MiB/s | {:.0} | {channels} | {t} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |{throttle}",
                         rate as f64 / f64::from(1 << 20),
                         m(&|r| r.guest_pages_per_s.map(|p| p * 4096.0 / f64::from(1 << 20))),
@@ -71,10 +79,11 @@ pub(super) fn print(
             }
         }
     }
-    print_repeats(repeats, a.repeat_rounds);
-    println!();
+    out.push_str(&repeats_markdown(repeats, a.repeat_rounds));
+    let _ = writeln!(out);
     for (e, s) in engines.iter().zip(summaries) {
-        println!(
+        let _ = writeln!(
+        out,
             "{e}: {} of {} runs converged; downtime within the {} ms limit in {} of them; expected downtime within 25% of the measured one in {} (median error {:.0}%)",
             s["converged"],
             s["runs"],
@@ -88,7 +97,8 @@ pub(super) fn print(
             .into_iter()
             .flatten()
         {
-            println!(
+            let _ = writeln!(
+                out,
                 "{e}: {} ch, TLS {}: converged in every run up to {}",
                 h["channels"],
                 h["tls"],
@@ -101,6 +111,7 @@ pub(super) fn print(
             );
         }
     }
+    out
 }
 
 /// One engine's summary: convergence, downtime against the limit, the estimate's error, and

@@ -3,7 +3,8 @@
 //! raw TCP with the same streams and bytes, a one-core DRAM read scan and memcpy, one-core AEAD,
 //! pagewire-seal and rustls-encrypt rates, and a one-core zstd rate. Writes `results.json`,
 //! `results.csv`, `report.md` and three SVG plots (throughput, CPU-s/GiB and the ratio to raw TCP,
-//! by channel count) to `--out`.
+//! by channel count) to `--out`; with `--live`, the live rows' `live.json` and `live.md` too,
+//! whose tables `report.md` ends with.
 //!
 //! Each cell's throughput is end to end: from the sender's connect until the receiver has
 //! confirmed every page, into a pre-faulted destination (faults are not measured).
@@ -76,8 +77,8 @@ pub struct MatrixArgs {
     with_qemu: bool,
     /// Live rows after the static cells: migrations of a running guest (the tiny KVM guest, or
     /// the software dirtier without /dev/kvm) at these dirty rates × the channels × TLS, with
-    /// QEMU side by side under --with-qemu. Written to `live.json` in --out (see `pagewire-bench
-    /// live` for more settings).
+    /// QEMU side by side under --with-qemu. Written to `live.json` and `live.md` in --out, and
+    /// their tables appended to `report.md` (see `pagewire-bench live` for more settings).
     #[arg(long, value_delimiter = ',', value_parser = pagewire::units::parse_rate)]
     live: Vec<u64>,
     /// The live rows' working set (default: a quarter of memory).
@@ -501,7 +502,8 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                 OnOff::On => "on".to_string(),
             })
             .collect();
-        crate::live::run(crate::live::LiveArgs::for_matrix(
+        let json = a.out.join("live.json");
+        let live = crate::live::run(crate::live::LiveArgs::for_matrix(
             a.size,
             a.live.clone(),
             a.live_working_set,
@@ -510,8 +512,20 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             a.reps,
             with_qemu,
             a.net.congestion.clone(),
-            a.out.join("live.json"),
-        ))?;
+            json.clone(),
+            !a.json,
+        ));
+        // The live rows' tables join the static cells' in report.md, also when some runs
+        // failed (they are in the tables as not converged).
+        if let Ok(tables) = std::fs::read_to_string(crate::live::markdown_path(&json)) {
+            let report = a.out.join("report.md");
+            let mut md = std::fs::read_to_string(&report)
+                .with_context(|| format!("reading {}", report.display()))?;
+            md.push_str("\n## Live migrations\n\n");
+            md.push_str(&tables);
+            std::fs::write(&report, md).with_context(|| format!("writing {}", report.display()))?;
+        }
+        live?;
     }
     Ok(())
 }
