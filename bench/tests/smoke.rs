@@ -337,6 +337,16 @@ fn live_benchmark_runs_with_and_without_auto_converge() {
         assert_eq!(dropped.len(), discarded, "{v}");
         assert!(dropped.iter().all(|r| r["converged"] == true), "{v}");
     }
+    // The JSON's name must leave room for the Markdown written beside it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .args(["live", "--size", "16MiB", "--out", "grid.md"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("another name"),
+        "{stderr}"
+    );
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.

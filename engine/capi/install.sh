@@ -28,6 +28,10 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+if [ -n "$from" ] && [ "$profile" = debug ]; then
+    echo "install.sh: --debug chooses what to build, and --from builds nothing: give one ($usage)" >&2
+    exit 2
+fi
 prefix=${1:-/usr/local}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

@@ -371,6 +371,14 @@ pub fn markdown_path(json: &std::path::Path) -> std::path::PathBuf {
 
 /// Runs the grid (see the module docs).
 pub fn run(mut a: LiveArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        if markdown_path(out) == *out {
+            bail!(
+                "--out {}: the JSON results need another name than the Markdown report written beside them (for example results.json)",
+                out.display()
+            );
+        }
+    }
     if let Some(name) = &a.congestion {
         pagewire::config::check_congestion(name)?;
     }

@@ -503,6 +503,15 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
             })
             .collect();
         let json = a.out.join("live.json");
+        // An earlier run's live rows must not pass for this one's.
+        for stale in [json.clone(), crate::live::markdown_path(&json)] {
+            match std::fs::remove_file(&stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", stale.display()))
+                }
+                _ => {}
+            }
+        }
         let live = crate::live::run(crate::live::LiveArgs::for_matrix(
             a.size,
             a.live.clone(),

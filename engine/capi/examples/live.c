@@ -25,6 +25,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -228,9 +229,22 @@ static void *watch(void *arg) {
 /* `cancel-connect`: a listener that takes connections into its backlog but never accepts them,
  * so the sender's handshake waits for an answer that never comes (up to 10 s), until another
  * thread cancels through the control made beforehand. */
+struct canceller {
+    pw_control *control;
+    int listener;
+    double cancelled_ms; /* 0 unless the sender's connection was seen queued, then cancelled */
+};
+
 static void *cancel_later(void *arg) {
-    sleep_ms(300);
-    check(pw_control_cancel(arg), "pw_control_cancel");
+    struct canceller *c = arg;
+    /* The sender's connection is queued (the listener turns readable), so the connect has
+     * started; cancel once its handshake has waited a while. */
+    struct pollfd queued = {.fd = c->listener, .events = POLLIN};
+    if (poll(&queued, 1, 5000) == 1) {
+        sleep_ms(200);
+        c->cancelled_ms = now_ms();
+    }
+    check(pw_control_cancel(c->control), "pw_control_cancel");
     return NULL;
 }
 
@@ -265,15 +279,19 @@ static int cancel_connect(pw_memory *src) {
         return 1;
     }
     pthread_t cancelling;
-    pthread_create(&cancelling, NULL, cancel_later, control);
-    double started_ms = now_ms();
+    struct canceller c = {.control = control, .listener = listener};
+    if (pthread_create(&cancelling, NULL, cancel_later, &c)) {
+        perror("pthread_create");
+        return 1;
+    }
     pw_sender *sender = NULL;
     pw_status connected = pw_sender_connect(addr, src, &options, &sender);
-    double took_s = (now_ms() - started_ms) / 1e3;
+    double returned_ms = now_ms();
     pthread_join(cancelling, NULL);
-    printf("cancel-connect: the connect returned %d (%s) after %.3f s\n", (int)connected,
-           pw_last_error(), took_s);
-    if (connected != PW_STATUS_CANCELLED || took_s > 1.3 || sender != NULL)
+    double after_s = (returned_ms - c.cancelled_ms) / 1e3;
+    printf("cancel-connect: the connect returned %d (%s) %.3f s after the cancel\n",
+           (int)connected, pw_last_error(), after_s);
+    if (connected != PW_STATUS_CANCELLED || c.cancelled_ms == 0 || after_s > 1.0 || sender != NULL)
         return 1;
     /* The control served its one connect. */
     pw_status again = pw_sender_connect(addr, src, &options, &sender);
@@ -336,6 +354,14 @@ int main(int argc, char **argv) {
     if (!check(pw_sender_connect(addr, src, &sender_options, &sender), "pw_sender_connect") ||
         (!cancel && !check(pw_sender_control(sender, &control), "pw_sender_control")))
         return 1;
+    /* A control serves one sender: a second connect with it is refused before it connects. */
+    pw_sender *second = NULL;
+    sender_options.control = control;
+    if (pw_sender_connect(addr, src, &sender_options, &second) != PW_STATUS_INVALID ||
+        strstr(pw_last_error(), "belongs to a connected sender") == NULL) {
+        fprintf(stderr, "a second sender took a control: %s\n", pw_last_error());
+        return 1;
+    }
     pw_migration_info info;
     /* Before the migration starts there is nothing to report, and a receiver has no limit. */
     if (pw_control_migration(control, &info) != PW_STATUS_INVALID ||

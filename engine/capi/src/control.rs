@@ -30,7 +30,27 @@ enum Side {
     /// A receiver's progress.
     Receiver(Arc<Progress>),
     /// A sender's handles, set once it is connected (at once for [`pw_sender_control`]'s).
-    Sender(OnceLock<SenderHandles>),
+    /// Shared with the connect that claimed the control, which sets them without touching the
+    /// control itself: a VMM may free it as soon as its cancel returned, even while a connect
+    /// that had just succeeded is still handing its sender out.
+    Sender(Arc<OnceLock<SenderHandles>>),
+}
+
+/// What a connect takes from the control in its `pw_options`, before it blocks.
+pub(crate) struct Claim {
+    /// The sender's canceller ([`pw::SenderConfig::canceller`]).
+    pub(crate) canceller: Canceller,
+    handles: Arc<OnceLock<SenderHandles>>,
+}
+
+impl Claim {
+    /// Binds the control to the sender that connected with it.
+    pub(crate) fn attach(self, handle: &pw_sender) {
+        if let Some(sender) = handle.sender.as_ref() {
+            // One connect claims a control, so this is the first and only sender.
+            let _ = self.handles.set(SenderHandles::of(handle, sender));
+        }
+    }
 }
 
 struct SenderHandles {
@@ -50,26 +70,22 @@ impl SenderHandles {
 }
 
 impl pw_control {
-    /// The canceller a sender about to connect takes from the control in its `pw_options`.
-    pub(crate) fn canceller_for_connect(&self) -> Result<Canceller, Error> {
+    /// Claims the control for the connect whose `pw_options` hold it: one connect per control.
+    pub(crate) fn claim(&self) -> Result<Claim, Error> {
         match &self.side {
-            Side::Sender(_) if !self.claimed.swap(true, AcqRel) => {
-                Ok(self.canceller.clone())
-            }
+            Side::Sender(handles) if handles.get().is_some() => Err(invalid(
+                "pw_options.control belongs to a connected sender already: make one per sender with pw_control_new",
+            )),
+            Side::Sender(handles) if !self.claimed.swap(true, AcqRel) => Ok(Claim {
+                canceller: self.canceller.clone(),
+                handles: handles.clone(),
+            }),
             Side::Sender(_) => Err(invalid(
                 "pw_options.control was given to a connect before: make one per sender with pw_control_new",
             )),
             Side::Receiver(_) => Err(invalid(
                 "pw_options.control is a receiver's control: make a sender's with pw_control_new",
             )),
-        }
-    }
-
-    /// Binds a control made with [`pw_control_new`] to the sender that connected with it.
-    pub(crate) fn attach(&self, handle: &pw_sender) {
-        if let (Side::Sender(handles), Some(sender)) = (&self.side, handle.sender.as_ref()) {
-            // One connect claims a control, so this is the first and only sender.
-            let _ = handles.set(SenderHandles::of(handle, sender));
         }
     }
 
@@ -109,7 +125,7 @@ pub unsafe extern "C" fn pw_control_new(out: *mut *mut pw_control) -> pw_status 
     guard(|| {
         let control = pw_control {
             canceller: Canceller::new(),
-            side: Side::Sender(OnceLock::new()),
+            side: Side::Sender(Arc::default()),
             claimed: AtomicBool::new(false),
         };
         // SAFETY: valid (caller).
@@ -152,7 +168,7 @@ pub unsafe extern "C" fn pw_sender_control(
             .ok_or_else(|| invalid("the sender already finished"))?;
         let control = pw_control {
             canceller: s.canceller(),
-            side: Side::Sender(OnceLock::from(SenderHandles::of(handle, s))),
+            side: Side::Sender(Arc::new(OnceLock::from(SenderHandles::of(handle, s)))),
             claimed: AtomicBool::new(true),
         };
         // SAFETY: valid (caller).

@@ -40,10 +40,11 @@ mod control;
 mod live;
 mod options;
 mod receiver;
+use control::Claim;
 pub use control::*;
 pub use live::*;
 pub use options::pw_options;
-use options::{receiver_config, sender_config};
+use options::{claimed_config, receiver_config};
 pub use receiver::*;
 
 /// What a call returned.
@@ -339,26 +340,26 @@ pub unsafe extern "C" fn pw_sender_connect(
         // SAFETY: NUL-terminated (caller).
         let addr = unsafe { text(addr, "addr") }?;
         // SAFETY: from pw_memory_new, and null or valid (caller).
-        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts, Some(addr))?) };
+        let (memory, (config, claim)) =
+            unsafe { (memory_of(memory)?, claimed_config(opts, Some(addr))?) };
         let sender = Sender::connect(addr, memory, &config)?;
-        // SAFETY: as above.
-        unsafe { connected(sender, opts, out) }
+        // SAFETY: valid for a write (caller).
+        unsafe { connected(sender, claim, out) }
     })
 }
 
-/// Hands a connected sender out, and binds the control in `opts` (if any) to it.
+/// Hands a connected sender out, and binds the control its options held (if any) to it.
 ///
 /// # Safety
-/// `opts` null or valid, its `control` null or not freed; `out` valid for a write.
+/// `out` valid for a write.
 unsafe fn connected(
     sender: Sender,
-    opts: *const pw_options,
+    claim: Option<Claim>,
     out: *mut *mut pw_sender,
 ) -> Result<(), Error> {
     let handle = pw_sender::new(sender);
-    // SAFETY: as the caller promises.
-    if let Some(control) = unsafe { options::control_of(opts) } {
-        control.attach(&handle);
+    if let Some(claim) = claim {
+        claim.attach(&handle);
     }
     // SAFETY: valid (caller).
     unsafe { put(out, handle) }
@@ -425,10 +426,11 @@ pub unsafe extern "C" fn pw_sender_over_fds(
         // SAFETY: as the caller promises.
         let streams = unsafe { streams(fds, count) }?;
         // SAFETY: from pw_memory_new, and null or valid (caller).
-        let (memory, config) = unsafe { (memory_of(memory)?, sender_config(opts, None)?) };
+        let (memory, (config, claim)) =
+            unsafe { (memory_of(memory)?, claimed_config(opts, None)?) };
         let sender = Sender::over_streams(streams, memory, &config)?;
-        // SAFETY: as above.
-        unsafe { connected(sender, opts, out) }
+        // SAFETY: valid for a write (caller).
+        unsafe { connected(sender, claim, out) }
     })
 }
 

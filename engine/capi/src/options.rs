@@ -198,7 +198,7 @@ pub(crate) unsafe fn receiver_config(opts: *const pw_options) -> Result<Receiver
 ///
 /// # Safety
 /// As for [`options`].
-pub(crate) unsafe fn sender_config(
+unsafe fn sender_config(
     opts: *const pw_options,
     addr: Option<&str>,
 ) -> Result<SenderConfig, Error> {
@@ -229,21 +229,28 @@ pub(crate) unsafe fn sender_config(
         cores: o.cores,
         congestion: o.congestion,
         page_checksums: !o.unchecked_pages,
-        // SAFETY: null or valid, and `control` null or a live control (caller).
-        canceller: unsafe { control_of(opts) }
-            .map(pw_control::canceller_for_connect)
-            .transpose()?,
         ..SenderConfig::default()
     })
 }
 
-/// The control in `opts`, if any.
+/// A connecting sender's settings ([`sender_config`]) with the canceller of the control in
+/// `opts`, if any, which this claims (see [`pw_control::claim`]). Called before the connect
+/// blocks: the control itself is not touched afterwards.
 ///
 /// # Safety
-/// `opts` null or valid, its `control` null or from [`pw_control_new`] and not freed.
-pub(crate) unsafe fn control_of<'a>(opts: *const pw_options) -> Option<&'a pw_control> {
-    // SAFETY: null or valid (caller).
-    unsafe { opts.as_ref().and_then(|o| o.control.as_ref()) }
+/// As for [`options`], and `control` null or from a `pw_control_*` constructor, not freed.
+pub(crate) unsafe fn claimed_config(
+    opts: *const pw_options,
+    addr: Option<&str>,
+) -> Result<(SenderConfig, Option<Claim>), Error> {
+    // SAFETY: as the caller promises.
+    let mut config = unsafe { sender_config(opts, addr) }?;
+    // SAFETY: null or valid, and `control` null or live (caller).
+    let claim = unsafe { opts.as_ref().and_then(|o| o.control.as_ref()) }
+        .map(pw_control::claim)
+        .transpose()?;
+    config.canceller = claim.as_ref().map(|c| c.canceller.clone());
+    Ok((config, claim))
 }
 
 #[cfg(test)]

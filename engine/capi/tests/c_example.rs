@@ -43,6 +43,44 @@ fn install(prefix: &Path) {
     }
 }
 
+/// `install.sh` refuses what it cannot do, with the reason and before it builds or copies
+/// anything: an unknown option or contradicting ones (exit 2), a directory without the
+/// libraries (exit 1).
+#[test]
+fn install_sh_refuses_bad_arguments_with_the_reason() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("install.sh");
+    let empty = tempfile::tempdir().unwrap();
+    let prefix = empty.path().join("prefix");
+    let (from, to) = (empty.path().to_str().unwrap(), prefix.to_str().unwrap());
+    for (args, code, says) in [
+        (vec!["--bogus", to], 2, "unknown option --bogus"),
+        (
+            vec!["--debug", "--from", from, to],
+            2,
+            "--from builds nothing",
+        ),
+        (vec!["--from"], 2, "--from needs a directory"),
+        (
+            vec!["--from", from, to],
+            1,
+            "libpagewire_capi.so is missing",
+        ),
+    ] {
+        let out = Command::new("sh")
+            .arg(&script)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(code) && stderr.contains(says),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(!prefix.exists(), "{args:?} installed something");
+    }
+}
+
 /// Compiler flags for libpagewire: pkg-config's when it is installed, else the same by hand.
 fn flags(prefix: &Path) -> Vec<String> {
     let pkg = Command::new("pkg-config")
