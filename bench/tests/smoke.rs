@@ -162,6 +162,7 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
         assert!(c["zero_copy_copied_by_kernel"].is_boolean(), "{c}");
     }
     assert!(v["ceilings"]["dram_read_scan_gib_s"].as_f64().unwrap() > 0.0);
+    assert!(v["ceilings"]["zstd1_text_decode_gib_s"].as_f64().unwrap() > 0.0);
     for f in [
         "results.json",
         "results.csv",

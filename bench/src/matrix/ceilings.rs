@@ -1,12 +1,12 @@
 //! The machine's ceilings, measured in the same run as the matrix: a one-core DRAM read scan
-//! and memcpy, every core copying at once, the seal rates, zstd level 1 on text, and the raw
-//! TCP medians by stream count.
+//! and memcpy, every core copying at once, the seal rates, zstd level 1 on text (compressing
+//! and decoding), and the raw TCP medians by stream count.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use pagewire::pipeline::compress::{Codec, Compressor};
+use pagewire::pipeline::compress::{Codec, Compressor, Decompressor};
 use pagewire::pipeline::zero::ZeroScanner;
 use pagewire::synth::{fill, Content};
 use pagewire::{GuestMemory, RegionSpec};
@@ -27,6 +27,8 @@ pub(super) struct Ceilings {
     pub(super) pagewire_seal_gib_s: f64,
     pub(super) rustls_encrypt_gib_s: f64,
     pub(super) zstd1_text_gib_s: f64,
+    /// Decoding what zstd level 1 made of the text, GiB of text per second.
+    pub(super) zstd1_text_decode_gib_s: f64,
     pub(super) raw_tcp_gib_s_by_channels: Vec<(u16, f64)>,
 }
 
@@ -102,6 +104,27 @@ pub(super) fn measure(
         at += n as u64;
     }
     let zstd = gib / t.elapsed().as_secs_f64();
+    // Decoding it, block by block as a receiving shard does: each block compressed untimed,
+    // then decoded timed, over at most the first 256 MiB.
+    let mut dec = Decompressor::new()?;
+    let mut decoded = vec![1u8; block.len()];
+    let (mut decode_s, mut decoded_bytes, mut at) = (0.0, 0u64, 0u64);
+    while at < tr.len().min(256 << 20) {
+        let n = (block.len() as u64).min(tr.len() - at) as usize;
+        tr.read(at, &mut block[..n]);
+        at += n as u64;
+        let Some(m) = comp.compress(Codec::Zstd, &block[..n], &mut packed) else {
+            continue;
+        };
+        let t = Instant::now();
+        dec.decompress(Codec::Zstd, &packed[..m], &mut decoded[..n])?;
+        decode_s += t.elapsed().as_secs_f64();
+        if decoded[..n] != block[..n] {
+            bail!("zstd decoded the text into something else");
+        }
+        decoded_bytes += n as u64;
+    }
+    let zstd_decode = decoded_bytes as f64 / (1u64 << 30) as f64 / decode_s.max(1e-9);
     Ok(Ceilings {
         dram_read_scan_gib_s: scan,
         memcpy_gib_s: memcpy,
@@ -110,6 +133,7 @@ pub(super) fn measure(
         pagewire_seal_gib_s: seal.pagewire_seal_gib_s,
         rustls_encrypt_gib_s: seal.rustls_encrypt_gib_s,
         zstd1_text_gib_s: zstd,
+        zstd1_text_decode_gib_s: zstd_decode,
         raw_tcp_gib_s_by_channels: a
             .channels
             .iter()

@@ -39,6 +39,7 @@ pub(super) fn markdown(r: &Results) -> String {
         ),
         ("rustls encrypt", c.rustls_encrypt_gib_s),
         ("zstd level 1, text", c.zstd1_text_gib_s),
+        ("zstd level 1, text, decoding", c.zstd1_text_decode_gib_s),
     ] {
         s.push_str(&format!("| {k} | {v:.2} |\n"));
     }
