@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 60), one after another, on nightly with
-# cargo-fuzz (`cargo install cargo-fuzz`), starting from the seeds in fuzz/corpus/ (made from
+# cargo-fuzz (installed first when missing), starting from the seeds in fuzz/corpus/ (made from
 # real transfers by fuzz/seed.py) and growing a working corpus in fuzz/work/. Prints, and writes
 # to fuzz/work/summary.md (or $SUMMARY), each target's executions and the coverage libFuzzer
 # reached. TARGETS="a b" runs only those.
@@ -15,7 +15,11 @@ summary=${SUMMARY:-work/summary.md}
 echo "| target | seconds | executions | exec/s | coverage (cov) | features (ft) | corpus | result |" > "$summary"
 echo "|---|---|---|---|---|---|---|---|" >> "$summary"
 status=0
-cargo +nightly fuzz build -O >/dev/null 2>&1 || { echo "cargo fuzz build failed (nightly and cargo-fuzz needed)"; exit 1; }
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz (cargo +nightly install cargo-fuzz --locked, a few minutes)"
+    cargo +nightly install cargo-fuzz --locked >/dev/null 2>&1 || { echo "installing cargo-fuzz failed (a nightly toolchain is needed: rustup toolchain install nightly)"; exit 1; }
+fi
+cargo +nightly fuzz build -O >/dev/null 2>&1 || { echo "cargo fuzz build failed (see: cargo +nightly fuzz build -O)"; exit 1; }
 for t in $targets; do
     mkdir -p "work/$t" "corpus/$t"
     log="work/$t.log"
