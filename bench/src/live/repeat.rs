@@ -1,6 +1,7 @@
 //! `pagewire-bench live`'s repeated rounds: the same round re-sent in one quiet session, the
 //! spread that no estimate made before a last round can beat.
 
+use std::fmt::Write as _;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -93,16 +94,21 @@ pub(super) fn repeats_markdown(repeats: &[Repeat], rounds: usize) -> String {
     if repeats.is_empty() {
         return out;
     }
-    out.push_str(&format!(
-        "\nThe same round sent {rounds} times in one session, no guest running (sent and reported placed):\n\n"
-    ));
-    out.push_str(
-        "| channels | TLS | pages | median ms | min ms | max ms | within 25% of the median |\n",
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "The same round sent {rounds} times in one session, no guest running (sent and reported placed):"
     );
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| channels | TLS | pages | median ms | min ms | max ms | within 25% of the median |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for r in repeats {
-        out.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} of {} |\n",
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} of {} |",
             r.channels,
             if r.tls { "on" } else { "off" },
             r.pages,
@@ -111,7 +117,7 @@ pub(super) fn repeats_markdown(repeats: &[Repeat], rounds: usize) -> String {
             r.ms.iter().copied().fold(0.0, f64::max),
             r.within_25_percent,
             r.ms.len()
-        ));
+        );
     }
     out
 }

@@ -62,7 +62,7 @@ pub(super) fn markdown(
                         String::new()
                     };
                     let _ = writeln!(
-        out,
+                        out,
                         "| {e} | {:.0} MiB/s | {:.0} | {channels} | {t} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |{throttle}",
                         rate as f64 / f64::from(1 << 20),
                         m(&|r| r.guest_pages_per_s.map(|p| p * 4096.0 / f64::from(1 << 20))),
@@ -83,7 +83,7 @@ pub(super) fn markdown(
     let _ = writeln!(out);
     for (e, s) in engines.iter().zip(summaries) {
         let _ = writeln!(
-        out,
+            out,
             "{e}: {} of {} runs converged; downtime within the {} ms limit in {} of them; expected downtime within 25% of the measured one in {} (median error {:.0}%)",
             s["converged"],
             s["runs"],

@@ -339,9 +339,10 @@ pub unsafe extern "C" fn pw_sender_connect(
     guard(|| {
         // SAFETY: NUL-terminated (caller).
         let addr = unsafe { text(addr, "addr") }?;
-        // SAFETY: from pw_memory_new, and null or valid (caller).
-        let (memory, (config, claim)) =
-            unsafe { (memory_of(memory)?, claimed_config(opts, Some(addr))?) };
+        // SAFETY: from pw_memory_new (caller).
+        let memory = unsafe { memory_of(memory) }?;
+        // SAFETY: null or valid, its control null or live (caller).
+        let (config, claim) = unsafe { claimed_config(opts, Some(addr)) }?;
         let sender = Sender::connect(addr, memory, &config)?;
         // SAFETY: valid for a write (caller).
         unsafe { connected(sender, claim, out) }
@@ -425,9 +426,10 @@ pub unsafe extern "C" fn pw_sender_over_fds(
     guard(|| {
         // SAFETY: as the caller promises.
         let streams = unsafe { streams(fds, count) }?;
-        // SAFETY: from pw_memory_new, and null or valid (caller).
-        let (memory, (config, claim)) =
-            unsafe { (memory_of(memory)?, claimed_config(opts, None)?) };
+        // SAFETY: from pw_memory_new (caller).
+        let memory = unsafe { memory_of(memory) }?;
+        // SAFETY: null or valid, its control null or live (caller).
+        let (config, claim) = unsafe { claimed_config(opts, None) }?;
         let sender = Sender::over_streams(streams, memory, &config)?;
         // SAFETY: valid for a write (caller).
         unsafe { connected(sender, claim, out) }
