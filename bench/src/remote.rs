@@ -1,91 +1,26 @@
 //! Two hosts: `pagewire-bench serve` on the destination, `matrix --peer HOST:PORT` on the source.
 //!
-//! A plain TCP control connection carries one JSON object per line. For each measurement the
-//! source asks for a receiver (`recv`: a pagewire receiver; `raw`: raw TCP streams), the server
-//! binds an ephemeral port on the address the control connection arrived at and answers with
-//! it, the source sends, and the server reports its own CPU time when the data is all in. The
-//! control channel is for a benchmark on a trusted network: TLS cells send the receiver's
-//! (throw-away, generated per run) key over it.
+//! The control protocol (one JSON object per line, a receiver per measurement on an ephemeral
+//! port, the server's CPU seconds at the end) is in `pagewire-bench-control`, which
+//! `pagewire-tune sweep --server bench` speaks too. The control channel is for a benchmark on a
+//! trusted network: TLS cells send the receiver's (throw-away, generated per run) key over it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufReader;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use pagewire::pipeline::compress::Compression;
 use pagewire::tls::{certs, TlsClient, TlsServer};
 use pagewire::{
     GuestMemory, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender, SenderConfig, ZeroCopy,
 };
-use serde::{Deserialize, Serialize};
+use pagewire_bench_control::{
+    read_line, send_line, Client, Pems, Reply, Request, MEASUREMENT_TIMEOUT_S,
+};
 
 use crate::measure::{self, cores, raw_recv_share, raw_send_share, share, Run};
-
-/// Seconds the server waits for the data of one measurement.
-const MEASUREMENT_TIMEOUT_S: u64 = 300;
-
-/// PEM texts of a receiver's TLS identity.
-#[derive(Serialize, Deserialize)]
-struct Pems {
-    cert: String,
-    key: String,
-    ca: String,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-enum Request {
-    /// Start a pagewire receiver of `size` bytes; `unchecked_pages`: accept plaintext pages
-    /// without checksums.
-    Recv {
-        size: u64,
-        tls: Option<Pems>,
-        #[serde(default)]
-        unchecked_pages: bool,
-        /// Pin the receiver's shards, one core each (the source's `--no-pin` says no).
-        #[serde(default = "yes")]
-        pin: bool,
-    },
-    /// Accept `streams` raw TCP streams carrying `size` bytes in all, each receiving thread
-    /// pinned to a core of its own unless `pin` is false, as pagewire's shards are.
-    Raw {
-        size: u64,
-        streams: u16,
-        #[serde(default = "yes")]
-        pin: bool,
-    },
-}
-
-/// A request from a source that does not say: pinned, as before `pin` existed.
-fn yes() -> bool {
-    true
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "lowercase")]
-enum Reply {
-    Listening { port: u16 },
-    Done { cpu_s: f64 },
-    Failed { error: String },
-}
-
-fn send_line(stream: &mut TcpStream, value: &impl Serialize) -> Result<()> {
-    let mut line = serde_json::to_string(value)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes())?;
-    Ok(())
-}
-
-fn read_line<T: for<'de> Deserialize<'de>>(reader: &mut BufReader<TcpStream>) -> Result<Option<T>> {
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Ok(None);
-    }
-    Ok(Some(
-        serde_json::from_str(line.trim()).context("parsing a control message")?,
-    ))
-}
 
 /// Serves measurements until `sessions` control connections have ended (`None`: forever).
 pub fn serve(listen: &str, sessions: Option<u32>) -> Result<()> {
@@ -231,9 +166,7 @@ fn serve_raw(
 
 /// The source's side of a `serve` session.
 pub struct Peer {
-    host: IpAddr,
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
+    control: Client,
     /// Pin both engines' threads on both hosts (no `--no-pin`).
     pin: bool,
 }
@@ -242,31 +175,9 @@ impl Peer {
     /// Opens a control connection to `addr`; `pin`: both engines' threads pinned, one core
     /// each, on both hosts (raw TCP's as pagewire's shards).
     pub fn connect(addr: &str, pin: bool) -> Result<Peer> {
-        let control = TcpStream::connect(addr)
+        let control = Client::connect(addr)
             .with_context(|| format!("connecting to the bench server at {addr}"))?;
-        control.set_read_timeout(Some(Duration::from_secs(MEASUREMENT_TIMEOUT_S)))?;
-        Ok(Peer {
-            host: control.peer_addr()?.ip(),
-            writer: control.try_clone()?,
-            reader: BufReader::new(control),
-            pin,
-        })
-    }
-
-    fn expect_port(&mut self) -> Result<SocketAddr> {
-        match read_line::<Reply>(&mut self.reader)? {
-            Some(Reply::Listening { port }) => Ok(SocketAddr::new(self.host, port)),
-            Some(Reply::Failed { error }) => bail!("the bench server failed: {error}"),
-            _ => bail!("the bench server closed the session"),
-        }
-    }
-
-    fn expect_done(&mut self) -> Result<f64> {
-        match read_line::<Reply>(&mut self.reader)? {
-            Some(Reply::Done { cpu_s }) => Ok(cpu_s),
-            Some(Reply::Failed { error }) => bail!("the bench server failed: {error}"),
-            _ => bail!("the bench server closed the session"),
-        }
+        Ok(Peer { control, pin })
     }
 
     /// One pagewire transfer of `src` to the server (plaintext pages without checksums unless
@@ -285,16 +196,12 @@ impl Peer {
             key: t.2.server_key.clone(),
             ca: t.2.ca_cert.clone(),
         });
-        send_line(
-            &mut self.writer,
-            &Request::Recv {
-                size: src.total_bytes(),
-                tls: pems,
-                unchecked_pages: !page_checksums,
-                pin: self.pin,
-            },
-        )?;
-        let addr = self.expect_port()?;
+        let addr = self.control.start(&Request::Recv {
+            size: src.total_bytes(),
+            tls: pems,
+            unchecked_pages: !page_checksums,
+            pin: self.pin,
+        })?;
         let config = SenderConfig {
             channels,
             zero_copy,
@@ -313,7 +220,7 @@ impl Peer {
         sender.send_all()?;
         let stats = sender.finish()?;
         let seconds = start.elapsed().as_secs_f64();
-        let receiver_cpu_s = self.expect_done()?;
+        let receiver_cpu_s = self.control.done()?;
         let run = Run {
             seconds,
             sender_cpu_s: stats.cpu_ms / 1e3,
@@ -325,15 +232,11 @@ impl Peer {
     /// Raw TCP: the same bytes over `streams` plain streams to the server.
     pub fn raw(&mut self, src: &GuestMemory, streams: u16) -> Result<Run> {
         let total = src.total_bytes() as usize;
-        send_line(
-            &mut self.writer,
-            &Request::Raw {
-                size: total as u64,
-                streams,
-                pin: self.pin,
-            },
-        )?;
-        let addr = self.expect_port()?;
+        let addr = self.control.start(&Request::Raw {
+            size: total as u64,
+            streams,
+            pin: self.pin,
+        })?;
         let n = usize::from(streams.max(1));
         let start = Instant::now();
         let mut conns = Vec::with_capacity(n);
@@ -360,7 +263,7 @@ impl Peer {
                 .join()
                 .map_err(|_| anyhow::anyhow!("a send thread panicked"))??;
         }
-        let receiver_cpu_s = self.expect_done()?;
+        let receiver_cpu_s = self.control.done()?;
         Ok(Run {
             seconds: start.elapsed().as_secs_f64(),
             sender_cpu_s,

@@ -93,6 +93,10 @@ pub struct Cell {
     pub gib_per_s_range: [f64; 2],
     /// Median sender CPU seconds per GiB.
     pub cpu_s_per_gib: f64,
+    /// Median receiver CPU seconds per GiB, where the receiver reported it (a sweep against
+    /// `pagewire-bench serve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver_cpu_s_per_gib: Option<f64>,
 }
 
 impl Profile {
@@ -393,6 +397,7 @@ mod tests {
                     gib_per_s: 2.5,
                     gib_per_s_range: [2.4, 2.6],
                     cpu_s_per_gib: 0.4,
+                    receiver_cpu_s_per_gib: Some(0.3),
                 }],
             }),
         };

@@ -2,7 +2,10 @@
 //! and write the best as a tuning profile ([`pagewire::profile`]).
 //!
 //! `serve` is a receiver that takes one transfer after another into the same (pre-faulted)
-//! memory, so every measurement sees warm destination memory. `sweep` sends the same source
+//! memory, so every measurement sees warm destination memory. `sweep` measures against it, or
+//! against `pagewire-bench serve` (`--server bench`), which starts a plaintext receiver in
+//! fresh, pre-faulted memory for each transfer and reports that receiver's CPU time, so the
+//! profile also holds the destination's CPU per GiB. `sweep` sends the same source
 //! memory with each combination of channels, zero-copy, compression and TCP congestion control
 //! (the host's default, cubic and bbr by default: on short links they differ), repetitions
 //! interleaved (cell A, B, C, A, B, C, ...) so a drift in the machine or the link spreads over
@@ -15,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use pagewire::auth::Psk;
 use pagewire::pipeline::compress::Compression;
 use pagewire::profile::{Cell, Measured, Profile, SendSettings};
@@ -103,12 +106,26 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// What listens at `sweep --peer`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Server {
+    /// `pagewire-tune serve`: a receiver taking one transfer after another.
+    Tune,
+    /// `pagewire-bench serve`'s control port: a plaintext receiver per transfer, which reports
+    /// its CPU time (a trusted link only: no key, no TLS).
+    Bench,
+}
+
 /// `pagewire-tune sweep`.
 #[derive(Args)]
 pub struct SweepArgs {
-    /// The receiver: `pagewire-tune serve` on the destination host.
+    /// The receiver: `pagewire-tune serve` on the destination host, or with `--server bench`
+    /// the control port of `pagewire-bench serve`.
     #[arg(long)]
     peer: String,
+    /// What listens at --peer.
+    #[arg(long, value_enum, default_value = "tune")]
+    server: Server,
     /// Guest memory per transfer (the server's --size).
     #[arg(long, value_parser = pagewire::units::parse_size, default_value = "1GiB")]
     size: u64,
@@ -145,8 +162,17 @@ struct Combo {
     zero_copy: ZeroCopy,
     compress: Compression,
     congestion: String,
-    /// (GiB/s, sender CPU-s/GiB) per repetition.
-    runs: Vec<(f64, f64)>,
+    /// One measurement per repetition.
+    runs: Vec<Run>,
+}
+
+/// One transfer's figures.
+struct Run {
+    gib_per_s: f64,
+    /// Sender CPU seconds per GiB.
+    cpu_s_per_gib: f64,
+    /// Receiver CPU seconds per GiB, where the server reports it (`--server bench`).
+    receiver_cpu_s_per_gib: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -213,6 +239,80 @@ fn connect_retrying(
     }
 }
 
+/// Opens the control connection to `pagewire-bench serve`, retrying while the port refuses
+/// (a server started just before, as `serve` may be) for up to `CONNECT_RETRY_MS`.
+fn connect_bench_retrying(peer: &str) -> Result<pagewire_bench_control::Client> {
+    let deadline = Instant::now() + Duration::from_millis(CONNECT_RETRY_MS);
+    loop {
+        match pagewire_bench_control::Client::connect(peer) {
+            Ok(c) => return Ok(c),
+            Err(pagewire_bench_control::ControlError::Io(e))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(CONNECT_RETRY_PAUSE_MS));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("connecting to {peer} (is `pagewire-bench serve` listening there?)")
+                })
+            }
+        }
+    }
+}
+
+/// Where the sweep's transfers go.
+enum Target {
+    /// `pagewire-tune serve` at this address.
+    Tune(String),
+    /// `pagewire-bench serve`'s control connection.
+    Bench(pagewire_bench_control::Client),
+}
+
+impl Target {
+    fn open(peer: &str, server: Server) -> Result<Target> {
+        Ok(match server {
+            Server::Tune => Target::Tune(peer.to_string()),
+            Server::Bench => Target::Bench(connect_bench_retrying(peer)?),
+        })
+    }
+
+    /// Sends all of `memory` once with `config`.
+    fn transfer(&mut self, memory: &Arc<GuestMemory>, config: &SenderConfig) -> Result<Run> {
+        let (mut sender, bench) = match self {
+            Target::Tune(peer) => (connect_retrying(peer, memory, config)?, None),
+            Target::Bench(control) => {
+                let addr = control.start(&pagewire_bench_control::Request::Recv {
+                    size: memory.total_bytes(),
+                    tls: None,
+                    unchecked_pages: !config.page_checksums,
+                    pin: !matches!(config.pinning, pagewire::Pinning::None),
+                })?;
+                let sender = Sender::connect(addr, memory.clone(), config)
+                    .map_err(|e| anyhow::anyhow!(pagewire::error_chain(&e)))
+                    .with_context(|| {
+                        format!("connecting to the bench server's receiver at {addr}")
+                    })?;
+                (sender, Some(control))
+            }
+        };
+        sender.send_all()?;
+        let stats = sender.finish()?;
+        let receiver_cpu_s_per_gib = match bench {
+            Some(control) => {
+                let cpu_s = control.done()?;
+                Some(cpu_s / (memory.total_bytes() as f64 / f64::from(1u32 << 30)))
+            }
+            None => None,
+        };
+        Ok(Run {
+            gib_per_s: stats.gib_per_s,
+            cpu_s_per_gib: stats.cpu_s_per_gib,
+            receiver_cpu_s_per_gib,
+        })
+    }
+}
+
 /// The order of a sweep's `reps × cells` transfers: every cell once per repetition, every
 /// other repetition walking the cells backwards, so no cell always runs first or after the
 /// same neighbour.
@@ -232,6 +332,12 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
         .content
         .parse()
         .map_err(|e| anyhow::anyhow!("--content: {e}"))?;
+    if a.server == Server::Bench && a.psk_file.is_some() {
+        bail!(
+            "--psk-file: `pagewire-bench serve` receives plaintext only (a trusted benchmark \
+             link); leave the key out, or sweep against `pagewire-tune serve --psk-file`"
+        );
+    }
     let psk = a.psk_file.as_deref().map(Psk::from_file).transpose()?;
     let channels = a.channels.clone().unwrap_or_else(default_channels);
     let congestion = a.congestion.clone().unwrap_or_else(default_congestion);
@@ -279,26 +385,23 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
     // One transfer first, not counted: the receiver's memory starts untouched (its zero pages
     // skipped, its pages not yet faulted in), which favoured whichever cell went first.
     bar.set_message("warm-up");
-    let mut warm = connect_retrying(&a.peer, &memory, &config_of(&combos[0], &psk))?;
-    warm.send_all()?;
-    warm.finish()?;
+    let mut target = Target::open(&a.peer, a.server)?;
+    target.transfer(&memory, &config_of(&combos[0], &psk))?;
     for i in schedule(a.reps, combos.len()) {
         let c = &mut combos[i];
         bar.set_message(format!(
             "{} ch, zero-copy {}, {}, {}",
             c.channels, c.zero_copy, c.compress, c.congestion
         ));
-        let mut sender = connect_retrying(&a.peer, &memory, &config_of(c, &psk))?;
-        sender.send_all()?;
-        let stats = sender.finish()?;
-        c.runs.push((stats.gib_per_s, stats.cpu_s_per_gib));
+        let run = target.transfer(&memory, &config_of(c, &psk))?;
+        c.runs.push(run);
         bar.inc(1);
     }
     bar.finish_and_clear();
     let cells: Vec<Cell> = combos
         .iter()
         .map(|c| {
-            let rates: Vec<f64> = c.runs.iter().map(|r| r.0).collect();
+            let rates: Vec<f64> = c.runs.iter().map(|r| r.gib_per_s).collect();
             // Three decimals: the profile is read by people too.
             let round = |x: f64| (x * 1e3).round() / 1e3;
             Cell {
@@ -311,7 +414,13 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
                     round(rates.iter().copied().fold(f64::INFINITY, f64::min)),
                     round(rates.iter().copied().fold(0.0, f64::max)),
                 ],
-                cpu_s_per_gib: round(median(c.runs.iter().map(|r| r.1).collect())),
+                cpu_s_per_gib: round(median(c.runs.iter().map(|r| r.cpu_s_per_gib).collect())),
+                receiver_cpu_s_per_gib: c
+                    .runs
+                    .iter()
+                    .map(|r| r.receiver_cpu_s_per_gib)
+                    .collect::<Option<Vec<f64>>>()
+                    .map(|v| round(median(v))),
             }
         })
         .collect();
@@ -343,11 +452,11 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    println!("| channels | zero-copy | compress | congestion | GiB/s median [min..max] | sender CPU-s/GiB |");
-    println!("|---|---|---|---|---|---|");
+    println!("| channels | zero-copy | compress | congestion | GiB/s median [min..max] | sender CPU-s/GiB | receiver CPU-s/GiB |");
+    println!("|---|---|---|---|---|---|---|");
     for c in &cells {
         println!(
-            "| {} | {} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.3} |{}",
+            "| {} | {} | {} | {} | {:.2} [{:.2}..{:.2}] | {:.3} | {} |{}",
             c.channels,
             c.zero_copy,
             c.compress,
@@ -360,6 +469,9 @@ pub fn sweep(a: SweepArgs, json: bool) -> Result<()> {
             c.gib_per_s_range[0],
             c.gib_per_s_range[1],
             c.cpu_s_per_gib,
+            // `pagewire-tune serve` prints its own; only the bench server reports it here.
+            c.receiver_cpu_s_per_gib
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.3}")),
             if std::ptr::eq(c, best) { " best" } else { "" }
         );
     }

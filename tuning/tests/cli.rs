@@ -260,3 +260,99 @@ fn sweep_against_serve_writes_a_profile_that_loads() {
         .collect();
     assert_eq!(channels, ["1", "1", "2", "2", "1"], "{served}");
 }
+
+#[test]
+fn sweep_against_the_bench_server_measures_both_sides() {
+    if let Err(e) = pagewire::probe_uring() {
+        eprintln!("SKIPPED: io_uring is not usable here: {e}");
+        return;
+    }
+    // `cargo test --workspace` (the README's command) builds every binary before any test
+    // runs; `-p pagewire-tune` alone may not have built this one.
+    let bench =
+        std::path::Path::new(env!("CARGO_BIN_EXE_pagewire-tune")).with_file_name("pagewire-bench");
+    if !bench.exists() {
+        eprintln!(
+            "SKIPPED: {} is not built (`cargo test --workspace` builds it)",
+            bench.display()
+        );
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // One control session carries the whole sweep: warm-up and every repetition.
+    let mut serve = std::process::Command::new(&bench)
+        .args(["serve", "--listen", &addr, "--sessions", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profile.toml");
+    let sweep_args = [
+        "sweep",
+        "--peer",
+        &addr,
+        "--server",
+        "bench",
+        "--size",
+        "8MiB",
+        "--channels",
+        "1,2",
+        "--zero-copy",
+        "off",
+        "--congestion",
+        "reno",
+        "--reps",
+        "2",
+        "--content",
+        "random",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let sweep = tune(&sweep_args);
+    let status = serve.wait().unwrap();
+    let mut served = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut served).unwrap();
+    assert!(
+        sweep.status.success(),
+        "{}\nserver: {served}",
+        String::from_utf8_lossy(&sweep.stderr)
+    );
+    assert!(status.success(), "{served}");
+    // The session ended cleanly, not with an error the server only logs.
+    assert!(!served.contains("ended:"), "{served}");
+    let v: serde_json::Value = serde_json::from_slice(&sweep.stdout).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2, "{v}");
+    for c in cells {
+        // 8 MiB of random pages cost the receiver CPU: a figure the server measured.
+        let r = c["receiver_cpu_s_per_gib"].as_f64();
+        assert!(r.is_some_and(|r| r > 0.0), "{c}");
+    }
+    let profile = pagewire::profile::Profile::load(&out).unwrap();
+    let measured = profile.measured.as_ref().unwrap();
+    assert!(measured
+        .cells
+        .iter()
+        .all(|c| c.gib_per_s > 0.0 && c.receiver_cpu_s_per_gib.is_some()));
+    assert!(matches!(profile.send.channels, Some(1 | 2)));
+
+    // A key cannot go to a server that receives plaintext only.
+    std::fs::write(dir.path().join("k.psk"), "x").unwrap();
+    let psk = dir.path().join("k.psk");
+    let mut with_key = sweep_args.to_vec();
+    with_key.extend(["--psk-file", psk.to_str().unwrap()]);
+    let refused = tune(&with_key);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("plaintext only"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
