@@ -183,18 +183,44 @@ fn plan_from_a_hwloc_xml_file() {
     assert!(v["error"].is_string() && v["cause"].is_string(), "{v}");
 }
 
+/// A loopback address whose port was free a moment ago.
+fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A sweep of 8 MiB to `addr`, 1 and 2 channels × 2 repetitions, copying, reno (every
+/// kernel's), writing the profile to `out`, in JSON; then `extra`.
+fn small_sweep<'a>(addr: &'a str, out: &'a std::path::Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "sweep",
+        "--peer",
+        addr,
+        "--size",
+        "8MiB",
+        "--channels",
+        "1,2",
+        "--zero-copy",
+        "off",
+        "--congestion",
+        "reno",
+        "--reps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
 fn sweep_against_serve_writes_a_profile_that_loads() {
     if let Err(e) = pagewire::probe_uring() {
         eprintln!("SKIPPED: io_uring is not usable here: {e}");
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
     let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-tune"))
         .args([
             "serve",
@@ -212,26 +238,7 @@ fn sweep_against_serve_writes_a_profile_that_loads() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("profile.toml");
-    let sweep = tune(&[
-        "sweep",
-        "--peer",
-        &addr,
-        "--size",
-        "8MiB",
-        "--channels",
-        "1,2",
-        "--zero-copy",
-        "off",
-        "--congestion",
-        "reno",
-        "--reps",
-        "2",
-        "--content",
-        "mixed",
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let sweep = tune(&small_sweep(&addr, &out, &["--content", "mixed"]));
     let status = serve.wait().unwrap();
     assert!(
         sweep.status.success(),
@@ -278,12 +285,7 @@ fn sweep_against_the_bench_server_measures_both_sides() {
         );
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
     // One control session carries the whole sweep: warm-up and every repetition.
     let mut serve = std::process::Command::new(&bench)
         .args(["serve", "--listen", &addr, "--sessions", "1"])
@@ -293,28 +295,7 @@ fn sweep_against_the_bench_server_measures_both_sides() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("profile.toml");
-    let sweep_args = [
-        "sweep",
-        "--peer",
-        &addr,
-        "--server",
-        "bench",
-        "--size",
-        "8MiB",
-        "--channels",
-        "1,2",
-        "--zero-copy",
-        "off",
-        "--congestion",
-        "reno",
-        "--reps",
-        "2",
-        "--content",
-        "random",
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ];
+    let sweep_args = small_sweep(&addr, &out, &["--server", "bench", "--content", "random"]);
     let sweep = tune(&sweep_args);
     let status = serve.wait().unwrap();
     let mut served = String::new();
@@ -346,7 +327,7 @@ fn sweep_against_the_bench_server_measures_both_sides() {
     // A key cannot go to a server that receives plaintext only.
     std::fs::write(dir.path().join("k.psk"), "x").unwrap();
     let psk = dir.path().join("k.psk");
-    let mut with_key = sweep_args.to_vec();
+    let mut with_key = sweep_args.clone();
     with_key.extend(["--psk-file", psk.to_str().unwrap()]);
     let refused = tune(&with_key);
     assert_eq!(refused.status.code(), Some(2));
