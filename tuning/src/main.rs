@@ -2,8 +2,8 @@
 //! fact (kernel, cores, NUMA nodes, io_uring, memlock, huge pages, `MADV_POPULATE_WRITE`, CPU
 //! features, kernel TLS, network interfaces, `/dev/kvm`) with what pagewire does about it.
 //! `plan` prints the NUMA-aware shard placement pagewire would use (for this machine, or for
-//! another from its hwloc XML or sysfs copy). `serve` (destination) and `sweep` (source)
-//! measure channels, zero-copy and compression between two hosts and write the best as a
+//! another from its hwloc XML or sysfs copy). `serve` (destination; or `pagewire-bench serve`)
+//! and `sweep` (source) measure channels, zero-copy and compression between two hosts and write the best as a
 //! profile for `pagewire send --profile` and the library ([`pagewire::profile`]).
 
 mod plan;
@@ -32,8 +32,9 @@ enum Command {
     Plan(plan::PlanArgs),
     /// On the destination: receive one sweep transfer after another (for `sweep`).
     Serve(sweep::ServeArgs),
-    /// On the source: measure channels, zero-copy and compression against `serve`, with
-    /// interleaved repetitions, and write the best as a profile (`pagewire send --profile`).
+    /// On the source: measure channels, zero-copy and compression against `serve` (or
+    /// `pagewire-bench serve`), with interleaved repetitions, and write the best as a profile
+    /// (`pagewire send --profile`).
     Sweep(sweep::SweepArgs),
 }
 

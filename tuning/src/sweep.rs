@@ -126,7 +126,7 @@ pub struct SweepArgs {
     /// What listens at --peer.
     #[arg(long, value_enum, default_value = "tune")]
     server: Server,
-    /// Guest memory per transfer (the server's --size).
+    /// Guest memory per transfer (against `pagewire-tune serve`, its --size).
     #[arg(long, value_parser = pagewire::units::parse_size, default_value = "1GiB")]
     size: u64,
     /// Memory content: zero, random, mixed, text, blend.

@@ -103,7 +103,8 @@ impl LiveArgs {
     /// The live rows of `pagewire-bench matrix --live RATES`: the matrix's size, channels, TLS,
     /// repetitions and QEMU choice; the tiny KVM guest where `/dev/kvm` runs it, else the
     /// software dirtier (said on stderr); the other settings at their defaults. With `print`
-    /// false the report goes only to `out` and the Markdown beside it.
+    /// false the report goes only to the files [`run_for_matrix`](super::run_for_matrix)
+    /// writes.
     #[allow(clippy::too_many_arguments)]
     pub fn for_matrix(
         size: u64,
@@ -114,7 +115,6 @@ impl LiveArgs {
         reps: usize,
         with_qemu: bool,
         congestion: Option<String>,
-        out: std::path::PathBuf,
         print: bool,
     ) -> LiveArgs {
         let guest = match pagewire::live::tinyguest::probe() {
@@ -145,7 +145,7 @@ impl LiveArgs {
             zero_copy: ZeroCopy::Auto,
             page_checksums: OnOff::On,
             max_bandwidth: None,
-            out: Some(out),
+            out: None,
             json: false,
             print,
         }

@@ -369,6 +369,33 @@ pub fn markdown_path(json: &std::path::Path) -> std::path::PathBuf {
     json.with_extension("md")
 }
 
+/// `matrix --live`: runs the live rows `a` into `live.json` and `live.md` in the matrix's
+/// output directory `dir` (an earlier run's removed first, so they cannot pass for this run's)
+/// and appends their tables to its `report.md`, also when some runs failed (they are in the
+/// tables as not converged).
+pub fn run_for_matrix(dir: &std::path::Path, mut a: LiveArgs) -> Result<()> {
+    let json = dir.join("live.json");
+    for stale in [json.clone(), markdown_path(&json)] {
+        match std::fs::remove_file(&stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", stale.display()))
+            }
+            _ => {}
+        }
+    }
+    a.out = Some(json.clone());
+    let live = run(a);
+    if let Ok(tables) = std::fs::read_to_string(markdown_path(&json)) {
+        let report = dir.join("report.md");
+        let mut md = std::fs::read_to_string(&report)
+            .with_context(|| format!("reading {}", report.display()))?;
+        md.push_str("\n## Live migrations\n\n");
+        md.push_str(&tables);
+        std::fs::write(&report, md).with_context(|| format!("writing {}", report.display()))?;
+    }
+    live
+}
+
 /// Runs the grid (see the module docs).
 pub fn run(mut a: LiveArgs) -> Result<()> {
     if let Some(out) = &a.out {

@@ -243,6 +243,44 @@ fn settle(a: &mut MatrixArgs) -> Result<bool> {
 /// page checksums.
 type CellKey = (usize, u16, OnOff, Compression, ZeroCopy, OnOff);
 
+/// Every cell, in the fixed order each repetition walks through (interleaving): content ×
+/// channels × TLS × compression × zero-copy × page checksums, where a TLS cell is one cell
+/// whatever the checksum axis says (its AEAD checks every page).
+fn cell_keys(contents: usize, a: &MatrixArgs) -> Vec<CellKey> {
+    let mut cells: Vec<CellKey> = Vec::new();
+    for ci in 0..contents {
+        for &ch in &a.channels {
+            for &t in &a.tls {
+                for &comp in &a.compress {
+                    for &zc in &a.zero_copy {
+                        for &pc in &a.page_checksums {
+                            let pc = if t == OnOff::On { OnOff::On } else { pc };
+                            if !cells.contains(&(ci, ch, t, comp, zc, pc)) {
+                                cells.push((ci, ch, t, comp, zc, pc));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// For each cell, the cell whose QEMU runs it shows: QEMU (and pagewire between its RAM files)
+/// runs once per cell apart from the checksum axis, in the first cell of each such group.
+fn qemu_owners(cells: &[CellKey]) -> Vec<usize> {
+    cells
+        .iter()
+        .map(|c| {
+            cells
+                .iter()
+                .position(|o| (o.0, o.1, o.2, o.3, o.4) == (c.0, c.1, c.2, c.3, c.4))
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
 /// What the repetitions of one cell measured.
 #[derive(Default)]
 struct CellRuns {
@@ -309,36 +347,8 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
         memories.push((c.clone(), m));
     }
 
-    // Every cell, in a fixed order that each repetition walks through (interleaving).
-    let mut cells: Vec<CellKey> = Vec::new();
-    for (ci, _) in memories.iter().enumerate() {
-        for &ch in &a.channels {
-            for &t in &a.tls {
-                for &comp in &a.compress {
-                    for &zc in &a.zero_copy {
-                        for &pc in &a.page_checksums {
-                            // TLS checks every page with its AEAD: one cell.
-                            let pc = if t == OnOff::On { OnOff::On } else { pc };
-                            if !cells.contains(&(ci, ch, t, comp, zc, pc)) {
-                                cells.push((ci, ch, t, comp, zc, pc));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    // QEMU (and pagewire between its RAM files) runs once per cell apart from the checksum
-    // axis: in the first cell of each such group, whose runs the others show too.
-    let qemu_owner: Vec<usize> = cells
-        .iter()
-        .map(|c| {
-            cells
-                .iter()
-                .position(|o| (o.0, o.1, o.2, o.3, o.4) == (c.0, c.1, c.2, c.3, c.4))
-                .unwrap_or(0)
-        })
-        .collect();
+    let cells = cell_keys(memories.len(), &a);
+    let qemu_owner = qemu_owners(&cells);
     let qemu_cells = if with_qemu {
         cells
             .iter()
@@ -502,39 +512,20 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
                 OnOff::On => "on".to_string(),
             })
             .collect();
-        let json = a.out.join("live.json");
-        // An earlier run's live rows must not pass for this one's.
-        for stale in [json.clone(), crate::live::markdown_path(&json)] {
-            match std::fs::remove_file(&stale) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("removing {}", stale.display()))
-                }
-                _ => {}
-            }
-        }
-        let live = crate::live::run(crate::live::LiveArgs::for_matrix(
-            a.size,
-            a.live.clone(),
-            a.live_working_set,
-            a.channels.clone(),
-            tls,
-            a.reps,
-            with_qemu,
-            a.net.congestion.clone(),
-            json.clone(),
-            !a.json,
-        ));
-        // The live rows' tables join the static cells' in report.md, also when some runs
-        // failed (they are in the tables as not converged).
-        if let Ok(tables) = std::fs::read_to_string(crate::live::markdown_path(&json)) {
-            let report = a.out.join("report.md");
-            let mut md = std::fs::read_to_string(&report)
-                .with_context(|| format!("reading {}", report.display()))?;
-            md.push_str("\n## Live migrations\n\n");
-            md.push_str(&tables);
-            std::fs::write(&report, md).with_context(|| format!("writing {}", report.display()))?;
-        }
-        live?;
+        crate::live::run_for_matrix(
+            &a.out,
+            crate::live::LiveArgs::for_matrix(
+                a.size,
+                a.live.clone(),
+                a.live_working_set,
+                a.channels.clone(),
+                tls,
+                a.reps,
+                with_qemu,
+                a.net.congestion.clone(),
+                !a.json,
+            ),
+        )?;
     }
     Ok(())
 }
@@ -615,4 +606,44 @@ fn load_image(m: &GuestMemory, path: &Path) -> Result<()> {
         at += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        matrix: MatrixArgs,
+    }
+
+    #[test]
+    fn a_tls_cell_is_one_cell_and_shares_its_qemu_runs_across_the_checksum_axis() {
+        let cli = Cli::try_parse_from([
+            "matrix",
+            "--channels",
+            "1,2",
+            "--tls",
+            "off,on",
+            "--page-checksums",
+            "on,off",
+        ])
+        .unwrap();
+        let cells = cell_keys(2, &cli.matrix);
+        // 2 contents × 2 channel counts × (plain checked, plain unchecked, TLS).
+        assert_eq!(cells.len(), 2 * 2 * 3);
+        assert!(cells.iter().all(|c| c.2 == OnOff::Off || c.5 == OnOff::On));
+        let owners = qemu_owners(&cells);
+        for (i, c) in cells.iter().enumerate() {
+            let o = cells[owners[i]];
+            assert!(owners[i] <= i);
+            assert_eq!((o.0, o.1, o.2), (c.0, c.1, c.2));
+            // An unchecked plaintext cell shows its checked twin's QEMU runs.
+            assert_eq!(owners[i] == i, c.5 == OnOff::On, "{i}");
+        }
+    }
 }
