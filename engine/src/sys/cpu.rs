@@ -57,24 +57,80 @@ pub fn thread_cpu_time_of<T>(thread: &std::thread::JoinHandle<T>) -> Option<Dura
 pub fn host_cpu_ticks() -> Option<HostCpuTicks> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let mut lines = text.lines();
-    let first = lines.next()?;
-    let f: Vec<u64> = first
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    let at = |i: usize| f.get(i).copied().unwrap_or(0);
-    // user nice system idle iowait irq softirq steal (guest time is inside user already)
-    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    let (busy, total) = busy_and_total(lines.next()?.strip_prefix("cpu ")?);
     let cpus = lines
         .take_while(|l| l.starts_with("cpu"))
         .filter(|l| l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .count() as u32;
     Some(HostCpuTicks {
         busy,
-        total: busy + at(3) + at(4),
+        total,
         cpus: cpus.max(1),
     })
+}
+
+/// Busy and total ticks of one `/proc/stat` CPU line's counters (after its `cpu` name):
+/// user nice system idle iowait irq softirq steal (guest time is inside user already).
+fn busy_and_total(counters: &str) -> (u64, u64) {
+    let f: Vec<u64> = counters
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy, busy + at(3) + at(4))
+}
+
+/// Each CPU's ticks so far, from `/proc/stat` (see [`host_cpu_ticks`]): (CPU number, busy,
+/// total), in the file's order. `None` where `/proc/stat` cannot be read.
+pub fn cpu_ticks_each() -> Option<Vec<CpuTicks>> {
+    Some(parse_cpu_ticks_each(
+        &std::fs::read_to_string("/proc/stat").ok()?,
+    ))
+}
+
+/// One CPU's ticks (see [`cpu_ticks_each`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// The CPU's number (`cpuN`).
+    pub cpu: usize,
+    /// Ticks it spent running anything.
+    pub busy: u64,
+    /// Ticks in all.
+    pub total: u64,
+}
+
+fn parse_cpu_ticks_each(text: &str) -> Vec<CpuTicks> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("cpu")?;
+            let (n, counters) = rest.split_once(char::is_whitespace)?;
+            let cpu = n.parse().ok()?;
+            let (busy, total) = busy_and_total(counters);
+            Some(CpuTicks { cpu, busy, total })
+        })
+        .collect()
+}
+
+/// The CPUs that ran anything for at least `fraction` of the time from `before` to `after`
+/// (two [`cpu_ticks_each`] readings), with that share, in CPU order; CPUs on which no tick
+/// passed (or that one reading lacks) are left out.
+pub fn busy_cpus_between(
+    before: &[CpuTicks],
+    after: &[CpuTicks],
+    fraction: f64,
+) -> Vec<(usize, f64)> {
+    let mut busy: Vec<(usize, f64)> = after
+        .iter()
+        .filter_map(|a| {
+            let b = before.iter().find(|b| b.cpu == a.cpu)?;
+            let total = a.total.checked_sub(b.total).filter(|&t| t > 0)?;
+            let share = a.busy.saturating_sub(b.busy).min(total) as f64 / total as f64;
+            (share >= fraction).then_some((a.cpu, share))
+        })
+        .collect();
+    busy.sort_by_key(|&(cpu, _)| cpu);
+    busy
 }
 
 /// See [`host_cpu_ticks`].
@@ -186,6 +242,44 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].on_cpu > Duration::ZERO, "{found:?}");
         assert!(others.is_empty(), "{others:?}");
+    }
+
+    #[test]
+    fn each_cpus_ticks_are_parsed_and_busy_ones_found() {
+        let before = parse_cpu_ticks_each(
+            "cpu  30 0 10 100 0 0 0 0 0 0\ncpu0 10 0 5 50 0 0 0 0 0 0\ncpu1 20 0 5 50 0 0 0 0 0 0\nintr 1 2\n",
+        );
+        assert_eq!(
+            before,
+            [
+                CpuTicks {
+                    cpu: 0,
+                    busy: 15,
+                    total: 65
+                },
+                CpuTicks {
+                    cpu: 1,
+                    busy: 25,
+                    total: 75
+                }
+            ]
+        );
+        // Over 20 ticks each: cpu0 ran 2 of them, cpu1 19 (18 user, 1 steal).
+        let after = parse_cpu_ticks_each(
+            "cpu0 12 0 5 68 0 0 0 0 0 0\ncpu1 38 0 5 51 0 0 0 1 0 0\ncpu2 1 0 0 1 0 0 0 0 0 0\n",
+        );
+        assert_eq!(busy_cpus_between(&before, &after, 0.5), [(1, 0.95)]);
+        let all = busy_cpus_between(&before, &after, 0.0);
+        assert_eq!(all, [(0, 0.1), (1, 0.95)], "cpu2 is in one reading only");
+        assert!(
+            busy_cpus_between(&before, &before, 0.0).is_empty(),
+            "no tick passed"
+        );
+        let here = cpu_ticks_each().unwrap_or_default();
+        assert!(
+            here.is_empty() || here.iter().all(|c| c.busy <= c.total),
+            "{here:?}"
+        );
     }
 
     #[test]
