@@ -185,11 +185,13 @@ struct RecvArgs {
     /// Channels to expect (default: whatever the sender uses).
     #[arg(long, value_parser = parse_channels)]
     channels: Option<u16>,
-    /// Do not pin shards to cores.
+    /// Do not pin shards to cores: the scheduler places them (on a host where other work keeps
+    /// some cores busy, see `pagewire-tune probe`).
     #[arg(long)]
     no_pin: bool,
-    /// Pin shards only to these cores, e.g. 0-3,8 (leave out the cores that run vCPUs). Within
-    /// them shards go near the memory they move (NUMA) and the NIC. Default: every allowed core.
+    /// Pin shards only to these cores, e.g. 0-3,8 (leave out the cores that run vCPUs or other
+    /// busy work). Within them shards go near the memory they move (NUMA) and the NIC. Default:
+    /// every allowed core.
     #[arg(long, value_parser = parse_cores, conflicts_with = "no_pin")]
     cores: Option<Vec<usize>>,
     /// Listen on a non-loopback address with neither TLS nor --psk-file (anyone who can
@@ -228,11 +230,13 @@ struct SendArgs {
     /// compression, unless given here.
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// Do not pin shards to cores.
+    /// Do not pin shards to cores: the scheduler places them (on a host where other work keeps
+    /// some cores busy, see `pagewire-tune probe`).
     #[arg(long)]
     no_pin: bool,
-    /// Pin shards only to these cores, e.g. 0-3,8 (leave out the cores that run vCPUs). Within
-    /// them shards go near the memory they move (NUMA) and the NIC. Default: every allowed core.
+    /// Pin shards only to these cores, e.g. 0-3,8 (leave out the cores that run vCPUs or other
+    /// busy work). Within them shards go near the memory they move (NUMA) and the NIC. Default:
+    /// every allowed core.
     #[arg(long, value_parser = parse_cores, conflicts_with = "no_pin")]
     cores: Option<Vec<usize>>,
     /// Zero-copy sends: auto (try, fall back when the kernel copies), on, off. Default: auto
