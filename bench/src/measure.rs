@@ -280,7 +280,8 @@ pub(crate) fn pagewire_run<'a>(
     let (send_pin, recv_pin) = if net.no_pin {
         (Pinning::None, Pinning::None)
     } else {
-        (Pinning::Cores, Pinning::CoresReversed)
+        // Each side's library default.
+        (Pinning::Cores, Pinning::Nodes)
     };
     let receiver = Receiver::bind(
         "127.0.0.1:0",

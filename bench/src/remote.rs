@@ -97,7 +97,7 @@ fn serve_pagewire(
         SocketAddr::new(ip, 0),
         dst,
         ReceiverConfig {
-            pinning: if pin { Pinning::Cores } else { Pinning::None },
+            pinning: if pin { Pinning::Nodes } else { Pinning::None },
             accept_timeout_ms: Some(MEASUREMENT_TIMEOUT_S * 1000),
             // A benchmark peer measures plaintext too, on the link the operator chose.
             insecure: tls.is_none(),

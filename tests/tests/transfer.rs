@@ -295,3 +295,40 @@ fn zero_pages_are_stored_into_memory_written_before() {
     into(&dst, &zeros);
     assert_eq!(zeros.first_difference(&dst), None, "written before");
 }
+
+#[test]
+fn a_default_receiver_spreads_its_shards_over_their_node_while_a_sender_pins_them() {
+    if skip_without_uring() {
+        return;
+    }
+    let specs = [RegionSpec {
+        gpa: 0,
+        len: 8 << 20,
+    }];
+    let sender = SenderConfig {
+        channels: 2,
+        ..SenderConfig::default()
+    };
+    let (src, dst, sent, received) = migrate_once(&specs, Content::Random, &sender);
+    assert_eq!(src.first_difference(&dst), None);
+    // The receiver's default, `Pinning::Nodes`: no shard held to one core, each placed on the
+    // node the plan gave it where the topology names nodes.
+    assert!(
+        received.shards.iter().all(|s| s.core.is_none()),
+        "{:?}",
+        received.shards
+    );
+    if !pagewire::placement::Topology::detect().nodes.is_empty() {
+        assert!(
+            received.shards.iter().all(|s| s.node.is_some()),
+            "{:?}",
+            received.shards
+        );
+    }
+    // The sender's default, `Pinning::Cores`: one core each.
+    assert!(
+        sent.shards.iter().all(|s| s.core.is_some()),
+        "{:?}",
+        sent.shards
+    );
+}

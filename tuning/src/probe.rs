@@ -114,7 +114,7 @@ fn busy_cores_said(allowed: &[usize], busy: Option<Vec<(usize, f64)>>) -> Findin
         return finding(
             "busy cores",
             "unknown (/proc/stat cannot be read)",
-            "shards pin to the allowed cores in order",
+            "a sender pins its shards to the allowed cores in order",
         );
     };
     let busy: Vec<(usize, f64)> = busy
@@ -125,7 +125,7 @@ fn busy_cores_said(allowed: &[usize], busy: Option<Vec<(usize, f64)>>) -> Findin
         return finding(
             "busy cores",
             format!("none ({} ms watched)", BUSY_SAMPLE_MS),
-            "shards pin to the allowed cores in order",
+            "a sender pins its shards to the allowed cores in order",
         );
     }
     let listed: Vec<String> = busy
@@ -141,9 +141,10 @@ fn busy_cores_said(allowed: &[usize], busy: Option<Vec<(usize, f64)>>) -> Findin
         "busy cores",
         format!("{} ({} ms watched)", listed.join(", "), BUSY_SAMPLE_MS),
         format!(
-            "a shard pinned to a busy core waits a scheduler slice at each wake-up (a paused \
-             round measured 35-51 ms of downtime instead of 6-7 ms unpinned, with a busy loop on \
-             one of two cores): if that work stays, {}",
+            "a shard pinned to a busy core waits a scheduler slice at each wake-up (with a busy \
+             loop on one of two cores a paused round took 35-51 ms pinned, 6-7 ms unpinned); a \
+             receiver's shards may use every core of their node, a sender's are pinned one per \
+             core: if that work stays, {}",
             if free.is_empty() {
                 "leave placement to the scheduler (`--no-pin`)".to_string()
             } else {

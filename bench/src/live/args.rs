@@ -67,8 +67,9 @@ pub struct LiveArgs {
     /// time varies on this machine (0: skip).
     #[arg(long, default_value_t = 6)]
     pub(super) repeat_rounds: usize,
-    /// Pin pagewire's shards as the library does by default (the sender's from the first
-    /// core, the receiver's from the last); without it the scheduler places them.
+    /// Place pagewire's shards as the library does by default (the sender's one core each
+    /// from the first, the receiver's on the cores of their node); without it the scheduler
+    /// places them.
     #[arg(long)]
     pub(super) pin: bool,
     /// pagewire's zero-copy policy (`pagewire send --zero-copy`): auto falls back to plain

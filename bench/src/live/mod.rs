@@ -127,11 +127,7 @@ fn session(a: &LiveArgs, tls: Option<&(TlsServer, TlsClient)>, channels: u16) ->
         "127.0.0.1:0",
         dst.clone(),
         ReceiverConfig {
-            pinning: if a.pin {
-                Pinning::CoresReversed
-            } else {
-                Pinning::None
-            },
+            pinning: if a.pin { Pinning::Nodes } else { Pinning::None },
             tls: tls.map(|t| t.0.clone()),
             accept_unchecked_pages: a.page_checksums == OnOff::Off,
             ..ReceiverConfig::default()

@@ -488,11 +488,14 @@ fn main() {
     }
 }
 
-fn pinning(no_pin: bool, reversed: bool) -> Pinning {
-    match (no_pin, reversed) {
+/// The library's placement for each side unless `--no-pin`: a sender's shards on one core
+/// each, a receiver's on the cores of their node (`Pinning::Nodes`, so that a core other
+/// work keeps busy does not hold up every wake-up of a receive shard).
+fn pinning(no_pin: bool, receiver: bool) -> Pinning {
+    match (no_pin, receiver) {
         (true, _) => Pinning::None,
         (false, false) => Pinning::Cores,
-        (false, true) => Pinning::CoresReversed,
+        (false, true) => Pinning::Nodes,
     }
 }
 

@@ -65,7 +65,7 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
     };
     let config = ReceiverConfig {
         channels: a.channels,
-        pinning: pinning(a.no_pin, false),
+        pinning: pinning(a.no_pin, true),
         cores: a.cores.clone(),
         accept_timeout_ms: a.timeout,
         idle_timeout_ms: idle,

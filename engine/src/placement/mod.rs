@@ -448,7 +448,7 @@ pub fn pin_order(wanted: Option<&[usize]>, pinning: crate::Pinning) -> crate::Re
         None => allowed,
     };
     match pinning {
-        crate::Pinning::Cores => {}
+        crate::Pinning::Cores | crate::Pinning::Nodes => {}
         crate::Pinning::CoresReversed => cores.reverse(),
         crate::Pinning::None => cores.clear(),
     }
@@ -463,6 +463,9 @@ pub(crate) struct Placement {
     nodes: MemoryNodes,
     /// Channels per node, when more than one node has shards (else chunks are not routed).
     by_node: BTreeMap<u32, Vec<usize>>,
+    /// Per channel, the cores of the pin set in the node group of its planned core (for
+    /// [`Pinning::Nodes`](crate::Pinning::Nodes)); empty for an unpinned shard.
+    node_cores: Vec<Vec<usize>>,
 }
 
 impl Placement {
@@ -494,6 +497,11 @@ impl Placement {
         cores: Vec<usize>,
         nic: Option<String>,
     ) -> Placement {
+        // Each core's node group, as `plan` forms them: cores in no known node are one group.
+        let mut groups: BTreeMap<Option<u32>, Vec<usize>> = BTreeMap::new();
+        for &c in &cores {
+            groups.entry(topology.node_of_cpu(c)).or_default().push(c);
+        }
         let plan = plan(
             topology,
             &PlanInput {
@@ -503,7 +511,37 @@ impl Placement {
                 nic,
             },
         );
-        Self::following(plan, nodes)
+        let node_cores = plan
+            .shards
+            .iter()
+            .map(|s| match s.core {
+                Some(c) => groups
+                    .get(&topology.node_of_cpu(c))
+                    .cloned()
+                    .unwrap_or_else(|| vec![c]),
+                None => Vec::new(),
+            })
+            .collect();
+        let mut placement = Self::following(plan, nodes);
+        placement.node_cores = node_cores;
+        placement
+    }
+
+    /// Says in the plan's notes how `pinning` follows it, where the cores it lists are not
+    /// simply where shards run.
+    pub(crate) fn note_pinning(&mut self, pinning: crate::Pinning) {
+        if pinning == crate::Pinning::Nodes && self.plan.shards.iter().any(|s| s.core.is_some()) {
+            self.plan.notes.push(
+                "each shard may run on every core of its node's group above (Pinning::Nodes): the core it lists is the one the plan counted"
+                    .into(),
+            );
+        }
+    }
+
+    /// The cores shard `channel` may run on under [`Pinning::Nodes`](crate::Pinning::Nodes):
+    /// every core of the pin set in its planned core's node (empty: unpinned).
+    pub(crate) fn node_cores(&self, channel: usize) -> &[usize] {
+        self.node_cores.get(channel).map_or(&[], Vec::as_slice)
     }
 
     /// A placement on `nodes` synthetic NUMA nodes (see `SenderConfig::fault_nodes`):
@@ -557,6 +595,7 @@ impl Placement {
             plan,
             nodes,
             by_node,
+            node_cores: Vec::new(),
         }
     }
 

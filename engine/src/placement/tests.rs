@@ -165,6 +165,8 @@ fn core_lists_are_checked_against_the_allowed_cores() {
     use crate::Pinning;
     let allowed: Vec<usize> = crate::shard::allowed_cores().iter().map(|c| c.id).collect();
     assert_eq!(pin_order(None, Pinning::Cores).unwrap(), allowed);
+    // Spread shards are planned on the same cores; only their affinity is wider.
+    assert_eq!(pin_order(None, Pinning::Nodes).unwrap(), allowed);
     let mut reversed = allowed.clone();
     reversed.reverse();
     assert_eq!(pin_order(None, Pinning::CoresReversed).unwrap(), reversed);
@@ -446,6 +448,56 @@ fn chunks_route_to_the_pool_of_their_nodes_shards() {
     let one = Placement::new(&t, nodes, 2, vec![0, 1], None);
     assert_eq!(one.pool_for(0, 1500), None);
     assert_eq!(one.pools(2), [vec![0, 1]]);
+}
+
+#[test]
+fn spread_shards_may_run_on_every_pin_core_of_their_node() {
+    use crate::shard::Affinity;
+    use crate::Pinning;
+    let t = machine(2, 4, Some(1));
+    let nodes = MemoryNodes {
+        spans: vec![
+            NodeSpan {
+                region: 0,
+                first_page: 0,
+                pages: 1024,
+                node: Some(0),
+            },
+            NodeSpan {
+                region: 0,
+                first_page: 1024,
+                pages: 1024,
+                node: Some(1),
+            },
+        ],
+    };
+    // Core 2 reserved (a vCPU's): no shard may run there, spread or not.
+    let cores = vec![0, 1, 3, 4, 5, 6, 7];
+    let mut p = Placement::new(&t, nodes, 4, cores, None);
+    for ch in 0..4 {
+        let node = p.plan.shards[ch].node.expect("planned on a node");
+        let core = p.plan.shards[ch].core.expect("pinned");
+        let want: Vec<usize> = if node == 0 {
+            vec![0, 1, 3]
+        } else {
+            vec![4, 5, 6, 7]
+        };
+        assert_eq!(p.node_cores(ch), want, "channel {ch}");
+        assert_eq!(Affinity::of(&p, ch, Pinning::Nodes), Affinity::Cores(want));
+        assert_eq!(Affinity::of(&p, ch, Pinning::Cores), Affinity::Core(core));
+        assert_eq!(Affinity::of(&p, ch, Pinning::None), Affinity::Free);
+    }
+    assert!(p.node_cores(9).is_empty());
+    p.note_pinning(Pinning::Nodes);
+    assert!(
+        p.plan.render().contains("Pinning::Nodes"),
+        "{}",
+        p.plan.render()
+    );
+    // Nothing to pin to: free, whatever the pinning says.
+    let t1 = machine(1, 2, None);
+    let free = Placement::new(&t1, MemoryNodes { spans: vec![] }, 2, vec![], None);
+    assert_eq!(Affinity::of(&free, 0, Pinning::Nodes), Affinity::Free);
 }
 
 #[cfg(feature = "hwloc")]

@@ -23,7 +23,7 @@ use crate::protocol::handshake::{Acceptor, Expectation, FEATURES_KNOWN, FEATURE_
 use crate::protocol::ledger::PageLedger;
 use crate::sender::Canceller;
 use crate::shard::recv::{FrameDelay, RecvShard, RecvShardParams, TlsRx};
-use crate::shard::{catch_panic, error_chain, pin, Abort, RoundBarrier};
+use crate::shard::{catch_panic, error_chain, Abort, RoundBarrier};
 use crate::stats::{Progress, TransferStats};
 use crate::stream::Stream;
 
@@ -318,7 +318,10 @@ impl Receiver {
         ));
         // Shards near the destination memory's nodes (where it is faulted in already).
         let nic = streams.first().and_then(|a| a.stream.interface());
-        let plan = crate::placement::Placement::here(n as u16, pin_cores, &memory, nic, false).plan;
+        let mut placement =
+            crate::placement::Placement::here(n as u16, pin_cores, &memory, nic, false);
+        placement.note_pinning(self.config.pinning);
+        let plan = &placement.plan;
         tracing::debug!("receiver placement:\n{}", plan.render());
         let mut joins = Vec::with_capacity(n);
         for (i, accepted) in streams.into_iter().enumerate() {
@@ -329,7 +332,7 @@ impl Receiver {
                 page_checksums,
             } = accepted;
             let place = plan.shards[i];
-            let core = place.core.map(|id| core_affinity::CoreId { id });
+            let affinity = crate::shard::Affinity::of(&placement, i, self.config.pinning);
             let params = RecvShardParams {
                 device_state: self.device_state.0.clone(),
                 device_budget: device_budget.clone(),
@@ -364,14 +367,14 @@ impl Receiver {
                 .spawn(move || {
                     let span = tracing::debug_span!("recv_shard", channel = i);
                     let _enter = span.enter();
-                    let pinned = pin(core);
+                    let (pinned, placed) = affinity.apply();
                     let result = catch_panic("receiver", i as u16, || {
                         RecvShard::new(params, stream).and_then(RecvShard::run)
                     });
                     match result {
                         Ok(mut s) => {
                             s.core = pinned;
-                            s.node = pinned.and(place.node);
+                            s.node = place.node.filter(|_| placed);
                             Ok(s)
                         }
                         Err(e) => Err(shard_abort.fail(e)),

@@ -31,7 +31,7 @@ use crate::protocol::handshake::{
 };
 use crate::protocol::PROTOCOL_VERSION;
 use crate::shard::send::{SendShard, SendShardParams, ShardEvent, Work};
-use crate::shard::{catch_panic, pin, Abort};
+use crate::shard::{catch_panic, Abort};
 use crate::stats::{Progress, RoundStats, ShardStats, TransferStats};
 use crate::stream::Stream;
 

@@ -130,6 +130,8 @@ impl Sender {
         };
         #[cfg(not(feature = "faults"))]
         let placement = Placement::here(n, pin_cores, &memory, nic, true);
+        let mut placement = placement;
+        placement.note_pinning(config.pinning);
         tracing::debug!("sender placement:\n{}", placement.plan.render());
         // Each shard pulls its chunks from its pool's queue (see `Sender::send_round`).
         let pool_members = placement.pools(streams.len());
@@ -156,7 +158,7 @@ impl Sender {
             let keepalive_every = (receiver_idle / KEEPALIVE_PER_IDLE as u32)
                 .max(Duration::from_millis(RING_WAIT_SLICE_MS / 4));
             let place = placement.plan.shards[i];
-            let core = place.core.map(|id| core_affinity::CoreId { id });
+            let affinity = crate::shard::Affinity::of(&placement, i, config.pinning);
             let (tx, rx) = bounded(SHARD_QUEUE_ITEMS_MAX);
             let params = SendShardParams {
                 channel: i as u16,
@@ -188,11 +190,15 @@ impl Sender {
                 #[cfg(not(feature = "faults"))]
                 faults: crate::shard::RingFaults,
             };
-            let join = spawn_shard(params, stream, place, core, abort.clone())?;
+            let core = match affinity {
+                crate::shard::Affinity::Core(c) => Some(c),
+                _ => None,
+            };
+            let join = spawn_shard(params, stream, place, affinity, abort.clone())?;
             shards.push(Shard {
                 tx,
                 join: Some(join),
-                core: core.map(|c| c.id),
+                core,
             });
         }
         Ok(Sender {
@@ -236,7 +242,7 @@ fn spawn_shard(
     params: SendShardParams,
     stream: Stream,
     place: crate::placement::ShardPlace,
-    core: Option<core_affinity::CoreId>,
+    affinity: crate::shard::Affinity,
     abort: Arc<Abort>,
 ) -> Result<JoinHandle<Result<ShardStats>>> {
     let i = params.channel;
@@ -245,14 +251,14 @@ fn spawn_shard(
         .spawn(move || {
             let span = tracing::debug_span!("send_shard", channel = i);
             let _enter = span.enter();
-            let pinned = pin(core);
+            let (pinned, placed) = affinity.apply();
             let result = catch_panic("sender", i, || {
                 SendShard::new(params, stream).and_then(SendShard::run)
             });
             match result {
                 Ok(mut stats) => {
                     stats.core = pinned;
-                    stats.node = pinned.and(place.node);
+                    stats.node = place.node.filter(|_| placed);
                     Ok(stats)
                 }
                 Err(e) => Err(abort.fail(e)),

@@ -457,8 +457,57 @@ pub(crate) fn allowed_cores() -> Vec<core_affinity::CoreId> {
     core_affinity::get_core_ids().unwrap_or_default()
 }
 
-/// Pins the calling thread to `core`; returns the core index on success.
-pub(crate) fn pin(core: Option<core_affinity::CoreId>) -> Option<usize> {
-    let core = core?;
-    core_affinity::set_for_current(core).then_some(core.id)
+/// Where a shard thread may run (see [`Pinning`](crate::Pinning)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Affinity {
+    /// Wherever the scheduler puts it.
+    Free,
+    /// This core only.
+    Core(usize),
+    /// Any of these cores (those of its planned node), the scheduler choosing among them.
+    Cores(Vec<usize>),
+}
+
+impl Affinity {
+    /// Shard `channel`'s affinity under `pinning`, following `placement`.
+    pub(crate) fn of(
+        placement: &crate::placement::Placement,
+        channel: usize,
+        pinning: crate::Pinning,
+    ) -> Affinity {
+        let place = placement.plan.shards[channel];
+        match (pinning, place.core) {
+            (crate::Pinning::None, _) | (_, None) => Affinity::Free,
+            (crate::Pinning::Nodes, Some(core)) => {
+                let cores = placement.node_cores(channel);
+                if cores.is_empty() {
+                    Affinity::Core(core)
+                } else {
+                    Affinity::Cores(cores.to_vec())
+                }
+            }
+            (crate::Pinning::Cores | crate::Pinning::CoresReversed, Some(core)) => {
+                Affinity::Core(core)
+            }
+        }
+    }
+
+    /// Applies it to the calling thread. Returns the core it is pinned to (`Core` only) and
+    /// whether the thread is placed as planned (so its planned node holds).
+    pub(crate) fn apply(&self) -> (Option<usize>, bool) {
+        match self {
+            Affinity::Free => (None, false),
+            Affinity::Core(id) => {
+                let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: *id });
+                (pinned.then_some(*id), pinned)
+            }
+            Affinity::Cores(cores) => match crate::sys::set_thread_affinity(cores) {
+                Ok(()) => (None, true),
+                Err(e) => {
+                    tracing::warn!("could not place a shard on cores {cores:?}: {e}");
+                    (None, false)
+                }
+            },
+        }
+    }
 }

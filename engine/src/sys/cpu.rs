@@ -154,6 +154,45 @@ impl HostCpuTicks {
     }
 }
 
+/// Lets the calling thread run on any of `cores` (and only those), leaving the choice among
+/// them to the scheduler. An empty list, a core past `CPU_SETSIZE` or a set the kernel refuses
+/// (no allowed core in it) is an error, and the thread's affinity is left as it was.
+pub fn set_thread_affinity(cores: &[usize]) -> std::io::Result<()> {
+    let setsize = libc::CPU_SETSIZE as usize;
+    if cores.is_empty() || cores.iter().any(|&c| c >= setsize) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `cpu_set_t` is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cores {
+        // SAFETY: `c < CPU_SETSIZE` (checked above), so the bit lies inside `set`.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: `set` is a valid `cpu_set_t` of the size passed; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The cores the calling thread may run on, ascending.
+pub fn thread_affinity() -> std::io::Result<Vec<usize>> {
+    // SAFETY: `cpu_set_t` is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable `cpu_set_t` of the size passed; pid 0 is the calling
+    // thread.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c < CPU_SETSIZE`, inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 /// What the scheduler counted for one thread so far (`/proc/self/task/TID/schedstat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThreadSched {
@@ -242,6 +281,30 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].on_cpu > Duration::ZERO, "{found:?}");
         assert!(others.is_empty(), "{others:?}");
+    }
+
+    #[test]
+    fn a_thread_spreads_over_a_set_of_cores_and_refuses_nonsense() {
+        let allowed = std::thread::spawn(thread_affinity).join().unwrap().unwrap();
+        assert!(!allowed.is_empty());
+        let t = std::thread::spawn(move || {
+            let first = allowed[..allowed.len().min(2)].to_vec();
+            set_thread_affinity(&first).unwrap();
+            let now = thread_affinity().unwrap();
+            let empty = set_thread_affinity(&[]).unwrap_err();
+            let huge = set_thread_affinity(&[libc::CPU_SETSIZE as usize]).unwrap_err();
+            (
+                first,
+                now,
+                empty.raw_os_error(),
+                huge.raw_os_error(),
+                thread_affinity().unwrap(),
+            )
+        });
+        let (wanted, got, empty, huge, after) = t.join().unwrap();
+        assert_eq!(got, wanted);
+        assert_eq!((empty, huge), (Some(libc::EINVAL), Some(libc::EINVAL)));
+        assert_eq!(after, wanted, "a refused set leaves the affinity as it was");
     }
 
     #[test]
