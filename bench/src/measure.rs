@@ -92,17 +92,12 @@ pub(crate) fn cores(no_pin: bool) -> Vec<core_affinity::CoreId> {
     }
 }
 
-pub(crate) fn pin(cores: &[core_affinity::CoreId], i: usize, reversed: bool) {
+/// Pins the calling thread to the `i`-th of `cores` (wrapping); nothing when `cores` is empty.
+pub(crate) fn pin(cores: &[core_affinity::CoreId], i: usize) {
     if cores.is_empty() {
         return;
     }
-    let k = i % cores.len();
-    let core = if reversed {
-        cores[cores.len() - 1 - k]
-    } else {
-        cores[k]
-    };
-    core_affinity::set_for_current(core);
+    core_affinity::set_for_current(cores[i % cores.len()]);
 }
 
 /// Byte range of stream `i` of `streams` over `total` bytes (the last takes the remainder).
@@ -207,12 +202,12 @@ pub(crate) fn raw_tcp(
         let (offset, len) = share(total, channels, i);
         let c = cores.clone();
         threads.push(std::thread::spawn(move || -> Result<(bool, f64)> {
-            pin(&c, i, false);
+            pin(&c, i);
             Ok((true, raw_send_share(&client, src_addr, offset, len)?))
         }));
-        let c = cores.clone();
+        // The receiving thread is left to the scheduler within the allowed cores, as
+        // pagewire's receive shards are on one node (`Pinning::Nodes`).
         threads.push(std::thread::spawn(move || -> Result<(bool, f64)> {
-            pin(&c, i, true);
             Ok((false, raw_recv_share(&server, dst_addr, offset, len)?))
         }));
     }

@@ -53,11 +53,12 @@ fn session(control: TcpStream, ip: IpAddr) -> Result<()> {
                 unchecked_pages,
                 pin,
             } => serve_pagewire(&mut writer, ip, size, tls, unchecked_pages, pin),
-            Request::Raw { size, streams, pin } => serve_raw(&mut writer, ip, size, streams, pin)
-                .map(|(cpu_s, dst)| {
+            Request::Raw { size, streams, .. } => {
+                serve_raw(&mut writer, ip, size, streams).map(|(cpu_s, dst)| {
                     kept = Some(dst);
                     cpu_s
-                }),
+                })
+            }
         };
         let reply = match result {
             Ok(cpu_s) => Reply::Done { cpu_s },
@@ -124,7 +125,6 @@ fn serve_raw(
     ip: IpAddr,
     size: u64,
     streams: u16,
-    pin: bool,
 ) -> Result<(f64, GuestMemory)> {
     let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
     let dst = GuestMemory::anonymous_populated(&[RegionSpec { gpa: 0, len: size }])?;
@@ -142,17 +142,14 @@ fn serve_raw(
     for _ in 0..streams {
         conns.push(listener.accept()?.0);
     }
-    let all_cores = cores(!pin);
+    // Each receiving thread is left to the scheduler within the allowed cores, as pagewire's
+    // receive shards are on one node (`Pinning::Nodes`).
     let threads: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
             let (offset, len) = share(total, streams, i);
-            let cores = all_cores.clone();
-            std::thread::spawn(move || {
-                measure::pin(&cores, i, false);
-                raw_recv_share(&c, dst_addr, offset, len)
-            })
+            std::thread::spawn(move || raw_recv_share(&c, dst_addr, offset, len))
         })
         .collect();
     let mut cpu = 0.0;
@@ -172,8 +169,10 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Opens a control connection to `addr`; `pin`: both engines' threads pinned, one core
-    /// each, on both hosts (raw TCP's as pagewire's shards).
+    /// Opens a control connection to `addr`; `pin`: both engines placed as pagewire places its
+    /// shards by default, on both hosts (senders one core each; receivers, pagewire's and raw
+    /// TCP's, by the scheduler within the allowed cores of their node); without it the
+    /// scheduler places them all.
     pub fn connect(addr: &str, pin: bool) -> Result<Peer> {
         let control = Client::connect(addr)
             .with_context(|| format!("connecting to the bench server at {addr}"))?;
@@ -252,7 +251,7 @@ impl Peer {
                 let (offset, len) = share(total, n, i);
                 let cores = all_cores.clone();
                 std::thread::spawn(move || {
-                    measure::pin(&cores, i, false);
+                    measure::pin(&cores, i);
                     raw_send_share(&c, src_addr, offset, len)
                 })
             })

@@ -58,7 +58,7 @@ pub enum Pinning {
     /// pairs each sender shard with a receiver shard on another core.
     CoresReversed,
     /// Each shard may run on every core of the node the plan gives it (within
-    /// [`SenderConfig::cores`]), the scheduler choosing among them: NUMA placement is kept,
+    /// [`ReceiverConfig::cores`] or [`SenderConfig::cores`]), the scheduler choosing among them: NUMA placement is kept,
     /// and a shard is not held to a core that other work keeps busy. The receiver's default: a
     /// receive shard sleeps whenever its channel is drained, and pinned to one core that
     /// another task keeps busy it waits for that task's time slice at every wake-up (measured

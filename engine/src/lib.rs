@@ -1,8 +1,8 @@
 //! # pagewire
 //!
 //! An io_uring transfer engine for VM live migration: guest memory moves over N parallel TCP
-//! channels, each driven by a *shard* (one thread pinned to one core, with its own io_uring,
-//! socket and registered buffers). Zero pages are found on the shards with SIMD and cost a
+//! channels, each driven by a *shard* (one thread with its own io_uring, socket and registered
+//! buffers, pinned to one core on the sender, on the cores of its NUMA node on the receiver). Zero pages are found on the shards with SIMD and cost a
 //! header entry instead of 4 KiB; normal pages go out with zero-copy sends straight from guest
 //! memory where the kernel really sends from it, and with one plain vectored send per frame where
 //! it would copy anyway. The receiver checks every field before it places a byte, and receives

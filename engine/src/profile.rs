@@ -74,9 +74,10 @@ pub struct Measured {
     pub cells: Vec<Cell>,
 }
 
-/// One measured combination.
+/// One measured combination. A record of what was measured, not a setting: figures a later
+/// `sweep` adds are skipped by builds that do not know them (a profile with the receiver's CPU
+/// still loads), while `[send]` and `[measured]` refuse unknown keys (a mistyped setting).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Cell {
     /// Channels.
     pub channels: u16,
@@ -454,6 +455,14 @@ mod tests {
         }
         let e = Profile::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("reading profile"), "{e}");
+        // A figure a later sweep adds to its cells does not stop the profile from loading.
+        std::fs::write(
+            &path,
+            "[send]\nchannels = 2\n[measured]\npeer = \"h:1\"\nat = \"\"\nsize_bytes = 1\ncontent = \"\"\nreps = 1\n[[measured.cells]]\nchannels = 2\nzero_copy = \"off\"\ncompress = \"none\"\ngib_per_s = 1.0\ngib_per_s_range = [1.0, 1.0]\ncpu_s_per_gib = 0.1\nfuture_figure = 7\n",
+        )
+        .unwrap();
+        let p = Profile::load(&path).unwrap();
+        assert_eq!(p.measured.unwrap().cells.len(), 1);
     }
 
     #[test]

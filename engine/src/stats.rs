@@ -32,9 +32,11 @@ impl Progress {
 pub struct ShardStats {
     /// Channel index.
     pub channel: u16,
-    /// CPU core the shard was pinned to, if any.
+    /// CPU core the shard was pinned to, if any (`Pinning::Cores`; none under
+    /// `Pinning::Nodes`, the receiver's default, whose shards may use every core of their node).
     pub core: Option<usize>,
-    /// NUMA node of that core, if pinned and known.
+    /// NUMA node the shard was placed on, if it was placed (one core, or a node's cores) and
+    /// the node is known.
     pub node: Option<u32>,
     /// Bytes on the wire (headers and payload).
     pub wire_bytes: u64,

@@ -183,6 +183,18 @@ fn plan_from_a_hwloc_xml_file() {
     assert!(v["error"].is_string() && v["cause"].is_string(), "{v}");
 }
 
+/// The server's exit once the sweep is done; a server whose sweep failed may wait for
+/// transfers that never come, so it is killed first (the caller's assertion then says why).
+fn wait_unless_failed(
+    server: &mut std::process::Child,
+    sweep: &std::process::Output,
+) -> std::process::ExitStatus {
+    if !sweep.status.success() {
+        let _ = server.kill();
+    }
+    server.wait().unwrap()
+}
+
 /// A loopback address whose port was free a moment ago.
 fn free_loopback_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -239,7 +251,7 @@ fn sweep_against_serve_writes_a_profile_that_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("profile.toml");
     let sweep = tune(&small_sweep(&addr, &out, &["--content", "mixed"]));
-    let status = serve.wait().unwrap();
+    let status = wait_unless_failed(&mut serve, &sweep);
     assert!(
         sweep.status.success(),
         "{}",
@@ -297,7 +309,7 @@ fn sweep_against_the_bench_server_measures_both_sides() {
     let out = dir.path().join("profile.toml");
     let sweep_args = small_sweep(&addr, &out, &["--server", "bench", "--content", "random"]);
     let sweep = tune(&sweep_args);
-    let status = serve.wait().unwrap();
+    let status = wait_unless_failed(&mut serve, &sweep);
     let mut served = String::new();
     std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut served).unwrap();
     assert!(

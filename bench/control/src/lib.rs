@@ -71,18 +71,21 @@ pub enum Request {
         /// Accept plaintext pages without checksums.
         #[serde(default)]
         unchecked_pages: bool,
-        /// Pin the receiver's shards, one core each (the source's `--no-pin` says no).
+        /// Place the receiver's shards as the library does by default (`Pinning::Nodes`);
+        /// false (the source's `--no-pin`): leave them to the scheduler.
         #[serde(default = "yes")]
         pin: bool,
     },
-    /// Accept `streams` raw TCP streams carrying `size` bytes in all, each receiving thread
-    /// pinned to a core of its own unless `pin` is false, as pagewire's shards are.
+    /// Accept `streams` raw TCP streams carrying `size` bytes in all. The receiving threads are
+    /// left to the scheduler within the allowed cores, as pagewire's receive shards are on one
+    /// node.
     Raw {
         /// Bytes in all streams together.
         size: u64,
         /// Streams; the i-th connected carries the i-th share.
         streams: u16,
-        /// Pin the receiving threads.
+        /// The source's pinning (kept for the protocol; the server no longer pins raw TCP's
+        /// receiving threads).
         #[serde(default = "yes")]
         pin: bool,
     },

@@ -155,7 +155,7 @@ fn memcpy_all_cores(src: &pagewire::Region) -> Result<(usize, f64)> {
             .map(|i| {
                 let (barrier, cores) = (&barrier, &cores);
                 scope.spawn(move || {
-                    crate::measure::pin(cores, i, false);
+                    crate::measure::pin(cores, i);
                     let mut buf = vec![1u8; (64 << 20).min(slice as usize).max(4096)];
                     barrier.wait();
                     let t = Instant::now();

@@ -171,7 +171,8 @@ struct Results {
     peer: Option<String>,
     size_bytes: u64,
     reps: usize,
-    /// pagewire's shards and raw TCP's threads were pinned, one core each (QEMU's never are).
+    /// pagewire's shards and raw TCP's threads were placed as pagewire's defaults place them:
+    /// senders one core each, receivers within their node's cores (QEMU's are never pinned).
     pinned: bool,
     ceilings: Ceilings,
     cells: Vec<Cell>,

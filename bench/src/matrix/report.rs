@@ -20,7 +20,7 @@ pub(super) fn markdown(r: &Results) -> String {
         s.push_str(&format!(
             "Not alike between the engines: pagewire's shards (and raw TCP's threads) {}, while QEMU's threads are left to the scheduler (QEMU cannot pin its multifd threads); QEMU's time and CPU are its own `total-time` on the source and its processes until the destination has loaded, pagewire's run from connect until the receiver confirmed every page, verified.\n\n",
             if r.pinned {
-                "were pinned one core each (`--no-pin` leaves them unpinned)"
+                "were placed as pagewire places its shards by default: senders one core each, receivers by the scheduler within their node's cores (`--no-pin` leaves them all to the scheduler)"
             } else {
                 "were not pinned (`--no-pin`)"
             }
