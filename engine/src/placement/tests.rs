@@ -393,11 +393,9 @@ fn memory_nodes_of_touched_and_untouched_memory() {
     assert_eq!(uniform.pages_by_node()[&3], 3072);
 }
 
-#[test]
-fn chunks_route_to_the_pool_of_their_nodes_shards() {
-    let t = machine(2, 4, Some(1));
-    // Pages 0..1024 on node 0, 1024..2048 on node 1.
-    let nodes = MemoryNodes {
+/// Pages 0..1024 of region 0 on node 0, 1024..2048 on node 1.
+fn two_node_memory() -> MemoryNodes {
+    MemoryNodes {
         spans: vec![
             NodeSpan {
                 region: 0,
@@ -412,7 +410,13 @@ fn chunks_route_to_the_pool_of_their_nodes_shards() {
                 node: Some(1),
             },
         ],
-    };
+    }
+}
+
+#[test]
+fn chunks_route_to_the_pool_of_their_nodes_shards() {
+    let t = machine(2, 4, Some(1));
+    let nodes = two_node_memory();
     assert_eq!(
         nodes.pages_by_node(),
         BTreeMap::from([(0, 1024), (1, 1024)])
@@ -455,22 +459,7 @@ fn spread_shards_may_run_on_every_pin_core_of_their_node() {
     use crate::shard::Affinity;
     use crate::Pinning;
     let t = machine(2, 4, Some(1));
-    let nodes = MemoryNodes {
-        spans: vec![
-            NodeSpan {
-                region: 0,
-                first_page: 0,
-                pages: 1024,
-                node: Some(0),
-            },
-            NodeSpan {
-                region: 0,
-                first_page: 1024,
-                pages: 1024,
-                node: Some(1),
-            },
-        ],
-    };
+    let nodes = two_node_memory();
     // Core 2 reserved (a vCPU's): no shard may run there, spread or not.
     let cores = vec![0, 1, 3, 4, 5, 6, 7];
     let mut p = Placement::new(&t, nodes, 4, cores, None);
