@@ -213,52 +213,50 @@ fn default_channels() -> Vec<u16> {
     out
 }
 
+/// Calls `connect` until it succeeds, fails otherwise than `refused` says, or
+/// `CONNECT_RETRY_MS` have passed: a server started just before (or rebinding between
+/// transfers, as `serve` does) refuses for a moment.
+fn retry_while_refused<T, E>(
+    mut connect: impl FnMut() -> std::result::Result<T, E>,
+    refused: impl Fn(&E) -> bool,
+) -> std::result::Result<T, E> {
+    let deadline = Instant::now() + Duration::from_millis(CONNECT_RETRY_MS);
+    loop {
+        match connect() {
+            Err(e) if refused(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(CONNECT_RETRY_PAUSE_MS));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn is_refused(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::ConnectionRefused
+}
+
 fn connect_retrying(
     peer: &str,
     memory: &Arc<GuestMemory>,
     config: &SenderConfig,
 ) -> Result<Sender> {
-    let deadline = Instant::now() + Duration::from_millis(CONNECT_RETRY_MS);
-    loop {
-        match Sender::connect(peer, memory.clone(), config) {
-            Ok(s) => return Ok(s),
-            Err(pagewire::Error::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::ConnectionRefused
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(CONNECT_RETRY_PAUSE_MS));
-            }
-            Err(e) => {
-                return Err(anyhow::anyhow!(pagewire::error_chain(&e))).with_context(|| {
-                    format!(
-                    "connecting to {peer} (is `pagewire-tune serve` running there with --size?)"
-                )
-                })
-            }
-        }
-    }
+    retry_while_refused(
+        || Sender::connect(peer, memory.clone(), config),
+        |e| matches!(e, pagewire::Error::Io { source, .. } if is_refused(source)),
+    )
+    .map_err(|e| anyhow::anyhow!(pagewire::error_chain(&e)))
+    .with_context(|| {
+        format!("connecting to {peer} (is `pagewire-tune serve` running there with --size?)")
+    })
 }
 
-/// Opens the control connection to `pagewire-bench serve`, retrying while the port refuses
-/// (a server started just before, as `serve` may be) for up to `CONNECT_RETRY_MS`.
+/// Opens the control connection to `pagewire-bench serve`.
 fn connect_bench_retrying(peer: &str) -> Result<pagewire_bench_control::Client> {
-    let deadline = Instant::now() + Duration::from_millis(CONNECT_RETRY_MS);
-    loop {
-        match pagewire_bench_control::Client::connect(peer) {
-            Ok(c) => return Ok(c),
-            Err(pagewire_bench_control::ControlError::Io(e))
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(CONNECT_RETRY_PAUSE_MS));
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("connecting to {peer} (is `pagewire-bench serve` listening there?)")
-                })
-            }
-        }
-    }
+    retry_while_refused(
+        || pagewire_bench_control::Client::connect(peer),
+        |e| matches!(e, pagewire_bench_control::ControlError::Io(io) if is_refused(io)),
+    )
+    .with_context(|| format!("connecting to {peer} (is `pagewire-bench serve` listening there?)"))
 }
 
 /// Where the sweep's transfers go.

@@ -332,11 +332,7 @@ pub fn plan(topology: &Topology, input: &PlanInput) -> Plan {
             .collect();
         return done(shards, notes);
     }
-    // Usable cores per node, in the caller's order; cores in no known node form their own group.
-    let mut usable: BTreeMap<Option<u32>, Vec<usize>> = BTreeMap::new();
-    for &c in &input.cores {
-        usable.entry(topology.node_of_cpu(c)).or_default().push(c);
-    }
+    let usable = node_groups(topology, &input.cores);
     let groups: Vec<Option<u32>> = usable.keys().copied().collect();
     let mut weight: BTreeMap<Option<u32>, f64> = groups.iter().map(|&g| (g, 0.0)).collect();
     let fallback = nic_node
@@ -423,6 +419,16 @@ pub fn plan(topology: &Topology, input: &PlanInput) -> Plan {
     done(shards, notes)
 }
 
+/// `cores` by node, in the caller's order; cores in no known node form their own group. The
+/// groups [`plan`] places shards in, and a spread shard's cores ([`Pinning::Nodes`](crate::Pinning::Nodes)).
+fn node_groups(topology: &Topology, cores: &[usize]) -> BTreeMap<Option<u32>, Vec<usize>> {
+    let mut groups: BTreeMap<Option<u32>, Vec<usize>> = BTreeMap::new();
+    for &c in cores {
+        groups.entry(topology.node_of_cpu(c)).or_default().push(c);
+    }
+    groups
+}
+
 /// The cores shards may be pinned to, in the order [`plan`] takes them: `wanted` (each must be
 /// a core this process may run on) or every allowed core, reversed for
 /// [`Pinning::CoresReversed`](crate::Pinning::CoresReversed), none for
@@ -497,11 +503,7 @@ impl Placement {
         cores: Vec<usize>,
         nic: Option<String>,
     ) -> Placement {
-        // Each core's node group, as `plan` forms them: cores in no known node are one group.
-        let mut groups: BTreeMap<Option<u32>, Vec<usize>> = BTreeMap::new();
-        for &c in &cores {
-            groups.entry(topology.node_of_cpu(c)).or_default().push(c);
-        }
+        let groups = node_groups(topology, &cores);
         let plan = plan(
             topology,
             &PlanInput {

@@ -123,14 +123,13 @@ impl Sender {
             .is_some_and(|c| c.stream.peer_on_this_host());
         // Synthetic nodes (a test of routing by node on a one-node host), or this host's.
         #[cfg(feature = "faults")]
-        let placement = if config.fault_nodes > 1 {
+        let mut placement = if config.fault_nodes > 1 {
             Placement::synthetic(n, &memory, config.fault_nodes)
         } else {
             Placement::here(n, pin_cores, &memory, nic, true)
         };
         #[cfg(not(feature = "faults"))]
-        let placement = Placement::here(n, pin_cores, &memory, nic, true);
-        let mut placement = placement;
+        let mut placement = Placement::here(n, pin_cores, &memory, nic, true);
         placement.note_pinning(config.pinning);
         tracing::debug!("sender placement:\n{}", placement.plan.render());
         // Each shard pulls its chunks from its pool's queue (see `Sender::send_round`).

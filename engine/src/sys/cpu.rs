@@ -180,17 +180,20 @@ pub fn set_thread_affinity(cores: &[usize]) -> std::io::Result<()> {
 pub fn thread_affinity() -> std::io::Result<Vec<usize>> {
     // SAFETY: `cpu_set_t` is a plain bit array; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable `cpu_set_t` of the size passed; pid 0 is the calling
-    // thread.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `set` is a valid, writable `cpu_set_t` of `size` bytes; pid 0 is this thread.
+    let rc = unsafe { libc::sched_getaffinity(0, size, &mut set) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `c < CPU_SETSIZE`, inside `set`.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect())
+    let mut cores = Vec::new();
+    for c in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `c < CPU_SETSIZE`, so the bit lies inside `set`.
+        if unsafe { libc::CPU_ISSET(c, &set) } {
+            cores.push(c);
+        }
+    }
+    Ok(cores)
 }
 
 /// What the scheduler counted for one thread so far (`/proc/self/task/TID/schedstat`).
