@@ -15,6 +15,10 @@ pub struct Progress {
     pub pages_done: AtomicU64,
     /// Bytes put on (or taken off) the wire.
     pub wire_bytes: AtomicU64,
+    /// Of [`wire_bytes`](Self::wire_bytes), the device state's (a live migration's blobs,
+    /// chunk headers included): nonzero once the source's guest is paused and its device
+    /// state is on its way.
+    pub device_state_bytes: AtomicU64,
 }
 
 impl Progress {

@@ -14,6 +14,7 @@ use pagewire::dirty::{DirtyBitmaps, DirtySource, SharedBitmap, Union};
 use pagewire::live::dirtier::{DirtierConfig, SoftwareDirtier};
 use pagewire::live::{AutoConverge, DowntimeLimit, Migration, Policy, Status, Throttling, Vmm};
 use pagewire::protocol::blob::DeviceBlob;
+use pagewire::receiver::{ReceiverHandle, ReceiverSnapshot};
 use pagewire::synth::{fill, Content};
 use pagewire::{
     Error, GuestMemory, PageRun, Pinning, Receiver, ReceiverConfig, RegionSpec, Sender,
@@ -28,6 +29,8 @@ struct Pair {
     dst: Arc<GuestMemory>,
     receiver: std::thread::JoinHandle<pagewire::Result<pagewire::TransferStats>>,
     device_state: pagewire::receiver::DeviceState,
+    /// The receiver's `query-migrate`.
+    incoming: ReceiverHandle,
     sender: Sender,
 }
 
@@ -72,6 +75,7 @@ fn connect_through(
     .unwrap();
     let addr = route(receiver.local_addr().unwrap());
     let device_state = receiver.device_state();
+    let incoming = receiver.handle();
     let receiver = std::thread::spawn(move || receiver.run());
     let defaults = SenderConfig::default();
     let sender = Sender::connect(
@@ -92,6 +96,7 @@ fn connect_through(
         dst,
         receiver,
         device_state,
+        incoming,
         sender,
     }
 }
@@ -113,6 +118,25 @@ fn dirtier(
         },
     )
     .unwrap()
+}
+
+/// Snapshots of `incoming` every millisecond until it reports an end (at most 30 s).
+fn watch_until_ended(incoming: &ReceiverHandle) -> Vec<ReceiverSnapshot> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let s = incoming.snapshot();
+        let ended = matches!(
+            s.status,
+            Status::Completed | Status::Failed | Status::Cancelled
+        );
+        seen.push(s);
+        if ended {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    seen
 }
 
 /// A migration of `sender`'s memory driven by `bitmap`, stopping once 50 ms of downtime fit.
@@ -137,9 +161,40 @@ fn a_live_migration_converges_and_the_destination_equals_the_source() {
     let mut guest = dirtier(&p.src, &bitmap, 40 << 20);
     let migration = within_50_ms(p.sender, &bitmap);
     let handle = migration.handle();
+    // The destination's own `query-migrate` while rounds run (sampled from another thread).
+    let incoming = p.incoming.clone();
+    let watching = std::thread::spawn(move || watch_until_ended(&incoming));
     let report = migration.run(&mut guest).unwrap();
     let received = join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
+    let seen = join_within(watching, Duration::from_secs(10), "watcher");
     assert!(guest.writes() > 0, "the guest wrote while rounds ran");
+    let done = p.incoming.snapshot();
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(
+        seen.last(),
+        Some(&done),
+        "the watcher ended on the final snapshot"
+    );
+    assert_eq!(done.rounds, received.rounds);
+    assert_eq!(done.rounds as usize, report.snapshot.rounds.len());
+    assert_eq!(done.transferred, received.transferred_bytes);
+    assert_eq!(done.total_time_ms, received.total_time_ms);
+    assert_eq!(done.memory_pages, MEMORY_BYTES / 4096);
+    assert!(
+        done.pages_placed > done.memory_pages,
+        "round 0 placed every page, later rounds more: {done:?}"
+    );
+    assert!(done.setup_ms > 0.0 && done.setup_ms < done.total_time_ms && done.mbps > 0.0);
+    // While it ran: active, its rounds and bytes only ever growing.
+    let active: Vec<_> = seen.iter().filter(|s| s.status == Status::Active).collect();
+    assert!(!active.is_empty(), "{seen:?}");
+    for w in seen.windows(2) {
+        assert!(
+            w[0].rounds <= w[1].rounds && w[0].transferred <= w[1].transferred,
+            "{w:?}"
+        );
+    }
+    assert!(active.iter().any(|s| s.transferred > 0), "{active:?}");
     assert_eq!(p.src.first_difference(&p.dst), None);
     // The last round's pages, sent with the guest paused after live ones, start the
     // downtime on the channels that carry them: their waits poll from then on.
@@ -618,6 +673,8 @@ fn a_cancel_from_another_thread_ends_both_sides_within_a_second() {
     assert!(r.to_string().contains("cancelled"), "receiver: {r}");
     assert!(cancelled.elapsed() < Duration::from_secs(1));
     assert_eq!(handle.snapshot().status, Status::Cancelled);
+    // Cancelled at the source: the destination failed (as QEMU's does).
+    assert_eq!(p.incoming.snapshot().status, Status::Failed);
 }
 
 /// A dirty source that cancels the migration while the policy is about to stop and copy.
@@ -778,6 +835,7 @@ fn blobs_arrive_byte_identical(tls: bool) {
         },
     ];
     let mut vmm = WithDevices(guest, blobs.clone());
+    let sent = p.sender.progress();
     let report = Migration::new(
         p.sender,
         Box::new(bitmap.clone()),
@@ -788,6 +846,14 @@ fn blobs_arrive_byte_identical(tls: bool) {
     let received = join_within(p.receiver, Duration::from_secs(10), "receiver").unwrap();
     assert_eq!(p.src.first_difference(&p.dst), None);
     assert_eq!(p.device_state.take(), blobs);
+    // Both sides count the device state's bytes alike (chunk headers on top of the blobs').
+    let device_bytes = p.incoming.snapshot().device_state_bytes;
+    let blob_bytes: usize = blobs.iter().map(|b| b.bytes.len()).sum();
+    assert!(device_bytes > blob_bytes as u64, "{device_bytes}");
+    assert_eq!(
+        sent.device_state_bytes.load(Ordering::Relaxed),
+        device_bytes
+    );
     // Both sides count the same bytes on the wire, the device state's included (under TLS
     // the sender counts the records' framing too, which the receiver does not see).
     if !tls {
@@ -1033,11 +1099,18 @@ fn a_receiver_cancelled_while_waiting_or_receiving_ends_within_a_second() {
     );
     let receiver = Receiver::bind("127.0.0.1:0", dst, ReceiverConfig::default()).unwrap();
     let cancel = receiver.canceller();
+    let incoming = receiver.handle();
     let waiting = std::thread::spawn(move || receiver.run());
     std::thread::sleep(Duration::from_millis(200));
+    let s = incoming.snapshot();
+    assert_eq!(
+        (s.status, s.total_time_ms, s.transferred),
+        (Status::Setup, 0.0, 0)
+    );
     cancel.cancel();
     let err = join_within(waiting, Duration::from_secs(1), "waiting receiver").unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(incoming.snapshot().status, Status::Cancelled);
 
     // Receiving a live migration that would not end by itself.
     let specs = [RegionSpec {
@@ -1056,7 +1129,7 @@ fn a_receiver_cancelled_while_waiting_or_receiving_ends_within_a_second() {
     )
     .unwrap();
     let addr = receiver.local_addr().unwrap();
-    let cancel = receiver.canceller();
+    let incoming = receiver.handle();
     let receiving = std::thread::spawn(move || receiver.run());
     let sender = Sender::connect(
         addr,
@@ -1070,9 +1143,16 @@ fn a_receiver_cancelled_while_waiting_or_receiving_ends_within_a_second() {
     let (migration, mut guest) = busy_migration(sender, &src, UNTIL_CANCELLED);
     let sending = std::thread::spawn(move || migration.run(&mut guest));
     std::thread::sleep(Duration::from_millis(300));
-    cancel.cancel();
+    let s = incoming.snapshot();
+    assert_eq!(s.status, Status::Active, "{s:?}");
+    assert!(s.transferred > 0 && s.total_time_ms > 0.0, "{s:?}");
+    // The handle cancels as the receiver's canceller does.
+    incoming.cancel();
     let r = join_within(receiving, Duration::from_secs(1), "receiver").unwrap_err();
     assert!(matches!(r, Error::Cancelled), "{r}");
+    let ended = incoming.snapshot();
+    assert_eq!(ended.status, Status::Cancelled);
+    assert!(ended.transferred >= s.transferred && ended.rounds >= s.rounds);
     let s = join_within(sending, Duration::from_secs(1), "sender").unwrap_err();
     assert!(s.to_string().contains("cancelled"), "sender: {s}");
 }

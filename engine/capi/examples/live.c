@@ -3,7 +3,7 @@
  * the pages written since the last round (a dirty bitmap the writer marks, swapped out word by
  * word), to pause the writer once the rest fits the downtime limit, and for the device state (the
  * writer's counter). A management thread meanwhile reads query-migrate figures through a
- * pw_control. The destination is checked with memcmp, the blobs byte for byte.
+ * pw_control on each side (pw_control_migration, pw_control_receiver). The destination is checked with memcmp, the blobs byte for byte.
  *
  * With the argument "cancel": the sender starts under a low bandwidth limit (pw_options), which the
  * management thread raises mid-migration through the control (the rate must follow), then it
@@ -60,6 +60,9 @@ struct vmm {
     pw_control *control; /* what the migration reports, read at each collection */
     int saw_active;
     uint32_t rounds_seen;
+    pw_control *receiver_control; /* what the destination reports, read there too */
+    int receiver_saw_active;
+    uint32_t receiver_rounds_seen;
 };
 
 static void *map(size_t bytes) {
@@ -125,6 +128,13 @@ static int32_t collect_dirty(void *ctx, uint32_t region, uint64_t *bitmap, size_
         v->saw_active = 1;
         if (info.rounds > v->rounds_seen)
             v->rounds_seen = info.rounds;
+    }
+    pw_receiver_info got;
+    if (v->receiver_control && pw_control_receiver(v->receiver_control, &got) == PW_STATUS_OK &&
+        got.status == PW_MIGRATION_STATUS_ACTIVE) {
+        v->receiver_saw_active = 1;
+        if (got.rounds > v->receiver_rounds_seen)
+            v->receiver_rounds_seen = got.rounds;
     }
     return 0;
 }
@@ -371,6 +381,7 @@ int main(int argc, char **argv) {
     }
 
     v.control = control;
+    v.receiver_control = receiver_control;
     pthread_create(&v.vcpu, NULL, vcpu, &v);
     sleep_ms(20); /* the guest runs before the migration starts */
     struct watch w = {.control = control};
@@ -453,6 +464,25 @@ int main(int argc, char **argv) {
                 v.saw_active, v.rounds_seen, (unsigned long long)sent.normal_pages,
                 (unsigned long long)got.normal_pages, (unsigned long long)placed.pages_done,
                 info.dirty_sync_count);
+        return 1;
+    }
+    /* The destination's own view: active while rounds ran, complete now, its figures those of
+     * its statistics; a sender's control has none of it. */
+    pw_receiver_info dest;
+    if (!check(pw_control_receiver(receiver_control, &dest), "pw_control_receiver"))
+        return 1;
+    if (dest.status != PW_MIGRATION_STATUS_COMPLETED || !v.receiver_saw_active ||
+        v.receiver_rounds_seen < 1 || dest.rounds != got.rounds ||
+        dest.transferred_bytes != got.transferred_bytes || dest.device_state_bytes == 0 ||
+        dest.pages_placed != placed.pages_done || dest.memory_pages != LOW_PAGES + HIGH_PAGES ||
+        pw_control_receiver(control, &dest) != PW_STATUS_INVALID) {
+        fprintf(stderr,
+                "the destination's figures disagree: status %d, active seen %d after %u rounds, "
+                "%u rounds (stats %u), %llu bytes (stats %llu), device state %llu bytes\n",
+                (int)dest.status, v.receiver_saw_active, v.receiver_rounds_seen, dest.rounds,
+                got.rounds, (unsigned long long)dest.transferred_bytes,
+                (unsigned long long)got.transferred_bytes,
+                (unsigned long long)dest.device_state_bytes);
         return 1;
     }
     if (memcmp(v.mem[0], dst_low, LOW_PAGES * PAGE) || memcmp(v.mem[1], dst_high, HIGH_PAGES * PAGE)) {

@@ -40,7 +40,8 @@ typedef enum {
   PW_STATUS_VMM = 11,
 } pw_status;
 
-// Where a live migration stands (QEMU's `query-migrate` status).
+// Where a live migration stands (QEMU's `query-migrate` status), on the source
+// ([`pw_migration_info`]) or the destination ([`pw_receiver_info`]).
 typedef enum {
   // Not started.
   PW_MIGRATION_STATUS_SETUP = 0,
@@ -199,6 +200,34 @@ typedef struct {
   // device state or the confirmation).
   uint8_t converged;
 } pw_migration_info;
+
+// A moment of a receiver (the destination's `query-migrate`, with more than QEMU's
+// destination fills in); the names in parentheses are QEMU's fields.
+typedef struct {
+  // Where it stands (`status`): `SETUP` while it waits for a sender and gathers its
+  // channels, `ACTIVE` while pages arrive, `DEVICE` once the device state is arriving (the
+  // source's guest is paused by then), then `COMPLETED` (every page placed and verified),
+  // `FAILED` (the sender's failure or cancel included) or `CANCELLED` (cancelled here).
+  pw_migration_status status;
+  // Milliseconds from the sender's first channel joining until all were gathered and the
+  // shards started (`setup-time`).
+  double setup_ms;
+  // Milliseconds since the sender's first channel joined; 0 while waiting for one
+  // (`total-time`).
+  double total_time_ms;
+  // Bytes taken off the wire so far (`ram.transferred`).
+  uint64_t transferred_bytes;
+  // Of `transferred_bytes`, the device state's.
+  uint64_t device_state_bytes;
+  // Pages placed so far, over all rounds.
+  uint64_t pages_placed;
+  // Pages of the destination (`ram.total`, in pages; 0 until known).
+  uint64_t memory_pages;
+  // Rounds every channel has ended so far.
+  uint32_t rounds;
+  // Megabits per second over the transfer so far (`ram.mbps`).
+  double mbps;
+} pw_receiver_info;
 
 // What a live migration needs of the VMM on the source. Every callback gets `ctx` first and is
 // called on the thread that called [`pw_sender_migrate`]; one returning nonzero fails the
@@ -368,7 +397,8 @@ pw_status pw_control_new(pw_control **out);
 // thread; `out` valid for a write.
 pw_status pw_sender_control(const pw_sender *sender, pw_control **out);
 
-// A control for `receiver` (take it before [`pw_receiver_run`]): cancel and progress.
+// A control for `receiver` (take it before [`pw_receiver_run`]): cancel, progress, and where
+// the transfer stands ([`pw_control_receiver`]).
 //
 // # Safety
 // `receiver` from [`pw_receiver_bind`] (or [`pw_receiver_over_fds`]), not in use on another
@@ -410,6 +440,13 @@ pw_status pw_control_progress(const pw_control *control, pw_progress *out);
 // `control` from [`pw_sender_control`] or [`pw_control_new`], not freed; `out` valid for a
 // write.
 pw_status pw_control_migration(const pw_control *control, pw_migration_info *out);
+
+// Writes where the receiver stands to `out`, also after [`pw_receiver_run`] returned (its
+// final figures); fails with `PW_STATUS_INVALID` on a sender's control.
+//
+// # Safety
+// `control` from [`pw_receiver_control`], not freed; `out` valid for a write.
+pw_status pw_control_receiver(const pw_control *control, pw_receiver_info *out);
 
 // Frees a control (the transfer it controls goes on).
 //

@@ -1,17 +1,19 @@
 //! Controls: a [`pw_control`], taken from a sender or receiver before it runs, or made before
 //! a sender connects ([`pw_control_new`]), is the one handle another thread may use meanwhile:
 //! cancel, change the bandwidth limit, read the progress counters and a live migration's
-//! `query-migrate`-like [`pw_migration_info`]. This is what a VMM's management thread (QMP's
-//! `migrate_cancel`, `migrate-set-parameters max-bandwidth`, `query-migrate`) needs.
+//! `query-migrate`-like [`pw_migration_info`] (the source's) or [`pw_receiver_info`] (the
+//! destination's). This is what a VMM's management thread (QMP's `migrate_cancel`,
+//! `migrate-set-parameters max-bandwidth`, `query-migrate`) needs.
 
 use std::sync::atomic::{AtomicBool, Ordering::AcqRel};
 use std::sync::OnceLock;
 
 use pw::live::MigrationHandle;
+use pw::receiver::{ReceiverHandle, ReceiverSnapshot};
 use pw::sender::{BandwidthLimit, Canceller};
 use pw::Progress;
 
-use super::live::{lock, MigrationSlot};
+use super::live::{lock, pw_migration_status, MigrationSlot};
 use super::*;
 
 /// A handle another thread may use while a sender, receiver or live migration runs (see
@@ -27,8 +29,8 @@ pub struct pw_control {
 }
 
 enum Side {
-    /// A receiver's progress.
-    Receiver(Arc<Progress>),
+    /// A receiver's handle (progress and snapshots).
+    Receiver(ReceiverHandle),
     /// A sender's handles, set once it is connected (at once for [`pw_sender_control`]'s).
     /// Shared with the connect that claimed the control, which sets them without touching the
     /// control itself: a VMM may free it as soon as its cancel returned, even while a connect
@@ -91,7 +93,7 @@ impl pw_control {
 
     fn progress(&self) -> Option<&Progress> {
         match &self.side {
-            Side::Receiver(p) => Some(p),
+            Side::Receiver(r) => Some(r.progress()),
             Side::Sender(handles) => handles.get().map(|h| &*h.progress),
         }
     }
@@ -176,7 +178,8 @@ pub unsafe extern "C" fn pw_sender_control(
     })
 }
 
-/// A control for `receiver` (take it before [`pw_receiver_run`]): cancel and progress.
+/// A control for `receiver` (take it before [`pw_receiver_run`]): cancel, progress, and where
+/// the transfer stands ([`pw_control_receiver`]).
 ///
 /// # Safety
 /// `receiver` from [`pw_receiver_bind`] (or [`pw_receiver_over_fds`]), not in use on another
@@ -197,7 +200,7 @@ pub unsafe extern "C" fn pw_receiver_control(
             .ok_or_else(|| invalid("the receiver already ran"))?;
         let control = pw_control {
             canceller: r.canceller(),
-            side: Side::Receiver(r.progress()),
+            side: Side::Receiver(r.handle()),
             claimed: AtomicBool::new(true),
         };
         // SAFETY: valid (caller).
@@ -305,6 +308,79 @@ pub unsafe extern "C" fn pw_control_migration(
             .ok_or_else(|| invalid("no migration has started on this sender"))?;
         // SAFETY: non-null and valid for a write (caller).
         unsafe { out.write(pw_migration_info::of(&snapshot)) };
+        Ok(())
+    })
+}
+
+/// A moment of a receiver (the destination's `query-migrate`, with more than QEMU's
+/// destination fills in); the names in parentheses are QEMU's fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct pw_receiver_info {
+    /// Where it stands (`status`): `SETUP` while it waits for a sender and gathers its
+    /// channels, `ACTIVE` while pages arrive, `DEVICE` once the device state is arriving (the
+    /// source's guest is paused by then), then `COMPLETED` (every page placed and verified),
+    /// `FAILED` (the sender's failure or cancel included) or `CANCELLED` (cancelled here).
+    pub status: pw_migration_status,
+    /// Milliseconds from the sender's first channel joining until all were gathered and the
+    /// shards started (`setup-time`).
+    pub setup_ms: f64,
+    /// Milliseconds since the sender's first channel joined; 0 while waiting for one
+    /// (`total-time`).
+    pub total_time_ms: f64,
+    /// Bytes taken off the wire so far (`ram.transferred`).
+    pub transferred_bytes: u64,
+    /// Of `transferred_bytes`, the device state's.
+    pub device_state_bytes: u64,
+    /// Pages placed so far, over all rounds.
+    pub pages_placed: u64,
+    /// Pages of the destination (`ram.total`, in pages; 0 until known).
+    pub memory_pages: u64,
+    /// Rounds every channel has ended so far.
+    pub rounds: u32,
+    /// Megabits per second over the transfer so far (`ram.mbps`).
+    pub mbps: f64,
+}
+
+impl pw_receiver_info {
+    fn of(s: &ReceiverSnapshot) -> Self {
+        pw_receiver_info {
+            status: s.status.into(),
+            setup_ms: s.setup_ms,
+            total_time_ms: s.total_time_ms,
+            transferred_bytes: s.transferred,
+            device_state_bytes: s.device_state_bytes,
+            pages_placed: s.pages_placed,
+            memory_pages: s.memory_pages,
+            rounds: s.rounds,
+            mbps: s.mbps,
+        }
+    }
+}
+
+/// Writes where the receiver stands to `out`, also after [`pw_receiver_run`] returned (its
+/// final figures); fails with `PW_STATUS_INVALID` on a sender's control.
+///
+/// # Safety
+/// `control` from [`pw_receiver_control`], not freed; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn pw_control_receiver(
+    control: *const pw_control,
+    out: *mut pw_receiver_info,
+) -> pw_status {
+    guard(|| {
+        // SAFETY: as the caller promises.
+        let Side::Receiver(handle) = &unsafe { self::control(control) }?.side else {
+            return Err(invalid(
+                "a sender's control: pw_control_migration tells where its migration stands",
+            ));
+        };
+        if out.is_null() {
+            return Err(invalid("out is a null pointer"));
+        }
+        let info = pw_receiver_info::of(&handle.snapshot());
+        // SAFETY: non-null and valid for a write (caller).
+        unsafe { out.write(info) };
         Ok(())
     })
 }

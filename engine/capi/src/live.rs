@@ -21,7 +21,8 @@ use super::*;
 /// out before.
 pub(crate) type MigrationSlot = Arc<Mutex<Option<MigrationHandle>>>;
 
-/// Where a live migration stands (QEMU's `query-migrate` status).
+/// Where a live migration stands (QEMU's `query-migrate` status), on the source
+/// ([`pw_migration_info`]) or the destination ([`pw_receiver_info`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum pw_migration_status {

@@ -30,8 +30,11 @@ use crate::stream::Stream;
 mod accept;
 mod handshake;
 mod prefault;
+mod snapshot;
 use handshake::{handshake, lock, Accepted, Auth, Joined};
 use prefault::{Prefault, Reserving};
+use snapshot::published;
+pub use snapshot::{ReceiverHandle, ReceiverSnapshot};
 
 /// Makes the destination once the sender's hello says how large it is. It runs once every
 /// channel is accepted, while the sender is already sending and waiting for the receiver to
@@ -65,6 +68,8 @@ pub struct Receiver {
     device_state: DeviceState,
     /// The transfer's abort latch, made up front so a [`Canceller`] can be handed out.
     abort: Arc<Abort>,
+    /// What [`ReceiverHandle`]s read.
+    shared: Arc<Mutex<snapshot::Shared>>,
 }
 
 /// The device state blobs a live migration carried, once the receiver has run (see
@@ -215,6 +220,7 @@ impl Receiver {
             progress,
             device_state: DeviceState::default(),
             abort: Arc::new(Abort::new(true)),
+            shared: Arc::default(),
         }
     }
 
@@ -247,14 +253,27 @@ impl Receiver {
         self.progress.clone()
     }
 
+    /// A handle for another thread: cancel, and a `query-migrate`-like
+    /// [`ReceiverSnapshot`] of where the transfer stands.
+    pub fn handle(&self) -> ReceiverHandle {
+        ReceiverHandle {
+            canceller: self.canceller(),
+            progress: self.progress.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Accepts one transfer and receives it until every channel has ended its stream.
     pub fn run(self) -> Result<TransferStats> {
         let device_state = self.device_state.clone();
+        let shared = self.shared.clone();
+        let progress = self.progress.clone();
         let result = self.receive();
         if result.is_err() {
             // Blobs are the guest's only with all of its memory: none of a failed transfer.
             device_state.take();
         }
+        published(&shared).end(&result, &progress);
         result
     }
 
@@ -270,6 +289,7 @@ impl Receiver {
             _ => None,
         };
         let (streams, start, layout_bytes) = self.accept_channels(&abort, given)?;
+        published(&self.shared).gathered(start);
         let cpu_start = crate::sys::thread_cpu_time();
         let memory = match std::mem::replace(
             &mut self.memory,
@@ -387,6 +407,7 @@ impl Receiver {
                 }
             }
         }
+        published(&self.shared).active(barrier.clone());
         let results: Vec<_> = joins
             .into_iter()
             .map(|j| j.join().unwrap_or(Err(Error::Aborted)))
@@ -400,8 +421,7 @@ impl Receiver {
         }
         let mut stats = TransferStats {
             channels: n as u16,
-            // Every round ends at the barrier once, and the end of the stream once more.
-            rounds: barrier.generations().saturating_sub(1) as u32,
+            rounds: barrier.rounds_ended(),
             zero_scan: crate::pipeline::zero::ZeroScanner::detect().kind().name(),
             defer_taskrun: caps.defer_taskrun,
             ..TransferStats::default()

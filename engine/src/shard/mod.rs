@@ -335,6 +335,8 @@ pub(crate) struct RoundBarrier {
 #[derive(Debug)]
 struct BarrierState {
     generation: u64,
+    /// Generations that ended a round (the others ended the stream).
+    rounds_ended: u32,
     arrived: usize,
     /// The first arrival of this generation: its channel and marker.
     first: Option<(u16, Marker)>,
@@ -346,6 +348,7 @@ impl RoundBarrier {
             parties,
             state: Mutex::new(BarrierState {
                 generation: 0,
+                rounds_ended: 0,
                 arrived: 0,
                 first: None,
             }),
@@ -353,12 +356,12 @@ impl RoundBarrier {
         }
     }
 
-    /// Times every party has passed the barrier together (rounds plus the final end of stream).
-    pub(crate) fn generations(&self) -> u64 {
+    /// Rounds every party has ended together so far (the end of the stream not counted).
+    pub(crate) fn rounds_ended(&self) -> u32 {
         self.state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .generation
+            .rounds_ended
     }
 
     /// Waits until all parties arrive with `marker`, the transfer aborts, or nothing has moved
@@ -393,6 +396,9 @@ impl RoundBarrier {
         state.arrived += 1;
         if state.arrived == self.parties {
             state.generation += 1;
+            if matches!(marker, Marker::EndOfRound(_)) {
+                state.rounds_ended = state.rounds_ended.saturating_add(1);
+            }
             state.arrived = 0;
             state.first = None;
             self.cv.notify_all();

@@ -348,6 +348,7 @@ impl RecvShard {
         self.read_body(len)?;
         self.stats.wire_bytes += len as u64;
         add(&self.p.progress.wire_bytes, len as u64);
+        add(&self.p.progress.device_state_bytes, len as u64);
         let pushed = self.blobs.push(&self.unpacked[..len]);
         pushed.map_err(|e| self.protocol(e))
     }

@@ -79,6 +79,7 @@ impl SendShard {
                 header.encode(head.try_into().expect("the chunk header's size"));
                 rest[..chunk.len()].copy_from_slice(&chunk);
                 self.m.device_state(&mut self.frame, n as u32, now);
+                add(&self.progress.device_state_bytes, n as u64);
                 n as u64
             }
         };
