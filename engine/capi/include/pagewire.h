@@ -128,6 +128,12 @@ typedef struct {
   // handshakes, and once connected it controls the sender as one from
   // [`pw_sender_control`] would. One sender per control; a receiver refuses one.
   const pw_control *control;
+  // Where shards run, or null for the side's default: "cores" (each shard pinned to one
+  // core of its NUMA node, within `cores`: a sender's default), "nodes" (each shard on all
+  // the cores of its node, the scheduler choosing: a receiver's default, since a shard
+  // pinned to a core other work keeps busy waits for that work's time slice at every
+  // wake-up), or "none" (the scheduler places them; refused together with `cores`).
+  const char *pinning;
 } pw_options;
 
 // What one side of a finished transfer measured (see [`pw_sender_stats`] and

@@ -2,6 +2,7 @@
 //! configs (zero or null fields mean the defaults).
 
 use super::*;
+use pw::Pinning;
 
 /// Settings of a sender or receiver; zero (or a null pointer) means the default.
 #[repr(C)]
@@ -46,11 +47,17 @@ pub struct pw_options {
     /// handshakes, and once connected it controls the sender as one from
     /// [`pw_sender_control`] would. One sender per control; a receiver refuses one.
     pub control: *const pw_control,
+    /// Where shards run, or null for the side's default: "cores" (each shard pinned to one
+    /// core of its NUMA node, within `cores`: a sender's default), "nodes" (each shard on all
+    /// the cores of its node, the scheduler choosing: a receiver's default, since a shard
+    /// pinned to a core other work keeps busy waits for that work's time slice at every
+    /// wake-up), or "none" (the scheduler places them; refused together with `cores`).
+    pub pinning: *const c_char,
 }
 
 /// # Safety
 /// `o` is null or points to a valid `pw_options` whose strings (`tls_dir`, `cores`,
-/// `congestion`, `psk_file`, `compress`, `tls_hostname`) are null or NUL-terminated.
+/// `congestion`, `psk_file`, `compress`, `tls_hostname`, `pinning`) are null or NUL-terminated.
 unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
     if o.is_null() {
         return Ok(Options {
@@ -64,6 +71,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
             compression: Compression::None,
             max_bandwidth_bytes_per_s: None,
             tls_hostname: None,
+            pinning: None,
         });
     }
     // SAFETY: non-null and valid (caller).
@@ -106,6 +114,21 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         // SAFETY: non-null and NUL-terminated (caller).
         Some(unsafe { text(o.tls_hostname, "tls_hostname") }?.to_string())
     };
+    let pinning = if o.pinning.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (caller).
+        Some(match unsafe { text(o.pinning, "pinning") }? {
+            "cores" => Pinning::Cores,
+            "nodes" => Pinning::Nodes,
+            "none" => Pinning::None,
+            other => {
+                return Err(invalid(&format!(
+                    "pinning {other:?} is none of \"cores\", \"nodes\", \"none\""
+                )))
+            }
+        })
+    };
     let compression = if o.compress.is_null() {
         Compression::None
     } else {
@@ -130,6 +153,7 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         max_bandwidth_bytes_per_s: (o.max_bandwidth_bytes_per_s > 0)
             .then_some(o.max_bandwidth_bytes_per_s),
         tls_hostname,
+        pinning,
     })
 }
 
@@ -145,6 +169,8 @@ struct Options {
     compression: Compression,
     max_bandwidth_bytes_per_s: Option<u64>,
     tls_hostname: Option<String>,
+    /// `None`: the side's default.
+    pinning: Option<Pinning>,
 }
 
 impl Options {
@@ -183,13 +209,15 @@ pub(crate) unsafe fn receiver_config(opts: *const pw_options) -> Result<Receiver
         Some(d) => Some(TlsServer::new(tls_files(d, "server").load()?)?),
         None => None,
     };
+    let defaults = ReceiverConfig::default();
     Ok(ReceiverConfig {
         tls,
         psk: o.psk()?,
         idle_timeout_ms: o.idle_timeout_ms,
         cores: o.cores,
         accept_unchecked_pages: o.unchecked_pages,
-        ..ReceiverConfig::default()
+        pinning: o.pinning.unwrap_or(defaults.pinning),
+        ..defaults
     })
 }
 
@@ -219,6 +247,7 @@ unsafe fn sender_config(
         }
         None => None,
     };
+    let defaults = SenderConfig::default();
     Ok(SenderConfig {
         channels: o.channels,
         tls,
@@ -229,7 +258,8 @@ unsafe fn sender_config(
         cores: o.cores,
         congestion: o.congestion,
         page_checksums: !o.unchecked_pages,
-        ..SenderConfig::default()
+        pinning: o.pinning.unwrap_or(defaults.pinning),
+        ..defaults
     })
 }
 
@@ -271,7 +301,51 @@ mod tests {
             max_bandwidth_bytes_per_s: 0,
             tls_hostname: hostname.map_or(std::ptr::null(), |h| h.as_ptr()),
             control: std::ptr::null(),
+            pinning: std::ptr::null(),
         }
+    }
+
+    /// Each side's default placement unless `pinning` names one; a name pagewire does not know
+    /// is refused with the ones it does.
+    #[test]
+    fn pinning_is_each_sides_default_unless_named() {
+        let plain = pw_options {
+            tls_dir: std::ptr::null(),
+            ..with_tls(&CString::new("unused").unwrap(), None)
+        };
+        let sent = |o: &pw_options| {
+            // SAFETY: the options' strings outlive the call.
+            unsafe { sender_config(o, Some("127.0.0.1:1")) }
+        };
+        let received = |o: &pw_options| {
+            // SAFETY: the options' strings outlive the call.
+            unsafe { receiver_config(o) }
+        };
+        assert_eq!(sent(&plain).unwrap().pinning, Pinning::Cores);
+        assert_eq!(received(&plain).unwrap().pinning, Pinning::Nodes);
+        for (name, want) in [
+            ("cores", Pinning::Cores),
+            ("nodes", Pinning::Nodes),
+            ("none", Pinning::None),
+        ] {
+            let name = CString::new(name).unwrap();
+            let o = pw_options {
+                pinning: name.as_ptr(),
+                ..plain
+            };
+            assert_eq!(sent(&o).unwrap().pinning, want);
+            assert_eq!(received(&o).unwrap().pinning, want);
+        }
+        let bad = CString::new("numa").unwrap();
+        let o = pw_options {
+            pinning: bad.as_ptr(),
+            ..plain
+        };
+        let err = sent(&o).unwrap_err().to_string();
+        assert!(
+            err.contains("\"numa\"") && err.contains("\"nodes\""),
+            "{err}"
+        );
     }
 
     /// The receiver's certificate is checked against the name given, else the host the sender
