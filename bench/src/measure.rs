@@ -72,6 +72,51 @@ pub struct Net {
     /// this kernel offers, e.g. cubic or bbr). Default: the host's, as QEMU's connections get.
     #[arg(long)]
     pub congestion: Option<String>,
+    /// Where each stream's receiving thread runs, raw TCP's and pagewire's alike, relative to
+    /// its sending thread (which is pinned to the stream's core). Over loopback a receiver on
+    /// its sender's core copies out of socket buffers still in that core's cache; on the other
+    /// core it reads them from the shared cache or memory.
+    #[arg(long, value_enum, default_value_t = ReceiverPlacement::Free)]
+    pub receiver_placement: ReceiverPlacement,
+}
+
+/// Where a stream's receiving thread runs ([`Net::receiver_placement`]).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReceiverPlacement {
+    /// Left to the scheduler within the allowed cores (pagewire's receiver default,
+    /// `Pinning::Nodes`, on one node).
+    #[default]
+    Free,
+    /// Pinned to its sender's core (pagewire: `Pinning::Cores` on both sides).
+    WithSender,
+    /// Pinned to another core than its sender's, counted from the last (pagewire:
+    /// `Pinning::CoresReversed`).
+    Crossed,
+}
+
+impl ReceiverPlacement {
+    /// Pins a receiving thread of stream `i` accordingly, `cores` being the allowed cores the
+    /// senders are pinned to in order (empty: nothing is pinned).
+    fn pin(self, cores: &[core_affinity::CoreId], i: usize) {
+        match self {
+            ReceiverPlacement::Free => {}
+            ReceiverPlacement::WithSender => pin(cores, i),
+            ReceiverPlacement::Crossed if !cores.is_empty() => {
+                pin(cores, cores.len() - 1 - i % cores.len())
+            }
+            ReceiverPlacement::Crossed => {}
+        }
+    }
+
+    /// pagewire's receiver pinning for this placement.
+    fn pinning(self) -> Pinning {
+        match self {
+            ReceiverPlacement::Free => Pinning::Nodes,
+            ReceiverPlacement::WithSender => Pinning::Cores,
+            ReceiverPlacement::Crossed => Pinning::CoresReversed,
+        }
+    }
 }
 
 impl Net {
@@ -79,6 +124,9 @@ impl Net {
     pub(crate) fn check(&self) -> Result<()> {
         if let Some(name) = &self.congestion {
             pagewire::config::check_congestion(name)?;
+        }
+        if self.no_pin && self.receiver_placement != ReceiverPlacement::Free {
+            bail!("--receiver-placement pins receivers beside pinned senders: it cannot be combined with --no-pin");
         }
         Ok(())
     }
@@ -205,9 +253,11 @@ pub(crate) fn raw_tcp(
             pin(&c, i);
             Ok((true, raw_send_share(&client, src_addr, offset, len)?))
         }));
-        // The receiving thread is left to the scheduler within the allowed cores, as
-        // pagewire's receive shards are on one node (`Pinning::Nodes`).
+        // The receiving thread is placed as pagewire's receive shards are: by default left
+        // to the scheduler within the allowed cores (`Pinning::Nodes` on one node).
+        let (c, placement) = (cores.clone(), net.receiver_placement);
         threads.push(std::thread::spawn(move || -> Result<(bool, f64)> {
+            placement.pin(&c, i);
             Ok((false, raw_recv_share(&server, dst_addr, offset, len)?))
         }));
     }
@@ -275,8 +325,8 @@ pub(crate) fn pagewire_run<'a>(
     let (send_pin, recv_pin) = if net.no_pin {
         (Pinning::None, Pinning::None)
     } else {
-        // Each side's library default.
-        (Pinning::Cores, Pinning::Nodes)
+        // The sender's library default; the receiver's unless another placement is asked.
+        (Pinning::Cores, net.receiver_placement.pinning())
     };
     let receiver = Receiver::bind(
         "127.0.0.1:0",

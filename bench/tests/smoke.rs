@@ -8,30 +8,34 @@ fn transfer_benchmark_runs_and_reports_ratios() {
         eprintln!("SKIPPED: io_uring is not usable here: {e}");
         return;
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
-        .args([
-            "transfer",
-            "--size",
-            "8MiB",
-            "--zero-size",
-            "8MiB",
-            "--reps",
-            "1",
-        ])
-        .args(["--no-pin", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in ["pagewire_over_raw_tcp", "zero_pagewire_over_scan"] {
-        assert!(v[key].as_f64().is_some_and(|r| r > 0.0), "{key} in {v}");
+    // Unpinned, and pinned with each stream's receiver on another core than its sender.
+    for placement in [&["--no-pin"][..], &["--receiver-placement", "crossed"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+            .args([
+                "transfer",
+                "--size",
+                "8MiB",
+                "--zero-size",
+                "8MiB",
+                "--reps",
+                "1",
+            ])
+            .args(placement)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{placement:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in ["pagewire_over_raw_tcp", "zero_pagewire_over_scan"] {
+            assert!(v[key].as_f64().is_some_and(|r| r > 0.0), "{key} in {v}");
+        }
+        assert!(v["raw_tcp"]["gib_per_s_median"].as_f64().unwrap() > 0.0);
+        assert!(v["pagewire"]["sender_cpu_s_per_gib"].as_f64().unwrap() > 0.0);
     }
-    assert!(v["raw_tcp"]["gib_per_s_median"].as_f64().unwrap() > 0.0);
-    assert!(v["pagewire"]["sender_cpu_s_per_gib"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
@@ -254,6 +258,14 @@ fn matrix_runs_every_cell_writes_its_reports_and_refuses_impossible_combinations
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be combined with --peer"));
+    // Receivers placed beside pinned senders need the senders pinned.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
+        .args(["matrix", "--size", "8MiB", "--no-pin"])
+        .args(["--receiver-placement", "crossed"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be combined with --no-pin"));
     // Refused before anything runs: no connection to the (unreachable) peer is tried first.
     let started = std::time::Instant::now();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))

@@ -20,13 +20,13 @@ use pagewire::tls::{certs, TlsClient, TlsServer};
 use pagewire::{GuestMemory, RegionSpec, ZeroCopy};
 use serde::Serialize;
 
-use crate::measure::{
-    pagewire_run, raw_tcp, refresh_free_memory, summarize, touch, Run, Security, Summary,
-};
+use crate::measure::{pagewire_run, raw_tcp, refresh_free_memory, touch, Run, Security};
 
 mod ceilings;
+mod cells;
 mod report;
 use ceilings::Ceilings;
+use cells::{cell, cell_keys, qemu_owners, Cell, CellRuns};
 use report::{markdown, write_results};
 
 /// Options of one matrix run.
@@ -125,45 +125,6 @@ fn parse_content(text: &str) -> Result<ContentSpec, String> {
     }
 }
 
-/// One cell of the matrix, with its repetitions summarized.
-#[derive(Debug, Clone, Serialize)]
-struct Cell {
-    content: String,
-    channels: u16,
-    tls: OnOff,
-    compress: Compression,
-    zero_copy: ZeroCopy,
-    /// Page checksums on plaintext channels (TLS cells: on, their AEAD checks every page).
-    page_checksums: OnOff,
-    pagewire: Summary,
-    raw_tcp_gib_per_s: f64,
-    pagewire_over_raw_tcp: f64,
-    wire_bytes: u64,
-    /// Every zero-copy send was copied by the kernel (loopback, veth: every shard fell back to
-    /// plain sends); `None` where no zero-copy send was made (`--zero-copy off`).
-    zero_copy_copied_by_kernel: Option<bool>,
-    /// QEMU multifd on the same memory and settings (`--with-qemu`), its own counters.
-    qemu: Option<QemuCell>,
-    /// pagewire's median throughput over QEMU's.
-    pagewire_over_qemu: Option<f64>,
-    /// pagewire between the RAM files QEMU used (`--with-qemu`): its source file to a fresh
-    /// destination file on the same huge-page tmpfs.
-    pagewire_files: Option<Summary>,
-    /// RAM files over QEMU's median throughput.
-    files_over_qemu: Option<f64>,
-    /// RAM files over pagewire's in-memory median throughput on the same content.
-    files_over_memory: Option<f64>,
-}
-
-/// QEMU's side of a cell.
-#[derive(Debug, Clone, Serialize)]
-struct QemuCell {
-    summary: Summary,
-    transferred: u64,
-    duplicate: u64,
-    normal: u64,
-}
-
 #[derive(Serialize)]
 struct Results {
     machine: String,
@@ -174,6 +135,8 @@ struct Results {
     /// pagewire's shards and raw TCP's threads were placed as pagewire's defaults place them:
     /// senders one core each, receivers within their node's cores (QEMU's are never pinned).
     pinned: bool,
+    /// Where each stream's receiving thread ran relative to its sender (`--receiver-placement`).
+    receiver_placement: crate::measure::ReceiverPlacement,
     ceilings: Ceilings,
     cells: Vec<Cell>,
 }
@@ -193,6 +156,11 @@ fn settle(a: &mut MatrixArgs) -> Result<bool> {
     if a.net.congestion.is_some() && a.peer.is_some() {
         bail!(
             "--congestion applies to connections on this host: it cannot be combined with --peer"
+        );
+    }
+    if a.net.receiver_placement != crate::measure::ReceiverPlacement::Free && a.peer.is_some() {
+        bail!(
+            "--receiver-placement places receivers on this host: it cannot be combined with --peer"
         );
     }
     crate::qemu::check_congestion(a.with_qemu, a.net.congestion.as_deref())?;
@@ -238,74 +206,6 @@ fn settle(a: &mut MatrixArgs) -> Result<bool> {
             }
             None => true,
         })
-}
-
-/// One cell's axes: content (index into the memories), channels, TLS, compression, zero-copy,
-/// page checksums.
-type CellKey = (usize, u16, OnOff, Compression, ZeroCopy, OnOff);
-
-/// Every cell, in the fixed order each repetition walks through (interleaving): content ×
-/// channels × TLS × compression × zero-copy × page checksums, where a TLS cell is one cell
-/// whatever the checksum axis says (its AEAD checks every page).
-fn cell_keys(contents: usize, a: &MatrixArgs) -> Vec<CellKey> {
-    let mut cells: Vec<CellKey> = Vec::new();
-    for ci in 0..contents {
-        for &ch in &a.channels {
-            for &t in &a.tls {
-                for &comp in &a.compress {
-                    for &zc in &a.zero_copy {
-                        for &pc in &a.page_checksums {
-                            let pc = if t == OnOff::On { OnOff::On } else { pc };
-                            if !cells.contains(&(ci, ch, t, comp, zc, pc)) {
-                                cells.push((ci, ch, t, comp, zc, pc));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    cells
-}
-
-/// For each cell, the cell whose QEMU runs it shows: QEMU (and pagewire between its RAM files)
-/// runs once per cell apart from the checksum axis, in the first cell of each such group.
-fn qemu_owners(cells: &[CellKey]) -> Vec<usize> {
-    cells
-        .iter()
-        .map(|c| {
-            cells
-                .iter()
-                .position(|o| (o.0, o.1, o.2, o.3, o.4) == (c.0, c.1, c.2, c.3, c.4))
-                .unwrap_or(0)
-        })
-        .collect()
-}
-
-/// What the repetitions of one cell measured.
-#[derive(Default)]
-struct CellRuns {
-    /// pagewire, memory to memory.
-    pagewire: Vec<Run>,
-    /// QEMU multifd on the same memory (with `--with-qemu`).
-    qemu: Vec<crate::qemu::QemuRun>,
-    /// pagewire between the same RAM files as QEMU (with `--with-qemu`).
-    files: Vec<Run>,
-    /// Bytes on the wire in the last pagewire run.
-    wire_bytes: u64,
-    /// Some zero-copy send went out from our pages instead of being copied by the kernel.
-    sent_zero_copy: bool,
-    /// Some zero-copy send was made at all.
-    tried_zero_copy: bool,
-}
-
-impl CellRuns {
-    fn note(&mut self, run: Run, stats: &pagewire::TransferStats) {
-        self.pagewire.push(run);
-        self.wire_bytes = stats.transferred_bytes;
-        self.sent_zero_copy |= stats.zero_copy.completed != stats.zero_copy.copied;
-        self.tried_zero_copy |= stats.zero_copy.completed > 0;
-    }
 }
 
 /// Runs the matrix: see the module docs.
@@ -491,6 +391,7 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
         size_bytes: a.size,
         reps: a.reps,
         pinned: !a.net.no_pin,
+        receiver_placement: a.net.receiver_placement,
         ceilings,
         cells: out_cells,
     };
@@ -531,67 +432,6 @@ pub fn run(mut a: MatrixArgs) -> Result<()> {
     Ok(())
 }
 
-/// One cell's row: its medians, and its ratios to raw TCP (`raw_med` GiB/s with the same
-/// streams), to QEMU and between RAM files and memory where those ran.
-/// `qemu`: QEMU's runs for the cell's settings (measured once per cell apart from the checksum
-/// axis).
-fn cell(
-    size: u64,
-    content: String,
-    key: CellKey,
-    m: &CellRuns,
-    qemu: &[crate::qemu::QemuRun],
-    raw_med: f64,
-) -> Cell {
-    let (_, ch, t, comp, zc, pc) = key;
-    let s = summarize("pagewire", size, &m.pagewire);
-    let qemu = qemu.last().map(|last| {
-        let as_runs: Vec<Run> = qemu
-            .iter()
-            .map(|q| Run {
-                seconds: q.seconds,
-                sender_cpu_s: q.source_cpu_s,
-                receiver_cpu_s: q.destination_cpu_s,
-            })
-            .collect();
-        QemuCell {
-            summary: summarize("qemu-multifd", size, &as_runs),
-            transferred: last.transferred,
-            duplicate: last.duplicate,
-            normal: last.normal,
-        }
-    });
-    let pagewire_over_qemu = qemu
-        .as_ref()
-        .map(|q| s.gib_per_s_median / q.summary.gib_per_s_median);
-    let files = (!m.files.is_empty()).then(|| summarize("pagewire-ram-files", size, &m.files));
-    let files_over_qemu = files
-        .as_ref()
-        .zip(qemu.as_ref())
-        .map(|(f, q)| f.gib_per_s_median / q.summary.gib_per_s_median);
-    let files_over_memory = files
-        .as_ref()
-        .map(|f| f.gib_per_s_median / s.gib_per_s_median);
-    Cell {
-        qemu,
-        pagewire_over_qemu,
-        pagewire_files: files,
-        files_over_qemu,
-        files_over_memory,
-        content,
-        channels: ch,
-        tls: t,
-        compress: comp,
-        zero_copy: zc,
-        page_checksums: pc,
-        pagewire_over_raw_tcp: s.gib_per_s_median / raw_med,
-        raw_tcp_gib_per_s: raw_med,
-        pagewire: s,
-        wire_bytes: m.wire_bytes,
-        zero_copy_copied_by_kernel: m.tried_zero_copy.then_some(!m.sent_zero_copy),
-    }
-}
-
 /// Copies the RAM image at `path` into `m` (region 0, same size).
 fn load_image(m: &GuestMemory, path: &Path) -> Result<()> {
     use std::io::Read;
@@ -607,44 +447,4 @@ fn load_image(m: &GuestMemory, path: &Path) -> Result<()> {
         at += n as u64;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // tests fail loudly by design
-
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        matrix: MatrixArgs,
-    }
-
-    #[test]
-    fn a_tls_cell_is_one_cell_and_shares_its_qemu_runs_across_the_checksum_axis() {
-        let cli = Cli::try_parse_from([
-            "matrix",
-            "--channels",
-            "1,2",
-            "--tls",
-            "off,on",
-            "--page-checksums",
-            "on,off",
-        ])
-        .unwrap();
-        let cells = cell_keys(2, &cli.matrix);
-        // 2 contents × 2 channel counts × (plain checked, plain unchecked, TLS).
-        assert_eq!(cells.len(), 2 * 2 * 3);
-        assert!(cells.iter().all(|c| c.2 == OnOff::Off || c.5 == OnOff::On));
-        let owners = qemu_owners(&cells);
-        for (i, c) in cells.iter().enumerate() {
-            let o = cells[owners[i]];
-            assert!(owners[i] <= i);
-            assert_eq!((o.0, o.1, o.2), (c.0, c.1, c.2));
-            // An unchecked plaintext cell shows its checked twin's QEMU runs.
-            assert_eq!(owners[i] == i, c.5 == OnOff::On, "{i}");
-        }
-    }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::{Cell, OnOff, Results};
+use crate::measure::ReceiverPlacement;
 
 pub(super) fn markdown(r: &Results) -> String {
     let mut s = String::new();
@@ -19,10 +20,11 @@ pub(super) fn markdown(r: &Results) -> String {
     if r.cells.iter().any(|c| c.qemu.is_some()) {
         s.push_str(&format!(
             "Not alike between the engines: pagewire's shards (and raw TCP's threads) {}, while QEMU's threads are left to the scheduler (QEMU cannot pin its multifd threads); QEMU's time and CPU are its own `total-time` on the source and its processes until the destination has loaded, pagewire's run from connect until the receiver confirmed every page, verified.\n\n",
-            if r.pinned {
-                "were placed as pagewire places its shards by default: senders one core each, receivers by the scheduler within their node's cores (`--no-pin` leaves them all to the scheduler)"
-            } else {
-                "were not pinned (`--no-pin`)"
+            match (r.pinned, r.receiver_placement) {
+                (false, _) => "were not pinned (`--no-pin`)",
+                (true, ReceiverPlacement::Free) => "were placed as pagewire places its shards by default: senders one core each, receivers by the scheduler within their node's cores (`--no-pin` leaves them all to the scheduler)",
+                (true, ReceiverPlacement::WithSender) => "were pinned one core each, each stream's receiver on its sender's core (`--receiver-placement with-sender`)",
+                (true, ReceiverPlacement::Crossed) => "were pinned one core each, each stream's receiver on another core than its sender's (`--receiver-placement crossed`)",
             }
         ));
     }
