@@ -18,7 +18,10 @@
 //! ```
 //! Downtime is measured from the pause to the receiver's confirmation. The policy is
 //! replaceable ([`policy::Policy`]); [`Migration::handle`] gives another thread a
-//! [`MigrationHandle`] to cancel and to read a `query-migrate`-like [`Snapshot`].
+//! [`MigrationHandle`] to cancel and to read a `query-migrate`-like [`Snapshot`]. The
+//! destination runs a [`Receiver`](crate::Receiver), whose
+//! [`handle`](crate::Receiver::handle) does the same on its side
+//! ([`ReceiverSnapshot`](crate::receiver::ReceiverSnapshot), with the same [`Status`]).
 
 pub mod autoconverge;
 pub mod dirtier;
