@@ -175,7 +175,7 @@ pub(super) fn demo(a: DemoArgs) -> Result<bool> {
         let display = if a.common.json {
             None
         } else {
-            start_display(sender.progress(), "demo", a.common.json_stream)
+            start_display(sender.progress(), None, "demo", a.common.json_stream)
         };
         let r = sender.send_all().and_then(|_| sender.finish());
         finish_display(display);
@@ -278,7 +278,7 @@ fn demo_live(a: &DemoArgs, d: DemoSetup) -> Result<bool> {
         let display = if a.common.json {
             None
         } else {
-            start_display(progress, "live", a.common.json_stream)
+            start_display(progress, None, "live", a.common.json_stream)
         };
         let rounds = (!d.quiet).then(|| print_rounds(migration.handle()));
         let r = migration.run(&mut guest);

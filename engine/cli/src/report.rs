@@ -15,9 +15,12 @@ pub(super) struct Display {
 pub(super) const UNCHECKED_PAGES: &str = "off: plaintext pages were covered by TCP's checksum only";
 
 /// Starts the display for `progress`: a progress bar when standard error is a terminal, one
-/// JSON line per second on standard output with `json_stream`, nothing otherwise.
+/// JSON line per second on standard output with `json_stream`, nothing otherwise. A
+/// receiver's display also says where it stands (its `status` and the `rounds` ended, from
+/// `receiver`'s snapshot), so a script watching the stream can tell waiting from receiving.
 pub(super) fn start_display(
     progress: Arc<Progress>,
+    receiver: Option<pagewire::receiver::ReceiverHandle>,
     label: &'static str,
     json_stream: bool,
 ) -> Option<Display> {
@@ -68,18 +71,24 @@ pub(super) fn start_display(
                 interval_mbps = wire.saturating_sub(interval.1) as f64 * 8.0 / 1e6 / since_sample;
                 interval = (now, wire);
             }
+            let stands = receiver.as_ref().map(|r| r.snapshot());
             match &b {
                 Some(b) => {
                     b.set_length(total.max(pages));
                     b.set_position(pages);
-                    b.set_message(format!(
-                        "{:.0} MiB/s on the wire",
-                        interval_mbps * 1e6 / 8.0 / (1 << 20) as f64
-                    ));
+                    b.set_message(match &stands {
+                        Some(s) if s.status == pagewire::live::Status::Setup => {
+                            "waiting for the sender".to_string()
+                        }
+                        _ => format!(
+                            "{:.0} MiB/s on the wire",
+                            interval_mbps * 1e6 / 8.0 / (1 << 20) as f64
+                        ),
+                    });
                 }
                 None if !output_closed && last_line.elapsed() >= Duration::from_secs(1) => {
                     last_line = now;
-                    let v = serde_json::json!({
+                    let mut v = serde_json::json!({
                         "event": "progress",
                         "side": label,
                         "elapsed_ms": (now - started).as_millis() as u64,
@@ -90,6 +99,10 @@ pub(super) fn start_display(
                         "mbps": mbps_since_first,
                         "interval_mbps": interval_mbps,
                     });
+                    if let Some(s) = &stands {
+                        v["status"] = serde_json::to_value(s.status).unwrap_or_default();
+                        v["rounds"] = s.rounds.into();
+                    }
                     if let Err(e) = writeln!(std::io::stdout(), "{v}") {
                         if e.kind() == std::io::ErrorKind::BrokenPipe {
                             output_closed = true;

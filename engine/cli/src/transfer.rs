@@ -110,7 +110,12 @@ pub(super) fn recv(a: RecvArgs) -> Result<bool> {
     interrupt::cancels(receiver.canceller());
     eprintln!("pagewire: listening on {}", receiver.local_addr()?);
     let progress = receiver.progress();
-    let display = start_display(progress.clone(), "recv", a.common.json_stream);
+    let display = start_display(
+        progress.clone(),
+        Some(receiver.handle()),
+        "recv",
+        a.common.json_stream,
+    );
     let stats = receiver.run();
     finish_display(display);
     let stats = match stats {
@@ -231,7 +236,7 @@ pub(super) fn send(a: SendArgs) -> Result<bool> {
     config.canceller = Some(canceller.clone());
     interrupt::cancels(canceller);
     let mut sender = Sender::connect(a.connect.as_str(), memory, &config).context("connecting")?;
-    let display = start_display(sender.progress(), "send", a.common.json_stream);
+    let display = start_display(sender.progress(), None, "send", a.common.json_stream);
     let result = sender.send_all().and_then(|_| sender.finish());
     finish_display(display);
     let stats = result.context("sending failed")?;

@@ -1020,9 +1020,13 @@ fn a_closed_json_stream_cancels_the_transfer_and_cleans_up() {
     loop {
         let line = lines.next().expect("the receiver's output ended").unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        // Each line says where the receiver stands: waiting for the sender, then receiving.
+        assert!(v["rounds"].is_u64(), "{line}");
         if v["wire_bytes"].as_u64().is_some_and(|b| b > 0) {
+            assert_eq!(v["status"], "active", "{line}");
             break;
         }
+        assert!(v["status"] == "setup" || v["status"] == "active", "{line}");
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
             "no pages moved: {}",
