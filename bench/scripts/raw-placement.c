@@ -22,7 +22,14 @@ static char *src, *dst;
 static int mode;
 struct arg { int fd, i, send; double cpu; };
 static double now(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec + t.tv_nsec / 1e9; }
-static void pin(int core) { cpu_set_t s; CPU_ZERO(&s); CPU_SET(core, &s); pthread_setaffinity_np(pthread_self(), sizeof s, &s); }
+/* Cores 0 and 1: a 2-core host, or one whose first two cores are allowed. */
+static void pin(int core) {
+    cpu_set_t s;
+    CPU_ZERO(&s);
+    CPU_SET(core, &s);
+    int e = pthread_setaffinity_np(pthread_self(), sizeof s, &s);
+    if (e) { fprintf(stderr, "pinning to core %d: %s\n", core, strerror(e)); exit(1); }
+}
 static void *run(void *p) {
     struct arg *a = p;
     if (a->send && mode != 3) pin(a->i);

@@ -15,12 +15,13 @@ shift
 [ $# -ge 1 ] || set -- "$(sysctl -n net.ipv4.tcp_congestion_control)"
 bench=${BENCH:-target/release/pagewire-bench}
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+err=$(mktemp)
+trap 'rm -f "$out" "$err"' EXIT
 for _ in $(seq 1 "$n"); do
   for cc in "$@"; do
     for pl in free with-sender crossed; do
       j=$("$bench" transfer --size 1GiB --zero-size 16MiB --reps 4 --congestion "$cc" \
-            --receiver-placement "$pl" --json 2>/dev/null)
+            --receiver-placement "$pl" --json 2>"$err") || { cat "$err" >&2; exit 1; }
       python3 -c 'import json, sys
 d = json.loads(sys.argv[3])
 print(json.dumps({"cc": sys.argv[1], "pl": sys.argv[2], "raw": d["raw_tcp"], "pw": d["pagewire"]}))' \

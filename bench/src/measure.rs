@@ -91,7 +91,8 @@ pub enum ReceiverPlacement {
     /// Pinned to its sender's core (pagewire: `Pinning::Cores` on both sides).
     WithSender,
     /// Pinned to another core than its sender's, counted from the last (pagewire:
-    /// `Pinning::CoresReversed`).
+    /// `Pinning::CoresReversed`); needs an even number of allowed cores on one NUMA node, where
+    /// the two engines pair the cores alike.
     Crossed,
 }
 
@@ -127,6 +128,18 @@ impl Net {
         }
         if self.no_pin && self.receiver_placement != ReceiverPlacement::Free {
             bail!("--receiver-placement pins receivers beside pinned senders: it cannot be combined with --no-pin");
+        }
+        if self.receiver_placement == ReceiverPlacement::Crossed {
+            // Counted from the last core, stream i's receiver is on another core than its
+            // sender only with an even number of cores; and pagewire reverses the order within
+            // each node's cores, raw TCP over all of them, which agree on one node only.
+            let cores = cores(false).len();
+            let nodes = pagewire::placement::Topology::detect().nodes.len();
+            if !cores.is_multiple_of(2) || nodes > 1 {
+                bail!(
+                    "--receiver-placement crossed needs an even number of allowed cores on one NUMA node (here {cores} cores on {nodes} nodes): pin the run with taskset to such a set"
+                );
+            }
         }
         Ok(())
     }

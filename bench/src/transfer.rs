@@ -54,6 +54,10 @@ struct Report {
     channels: u16,
     content: &'static str,
     reps: usize,
+    /// Threads and shards were pinned (no `--no-pin`).
+    pinned: bool,
+    /// Where each stream's receiver ran relative to its sender (`--receiver-placement`).
+    receiver_placement: crate::measure::ReceiverPlacement,
     raw_tcp: Summary,
     pagewire: Summary,
     pagewire_over_raw_tcp: f64,
@@ -154,6 +158,8 @@ pub(crate) fn run(a: TransferArgs) -> Result<()> {
         channels: a.channels,
         content: a.content.name(),
         reps: a.reps,
+        pinned: !a.net.no_pin,
+        receiver_placement: a.net.receiver_placement,
         pagewire_over_raw_tcp: pw.gib_per_s_median / raw.gib_per_s_median,
         zero_pagewire_over_scan: zpw.gib_per_s_median / zscan.gib_per_s_median,
         raw_tcp: raw,

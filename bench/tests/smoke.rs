@@ -8,8 +8,15 @@ fn transfer_benchmark_runs_and_reports_ratios() {
         eprintln!("SKIPPED: io_uring is not usable here: {e}");
         return;
     }
-    // Unpinned, and pinned with each stream's receiver on another core than its sender.
-    for placement in [&["--no-pin"][..], &["--receiver-placement", "crossed"]] {
+    // Unpinned, and pinned with each stream's receiver on another core than its sender (where
+    // the cores pair up; else on its sender's core).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = if cores.is_multiple_of(2) {
+        "crossed"
+    } else {
+        "with-sender"
+    };
+    for placement in [&["--no-pin"][..], &["--receiver-placement", pinned]] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagewire-bench"))
             .args([
                 "transfer",

@@ -175,22 +175,29 @@ fn a_live_migration_converges_and_the_destination_equals_the_source() {
         Some(&done),
         "the watcher ended on the final snapshot"
     );
-    assert_eq!(done.rounds, received.rounds);
+    // The destination counts the rounds the source sent, and the bytes its shards took in.
     assert_eq!(done.rounds as usize, report.snapshot.rounds.len());
     assert_eq!(done.transferred, received.transferred_bytes);
-    assert_eq!(done.total_time_ms, received.total_time_ms);
     assert_eq!(done.memory_pages, MEMORY_BYTES / 4096);
     assert!(
         done.pages_placed > done.memory_pages,
         "round 0 placed every page, later rounds more: {done:?}"
     );
     assert!(done.setup_ms > 0.0 && done.setup_ms < done.total_time_ms && done.mbps > 0.0);
-    // While it ran: active, its rounds and bytes only ever growing.
+    // While it ran: active, its status never going back, its rounds and bytes only ever growing.
+    let rank = |s: Status| match s {
+        Status::Setup => 0,
+        Status::Active => 1,
+        Status::Device => 2,
+        _ => 3,
+    };
     let active: Vec<_> = seen.iter().filter(|s| s.status == Status::Active).collect();
     assert!(!active.is_empty(), "{seen:?}");
     for w in seen.windows(2) {
         assert!(
-            w[0].rounds <= w[1].rounds && w[0].transferred <= w[1].transferred,
+            rank(w[0].status) <= rank(w[1].status)
+                && w[0].rounds <= w[1].rounds
+                && w[0].transferred <= w[1].transferred,
             "{w:?}"
         );
     }

@@ -43,17 +43,20 @@ typedef enum {
 // Where a live migration stands (QEMU's `query-migrate` status), on the source
 // ([`pw_migration_info`]) or the destination ([`pw_receiver_info`]).
 typedef enum {
-  // Not started.
+  // Not started: the source before round 0, the destination while it waits for the sender
+  // and gathers its channels.
   PW_MIGRATION_STATUS_SETUP = 0,
-  // Pre-copy rounds run while the guest runs.
+  // Pages move: pre-copy rounds while the guest runs (a destination stays here through
+  // the paused round, until device state arrives).
   PW_MIGRATION_STATUS_ACTIVE = 1,
-  // The guest is paused; the last round and the device state are on their way.
+  // The guest is paused: the source's last round and device state are on their way, or
+  // the destination's device state is arriving.
   PW_MIGRATION_STATUS_DEVICE = 2,
   // The receiver confirmed it holds everything, verified.
   PW_MIGRATION_STATUS_COMPLETED = 3,
-  // Failed (including a policy that gave up).
+  // Failed (a policy that gave up, the peer's failure or cancel included).
   PW_MIGRATION_STATUS_FAILED = 4,
-  // Cancelled through a [`pw_control`].
+  // Cancelled on this side, through a [`pw_control`].
   PW_MIGRATION_STATUS_CANCELLED = 5,
 } pw_migration_status;
 
@@ -129,10 +132,12 @@ typedef struct {
   // [`pw_sender_control`] would. One sender per control; a receiver refuses one.
   const pw_control *control;
   // Where shards run, or null for the side's default: "cores" (each shard pinned to one
-  // core of its NUMA node, within `cores`: a sender's default), "nodes" (each shard on all
-  // the cores of its node, the scheduler choosing: a receiver's default, since a shard
-  // pinned to a core other work keeps busy waits for that work's time slice at every
-  // wake-up), or "none" (the scheduler places them; refused together with `cores`).
+  // core of its NUMA node, within `cores`: a sender's default), "cores-reversed" (the same,
+  // the cores taken from the last: a receiver on the sender's host then pairs each of its
+  // shards with a sender shard on another core), "nodes" (each shard on all the cores of its
+  // node, the scheduler choosing: a receiver's default, since a shard pinned to a core other
+  // work keeps busy waits for that work's time slice at every wake-up), or "none" (the
+  // scheduler places them; refused together with `cores`).
   const char *pinning;
 } pw_options;
 
@@ -218,8 +223,8 @@ typedef struct {
   // Milliseconds from the sender's first channel joining until all were gathered and the
   // shards started (`setup-time`).
   double setup_ms;
-  // Milliseconds since the sender's first channel joined; 0 while waiting for one
-  // (`total-time`).
+  // Milliseconds since the sender's first channel joined, once all of its channels were
+  // gathered; 0 before (`total-time`).
   double total_time_ms;
   // Bytes taken off the wire so far (`ram.transferred`).
   uint64_t transferred_bytes;

@@ -325,8 +325,8 @@ pub struct pw_receiver_info {
     /// Milliseconds from the sender's first channel joining until all were gathered and the
     /// shards started (`setup-time`).
     pub setup_ms: f64,
-    /// Milliseconds since the sender's first channel joined; 0 while waiting for one
-    /// (`total-time`).
+    /// Milliseconds since the sender's first channel joined, once all of its channels were
+    /// gathered; 0 before (`total-time`).
     pub total_time_ms: f64,
     /// Bytes taken off the wire so far (`ram.transferred`).
     pub transferred_bytes: u64,

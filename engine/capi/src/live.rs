@@ -26,17 +26,20 @@ pub(crate) type MigrationSlot = Arc<Mutex<Option<MigrationHandle>>>;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum pw_migration_status {
-    /// Not started.
+    /// Not started: the source before round 0, the destination while it waits for the sender
+    /// and gathers its channels.
     Setup = 0,
-    /// Pre-copy rounds run while the guest runs.
+    /// Pages move: pre-copy rounds while the guest runs (a destination stays here through
+    /// the paused round, until device state arrives).
     Active = 1,
-    /// The guest is paused; the last round and the device state are on their way.
+    /// The guest is paused: the source's last round and device state are on their way, or
+    /// the destination's device state is arriving.
     Device = 2,
     /// The receiver confirmed it holds everything, verified.
     Completed = 3,
-    /// Failed (including a policy that gave up).
+    /// Failed (a policy that gave up, the peer's failure or cancel included).
     Failed = 4,
-    /// Cancelled through a [`pw_control`].
+    /// Cancelled on this side, through a [`pw_control`].
     Cancelled = 5,
 }
 

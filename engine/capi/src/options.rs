@@ -48,10 +48,12 @@ pub struct pw_options {
     /// [`pw_sender_control`] would. One sender per control; a receiver refuses one.
     pub control: *const pw_control,
     /// Where shards run, or null for the side's default: "cores" (each shard pinned to one
-    /// core of its NUMA node, within `cores`: a sender's default), "nodes" (each shard on all
-    /// the cores of its node, the scheduler choosing: a receiver's default, since a shard
-    /// pinned to a core other work keeps busy waits for that work's time slice at every
-    /// wake-up), or "none" (the scheduler places them; refused together with `cores`).
+    /// core of its NUMA node, within `cores`: a sender's default), "cores-reversed" (the same,
+    /// the cores taken from the last: a receiver on the sender's host then pairs each of its
+    /// shards with a sender shard on another core), "nodes" (each shard on all the cores of its
+    /// node, the scheduler choosing: a receiver's default, since a shard pinned to a core other
+    /// work keeps busy waits for that work's time slice at every wake-up), or "none" (the
+    /// scheduler places them; refused together with `cores`).
     pub pinning: *const c_char,
 }
 
@@ -120,12 +122,13 @@ unsafe fn options(o: *const pw_options) -> Result<Options, Error> {
         // SAFETY: non-null and NUL-terminated (caller).
         Some(match unsafe { text(o.pinning, "pinning") }? {
             "cores" => Pinning::Cores,
+            "cores-reversed" => Pinning::CoresReversed,
             "nodes" => Pinning::Nodes,
             "none" => Pinning::None,
             other => {
                 return Err(invalid(&format!(
-                    "pinning {other:?} is none of \"cores\", \"nodes\", \"none\""
-                )))
+                "pinning {other:?} is none of \"cores\", \"cores-reversed\", \"nodes\", \"none\""
+            )))
             }
         })
     };
@@ -325,6 +328,7 @@ mod tests {
         assert_eq!(received(&plain).unwrap().pinning, Pinning::Nodes);
         for (name, want) in [
             ("cores", Pinning::Cores),
+            ("cores-reversed", Pinning::CoresReversed),
             ("nodes", Pinning::Nodes),
             ("none", Pinning::None),
         ] {

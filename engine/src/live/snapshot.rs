@@ -7,22 +7,27 @@ use std::time::Instant;
 
 use super::RoundFigures;
 
-/// Where a migration stands (QEMU's `query-migrate` status).
+/// Where a migration stands (QEMU's `query-migrate` status), on the source ([`Snapshot`]) or
+/// the destination ([`ReceiverSnapshot`](crate::receiver::ReceiverSnapshot)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
-    /// Not started.
+    /// Not started: the source before round 0, the destination while it waits for the
+    /// sender and gathers its channels.
     #[default]
     Setup,
-    /// Pre-copy rounds run while the guest runs.
+    /// Pages move: pre-copy rounds while the guest runs (a destination also stays here
+    /// through the paused round, until device state arrives).
     Active,
-    /// The guest is paused; the last round is on its way.
+    /// The guest is paused: on the source the last round and the device state are on their
+    /// way; on the destination the device state is arriving.
     Device,
     /// The receiver confirmed everything.
     Completed,
-    /// Failed (including a policy giving up).
+    /// Failed (a policy giving up, the peer's failure or cancel included).
     Failed,
-    /// Cancelled from a [`MigrationHandle`](super::MigrationHandle).
+    /// Cancelled on this side (a [`MigrationHandle`](super::MigrationHandle), a
+    /// [`ReceiverHandle`](crate::receiver::ReceiverHandle) or a canceller).
     Cancelled,
 }
 

@@ -266,14 +266,13 @@ impl Receiver {
     /// Accepts one transfer and receives it until every channel has ended its stream.
     pub fn run(self) -> Result<TransferStats> {
         let device_state = self.device_state.clone();
-        let shared = self.shared.clone();
-        let progress = self.progress.clone();
+        let ending = snapshot::Ending::new(self.shared.clone(), self.progress.clone());
         let result = self.receive();
         if result.is_err() {
             // Blobs are the guest's only with all of its memory: none of a failed transfer.
             device_state.take();
         }
-        published(&shared).end(&result, &progress);
+        ending.end(&result);
         result
     }
 
@@ -343,6 +342,9 @@ impl Receiver {
         placement.note_pinning(self.config.pinning);
         let plan = &placement.plan;
         tracing::debug!("receiver placement:\n{}", plan.render());
+        // Set up: from here the shards receive (published before they start, so no snapshot
+        // says `setup` with pages already placed).
+        published(&self.shared).active(barrier.clone());
         let mut joins = Vec::with_capacity(n);
         for (i, accepted) in streams.into_iter().enumerate() {
             let Accepted {
@@ -407,7 +409,6 @@ impl Receiver {
                 }
             }
         }
-        published(&self.shared).active(barrier.clone());
         let results: Vec<_> = joins
             .into_iter()
             .map(|j| j.join().unwrap_or(Err(Error::Aborted)))

@@ -4,7 +4,9 @@
 //!
 //! The status moves at the receiver's few steps (channels gathered, shards started, the end),
 //! under a lock no shard takes; what moves in between (bytes, pages, rounds) is read from the
-//! shards' counters at the moment of asking. Nothing here runs on the data path.
+//! shards' counters at the moment of asking (the rounds under the round barrier's lock, which
+//! shards take once a round, and which is never held while taking this one). Nothing here
+//! runs on the data path.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -27,8 +29,8 @@ pub struct ReceiverSnapshot {
     /// Milliseconds from the sender's first channel joining until every channel was gathered
     /// and the shards started (0 before).
     pub setup_ms: f64,
-    /// Milliseconds since the sender's first channel joined (0 while waiting for one; once
-    /// ended, up to the end).
+    /// Milliseconds since the sender's first channel joined, once all of its channels were
+    /// gathered (0 before; once ended, up to the end).
     pub total_time_ms: f64,
     /// Bytes taken off the wire so far.
     pub transferred: u64,
@@ -84,6 +86,37 @@ impl ReceiverHandle {
             s.status = Status::Device;
         }
         s
+    }
+}
+
+/// Ends the published state when the receiver's run ends, however it ends: with
+/// [`end`](Self::end), or, should the run panic (a caller's `MakeDestination`, a bug), as
+/// failed when dropped, so that no handle reads `active` for ever.
+pub(super) struct Ending {
+    shared: Arc<Mutex<Shared>>,
+    progress: Arc<Progress>,
+}
+
+impl Ending {
+    pub(super) fn new(shared: Arc<Mutex<Shared>>, progress: Arc<Progress>) -> Self {
+        Ending { shared, progress }
+    }
+
+    /// The run returned `result`.
+    pub(super) fn end(self, result: &crate::Result<TransferStats>) {
+        published(&self.shared).end(result, &self.progress);
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let mut shared = published(&self.shared);
+        if shared.ended.is_none() {
+            shared.end(
+                &Err(crate::Error::Internal("the receiver's run panicked".into())),
+                &self.progress,
+            );
+        }
     }
 }
 
@@ -161,8 +194,11 @@ impl ReceiverSnapshot {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
     use super::*;
-    use std::sync::atomic::Ordering::Relaxed;
+    use crate::shard::Marker;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
     fn handle() -> ReceiverHandle {
         ReceiverHandle {
@@ -182,7 +218,17 @@ mod tests {
         assert_eq!(h.snapshot().status, Status::Setup);
         assert!(h.snapshot().total_time_ms >= 20.0);
         let barrier = Arc::new(RoundBarrier::new(1));
-        published(&h.shared).active(barrier);
+        published(&h.shared).active(barrier.clone());
+        // Rounds count as the barrier passes their ends; the end of the stream is no round.
+        let (abort, moved) = (crate::shard::Abort::new(false), AtomicU64::new(0));
+        let idle = std::time::Duration::from_secs(1);
+        for marker in [
+            Marker::EndOfRound(0),
+            Marker::EndOfRound(1),
+            Marker::EndOfStream(1),
+        ] {
+            barrier.wait(0, marker, &abort, &moved, idle).unwrap();
+        }
         h.progress.wire_bytes.store(1 << 20, Relaxed);
         h.progress.pages_total.store(256, Relaxed);
         h.progress.pages_done.store(200, Relaxed);
@@ -193,6 +239,7 @@ mod tests {
             (s.transferred, s.pages_placed, s.memory_pages),
             (1 << 20, 200, 256)
         );
+        assert_eq!(s.rounds, 2);
         assert!(s.mbps > 0.0);
         // Device state on its way: the source's guest is paused.
         h.progress.device_state_bytes.store(100, Relaxed);
@@ -211,6 +258,18 @@ mod tests {
         // Frozen: later counter changes do not show.
         h.progress.wire_bytes.store(2 << 20, Relaxed);
         assert_eq!(h.snapshot(), done);
+    }
+
+    #[test]
+    fn a_run_that_never_returned_its_result_reads_failed() {
+        let h = handle();
+        published(&h.shared).active(Arc::new(RoundBarrier::new(1)));
+        drop(Ending::new(h.shared.clone(), h.progress.clone()));
+        assert_eq!(h.snapshot().status, Status::Failed);
+        // One that did keeps its own end.
+        let h = handle();
+        Ending::new(h.shared.clone(), h.progress.clone()).end(&Err(crate::Error::Cancelled));
+        assert_eq!(h.snapshot().status, Status::Cancelled);
     }
 
     #[test]
