@@ -74,6 +74,16 @@ fn migrate(tls: bool) {
     // ...where it stopped, with its registers: not started over.
     assert_eq!(d["started_over"], false);
     assert_eq!(d["blobs"], 1);
+    // The destination's own `query-migrate` agrees: completed, with the source's rounds and
+    // the vCPU's registers in its device state.
+    let q = &d["destination"];
+    assert_eq!(q["status"], "completed", "{q}");
+    assert_eq!(
+        q["rounds"].as_u64(),
+        Some(s["rounds"].as_array().unwrap().len() as u64),
+        "{q}"
+    );
+    assert!(field(q, "device_state_bytes") > 0, "{q}");
 }
 
 #[test]

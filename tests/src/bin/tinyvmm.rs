@@ -195,7 +195,10 @@ fn dest(listen: &str, tls_dir: &Option<PathBuf>, resume_ms: u64) -> Result<()> {
     )?;
     println!("listening on {}", receiver.local_addr()?);
     let device_state = receiver.device_state();
+    // What a management thread would poll (`query-migrate` on the destination).
+    let handle = receiver.handle();
     receiver.run()?;
+    let received = handle.snapshot();
     let blobs = device_state.take();
     let digest_received = digest(&memory);
     let counter_received = tinyguest::counter(&memory);
@@ -216,6 +219,7 @@ fn dest(listen: &str, tls_dir: &Option<PathBuf>, resume_ms: u64) -> Result<()> {
             "counter_after_resume": guest.counter(),
             "started_over": marker != RESUME_MARKER,
             "blobs": blobs.len(),
+            "destination": received,
         })
     );
     Ok(())
