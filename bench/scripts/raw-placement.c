@@ -1,8 +1,9 @@
 // Raw TCP over loopback, 2 streams, 1 GiB of random bytes, memory to memory, with each stream's
 // receiving thread placed relative to its sending thread (README: "Raw TCP's ceiling on loopback
 // is where each stream's receiver runs"). Build: cc -O2 -pthread -o raw-placement raw-placement.c
-// Run: ./raw-placement MODE [CONGESTION], MODE 0: senders on core i, receivers free; 1: both
-// ends of stream i on core i; 2: sender on core i, receiver on the other core; 3: all free.
+// Run: ./raw-placement MODE [CONGESTION [WRITE_BYTES]] (writes of 1 MiB by default).
+// MODE 0: senders on core i, receivers free; 1: both ends of stream i on core i; 2: sender on
+// core i, receiver on the other core; 3: all free.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -19,7 +20,7 @@
 #define TOTAL (1ul << 30)
 #define N 2
 static char *src, *dst;
-static int mode;
+static int mode; static size_t wsize = 1 << 20;
 struct arg { int fd, i, send; double cpu; };
 static double now(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec + t.tv_nsec / 1e9; }
 /* Cores 0 and 1: a 2-core host, or one whose first two cores are allowed. */
@@ -38,7 +39,7 @@ static void *run(void *p) {
     size_t each = TOTAL / N, off = a->i * each, done = 0;
     double c0 = now(CLOCK_THREAD_CPUTIME_ID);
     while (done < each) {
-        ssize_t r = a->send ? send(a->fd, src + off + done, (each - done) < (1 << 20) ? each - done : 1 << 20, MSG_NOSIGNAL)
+        ssize_t r = a->send ? send(a->fd, src + off + done, (each - done) < wsize ? each - done : wsize, MSG_NOSIGNAL)
                             : recv(a->fd, dst + off + done, each - done, MSG_WAITALL);
         if (r <= 0) { perror("io"); exit(1); }
         done += r;
@@ -47,8 +48,12 @@ static void *run(void *p) {
     return NULL;
 }
 int main(int argc, char **argv) {
+    if (argc > 3 && (wsize = strtoul(argv[3], 0, 0)) == 0) {
+        fprintf(stderr, "WRITE_BYTES must be a positive number\n");
+        return 2;
+    }
     if (argc < 2 || (mode = atoi(argv[1])) < 0 || mode > 3) {
-        fprintf(stderr, "usage: %s MODE(0-3) [CONGESTION]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODE(0-3) [CONGESTION [WRITE_BYTES]]\n", argv[0]);
         return 2;
     }
     src = mmap(0, TOTAL, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
