@@ -451,9 +451,9 @@ mod tests {
             stats: None,
             migration: MigrationSlot::default(),
         };
-        // SAFETY: valid pointers.
-        let status =
-            unsafe { pw_sender_migrate(&mut sender, &vmm, std::ptr::null(), std::ptr::null_mut()) };
+        let (policy, info) = (std::ptr::null(), std::ptr::null_mut());
+        // SAFETY: valid pointers (null policy and info are allowed).
+        let status = unsafe { pw_sender_migrate(&mut sender, &vmm, policy, info) };
         assert_eq!(status, pw_status::Invalid);
         // SAFETY: the thread's message is a valid C string.
         let message = unsafe { CStr::from_ptr(pw_last_error()) };
