@@ -227,6 +227,12 @@ pub struct RoundStats {
     pub time_ms: f64,
 }
 
+/// Megabits per second of `bytes` over `ms` milliseconds, as QEMU's `mbps` (a running
+/// migration's snapshots on either side; `ms` near 0 reads as a microsecond).
+pub(crate) fn mbps(bytes: u64, ms: f64) -> f64 {
+    bytes as f64 * 8.0 / 1e6 / (ms / 1e3).max(1e-6)
+}
+
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }

@@ -128,6 +128,6 @@ impl Snapshot {
     pub(super) fn set_totals(&mut self, total_time_ms: f64, transferred: u64) {
         self.total_time_ms = total_time_ms;
         self.transferred = transferred;
-        self.mbps = transferred as f64 * 8.0 / 1e6 / (total_time_ms / 1e3).max(1e-6);
+        self.mbps = crate::stats::mbps(transferred, total_time_ms);
     }
 }

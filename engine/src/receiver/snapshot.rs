@@ -171,7 +171,6 @@ impl Shared {
             }
             Err(_) => s.set_total_time(self.start.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3)),
         }
-        self.status = s.status;
         self.barrier = None;
         self.ended = Some(s);
     }
@@ -188,7 +187,7 @@ impl ReceiverSnapshot {
 
     fn set_total_time(&mut self, total_time_ms: f64) {
         self.total_time_ms = total_time_ms;
-        self.mbps = self.transferred as f64 * 8.0 / 1e6 / (total_time_ms / 1e3).max(1e-6);
+        self.mbps = crate::stats::mbps(self.transferred, total_time_ms);
     }
 }
 
